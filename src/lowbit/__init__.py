@@ -1,0 +1,28 @@
+"""lowbit: quantize LLM weights, activations and KV cache to 4 bits and below, measured against full precision.
+
+Layers, from the bottom: :mod:`lowbit.quant` (pure quantizer math), :mod:`lowbit.models` (architectures as data,
+offline loading), :mod:`lowbit.surgery` (the only code that mutates models), :mod:`lowbit.recipe` (what to do),
+:mod:`lowbit.pipeline` (load → quantize → evaluate → report) and :mod:`lowbit.cli` (a thin shell over it).
+"""
+
+__version__ = "0.1.0"
+
+from .data import DataConfig, prepare_data  # noqa: E402
+from .errors import LowbitError  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .models.loading import load_model  # noqa: E402
+from .pipeline import quantize, run  # noqa: E402
+from .recipe import Recipe, load_recipe, preset_names  # noqa: E402
+
+__all__ = [
+    "DataConfig",
+    "LowbitError",
+    "Recipe",
+    "evaluate",
+    "load_model",
+    "load_recipe",
+    "prepare_data",
+    "preset_names",
+    "quantize",
+    "run",
+]

@@ -1,0 +1,125 @@
+"""``lowbit`` command line: a thin shell over :mod:`lowbit.pipeline` and :mod:`lowbit.recipe`.
+
+Bad input ends in one line naming the problem and the fix (``lowbit: error: ...``), exit code 2, no traceback, and
+no report file written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .data import DataConfig
+from .errors import LowbitError
+
+DEFAULT_RECIPE = "w4a8-rtn"
+
+
+@contextlib.contextmanager
+def rich_progress(console: Console) -> Iterator:
+    """A ``progress(description, total) -> tick`` callback drawing one rich bar per long step."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bars:
+
+        def progress(description: str, total: int):
+            task = bars.add_task(description, total=total)
+            return lambda: bars.advance(task)
+
+        yield progress
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a model with a recipe and evaluate it against full precision")
+    q.add_argument("--model", default="default", help="'default' (SmolLM2-135M), a HF model folder or a .gguf file")
+    q.add_argument("--recipe", default=DEFAULT_RECIPE, help="preset name (see `lowbit recipes`) or a YAML file")
+    q.add_argument("--calib-data", default="default", help="'default', a text file, or wikitext2 / c4 / pile")
+    q.add_argument("--eval-data", default="default", help="'default', a text file, or wikitext2 / c4 / pile")
+    q.add_argument("--seq-len", type=_positive_int, default=2048, help="evaluation window length in tokens")
+    q.add_argument("--windows", type=_positive_int, default=6, help="number of evaluation windows")
+    q.add_argument("--all-windows", action="store_true", help="evaluate every full window of the evaluation text")
+    q.add_argument("--report", default="lowbit-report.json", help="where to write the JSON report")
+    q.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random rotations")
+    q.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    r = sub.add_parser("recipes", help="list the preset recipes, or print one as YAML")
+    r.add_argument("name", nargs="?", help="print this preset's full YAML")
+    return parser
+
+
+def _cmd_recipes(args, console: Console) -> int:
+    from .recipe import load_preset, preset_names
+
+    if args.name:
+        console.print(load_preset(args.name).to_yaml(), markup=False, highlight=False)
+        return 0
+    table = Table(title="lowbit presets (lowbit recipes NAME prints one)", title_justify="left")
+    table.add_column("recipe")
+    table.add_column("W")
+    table.add_column("A")
+    table.add_column("KV")
+    table.add_column("description")
+    for name in preset_names():
+        r = load_preset(name)
+        schemes = [s.describe() if s else "16" for s in (r.weights, r.activations, r.kv)]
+        table.add_row(name, *schemes, r.description)
+    console.print(table)
+    return 0
+
+
+def _cmd_quantize(args, console: Console) -> int:
+    import torch
+
+    from .pipeline import run
+    from .recipe import load_recipe
+    from .report import render_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.recipe)
+    data = DataConfig(
+        calib=args.calib_data,
+        eval=args.eval_data,
+        seq_len=args.seq_len,
+        windows=None if args.all_windows else args.windows,
+        seed=args.seed,
+    )
+    with rich_progress(console) as progress:
+        report = run(model=args.model, recipe=recipe, data=data, report_path=args.report, progress=progress)
+    render_table(report, console)
+    console.print(f"report written to {args.report}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lowbit`` console script."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=False)
+    try:
+        return {"recipes": _cmd_recipes, "quantize": _cmd_quantize}[args.command](args, console)
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Text sources and token windows for calibration and evaluation.
+
+Sources: ``"default"`` (the Lee news corpus shipped inside the ``gensim`` package, read as a plain file), any local
+text file, or a named dataset (``wikitext2``, ``c4``, ``pile``) through the optional ``datasets`` package.
+
+Calibration and evaluation never overlap. When both come from the same text, the token stream is split at one
+point: evaluation takes the first ``windows × seq_len`` tokens (all full windows of the first 80% when ``windows``
+is not given) and calibration samples are drawn, seeded, from the tokens after that point only. Named datasets use
+their own train split for calibration and their test/validation split for evaluation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+
+DEFAULT_TEXT = "default"
+GENSIM_INSTALL = "pip install --no-deps gensim"
+DATASETS_INSTALL = 'pip install "lowbit[datasets]"'
+EVAL_SHARE_WHEN_SHARED = 0.8
+
+# name -> (dataset path, config, calibration split, evaluation split, text field)
+NAMED_DATASETS: dict[str, tuple[str, str | None, str, str, str]] = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", "test", "text"),
+    "c4": ("allenai/c4", "en", "train", "validation", "text"),
+    "pile": ("mit-han-lab/pile-val-backup", None, "validation", "validation", "text"),
+}
+
+
+def default_text_path() -> Path:
+    """Path of ``lee_background.cor`` inside the installed ``gensim`` package, found without importing gensim."""
+    found = importlib.util.find_spec("gensim")
+    if found is None or not found.submodule_search_locations:
+        raise DataError(f"the default text needs the gensim package: run `{GENSIM_INSTALL}`")
+    path = Path(next(iter(found.submodule_search_locations))) / "test" / "test_data" / "lee_background.cor"
+    if not path.is_file():
+        raise DataError(f"{path} is missing from the gensim package: reinstall it with `{GENSIM_INSTALL}`")
+    return path
+
+
+def _load_named(name: str, role: str) -> str:
+    if importlib.util.find_spec("datasets") is None:
+        raise DataError(f"dataset '{name}' needs the datasets package: run `{DATASETS_INSTALL}`")
+    import datasets
+
+    path, config, calib_split, eval_split, field = NAMED_DATASETS[name]
+    split = calib_split if role == "calib" else eval_split
+    try:
+        ds = datasets.load_dataset(path, config, split=split)
+    except Exception as exc:  # datasets raises many types for an unreachable or uncached dataset
+        raise DataError(
+            f"could not load dataset '{name}' ({path}, split {split}): {str(exc).splitlines()[0]}; "
+            "lowbit is offline, so the dataset must already be in your datasets cache, or pass a local text file"
+        ) from exc
+    return "\n\n".join(t for t in ds[field] if t)
+
+
+def load_text(source: str, role: str = "eval") -> str:
+    """The raw text of a source; ``role`` ("calib" or "eval") picks the split of a named dataset."""
+    if source in NAMED_DATASETS:
+        text = _load_named(source, role)
+    else:
+        path = default_text_path() if source == DEFAULT_TEXT else Path(source).expanduser()
+        if not path.is_file():
+            named = ", ".join(NAMED_DATASETS)
+            raise DataError(f"text '{source}' not found: pass 'default', a local text file, or one of {named}")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise DataError(f"text source '{source}' is empty: pass a file with text in it")
+    return text
+
+
+def tokenize(text: str, tokenizer) -> torch.Tensor:
+    """The whole text as one 1-D token stream, without special tokens (windows are cut from it)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from and how it is cut. ``windows=None`` evaluates every full window available."""
+
+    calib: str = DEFAULT_TEXT
+    eval: str = DEFAULT_TEXT
+    seq_len: int = 2048
+    windows: int | None = 6
+    seed: int = 0
+
+
+@dataclass
+class TokenData:
+    """Evaluation windows ``[windows, seq_len]`` and the calibration token stream they never overlap with."""
+
+    eval_windows: torch.Tensor
+    calib_tokens: torch.Tensor
+    seed: int
+
+    def calibration(self, samples: int, seq_len: int, seed: int | None = None) -> torch.Tensor:
+        """``samples`` random windows of ``seq_len`` tokens from the calibration stream, ``[samples, seq_len]``."""
+        n = self.calib_tokens.numel()
+        if n < seq_len:
+            raise DataError(
+                f"calibration text has {n} tokens, fewer than one calibration sample of {seq_len}: "
+                "use a longer --calib-data, fewer --windows, or a shorter calibration seq_len in the recipe"
+            )
+        gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        starts = torch.randint(0, n - seq_len + 1, (samples,), generator=gen)
+        return torch.stack([self.calib_tokens[s : s + seq_len] for s in starts.tolist()])
+
+
+def _cut_windows(tokens: torch.Tensor, seq_len: int, windows: int | None, source: str) -> torch.Tensor:
+    available = tokens.numel() // seq_len
+    if available < 1:
+        raise DataError(
+            f"evaluation text '{source}' has {tokens.numel()} tokens, shorter than one window of {seq_len}: "
+            "use a longer text or a smaller --seq-len"
+        )
+    count = available if windows is None else windows
+    if count > available:
+        raise DataError(
+            f"evaluation text '{source}' holds {available} windows of {seq_len} tokens, {count} were asked: "
+            f"use --windows {available} or less"
+        )
+    return tokens[: count * seq_len].view(count, seq_len)
+
+
+def prepare_data(config: DataConfig, tokenizer) -> TokenData:
+    """Tokenize the sources and cut disjoint evaluation windows and calibration text (see the module docstring)."""
+    if config.seq_len < 2:
+        raise DataError(f"seq_len must be at least 2, got {config.seq_len}")
+    if config.windows is not None and config.windows < 1:
+        raise DataError(f"windows must be at least 1, got {config.windows}")
+    eval_tokens = tokenize(load_text(config.eval, "eval"), tokenizer)
+    shared = config.calib == config.eval and config.calib not in NAMED_DATASETS
+    if not shared:
+        windows = _cut_windows(eval_tokens, config.seq_len, config.windows, config.eval)
+        calib_tokens = tokenize(load_text(config.calib, "calib"), tokenizer)
+        return TokenData(eval_windows=windows, calib_tokens=calib_tokens, seed=config.seed)
+    windows_wanted = config.windows
+    if windows_wanted is None:
+        windows_wanted = max(1, int(eval_tokens.numel() * EVAL_SHARE_WHEN_SHARED) // config.seq_len)
+    windows = _cut_windows(eval_tokens, config.seq_len, windows_wanted, config.eval)
+    return TokenData(eval_windows=windows, calib_tokens=eval_tokens[windows.numel() :], seed=config.seed)

@@ -1,0 +1,28 @@
+"""User-facing errors.
+
+A :class:`LowbitError` is a problem with the user's input (a missing file, a bad recipe field, an unsupported model)
+that the user can fix. Its message is one line that names the problem and the fix; the CLI prints it without a
+traceback and exits non-zero. Anything else escaping lowbit is a bug.
+"""
+
+from __future__ import annotations
+
+
+class LowbitError(Exception):
+    """A problem with the user's input, carrying one line that names it and the fix."""
+
+
+class ModelError(LowbitError):
+    """The model cannot be found, loaded or is of an unsupported architecture."""
+
+
+class DataError(LowbitError):
+    """Text or a dataset is missing, too short, or would overlap between calibration and evaluation."""
+
+
+class RecipeError(LowbitError):
+    """A recipe is unknown or has an invalid field."""
+
+
+class CalibrationError(LowbitError):
+    """Calibration met values it cannot quantize (NaN or inf)."""

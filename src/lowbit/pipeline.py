@@ -1,0 +1,127 @@
+"""The main job: load a model, quantize a copy with a recipe, evaluate it against the original, report.
+
+Python use::
+
+    import lowbit
+    report = lowbit.run(model="default", recipe="w8a8-rtn", report_path="w8a8.json")
+
+or step by step with :func:`lowbit.load_model`, :func:`quantize` and :func:`lowbit.evaluate.evaluate`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .bits import activation_bits, kv_bits, weight_bits
+from .data import DataConfig, TokenData, prepare_data
+from .evaluate import evaluate
+from .models.arch import ArchSpec, head_dim, spec_for
+from .models.loading import load_model
+from .recipe import Recipe, load_recipe
+from .report import write_json_atomic
+from .surgery.apply import StepContext, apply_recipe
+
+Progress = Callable[[str, int], Callable[[], None]]
+
+
+def quantize(
+    model: nn.Module,
+    recipe: Recipe | str,
+    data: TokenData | None = None,
+    progress: Progress | None = None,
+    inplace: bool = False,
+    info: dict | None = None,
+) -> nn.Module:
+    """Quantize ``model`` (a copy unless ``inplace``) as ``recipe`` says and return it.
+
+    ``data`` provides calibration text when the recipe has static scales (or a calibrated method). ``info``, when
+    given, receives timings and method statistics.
+    """
+    recipe = load_recipe(recipe)
+    spec: ArchSpec = spec_for(model)
+    target = model if inplace else copy.deepcopy(model)
+    calibration = None
+    if data is not None:
+        cal = recipe.calibration
+        calibration = lambda: data.calibration(cal.samples, cal.seq_len)  # noqa: E731
+    ctx = StepContext(recipe=recipe, spec=spec, calibration=calibration, progress=progress, info=info or {})
+    with torch.no_grad():
+        apply_recipe(target, ctx)
+    if info is not None:
+        info.update(ctx.info)
+    return target
+
+
+def run(
+    model: str = "default",
+    recipe: Recipe | str = "w8a8-rtn",
+    data: DataConfig | None = None,
+    report_path: str | Path | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Load, quantize, evaluate against full precision in the same run, and return (and optionally write) the report."""
+    recipe = load_recipe(recipe)
+    data = data or DataConfig()
+    torch.manual_seed(data.seed)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    loaded = load_model(model)
+    tokens = prepare_data(data, loaded.tokenizer)
+    seconds["load"] = time.perf_counter() - start
+    info: dict = {}
+    qmodel = quantize(loaded.model, recipe, tokens, progress=progress, info=info) if _quantizes(recipe) else loaded.model
+    seconds["calibrate"] = info.get("seconds", {}).get("calibrate", 0.0)
+    seconds["quantize"] = info.get("seconds", {}).get("quantize", 0.0)
+    start = time.perf_counter()
+    result = evaluate(loaded.model, qmodel, tokens.eval_windows, progress=progress)
+    seconds["eval"] = time.perf_counter() - start
+    report = build_report(loaded.source, recipe, data, tokens, result, qmodel, loaded.spec, seconds)
+    if report_path is not None:
+        write_json_atomic(report_path, report)
+    return report
+
+
+def _quantizes(recipe: Recipe) -> bool:
+    return any(s is not None for s in (recipe.weights, recipe.activations, recipe.kv)) or bool(recipe.steps)
+
+
+def build_report(source, recipe, data, tokens, result, qmodel, spec, seconds) -> dict:
+    """The report mapping (see the README for its keys)."""
+    wbits = weight_bits(qmodel, spec)
+    return {
+        "lowbit_version": __version__,
+        "model": source,
+        "recipe": recipe.name,
+        "recipe_config": recipe.model_dump(mode="json"),
+        "eval": {
+            "data": data.eval,
+            "calib_data": data.calib,
+            "seq_len": data.seq_len,
+            "windows": int(tokens.eval_windows.shape[0]),
+            "tokens": result.tokens,
+            "seed": data.seed,
+        },
+        "fp": {"ppl": result.fp_ppl},
+        "quantized": {
+            "ppl": result.ppl,
+            "ppl_ratio": result.ppl / result.fp_ppl,
+            "kl_vs_fp": result.kl_vs_fp,
+            "top1_agreement": result.top1_agreement,
+        },
+        "bits": {
+            "weight": wbits["weight"],
+            "weight_all": wbits["weight_all"],
+            "activation": activation_bits(qmodel, spec),
+            "kv": kv_bits(recipe.kv, head_dim(qmodel.config)),
+        },
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "data_config": asdict(data),
+    }

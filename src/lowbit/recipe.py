@@ -1,0 +1,220 @@
+"""Recipes: one typed object for the CLI, YAML files and Python.
+
+A :class:`Recipe` is an ordered list of steps (what to do to the model) plus the quantization schemes for weights,
+linear-layer input activations and the KV cache (what number formats to land on). The same object is built from a
+preset name, a YAML/JSON file or Python keyword arguments, and it round-trips to YAML. Every field is validated;
+an invalid one raises :class:`~lowbit.errors.RecipeError` naming the field.
+
+Example (YAML)::
+
+    name: w4a8-rtn
+    steps: [{method: rtn}]
+    weights: {format: int4, granularity: channel}
+    activations: {format: int8, granularity: token}
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+from .quant import parse_format
+
+LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+TARGETABLE = (*LINEAR_ROLES, "lm_head")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantScheme(_Strict):
+    """One number format and how its scales are chosen.
+
+    ``granularity`` names which elements share a scale: ``tensor``; ``channel`` (weights: per output channel;
+    activations: per input channel, static only); ``group`` (``group_size`` consecutive elements of the last
+    dimension); ``token`` (activations and KV: per token, and per head for KV); ``head`` (KV only: per head, static
+    over tokens when ``dynamic`` is false, else per token and head).
+    """
+
+    format: str = "int8"
+    symmetric: bool = True
+    granularity: Literal["tensor", "channel", "group", "token", "head"] = "channel"
+    group_size: int | None = None
+    dynamic: bool = True
+    observer: Literal["minmax", "percentile", "mse"] = "minmax"
+    percentile: float = Field(default=99.9, gt=0, le=100)
+    clip_ratio: float = Field(default=1.0, gt=0, le=1)
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        try:
+            parse_format(value)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _group_size_matches(self) -> QuantScheme:
+        if self.granularity == "group" and (self.group_size is None or self.group_size < 1):
+            raise ValueError("granularity 'group' needs a positive group_size (e.g. group_size: 64)")
+        if self.granularity != "group" and self.group_size is not None:
+            raise ValueError(f"group_size is only used with granularity 'group', not '{self.granularity}'")
+        return self
+
+    @property
+    def bits(self) -> int:
+        return parse_format(self.format, self.symmetric).bits
+
+    def number_format(self):
+        """The quantizer-core format object of this scheme."""
+        return parse_format(self.format, self.symmetric)
+
+    def describe(self) -> str:
+        """Short human form, e.g. ``int4 sym g64`` or ``int8 sym token dyn``."""
+        gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
+        sym = "" if self.format.startswith("fp") else (" sym" if self.symmetric else " asym")
+        clip = f" clip{self.clip_ratio:g}" if self.clip_ratio < 1 else ""
+        mode = " dyn" if self.dynamic else " static"
+        return f"{self.format}{sym} {gran}{mode}{clip}"
+
+
+class RTNStep(_Strict):
+    """Round-to-nearest weight quantization with the recipe's weight scheme (its observer picks the clipping)."""
+
+    method: Literal["rtn"] = "rtn"
+
+
+Step = Annotated[Union[RTNStep], Field(discriminator="method")]
+WEIGHT_STEPS = ("rtn",)
+
+
+class CalibrationConfig(_Strict):
+    """How much calibration text static scales (and later methods) see."""
+
+    samples: int = Field(default=16, ge=1)
+    seq_len: int = Field(default=512, ge=2)
+
+
+class Recipe(_Strict):
+    """What lowbit does to a model: ordered steps plus weight / activation / KV schemes (``None`` = full precision)."""
+
+    name: str = "custom"
+    description: str = ""
+    steps: list[Step] = Field(default_factory=list)
+    weights: QuantScheme | None = None
+    activations: QuantScheme | None = None
+    kv: QuantScheme | None = None
+    targets: list[str] = Field(default_factory=lambda: list(LINEAR_ROLES))
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, value: list[str]) -> list[str]:
+        unknown = [t for t in value if t not in TARGETABLE]
+        if unknown:
+            raise ValueError(f"unknown target(s) {unknown}: choose from {list(TARGETABLE)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        weight_steps = [s for s in self.steps if s.method in WEIGHT_STEPS]
+        if self.weights is not None and not weight_steps:
+            raise ValueError("a weights scheme needs a weight step: add `{method: rtn}` to steps")
+        if weight_steps and self.weights is None:
+            raise ValueError(f"step '{weight_steps[0].method}' needs a weights scheme")
+        if self.weights is not None and self.weights.granularity in ("token", "head"):
+            raise ValueError(f"weights granularity must be tensor, channel or group, not '{self.weights.granularity}'")
+        if self.activations is not None and self.activations.granularity == "head":
+            raise ValueError("activations granularity 'head' is for the KV cache: use token, tensor, group or channel")
+        if self.activations is not None and self.activations.granularity == "channel" and self.activations.dynamic:
+            raise ValueError("activations granularity 'channel' needs static scales: set dynamic: false")
+        if self.kv is not None and self.kv.granularity == "channel":
+            raise ValueError("kv granularity must be head, token, group or tensor, not 'channel'")
+        for role, scheme in (("activations", self.activations), ("kv", self.kv)):
+            if scheme is not None and not scheme.dynamic and scheme.granularity in ("token", "group"):
+                raise ValueError(
+                    f"{role} granularity '{scheme.granularity}' has a scale per token, which cannot be static: "
+                    "use dynamic: true, or granularity tensor (or channel / head) for static scales"
+                )
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when some scheme has static scales fitted on calibration text."""
+        return any(s is not None and not s.dynamic for s in (self.activations, self.kv))
+
+    # --- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict, origin: str = "recipe") -> Recipe:
+        """Validate a plain mapping, turning pydantic errors into one :class:`RecipeError` line per bad field."""
+        if not isinstance(data, dict):
+            raise RecipeError(f"{origin}: a recipe must be a mapping of fields, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise RecipeError(f"{origin}: {_describe_errors(exc)}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Recipe:
+        """Read a YAML or JSON recipe file."""
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} not found: pass a preset name (see `lowbit recipes`) or a file")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"recipe file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        return cls.from_dict(data, origin=str(path))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
+
+    def updated(self, **changes) -> Recipe:
+        """A validated copy with some fields replaced."""
+        return Recipe.from_dict({**self.model_dump(), **changes}, origin=self.name)
+
+
+def _describe_errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p == "rtn")) or "recipe"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"field '{field}': {msg}")
+    return "; ".join(parts)
+
+
+@lru_cache(maxsize=1)
+def _presets() -> dict[str, dict]:
+    text = resources.files("lowbit").joinpath("presets.yaml").read_text()
+    return {name: {"name": name, **body} for name, body in yaml.safe_load(text).items()}
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with lowbit, in the order `lowbit recipes` lists them."""
+    return list(_presets())
+
+
+def load_preset(name: str) -> Recipe:
+    """A shipped preset by name (defined in ``lowbit/presets.yaml``)."""
+    if name not in _presets():
+        raise RecipeError(f"unknown recipe '{name}': choose one of {', '.join(preset_names())} or pass a YAML file")
+    return Recipe.from_dict(dict(_presets()[name]), origin=f"preset {name}")
+
+
+def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
+    """A :class:`Recipe` from a preset name, a YAML/JSON path, or a recipe (returned as is)."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    text = str(name_or_path)
+    if text.endswith((".yaml", ".yml", ".json")) or Path(text).is_file():
+        return Recipe.from_file(text)
+    return load_preset(text)

@@ -1,0 +1,148 @@
+"""Apply a recipe's schemes to a model: swap linears, run weight steps, attach activation/KV quantizers, calibrate."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import CalibrationError
+from ..models.arch import ArchSpec, decoder_layers, get_module, set_module
+from ..recipe import Recipe
+from .attention import KVQuantHook, add_attention_hook, attention_hooks
+from .linear import QuantLinear
+from .quantizer import ActQuantizer
+
+
+@dataclass
+class StepContext:
+    """What a step may use besides the model: the recipe, calibration batches, and a progress callback."""
+
+    recipe: Recipe
+    spec: ArchSpec
+    calibration: Callable[[], torch.Tensor] | None = None
+    progress: Callable[[str, int], Callable[[], None]] | None = None
+    info: dict = field(default_factory=dict)
+
+
+def untie_lm_head(model: nn.Module, spec: ArchSpec) -> int:
+    """Give ``lm_head`` its own copy of a tied embedding matrix; returns the bytes this adds (0 when untied)."""
+    head, embed = get_module(model, spec.lm_head), get_module(model, spec.embed)
+    if head.weight is not embed.weight:
+        return 0
+    head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    return head.weight.numel() * head.weight.element_size()
+
+
+def target_paths(model: nn.Module, spec: ArchSpec, targets: list[str]) -> list[str]:
+    """Dotted paths (from the model root) of every linear a recipe's ``targets`` names, in forward order."""
+    paths = []
+    for i, _ in enumerate(decoder_layers(model, spec)):
+        paths += [f"{spec.layers}.{i}.{spec.linear_roles[r]}" for r in spec.linear_roles if r in targets]
+    if "lm_head" in targets:
+        paths.append(spec.lm_head)
+    return paths
+
+
+def swap_linears(model: nn.Module, spec: ArchSpec, targets: list[str]) -> list[QuantLinear]:
+    """Replace every targeted ``nn.Linear`` with a :class:`QuantLinear` (idempotent) and return them in order."""
+    if "lm_head" in targets:
+        untie_lm_head(model, spec)
+    swapped = []
+    for path in target_paths(model, spec, targets):
+        module = get_module(model, path)
+        if not isinstance(module, QuantLinear):
+            module = QuantLinear(module)
+            set_module(model, path, module)
+        swapped.append(module)
+    return swapped
+
+
+def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    """Every :class:`QuantLinear` in the model with its dotted name."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            yield name, module
+
+
+def act_quantizers(model: nn.Module) -> Iterator[ActQuantizer]:
+    """Every :class:`ActQuantizer` in the model (linear inputs and KV)."""
+    for module in model.modules():
+        if isinstance(module, ActQuantizer):
+            yield module
+
+
+def rtn_step(model: nn.Module, ctx: StepContext) -> None:
+    """Round-to-nearest on every quantized linear's weight."""
+    linears = list(quant_linears(model))
+    tick = ctx.progress("RTN weights", len(linears)) if ctx.progress else (lambda: None)
+    for _, linear in linears:
+        linear.quantize_weight_rtn(ctx.recipe.weights)
+        tick()
+
+
+STEP_HANDLERS: dict[str, Callable[[nn.Module, StepContext], None]] = {"rtn": rtn_step}
+
+
+def attach_activation_quantizers(model: nn.Module, recipe: Recipe) -> None:
+    """Give every quantized linear an input quantizer with the recipe's activation scheme."""
+    for name, linear in quant_linears(model):
+        linear.input_quant = ActQuantizer(recipe.activations, "activation", name=f"{name}.input")
+
+
+def attach_kv_quantizers(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> None:
+    """Hook a key and a value quantizer (post-RoPE, per head) into every attention module."""
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        attn = get_module(layer, spec.attn)
+        if any(isinstance(h, KVQuantHook) for h in attention_hooks(attn)):
+            continue
+        prefix = f"{spec.layers}.{i}.{spec.attn}"
+        hook = KVQuantHook(
+            ActQuantizer(recipe.kv, "kv", name=f"{prefix}.k"), ActQuantizer(recipe.kv, "kv", name=f"{prefix}.v")
+        )
+        add_attention_hook(model, attn, hook)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: torch.Tensor, progress=None) -> None:
+    """Run calibration token batches ``[n, seq_len]`` through the model to fit every static quantizer's scales."""
+    static = [q for q in act_quantizers(model) if q.static]
+    if not static:
+        return
+    for q in static:
+        q.start_calibration()
+    tick = progress("calibrating static scales", len(batches)) if progress else (lambda: None)
+    try:
+        for row in batches:
+            model(row.unsqueeze(0), use_cache=False)
+            tick()
+    finally:
+        for q in static:
+            q.calibrating = False
+    for q in static:
+        q.finish_calibration()
+
+
+def apply_recipe(model: nn.Module, ctx: StepContext) -> None:
+    """Quantize ``model`` in place as ``ctx.recipe`` says: swap linears, run steps, attach quantizers, calibrate."""
+    recipe, seconds = ctx.recipe, ctx.info.setdefault("seconds", {"quantize": 0.0, "calibrate": 0.0})
+    start = time.perf_counter()
+    if recipe.weights is not None or recipe.activations is not None:
+        swap_linears(model, ctx.spec, recipe.targets)
+    for step in recipe.steps:
+        STEP_HANDLERS[step.method](model, ctx)
+    if recipe.activations is not None:
+        attach_activation_quantizers(model, recipe)
+    if recipe.kv is not None:
+        attach_kv_quantizers(model, ctx.spec, recipe)
+    seconds["quantize"] += time.perf_counter() - start
+    if recipe.needs_calibration:
+        if ctx.calibration is None:
+            raise CalibrationError("this recipe has static scales and needs calibration data: pass some")
+        start = time.perf_counter()
+        calibrate(model, ctx.calibration(), ctx.progress)
+        seconds["calibrate"] += time.perf_counter() - start

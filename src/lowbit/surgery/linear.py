@@ -1,0 +1,55 @@
+"""``QuantLinear``: a linear layer whose weight is quantized and whose input can be fake-quantized."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import compute_qparams, dequantize, observe_range, quantize
+from ..recipe import QuantScheme
+from .quantizer import ActQuantizer, granularity_for, observer_kwargs
+
+
+class QuantLinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear``: ``y = q_a(x) @ W_q.T + b``.
+
+    ``weight`` holds the dequantized values of the quantized weight (so the layer computes exactly what a
+    low-bit kernel would); ``weight_scale`` / ``weight_zero`` hold the quantization parameters that a packed format
+    stores. ``input_quant`` is an :class:`ActQuantizer` or ``None`` (full-precision input).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_scheme: QuantScheme | None = None
+        self.register_buffer("weight_scale", None)
+        self.register_buffer("weight_zero", None)
+        self.input_quant: ActQuantizer | None = None
+
+    def extra_repr(self) -> str:
+        w = self.weight_scheme.describe() if self.weight_scheme else "fp"
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, weight={w}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return F.linear(x, self.weight, self.bias)
+
+    @torch.no_grad()
+    def quantize_weight_rtn(self, scheme: QuantScheme) -> None:
+        """Round the weight to nearest on the scheme's grid (scales from its observer and clip ratio), in float32."""
+        fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
+        w = self.weight.detach().float()
+        xmin, xmax = observe_range(w, gran, fmt, scheme.observer, **observer_kwargs(scheme))
+        qp = compute_qparams(xmin, xmax, fmt, clip_ratio=scheme.clip_ratio)
+        self.set_quantized_weight(dequantize(quantize(w, qp, fmt, gran), qp, fmt, gran, w.shape), qp, scheme)
+
+    @torch.no_grad()
+    def set_quantized_weight(self, w_hat: torch.Tensor, qparams, scheme: QuantScheme) -> None:
+        """Install an already-quantized weight (from RTN, GPTQ, ...) and its quantization parameters."""
+        self.weight.data.copy_(w_hat.to(self.weight.dtype))
+        self.weight_scale, self.weight_zero = qparams.scale, qparams.zero_point
+        self.weight_scheme = scheme

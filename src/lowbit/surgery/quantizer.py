@@ -1,0 +1,138 @@
+"""A module that fake-quantizes tensors with a recipe scheme, with dynamic or calibrated static scales."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import CalibrationError
+from ..quant import (
+    Granularity,
+    PerAxis,
+    PerGroup,
+    PerRow,
+    PerTensor,
+    compute_qparams,
+    fake_quantize,
+    observe_range,
+    QParams,
+)
+from ..recipe import QuantScheme
+
+
+def granularity_for(scheme: QuantScheme, kind: str) -> Granularity:
+    """The quantizer-core granularity of a recipe scheme applied to a ``kind`` of tensor.
+
+    ``weight`` tensors are ``[out, in]``; ``activation`` tensors ``[..., features]``; ``kv`` tensors
+    ``[batch, heads, tokens, head_dim]``.
+    """
+    g = scheme.granularity
+    if g == "tensor":
+        return PerTensor()
+    if g == "group":
+        return PerGroup(scheme.group_size)
+    if kind == "weight":  # channel: one scale per output row
+        return PerRow()
+    if kind == "activation":
+        return PerAxis(-1) if g == "channel" else PerRow()
+    # kv: per token and head (dynamic) or per head across tokens (static)
+    return PerAxis(1) if (g == "head" and not scheme.dynamic) else PerRow()
+
+
+def observer_kwargs(scheme: QuantScheme) -> dict[str, float]:
+    """Extra arguments the scheme's observer takes."""
+    return {"percentile": scheme.percentile} if scheme.observer == "percentile" else {}
+
+
+@dataclass
+class _RangeStats:
+    """Running calibration statistics of a static quantizer."""
+
+    xmin: torch.Tensor | None = None
+    xmax: torch.Tensor | None = None
+    batches: int = 0
+
+
+class ActQuantizer(nn.Module):
+    """Fake-quantizes its input with a :class:`QuantScheme`.
+
+    Dynamic schemes compute scales from every input. Static schemes first observe calibration inputs
+    (:meth:`start_calibration` … :meth:`finish_calibration`), then hold fixed ``scale`` / ``zero_point`` buffers;
+    their forward never computes a scale from the input. During calibration the input passes through unchanged.
+    The ``minmax`` observer keeps the running min/max over batches; ``percentile`` and ``mse`` average each batch's
+    clipped range.
+    """
+
+    def __init__(self, scheme: QuantScheme, kind: str, name: str = "") -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.kind = kind
+        self.name = name
+        self.fmt = scheme.number_format()
+        self.granularity = granularity_for(scheme, kind)
+        self.calibrating = False
+        self.enabled = True
+        self._stats = _RangeStats()
+        self.register_buffer("scale", None)
+        self.register_buffer("zero_point", None)
+
+    def extra_repr(self) -> str:
+        return self.scheme.describe()
+
+    @property
+    def static(self) -> bool:
+        return not self.scheme.dynamic
+
+    def start_calibration(self) -> None:
+        self.calibrating, self._stats = True, _RangeStats()
+
+    def finish_calibration(self) -> None:
+        """Freeze the observed range into ``scale`` / ``zero_point``."""
+        self.calibrating = False
+        stats = self._stats
+        if stats.xmin is None:
+            raise CalibrationError(
+                f"quantizer {self.name or self.kind} saw no calibration data: the calibration text never reached it"
+            )
+        if stats.batches > 1 and self.scheme.observer != "minmax":
+            stats.xmin, stats.xmax = stats.xmin / stats.batches, stats.xmax / stats.batches
+        qp = compute_qparams(stats.xmin, stats.xmax, self.fmt, clip_ratio=self.scheme.clip_ratio)
+        self.scale, self.zero_point = qp.scale, qp.zero_point
+        self._stats = _RangeStats()
+
+    def _observe(self, x: torch.Tensor) -> None:
+        if not torch.isfinite(x).all():
+            raise CalibrationError(
+                f"NaN or inf met in calibration at {self.name or self.kind}: the model overflows in this dtype "
+                "or the input is broken; load the model in float32 or check the calibration text"
+            )
+        xmin, xmax = observe_range(x.float(), self.granularity, self.fmt, self.scheme.observer, **observer_kwargs(self.scheme))
+        s = self._stats
+        if s.xmin is None:
+            s.xmin, s.xmax = xmin, xmax
+        elif self.scheme.observer == "minmax":
+            s.xmin, s.xmax = torch.minimum(s.xmin, xmin), torch.maximum(s.xmax, xmax)
+        else:
+            s.xmin, s.xmax = s.xmin + xmin, s.xmax + xmax
+        s.batches += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.static:
+            if self.calibrating:
+                self._observe(x)
+                return x
+            if self.scale is None:
+                raise CalibrationError(f"static quantizer {self.name or self.kind} was never calibrated")
+            return fake_quantize(x, self.fmt, self.granularity, qparams=QParams(self.scale, self.zero_point))
+        return fake_quantize(
+            x,
+            self.fmt,
+            self.granularity,
+            observer=self.scheme.observer,
+            clip_ratio=self.scheme.clip_ratio,
+            **observer_kwargs(self.scheme),
+        )

@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny seeded random models of every supported family, a tiny tokenizer and text."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+FAMILIES = ("llama", "qwen2", "mistral")
+
+SENTENCES = (
+    "The committee met on Tuesday to discuss the new budget for the city schools. ",
+    "Heavy rain is expected across the north of the country over the weekend. ",
+    "Shares in the company rose sharply after it reported better than expected profits. ",
+    "The minister said the talks had been useful but that more work was needed. ",
+    "Police are searching for a man who escaped from a prison near the border. ",
+    "Scientists have found evidence of water on a small moon of the planet. ",
+)
+
+
+def make_text(n_sentences: int, seed: int = 0) -> str:
+    """Seeded pseudo-news text built from a few sentences."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(SENTENCES), (n_sentences,), generator=g).tolist()
+    return "".join(SENTENCES[i] for i in idx)
+
+
+def tiny_config(family: str, vocab_size: int = 320):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=family == "llama",
+    )
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[family]
+    return cls(**common)
+
+
+def tiny_model(family: str, seed: int = 0, vocab_size: int = 320):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size)).eval()
+    if family == "qwen2":  # give the q/k/v biases real values so dropping them would show
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    return model
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(family):
+    return tiny_model(family)
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer trained on the fly (vocab 320), saved as a transformers tokenizer folder."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([make_text(200)], vocab_size=320, min_frequency=1, special_tokens=["<s>", "</s>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>")
+    folder = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A tiny Llama saved as a Hugging Face folder with its tokenizer, loadable with --model PATH."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    model = tiny_model("llama", vocab_size=len(tok))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "news.txt"
+    path.write_text(make_text(400, seed=3))
+    return path
