@@ -44,8 +44,6 @@ def default_text_path() -> Path:
 
 
 def _load_named(name: str, role: str) -> str:
-    if importlib.util.find_spec("datasets") is None:
-        raise DataError(f"dataset '{name}' needs the datasets package: run `{DATASETS_INSTALL}`")
     import datasets
 
     path, config, calib_split, eval_split, field = NAMED_DATASETS[name]
@@ -60,15 +58,25 @@ def _load_named(name: str, role: str) -> str:
     return "\n\n".join(t for t in ds[field] if t)
 
 
+def check_source(source: str) -> None:
+    """Fail fast, before any model is loaded, when a text source cannot exist (missing file or package)."""
+    if source in NAMED_DATASETS:
+        if importlib.util.find_spec("datasets") is None:
+            raise DataError(f"dataset '{source}' needs the datasets package: run `{DATASETS_INSTALL}`")
+        return
+    path = default_text_path() if source == DEFAULT_TEXT else Path(source).expanduser()
+    if not path.is_file():
+        named = ", ".join(NAMED_DATASETS)
+        raise DataError(f"text '{source}' not found: pass 'default', a local text file, or one of {named}")
+
+
 def load_text(source: str, role: str = "eval") -> str:
     """The raw text of a source; ``role`` ("calib" or "eval") picks the split of a named dataset."""
+    check_source(source)
     if source in NAMED_DATASETS:
         text = _load_named(source, role)
     else:
         path = default_text_path() if source == DEFAULT_TEXT else Path(source).expanduser()
-        if not path.is_file():
-            named = ", ".join(NAMED_DATASETS)
-            raise DataError(f"text '{source}' not found: pass 'default', a local text file, or one of {named}")
         text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise DataError(f"text source '{source}' is empty: pass a file with text in it")

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import __version__
 from .bits import activation_bits, kv_bits, weight_bits
-from .data import DataConfig, TokenData, prepare_data
+from .data import DataConfig, TokenData, check_source, prepare_data
 from .evaluate import evaluate
 from .models.arch import ArchSpec, head_dim, spec_for
 from .models.loading import load_model
@@ -70,6 +70,8 @@ def run(
     """Load, quantize, evaluate against full precision in the same run, and return (and optionally write) the report."""
     recipe = load_recipe(recipe)
     data = data or DataConfig()
+    for source in {data.calib, data.eval}:
+        check_source(source)
     torch.manual_seed(data.seed)
     seconds: dict[str, float] = {}
     start = time.perf_counter()

@@ -110,9 +110,11 @@ def load_model(source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) 
     folder, or a local ``.gguf`` file (dequantized to ``dtype``). The model is returned in eval mode.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     kind, path = resolve_source(source)
-    folder = _convert_gguf(path) if kind == "gguf" else path
+    folder = _convert_gguf(path) if kind == "gguf" else path  # shows transformers' bar the first time only
+    hf_logging.disable_progress_bar()  # lowbit draws its own progress; per-tensor loading bars are noise
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     spec = spec_for_model_type(config.model_type)
     try:

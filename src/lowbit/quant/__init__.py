@@ -1,0 +1,87 @@
+"""Pure-tensor quantizer core: number formats, granularities, quantization parameters and fake quantization.
+
+Three layers, each depending only on the ones before it (and on torch):
+
+1. **What to quantize to, and in which blocks.**
+   :mod:`~lowbit.quant.formats` holds the integer (``IntFormat``, int2..int8, symmetric or asymmetric) and
+   floating-point (``FloatFormat``: ``FP8_E4M3``, ``FP8_E5M2``, ``FP4_E2M1``) grids and ``parse_format``;
+   :mod:`~lowbit.quant.fp` rounds to a float grid exactly like torch's float8 casts;
+   :mod:`~lowbit.quant.granularity` says which elements share a scale (``PerTensor``, ``PerRow``,
+   ``PerGroup``, ``PerAxis``) and maps a tensor to/from its grouped view, with per-granule min/max.
+2. **Quantization parameters.** :mod:`~lowbit.quant.qparams` turns a range into a ``QParams``
+   (scale, zero point) with ``compute_qparams`` and applies ``quantize`` / ``dequantize``;
+   :mod:`~lowbit.quant.observers` picks the range from data (``minmax``, ``percentile``, ``mse`` clip search).
+3. **Fake quantization.** ``fake_quantize`` (in :mod:`~lowbit.quant.qparams`) is ``dequantize(quantize(x))`` as one
+   differentiable op with straight-through rounding and the LSQ scale gradient, in dynamic (observe ``x``) or
+   static (given ``QParams``) mode, for every format and granularity.
+"""
+
+from lowbit.quant.formats import (
+    FORMAT_NAMES,
+    FP4_E2M1,
+    FP8_E4M3,
+    FP8_E5M2,
+    FloatFormat,
+    Format,
+    IntFormat,
+    parse_format,
+)
+from lowbit.quant.fp import round_to_float_format
+from lowbit.quant.granularity import (
+    Granularity,
+    PerAxis,
+    PerGroup,
+    PerRow,
+    PerTensor,
+    expand_to_elements,
+    from_groups,
+    granule_shape,
+    reduce_granules,
+    reduce_minmax,
+    to_groups,
+)
+from lowbit.quant.observers import OBSERVERS, minmax_range, mse_range, observe_range, percentile_range
+from lowbit.quant.qparams import (
+    QParams,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    fake_quantize_groups,
+    quantize,
+    round_ste,
+)
+
+__all__ = [
+    "FORMAT_NAMES",
+    "FP4_E2M1",
+    "FP8_E4M3",
+    "FP8_E5M2",
+    "OBSERVERS",
+    "FloatFormat",
+    "Format",
+    "Granularity",
+    "IntFormat",
+    "PerAxis",
+    "PerGroup",
+    "PerRow",
+    "PerTensor",
+    "QParams",
+    "compute_qparams",
+    "dequantize",
+    "expand_to_elements",
+    "fake_quantize",
+    "fake_quantize_groups",
+    "from_groups",
+    "granule_shape",
+    "minmax_range",
+    "mse_range",
+    "observe_range",
+    "parse_format",
+    "percentile_range",
+    "quantize",
+    "reduce_granules",
+    "reduce_minmax",
+    "round_ste",
+    "round_to_float_format",
+    "to_groups",
+]

@@ -1,0 +1,97 @@
+"""The command line: a full run on a tiny model, and one clear line for every kind of bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lowbit.cli import main
+
+REPORT_KEYS = {
+    "model": None,
+    "recipe": None,
+    "eval": {"data", "seq_len", "windows", "tokens"},
+    "fp": {"ppl"},
+    "quantized": {"ppl", "kl_vs_fp", "top1_agreement"},
+    "bits": {"weight", "activation", "kv"},
+    "seconds": {"load", "calibrate", "quantize", "eval"},
+}
+
+
+def _args(model_dir, text_file, report, *extra):
+    return ["quantize", "--model", str(model_dir), "--eval-data", str(text_file), "--calib-data", str(text_file),
+            "--seq-len", "64", "--windows", "2", "--report", str(report), *extra]
+
+
+def test_quantize_writes_a_complete_report(tiny_model_dir, text_file, tmp_path, capsys):
+    report = tmp_path / "out" / "report.json"
+    assert main(_args(tiny_model_dir, text_file, report, "--recipe", "w4a4kv4-rtn")) == 0
+    data = json.loads(report.read_text())
+    for key, sub in REPORT_KEYS.items():
+        assert key in data
+        if sub:
+            assert sub <= set(data[key]), key
+    assert data["recipe"] == "w4a4kv4-rtn"
+    assert data["eval"]["windows"] == 2 and data["eval"]["tokens"] == 2 * 63
+    assert data["bits"]["weight"] < 5 and data["bits"]["kv"] < 5
+    assert data["quantized"]["kl_vs_fp"] > 0
+    assert "ppl ratio" in capsys.readouterr().out
+
+
+def test_static_recipe_from_yaml(tiny_model_dir, text_file, tmp_path):
+    recipe = tmp_path / "static.yaml"
+    recipe.write_text(
+        "name: static-a8\n"
+        "activations: {format: int8, granularity: tensor, dynamic: false}\n"
+        "calibration: {samples: 2, seq_len: 32}\n"
+    )
+    report = tmp_path / "r.json"
+    assert main(_args(tiny_model_dir, text_file, report, "--recipe", str(recipe))) == 0
+    data = json.loads(report.read_text())
+    assert data["recipe"] == "static-a8" and data["seconds"]["calibrate"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--recipe", "w3a3-magic"], "unknown recipe 'w3a3-magic'"),
+        (["--recipe", "missing.yaml"], "recipe file missing.yaml not found"),
+        (["--model", "/no/such/model"], "model '/no/such/model' not found"),
+        (["--eval-data", "/no/such.txt"], "text '/no/such.txt' not found"),
+        (["--seq-len", "100000"], "shorter than one window"),
+        (["--windows", "9999"], "use --windows"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_model_dir, text_file, tmp_path, capsys, extra, message):
+    report = tmp_path / "r.json"
+    assert main(_args(tiny_model_dir, text_file, report) + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowbit: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not report.exists() and not list(tmp_path.glob(".r.json*"))
+
+
+def test_invalid_bit_width_in_a_recipe_file(tiny_model_dir, text_file, tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("steps: [{method: rtn}]\nweights: {format: int12}\n")
+    assert main(_args(tiny_model_dir, text_file, tmp_path / "r.json", "--recipe", str(recipe))) == 2
+    err = capsys.readouterr().err
+    assert "field 'weights.format'" in err and "int2" in err
+
+
+def test_recipes_lists_every_preset(capsys):
+    from lowbit.recipe import preset_names
+
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in preset_names())
+    assert main(["recipes", "w4a16-rtn-g64"]) == 0
+    assert "group_size: 64" in capsys.readouterr().out
+
+
+def test_console_script_has_no_traceback_on_error():
+    proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "recipes", "nope"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("lowbit: error: unknown recipe 'nope'")
+    assert "Traceback" not in proc.stderr
