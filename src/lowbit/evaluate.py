@@ -8,6 +8,7 @@ their arg-max tokens agree. Only running sums are kept, so memory does not grow 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -25,6 +26,7 @@ class EvalResult:
     kl_vs_fp: float
     top1_agreement: float
     tokens: int
+    seconds: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -37,6 +39,7 @@ class _Sums:
     kl: float = 0.0
     agree: int = 0
     tokens: int = 0
+    seconds: float = 0.0
 
 
 def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
@@ -46,6 +49,37 @@ def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def evaluate_many(
+    fp_model: nn.Module,
+    models: dict[str, nn.Module],
+    windows: torch.Tensor,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+) -> dict[str, EvalResult]:
+    """Compare several models against ``fp_model`` on token windows ``[n, L]``, running the reference once per window.
+
+    A model that *is* ``fp_model`` is not run again (its KL is exactly 0).
+    """
+    sums = {name: _Sums() for name in models}
+    tick = progress("evaluating", len(windows) * (1 + len(models))) if progress else (lambda: None)
+    for window in windows:
+        targets = window[1:, None]
+        lp_fp = _log_probs(fp_model, window)
+        nll_fp, top_fp = -lp_fp.gather(-1, targets).sum().item(), lp_fp.argmax(-1)
+        tick()
+        for name, model in models.items():
+            s, start = sums[name], time.perf_counter()
+            lp_q = lp_fp if model is fp_model else _log_probs(model, window)
+            s.seconds += time.perf_counter() - start
+            s.nll_fp += nll_fp
+            s.nll_q -= lp_q.gather(-1, targets).sum().item()
+            s.kl += 0.0 if lp_q is lp_fp else F.kl_div(lp_q, lp_fp, log_target=True, reduction="sum").item()
+            s.agree += (top_fp == lp_q.argmax(-1)).sum().item()
+            s.tokens += targets.numel()
+            del lp_q
+            tick()
+    return {name: _result(s) for name, s in sums.items()}
+
+
 def evaluate(
     fp_model: nn.Module,
     model: nn.Module,
@@ -53,23 +87,15 @@ def evaluate(
     progress: Callable[[str, int], Callable[[], None]] | None = None,
 ) -> EvalResult:
     """Compare ``model`` against ``fp_model`` on token windows ``[n, L]`` (the same object is evaluated once)."""
-    sums = _Sums()
-    tick = progress("evaluating", len(windows)) if progress else (lambda: None)
-    for window in windows:
-        targets = window[1:]
-        lp_fp = _log_probs(fp_model, window)
-        lp_q = lp_fp if model is fp_model else _log_probs(model, window)
-        sums.nll_fp -= lp_fp.gather(-1, targets[:, None]).sum().item()
-        sums.nll_q -= lp_q.gather(-1, targets[:, None]).sum().item()
-        sums.kl += F.kl_div(lp_q, lp_fp, log_target=True, reduction="sum").item() if lp_q is not lp_fp else 0.0
-        sums.agree += (lp_fp.argmax(-1) == lp_q.argmax(-1)).sum().item()
-        sums.tokens += targets.numel()
-        tick()
-    n = sums.tokens
+    return evaluate_many(fp_model, {"model": model}, windows, progress)["model"]
+
+
+def _result(s: _Sums) -> EvalResult:
     return EvalResult(
-        fp_ppl=math.exp(sums.nll_fp / n),
-        ppl=math.exp(min(sums.nll_q / n, 700.0)),
-        kl_vs_fp=sums.kl / n,
-        top1_agreement=sums.agree / n,
-        tokens=n,
+        fp_ppl=math.exp(s.nll_fp / s.tokens),
+        ppl=math.exp(min(s.nll_q / s.tokens, 700.0)),
+        kl_vs_fp=s.kl / s.tokens,
+        top1_agreement=s.agree / s.tokens,
+        tokens=s.tokens,
+        seconds=s.seconds,
     )

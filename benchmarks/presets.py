@@ -1,0 +1,113 @@
+"""Every preset on the default model and text: quality against full precision, bits, time, fake-quant overhead.
+
+Run:  python benchmarks/presets.py            (about 10 minutes on 2 CPU cores)
+Writes benchmarks/results/presets.json and the table between the PRESETS markers in benchmarks/README.md.
+All presets are evaluated on the same windows in one run; the full-precision reference runs once per window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.bits import activation_bits, kv_bits, weight_bits
+from lowbit.evaluate import evaluate_many
+from lowbit.models.arch import head_dim
+from lowbit.recipe import load_preset, preset_names
+
+HERE = Path(__file__).parent
+BEGIN, END = "<!-- PRESETS:BEGIN -->", "<!-- PRESETS:END -->"
+
+
+def forward_seconds(model, window: torch.Tensor, repeats: int) -> float:
+    """Median wall time of one full forward pass over a window."""
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(window.unsqueeze(0), use_cache=False)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--windows", type=int, default=6)
+    parser.add_argument("--presets", nargs="*", default=None, help="default: every preset")
+    parser.add_argument("--timing-repeats", type=int, default=3)
+    args = parser.parse_args()
+    names = args.presets or preset_names()
+
+    loaded = lowbit.load_model("default")
+    data = lowbit.prepare_data(lowbit.DataConfig(seq_len=args.seq_len, windows=args.windows), loaded.tokenizer)
+    models, info = {}, {}
+    for name in names:
+        info[name] = {}
+        models[name] = lowbit.quantize(loaded.model, name, data, info=info[name]) if name != "fp" else loaded.model
+        print(f"quantized {name}", flush=True)
+    results = evaluate_many(loaded.model, models, data.eval_windows)
+
+    window = data.eval_windows[0]
+    fp_time = forward_seconds(loaded.model, window, args.timing_repeats)
+    rows = []
+    for name in names:
+        r, q, recipe = results[name], models[name], load_preset(name)
+        secs = info[name].get("seconds", {})
+        wb = weight_bits(q, loaded.spec)
+        overhead = forward_seconds(q, window, args.timing_repeats) / fp_time if q is not loaded.model else 1.0
+        rows.append({
+            "recipe": name, "fp_ppl": r.fp_ppl, "ppl": r.ppl, "ratio": r.ppl / r.fp_ppl, "kl": r.kl_vs_fp,
+            "top1": r.top1_agreement, "bits_w": wb["weight"], "bits_a": activation_bits(q, loaded.spec),
+            "bits_kv": kv_bits(recipe.kv, head_dim(q.config)),
+            "quantize_s": secs.get("quantize", 0.0) + secs.get("calibrate", 0.0), "eval_s": r.seconds,
+            "forward_vs_fp": overhead,
+        })
+        print(f"{name}: ratio {rows[-1]['ratio']:.4f}", flush=True)
+    meta = {
+        "command": "python benchmarks/presets.py", "seq_len": args.seq_len, "windows": args.windows,
+        "tokens": results[names[0]].tokens, "fp_forward_s": fp_time, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "presets.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_table(rows, meta)
+
+
+def _num(x: float) -> str:
+    return f"{x:.4g}" if x < 1e4 else f"{x:.3g}"
+
+
+def write_table(rows: list[dict], meta: dict) -> None:
+    lines = [
+        f"Default model (SmolLM2-135M-Instruct, fp32), default text, {meta['windows']} windows × {meta['seq_len']} "
+        f"tokens ({meta['tokens']} predicted tokens), {meta['threads']} CPU threads, {meta['date']}. "
+        f"Full-precision forward of one window: {meta['fp_forward_s']:.2f} s.",
+        "",
+        "| recipe | FP ppl | ppl | ratio | KL | top-1 | bits W | bits A | bits KV | quantize s | eval s | forward vs FP |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['recipe']} | {r['fp_ppl']:.3f} | {_num(r['ppl'])} | {_num(r['ratio'])} | {r['kl']:.4f} | "
+            f"{r['top1']:.4f} | {r['bits_w']:.2f} | {r['bits_a']:.2f} | {r['bits_kv']:.2f} | {r['quantize_s']:.1f} | "
+            f"{r['eval_s']:.1f} | {r['forward_vs_fp']:.2f}× |"
+        )
+    readme = HERE / "README.md"
+    text = readme.read_text() if readme.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    block = f"{BEGIN}\n" + "\n".join(lines) + f"\n{END}"
+    readme.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
