@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--all-windows", action="store_true", help="evaluate every full window of the evaluation text")
     q.add_argument("--report", default="lowbit-report.json", help="where to write the JSON report")
     q.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random rotations")
+    q.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks to score (needs lowbit[lm-eval])")
+    q.add_argument("--task-limit", type=_positive_int, default=None, help="examples per lm-eval task")
     q.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
     r = sub.add_parser("recipes", help="list the preset recipes, or print one as YAML")
     r.add_argument("name", nargs="?", help="print this preset's full YAML")
@@ -99,7 +101,15 @@ def _cmd_quantize(args, console: Console) -> int:
         seed=args.seed,
     )
     with rich_progress(console) as progress:
-        report = run(model=args.model, recipe=recipe, data=data, report_path=args.report, progress=progress)
+        report = run(
+            model=args.model,
+            recipe=recipe,
+            data=data,
+            report_path=args.report,
+            progress=progress,
+            tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
+            task_limit=args.task_limit,
+        )
     render_table(report, console)
     console.print(f"report written to {args.report}")
     return 0

@@ -137,6 +137,12 @@ def _cut_windows(tokens: torch.Tensor, seq_len: int, windows: int | None, source
     return tokens[: count * seq_len].view(count, seq_len)
 
 
+def calibration_data(source: str, tokenizer, seed: int = 0) -> TokenData:
+    """A whole text as calibration material only (for when evaluation happens elsewhere, e.g. in lm-eval)."""
+    tokens = tokenize(load_text(source, "calib"), tokenizer)
+    return TokenData(eval_windows=tokens[:0].view(0, 0), calib_tokens=tokens, seed=seed)
+
+
 def prepare_data(config: DataConfig, tokenizer) -> TokenData:
     """Tokenize the sources and cut disjoint evaluation windows and calibration text (see the module docstring)."""
     if config.seq_len < 2:

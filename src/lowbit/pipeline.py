@@ -66,8 +66,14 @@ def run(
     data: DataConfig | None = None,
     report_path: str | Path | None = None,
     progress: Progress | None = None,
+    tasks: list[str] | None = None,
+    task_limit: int | None = None,
 ) -> dict:
-    """Load, quantize, evaluate against full precision in the same run, and return (and optionally write) the report."""
+    """Load, quantize, evaluate against full precision in the same run, and return (and optionally write) the report.
+
+    ``tasks`` (lm-eval task names, needs the ``lm-eval`` extra) adds zero-shot scores of the quantized model under
+    the report's ``tasks`` key; ``task_limit`` caps the examples per task.
+    """
     recipe = load_recipe(recipe)
     data = data or DataConfig()
     for source in {data.calib, data.eval}:
@@ -86,6 +92,12 @@ def run(
     result = evaluate(loaded.model, qmodel, tokens.eval_windows, progress=progress)
     seconds["eval"] = time.perf_counter() - start
     report = build_report(loaded.source, recipe, data, tokens, result, qmodel, loaded.spec, seconds)
+    if tasks:
+        from .integrations.harness import run_tasks
+
+        start = time.perf_counter()
+        report["tasks"] = run_tasks(qmodel, loaded.tokenizer, tasks, limit=task_limit)
+        report["seconds"]["tasks"] = round(time.perf_counter() - start, 3)
     if report_path is not None:
         write_json_atomic(report_path, report)
     return report

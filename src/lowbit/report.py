@@ -48,6 +48,9 @@ def render_table(report: dict, console: Console | None = None) -> None:
         ("bits W / A / KV", f"{bits['weight']:.2f} / {bits['activation']:.2f} / {bits['kv']:.2f}"),
         ("seconds", " · ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items())),
     ]
+    for task, metrics in report.get("tasks", {}).items():
+        shown = {k: v for k, v in metrics.items() if "stderr" not in k}
+        rows.append((task, " · ".join(f"{k} {v:.4f}" for k, v in shown.items())))
     for row in rows:
         table.add_row(*row)
     console.print(table)
