@@ -44,7 +44,12 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=6)
     parser.add_argument("--presets", nargs="*", default=None, help="default: every preset")
     parser.add_argument("--timing-repeats", type=int, default=3)
+    parser.add_argument("--tables-only", action="store_true", help="rewrite the tables from results/presets.json")
     args = parser.parse_args()
+    if args.tables_only:
+        saved = json.loads((HERE / "results" / "presets.json").read_text())
+        write_tables(saved["rows"], saved["meta"])
+        return
     names = args.presets or preset_names()
 
     loaded = lowbit.load_model("default")
@@ -80,14 +85,22 @@ def main() -> None:
     }
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "presets.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    write_table(rows, meta)
+    write_tables(rows, meta)
 
 
 def _num(x: float) -> str:
     return f"{x:.4g}" if x < 1e4 else f"{x:.3g}"
 
 
-def write_table(rows: list[dict], meta: dict) -> None:
+def replace_block(path: Path, begin: str, end: str, lines: list[str]) -> None:
+    """Replace the text between two marker lines of a markdown file."""
+    text = path.read_text() if path.exists() else f"{begin}\n{end}\n"
+    block = f"{begin}\n" + "\n".join(lines) + f"\n{end}"
+    path.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S))
+
+
+def write_tables(rows: list[dict], meta: dict) -> None:
+    """The full table in benchmarks/README.md and a short one in the project README."""
     lines = [
         f"Default model (SmolLM2-135M-Instruct, fp32), default text, {meta['windows']} windows × {meta['seq_len']} "
         f"tokens ({meta['tokens']} predicted tokens), {meta['threads']} CPU threads, {meta['date']}. "
@@ -102,10 +115,14 @@ def write_table(rows: list[dict], meta: dict) -> None:
             f"{r['top1']:.4f} | {r['bits_w']:.2f} | {r['bits_a']:.2f} | {r['bits_kv']:.2f} | {r['quantize_s']:.1f} | "
             f"{r['eval_s']:.1f} | {r['forward_vs_fp']:.2f}× |"
         )
-    readme = HERE / "README.md"
-    text = readme.read_text() if readme.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    block = f"{BEGIN}\n" + "\n".join(lines) + f"\n{END}"
-    readme.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
+    replace_block(HERE / "README.md", BEGIN, END, lines)
+    short = ["| recipe | ppl ratio | KL | top-1 | bits W / A / KV |", "|---|---|---|---|---|"]
+    short += [
+        f"| {r['recipe']} | {_num(r['ratio'])} | {r['kl']:.4f} | {r['top1']:.4f} | "
+        f"{r['bits_w']:.2f} / {r['bits_a']:.2f} / {r['bits_kv']:.2f} |"
+        for r in rows
+    ]
+    replace_block(HERE.parent / "README.md", "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->", short)
     print("\n".join(lines))
 
 

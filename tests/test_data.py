@@ -82,3 +82,33 @@ def test_default_text_is_the_lee_corpus():
     path = default_text_path()
     assert path.name == "lee_background.cor"
     assert len(load_text("default")) > 100_000
+
+
+def test_named_datasets_use_disjoint_splits(monkeypatch, tokenizer):
+    """wikitext2 through `datasets`: calibration from train, evaluation from test (loader stubbed: no network)."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load(path, config, split):
+        calls.append((path, config, split))
+        words = "train words here " if split == "train" else "The committee met on Tuesday. "
+        return {"text": [words * 50, "", words * 50]}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    data = prepare_data(DataConfig(calib="wikitext2", eval="wikitext2", seq_len=32, windows=2), tokenizer)
+    assert ("wikitext", "wikitext-2-raw-v1", "test") in calls and ("wikitext", "wikitext-2-raw-v1", "train") in calls
+    assert data.eval_windows.shape == (2, 32)
+    calib_text, eval_text = tokenizer.decode(data.calib_tokens), tokenizer.decode(data.eval_windows.flatten())
+    assert "train words" in calib_text and "committee" not in calib_text
+    assert "committee" in eval_text and "train" not in eval_text
+
+
+def test_unreachable_named_dataset_is_a_clear_error(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="could not load dataset 'c4'.*local text file"):
+        load_text("c4", "eval")

@@ -19,7 +19,7 @@ from rich.table import Table
 from .data import DataConfig
 from .errors import LowbitError
 
-DEFAULT_RECIPE = "w4a8-rtn"
+DEFAULT_RECIPE = "w8a8-rtn"
 
 
 @contextlib.contextmanager
