@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from .data import DataConfig
 from .errors import LowbitError
@@ -69,17 +68,11 @@ def _cmd_recipes(args, console: Console) -> int:
     if args.name:
         console.print(load_preset(args.name).to_yaml(), markup=False, highlight=False)
         return 0
-    table = Table(title="lowbit presets (lowbit recipes NAME prints one)", title_justify="left")
-    table.add_column("recipe")
-    table.add_column("W")
-    table.add_column("A")
-    table.add_column("KV")
-    table.add_column("description")
-    for name in preset_names():
-        r = load_preset(name)
-        schemes = [s.describe() if s else "16" for s in (r.weights, r.activations, r.kv)]
-        table.add_row(name, *schemes, r.description)
-    console.print(table)
+    names = preset_names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {load_preset(name).description}")
+    print("(`lowbit recipes NAME` prints one preset as YAML)")
     return 0
 
 

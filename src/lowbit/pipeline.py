@@ -39,11 +39,12 @@ def quantize(
     progress: Progress | None = None,
     inplace: bool = False,
     info: dict | None = None,
+    seed: int | None = None,
 ) -> nn.Module:
     """Quantize ``model`` (a copy unless ``inplace``) as ``recipe`` says and return it.
 
     ``data`` provides calibration text when the recipe has static scales (or a calibrated method). ``info``, when
-    given, receives timings and method statistics.
+    given, receives timings and method statistics. ``seed`` (default: the data's seed, else 0) seeds rotations.
     """
     recipe = load_recipe(recipe)
     spec: ArchSpec = spec_for(model)
@@ -52,7 +53,8 @@ def quantize(
     if data is not None:
         cal = recipe.calibration
         calibration = lambda: data.calibration(cal.samples, cal.seq_len)  # noqa: E731
-    ctx = StepContext(recipe=recipe, spec=spec, calibration=calibration, progress=progress, info=info or {})
+    seed = seed if seed is not None else (data.seed if data is not None else 0)
+    ctx = StepContext(recipe=recipe, spec=spec, seed=seed, calibration=calibration, progress=progress, info=info or {})
     with torch.no_grad():
         apply_recipe(target, ctx)
     if info is not None:
@@ -92,6 +94,8 @@ def run(
     result = evaluate(loaded.model, qmodel, tokens.eval_windows, progress=progress)
     seconds["eval"] = time.perf_counter() - start
     report = build_report(loaded.source, recipe, data, tokens, result, qmodel, loaded.spec, seconds)
+    if "rotation" in info:
+        report["rotation"] = {**info["rotation"], **rotation_invariance(loaded.model, recipe, tokens)}
     if tasks:
         from .integrations.harness import run_tasks
 
@@ -101,6 +105,22 @@ def run(
     if report_path is not None:
         write_json_atomic(report_path, report)
     return report
+
+
+INVARIANCE_TOKENS = 512
+
+
+@torch.no_grad()
+def rotation_invariance(fp_model: nn.Module, recipe: Recipe, tokens: TokenData) -> dict:
+    """Largest |logit difference| between the rotated full-precision model and the original on evaluation text.
+
+    Measured on the first ``INVARIANCE_TOKENS`` tokens of the first evaluation window, every run: the proof that the
+    rotations alone change nothing.
+    """
+    rotated = quantize(fp_model, recipe.rotations_only(), seed=tokens.seed)
+    window = tokens.eval_windows[0, :INVARIANCE_TOKENS].unsqueeze(0)
+    diff = (rotated(window, use_cache=False).logits - fp_model(window, use_cache=False).logits).abs().max()
+    return {"max_abs_logit_diff_vs_fp": diff.item(), "invariance_tokens": window.shape[1]}
 
 
 def _quantizes(recipe: Recipe) -> bool:

@@ -92,8 +92,27 @@ class RTNStep(_Strict):
     method: Literal["rtn"] = "rtn"
 
 
-Step = Annotated[Union[RTNStep], Field(discriminator="method")]
+class QuaRotStep(_Strict):
+    """QuaRot's computational-invariance rotations with seeded random Hadamards (applied before weight steps).
+
+    ``r1``: residual stream; ``r2``: per head on values; ``r3``: online on post-RoPE Q and K (only useful when the
+    KV cache is quantized); ``r4``: online on the down_proj input. ``seed`` defaults to the run's seed.
+    ``fallback`` (``block_diagonal`` or ``random_orthogonal``) is used only for a size with no Hadamard construction;
+    without it such a size is an error.
+    """
+
+    method: Literal["quarot"] = "quarot"
+    r1: bool = True
+    r2: bool = True
+    r3: bool = True
+    r4: bool = True
+    seed: int | None = None
+    fallback: Literal["block_diagonal", "random_orthogonal"] | None = None
+
+
+Step = Annotated[Union[RTNStep, QuaRotStep], Field(discriminator="method")]
 WEIGHT_STEPS = ("rtn",)
+ROTATION_STEPS = ("quarot",)
 
 
 class CalibrationConfig(_Strict):
@@ -126,6 +145,12 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         weight_steps = [s for s in self.steps if s.method in WEIGHT_STEPS]
+        methods = [s.method for s in self.steps]
+        rotations = [i for i, m in enumerate(methods) if m in ROTATION_STEPS]
+        if len(rotations) > 1:
+            raise ValueError("at most one rotation step (quarot) per recipe")
+        if rotations and any(methods.index(m) < rotations[0] for m in methods if m in WEIGHT_STEPS):
+            raise ValueError("the rotation step must come before weight steps (rotate, then quantize)")
         if self.weights is not None and not weight_steps:
             raise ValueError("a weights scheme needs a weight step: add `{method: rtn}` to steps")
         if weight_steps and self.weights is None:
@@ -145,6 +170,11 @@ class Recipe(_Strict):
                     "use dynamic: true, or granularity tensor (or channel / head) for static scales"
                 )
         return self
+
+    def rotations_only(self) -> Recipe:
+        """This recipe's rotation steps alone, with no quantization: the rotated full-precision model."""
+        steps = [s for s in self.steps if s.method in ROTATION_STEPS]
+        return Recipe(name=f"{self.name}-rotations", steps=steps, targets=self.targets)
 
     @property
     def needs_calibration(self) -> bool:
@@ -186,7 +216,7 @@ class Recipe(_Strict):
 def _describe_errors(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p == "rtn")) or "recipe"
+        field = ".".join(str(p) for p in err["loc"] if p not in ("rtn", "quarot")) or "recipe"
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"field '{field}': {msg}")
     return "; ".join(parts)

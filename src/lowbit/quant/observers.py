@@ -14,7 +14,7 @@ from typing import Any, Final
 import torch
 from torch import Tensor
 
-from lowbit.quant.formats import Format
+from lowbit.quant.formats import Format, IntFormat
 from lowbit.quant.granularity import Granularity, reduce_granules, reduce_minmax
 from lowbit.quant.qparams import compute_qparams, fake_quantize_groups
 
@@ -80,8 +80,16 @@ def _check_mse_args(grid: int, max_shrink: float, norm: float) -> None:
 def _clip_error(chunk: Tensor, lo: Tensor, hi: Tensor, fmt: Format, norm: float) -> Tensor:
     """Per-row ``sum |x - fq(x)|^norm`` with qparams from ``[lo, hi]``, computed exactly as fake_quantize does."""
     qp = compute_qparams(lo, hi, fmt)
-    fq = fake_quantize_groups(chunk, qp.scale, qp.zero_point, fmt)
-    return (fq - chunk).abs().pow(norm).sum(dim=-1, keepdim=True)
+    if isinstance(fmt, IntFormat):  # the same arithmetic as fake_quantize_groups, in place and without the STE
+        err = torch.round(chunk / qp.scale)
+        if qp.zero_point is not None:
+            err.add_(qp.zero_point).clamp_(fmt.qmin, fmt.qmax).sub_(qp.zero_point)
+        else:
+            err.clamp_(fmt.qmin, fmt.qmax)
+        err.mul_(qp.scale).sub_(chunk).abs_()
+    else:
+        err = (fake_quantize_groups(chunk, qp.scale, qp.zero_point, fmt) - chunk).abs_()
+    return err.pow_(norm).sum(dim=-1, keepdim=True)
 
 
 def mse_range(

@@ -1,17 +1,25 @@
 """Apply a (randomized, normalized) Hadamard matrix without materializing it: ``x @ H · diag(s) / sqrt(b)``.
 
-For ``H = I_blocks ⊗ F_1 ⊗ ... ⊗ F_r`` the last dimension of x is viewed as ``(blocks, m_1, ..., m_r)`` (row-major,
-the Kronecker index order) and each factor acts on its own axis: ``y[..., j_k, ...] = sum_i x[..., i, ...] F_k[i, j_k]``.
-Dense factors (Paley, Goethals–Seidel, small Sylvester) are one batched matmul each; a large Sylvester factor
-``2^k`` is split into a fast Walsh–Hadamard butterfly on its high bits (``k - 6`` passes of ``(a + b, a - b)`` via
-reshapes, O(n log n)) and a dense 64×64 Sylvester product on its low bits. The cost per row is therefore
-``O(n · (sum of dense orders + log2 of the Sylvester order))`` instead of ``O(n²)``. Everything is plain reshapes,
-matmuls and stacks, so autograd differentiates it as is.
+For ``H = I_blocks ⊗ F_1 ⊗ ... ⊗ F_r`` the last dimension of x is viewed as ``(blocks, m_1, ..., m_r)``
+(row-major, the Kronecker index order) and each factor acts on its own axis:
+``y[..., j_k, ...] = sum_i x[..., i, ...] F_k[i, j_k]``.
+The plan is compiled once (cached) into stages:
+
+* a Sylvester factor ``2^k > 64`` becomes fast Walsh–Hadamard butterflies on its high ``k - 6`` bits (one pass of
+  ``(a + b, a - b)`` per bit via reshapes, O(n log n)) and a dense 64×64 Sylvester product on its low bits;
+* every other factor (Paley, Goethals–Seidel, small Sylvester) is one dense product on its axis;
+* the trailing dense stages are fused into one Kronecker block while its order stays <= 256, so that the last
+  stage is a single large GEMM instead of many tiny batched ones (e.g. 44 ⊗ 2 is applied as one 88×88 product).
+
+The cost per row is ``O(n · (sum of dense stage orders + number of butterfly passes))`` instead of ``O(n²)``.
+Everything is plain reshapes, matmuls and stacks, so autograd differentiates it as is.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 
 import torch
@@ -19,7 +27,55 @@ from torch import Tensor
 
 from lowbit.rotations.hadamard import HadamardFactor, HadamardPlan, factor_tensor, plan_matrix
 
-_DENSE_SYLVESTER_MAX: Final = 64  # Sylvester orders up to this are a dense matmul; larger ones add butterflies
+_DENSE_SYLVESTER_MAX: Final = 64  # Sylvester orders up to this are a dense product; larger ones add butterflies
+_FUSE_MAX: Final = 256  # trailing dense stages are fused into one Kronecker block up to this order
+_SMALL_TRAILING: Final = 16  # below this many trailing elements, move the axis last for one GEMM
+
+
+@dataclass(frozen=True, eq=False)
+class _Stage:
+    """One step of the transform: a dense ±1 matrix (int8) or butterflies of ``order``, on an axis with ``trailing``."""
+
+    order: int
+    trailing: int
+    matrix: Tensor | None  # None: Walsh–Hadamard butterflies
+
+
+def _pieces(plan: HadamardPlan) -> list[tuple[int, Tensor | None]]:
+    """The plan's factors as (order, dense int8 matrix or None for butterflies), Sylvester split high/low."""
+    pieces: list[tuple[int, Tensor | None]] = []
+    for factor in plan.factors:
+        if factor.is_sylvester and factor.order > _DENSE_SYLVESTER_MAX:
+            low = factor_tensor(HadamardFactor("sylvester", _DENSE_SYLVESTER_MAX))
+            pieces += [(factor.order // _DENSE_SYLVESTER_MAX, None), (_DENSE_SYLVESTER_MAX, low)]
+        else:
+            pieces.append((factor.order, factor_tensor(factor)))
+    return pieces
+
+
+def _fuse_tail(pieces: list[tuple[int, Tensor | None]]) -> list[tuple[int, Tensor | None]]:
+    """Replace the longest run of trailing dense pieces with order product <= _FUSE_MAX by their Kronecker product."""
+    fused: Tensor | None = None
+    while pieces and pieces[-1][1] is not None:
+        order, matrix = pieces[-1]
+        assert matrix is not None
+        size = order * (1 if fused is None else fused.shape[0])
+        if fused is not None and size > _FUSE_MAX:
+            break
+        fused = matrix if fused is None else torch.kron(matrix, fused)
+        pieces = pieces[:-1]
+    return pieces if fused is None else [*pieces, (fused.shape[0], fused)]
+
+
+@lru_cache(maxsize=64)
+def _stages(plan: HadamardPlan) -> tuple[_Stage, ...]:
+    """Compile a plan into stages with their trailing sizes (cached; the int8 matrices are never handed out)."""
+    stages = []
+    trailing = plan.block_size
+    for order, matrix in _fuse_tail(_pieces(plan)):
+        trailing //= order
+        stages.append(_Stage(order, trailing, matrix))
+    return tuple(stages)
 
 
 def _check_signs(signs: Tensor | None, n: int) -> None:
@@ -42,12 +98,16 @@ def dense_matrix(plan: HadamardPlan, signs: Tensor | None = None) -> Tensor:
 def _apply_dense(y: Tensor, matrix: Tensor, trailing: int) -> Tensor:
     """Contract the axis of size ``m = matrix.shape[0]`` (followed by ``trailing`` elements) with ``matrix``.
 
-    ``y`` is viewed as ``(lead, m, trailing)`` and becomes ``matrixᵀ @ y`` per lead, i.e. ``y[i] · M[i, j]`` summed.
+    ``y`` is viewed as ``(lead, m, trailing)`` and each ``y[l, :, t]`` becomes ``y[l, :, t] @ matrix``. A small
+    trailing size moves the axis last (one GEMM); a large one uses a batched ``matrixᵀ @ y[l]``.
     """
     m = matrix.shape[0]
     if trailing == 1:
         return y.reshape(-1, m) @ matrix
-    return torch.matmul(matrix.T, y.reshape(-1, m, trailing))
+    view = y.reshape(-1, m, trailing)
+    if trailing < _SMALL_TRAILING:
+        return (view.transpose(1, 2) @ matrix).transpose(1, 2)
+    return torch.matmul(matrix.T, view)
 
 
 def _apply_butterflies(y: Tensor, order: int, trailing: int) -> Tensor:
@@ -64,13 +124,11 @@ def _apply_butterflies(y: Tensor, order: int, trailing: int) -> Tensor:
     return y
 
 
-def _apply_factor(y: Tensor, factor: HadamardFactor, trailing: int) -> Tensor:
-    """Apply one unnormalized factor on its axis; large Sylvester factors use butterflies on their high bits."""
-    if factor.is_sylvester and factor.order > _DENSE_SYLVESTER_MAX:
-        low = HadamardFactor("sylvester", _DENSE_SYLVESTER_MAX)
-        y = _apply_dense(y, factor_tensor(low).to(device=y.device, dtype=y.dtype), trailing)
-        return _apply_butterflies(y, factor.order // _DENSE_SYLVESTER_MAX, trailing * _DENSE_SYLVESTER_MAX)
-    return _apply_dense(y, factor_tensor(factor).to(device=y.device, dtype=y.dtype), trailing)
+def _apply_stage(y: Tensor, stage: _Stage) -> Tensor:
+    """Apply one unnormalized stage on its axis, casting its ±1 matrix to y's dtype and device."""
+    if stage.matrix is None:
+        return _apply_butterflies(y, stage.order, stage.trailing)
+    return _apply_dense(y, stage.matrix.to(device=y.device, dtype=y.dtype), stage.trailing)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -93,10 +151,8 @@ def hadamard_transform(x: Tensor, plan: HadamardPlan, signs: Tensor | None = Non
         raise ValueError(f"hadamard_transform needs a last dimension of {n}, got shape {tuple(x.shape)}")
     _check_signs(signs, n)
     y = x.to(_compute_dtype(x.dtype)).reshape(-1, n)
-    trailing = plan.block_size
-    for factor in plan.factors:
-        trailing //= factor.order
-        y = _apply_factor(y, factor, trailing)
+    for stage in _stages(plan):
+        y = _apply_stage(y, stage)
     scale = torch.full((n,), 1.0 / math.sqrt(plan.block_size), dtype=y.dtype, device=y.device)
     if signs is not None:
         scale = scale * signs.to(dtype=y.dtype, device=y.device)

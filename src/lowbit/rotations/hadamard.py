@@ -146,7 +146,7 @@ def _odd_part(n: int) -> int:
 
 
 def _base_factor(order: int, tier: int) -> HadamardFactor | None:
-    """A single non-Sylvester construction of exactly ``order``: Paley I, then Paley II, then (tier 2) Goethals–Seidel."""
+    """One non-Sylvester construction of exactly ``order``: Paley I, Paley II, then (tier 2) Goethals–Seidel."""
     q1, q2, w = order - 1, order // 2 - 1, order // 4
     if prime_power(q1) is not None and q1 % 4 == 3:
         return HadamardFactor("paley1", q1)

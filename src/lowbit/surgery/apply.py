@@ -23,6 +23,7 @@ class StepContext:
 
     recipe: Recipe
     spec: ArchSpec
+    seed: int = 0
     calibration: Callable[[], torch.Tensor] | None = None
     progress: Callable[[str, int], Callable[[], None]] | None = None
     info: dict = field(default_factory=dict)
@@ -76,7 +77,7 @@ def act_quantizers(model: nn.Module) -> Iterator[ActQuantizer]:
             yield module
 
 
-def rtn_step(model: nn.Module, ctx: StepContext) -> None:
+def rtn_step(model: nn.Module, step, ctx: StepContext) -> None:
     """Round-to-nearest on every quantized linear's weight."""
     linears = list(quant_linears(model))
     tick = ctx.progress("RTN weights", len(linears)) if ctx.progress else (lambda: None)
@@ -85,7 +86,10 @@ def rtn_step(model: nn.Module, ctx: StepContext) -> None:
         tick()
 
 
-STEP_HANDLERS: dict[str, Callable[[nn.Module, StepContext], None]] = {"rtn": rtn_step}
+def _step_handlers() -> dict[str, Callable[[nn.Module, object, StepContext], None]]:
+    from .rotate import quarot_step
+
+    return {"rtn": rtn_step, "quarot": quarot_step}
 
 
 def attach_activation_quantizers(model: nn.Module, recipe: Recipe) -> None:
@@ -133,8 +137,9 @@ def apply_recipe(model: nn.Module, ctx: StepContext) -> None:
     start = time.perf_counter()
     if recipe.weights is not None or recipe.activations is not None:
         swap_linears(model, ctx.spec, recipe.targets)
+    handlers = _step_handlers()
     for step in recipe.steps:
-        STEP_HANDLERS[step.method](model, ctx)
+        handlers[step.method](model, step, ctx)
     if recipe.activations is not None:
         attach_activation_quantizers(model, recipe)
     if recipe.kv is not None:

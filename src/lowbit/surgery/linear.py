@@ -12,11 +12,12 @@ from .quantizer import ActQuantizer, granularity_for, observer_kwargs
 
 
 class QuantLinear(nn.Module):
-    """Drop-in replacement for ``nn.Linear``: ``y = q_a(x) @ W_q.T + b``.
+    """Drop-in replacement for ``nn.Linear``: ``y = q_a(t(x)) @ W_q.T + b``.
 
     ``weight`` holds the dequantized values of the quantized weight (so the layer computes exactly what a
     low-bit kernel would); ``weight_scale`` / ``weight_zero`` hold the quantization parameters that a packed format
-    stores. ``input_quant`` is an :class:`ActQuantizer` or ``None`` (full-precision input).
+    stores. ``input_transform`` is an optional online rotation ``t`` of the input (QuaRot's R4); ``input_quant`` is an
+    :class:`ActQuantizer` or ``None`` (full-precision input).
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -27,6 +28,7 @@ class QuantLinear(nn.Module):
         self.weight_scheme: QuantScheme | None = None
         self.register_buffer("weight_scale", None)
         self.register_buffer("weight_zero", None)
+        self.input_transform: nn.Module | None = None
         self.input_quant: ActQuantizer | None = None
 
     def extra_repr(self) -> str:
@@ -34,6 +36,8 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, weight={w}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:  # an online rotation (R4) runs before the input is quantized
+            x = self.input_transform(x)
         if self.input_quant is not None:
             x = self.input_quant(x)
         return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,167 @@
+"""Computational-invariance rotations (QuaRot): fold norms, rotate offline (R1, R2), hook online (R3, R4).
+
+Row-vector convention: a linear computes ``y = x @ W.T + b`` with ``W`` of shape ``[out, in]``. For an orthogonal
+``Q``, ``x @ W.T == (x @ Q) @ (W @ Q).T``, so a layer that *reads* a rotated input takes ``W <- W @ Q`` and a layer
+that *writes* a rotated output takes ``W <- Q.T @ W`` (its bias ``b <- b @ Q``). RMSNorm with unit scale commutes
+with ``Q`` (``||x Q|| = ||x||``), which is why the norm scales are folded into their readers first.
+
+- R1 (hidden × hidden): the residual stream. Embeddings, readers (q, k, v, gate, up, lm_head) and writers (o, down).
+- R2 (head_dim × head_dim, one per layer): v_proj's output per KV head and o_proj's input per query head (a query
+  head uses the R2 of the KV head it reads, so GQA needs nothing special with one R2 per layer).
+- R3 (online, head_dim): Hadamard on Q and K after RoPE, before K is quantized; cancels in ``q @ k.T``.
+- R4 (online, intermediate): Hadamard on the down_proj input at run time, with ``W_down <- W_down @ H`` offline.
+
+Every weight update is computed in float64 and cast back to the weight's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim, set_module
+from ..rotations import RotationMatrix
+from .apply import untie_lm_head
+from .attention import add_attention_hook
+from .linear import QuantLinear
+
+
+class OnlineRotation(nn.Module):
+    """Applies ``x @ Q`` over the last dimension at run time with the rotation's fast transform."""
+
+    def __init__(self, rotation: RotationMatrix) -> None:
+        super().__init__()
+        self.rotation = rotation
+
+    def extra_repr(self) -> str:
+        return self.rotation.description
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rotation.apply(x)
+
+
+class QKRotationHook(nn.Module):
+    """Attention hook: rotate post-RoPE queries and keys by the same orthogonal Q (R3); scores are unchanged."""
+
+    def __init__(self, rotation: RotationMatrix) -> None:
+        super().__init__()
+        self.rotate = OnlineRotation(rotation)
+
+    def forward(self, query, key, value):
+        return self.rotate(query), self.rotate(key), value
+
+
+def _update(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.data.copy_(value.to(param.dtype))
+
+
+def _read(linear: nn.Module, q: torch.Tensor) -> None:
+    """``W <- W @ Q`` (the layer reads a rotated input)."""
+    _update(linear.weight, linear.weight.double() @ q)
+
+
+def _write(linear: nn.Module, q: torch.Tensor) -> None:
+    """``W <- Q.T @ W`` and ``b <- b @ Q`` (the layer writes a rotated output)."""
+    _update(linear.weight, q.T @ linear.weight.double())
+    if linear.bias is not None:
+        _update(linear.bias, linear.bias.double() @ q)
+
+
+@torch.no_grad()
+def fold_norms(model: nn.Module, spec: ArchSpec) -> int:
+    """Fold every RMSNorm scale into the linears that read the norm's output, and set the scales to 1.
+
+    Unties a tied lm_head first (folding the final norm into it would otherwise change the embeddings) and returns
+    the bytes that untying added (0 when the model was untied).
+    """
+    untied_bytes = untie_lm_head(model, spec)
+    groups = [(get_module(model, spec.final_norm), [get_module(model, spec.lm_head)])]
+    for layer in decoder_layers(model, spec):
+        groups.append((get_module(layer, spec.input_norm), [get_module(layer, p) for p in (spec.q, spec.k, spec.v)]))
+        groups.append((get_module(layer, spec.post_attn_norm), [get_module(layer, p) for p in (spec.gate, spec.up)]))
+    for norm, readers in groups:
+        scale = norm.weight.double()
+        for linear in readers:
+            _update(linear.weight, linear.weight.double() * scale[None, :])
+        norm.weight.data.fill_(1.0)
+    return untied_bytes
+
+
+@torch.no_grad()
+def rotate_residual(model: nn.Module, spec: ArchSpec, r1: torch.Tensor) -> None:
+    """Apply R1 (float64, hidden × hidden) to the residual stream. Norms must be folded first."""
+    embed = get_module(model, spec.embed)
+    _update(embed.weight, embed.weight.double() @ r1)
+    _read(get_module(model, spec.lm_head), r1)
+    for layer in decoder_layers(model, spec):
+        for path in spec.residual_readers:
+            _read(get_module(layer, path), r1)
+        for path in spec.residual_writers:
+            _write(get_module(layer, path), r1)
+
+
+@torch.no_grad()
+def rotate_heads(model: nn.Module, spec: ArchSpec, r2: list[torch.Tensor]) -> None:
+    """Apply one R2 (float64, head_dim × head_dim) per layer to v_proj's output heads and o_proj's input heads."""
+    d = head_dim(model.config)
+    for layer, q in zip(decoder_layers(model, spec), r2, strict=True):
+        v, o = get_module(layer, spec.v), get_module(layer, spec.o)
+        w_v = v.weight.double().view(-1, d, v.in_features)  # [kv_heads, d, in]
+        _update(v.weight, (q.T @ w_v).reshape(v.weight.shape))
+        if v.bias is not None:
+            _update(v.bias, (v.bias.double().view(-1, d) @ q).reshape(-1))
+        w_o = o.weight.double().view(o.out_features, -1, d)  # [out, heads, d]
+        _update(o.weight, (w_o @ q).reshape(o.weight.shape))
+
+
+@torch.no_grad()
+def add_online_down_rotation(model: nn.Module, spec: ArchSpec, r4: RotationMatrix) -> None:
+    """R4: fold ``W_down <- W_down @ Q`` offline and rotate the down_proj input by Q at run time."""
+    q = r4.dense()
+    for layer in decoder_layers(model, spec):
+        down = get_module(layer, spec.down)
+        if not isinstance(down, QuantLinear):
+            down = QuantLinear(down)
+            set_module(layer, spec.down, down)
+        _read(down, q)
+        down.input_transform = OnlineRotation(r4)
+
+
+def add_online_qk_rotation(model: nn.Module, spec: ArchSpec, r3: RotationMatrix) -> None:
+    """R3: rotate post-RoPE queries and keys of every layer by the same Q (before any KV quantizer)."""
+    for layer in decoder_layers(model, spec):
+        add_attention_hook(model, get_module(layer, spec.attn), QKRotationHook(r3))
+
+
+def _sub_seeds(seed: int, count: int) -> list[int]:
+    """``count`` independent seeds derived from one, so each rotation has its own reproducible signs."""
+    return torch.randint(0, 2**31 - 1, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.no_grad()
+def quarot_step(model: nn.Module, step, ctx) -> None:
+    """Fold norms and apply the rotations a :class:`~lowbit.recipe.QuaRotStep` asks for; records them in ctx.info."""
+    from ..rotations import random_hadamard
+
+    spec, config = ctx.spec, model.config
+    layers = decoder_layers(model, spec)
+    seeds = _sub_seeds(ctx.seed if step.seed is None else step.seed, 3 + len(layers))
+    info: dict = {"untied_lm_head_bytes": fold_norms(model, spec)}
+    d = head_dim(config)
+    if step.r1:
+        r1 = random_hadamard(config.hidden_size, seeds[0], step.fallback)
+        rotate_residual(model, spec, r1.dense())
+        info["R1"] = r1.description
+    if step.r2:
+        r2 = [random_hadamard(d, s, step.fallback) for s in seeds[3:]]
+        rotate_heads(model, spec, [r.dense() for r in r2])
+        info["R2"] = r2[0].description + f" (one per layer, {len(r2)} seeds)"
+    if step.r3:
+        r3 = random_hadamard(d, seeds[1], step.fallback)
+        add_online_qk_rotation(model, spec, r3)
+        info["R3"] = r3.description + " (online)"
+    if step.r4:
+        r4 = random_hadamard(config.intermediate_size, seeds[2], step.fallback)
+        add_online_down_rotation(model, spec, r4)
+        info["R4"] = r4.description + " (online)"
+    ctx.info["rotation"] = info
