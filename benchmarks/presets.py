@@ -27,15 +27,23 @@ HERE = Path(__file__).parent
 BEGIN, END = "<!-- PRESETS:BEGIN -->", "<!-- PRESETS:END -->"
 
 
-def forward_seconds(model, window: torch.Tensor, repeats: int) -> float:
-    """Median wall time of one full forward pass over a window."""
-    times = []
+def forward_seconds(model, window: torch.Tensor) -> float:
+    """Wall time of one full forward pass over a window."""
     with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(window.unsqueeze(0), use_cache=False)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        start = time.perf_counter()
+        model(window.unsqueeze(0), use_cache=False)
+        return time.perf_counter() - start
+
+
+def overhead_vs_fp(fp_model, model, window: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """(median quantized / median FP forward time, median FP time), the two measured alternately side by side."""
+    if model is fp_model:
+        return 1.0, statistics.median(forward_seconds(fp_model, window) for _ in range(repeats))
+    fp_times, q_times = [], []
+    for _ in range(repeats):
+        fp_times.append(forward_seconds(fp_model, window))
+        q_times.append(forward_seconds(model, window))
+    return statistics.median(q_times) / statistics.median(fp_times), statistics.median(fp_times)
 
 
 def main() -> None:
@@ -61,14 +69,14 @@ def main() -> None:
         print(f"quantized {name}", flush=True)
     results = evaluate_many(loaded.model, models, data.eval_windows)
 
-    window = data.eval_windows[0]
-    fp_time = forward_seconds(loaded.model, window, args.timing_repeats)
+    window, fp_times = data.eval_windows[0], []
     rows = []
     for name in names:
         r, q, recipe = results[name], models[name], load_preset(name)
         secs = info[name].get("seconds", {})
         wb = weight_bits(q, loaded.spec)
-        overhead = forward_seconds(q, window, args.timing_repeats) / fp_time if q is not loaded.model else 1.0
+        overhead, fp_time = overhead_vs_fp(loaded.model, q, window, args.timing_repeats)
+        fp_times.append(fp_time)
         rows.append({
             "recipe": name, "fp_ppl": r.fp_ppl, "ppl": r.ppl, "ratio": r.ppl / r.fp_ppl, "kl": r.kl_vs_fp,
             "top1": r.top1_agreement, "bits_w": wb["weight"], "bits_a": activation_bits(q, loaded.spec),
@@ -79,7 +87,7 @@ def main() -> None:
         print(f"{name}: ratio {rows[-1]['ratio']:.4f}", flush=True)
     meta = {
         "command": "python benchmarks/presets.py", "seq_len": args.seq_len, "windows": args.windows,
-        "tokens": results[names[0]].tokens, "fp_forward_s": fp_time, "torch": torch.__version__,
+        "tokens": results[names[0]].tokens, "fp_forward_s": statistics.median(fp_times), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -104,7 +112,7 @@ def write_tables(rows: list[dict], meta: dict) -> None:
     lines = [
         f"Default model (SmolLM2-135M-Instruct, fp32), default text, {meta['windows']} windows × {meta['seq_len']} "
         f"tokens ({meta['tokens']} predicted tokens), {meta['threads']} CPU threads, {meta['date']}. "
-        f"Full-precision forward of one window: {meta['fp_forward_s']:.2f} s.",
+        f"Full-precision forward of one window: {meta['fp_forward_s']:.2f} s (median).",
         "",
         "| recipe | FP ppl | ppl | ratio | KL | top-1 | bits W | bits A | bits KV | quantize s | eval s | forward vs FP |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
