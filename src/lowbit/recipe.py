@@ -92,6 +92,20 @@ class RTNStep(_Strict):
     method: Literal["rtn"] = "rtn"
 
 
+class GPTQStep(_Strict):
+    """GPTQ weight quantization with the recipe's weight scheme, layer-streamed over calibration text.
+
+    ``damp``: fraction of the mean Hessian diagonal added before inversion; ``act_order``: process columns by
+    decreasing Hessian diagonal; ``static_groups``: with groups and act-order, fix group scales up front.
+    """
+
+    method: Literal["gptq"] = "gptq"
+    block_size: int = Field(default=128, ge=1)
+    damp: float = Field(default=0.01, gt=0)
+    act_order: bool = True
+    static_groups: bool = True
+
+
 class QuaRotStep(_Strict):
     """QuaRot's computational-invariance rotations with seeded random Hadamards (applied before weight steps).
 
@@ -110,8 +124,8 @@ class QuaRotStep(_Strict):
     fallback: Literal["block_diagonal", "random_orthogonal"] | None = None
 
 
-Step = Annotated[Union[RTNStep, QuaRotStep], Field(discriminator="method")]
-WEIGHT_STEPS = ("rtn",)
+Step = Annotated[Union[RTNStep, GPTQStep, QuaRotStep], Field(discriminator="method")]
+WEIGHT_STEPS = ("rtn", "gptq")
 ROTATION_STEPS = ("quarot",)
 
 
@@ -147,6 +161,8 @@ class Recipe(_Strict):
         weight_steps = [s for s in self.steps if s.method in WEIGHT_STEPS]
         methods = [s.method for s in self.steps]
         rotations = [i for i, m in enumerate(methods) if m in ROTATION_STEPS]
+        if len(weight_steps) > 1:
+            raise ValueError("at most one weight step (rtn or gptq) per recipe")
         if len(rotations) > 1:
             raise ValueError("at most one rotation step (quarot) per recipe")
         if rotations and any(methods.index(m) < rotations[0] for m in methods if m in WEIGHT_STEPS):
@@ -216,7 +232,7 @@ class Recipe(_Strict):
 def _describe_errors(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"] if p not in ("rtn", "quarot")) or "recipe"
+        field = ".".join(str(p) for p in err["loc"] if p not in ("rtn", "gptq", "quarot")) or "recipe"
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"field '{field}': {msg}")
     return "; ".join(parts)

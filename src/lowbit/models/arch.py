@@ -51,6 +51,11 @@ class ArchSpec:
         return {r: getattr(self, r) for r in ("q", "k", "v", "o", "gate", "up", "down")}
 
     @property
+    def input_groups(self) -> tuple[tuple[str, ...], ...]:
+        """Linear roles that read the same input tensor (and so share one input Hessian), in forward order."""
+        return (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+    @property
     def residual_readers(self) -> tuple[str, ...]:
         return (self.q, self.k, self.v, self.gate, self.up)
 

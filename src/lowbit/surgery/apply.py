@@ -87,9 +87,10 @@ def rtn_step(model: nn.Module, step, ctx: StepContext) -> None:
 
 
 def _step_handlers() -> dict[str, Callable[[nn.Module, object, StepContext], None]]:
+    from .gptq import gptq_step
     from .rotate import quarot_step
 
-    return {"rtn": rtn_step, "quarot": quarot_step}
+    return {"rtn": rtn_step, "gptq": gptq_step, "quarot": quarot_step}
 
 
 def attach_activation_quantizers(model: nn.Module, recipe: Recipe) -> None:

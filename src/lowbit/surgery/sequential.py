@@ -1,0 +1,85 @@
+"""Layer-streamed calibration: run calibration text through the decoder one layer at a time.
+
+Weight methods that need each layer's inputs (GPTQ) use :func:`stream_layers`: it embeds the calibration samples,
+then for each decoder layer in order moves that layer alone to the compute device, lets the caller observe the
+layer's linear inputs and quantize it, and computes the layer's outputs *with its quantized weights* as the next
+layer's inputs. So calibration inputs flow through the already-quantized earlier layers, and only one decoder layer
+(plus one layer's activations) needs to be on the compute device at a time; the rest of the model may live on the
+CPU or be offloaded.
+
+No forward pass is interrupted: the embeddings, rotary tables and layers are called directly through the
+architecture spec, with the causal mask implied by transformers' sdpa path (``attention_mask=None``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..models.arch import ArchSpec, decoder_layers, get_module
+
+LayerCallback = Callable[[int, nn.Module, Callable[[], None]], None]
+
+
+@contextmanager
+def capture_inputs(modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Call ``sink(name, x)`` with the input each module's weight actually sees (after any online input rotation)."""
+
+    def hook(name: str):
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            transform = getattr(module, "input_transform", None)
+            sink(name, transform(x) if transform is not None else x)
+
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def stream_layers(
+    model: nn.Module,
+    spec: ArchSpec,
+    batches: torch.Tensor,
+    on_layer: LayerCallback,
+    device: torch.device | str | None = None,
+    progress=None,
+) -> None:
+    """Run token ``batches`` ``[n, L]`` layer by layer; ``on_layer(i, layer, run)`` quantizes layer ``i``.
+
+    ``run()`` pushes every calibration sample through the current layer (with whatever hooks ``on_layer`` set), so
+    the callback can observe inputs as often as it needs; after the callback the layer's outputs become the next
+    inputs. ``device`` is where each layer is computed (default: where the embeddings are).
+    """
+    if model.config._attn_implementation not in ("sdpa", "lowbit"):
+        model.set_attn_implementation("sdpa")  # the causal mask below relies on sdpa's is_causal path
+    embed = get_module(model, spec.embed)
+    device = torch.device(device) if device is not None else embed.weight.device
+    hidden = [embed(row[None].to(embed.weight.device)).to(device) for row in batches]  # n × [1, L, hidden]
+    positions = torch.arange(batches.shape[1], device=device)[None]
+    rotary = get_module(model, spec.rotary)
+    cos_sin = tuple(t.to(device) for t in rotary(hidden[0].to(embed.weight.device), positions.to(embed.weight.device)))
+    layers = decoder_layers(model, spec)
+    tick = progress("layer-streamed calibration", len(layers)) if progress else (lambda: None)
+    for i, layer in enumerate(layers):
+        origin = next(layer.parameters()).device
+        layer.to(device)
+
+        def forward_all() -> list[torch.Tensor]:
+            return [layer(h, attention_mask=None, position_ids=positions, position_embeddings=cos_sin) for h in hidden]
+
+        def run() -> None:
+            forward_all()
+
+        on_layer(i, layer, run)
+        hidden = forward_all()
+        layer.to(origin)
+        tick()
