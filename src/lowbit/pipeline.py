@@ -94,6 +94,8 @@ def run(
     result = evaluate(loaded.model, qmodel, tokens.eval_windows, progress=progress)
     seconds["eval"] = time.perf_counter() - start
     report = build_report(loaded.source, recipe, data, tokens, result, qmodel, loaded.spec, seconds)
+    if "gptq" in info:
+        report["gptq"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in info["gptq"].items()}
     if "rotation" in info:
         report["rotation"] = {**info["rotation"], **rotation_invariance(loaded.model, recipe, tokens)}
     if tasks:
