@@ -52,18 +52,21 @@ def stream_layers(
     on_layer: LayerCallback,
     device: torch.device | str | None = None,
     progress=None,
+    batch_size: int = 8,
 ) -> None:
     """Run token ``batches`` ``[n, L]`` layer by layer; ``on_layer(i, layer, run)`` quantizes layer ``i``.
 
     ``run()`` pushes every calibration sample through the current layer (with whatever hooks ``on_layer`` set), so
     the callback can observe inputs as often as it needs; after the callback the layer's outputs become the next
-    inputs. ``device`` is where each layer is computed (default: where the embeddings are).
+    inputs. ``device`` is where each layer is computed (default: where the embeddings are); samples go through a
+    layer ``batch_size`` at a time.
     """
     if model.config._attn_implementation not in ("sdpa", "lowbit"):
         model.set_attn_implementation("sdpa")  # the causal mask below relies on sdpa's is_causal path
     embed = get_module(model, spec.embed)
     device = torch.device(device) if device is not None else embed.weight.device
-    hidden = [embed(row[None].to(embed.weight.device)).to(device) for row in batches]  # n × [1, L, hidden]
+    chunks = batches.split(batch_size)
+    hidden = [embed(chunk.to(embed.weight.device)).to(device) for chunk in chunks]  # [≤batch_size, L, hidden] each
     positions = torch.arange(batches.shape[1], device=device)[None]
     rotary = get_module(model, spec.rotary)
     cos_sin = tuple(t.to(device) for t in rotary(hidden[0].to(embed.weight.device), positions.to(embed.weight.device)))
