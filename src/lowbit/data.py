@@ -58,14 +58,18 @@ def _load_named(name: str, role: str) -> str:
     return "\n\n".join(t for t in ds[field] if t)
 
 
+def _text_path(source: str) -> Path:
+    """The file behind a non-dataset text source."""
+    return default_text_path() if source == DEFAULT_TEXT else Path(source).expanduser()
+
+
 def check_source(source: str) -> None:
     """Fail fast, before any model is loaded, when a text source cannot exist (missing file or package)."""
     if source in NAMED_DATASETS:
         if importlib.util.find_spec("datasets") is None:
             raise DataError(f"dataset '{source}' needs the datasets package: run `{DATASETS_INSTALL}`")
         return
-    path = default_text_path() if source == DEFAULT_TEXT else Path(source).expanduser()
-    if not path.is_file():
+    if not _text_path(source).is_file():
         named = ", ".join(NAMED_DATASETS)
         raise DataError(f"text '{source}' not found: pass 'default', a local text file, or one of {named}")
 
@@ -76,8 +80,7 @@ def load_text(source: str, role: str = "eval") -> str:
     if source in NAMED_DATASETS:
         text = _load_named(source, role)
     else:
-        path = default_text_path() if source == DEFAULT_TEXT else Path(source).expanduser()
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = _text_path(source).read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise DataError(f"text source '{source}' is empty: pass a file with text in it")
     return text

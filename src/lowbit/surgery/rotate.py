@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim, set_module
-from ..rotations import RotationMatrix
+from ..rotations import RotationMatrix, random_hadamard
 from .apply import untie_lm_head
 from .attention import add_attention_hook
 from .linear import QuantLinear
@@ -141,8 +141,6 @@ def _sub_seeds(seed: int, count: int) -> list[int]:
 @torch.no_grad()
 def quarot_step(model: nn.Module, step, ctx) -> None:
     """Fold norms and apply the rotations a :class:`~lowbit.recipe.QuaRotStep` asks for; records them in ctx.info."""
-    from ..rotations import random_hadamard
-
     spec, config = ctx.spec, model.config
     layers = decoder_layers(model, spec)
     seeds = _sub_seeds(ctx.seed if step.seed is None else step.seed, 3 + len(layers))
