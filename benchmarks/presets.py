@@ -124,7 +124,7 @@ def replace_block(path: Path, begin: str, end: str, lines: list[str]) -> None:
     """Replace the text between two marker lines of a markdown file."""
     text = path.read_text() if path.exists() else f"{begin}\n{end}\n"
     block = f"{begin}\n" + "\n".join(lines) + f"\n{end}"
-    path.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S))
+    path.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.DOTALL))
 
 
 def write_tables(rows: list[dict], meta: dict) -> None:

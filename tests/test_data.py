@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from lowbit.data import DataConfig, TokenData, default_text_path, load_text, prepare_data
+from lowbit.data import (
+    DataConfig,
+    TokenData,
+    default_text_path,
+    load_text,
+    prepare_data,
+)
 from lowbit.errors import DataError
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import lowbit
-from lowbit.evaluate import evaluate
+from lowbit.evaluate import evaluate, reference_log_probs
 from tests.conftest import tiny_model
 
 
@@ -44,3 +44,18 @@ def test_one_window_at_a_time():
     evaluate(model, model, windows)
     handle.remove()
     assert shapes == [torch.Size([1, 16])] * 5
+
+
+def test_cached_reference_gives_the_same_result_without_running_fp(tokens):
+    """Precomputed FP log-probabilities give exactly the live result, and the FP model is not run again."""
+    fp, q = tiny_model("llama"), lowbit.quantize(tiny_model("llama"), "w4a4-rtn")
+    live = evaluate(fp, q, tokens)
+    reference = reference_log_probs(fp, tokens)
+    calls = []
+    handle = fp.register_forward_pre_hook(lambda *a: calls.append(1))
+    cached = evaluate(fp, q, tokens, reference=reference)
+    handle.remove()
+    assert not calls
+    assert (cached.ppl, cached.kl_vs_fp, cached.top1_agreement) == (live.ppl, live.kl_vs_fp, live.top1_agreement)
+    with pytest.raises(ValueError, match="reference has 1 windows"):
+        evaluate(fp, q, tokens, reference=reference[:1])

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("lm_eval", reason="the lm-eval extra is part of lowbit[test]; install it to run this")
 
-import lowbit  # noqa: E402
+import lowbit
 
 TASK_YAML = """
 task: lowbit_local_mc

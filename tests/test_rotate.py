@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import lowbit
+from lowbit.models.arch import spec_for
 from lowbit.recipe import Recipe
 from lowbit.surgery.rotate import fold_norms
-from lowbit.models.arch import spec_for
 from tests.conftest import tiny_model
 
 ALL = {"r1": True, "r2": True, "r3": True, "r4": True}

@@ -7,12 +7,12 @@ offline loading), :mod:`lowbit.surgery` (the only code that mutates models), :mo
 
 __version__ = "0.1.0"
 
-from .data import DataConfig, prepare_data  # noqa: E402
-from .errors import LowbitError  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .models.loading import load_model  # noqa: E402
-from .pipeline import quantize, run  # noqa: E402
-from .recipe import Recipe, load_recipe, preset_names  # noqa: E402
+from .data import DataConfig, prepare_data
+from .errors import LowbitError
+from .evaluate import evaluate
+from .models.loading import load_model
+from .pipeline import quantize, run
+from .recipe import Recipe, load_recipe, preset_names
 
 __all__ = [
     "DataConfig",

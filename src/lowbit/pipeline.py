@@ -22,12 +22,14 @@ from torch import nn
 from . import __version__
 from .bits import activation_bits, kv_bits, weight_bits
 from .data import DataConfig, TokenData, check_source, prepare_data
+from .errors import ModelError
 from .evaluate import evaluate
 from .models.arch import ArchSpec, head_dim, spec_for
 from .models.loading import load_model
 from .recipe import Recipe, load_recipe
 from .report import write_json_atomic
 from .surgery.apply import StepContext, apply_recipe
+from .surgery.offload import is_offloaded
 
 Progress = Callable[[str, int], Callable[[], None]]
 
@@ -43,16 +45,23 @@ def quantize(
 ) -> nn.Module:
     """Quantize ``model`` (a copy unless ``inplace``) as ``recipe`` says and return it.
 
+    A model offloaded by accelerate (``device_map`` with an offload folder, ``cpu_offload``, ``disk_offload``) is
+    quantized part by part, one decoder layer in memory at a time for GPTQ; it must be quantized ``inplace``.
     ``data`` provides calibration text when the recipe has static scales (or a calibrated method). ``info``, when
     given, receives timings and method statistics. ``seed`` (default: the data's seed, else 0) seeds rotations.
     """
     recipe = load_recipe(recipe)
     spec: ArchSpec = spec_for(model)
+    if is_offloaded(model) and not inplace:
+        raise ModelError(
+            "this model's weights are offloaded by accelerate, and a copy would share its offload store: "
+            "quantize it in place with inplace=True"
+        )
     target = model if inplace else copy.deepcopy(model)
     calibration = None
     if data is not None:
         cal = recipe.calibration
-        calibration = lambda: data.calibration(cal.samples, cal.seq_len)  # noqa: E731
+        calibration = lambda: data.calibration(cal.samples, cal.seq_len)
     seed = seed if seed is not None else (data.seed if data is not None else 0)
     ctx = StepContext(recipe=recipe, spec=spec, seed=seed, calibration=calibration, progress=progress, info=info or {})
     with torch.no_grad():

@@ -18,10 +18,17 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import RecipeError
 from .quant import parse_format
@@ -124,7 +131,7 @@ class QuaRotStep(_Strict):
     fallback: Literal["block_diagonal", "random_orthogonal"] | None = None
 
 
-Step = Annotated[Union[RTNStep, GPTQStep, QuaRotStep], Field(discriminator="method")]
+Step = Annotated[RTNStep | GPTQStep | QuaRotStep, Field(discriminator="method")]
 WEIGHT_STEPS = ("rtn", "gptq")
 ROTATION_STEPS = ("quarot",)
 

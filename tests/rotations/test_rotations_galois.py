@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lowbit.rotations.galois import GaloisField, galois_field, is_irreducible, prime_power
+from lowbit.rotations.galois import (
+    GaloisField,
+    galois_field,
+    is_irreducible,
+    prime_power,
+)
 
 SAMPLES = 3000
 

@@ -26,12 +26,12 @@ from lowbit.rotations import (
     HadamardFactor,
     HadamardPlan,
     block_diagonal_plan,
+    constructions,
     find_construction,
     hadamard_matrix,
     hadamard_transform,
     try_find_construction,
 )
-from lowbit.rotations import constructions
 
 # Every required order with the plan the search picks (the report prints these strings).
 EXPECTED_PLANS = {

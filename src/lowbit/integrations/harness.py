@@ -22,9 +22,9 @@ LM_EVAL_INSTALL = 'pip install "lowbit[lm-eval]"'
 if importlib.util.find_spec("lm_eval") is None:
     raise LowbitError(f"lm-eval tasks need the lm-eval package: run `{LM_EVAL_INSTALL}`")
 
-import lm_eval  # noqa: E402
-from lm_eval.api.registry import register_model  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
+import lm_eval
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
 
 
 def harness_model(model, tokenizer, batch_size: int = 1, max_length: int | None = None) -> HFLM:

@@ -40,7 +40,13 @@ from lowbit.quant.granularity import (
     reduce_minmax,
     to_groups,
 )
-from lowbit.quant.observers import OBSERVERS, minmax_range, mse_range, observe_range, percentile_range
+from lowbit.quant.observers import (
+    OBSERVERS,
+    minmax_range,
+    mse_range,
+    observe_range,
+    percentile_range,
+)
 from lowbit.quant.qparams import (
     QParams,
     compute_qparams,

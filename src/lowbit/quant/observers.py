@@ -60,14 +60,14 @@ def percentile_range(
     return reduce_granules(x.to(torch.float32), gran, clip_range)
 
 
-def _shrink_factors(grid: int, max_shrink: float) -> list[float]:
+def _shrink_factors(grid: int, max_shrink: float) -> Tensor:
     """``grid`` factors evenly spaced from 1.0 down to ``1 - max_shrink`` (1.0 first, so it wins ties)."""
     if grid == 1:
-        return [1.0]
-    return [1.0 - max_shrink * i / (grid - 1) for i in range(grid)]
+        return torch.ones(1)
+    return 1.0 - max_shrink * torch.arange(grid, dtype=torch.float32) / (grid - 1)
 
 
-def _check_mse_args(grid: int, max_shrink: float, norm: float) -> None:
+def _check_mse_args(grid: int, max_shrink: float, norm: float, stride: int) -> None:
     """Reject search settings that would give an empty or meaningless search."""
     if grid < 1:
         raise ValueError(f"mse observer grid must be >= 1, got {grid}")
@@ -75,6 +75,8 @@ def _check_mse_args(grid: int, max_shrink: float, norm: float) -> None:
         raise ValueError(f"mse observer max_shrink must be in [0, 1), got {max_shrink}")
     if not norm > 0.0:
         raise ValueError(f"mse observer norm must be > 0, got {norm}")
+    if stride < 1:
+        raise ValueError(f"mse observer stride must be >= 1, got {stride}")
 
 
 def _clip_error(chunk: Tensor, lo: Tensor, hi: Tensor, fmt: Format, norm: float) -> Tensor:
@@ -92,31 +94,64 @@ def _clip_error(chunk: Tensor, lo: Tensor, hi: Tensor, fmt: Format, norm: float)
     return err.pow_(norm).sum(dim=-1, keepdim=True)
 
 
+class _BestRange:
+    """The best grid index found so far for each row of a chunk, and the range it gives."""
+
+    def __init__(self, chunk: Tensor, factors: Tensor, fmt: Format, norm: float) -> None:
+        """Start from no candidate (infinite error) for every row of ``chunk``."""
+        self.chunk, self.factors, self.fmt, self.norm = chunk, factors.to(chunk.device), fmt, norm
+        self.lo, self.hi = torch.aminmax(chunk, dim=-1, keepdim=True)
+        self.index = torch.zeros_like(self.lo, dtype=torch.long)
+        self.err = torch.full_like(self.lo, float("inf"))
+
+    def offer(self, index: Tensor | int) -> None:
+        """Try grid index ``index`` (one for all rows, or one per row); keep it where strictly better."""
+        index = torch.as_tensor(index, device=self.chunk.device).expand_as(self.index)
+        alpha = self.factors[index]
+        err = _clip_error(self.chunk, self.lo * alpha, self.hi * alpha, self.fmt, self.norm)
+        better = err < self.err
+        self.err = torch.where(better, err, self.err)
+        self.index = torch.where(better, index, self.index)
+
+    def range(self) -> tuple[Tensor, Tensor]:
+        """The clipped ``(lo, hi)`` of the best index per row."""
+        alpha = self.factors[self.index]
+        return self.lo * alpha, self.hi * alpha
+
+
 def mse_range(
-    x: Tensor, gran: Granularity, fmt: Format, grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4
+    x: Tensor,
+    gran: Granularity,
+    fmt: Format,
+    grid: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.4,
+    stride: int = 5,
 ) -> tuple[Tensor, Tensor]:
     """Per-granule range ``alpha * (min, max)`` whose fake-quantization error ``sum |x - fq(x)|^norm`` is smallest.
 
     ``alpha`` runs over ``grid`` values from 1.0 down to ``1 - max_shrink`` (the clip search of GPTQ's
-    ``find_params`` / QuaRot, norm 2.4). One grid point at a time, vectorised over granules, so memory stays a few
-    copies of ``x``. ``alpha = 1`` is tried first and only beaten strictly, so the error never exceeds min/max's.
+    ``find_params`` / QuaRot, norm 2.4). The search is coarse to fine: every ``stride``-th grid value first, then
+    the grid values within ``stride - 1`` steps of each granule's best coarse value (``stride=1`` tries the whole
+    grid). With the default 100 points and stride 5 that is 28 error evaluations instead of 100, at a result within
+    a fraction of a percent of the exhaustive optimum (the error is smooth in ``alpha`` at this resolution).
+    Vectorised over granules, one candidate at a time, so memory stays a few copies of ``x``. ``alpha = 1`` is
+    tried first and only beaten strictly, so the error never exceeds min/max's.
     """
-    _check_mse_args(grid, max_shrink, norm)
+    _check_mse_args(grid, max_shrink, norm, stride)
     factors = _shrink_factors(grid, max_shrink)
 
     @torch.no_grad()
     def search(chunk: Tensor) -> tuple[Tensor, Tensor]:
         """Best clipped range for each row of one chunk ``(..., n)``."""
-        lo, hi = torch.aminmax(chunk, dim=-1, keepdim=True)
-        best_lo, best_hi = lo, hi
-        best_err = torch.full_like(lo, float("inf"))
-        for alpha in factors:
-            cand_lo, cand_hi = lo * alpha, hi * alpha
-            err = _clip_error(chunk, cand_lo, cand_hi, fmt, norm)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo, best_hi = torch.where(better, cand_lo, best_lo), torch.where(better, cand_hi, best_hi)
-        return best_lo, best_hi
+        best = _BestRange(chunk, factors, fmt, norm)
+        for index in range(0, grid, stride):
+            best.offer(index)
+        if stride > 1:
+            coarse = best.index.clone()
+            for step in [s for d in range(1, stride) for s in (-d, d)]:
+                best.offer((coarse + step).clamp(0, grid - 1))
+        return best.range()
 
     return reduce_granules(x.to(torch.float32), gran, search)
 

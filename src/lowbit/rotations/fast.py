@@ -25,7 +25,12 @@ from typing import Final
 import torch
 from torch import Tensor
 
-from lowbit.rotations.hadamard import HadamardFactor, HadamardPlan, factor_tensor, plan_matrix
+from lowbit.rotations.hadamard import (
+    HadamardFactor,
+    HadamardPlan,
+    factor_tensor,
+    plan_matrix,
+)
 
 _DENSE_SYLVESTER_MAX: Final = 64  # Sylvester orders up to this are a dense product; larger ones add butterflies
 _FUSE_MAX: Final = 256  # trailing dense stages are fused into one Kronecker block up to this order

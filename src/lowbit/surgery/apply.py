@@ -14,6 +14,7 @@ from ..models.arch import ArchSpec, decoder_layers, get_module, set_module
 from ..recipe import Recipe
 from .attention import KVQuantHook, add_attention_hook, attention_hooks
 from .linear import QuantLinear
+from .offload import carry_hook, onloaded
 from .quantizer import ActQuantizer
 
 
@@ -49,18 +50,22 @@ def target_paths(model: nn.Module, spec: ArchSpec, targets: list[str]) -> list[s
     return paths
 
 
+def as_quant_linear(parent: nn.Module, path: str) -> QuantLinear:
+    """The :class:`QuantLinear` at ``parent.<path>``, swapped in for an ``nn.Linear`` first if needed (keeping hooks)."""
+    module = get_module(parent, path)
+    if isinstance(module, QuantLinear):
+        return module
+    swapped = QuantLinear(module)
+    carry_hook(module, swapped)
+    set_module(parent, path, swapped)
+    return swapped
+
+
 def swap_linears(model: nn.Module, spec: ArchSpec, targets: list[str]) -> list[QuantLinear]:
     """Replace every targeted ``nn.Linear`` with a :class:`QuantLinear` (idempotent) and return them in order."""
     if "lm_head" in targets:
         untie_lm_head(model, spec)
-    swapped = []
-    for path in target_paths(model, spec, targets):
-        module = get_module(model, path)
-        if not isinstance(module, QuantLinear):
-            module = QuantLinear(module)
-            set_module(model, path, module)
-        swapped.append(module)
-    return swapped
+    return [as_quant_linear(model, path) for path in target_paths(model, spec, targets)]
 
 
 def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
@@ -82,7 +87,8 @@ def rtn_step(model: nn.Module, step, ctx: StepContext) -> None:
     linears = list(quant_linears(model))
     tick = ctx.progress("RTN weights", len(linears)) if ctx.progress else (lambda: None)
     for _, linear in linears:
-        linear.quantize_weight_rtn(ctx.recipe.weights)
+        with onloaded(linear):
+            linear.quantize_weight_rtn(ctx.recipe.weights)
         tick()
 
 

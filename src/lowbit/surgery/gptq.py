@@ -17,6 +17,7 @@ from ..gptq import GPTQConfig, HessianAccumulator, gptq_quantize
 from ..models.arch import get_module
 from ..quant import QParams
 from .linear import QuantLinear
+from .offload import onloaded
 from .quantizer import granularity_for, observer_kwargs
 from .sequential import capture_inputs, stream_layers
 
@@ -66,6 +67,7 @@ def gptq_step(model: nn.Module, step, ctx) -> None:
     stream_layers(model, spec, batches, on_layer, progress=ctx.progress)
     head = get_module(model, spec.lm_head)
     if isinstance(head, QuantLinear) and head.weight_scheme is None:
-        head.quantize_weight_rtn(scheme)
+        with onloaded(head):
+            head.quantize_weight_rtn(scheme)
     stats["seconds"] = time.perf_counter() - start
     ctx.info["gptq"] = stats

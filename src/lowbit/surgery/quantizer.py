@@ -14,10 +14,10 @@ from ..quant import (
     PerGroup,
     PerRow,
     PerTensor,
+    QParams,
     compute_qparams,
     fake_quantize,
     observe_range,
-    QParams,
 )
 from ..recipe import QuantScheme
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim, set_module
+from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
 from ..rotations import RotationMatrix, random_hadamard
-from .apply import untie_lm_head
+from .apply import as_quant_linear, untie_lm_head
 from .attention import add_attention_hook
-from .linear import QuantLinear
+from .offload import onloaded
 
 
 class OnlineRotation(nn.Module):
@@ -67,37 +67,45 @@ def _write(linear: nn.Module, q: torch.Tensor) -> None:
         _update(linear.bias, linear.bias.double() @ q)
 
 
+def _fold(norm: nn.Module, readers: list[nn.Module]) -> None:
+    """Fold one RMSNorm scale into the linears that read its output; the norm's scale becomes 1."""
+    scale = norm.weight.double()
+    for linear in readers:
+        _update(linear.weight, linear.weight.double() * scale[None, :])
+    norm.weight.data.fill_(1.0)
+
+
 @torch.no_grad()
 def fold_norms(model: nn.Module, spec: ArchSpec) -> int:
     """Fold every RMSNorm scale into the linears that read the norm's output, and set the scales to 1.
 
     Unties a tied lm_head first (folding the final norm into it would otherwise change the embeddings) and returns
-    the bytes that untying added (0 when the model was untied).
+    the bytes that untying added (0 when the model was untied). Offloaded models are processed part by part.
     """
     untied_bytes = untie_lm_head(model, spec)
-    groups = [(get_module(model, spec.final_norm), [get_module(model, spec.lm_head)])]
+    final_norm, head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
+    with onloaded(final_norm), onloaded(head):
+        _fold(final_norm, [head])
     for layer in decoder_layers(model, spec):
-        groups.append((get_module(layer, spec.input_norm), [get_module(layer, p) for p in (spec.q, spec.k, spec.v)]))
-        groups.append((get_module(layer, spec.post_attn_norm), [get_module(layer, p) for p in (spec.gate, spec.up)]))
-    for norm, readers in groups:
-        scale = norm.weight.double()
-        for linear in readers:
-            _update(linear.weight, linear.weight.double() * scale[None, :])
-        norm.weight.data.fill_(1.0)
+        with onloaded(layer):
+            _fold(get_module(layer, spec.input_norm), [get_module(layer, p) for p in (spec.q, spec.k, spec.v)])
+            _fold(get_module(layer, spec.post_attn_norm), [get_module(layer, p) for p in (spec.gate, spec.up)])
     return untied_bytes
 
 
 @torch.no_grad()
 def rotate_residual(model: nn.Module, spec: ArchSpec, r1: torch.Tensor) -> None:
     """Apply R1 (float64, hidden × hidden) to the residual stream. Norms must be folded first."""
-    embed = get_module(model, spec.embed)
-    _update(embed.weight, embed.weight.double() @ r1)
-    _read(get_module(model, spec.lm_head), r1)
+    embed, head = get_module(model, spec.embed), get_module(model, spec.lm_head)
+    with onloaded(embed), onloaded(head):
+        _update(embed.weight, embed.weight.double() @ r1)
+        _read(head, r1)
     for layer in decoder_layers(model, spec):
-        for path in spec.residual_readers:
-            _read(get_module(layer, path), r1)
-        for path in spec.residual_writers:
-            _write(get_module(layer, path), r1)
+        with onloaded(layer):
+            for path in spec.residual_readers:
+                _read(get_module(layer, path), r1)
+            for path in spec.residual_writers:
+                _write(get_module(layer, path), r1)
 
 
 @torch.no_grad()
@@ -105,13 +113,18 @@ def rotate_heads(model: nn.Module, spec: ArchSpec, r2: list[torch.Tensor]) -> No
     """Apply one R2 (float64, head_dim × head_dim) per layer to v_proj's output heads and o_proj's input heads."""
     d = head_dim(model.config)
     for layer, q in zip(decoder_layers(model, spec), r2, strict=True):
-        v, o = get_module(layer, spec.v), get_module(layer, spec.o)
-        w_v = v.weight.double().view(-1, d, v.in_features)  # [kv_heads, d, in]
-        _update(v.weight, (q.T @ w_v).reshape(v.weight.shape))
-        if v.bias is not None:
-            _update(v.bias, (v.bias.double().view(-1, d) @ q).reshape(-1))
-        w_o = o.weight.double().view(o.out_features, -1, d)  # [out, heads, d]
-        _update(o.weight, (w_o @ q).reshape(o.weight.shape))
+        with onloaded(layer):
+            _rotate_layer_heads(get_module(layer, spec.v), get_module(layer, spec.o), q, d)
+
+
+def _rotate_layer_heads(v: nn.Module, o: nn.Module, q: torch.Tensor, d: int) -> None:
+    """One layer's R2: v_proj's output heads and o_proj's input heads by the same head_dim × head_dim Q."""
+    w_v = v.weight.double().view(-1, d, v.in_features)  # [kv_heads, d, in]
+    _update(v.weight, (q.T @ w_v).reshape(v.weight.shape))
+    if v.bias is not None:
+        _update(v.bias, (v.bias.double().view(-1, d) @ q).reshape(-1))
+    w_o = o.weight.double().view(o.out_features, -1, d)  # [out, heads, d]
+    _update(o.weight, (w_o @ q).reshape(o.weight.shape))
 
 
 @torch.no_grad()
@@ -119,11 +132,9 @@ def add_online_down_rotation(model: nn.Module, spec: ArchSpec, r4: RotationMatri
     """R4: fold ``W_down <- W_down @ Q`` offline and rotate the down_proj input by Q at run time."""
     q = r4.dense()
     for layer in decoder_layers(model, spec):
-        down = get_module(layer, spec.down)
-        if not isinstance(down, QuantLinear):
-            down = QuantLinear(down)
-            set_module(layer, spec.down, down)
-        _read(down, q)
+        down = as_quant_linear(layer, spec.down)
+        with onloaded(down):
+            _read(down, q)
         down.input_transform = OnlineRotation(r4)
 
 

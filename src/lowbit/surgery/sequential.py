@@ -5,7 +5,8 @@ then for each decoder layer in order moves that layer alone to the compute devic
 layer's linear inputs and quantize it, and computes the layer's outputs *with its quantized weights* as the next
 layer's inputs. So calibration inputs flow through the already-quantized earlier layers, and only one decoder layer
 (plus one layer's activations) needs to be on the compute device at a time; the rest of the model may live on the
-CPU or be offloaded.
+CPU, or be offloaded by accelerate (to CPU memory or disk: :mod:`lowbit.surgery.offload` brings each layer in and
+writes its quantized weights back).
 
 No forward pass is interrupted: the embeddings, rotary tables and layers are called directly through the
 architecture spec, with the causal mask implied by transformers' sdpa path (``attention_mask=None``).
@@ -15,13 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
 
 from ..models.arch import ArchSpec, decoder_layers, get_module
+from .offload import execution_device, on_device
 
-LayerCallback = Callable[[int, nn.Module, Callable[[], None]], None]
+LayerCallback = Callable[[int, nn.Module, Callable[[], object]], None]
 
 
 @contextmanager
@@ -44,6 +47,11 @@ def capture_inputs(modules: dict[str, nn.Module], sink: Callable[[str, torch.Ten
             h.remove()
 
 
+def _forward_all(layer: nn.Module, hidden: list[torch.Tensor], positions: torch.Tensor, cos_sin: tuple) -> list:
+    """One decoder layer over every batch of hidden states (causal, no padding)."""
+    return [layer(h, attention_mask=None, position_ids=positions, position_embeddings=cos_sin) for h in hidden]
+
+
 @torch.no_grad()
 def stream_layers(
     model: nn.Module,
@@ -64,25 +72,18 @@ def stream_layers(
     if model.config._attn_implementation not in ("sdpa", "lowbit"):
         model.set_attn_implementation("sdpa")  # the causal mask below relies on sdpa's is_causal path
     embed = get_module(model, spec.embed)
-    device = torch.device(device) if device is not None else embed.weight.device
+    home = execution_device(embed)
+    device = torch.device(device) if device is not None else home
     chunks = batches.split(batch_size)
-    hidden = [embed(chunk.to(embed.weight.device)).to(device) for chunk in chunks]  # [≤batch_size, L, hidden] each
+    hidden = [embed(chunk.to(home)).to(device) for chunk in chunks]  # [≤batch_size, L, hidden] each
     positions = torch.arange(batches.shape[1], device=device)[None]
     rotary = get_module(model, spec.rotary)
-    cos_sin = tuple(t.to(device) for t in rotary(hidden[0].to(embed.weight.device), positions.to(embed.weight.device)))
+    cos_sin = tuple(t.to(device) for t in rotary(hidden[0].to(home), positions.to(home)))
     layers = decoder_layers(model, spec)
     tick = progress("layer-streamed calibration", len(layers)) if progress else (lambda: None)
     for i, layer in enumerate(layers):
-        origin = next(layer.parameters()).device
-        layer.to(device)
-
-        def forward_all() -> list[torch.Tensor]:
-            return [layer(h, attention_mask=None, position_ids=positions, position_embeddings=cos_sin) for h in hidden]
-
-        def run() -> None:
-            forward_all()
-
-        on_layer(i, layer, run)
-        hidden = forward_all()
-        layer.to(origin)
+        run = partial(_forward_all, layer, hidden, positions, cos_sin)
+        with on_device(layer, device):
+            on_layer(i, layer, run)
+            hidden = run()
         tick()

@@ -1,0 +1,163 @@
+"""Online Hadamard transforms: factored vs dense, and their share of the quantized model's prefill time.
+
+Run:  python benchmarks/hadamard.py          (about 3 minutes on 2 CPU cores)
+Writes results/hadamard.json and the table between the HADAMARD markers in benchmarks/README.md.
+
+Part 1 applies ``x @ Q`` for a randomized Hadamard Q of each size two ways, side by side in one run: lowbit's
+factored transform (:func:`lowbit.rotations.hadamard_transform`: Kronecker factors and Walsh–Hadamard butterflies)
+and one dense float32 matmul with the materialized Q (the matrix build is not timed). Part 2 runs a 2048-token
+prefill of the default model quantized with ``w4a4kv4-quarot-rtn`` (the online R3 on Q/K and R4 on the down_proj
+input, as in every QuaRot recipe) and measures the time spent inside the online rotations, timed per call, and the
+prefill with the rotations replaced by identity (which changes the outputs, so only its time is meaningful).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from presets import replace_block
+
+import lowbit
+from lowbit.rotations import random_hadamard
+from lowbit.surgery.rotate import OnlineRotation
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "hadamard.json"
+BEGIN, END = "<!-- HADAMARD:BEGIN -->", "<!-- HADAMARD:END -->"
+SIZES = (64, 576, 1536, 2048, 4864, 5632, 8192, 11008, 14336)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def transform_row(n: int, rows: int, repeats: int) -> dict:
+    """Time the factored and the dense transform of ``rows`` random rows of size ``n``; check they agree."""
+    rotation = random_hadamard(n, seed=0)
+    dense = rotation.dense().to(torch.float32)
+    x = torch.randn(rows, n)
+    factored_s = median_seconds(lambda: rotation.apply(x), repeats)
+    dense_s = median_seconds(lambda: x @ dense, repeats)
+    diff = float((rotation.apply(x) - x @ dense).abs().max())
+    return {"n": n, "construction": rotation.plan.describe(), "rows": rows, "factored_ms": factored_s * 1e3,
+            "dense_ms": dense_s * 1e3, "speedup": dense_s / factored_s, "max_abs_diff": diff}
+
+
+@contextmanager
+def timed_online_rotations(totals: dict) -> None:
+    """Accumulate the wall time and the number of calls of every :class:`OnlineRotation` forward."""
+    original = OnlineRotation.forward
+
+    def forward(self, x):
+        start = time.perf_counter()
+        out = original(self, x)
+        totals["seconds"] += time.perf_counter() - start
+        totals["calls"] += 1
+        return out
+
+    OnlineRotation.forward = forward
+    try:
+        yield
+    finally:
+        OnlineRotation.forward = original
+
+
+@contextmanager
+def identity_online_rotations() -> None:
+    """Replace every online rotation by identity (wrong outputs; for timing the model without them)."""
+    original = OnlineRotation.forward
+    OnlineRotation.forward = lambda self, x: x
+    try:
+        yield
+    finally:
+        OnlineRotation.forward = original
+
+
+def prefill_share(seq_len: int, repeats: int) -> dict:
+    """Share of online-rotation time in a ``seq_len`` prefill of the default model under w4a4kv4-quarot-rtn."""
+    loaded = lowbit.load_model("default")
+    data = lowbit.prepare_data(lowbit.DataConfig(seq_len=seq_len, windows=1), loaded.tokenizer)
+    model = lowbit.quantize(loaded.model, "w4a4kv4-quarot-rtn", data)
+    window = data.eval_windows[:1]
+
+    def prefill() -> None:
+        with torch.no_grad():
+            model(window, use_cache=False)
+
+    with_rot = median_seconds(prefill, repeats)
+    with identity_online_rotations():
+        without_rot = median_seconds(prefill, repeats)
+    inside = []
+    for _ in range(repeats):
+        totals = {"seconds": 0.0, "calls": 0}
+        with timed_online_rotations(totals):
+            prefill()
+        inside.append(totals["seconds"])
+    rotation_s = statistics.median(inside)
+    return {"recipe": "w4a4kv4-quarot-rtn", "seq_len": seq_len, "prefill_s": with_rot,
+            "prefill_without_rotations_s": without_rot, "rotation_s": rotation_s, "calls": totals["calls"],
+            "share_timed": rotation_s / with_rot, "share_by_difference": (with_rot - without_rot) / with_rot}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--tables-only", action="store_true", help="rewrite the table from results/hadamard.json")
+    args = parser.parse_args()
+    if args.tables_only:
+        saved = json.loads(RESULTS.read_text())
+    else:
+        rows = []
+        for n in SIZES:
+            rows.append(transform_row(n, rows=2048 if n <= 4096 else 256, repeats=args.repeats))
+            print(f"n={n}: {rows[-1]['speedup']:.1f}x", flush=True)
+        saved = {"meta": {"command": "python benchmarks/hadamard.py", "threads": torch.get_num_threads(),
+                          "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
+                 "transforms": rows, "prefill": prefill_share(args.seq_len, repeats=3)}
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
+    write_table(saved)
+
+
+def write_table(saved: dict) -> None:
+    """The HADAMARD block of benchmarks/README.md."""
+    meta, p = saved["meta"], saved["prefill"]
+    lines = [
+        f"{meta['threads']} CPU threads, float32, median of repeated runs, {meta['date']}; "
+        "`python benchmarks/hadamard.py`.",
+        "",
+        "| n | construction | rows | factored ms | dense ms | dense / factored | max abs diff |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in saved["transforms"]:
+        lines.append(f"| {r['n']} | {r['construction']} | {r['rows']} | {r['factored_ms']:.2f} | "
+                     f"{r['dense_ms']:.2f} | {r['speedup']:.1f}× | {r['max_abs_diff']:.1e} |")
+    lines += [
+        "",
+        f"Online rotations in a {p['seq_len']}-token prefill of the default model under `{p['recipe']}` "
+        f"({p['calls']} online transforms: R3 on Q and K, R4 on the down_proj input, per layer): prefill "
+        f"{p['prefill_s']:.2f} s, of which {p['rotation_s'] * 1e3:.0f} ms inside the rotations "
+        f"(**{p['share_timed']:.1%}**); the same prefill with the rotations replaced by identity takes "
+        f"{p['prefill_without_rotations_s']:.2f} s ({p['share_by_difference']:.1%} less).",
+    ]
+    replace_block(HERE / "README.md", BEGIN, END, lines)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+"""Side by side with a peer: the same quantization jobs through lowbit and through llm-compressor 0.14.
+
+Run:  python benchmarks/peer_llmcompressor.py            (about 30 minutes on 2 CPU cores)
+      python benchmarks/peer_llmcompressor.py --smoke    (tiny settings, a minute or two; never touches real results)
+      python benchmarks/peer_llmcompressor.py --tables-only
+Writes benchmarks/results/peer_llmcompressor.json and the table between the PEER markers in benchmarks/README.md.
+
+Both tools quantize the same model (lowbit's default, the GGUF dequantized to fp32) with the same calibration token
+samples, and both are scored by lowbit's own :func:`lowbit.evaluate.evaluate` on the same evaluation windows against
+a full-precision copy. lowbit runs in this process. llm-compressor runs in its own virtual environment (it pins
+transformers 5.17, lowbit's environment has a newer one), created on first use under ``~/.cache/lowbit``: a worker
+script, ``_peer_worker.py``, is run there once per job and reports back through a JSON file. A job that fails on
+either side is recorded with its error message instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from _peer_worker import (
+    keep_layers,  # same truncation on both sides (the worker imports only torch at top level)
+)
+
+import lowbit
+from lowbit.models.loading import _convert_gguf, resolve_source
+from lowbit.recipe import Recipe, load_preset
+
+HERE = Path(__file__).parent
+REPO = HERE.parent
+WORKER = HERE / "_peer_worker.py"
+RESULTS = HERE / "results" / "peer_llmcompressor.json"
+SMOKE_RESULTS = HERE / "results" / "peer_llmcompressor-smoke.json"
+BEGIN, END = "<!-- PEER:BEGIN -->", "<!-- PEER:END -->"
+TOOLS = ("lowbit", "llmcompressor")
+
+DEFAULT_VENV = Path.home() / ".cache" / "lowbit" / "peer-llmcompressor-venv"
+TORCH_PIN = "torch==2.13.0"  # installed first from the local CPU wheel; a bare torch pulls the CUDA packages
+PEER_PINS = ["llmcompressor==0.14.*", "transformers==5.17.*", "gguf", "accelerate"]
+# What importing lowbit needs besides torch and transformers (lowbit itself comes from src/ via PYTHONPATH).
+LOWBIT_LIGHT_DEPS = ["safetensors", "pydantic", "pyyaml", "rich", "numpy"]
+
+FULL = {"windows": 6, "seq_len": 2048, "calib_samples": 64, "calib_seq_len": 512, "layers": None}  # None: all
+# The GPTQ solver's cost does not shrink with the calibration size, so the smoke run also cuts the model to 2 layers.
+SMOKE = {"windows": 1, "seq_len": 256, "calib_samples": 4, "calib_seq_len": 128, "layers": 2}
+
+
+# --- jobs ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row pair: a lowbit recipe and the llm-compressor configuration meant to do the same thing.
+
+    ``peer`` is plain data for the worker: ``weights`` / ``activations`` are quantization arguments (int, symmetric),
+    ``rotations`` (or None) names SpinQuant-style rotations and the transform type.
+    """
+
+    name: str
+    description: str
+    lowbit_preset: str
+    lowbit_changes: dict = field(default_factory=dict)
+    peer: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)  # tool -> what differs from the plain description, for the table
+
+    def recipe(self, calib_samples: int, calib_seq_len: int) -> Recipe:
+        """The lowbit recipe, its calibration size set to the one the peer gets."""
+        base = load_preset(self.lowbit_preset)
+        changes = {k: ({**getattr(base, k).model_dump(), **v} if isinstance(v, dict) else v)
+                   for k, v in self.lowbit_changes.items()}
+        return base.updated(**changes, calibration={"samples": calib_samples, "seq_len": calib_seq_len})
+
+
+W4_GROUP64 = {"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 64}
+W4_CHANNEL = {"num_bits": 4, "symmetric": True, "strategy": "channel"}
+A4_TOKEN = {"num_bits": 4, "symmetric": True, "strategy": "token", "dynamic": True}
+
+JOBS = {
+    job.name: job
+    for job in (
+        Job("w4a16-g64", "W4A16 GPTQ, int4 sym, groups of 64, no rotation", "w4a16-gptq",
+            peer={"weights": W4_GROUP64},
+            notes={"lowbit": "preset w4a16-gptq: act-order, static groups",
+                   "llmcompressor": "GPTQModifier, group 64 on Linear, lm_head ignored"}),
+        Job("w4a16-channel", "W4A16 GPTQ, int4 sym, per channel, no rotation", "w4a16-gptq",
+            lowbit_changes={"name": "w4a16-gptq-channel",
+                            "weights": {"granularity": "channel", "group_size": None}},
+            peer={"weights": W4_CHANNEL},
+            notes={"lowbit": "w4a16-gptq with per-channel weights, act-order",
+                   "llmcompressor": "GPTQModifier, channel strategy"}),
+        Job("w4a4-rotated", "R1+R2+R4 random Hadamard, W4 per channel GPTQ, A4 per token dynamic, KV 16 bits",
+            "w4a4-quarot",
+            peer={"weights": W4_CHANNEL, "activations": A4_TOKEN,
+                  "rotations": {"rotations": ["R1", "R2", "R4"], "transform_type": "random-hadamard"}},
+            notes={"lowbit": "preset w4a4-quarot: MSE weight clip search, A4 clip 0.9",
+                   "llmcompressor": "SpinQuantModifier random-hadamard (its plain hadamard needs 2^n sizes), "
+                                    "then GPTQModifier"}),
+    )
+}
+
+
+# --- the peer's virtual environment -------------------------------------------------------------------------------
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def _pip(venv: Path, *args: str) -> None:
+    cmd = [str(venv_python(venv)), "-m", "pip", "install", "--disable-pip-version-check", *args]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def peer_versions(venv: Path) -> dict | None:
+    """Installed versions in the peer venv, or None when it is missing or incomplete."""
+    probe = (
+        "import json, importlib.metadata as m; "
+        "print(json.dumps({p: m.version(p) for p in "
+        "('torch', 'transformers', 'llmcompressor', 'compressed-tensors', 'pydantic', 'rich')}))"
+    )
+    if not venv_python(venv).is_file():
+        return None
+    done = subprocess.run([str(venv_python(venv)), "-c", probe], capture_output=True, text=True)
+    return json.loads(done.stdout) if done.returncode == 0 else None
+
+
+def _pins_hold(versions: dict | None) -> bool:
+    return bool(versions) and versions["torch"].split("+")[0] == TORCH_PIN.split("==")[1] \
+        and versions["llmcompressor"].startswith("0.14") and versions["transformers"].startswith("5.17")
+
+
+def ensure_venv(venv: Path) -> dict:
+    """Create (or complete) the peer venv and return its package versions.
+
+    torch goes in first, alone, from the local CPU wheel; the rest is installed with torch held by a constraints file
+    so that llm-compressor's own torch requirement cannot replace it with a CUDA build.
+    """
+    versions = peer_versions(venv)
+    if _pins_hold(versions):
+        return versions
+    if not venv_python(venv).is_file():
+        print(f"creating the llm-compressor venv at {venv}", flush=True)
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    _pip(venv, TORCH_PIN)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:
+        constraints.write(TORCH_PIN + "\n")
+    try:
+        _pip(venv, "-c", constraints.name, *PEER_PINS, *LOWBIT_LIGHT_DEPS)
+    finally:
+        os.unlink(constraints.name)
+    versions = peer_versions(venv)
+    if not _pins_hold(versions):
+        raise SystemExit(f"the peer venv at {venv} does not hold the pinned versions: {versions}")
+    return versions
+
+
+# --- running the jobs ---------------------------------------------------------------------------------------------
+
+
+def model_folder(source: str) -> Path:
+    """The Hugging Face folder behind a model source: for a GGUF file, lowbit's converted copy in its cache.
+
+    lowbit has no public name for that folder, so this uses its loader's private helper (it converts only once;
+    ``load_model`` has already done it by the time this is called).
+    """
+    kind, path = resolve_source(source)
+    return _convert_gguf(path) if kind == "gguf" else path
+
+
+def _row(job: Job, tool: str, **fields) -> dict:
+    return {"job": job.name, "tool": tool, "description": job.description, "note": job.notes.get(tool, ""), **fields}
+
+
+def _scores(result: dict) -> dict:
+    """Row fields from an :class:`~lowbit.evaluate.EvalResult` mapping."""
+    return {
+        "fp_ppl": result["fp_ppl"], "ppl": result["ppl"], "ratio": result["ppl"] / result["fp_ppl"],
+        "kl": result["kl_vs_fp"], "top1": result["top1_agreement"], "tokens": result["tokens"],
+        "eval_s": result["seconds"],
+    }
+
+
+def run_lowbit(job: Job, loaded, data, settings: dict) -> dict:
+    """Quantize a copy with lowbit (timed end to end, like the peer's oneshot) and evaluate it."""
+    recipe = job.recipe(settings["calib_samples"], settings["calib_seq_len"])
+    config = recipe.model_dump(mode="json")
+    try:
+        start = time.perf_counter()
+        model = lowbit.quantize(loaded.model, recipe, data)
+        seconds = time.perf_counter() - start
+        result = lowbit.evaluate(loaded.model, model, data.eval_windows).as_dict()
+    except Exception as exc:  # a failing configuration is a result, not a crash of the benchmark
+        return _row(job, "lowbit", error=f"{type(exc).__name__}: {exc}".splitlines()[0], config=config)
+    return _row(job, "lowbit", quantize_s=seconds, **_scores(result), config=config)
+
+
+def run_peer(job: Job, venv: Path, folder: Path, data_file: Path, settings: dict, args) -> dict:
+    """Run the worker for one job in the peer venv and turn its JSON answer into a row."""
+    with tempfile.TemporaryDirectory(prefix="lowbit-peer-") as tmp:
+        out, log = Path(tmp) / "result.json", Path(tmp) / "worker.log"
+        cmd = [
+            str(venv_python(venv)), str(WORKER), "--data", str(data_file), "--model-dir", str(folder),
+            "--job", json.dumps(job.peer), "--actorder", args.peer_actorder,
+            "--threads", str(torch.get_num_threads()), "--out", str(out),
+        ] + (["--layers", str(settings["layers"])] if settings["layers"] is not None else [])
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "false"}
+        with log.open("w") as sink:
+            done = subprocess.run(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=tmp)
+        answer = json.loads(out.read_text()) if out.is_file() else {}
+        if args.verbose or "error" in answer or done.returncode:
+            print(log.read_text()[-4000:], flush=True)
+    if "eval" not in answer:
+        error = answer.get("error") or f"worker exited with status {done.returncode} and no result"
+        return _row(job, "llmcompressor", error=error, config={"job": job.peer, "recipe": answer.get("recipe")})
+    config = {"job": job.peer, "actorder": args.peer_actorder, "recipe": answer["recipe"]}
+    return _row(job, "llmcompressor", quantize_s=answer["quantize_s"], **_scores(answer["eval"]),
+                config=config, quantized=answer["quantized"], versions=answer["versions"])
+
+
+def save_data(data, settings: dict, path: Path) -> None:
+    """The evaluation windows and the calibration samples, for the worker: both tools see exactly these tokens."""
+    calib = data.calibration(settings["calib_samples"], settings["calib_seq_len"])
+    torch.save({"windows": data.eval_windows, "calibration": calib}, path)
+
+
+def run_all(args, settings: dict, peer: dict | None) -> list[dict]:
+    """Every selected job on every selected tool, in order; prints each row as it lands."""
+    loaded = lowbit.load_model(args.model)
+    keep_layers(loaded.model, settings["layers"])
+    data = lowbit.prepare_data(
+        lowbit.DataConfig(seq_len=settings["seq_len"], windows=settings["windows"]), loaded.tokenizer
+    )
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lowbit-peer-data-") as tmp:
+        data_file = Path(tmp) / "tokens.pt"
+        save_data(data, settings, data_file)
+        for name in args.jobs:
+            job = JOBS[name]
+            for tool in args.tools:
+                print(f"--- {name} / {tool}", flush=True)
+                if tool == "lowbit":
+                    row = run_lowbit(job, loaded, data, settings)
+                else:
+                    row = run_peer(job, peer["venv"], model_folder(args.model), data_file, settings, args)
+                rows.append(row)
+                print(_table_row(row), flush=True)
+                if "quantized" in row:
+                    print(f"    llm-compressor left on the model: {row['quantized']}", flush=True)
+    return rows
+
+
+# --- results and tables -------------------------------------------------------------------------------------------
+
+
+COMPARABLE = ("model", "settings", "peer_actorder", "threads")  # saved rows are kept only when all of these match
+
+
+def merge(saved: dict | None, rows: list[dict], meta: dict) -> list[dict]:
+    """New rows replace saved ones of the same (job, tool) when the run is comparable; ordered as JOBS × TOOLS.
+
+    So ``--jobs`` / ``--tools`` can redo part of the table without losing the rest.
+    """
+    keep = {}
+    if saved and all(saved["meta"].get(k) == meta[k] for k in COMPARABLE):
+        keep = {(r["job"], r["tool"]): r for r in saved["rows"]}
+    keep.update({(r["job"], r["tool"]): r for r in rows})
+    order = {(j, t): i for i, (j, t) in enumerate((j, t) for j in JOBS for t in TOOLS)}
+    return sorted(keep.values(), key=lambda r: order.get((r["job"], r["tool"]), len(order)))
+
+
+def _num(x: float) -> str:
+    return f"{x:.4g}" if x < 1e4 else f"{x:.3g}"
+
+
+def _note(row: dict) -> str:
+    """The note column: the failure message when the job failed, else the job's note for that tool."""
+    note = f"failed: {row['error']}" if row.get("error") else row.get("note", "")
+    return note.replace("|", "\\|").replace("\n", " ")
+
+
+def _table_row(row: dict) -> str:
+    if "ratio" not in row:
+        return f"| {row['job']} | {row['tool']} | – | – | – | – | {_note(row)} |"
+    return (
+        f"| {row['job']} | {row['tool']} | {_num(row['ratio'])} | {row['kl']:.4f} | {row['top1']:.4f} | "
+        f"{row['quantize_s']:.1f} | {_note(row)} |"
+    )
+
+
+def table(rows: list[dict], meta: dict) -> list[str]:
+    """The markdown table with a line saying what was measured and how."""
+    s, versions = meta["settings"], meta.get("peer_versions") or {}
+    model = "Default model (SmolLM2-135M-Instruct, fp32)" if meta["model"] == "default" else f"Model {meta['model']}"
+    if s.get("layers"):
+        model += f" cut to its first {s['layers']} decoder layers"
+    peer = "llm-compressor"
+    if versions:
+        peer += f" {versions['llmcompressor']} (transformers {versions['transformers']})"
+    lines = [
+        f"{model}, default text, {s['windows']} windows × {s['seq_len']} tokens, calibration {s['calib_samples']} × "
+        f"{s['calib_seq_len']} tokens (the same samples for both tools), {meta['threads']} CPU threads, "
+        f"torch {meta['torch']}, lowbit {meta['lowbit']} vs {peer} with GPTQ actorder {meta['peer_actorder']}, "
+        f"{meta['date']}.",
+        "",
+        "| job | tool | ppl ratio | KL | top-1 | quantize s | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    return lines + [_table_row(r) for r in rows]
+
+
+def write_table(rows: list[dict], meta: dict, readme: bool) -> None:
+    """Print the table, and put it between the PEER markers of benchmarks/README.md when ``readme``."""
+    lines = table(rows, meta)
+    if readme:
+        replace_block(HERE / "README.md", BEGIN, END, lines)
+    print("\n".join(lines))
+
+
+def replace_block(path: Path, begin: str, end: str, lines: list[str]) -> None:
+    """Replace the text between two marker lines of a markdown file."""
+    text = path.read_text()
+    if begin not in text:
+        raise SystemExit(f"{path} has no {begin} marker: add the {begin} / {end} lines where the table goes")
+    block = f"{begin}\n" + "\n".join(lines) + f"\n{end}"
+    path.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.DOTALL))
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default", help="model source as lowbit.load_model takes it")
+    parser.add_argument("--windows", type=int, default=None, help=f"evaluation windows (default {FULL['windows']})")
+    parser.add_argument("--seq-len", type=int, default=None, help=f"tokens per window (default {FULL['seq_len']})")
+    parser.add_argument("--calib-samples", type=int, default=None,
+                        help=f"calibration samples (default {FULL['calib_samples']})")
+    parser.add_argument("--calib-seq-len", type=int, default=None,
+                        help=f"tokens per calibration sample (default {FULL['calib_seq_len']})")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="keep only the first N decoder layers (default: all; --smoke: 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for both tools")
+    parser.add_argument("--jobs", nargs="+", choices=list(JOBS), default=list(JOBS))
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
+    parser.add_argument("--peer-actorder", default="static", choices=["static", "weight", "none"],
+                        help="llm-compressor GPTQ activation ordering (static, its default, matches lowbit's "
+                             "act-order with static groups; 'none' is plain GPTQ)")
+    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the llm-compressor virtual environment")
+    parser.add_argument("--setup-only", action="store_true", help="create or check the peer venv, then stop")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"tiny settings {SMOKE} for a quick check; writes {SMOKE_RESULTS.name}, not the README")
+    parser.add_argument("--tables-only", action="store_true", help=f"rewrite the README table from {RESULTS.name}")
+    parser.add_argument("--verbose", action="store_true", help="print the worker's log for every peer job")
+    return parser.parse_args()
+
+
+def settings_from(args: argparse.Namespace) -> dict:
+    """Run sizes: the defaults (or the smoke ones), each overridable by its option."""
+    base = SMOKE if args.smoke else FULL
+    return {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
+
+
+def main() -> None:
+    args = parse_args()
+    results = SMOKE_RESULTS if args.smoke else RESULTS
+    if args.tables_only:
+        if not results.is_file():
+            raise SystemExit(f"{results} does not exist yet: run the benchmark first")
+        saved = json.loads(results.read_text())
+        write_table(saved["rows"], saved["meta"], readme=not args.smoke)
+        return
+    peer = None
+    if "llmcompressor" in args.tools or args.setup_only:  # before any long run: fail fast on a broken venv
+        peer = {"venv": args.venv, "versions": ensure_venv(args.venv)}
+        print(f"peer venv {args.venv}: {peer['versions']}", flush=True)
+        if args.setup_only:
+            return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = settings_from(args)
+    rows = run_all(args, settings, peer)
+    saved = json.loads(results.read_text()) if results.is_file() else None
+    meta = {
+        "command": " ".join(["python", "benchmarks/peer_llmcompressor.py", *sys.argv[1:]]),
+        "model": args.model, "settings": settings, "peer_actorder": args.peer_actorder,
+        "lowbit": lowbit.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
+        "peer_versions": peer["versions"] if peer else (saved or {}).get("meta", {}).get("peer_versions"),
+    }
+    rows = merge(saved, rows, meta)
+    results.parent.mkdir(exist_ok=True)
+    results.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_table(rows, meta, readme=not args.smoke)
+
+
+if __name__ == "__main__":
+    main()

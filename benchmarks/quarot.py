@@ -1,0 +1,162 @@
+"""QuaRot + GPTQ on the default model: the presets, and one ablation row per component.
+
+Run:  python benchmarks/quarot.py            (about 45 minutes on 2 CPU cores; resumes where it stopped)
+      python benchmarks/quarot.py --rows w4a4kv4-quarot "- R4" --force   (re-measure some rows)
+      python benchmarks/quarot.py --tables-only
+
+Each row is a recipe: a preset, or a preset with one component changed (the ablations). Rows run one at a time
+(quantize, then evaluate against full-precision log-probabilities computed once for the run), and every finished row
+is saved to results/quarot.json at once, so an interrupted run resumes with the rows still missing. The table goes
+between the QUAROT markers in benchmarks/README.md. Quantize seconds are wall time on whatever else the machine was
+doing: run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from presets import replace_block
+
+import lowbit
+from lowbit.bits import activation_bits, kv_bits, weight_bits
+from lowbit.evaluate import evaluate, reference_log_probs
+from lowbit.models.arch import head_dim
+from lowbit.recipe import Recipe, load_preset
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "quarot.json"
+BEGIN, END = "<!-- QUAROT:BEGIN -->", "<!-- QUAROT:END -->"
+
+
+def variant(preset: str, edit: Callable[[dict], None]) -> Recipe:
+    """``preset`` with ``edit`` applied to its plain-dict form (validated again)."""
+    data = load_preset(preset).model_dump()
+    edit(data)
+    return Recipe.from_dict(data, origin=f"variant of {preset}")
+
+
+def _step(data: dict, method: str) -> dict:
+    return next(s for s in data["steps"] if s["method"] == method)
+
+
+def _set(path: str, value) -> Callable[[dict], None]:
+    """An edit that sets ``steps.<method>.<field>`` or ``<section>.<field>`` to ``value``."""
+    head, field = path.rsplit(".", 1)
+
+    def edit(data: dict) -> None:
+        target = _step(data, head.split(".", 1)[1]) if head.startswith("steps.") else data[head]
+        target[field] = value
+
+    return edit
+
+
+def _no_rotation(data: dict) -> None:
+    data["steps"] = [s for s in data["steps"] if s["method"] != "quarot"]
+
+
+def _rtn(data: dict) -> None:
+    data["steps"] = [s if s["method"] != "gptq" else {"method": "rtn"} for s in data["steps"]]
+
+
+# (label, what it shows, recipe factory). Ablations change one thing of the full W4A4KV4 preset.
+ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
+    ("w4a16-gptq", "GPTQ g64, no rotation (peer: 1.237)", lambda: load_preset("w4a16-gptq")),
+    ("w4a16-gptq per channel", "GPTQ per channel, no rotation (peer: 1.389)",
+     lambda: variant("w4a16-gptq", lambda d: d["weights"].update(granularity="channel", group_size=None))),
+    ("w4a16-quarot", "rotations + GPTQ g64", lambda: load_preset("w4a16-quarot")),
+    ("w4a4-quarot", "W4A4, KV16 (peer with rotations: 2.28)", lambda: load_preset("w4a4-quarot")),
+    ("w4a4kv4-quarot", "the full W4A4KV4 recipe", lambda: load_preset("w4a4kv4-quarot")),
+    ("- rotation", "no QuaRot step", lambda: variant("w4a4kv4-quarot", _no_rotation)),
+    ("- R4", "no online Hadamard on the down_proj input", lambda: variant("w4a4kv4-quarot", _set("steps.quarot.r4", False))),
+    ("- R3", "no online Hadamard on Q/K", lambda: variant("w4a4kv4-quarot", _set("steps.quarot.r3", False))),
+    ("GPTQ -> RTN", "RTN weights with the same clip search", lambda: variant("w4a4kv4-quarot", _rtn)),
+    ("- act-order", "GPTQ in natural column order", lambda: variant("w4a4kv4-quarot", _set("steps.gptq.act_order", False))),
+    ("- clip search", "min/max weight ranges instead of the MSE search",
+     lambda: variant("w4a4kv4-quarot", _set("weights.observer", "minmax"))),
+    ("calibration 64x512", "twice the preset's calibration tokens",
+     lambda: variant("w4a4kv4-quarot", _set("calibration.samples", 64))),
+]
+
+
+def measure(recipe: Recipe, loaded, data, reference) -> dict:
+    """Quantize with ``recipe`` and evaluate against the cached full-precision reference."""
+    info: dict = {}
+    start = time.perf_counter()
+    model = lowbit.quantize(loaded.model, recipe, data, info=info)
+    quantize_s = time.perf_counter() - start
+    result = evaluate(loaded.model, model, data.eval_windows, reference=reference)
+    return {
+        "recipe": recipe.model_dump(mode="json"), "ppl": result.ppl, "fp_ppl": result.fp_ppl,
+        "ratio": result.ppl / result.fp_ppl, "kl": result.kl_vs_fp, "top1": result.top1_agreement,
+        "bits_w": weight_bits(model, loaded.spec)["weight"], "bits_a": activation_bits(model, loaded.spec),
+        "bits_kv": kv_bits(recipe.kv, head_dim(model.config)), "quantize_s": quantize_s,
+        "calibration_tokens": recipe.calibration.samples * recipe.calibration.seq_len
+        if any(s.method == "gptq" for s in recipe.steps) else 0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", default=None, help="labels of the rows to run (default: all)")
+    parser.add_argument("--force", action="store_true", help="re-measure rows already in results/quarot.json")
+    parser.add_argument("--tables-only", action="store_true", help="rewrite the table from results/quarot.json")
+    args = parser.parse_args()
+    saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"meta": {}, "rows": {}}
+    if not args.tables_only:
+        labels = args.rows or [label for label, _, _ in ROWS]
+        unknown = set(labels) - {label for label, _, _ in ROWS}
+        if unknown:
+            parser.error(f"unknown rows {sorted(unknown)}; rows: {[label for label, _, _ in ROWS]}")
+        todo = [row for row in ROWS if row[0] in labels and (args.force or row[0] not in saved["rows"])]
+        run_rows(todo, saved)
+    write_table(saved)
+
+
+def run_rows(todo: list, saved: dict) -> None:
+    """Measure each row and save the results file after every one."""
+    if not todo:
+        return
+    loaded = lowbit.load_model("default")
+    data = lowbit.prepare_data(lowbit.DataConfig(), loaded.tokenizer)
+    reference = reference_log_probs(loaded.model, data.eval_windows)
+    saved["meta"] = {"command": "python benchmarks/quarot.py", "windows": len(data.eval_windows),
+                     "seq_len": int(data.eval_windows.shape[1]), "threads": torch.get_num_threads(),
+                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    for label, _, factory in todo:
+        saved["rows"][label] = measure(factory(), loaded, data, reference)
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
+        row = saved["rows"][label]
+        print(f"{label}: ratio {row['ratio']:.4f} KL {row['kl']:.4f} quantize {row['quantize_s']:.0f} s", flush=True)
+
+
+def write_table(saved: dict) -> None:
+    """The QUAROT table in benchmarks/README.md, rows in the order of ROWS."""
+    meta = saved["meta"]
+    lines = [
+        f"Default model and text, {meta.get('windows')} windows × {meta.get('seq_len')} tokens, "
+        f"{meta.get('threads')} CPU threads, {meta.get('date')}; `python benchmarks/quarot.py`.",
+        "",
+        "| row | what it shows | ratio | KL | top-1 | bits W / A / KV | calib tokens | quantize s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, what, _ in ROWS:
+        r = saved["rows"].get(label)
+        if r is None:
+            continue
+        lines.append(
+            f"| {label} | {what} | {r['ratio']:.4g} | {r['kl']:.4f} | {r['top1']:.4f} | "
+            f"{r['bits_w']:.2f} / {r['bits_a']:.2f} / {r['bits_kv']:.2f} | {r['calibration_tokens']} | "
+            f"{r['quantize_s']:.0f} |"
+        )
+    replace_block(HERE / "README.md", BEGIN, END, lines)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

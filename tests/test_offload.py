@@ -1,0 +1,95 @@
+"""Models offloaded by accelerate quantize part by part, to exactly the result of the in-memory model."""
+
+import pytest
+import torch
+from accelerate import cpu_offload, disk_offload
+
+import lowbit
+from lowbit.data import TokenData
+from lowbit.errors import ModelError
+from lowbit.models.arch import decoder_layers
+from lowbit.recipe import Recipe
+from lowbit.surgery import sequential
+from tests.conftest import tiny_model
+
+
+@pytest.fixture
+def calib():
+    g = torch.Generator().manual_seed(7)
+    return TokenData(eval_windows=torch.randint(0, 320, (2, 48), generator=g),
+                     calib_tokens=torch.randint(0, 320, (4000,), generator=g), seed=0)
+
+
+def _recipe(steps) -> Recipe:
+    return Recipe.from_dict({"steps": steps, "weights": {"format": "int4", "granularity": "channel"},
+                             "activations": {"format": "int8", "granularity": "token", "dynamic": True},
+                             "calibration": {"samples": 8, "seq_len": 64}})
+
+
+def _offload(model, how: str, folder):
+    if how == "cpu":
+        return cpu_offload(model, execution_device="cpu")
+    return disk_offload(model, str(folder), execution_device="cpu")
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+CASES = [("llama", "cpu", "quarot-gptq"), ("llama", "disk", "quarot-rtn"), ("qwen2", "disk", "quarot-gptq"),
+         ("mistral", "cpu", "gptq")]
+STEPS = {"gptq": [{"method": "gptq"}], "quarot-gptq": [{"method": "quarot"}, {"method": "gptq"}],
+         "quarot-rtn": [{"method": "quarot"}, {"method": "rtn"}]}
+
+
+@pytest.mark.parametrize(("family", "how", "steps"), CASES)
+def test_offloaded_model_quantizes_like_the_in_memory_one(family, how, steps, calib, tmp_path):
+    recipe, tokens = _recipe(STEPS[steps]), calib.eval_windows
+    expected = _logits(lowbit.quantize(tiny_model(family), recipe, calib), tokens)
+    model = _offload(tiny_model(family), how, tmp_path)
+    quantized = lowbit.quantize(model, recipe, calib, inplace=True)
+    assert quantized.model.layers[0].mlp.down_proj.weight.device == torch.device("meta")  # still offloaded
+    got = _logits(quantized, tokens)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, _logits(tiny_model(family), tokens), atol=1e-3)  # and really quantized
+
+
+def test_one_decoder_layer_in_memory_at_a_time(calib, tmp_path, monkeypatch):
+    """During layer-streamed GPTQ on a disk-offloaded model only the layer being quantized holds real weights."""
+    model = _offload(tiny_model("llama"), "disk", tmp_path)
+    seen = []
+    original = sequential.on_device
+
+    def watching(layer, device):
+        materialized = [i for i, lay in enumerate(decoder_layers(model, lowbit.models.arch.spec_for(model)))
+                        if any(p.device.type != "meta" for p in lay.parameters())]
+        seen.append(materialized)
+        return original(layer, device)
+
+    monkeypatch.setattr(sequential, "on_device", watching)
+    lowbit.quantize(model, _recipe([{"method": "gptq"}]), calib, inplace=True)
+    assert seen == [[], []]  # before each layer is brought in, no layer is in memory
+
+
+def test_from_pretrained_with_an_offload_folder(calib, tmp_path):
+    """transformers' device_map offloading to disk: the user's checkpoint is never written, results match."""
+    from transformers import AutoModelForCausalLM
+
+    source = tmp_path / "model"
+    tiny_model("qwen2").save_pretrained(source)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(source, device_map=device_map, offload_folder=tmp_path / "offload")
+    recipe = _recipe([{"method": "quarot"}, {"method": "gptq"}])
+    expected = _logits(lowbit.quantize(AutoModelForCausalLM.from_pretrained(source), recipe, calib), calib.eval_windows)
+    got = _logits(lowbit.quantize(model, recipe, calib, inplace=True), calib.eval_windows)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+
+def test_offloaded_model_must_be_quantized_in_place(calib):
+    model = cpu_offload(tiny_model("llama"), execution_device="cpu")
+    with pytest.raises(ModelError, match="inplace=True"):
+        lowbit.quantize(model, _recipe([{"method": "rtn"}]), calib)
