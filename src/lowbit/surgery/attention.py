@@ -4,10 +4,17 @@ Registered once with transformers' ``AttentionInterface`` (and the matching mask
 forked or patched. An attention module opts in by holding ``lowbit_hooks``, an ``nn.ModuleList`` of modules with
 ``forward(query, key, value) -> (query, key, value)`` on tensors shaped ``[batch, heads, tokens, head_dim]``; they
 run in order after RoPE and after the cache update (so ``key``/``value`` cover every cached position), before the
-scores are computed. KV quantization is such a hook; online rotations of Q and K will be another.
+scores are computed. KV fake-quantization is such a hook; QuaRot's online rotation of Q and K (R3) is another.
+
+With a packed KV cache (:mod:`lowbit.kv.cache`) the cache's ``update`` returns the step's new keys and values
+unpacked; the hooks run on those (KV fake-quantizers are skipped: the cache quantizes), and the cache layer attends
+over its packed form. :func:`decode_equivalent` makes full-sequence forwards attend as such a cache would.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -15,10 +22,16 @@ from .quantizer import ActQuantizer
 
 ATTENTION_NAME = "lowbit"
 HOOKS_ATTR = "lowbit_hooks"
+SIMULATION_ATTR = "lowbit_decode_equivalent"  # a CacheSpec while a decode-equivalent evaluation runs
 
 
 class KVQuantHook(nn.Module):
-    """Fake-quantizes keys and values (post-RoPE) with their own quantizers; queries pass unchanged."""
+    """Fake-quantizes keys and values (post-RoPE) with their own quantizers; queries pass unchanged.
+
+    Skipped when a packed cache (or its decode-equivalent evaluation) stores the keys and values instead.
+    """
+
+    quantizes_kv = True
 
     def __init__(self, k_quant: ActQuantizer, v_quant: ActQuantizer) -> None:
         super().__init__()
@@ -28,11 +41,28 @@ class KVQuantHook(nn.Module):
         return query, self.k_quant(key), self.v_quant(value)
 
 
+def _run_hooks(module: nn.Module, query, key, value, packed: bool):
+    """The module's hooks in order; KV fake-quantizers are skipped when a packed cache quantizes instead."""
+    for hook in getattr(module, HOOKS_ATTR, ()):
+        if not (packed and getattr(hook, "quantizes_kv", False)):
+            query, key, value = hook(query, key, value)
+    return query, key, value
+
+
 def _lowbit_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    for hook in getattr(module, HOOKS_ATTR, ()):
-        query, key, value = hook(query, key, value)
+    from ..kv.attend import decode_equivalent_attention
+    from ..kv.cache import PendingKV
+
+    scaling = kwargs.get("scaling") or module.scaling
+    if isinstance(key, PendingKV):  # a packed cache: hook the new tokens, then attend over the packed form
+        query, new_key, new_value = _run_hooks(module, query, key.key, key.value, packed=True)
+        return key.layer.attend(query, new_key, new_value, attention_mask, scaling), None
+    simulated = getattr(module, SIMULATION_ATTR, None)
+    query, key, value = _run_hooks(module, query, key, value, packed=simulated is not None)
+    if simulated is not None:
+        return decode_equivalent_attention(query, key, value, simulated, attention_mask, scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -59,3 +89,27 @@ def add_attention_hook(model: nn.Module, attn: nn.Module, hook: nn.Module) -> No
 def attention_hooks(attn: nn.Module) -> list[nn.Module]:
     """The hooks attached to one attention module (empty when none)."""
     return list(getattr(attn, HOOKS_ATTR, ()))
+
+
+@contextmanager
+def decode_equivalent(model: nn.Module, spec) -> Iterator[None]:
+    """Within the block, full-sequence forwards attend as step-by-step decoding with a packed ``spec`` cache would.
+
+    Used for one-pass perplexity of a packed cache; see :func:`lowbit.kv.attend.decode_equivalent_attention`.
+    """
+    from ..models.arch import decoder_layers, get_module, spec_for
+
+    arch = spec_for(model)
+    modules = [get_module(layer, arch.attn) for layer in decoder_layers(model, arch)]
+    previous = model.config._attn_implementation
+    name = register_attention()
+    model.set_attn_implementation(name)
+    for i, attn in enumerate(modules):
+        setattr(attn, SIMULATION_ATTR, spec.for_layer(i))
+    try:
+        yield
+    finally:
+        for attn in modules:
+            delattr(attn, SIMULATION_ATTR)
+        if previous != name:
+            model.set_attn_implementation(previous)

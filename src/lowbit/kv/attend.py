@@ -1,0 +1,98 @@
+"""Attention over a packed KV cache, and its one-pass decode-equivalent form for evaluation.
+
+Shapes follow transformers: queries ``[B, Hq, Tq, d]``, keys/values ``[B, Hkv, T, d]`` with ``Hq = g * Hkv`` (query
+head ``h`` reads KV head ``h // g``), masks ``[B, 1, Tq, T]`` (bool, True = attend, or additive float) or None for
+plain causal attention; outputs ``[B, Tq, Hq, d]`` like transformers' attention functions. Queries are grouped per
+KV head as ``[B, Hkv, g * Tq, d]`` so packed keys are scored once per KV head whatever the GQA group size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .codecs import Packed
+from .spec import CacheSpec, packed_count
+
+
+def group_queries(query: Tensor, kv_heads: int) -> Tensor:
+    """``[B, Hq, Tq, d]`` -> ``[B, Hkv, g * Tq, d]`` (the query heads that share a KV head, stacked)."""
+    b, hq, tq, d = query.shape
+    if hq % kv_heads:
+        raise ValueError(f"{hq} query heads do not split into groups over {kv_heads} KV heads")
+    return query.reshape(b, kv_heads, (hq // kv_heads) * tq, d)
+
+
+def _masked_softmax(scores: Tensor, mask: Tensor | None, tq: int) -> Tensor:
+    """Softmax over keys of grouped scores ``[B, Hkv, g*Tq, T]`` with a ``[B, 1, Tq, T]`` mask (None: causal)."""
+    b, hkv, gtq, t = scores.shape
+    s = scores.float().reshape(b, hkv, gtq // tq, tq, t)
+    if mask is None:
+        positions = torch.arange(t - tq, t, device=s.device)[:, None]
+        mask = (torch.arange(t, device=s.device)[None, :] <= positions)[None, None]
+    mask = mask[..., -t:].unsqueeze(2)  # [B, 1, 1, Tq, T]
+    s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    weights = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # a query with every key masked (padding) attends to none
+    return weights.reshape(b, hkv, gtq, t)
+
+
+def _ungroup(out: Tensor, tq: int) -> Tensor:
+    """Grouped outputs ``[B, Hkv, g*Tq, d]`` -> transformers' ``[B, Tq, Hq, d]``."""
+    b, hkv, gtq, d = out.shape
+    return out.reshape(b, hkv * (gtq // tq), tq, d).transpose(1, 2)
+
+
+def packed_attention(
+    query: Tensor,
+    spec: CacheSpec,
+    exact_before: tuple[Tensor, Tensor],
+    packed: tuple[Packed, Packed] | None,
+    exact_after: tuple[Tensor, Tensor],
+    mask: Tensor | None,
+    scaling: float,
+) -> Tensor:
+    """Attention over ``[exact_before | packed | exact_after]`` keys/values (sink, packed run, recent window)."""
+    kv_heads, d, tq = exact_after[0].shape[1], query.shape[-1], query.shape[2]
+    q = group_queries(query.float(), kv_heads)
+    parts = [q @ exact_before[0].float().transpose(-1, -2)]
+    if packed is not None:
+        parts.append(spec.keys.scores(q, packed[0], d))
+    parts.append(q @ exact_after[0].float().transpose(-1, -2))
+    sizes = [p.shape[-1] for p in parts]
+    weights = _masked_softmax(torch.cat(parts, dim=-1) * scaling, mask, tq).split(sizes, dim=-1)
+    out = weights[0] @ exact_before[1].float() + weights[-1] @ exact_after[1].float()
+    if packed is not None:
+        out = out + weights[1] @ spec.values.decode(packed[1], d)
+    return _ungroup(out, tq).to(query.dtype)
+
+
+def decode_equivalent_attention(
+    query: Tensor, key: Tensor, value: Tensor, spec: CacheSpec, mask: Tensor | None, scaling: float
+) -> Tensor:
+    """Causal attention over a whole sequence as step-by-step decoding with the packed cache would compute it.
+
+    The query at position ``i`` sees the sink and its recent window exactly and the tokens the cache would have
+    packed by then (:func:`~lowbit.kv.spec.packed_count`) through the codecs: one forward pass, the same numbers as
+    decoding token by token (up to float rounding).
+    """
+    b, kv_heads, t, d = key.shape
+    tq = query.shape[2]
+    if tq != t:
+        raise ValueError("the decode-equivalent form needs the whole sequence at once (no cache)")
+    sink, group = min(spec.sink, t), spec.group
+    n = ((t - sink) // group) * group
+    q = group_queries(query.float(), kv_heads)
+    scores = q @ key.float().transpose(-1, -2)
+    if n == 0:
+        return _ungroup(_masked_softmax(scores * scaling, mask, tq) @ value.float(), tq).to(query.dtype)
+    run = slice(sink, sink + n)
+    packed_k, packed_v = spec.keys.encode(key[:, :, run]), spec.values.encode(value[:, :, run])
+    counts = torch.tensor([packed_count(max(i - sink, 0), spec.window, group) for i in range(t)], device=key.device)
+    in_packed = (torch.arange(n, device=key.device)[None, :] < counts[:, None])  # [Tq, n]
+    in_packed = in_packed.repeat(q.shape[2] // tq, 1)  # grouped query rows: g copies of the Tq rows
+    scores[..., run] = torch.where(in_packed, spec.keys.scores(q, packed_k, d), scores[..., run])
+    weights = _masked_softmax(scores * scaling, mask, tq)
+    out = weights @ value.float()
+    delta = spec.values.decode(packed_v, d) - value[:, :, run].float()
+    out = out + (weights[..., run] * in_packed) @ delta
+    return _ungroup(out, tq).to(query.dtype)

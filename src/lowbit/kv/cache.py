@@ -1,0 +1,171 @@
+"""Packed KV caches on transformers' cache API: works with ``generate``, batches with padding, any GQA and head_dim.
+
+``PackedCache(model, spec)`` holds per layer an exact sink, a packed run (bit-packed codes and float16 metadata,
+see :mod:`lowbit.kv.codecs`) and an exact recent window. Its ``update`` does not return dense keys: it returns a
+:class:`PendingKV` that carries the step's new keys and values to lowbit's attention function, which applies the
+model's online hooks (e.g. QuaRot's R3) to them, appends them, attends over the packed form
+(:func:`~lowbit.kv.attend.packed_attention`) and flushes whole groups out of the window. So the cache never holds a
+dequantized copy, and prefill attention over the new tokens is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .attend import packed_attention
+from .codecs import Packed
+from .spec import CacheSpec
+
+
+@dataclass(frozen=True, eq=False)
+class PendingKV:
+    """A step's new keys/values on their way from ``Cache.update`` to the attention function."""
+
+    layer: PackedLayer
+    key: Tensor
+    value: Tensor
+
+
+def _slice_packed(packed: Packed, tokens: int, group: int) -> tuple[Packed, Packed]:
+    """Split a packed run after ``tokens`` tokens (a multiple of ``group``); per-group fields split by groups."""
+    head, tail = {}, {}
+    for name, field in packed.fields.items():
+        cut = tokens if field.shape[2] == packed.tokens else tokens // group
+        head[name], tail[name] = field[:, :, :cut], field[:, :, cut:]
+    return Packed(head, tokens), Packed(tail, packed.tokens - tokens)
+
+
+class PackedLayer(CacheLayerMixin):
+    """One layer's packed cache: exact sink, packed run, exact recent window."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, spec: CacheSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.sink_keys = self.sink_values = self.recent_keys = self.recent_values = None
+        self.packed_keys: Packed | None = None
+        self.packed_values: Packed | None = None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        empty = key_states[:, :, :0]
+        self.sink_keys, self.recent_keys = empty.clone(), empty.clone()
+        self.sink_values, self.recent_values = value_states[:, :, :0].clone(), value_states[:, :, :0].clone()
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[PendingKV, None]:
+        """Hand the new keys/values to the attention function (which appends them after its hooks)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return PendingKV(self, key_states, value_states), None
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
+        """Append the step's (hooked) keys/values, attend with them exact, then flush whole groups to packed form."""
+        self._append(key, value)
+        packed = None if self.packed_keys is None else (self.packed_keys, self.packed_values)
+        out = packed_attention(query, self.spec, (self.sink_keys, self.sink_values), packed,
+                               (self.recent_keys, self.recent_values), mask, scaling)
+        self._flush()
+        return out
+
+    def _append(self, key: Tensor, value: Tensor) -> None:
+        room = self.spec.sink - self.sink_keys.shape[2]
+        if room > 0:
+            self.sink_keys = torch.cat([self.sink_keys, key[:, :, :room]], dim=2)
+            self.sink_values = torch.cat([self.sink_values, value[:, :, :room]], dim=2)
+            key, value = key[:, :, room:], value[:, :, room:]
+        self.recent_keys = torch.cat([self.recent_keys, key], dim=2)
+        self.recent_values = torch.cat([self.recent_values, value], dim=2)
+
+    def _flush(self) -> None:
+        group = self.spec.group
+        n = max(0, (self.recent_keys.shape[2] - self.spec.window) // group) * group
+        if n == 0:
+            return
+        keys = self.spec.keys.encode(self.recent_keys[:, :, :n])
+        values = self.spec.values.encode(self.recent_values[:, :, :n])
+        self.recent_keys, self.recent_values = self.recent_keys[:, :, n:], self.recent_values[:, :, n:]
+        if self.packed_keys is None:
+            self.packed_keys, self.packed_values = keys, values
+        else:
+            self.packed_keys, self.packed_values = self.packed_keys.cat(keys), self.packed_values.cat(values)
+
+    @property
+    def packed_tokens(self) -> int:
+        return 0 if self.packed_keys is None else self.packed_keys.tokens
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.sink_keys.shape[2] + self.packed_tokens + self.recent_keys.shape[2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: exact sink and window tensors plus every packed field."""
+        if not self.is_initialized:
+            return 0
+        exact = (self.sink_keys, self.sink_values, self.recent_keys, self.recent_values)
+        held = sum(t.numel() * t.element_size() for t in exact)
+        if self.packed_keys is not None:
+            held += self.packed_keys.nbytes + self.packed_values.nbytes
+        return held
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.sink_keys = self.sink_values = self.recent_keys = self.recent_values = None
+        self.packed_keys = self.packed_values = None
+
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
+        self.recent_keys, self.recent_values = fn(self.recent_keys), fn(self.recent_values)
+        if self.packed_keys is not None:
+            self.packed_keys = Packed({k: fn(v) for k, v in self.packed_keys.fields.items()}, self.packed_keys.tokens)
+            self.packed_values = Packed({k: fn(v) for k, v in self.packed_values.fields.items()},
+                                        self.packed_values.tokens)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a packed KV cache cannot be cropped (assisted decoding is not supported)")
+
+
+class PackedCache(Cache):
+    """A packed KV cache for ``model`` (one :class:`PackedLayer` per decoder layer, codecs seeded per layer).
+
+    Creating it switches the model to lowbit's attention function, which knows how to attend over packed layers.
+    """
+
+    def __init__(self, model: nn.Module, spec: CacheSpec) -> None:
+        from ..surgery.attention import register_attention
+
+        name = register_attention()
+        if model.config._attn_implementation != name:
+            model.set_attn_implementation(name)
+        layers = model.config.get_text_config().num_hidden_layers
+        super().__init__(layers=[PackedLayer(spec.for_layer(i)) for i in range(layers)])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by every layer."""
+        return sum(layer.nbytes for layer in self.layers)

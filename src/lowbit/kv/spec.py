@@ -1,0 +1,82 @@
+"""What a packed KV cache stores: a key codec, a value codec, an exact recent window and exact sink tokens.
+
+Token ``j`` of a sequence lives in one of three places when the query at position ``i`` attends:
+
+* the **sink**: the first ``sink`` tokens, kept exact for good (attention sinks, a PrefixQuant prefix);
+* the **packed** run: older tokens in whole groups of ``group`` tokens (the codecs' token grouping);
+* the **recent** window: at least the last ``window`` tokens, exact.
+
+A cache appends a token, attends, then flushes whole groups from the recent window into the packed run while at
+least ``window`` tokens stay exact. So at query ``i`` the packed run holds the first :func:`packed_count` non-sink
+tokens; the decode-equivalent one-pass evaluation uses the same rule, which is why the two agree exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .codecs import Packed
+
+
+class KeyCodec(Protocol):
+    """Encodes runs of keys and scores queries against the packed form."""
+
+    @property
+    def token_group(self) -> int: ...
+
+    def encode(self, x: Tensor) -> Packed: ...
+
+    def scores(self, queries: Tensor, packed: Packed, head_dim: int) -> Tensor: ...
+
+
+class ValueCodec(Protocol):
+    """Encodes runs of values and decodes them."""
+
+    @property
+    def token_group(self) -> int: ...
+
+    def encode(self, x: Tensor) -> Packed: ...
+
+    def decode(self, packed: Packed, head_dim: int, dtype: torch.dtype = torch.float32) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A packed cache's layout: codecs, exact recent ``window`` and exact ``sink`` tokens."""
+
+    keys: KeyCodec
+    values: ValueCodec
+    window: int = 128
+    sink: int = 0
+
+    def __post_init__(self) -> None:
+        if self.window < 0 or self.sink < 0:
+            raise ValueError(f"window and sink must be >= 0, got {self.window} and {self.sink}")
+
+    @property
+    def group(self) -> int:
+        """Tokens flushed together: a whole group for both codecs (the larger of their groupings)."""
+        kg, vg = self.keys.token_group, self.values.token_group
+        if max(kg, vg) % min(kg, vg):
+            raise ValueError(f"key and value token groups {kg} and {vg} must divide one another")
+        return max(kg, vg)
+
+    def for_layer(self, layer_idx: int) -> CacheSpec:
+        """This spec with seeded codecs (QJL, rotated codebook) offset per layer, so layers are independent."""
+        return dataclasses.replace(self, keys=_reseed(self.keys, layer_idx), values=_reseed(self.values, layer_idx))
+
+
+def _reseed(codec, layer_idx: int):
+    if dataclasses.is_dataclass(codec) and hasattr(codec, "seed"):
+        return dataclasses.replace(codec, seed=codec.seed + 7919 * layer_idx)
+    return codec
+
+
+def packed_count(non_sink_before: int, window: int, group: int) -> int:
+    """Non-sink tokens in packed form when a query arrives after ``non_sink_before`` earlier non-sink tokens."""
+    return max(0, (non_sink_before - window) // group) * group

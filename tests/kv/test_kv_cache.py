@@ -1,0 +1,94 @@
+"""Packed caches in a real model: decode-equivalent one-pass attention equals step-by-step decoding, prefill is
+exact, generate works with batches and padding, and the bytes held are the packed ones."""
+
+import pytest
+import torch
+
+from lowbit.kv.cache import PackedCache
+from lowbit.kv.codecs import IntCodec, QJLKeyCodec, TurboCodec
+from lowbit.kv.spec import CacheSpec
+from lowbit.surgery.attention import decode_equivalent
+from tests.conftest import tiny_config
+
+SPECS = {
+    "int4": CacheSpec(IntCodec(4), IntCodec(4), window=4, sink=1),
+    "kivi2": CacheSpec(IntCodec(2, axis="channel", group=8), IntCodec(2, group=16), window=4, sink=0),
+    "qjl": CacheSpec(QJLKeyCodec(m=64, outliers=4, group=8), IntCodec(2, group=16), window=3, sink=1),
+    "turbo3": CacheSpec(TurboCodec(3), TurboCodec(3), window=0, sink=1),
+    "turbo2+qjl": CacheSpec(TurboCodec(2, residual_qjl=True), TurboCodec(3), window=2, sink=0),
+}
+
+
+def _model(heads=4, kv_heads=2, hidden=128):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.num_attention_heads, config.num_key_value_heads, config.hidden_size = heads, kv_heads, hidden
+    config.head_dim = hidden // heads
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _stepwise_logits(model, tokens, spec):
+    cache = PackedCache(model, spec)
+    with torch.no_grad():
+        steps = [model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(tokens.shape[1])]
+    return torch.cat(steps, dim=1), cache
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_one_pass_equals_step_by_step_decoding(name):
+    model, spec = _model(), SPECS[name]
+    tokens = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
+    stepwise, cache = _stepwise_logits(model, tokens, spec)
+    with torch.no_grad(), decode_equivalent(model, spec):
+        one_pass = model(tokens).logits
+    with torch.no_grad():
+        fp = model(tokens).logits
+    assert torch.allclose(one_pass, stepwise, atol=2e-4), float((one_pass - stepwise).abs().max())
+    assert not torch.allclose(one_pass, fp, atol=1e-3)  # the cache really quantized something
+    assert cache.layers[0].packed_tokens > 0
+
+
+def test_gqa_group_of_three_and_head_dim_48():
+    model, spec = _model(heads=6, kv_heads=2, hidden=288), SPECS["qjl"]
+    tokens = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(2))
+    stepwise, _ = _stepwise_logits(model, tokens, spec)
+    with torch.no_grad(), decode_equivalent(model, spec):
+        assert torch.allclose(model(tokens).logits, stepwise, atol=2e-4)
+
+
+def test_prefill_attention_is_exact():
+    """A prompt processed at once attends over exact keys, so its logits are the full-precision ones."""
+    model = _model()
+    tokens = torch.randint(0, 320, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fp = model(tokens).logits
+        cache = PackedCache(model, SPECS["kivi2"])
+        got = model(tokens, past_key_values=cache, use_cache=True).logits
+    assert torch.allclose(got, fp, atol=1e-5)
+    assert cache.layers[0].packed_tokens == 24  # 30 tokens, window 4, key groups of 8: three groups packed
+
+
+def test_generate_with_padding_batches_and_bytes():
+    model = _model()
+    prompts = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(prompts)
+    mask[0, :5] = 0  # left padding in the first row
+    prompts[0, :5] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        reference = model.generate(prompts, **kwargs)
+        wide = model.generate(prompts, past_key_values=PackedCache(model, CacheSpec(IntCodec(4), IntCodec(4),
+                                                                                      window=64)), **kwargs)
+        cache = PackedCache(model, SPECS["int4"])
+        packed = model.generate(prompts, past_key_values=cache, **kwargs)
+    assert torch.equal(wide, reference)  # a window covering everything is exact
+    assert packed.shape == reference.shape
+    layer = cache.layers[0]
+    tokens = layer.get_seq_length()
+    assert tokens == 31  # 12 prompt + 20 generated - 1 (the last token is never fed back)
+    # 2 rows x 2 KV heads: 1 sink + 4..4 window tokens in fp32, the rest 4-bit codes + fp16 scale and min per token
+    exact = 2 * 2 * (1 + layer.recent_keys.shape[2]) * 32 * 4 * 2
+    packed_bytes = 2 * 2 * layer.packed_tokens * (32 * 4 // 8 + 4) * 2
+    assert layer.nbytes == exact + packed_bytes
