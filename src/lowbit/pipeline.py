@@ -135,7 +135,17 @@ def rotation_invariance(fp_model: nn.Module, recipe: Recipe, tokens: TokenData) 
 
 
 def _quantizes(recipe: Recipe) -> bool:
-    return any(s is not None for s in (recipe.weights, recipe.activations, recipe.kv)) or bool(recipe.steps)
+    schemes = (recipe.weights, recipe.activations, recipe.kv, recipe.kv_cache)
+    return any(s is not None for s in schemes) or bool(recipe.steps)
+
+
+def _kv_bits(recipe: Recipe, qmodel: nn.Module, context: int) -> float:
+    """Bits per cached K/V element: the fake-quant scheme's, or the packed cache's at the evaluation context."""
+    if recipe.kv_cache is not None:
+        from .kv.cache import cache_bits
+
+        return cache_bits(recipe.kv_cache.spec(), head_dim(qmodel.config), context)
+    return kv_bits(recipe.kv, head_dim(qmodel.config))
 
 
 def build_report(source, recipe, data, tokens, result, qmodel, spec, seconds) -> dict:
@@ -165,7 +175,7 @@ def build_report(source, recipe, data, tokens, result, qmodel, spec, seconds) ->
             "weight": wbits["weight"],
             "weight_all": wbits["weight_all"],
             "activation": activation_bits(qmodel, spec),
-            "kv": kv_bits(recipe.kv, head_dim(qmodel.config)),
+            "kv": _kv_bits(recipe, qmodel, data.seq_len),
         },
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "data_config": asdict(data),

@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from .errors import RecipeError
+from .kv.config import KVCacheConfig
 from .quant import parse_format
 
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -152,6 +153,7 @@ class Recipe(_Strict):
     weights: QuantScheme | None = None
     activations: QuantScheme | None = None
     kv: QuantScheme | None = None
+    kv_cache: KVCacheConfig | None = None
     targets: list[str] = Field(default_factory=lambda: list(LINEAR_ROLES))
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
@@ -184,6 +186,8 @@ class Recipe(_Strict):
             raise ValueError("activations granularity 'head' is for the KV cache: use token, tensor, group or channel")
         if self.activations is not None and self.activations.granularity == "channel" and self.activations.dynamic:
             raise ValueError("activations granularity 'channel' needs static scales: set dynamic: false")
+        if self.kv is not None and self.kv_cache is not None:
+            raise ValueError("set either kv (fake-quantized keys/values) or kv_cache (a packed cache), not both")
         if self.kv is not None and self.kv.granularity == "channel":
             raise ValueError("kv granularity must be head, token, group or tensor, not 'channel'")
         for role, scheme in (("activations", self.activations), ("kv", self.kv)):
@@ -263,11 +267,34 @@ def load_preset(name: str) -> Recipe:
     return Recipe.from_dict(dict(_presets()[name]), origin=f"preset {name}")
 
 
+def combine(first: Recipe, second: Recipe) -> Recipe:
+    """``first`` with ``second``'s steps appended and its schemes (weights, activations, kv, kv_cache) where set.
+
+    This is how a KV-cache preset joins a weight/activation preset, e.g. ``w4a16-gptq+kv-kivi``.
+    """
+    data = first.model_dump()
+    extra = second.model_dump(exclude_unset=True)
+    data["steps"] = [*data["steps"], *extra.pop("steps", [])]
+    for field in ("weights", "activations", "kv", "kv_cache"):
+        if second.model_dump()[field] is not None:
+            data[field] = second.model_dump()[field]
+    if "calibration" in extra:
+        data["calibration"] = extra["calibration"]
+    data["name"], data["description"] = f"{first.name}+{second.name}", f"{first.description} + {second.description}"
+    return Recipe.from_dict(data, origin=data["name"])
+
+
 def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
-    """A :class:`Recipe` from a preset name, a YAML/JSON path, or a recipe (returned as is)."""
+    """A :class:`Recipe` from a preset name, a YAML/JSON path, ``A+B`` (see :func:`combine`), or a recipe as is."""
     if isinstance(name_or_path, Recipe):
         return name_or_path
     text = str(name_or_path)
     if text.endswith((".yaml", ".yml", ".json")) or Path(text).is_file():
         return Recipe.from_file(text)
+    if "+" in text:
+        recipes = [load_recipe(part) for part in text.split("+")]
+        combined = recipes[0]
+        for other in recipes[1:]:
+            combined = combine(combined, other)
+        return combined
     return load_preset(text)

@@ -92,3 +92,45 @@ def test_generate_with_padding_batches_and_bytes():
     exact = 2 * 2 * (1 + layer.recent_keys.shape[2]) * 32 * 4 * 2
     packed_bytes = 2 * 2 * layer.packed_tokens * (32 * 4 // 8 + 4) * 2
     assert layer.nbytes == exact + packed_bytes
+
+
+def test_recipe_kv_cache_quantizes_evaluates_and_generates():
+    """A kv_cache recipe (combined with a weight preset) gives a model whose one-pass forward is decode-equivalent
+    and that decodes with PackedCache.for_model; a plain cache is refused with the fix in the message."""
+    import lowbit
+    from lowbit.recipe import load_recipe
+
+    recipe = load_recipe("w8a8-rtn+kv-kivi")
+    assert recipe.kv_cache is not None and recipe.weights is not None and recipe.name == "w8a8-rtn+kv-kivi"
+    small = recipe.updated(kv_cache={**recipe.kv_cache.model_dump(), "window": 4})
+    model = _model()
+    q = lowbit.quantize(model, small)
+    tokens = torch.randint(0, 320, (1, 70), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        one_pass = q(tokens, use_cache=False).logits
+        cache = PackedCache.for_model(q)
+        stepwise = torch.cat([q(tokens[:, i:i + 1], past_key_values=cache).logits for i in range(70)], dim=1)
+    assert torch.allclose(one_pass, stepwise, atol=2e-4)
+    with pytest.raises(RuntimeError, match="PackedCache.for_model"):
+        q.generate(tokens[:, :8], max_new_tokens=2, do_sample=False)
+    out = q.generate(tokens[:, :8], max_new_tokens=3, do_sample=False, past_key_values=PackedCache.for_model(q))
+    assert out.shape == (1, 11)
+
+
+def test_cache_bits_count_everything():
+    """KIVI 2-bit at 4096 tokens: 2 bits + fp16 scale/min per 32 elements (1 bit) + a 128-token fp16 window."""
+    from lowbit.kv.cache import cache_bits
+    from lowbit.recipe import load_recipe
+
+    spec = load_recipe("kv-kivi").kv_cache.spec()
+    window_share = (128 * 16) / 4096
+    assert cache_bits(spec, 64, 4096) == pytest.approx(3 * (4096 - 128) / 4096 + window_share)
+    assert cache_bits(spec, 64, 8192) < cache_bits(spec, 64, 4096)
+
+
+def test_kv_and_kv_cache_are_exclusive():
+    from lowbit.errors import RecipeError
+    from lowbit.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="either kv"):
+        load_recipe("kv4+kv-kivi")

@@ -20,6 +20,8 @@ from .attend import packed_attention
 from .codecs import Packed
 from .spec import CacheSpec
 
+SPEC_ATTR = "lowbit_kv_cache"  # the CacheSpec a quantized model's packed cache uses
+
 
 @dataclass(frozen=True, eq=False)
 class PendingKV:
@@ -165,7 +167,31 @@ class PackedCache(Cache):
         layers = model.config.get_text_config().num_hidden_layers
         super().__init__(layers=[PackedLayer(spec.for_layer(i)) for i in range(layers)])
 
+    @classmethod
+    def for_model(cls, model: nn.Module) -> PackedCache:
+        """The packed cache a model quantized with a ``kv_cache`` recipe uses (its spec is kept on the model)."""
+        spec = getattr(model, SPEC_ATTR, None)
+        if spec is None:
+            raise ValueError("this model has no packed KV cache: quantize it with a recipe that has a kv_cache section")
+        return cls(model, spec)
+
     @property
     def nbytes(self) -> int:
         """Bytes held by every layer."""
         return sum(layer.nbytes for layer in self.layers)
+
+
+def cache_bits(spec: CacheSpec, head_dim: int, context: int, exact_dtype: torch.dtype = torch.float16) -> float:
+    """Bits per cached key/value element after ``context`` tokens, counted from the tensors a cache holds.
+
+    Runs one KV head of random keys/values through a :class:`PackedLayer` (exact sink and window stored in
+    ``exact_dtype``, 16 bits by default as in a half-precision deployment) and divides the bytes held by the
+    elements cached: codes, scales, norms, sketches, outlier values and indices, sink and window all count.
+    """
+    layer = PackedLayer(spec)
+    gen = torch.Generator().manual_seed(0)
+    kv = torch.randn(2, 1, 1, context, head_dim, generator=gen).to(exact_dtype)
+    layer.update(kv[0], kv[1])
+    layer._append(kv[0], kv[1])
+    layer._flush()
+    return layer.nbytes * 8 / (2 * context * head_dim)

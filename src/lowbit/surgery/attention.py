@@ -62,6 +62,11 @@ def _lowbit_attention(module: nn.Module, query, key, value, attention_mask, **kw
     simulated = getattr(module, SIMULATION_ATTR, None)
     query, key, value = _run_hooks(module, query, key, value, packed=simulated is not None)
     if simulated is not None:
+        if query.shape[2] != key.shape[2]:
+            raise RuntimeError(
+                "this model quantizes its KV cache with a packed cache: decode with "
+                "past_key_values=lowbit.kv.PackedCache.for_model(model) (or use_cache=False)"
+            )
         return decode_equivalent_attention(query, key, value, simulated, attention_mask, scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -91,25 +96,36 @@ def attention_hooks(attn: nn.Module) -> list[nn.Module]:
     return list(getattr(attn, HOOKS_ATTR, ()))
 
 
-@contextmanager
-def decode_equivalent(model: nn.Module, spec) -> Iterator[None]:
-    """Within the block, full-sequence forwards attend as step-by-step decoding with a packed ``spec`` cache would.
+def set_decode_equivalent(model: nn.Module, spec) -> None:
+    """Make full-sequence forwards attend as step-by-step decoding with a packed ``spec`` cache would (None: off).
 
-    Used for one-pass perplexity of a packed cache; see :func:`lowbit.kv.attend.decode_equivalent_attention`.
+    One-pass evaluation of a packed cache; see :func:`lowbit.kv.attend.decode_equivalent_attention`. A model in
+    this mode must be given a :class:`~lowbit.kv.cache.PackedCache` when it decodes with a cache.
     """
     from ..models.arch import decoder_layers, get_module, spec_for
 
     arch = spec_for(model)
-    modules = [get_module(layer, arch.attn) for layer in decoder_layers(model, arch)]
+    for i, layer in enumerate(decoder_layers(model, arch)):
+        attn = get_module(layer, arch.attn)
+        if spec is None:
+            if hasattr(attn, SIMULATION_ATTR):
+                delattr(attn, SIMULATION_ATTR)
+        else:
+            setattr(attn, SIMULATION_ATTR, spec.for_layer(i))
+    if spec is not None:
+        name = register_attention()
+        if model.config._attn_implementation != name:
+            model.set_attn_implementation(name)
+
+
+@contextmanager
+def decode_equivalent(model: nn.Module, spec) -> Iterator[None]:
+    """:func:`set_decode_equivalent` for the duration of a block."""
     previous = model.config._attn_implementation
-    name = register_attention()
-    model.set_attn_implementation(name)
-    for i, attn in enumerate(modules):
-        setattr(attn, SIMULATION_ATTR, spec.for_layer(i))
+    set_decode_equivalent(model, spec)
     try:
         yield
     finally:
-        for attn in modules:
-            delattr(attn, SIMULATION_ATTR)
-        if previous != name:
+        set_decode_equivalent(model, None)
+        if previous != model.config._attn_implementation:
             model.set_attn_implementation(previous)
