@@ -33,7 +33,7 @@ from _peer_worker import (
 )
 
 import lowbit
-from lowbit.models.loading import _convert_gguf, resolve_source
+from lowbit.models.loading import hf_folder
 from lowbit.recipe import Recipe, load_preset
 
 HERE = Path(__file__).parent
@@ -170,13 +170,8 @@ def ensure_venv(venv: Path) -> dict:
 
 
 def model_folder(source: str) -> Path:
-    """The Hugging Face folder behind a model source: for a GGUF file, lowbit's converted copy in its cache.
-
-    lowbit has no public name for that folder, so this uses its loader's private helper (it converts only once;
-    ``load_model`` has already done it by the time this is called).
-    """
-    kind, path = resolve_source(source)
-    return _convert_gguf(path) if kind == "gguf" else path
+    """The Hugging Face folder behind a model source: for a GGUF file, lowbit's converted copy in its cache."""
+    return hf_folder(source)
 
 
 def _row(job: Job, tool: str, **fields) -> dict:

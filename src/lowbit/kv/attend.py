@@ -75,7 +75,7 @@ def decode_equivalent_attention(
     packed by then (:func:`~lowbit.kv.spec.packed_count`) through the codecs: one forward pass, the same numbers as
     decoding token by token (up to float rounding).
     """
-    b, kv_heads, t, d = key.shape
+    _, kv_heads, t, d = key.shape
     tq = query.shape[2]
     if tq != t:
         raise ValueError("the decode-equivalent form needs the whole sequence at once (no cache)")

@@ -80,7 +80,7 @@ class KVCacheConfig(_Strict):
 
     @model_validator(mode="after")
     def _groups_compatible(self) -> KVCacheConfig:
-        self.spec().group  # raises when the key and value token groups do not divide one another
+        _ = self.spec().group  # raises when the key and value token groups do not divide one another
         return self
 
     def spec(self) -> CacheSpec:

@@ -103,6 +103,15 @@ def _convert_gguf(gguf: Path) -> Path:
     return target
 
 
+def hf_folder(source: str = DEFAULT_MODEL) -> Path:
+    """The Hugging Face model folder behind a source: the folder itself, or a GGUF's cached float conversion.
+
+    Lets other tools (transformers, peers in benchmarks) load exactly the weights lowbit loads.
+    """
+    kind, path = resolve_source(source)
+    return _convert_gguf(path) if kind == "gguf" else path
+
+
 def load_model(source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a causal LM and its tokenizer offline.
 
@@ -112,8 +121,7 @@ def load_model(source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    kind, path = resolve_source(source)
-    folder = _convert_gguf(path) if kind == "gguf" else path  # shows transformers' bar the first time only
+    folder = hf_folder(source)  # converting a GGUF shows transformers' bar the first time only
     hf_logging.disable_progress_bar()  # lowbit draws its own progress; per-tensor loading bars are noise
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     spec = spec_for_model_type(config.model_type)
