@@ -7,6 +7,7 @@ offline loading), :mod:`lowbit.surgery` (the only code that mutates models), :mo
 
 __version__ = "0.1.0"
 
+from . import kv
 from .data import DataConfig, prepare_data
 from .errors import LowbitError
 from .evaluate import evaluate
@@ -19,6 +20,7 @@ __all__ = [
     "LowbitError",
     "Recipe",
     "evaluate",
+    "kv",
     "load_model",
     "load_recipe",
     "prepare_data",
