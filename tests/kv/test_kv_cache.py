@@ -134,3 +134,16 @@ def test_kv_and_kv_cache_are_exclusive():
 
     with pytest.raises(RecipeError, match="either kv"):
         load_recipe("kv4+kv-kivi")
+
+
+def test_chunked_scoring_changes_nothing(monkeypatch):
+    """Scoring and dequantizing the packed run in small chunks gives the same logits as in one piece."""
+    import lowbit.kv.attend as attend
+
+    model, spec = _model(), SPECS["qjl"]
+    tokens = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(8))
+    whole, _ = _stepwise_logits(model, tokens, spec)
+    monkeypatch.setattr(attend, "CHUNK_TOKENS", 8)
+    chunked, cache = _stepwise_logits(model, tokens, spec)
+    assert cache.layers[0].packed_tokens > 8
+    assert torch.allclose(chunked, whole, atol=1e-5)

@@ -42,6 +42,13 @@ def _ungroup(out: Tensor, tq: int) -> Tensor:
     return out.reshape(b, hkv * (gtq // tq), tq, d).transpose(1, 2)
 
 
+CHUNK_TOKENS = 2048  # packed tokens scored / dequantized at a time, so no dense copy of a long cache exists
+
+
+def _chunk(spec: CacheSpec) -> int:
+    return max(spec.group, CHUNK_TOKENS // spec.group * spec.group)
+
+
 def packed_attention(
     query: Tensor,
     spec: CacheSpec,
@@ -51,18 +58,21 @@ def packed_attention(
     mask: Tensor | None,
     scaling: float,
 ) -> Tensor:
-    """Attention over ``[exact_before | packed | exact_after]`` keys/values (sink, packed run, recent window)."""
+    """Attention over ``[exact_before | packed | exact_after]`` keys/values (sink, packed run, recent window).
+
+    The packed run is scored and its values dequantized ``CHUNK_TOKENS`` tokens at a time.
+    """
     kv_heads, d, tq = exact_after[0].shape[1], query.shape[-1], query.shape[2]
     q = group_queries(query.float(), kv_heads)
+    key_chunks = [] if packed is None else packed[0].chunks(_chunk(spec))
+    value_chunks = [] if packed is None else packed[1].chunks(_chunk(spec))
     parts = [q @ exact_before[0].float().transpose(-1, -2)]
-    if packed is not None:
-        parts.append(spec.keys.scores(q, packed[0], d))
+    parts += [spec.keys.scores(q, chunk, d) for chunk in key_chunks]
     parts.append(q @ exact_after[0].float().transpose(-1, -2))
-    sizes = [p.shape[-1] for p in parts]
-    weights = _masked_softmax(torch.cat(parts, dim=-1) * scaling, mask, tq).split(sizes, dim=-1)
+    weights = _masked_softmax(torch.cat(parts, dim=-1) * scaling, mask, tq).split([p.shape[-1] for p in parts], -1)
     out = weights[0] @ exact_before[1].float() + weights[-1] @ exact_after[1].float()
-    if packed is not None:
-        out = out + weights[1] @ spec.values.decode(packed[1], d)
+    for w, chunk in zip(weights[1:-1], value_chunks, strict=True):
+        out = out + w @ spec.values.decode(chunk, d)  # one chunk of values dequantized at a time
     return _ungroup(out, tq).to(query.dtype)
 
 

@@ -32,15 +32,6 @@ class PendingKV:
     value: Tensor
 
 
-def _slice_packed(packed: Packed, tokens: int, group: int) -> tuple[Packed, Packed]:
-    """Split a packed run after ``tokens`` tokens (a multiple of ``group``); per-group fields split by groups."""
-    head, tail = {}, {}
-    for name, field in packed.fields.items():
-        cut = tokens if field.shape[2] == packed.tokens else tokens // group
-        head[name], tail[name] = field[:, :, :cut], field[:, :, cut:]
-    return Packed(head, tokens), Packed(tail, packed.tokens - tokens)
-
-
 class PackedLayer(CacheLayerMixin):
     """One layer's packed cache: exact sink, packed run, exact recent window."""
 

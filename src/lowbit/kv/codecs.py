@@ -47,6 +47,25 @@ class Packed:
         return Packed({k: torch.cat([v, other.fields[k]], dim=2) for k, v in self.fields.items()},
                       self.tokens + other.tokens)
 
+    def split(self, tokens: int) -> tuple[Packed, Packed]:
+        """The first ``tokens`` tokens and the rest (``tokens`` a whole number of the codec's token groups).
+
+        Per-token fields are cut at ``tokens``; per-group fields at the matching number of groups.
+        """
+        head, tail = {}, {}
+        for name, field in self.fields.items():
+            cut = tokens if field.shape[2] == self.tokens else tokens * field.shape[2] // self.tokens
+            head[name], tail[name] = field[:, :, :cut], field[:, :, cut:]
+        return Packed(head, tokens), Packed(tail, self.tokens - tokens)
+
+    def chunks(self, size: int) -> list[Packed]:
+        """Consecutive runs of ``size`` tokens (the last may be shorter); ``size`` a multiple of the token group."""
+        out, rest = [], self
+        while rest.tokens > size:
+            head, rest = rest.split(size)
+            out.append(head)
+        return [*out, rest]
+
     def select(self, index: Tensor) -> Packed:
         """Keep batch rows ``index`` (beam search reorders the cache this way)."""
         return Packed({k: v[index] for k, v in self.fields.items()}, self.tokens)
