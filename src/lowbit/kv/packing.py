@@ -35,6 +35,11 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     if bits == 8:
         return codes.to(torch.uint8)
     n = codes.shape[-1]
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte
+        per_byte = 8 // bits
+        padded = torch.nn.functional.pad(codes.to(torch.uint8), (0, -n % 8)).reshape(*codes.shape[:-1], -1, per_byte)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+        return (padded << shifts).sum(dim=-1, dtype=torch.uint8)
     pad = -n % _GROUP
     groups = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).reshape(*codes.shape[:-1], -1, _GROUP)
     shifts = torch.arange(_GROUP, device=codes.device) * bits
@@ -52,9 +57,15 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
         raise ValueError(f"{n} codes of {bits} bits need {packed_size(n, bits)} bytes, got {packed.shape[-1]}")
     if bits == 8:
         return packed.clone()
-    groups = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, bits)
-    byte_shifts = torch.arange(bits, device=packed.device) * 8
-    words = (groups << byte_shifts).sum(dim=-1, keepdim=True)
-    shifts = torch.arange(_GROUP, device=packed.device) * bits
-    codes = ((words >> shifts) & (2**bits - 1)).to(torch.uint8).reshape(*packed.shape[:-1], -1)
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, unpacked with uint8 shifts only
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
+        return codes.reshape(*packed.shape[:-1], -1)[..., :n]
+    groups = packed.reshape(*packed.shape[:-1], -1, bits).to(torch.int32)  # 8 codes in <= 7 bytes: 56 bits
+    dtype = torch.int32 if bits <= 3 else torch.int64  # a word of 8 codes fits 24 bits for 3-bit codes
+    words = groups[..., 0].to(dtype)
+    for i in range(1, bits):
+        words = words | (groups[..., i].to(dtype) << (8 * i))
+    shifts = torch.arange(_GROUP, device=packed.device, dtype=dtype) * bits
+    codes = ((words.unsqueeze(-1) >> shifts) & (2**bits - 1)).to(torch.uint8).reshape(*packed.shape[:-1], -1)
     return codes[..., :n]
