@@ -122,3 +122,11 @@ def test_turbo_scores_match_decoded_and_residual_sketch_is_unbiased():
                                                                         .encode(x), 64) for s in range(150)])
     z = (est.mean(0) - exact) / (est.std(0) / 150**0.5)
     assert float(z.abs().max()) < 4.5
+
+
+@pytest.mark.parametrize("codec", [IntCodec(3), TurboCodec(3, seed=4)])
+def test_weighted_sum_equals_weights_times_decoded_values(codec):
+    v = _kv(t=32)
+    w = torch.softmax(torch.randn(2, 3, 5, 32, generator=torch.Generator().manual_seed(2)), -1)
+    packed = codec.encode(v)
+    assert torch.allclose(codec.weighted_sum(w, packed, 64), w @ codec.decode(packed, 64), atol=1e-5)

@@ -72,7 +72,7 @@ def packed_attention(
     weights = _masked_softmax(torch.cat(parts, dim=-1) * scaling, mask, tq).split([p.shape[-1] for p in parts], -1)
     out = weights[0] @ exact_before[1].float() + weights[-1] @ exact_after[1].float()
     for w, chunk in zip(weights[1:-1], value_chunks, strict=True):
-        out = out + w @ spec.values.decode(chunk, d)  # one chunk of values dequantized at a time
+        out = out + spec.values.weighted_sum(w, chunk, d)  # one chunk of values at a time
     return _ungroup(out, tq).to(query.dtype)
 
 
@@ -103,6 +103,6 @@ def decode_equivalent_attention(
     scores[..., run] = torch.where(in_packed, spec.keys.scores(q, packed_k, d), scores[..., run])
     weights = _masked_softmax(scores * scaling, mask, tq)
     out = weights @ value.float()
-    delta = spec.values.decode(packed_v, d) - value[:, :, run].float()
-    out = out + (weights[..., run] * in_packed) @ delta
+    packed_weights = weights[..., run] * in_packed
+    out = out + spec.values.weighted_sum(packed_weights, packed_v, d) - packed_weights @ value[:, :, run].float()
     return _ungroup(out, tq).to(query.dtype)

@@ -164,10 +164,24 @@ class IntCodec:
         """``queries [B, H, Tq, d] @ keys.T`` against the packed keys: ``[B, H, Tq, T]``."""
         return queries.float() @ self.decode(packed, head_dim).transpose(-1, -2)
 
+    def weighted_sum(self, weights: Tensor, packed: Packed, head_dim: int) -> Tensor:
+        """``weights [B, H, Tq, T] @ values`` for the packed values."""
+        return weights @ self.decode(packed, head_dim)
+
 
 @lru_cache(maxsize=256)
 def _projection(d: int, m: int, seed: int) -> Tensor:
     return qjl_projection(d, m, seed)
+
+
+@lru_cache(maxsize=256)
+def _hadamard(d: int, seed: int):
+    return random_hadamard(d, seed)
+
+
+@lru_cache(maxsize=256)
+def _hadamard_dense_t(d: int, seed: int) -> Tensor:
+    return _hadamard(d, seed).dense().to(torch.float32).T.contiguous()
 
 
 @dataclass(frozen=True)
@@ -259,7 +273,7 @@ class TurboCodec:
         return 1
 
     def _rotation(self, d: int):
-        return random_hadamard(d, self.seed)
+        return _hadamard(d, self.seed)
 
     def encode(self, x: Tensor) -> Packed:
         """Pack ``x`` ``[B, H, T, d]``."""
@@ -282,9 +296,12 @@ class TurboCodec:
 
     def decode(self, packed: Packed, head_dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """Dequantized ``[B, H, T, head_dim]`` (codebook part, rotated back; the residual sketch is for scores)."""
-        rotation = self._rotation(head_dim)
-        back = self._rotated(packed, head_dim) @ rotation.dense().to(torch.float32).T
+        back = self._rotated(packed, head_dim) @ _hadamard_dense_t(head_dim, self.seed).to(packed.fields["norm"].device)
         return back.to(dtype)
+
+    def weighted_sum(self, weights: Tensor, packed: Packed, head_dim: int) -> Tensor:
+        """``weights [B, H, Tq, T] @ values``: summed in the rotated basis, rotated back once per query."""
+        return (weights @ self._rotated(packed, head_dim)) @ _hadamard_dense_t(head_dim, self.seed).to(weights.device)
 
     def scores(self, queries: Tensor, packed: Packed, head_dim: int) -> Tensor:
         """``<q, k>`` for queries ``[B, H, Tq, d]``, computed in the rotated basis: ``[B, H, Tq, T]``."""

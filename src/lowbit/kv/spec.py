@@ -35,7 +35,7 @@ class KeyCodec(Protocol):
 
 
 class ValueCodec(Protocol):
-    """Encodes runs of values and decodes them."""
+    """Encodes runs of values, decodes them, and sums them under attention weights."""
 
     @property
     def token_group(self) -> int: ...
@@ -43,6 +43,8 @@ class ValueCodec(Protocol):
     def encode(self, x: Tensor) -> Packed: ...
 
     def decode(self, packed: Packed, head_dim: int, dtype: torch.dtype = torch.float32) -> Tensor: ...
+
+    def weighted_sum(self, weights: Tensor, packed: Packed, head_dim: int) -> Tensor: ...
 
 
 @dataclass(frozen=True)
