@@ -20,23 +20,22 @@ import time
 from pathlib import Path
 
 import torch
+from presets import replace_block
 
 import lowbit
 from lowbit.evaluate import evaluate, reference_log_probs
 from lowbit.kv.cache import cache_bits
 from lowbit.kv.config import KVCacheConfig
 from lowbit.models.arch import head_dim
-from lowbit.recipe import Recipe
-
-from presets import replace_block
+from lowbit.recipe import Recipe, load_preset
 
 HERE = Path(__file__).parent
 BEGIN, END = "<!-- KV:BEGIN -->", "<!-- KV:END -->"
 
-INT = lambda bits, **kw: {"codec": "int", "bits": bits, **kw}  # noqa: E731
-KIVI_K = lambda bits, group=32: {"codec": "int", "bits": bits, "axis": "channel", "group": group}  # noqa: E731
-QJL = lambda m, outliers=4, group=32: {"codec": "qjl", "m": m, "outliers": outliers, "group": group}  # noqa: E731
-TURBO = lambda bits, residual=False: {"codec": "turbo", "bits": bits, "residual_qjl": residual}  # noqa: E731
+INT = lambda bits, **kw: {"codec": "int", "bits": bits, **kw}
+KIVI_K = lambda bits, group=32: {"codec": "int", "bits": bits, "axis": "channel", "group": group}
+QJL = lambda m, outliers=4, group=32: {"codec": "qjl", "m": m, "outliers": outliers, "group": group}
+TURBO = lambda bits, residual=False: {"codec": "turbo", "bits": bits, "residual_qjl": residual}
 
 # family -> [(label, keys, values, window)]; each runs with sink 0 and sink 1.
 CONFIGS: dict[str, list[tuple[str, dict, dict, int]]] = {
@@ -72,6 +71,53 @@ def measure(config: KVCacheConfig, loaded, data, reference, context: int) -> dic
             "eval_s": time.perf_counter() - start}
 
 
+PEERS = [("quanto", 2), ("quanto", 4), ("hqq", 2), ("hqq", 4)]  # transformers' QuantizedCache backends and bits
+PEER_PRESETS = ("kv-kivi", "kv-kivi3", "kv-int3", "kv-qjl", "kv-turbo3")
+
+
+@torch.no_grad()
+def teacher_forced_log_probs(model, tokens: torch.Tensor, cache) -> torch.Tensor:
+    """Next-token log-probabilities ``[T-1, vocab]`` from feeding ``tokens`` ``[T]`` one at a time through ``cache``."""
+    rows = [model(tokens[None, i:i + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+            for i in range(len(tokens) - 1)]
+    return torch.log_softmax(torch.stack(rows).float(), dim=-1)
+
+
+def _compare(lp_fp: torch.Tensor, lp: torch.Tensor, targets: torch.Tensor) -> dict:
+    nll_fp, nll = (-x.gather(-1, targets[:, None]).mean() for x in (lp_fp, lp))
+    kl = torch.nn.functional.kl_div(lp, lp_fp, log_target=True, reduction="batchmean")
+    return {"ratio": float(torch.exp(nll - nll_fp)), "kl": float(kl),
+            "top1": float((lp.argmax(-1) == lp_fp.argmax(-1)).float().mean())}
+
+
+def peer_rows(loaded, data, tokens: int) -> dict:
+    """transformers' QuantizedCache (real step-by-step decode) and lowbit's presets on the same first tokens."""
+    from transformers import QuantizedCache
+
+    from lowbit.surgery.attention import decode_equivalent
+
+    window = data.eval_windows[0, :tokens]
+    targets = window[1:]
+    with torch.no_grad():
+        lp_fp = torch.log_softmax(loaded.model(window[None], use_cache=False).logits[0, :-1].float(), -1)
+    rows = {}
+    for backend, bits in PEERS:
+        cache = QuantizedCache(backend=backend, config=loaded.model.config, nbits=bits, q_group_size=64,
+                               residual_length=128)
+        start = time.perf_counter()
+        rows[f"transformers {backend} int{bits}"] = {
+            **_compare(lp_fp, teacher_forced_log_probs(loaded.model, window, cache), targets),
+            "seconds": time.perf_counter() - start, "note": "QuantizedCache, group 64, 128 recent tokens exact"}
+        print(f"{backend} int{bits}: {rows[f'transformers {backend} int{bits}']}", flush=True)
+    for preset in PEER_PRESETS:
+        spec = load_preset(preset).kv_cache.spec()
+        with torch.no_grad(), decode_equivalent(loaded.model, spec):
+            lp = torch.log_softmax(loaded.model(window[None], use_cache=False).logits[0, :-1].float(), -1)
+        rows[f"lowbit {preset}"] = {**_compare(lp_fp, lp, targets), "bits": cache_bits(spec, 64, tokens),
+                                    "note": "decode-equivalent one pass"}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=4096)
@@ -79,6 +125,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--force", action="store_true", help="re-measure rows already saved")
     parser.add_argument("--tables-only", action="store_true")
+    parser.add_argument("--peers", action="store_true",
+                        help="also run transformers' QuantizedCache (pip install optimum-quanto hqq) step by step")
+    parser.add_argument("--peer-tokens", type=int, default=2048)
     args = parser.parse_args()
     if args.smoke:
         args.seq_len, args.windows = 512, 1
@@ -98,6 +147,11 @@ def main() -> None:
                 results.write_text(json.dumps(saved, indent=2) + "\n")
                 row = saved["rows"][label]
                 print(f"{label}: {row['bits']:.2f} bits ratio {row['ratio']:.4f} KL {row['kl']:.4f}", flush=True)
+    if args.peers:
+        loaded = lowbit.load_model("default")
+        data = lowbit.prepare_data(lowbit.DataConfig(seq_len=args.seq_len, windows=args.windows), loaded.tokenizer)
+        saved["peers"] = {"tokens": args.peer_tokens, "rows": peer_rows(loaded, data, args.peer_tokens)}
+        results.write_text(json.dumps(saved, indent=2) + "\n")
     if not args.smoke:
         write_table(saved)
         plot(saved)
@@ -113,6 +167,13 @@ def write_table(saved: dict) -> None:
     rows = sorted(saved["rows"].items(), key=lambda kv: (kv[1]["family"], kv[1]["bits"]))
     lines += [f"| {label} | {r['bits']:.2f} | {r['ratio']:.4f} | {r['kl']:.4f} | {r['top1']:.4f} |"
               for label, r in rows]
+    if "peers" in saved:
+        peers = saved["peers"]
+        lines += ["", f"Against transformers' `QuantizedCache` on the first {peers['tokens']} tokens of the first "
+                      "window (the peers decode step by step; lowbit's presets run decode-equivalent):", "",
+                  "| cache | ratio | KL | top-1 | note |", "|---|---|---|---|---|"]
+        lines += [f"| {label} | {r['ratio']:.4f} | {r['kl']:.4f} | {r['top1']:.4f} | {r['note']} |"
+                  for label, r in peers["rows"].items()]
     replace_block(HERE / "README.md", BEGIN, END, lines)
     print("\n".join(lines))
 

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from presets import replace_block
 
 from lowbit.kv.attend import packed_attention
 from lowbit.kv.cache import PackedLayer
 from lowbit.recipe import load_preset
-
-from presets import replace_block
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "kv_speed.json"
