@@ -118,6 +118,31 @@ def peer_rows(loaded, data, tokens: int) -> dict:
     return rows
 
 
+@torch.no_grad()
+def generation_rows(loaded, data, prompts: int = 4, prompt_len: int = 512, new_tokens: int = 48) -> dict:
+    """Greedy continuations of a few evaluation-text prompts with each preset's packed cache against the FP cache.
+
+    ``same``: share of generated positions where the token equals the full-precision one; ``prefix``: mean number
+    of tokens generated before the first difference.
+    """
+    from lowbit.kv.cache import PackedCache
+
+    starts = torch.linspace(0, data.eval_windows.numel() - prompt_len - 1, prompts).long()
+    flat = data.eval_windows.flatten()
+    batch = torch.stack([flat[s:s + prompt_len] for s in starts])
+    kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
+    reference = loaded.model.generate(batch, **kwargs)[:, prompt_len:]
+    rows = {}
+    for preset in PEER_PRESETS:
+        model = lowbit.quantize(loaded.model, preset)
+        out = model.generate(batch, past_key_values=PackedCache.for_model(model), **kwargs)[:, prompt_len:]
+        same = out == reference
+        prefix = torch.where(same.all(1), new_tokens, (~same).float().argmax(1)).float().mean()
+        rows[preset] = {"same": float(same.float().mean()), "prefix": float(prefix)}
+        print(f"{preset}: {rows[preset]}", flush=True)
+    return {"prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=4096)
@@ -128,6 +153,7 @@ def main() -> None:
     parser.add_argument("--peers", action="store_true",
                         help="also run transformers' QuantizedCache (pip install optimum-quanto hqq) step by step")
     parser.add_argument("--peer-tokens", type=int, default=2048)
+    parser.add_argument("--generation", action="store_true", help="greedy continuations against the FP cache")
     args = parser.parse_args()
     if args.smoke:
         args.seq_len, args.windows = 512, 1
@@ -152,6 +178,11 @@ def main() -> None:
         data = lowbit.prepare_data(lowbit.DataConfig(seq_len=args.seq_len, windows=args.windows), loaded.tokenizer)
         saved["peers"] = {"tokens": args.peer_tokens, "rows": peer_rows(loaded, data, args.peer_tokens)}
         results.write_text(json.dumps(saved, indent=2) + "\n")
+    if args.generation:
+        loaded = lowbit.load_model("default")
+        data = lowbit.prepare_data(lowbit.DataConfig(seq_len=args.seq_len, windows=args.windows), loaded.tokenizer)
+        saved["generation"] = generation_rows(loaded, data)
+        results.write_text(json.dumps(saved, indent=2) + "\n")
     if not args.smoke:
         write_table(saved)
         plot(saved)
@@ -174,6 +205,12 @@ def write_table(saved: dict) -> None:
                   "| cache | ratio | KL | top-1 | note |", "|---|---|---|---|---|"]
         lines += [f"| {label} | {r['ratio']:.4f} | {r['kl']:.4f} | {r['top1']:.4f} | {r['note']} |"
                   for label, r in peers["rows"].items()]
+    if "generation" in saved:
+        g = saved["generation"]
+        lines += ["", f"Greedy continuations: {g['prompts']} prompts of {g['prompt_len']} evaluation-text tokens, "
+                      f"{g['new_tokens']} new tokens, each preset's packed cache against the full-precision cache:", "",
+                  "| cache | same token | tokens before the first difference |", "|---|---|---|"]
+        lines += [f"| {k} | {r['same']:.3f} | {r['prefix']:.1f} |" for k, r in g["rows"].items()]
     replace_block(HERE / "README.md", BEGIN, END, lines)
     print("\n".join(lines))
 
