@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from hadamard import median_seconds
 from presets import replace_block
 
 from lowbit.kv.attend import packed_attention
@@ -34,13 +34,7 @@ HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return median_seconds(fn, repeats) * 1e3
 
 
 def dense_row(context: int, dtype: torch.dtype, repeats: int) -> dict:
