@@ -11,7 +11,7 @@ def _orthogonal(n: int, seed: int, dtype=torch.float32) -> torch.Tensor:
 
 
 def _defect(x: torch.Tensor) -> float:
-    x = x.double()
+    x = x.detach().double()
     return float((x.T @ x - torch.eye(x.shape[1], dtype=torch.float64)).abs().max())
 
 
