@@ -142,9 +142,9 @@ def _quantizes(recipe: Recipe) -> bool:
 def _kv_bits(recipe: Recipe, qmodel: nn.Module, context: int) -> float:
     """Bits per cached K/V element: the fake-quant scheme's, or the packed cache's at the evaluation context."""
     if recipe.kv_cache is not None:
-        from .kv.cache import cache_bits
+        from .kv.cache import SPEC_ATTR, cache_bits
 
-        return cache_bits(recipe.kv_cache.spec(), head_dim(qmodel.config), context)
+        return cache_bits(getattr(qmodel, SPEC_ATTR), head_dim(qmodel.config), context)
     return kv_bits(recipe.kv, head_dim(qmodel.config))
 
 

@@ -206,7 +206,8 @@ class Recipe(_Strict):
     @property
     def needs_calibration(self) -> bool:
         """True when some scheme has static scales fitted on calibration text."""
-        return any(s is not None and not s.dynamic for s in (self.activations, self.kv))
+        static_cache = self.kv_cache is not None and self.kv_cache.static
+        return static_cache or any(s is not None and not s.dynamic for s in (self.activations, self.kv))
 
     # --- construction -------------------------------------------------------------------------------------------
 

@@ -147,3 +147,36 @@ def test_chunked_scoring_changes_nothing(monkeypatch):
     chunked, cache = _stepwise_logits(model, tokens, spec)
     assert cache.layers[0].packed_tokens > 8
     assert torch.allclose(chunked, whole, atol=1e-5)
+
+
+def test_static_cache_is_calibrated_per_layer_and_decode_equivalent():
+    import lowbit
+    from lowbit.data import TokenData
+    from lowbit.kv.cache import SPEC_ATTR, cache_bits
+    from lowbit.kv.static import StaticIntCodec
+    from lowbit.recipe import Recipe
+
+    recipe = Recipe.from_dict({"kv_cache": {"keys": {"codec": "int", "bits": 4, "axis": "channel", "static": True},
+                                            "values": {"codec": "int", "bits": 4, "static": True},
+                                            "window": 4, "sink": 1},
+                               "calibration": {"samples": 4, "seq_len": 32}})
+    assert recipe.needs_calibration
+    gen = torch.Generator().manual_seed(7)
+    data = TokenData(eval_windows=torch.randint(0, 320, (1, 40), generator=gen),
+                     calib_tokens=torch.randint(0, 320, (2000,), generator=gen), seed=0)
+    model = _model()
+    q = lowbit.quantize(model, recipe, data)
+    spec = getattr(q, SPEC_ATTR)
+    assert len(spec.layers) == 2 and isinstance(spec.for_layer(1).keys, StaticIntCodec)
+    assert spec.for_layer(0).keys.scale.shape == (2, 32)  # per KV head, per channel (keys)
+    assert spec.for_layer(0).values.scale.shape == (2, 1)  # per KV head (values)
+    assert not torch.equal(spec.for_layer(0).keys.scale, spec.for_layer(1).keys.scale)
+    tokens = data.eval_windows
+    with torch.no_grad():
+        one_pass = q(tokens, use_cache=False).logits
+        cache = PackedCache.for_model(q)
+        stepwise = torch.cat([q(tokens[:, i:i + 1], past_key_values=cache).logits for i in range(40)], dim=1)
+    assert torch.allclose(one_pass, stepwise, atol=2e-4)
+    assert cache_bits(spec, 32, 4096) < 4.1  # codes only, plus the sink and window amortised
+    with pytest.raises(lowbit.errors.CalibrationError, match="calibration data"):
+        lowbit.quantize(model, recipe)

@@ -130,3 +130,17 @@ def test_weighted_sum_equals_weights_times_decoded_values(codec):
     w = torch.softmax(torch.randn(2, 3, 5, 32, generator=torch.Generator().manual_seed(2)), -1)
     packed = codec.encode(v)
     assert torch.allclose(codec.weighted_sum(w, packed, 64), w @ codec.decode(packed, 64), atol=1e-5)
+
+
+def test_static_codec_stores_codes_only_and_round_trips_in_range():
+    from lowbit.kv.static import static_codec
+
+    x = _kv(t=16)  # [2, 3, 16, 64]
+    g = x.reshape(2, 3, 16, 8, 8)
+    lo, hi = g.amin(dim=(0, 2, 4)), g.amax(dim=(0, 2, 4))  # [3 heads, 8 groups of 8 channels]
+    for symmetric in (False, True):
+        codec = static_codec(lo, hi, 4, symmetric)
+        packed = codec.encode(x)
+        assert set(packed.fields) == {"codes"} and packed.nbytes == 2 * 3 * 16 * 32
+        step = (hi - lo).max() / 15 if not symmetric else 2 * torch.maximum(lo.abs(), hi.abs()).max() / 14
+        assert float((codec.decode(packed, 64) - x).abs().max()) <= float(step) / 2 * 1.01 + 1e-3

@@ -113,7 +113,7 @@ class PackedLayer(CacheLayerMixin):
         held = sum(t.numel() * t.element_size() for t in exact)
         if self.packed_keys is not None:
             held += self.packed_keys.nbytes + self.packed_values.nbytes
-        return held
+        return held + sum(getattr(c, "nbytes", 0) for c in (self.spec.keys, self.spec.values))  # static params
 
     def reset(self) -> None:
         self.is_initialized = False
@@ -175,14 +175,15 @@ class PackedCache(Cache):
 def cache_bits(spec: CacheSpec, head_dim: int, context: int, exact_dtype: torch.dtype = torch.float16) -> float:
     """Bits per cached key/value element after ``context`` tokens, counted from the tensors a cache holds.
 
-    Runs one KV head of random keys/values through a :class:`PackedLayer` (exact sink and window stored in
+    Runs one KV head (every head for a static cache) of random keys/values through a :class:`PackedLayer` (exact sink and window stored in
     ``exact_dtype``, 16 bits by default as in a half-precision deployment) and divides the bytes held by the
     elements cached: codes, scales, norms, sketches, outlier values and indices, sink and window all count.
     """
     layer = PackedLayer(spec)
+    heads = next((c.scale.shape[0] for c in (spec.keys, spec.values) if hasattr(c, "scale")), 1)  # static: all
     gen = torch.Generator().manual_seed(0)
-    kv = torch.randn(2, 1, 1, context, head_dim, generator=gen).to(exact_dtype)
+    kv = torch.randn(2, 1, heads, context, head_dim, generator=gen).to(exact_dtype)
     layer.update(kv[0], kv[1])
     layer._append(kv[0], kv[1])
     layer._flush()
-    return layer.nbytes * 8 / (2 * context * head_dim)
+    return layer.nbytes * 8 / (2 * heads * context * head_dim)

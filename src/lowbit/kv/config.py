@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .codecs import IntCodec, QJLKeyCodec, TurboCodec
 from .spec import CacheSpec
+from .static import static_codec
 
 
 class _Strict(BaseModel):
@@ -28,7 +29,8 @@ class _Strict(BaseModel):
 
 class IntCodecConfig(_Strict):
     """Affine integer codes: per token (``axis: token``, channels in groups of ``group``, default the whole head) or
-    per channel over ``group`` tokens (``axis: channel``, KIVI keys)."""
+    per channel over ``group`` tokens (``axis: channel``, KIVI keys). ``static: true`` fixes the scales per KV head
+    from calibration text instead (per channel group, or per channel with ``axis: channel``): codes only."""
 
     codec: Literal["int"] = "int"
     bits: int = Field(default=4, ge=1, le=8)
@@ -36,9 +38,19 @@ class IntCodecConfig(_Strict):
     axis: Literal["token", "channel"] = "token"
     group: int | None = Field(default=None, ge=1)
     clip_ratio: float = Field(default=1.0, gt=0, le=1)
+    static: bool = False
+
+    def channels_per_scale(self, head_dim: int) -> int:
+        """Channels sharing one static scale: 1 per channel (``axis: channel``), else the channel group."""
+        return 1 if self.axis == "channel" else (self.group or head_dim)
 
     def build(self, seed: int) -> IntCodec:
+        if self.static:
+            raise ValueError("a static KV codec is built from calibration ranges (see KVCacheConfig.spec)")
         return IntCodec(self.bits, self.symmetric, self.axis, self.group, self.clip_ratio)
+
+    def build_static(self, lo, hi):
+        return static_codec(lo, hi, self.bits, self.symmetric, self.clip_ratio)
 
 
 class QJLCodecConfig(_Strict):
@@ -80,9 +92,32 @@ class KVCacheConfig(_Strict):
 
     @model_validator(mode="after")
     def _groups_compatible(self) -> KVCacheConfig:
-        _ = self.spec().group  # raises when the key and value token groups do not divide one another
+        if not self.static:
+            _ = self.spec().group  # raises when the key and value token groups do not divide one another
         return self
 
-    def spec(self) -> CacheSpec:
-        """The cache layout (codecs seeded from ``seed``; layers offset it further)."""
-        return CacheSpec(self.keys.build(self.seed), self.values.build(self.seed + 1), self.window, self.sink)
+    @property
+    def static(self) -> bool:
+        """True when a codec takes its scales from calibration (the model must be calibrated first)."""
+        return any(getattr(c, "static", False) for c in (self.keys, self.values))
+
+    def spec(self, ranges: list[dict] | None = None) -> CacheSpec:
+        """The cache layout (codecs seeded from ``seed``; layers offset it further).
+
+        Static codecs need ``ranges``: per decoder layer ``{"keys": (lo, hi), "values": (lo, hi)}`` as recorded by
+        :class:`~lowbit.kv.static.KVRangeHook`; the result then holds one spec per layer.
+        """
+        if not self.static:
+            return CacheSpec(self.keys.build(self.seed), self.values.build(self.seed + 1), self.window, self.sink)
+        if ranges is None:
+            raise ValueError("this kv_cache has static scales: calibrate it first (lowbit.quantize does, with data)")
+        layers = tuple(
+            CacheSpec(self._codec(self.keys, r["keys"], self.seed + 7919 * i),
+                      self._codec(self.values, r["values"], self.seed + 1 + 7919 * i), self.window, self.sink)
+            for i, r in enumerate(ranges)
+        )
+        return CacheSpec(layers[0].keys, layers[0].values, self.window, self.sink, layers=layers)
+
+    @staticmethod
+    def _codec(config, lo_hi, seed: int):
+        return config.build_static(*lo_hi) if getattr(config, "static", False) else config.build(seed)

@@ -47,7 +47,7 @@ class ValueCodec(Protocol):
     def weighted_sum(self, weights: Tensor, packed: Packed, head_dim: int) -> Tensor: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CacheSpec:
     """A packed cache's layout: codecs, exact recent ``window`` and exact ``sink`` tokens."""
 
@@ -55,6 +55,7 @@ class CacheSpec:
     values: ValueCodec
     window: int = 128
     sink: int = 0
+    layers: tuple[CacheSpec, ...] | None = None  # per-layer specs (static codecs calibrated layer by layer)
 
     def __post_init__(self) -> None:
         if self.window < 0 or self.sink < 0:
@@ -69,7 +70,10 @@ class CacheSpec:
         return max(kg, vg)
 
     def for_layer(self, layer_idx: int) -> CacheSpec:
-        """This spec with seeded codecs (QJL, rotated codebook) offset per layer, so layers are independent."""
+        """The spec of one layer: its own when calibrated per layer, else this one with seeded codecs (QJL,
+        rotated codebook) offset per layer so that layers are independent."""
+        if self.layers is not None:
+            return self.layers[layer_idx]
         return dataclasses.replace(self, keys=_reseed(self.keys, layer_idx), values=_reseed(self.values, layer_idx))
 
 

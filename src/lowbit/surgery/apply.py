@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import CalibrationError
 from ..models.arch import ArchSpec, decoder_layers, get_module, set_module
 from ..recipe import Recipe
-from .attention import KVQuantHook, add_attention_hook, attention_hooks, set_decode_equivalent
+from .attention import KVQuantHook, add_attention_hook, attention_hooks
 from .linear import QuantLinear
 from .offload import carry_hook, onloaded
 from .quantizer import ActQuantizer
@@ -118,15 +118,6 @@ def attach_kv_quantizers(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> No
         add_attention_hook(model, attn, hook)
 
 
-def attach_packed_cache(model: nn.Module, spec) -> None:
-    """Give the model a packed KV cache: one-pass forwards evaluate it decode-equivalently, and
-    ``PackedCache.for_model(model)`` builds the cache to decode with."""
-    from ..kv.cache import SPEC_ATTR
-
-    setattr(model, SPEC_ATTR, spec)
-    set_decode_equivalent(model, spec)
-
-
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: torch.Tensor, progress=None) -> None:
     """Run calibration token batches ``[n, seq_len]`` through the model to fit every static quantizer's scales."""
@@ -161,7 +152,9 @@ def apply_recipe(model: nn.Module, ctx: StepContext) -> None:
     if recipe.kv is not None:
         attach_kv_quantizers(model, ctx.spec, recipe)
     if recipe.kv_cache is not None:
-        attach_packed_cache(model, recipe.kv_cache.spec())
+        from .kvcache import apply_kv_cache
+
+        apply_kv_cache(model, ctx.spec, recipe.kv_cache, ctx.calibration)
     seconds["quantize"] += time.perf_counter() - start
     if recipe.needs_calibration:
         if ctx.calibration is None:

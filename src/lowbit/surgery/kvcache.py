@@ -1,0 +1,53 @@
+"""Give a model its packed KV cache (a recipe's ``kv_cache``), calibrating static per-head scales when asked."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kv.cache import SPEC_ATTR
+from ..kv.config import KVCacheConfig
+from ..kv.static import KVRangeHook
+from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
+from .attention import HOOKS_ATTR, add_attention_hook, set_decode_equivalent
+
+
+@torch.no_grad()
+def calibrate_kv_ranges(model: nn.Module, arch: ArchSpec, config: KVCacheConfig, batches: torch.Tensor) -> list[dict]:
+    """Per-layer key/value ranges over the calibration batches ``[n, L]``, seen where the cache would store them.
+
+    The recorders run last among each attention module's hooks, so keys are measured after any online rotation.
+    """
+    d = head_dim(model.config)
+    channels = [c.channels_per_scale(d) if getattr(c, "static", False) else d for c in (config.keys, config.values)]
+    attns = [get_module(layer, arch.attn) for layer in decoder_layers(model, arch)]
+    hooks = [KVRangeHook(*channels) for _ in attns]
+    for attn, hook in zip(attns, hooks, strict=True):
+        add_attention_hook(model, attn, hook)
+    try:
+        for row in batches:
+            model(row.unsqueeze(0), use_cache=False)
+    finally:
+        for attn, hook in zip(attns, hooks, strict=True):
+            kept = [h for h in getattr(attn, HOOKS_ATTR) if h is not hook]
+            attn.register_module(HOOKS_ATTR, nn.ModuleList(kept))
+    return [hook.ranges() for hook in hooks]
+
+
+def attach_packed_cache(model: nn.Module, spec) -> None:
+    """Give the model a packed KV cache: one-pass forwards evaluate it decode-equivalently, and
+    ``PackedCache.for_model(model)`` builds the cache to decode with."""
+    setattr(model, SPEC_ATTR, spec)
+    set_decode_equivalent(model, spec)
+
+
+def apply_kv_cache(model: nn.Module, arch: ArchSpec, config: KVCacheConfig, calibration) -> None:
+    """Attach the recipe's packed cache, calibrating its static scales first when it has any."""
+    if not config.static:
+        attach_packed_cache(model, config.spec())
+        return
+    if calibration is None:
+        from ..errors import CalibrationError
+
+        raise CalibrationError("this kv_cache has static scales and needs calibration data: pass some")
+    attach_packed_cache(model, config.spec(calibrate_kv_ranges(model, arch, config, calibration())))
