@@ -11,6 +11,7 @@ or step by step with :func:`lowbit.load_model`, :func:`quantize` and :func:`lowb
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -58,12 +59,14 @@ def quantize(
             "quantize it in place with inplace=True"
         )
     target = model if inplace else copy.deepcopy(model)
-    calibration = None
+    calibration = sample = None
     if data is not None:
         cal = recipe.calibration
         calibration = lambda: data.calibration(cal.samples, cal.seq_len)
+        sample = data.calibration
     seed = seed if seed is not None else (data.seed if data is not None else 0)
-    ctx = StepContext(recipe=recipe, spec=spec, seed=seed, calibration=calibration, progress=progress, info=info or {})
+    ctx = StepContext(recipe=recipe, spec=spec, seed=seed, calibration=calibration, sample_calibration=sample,
+                      progress=progress, info=info or {})
     with torch.no_grad():
         apply_recipe(target, ctx)
     if info is not None:
@@ -106,7 +109,8 @@ def run(
     if "gptq" in info:
         report["gptq"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in info["gptq"].items()}
     if "rotation" in info:
-        report["rotation"] = {**info["rotation"], **rotation_invariance(loaded.model, recipe, tokens)}
+        learned = info.get("learned_rotations")
+        report["rotation"] = {**info["rotation"], **rotation_invariance(loaded.model, recipe, tokens, learned)}
     if tasks:
         from .integrations.harness import run_tasks
 
@@ -122,13 +126,23 @@ INVARIANCE_TOKENS = 512
 
 
 @torch.no_grad()
-def rotation_invariance(fp_model: nn.Module, recipe: Recipe, tokens: TokenData) -> dict:
+def rotation_invariance(fp_model: nn.Module, recipe: Recipe, tokens: TokenData, learned=None) -> dict:
     """Largest |logit difference| between the rotated full-precision model and the original on evaluation text.
 
     Measured on the first ``INVARIANCE_TOKENS`` tokens of the first evaluation window, every run: the proof that the
-    rotations alone change nothing.
+    rotations alone change nothing. ``learned`` rotations (SpinQuant) are reused rather than learned again.
     """
-    rotated = quantize(fp_model, recipe.rotations_only(), seed=tokens.seed)
+    rotations = recipe.rotations_only()
+    with tempfile.TemporaryDirectory() as folder:
+        if learned is not None:
+            from .surgery.spinquant_step import save_rotations
+
+            path = Path(folder) / "rotations.safetensors"
+            save_rotations(path, learned, {"recipe": recipe.name})
+            steps = [s.model_copy(update={"rotations": str(path)}) if s.method == "spinquant" else s
+                     for s in rotations.steps]
+            rotations = rotations.model_copy(update={"steps": steps})
+        rotated = quantize(fp_model, rotations, seed=tokens.seed)
     window = tokens.eval_windows[0, :INVARIANCE_TOKENS].unsqueeze(0)
     diff = (rotated(window, use_cache=False).logits - fp_model(window, use_cache=False).logits).abs().max()
     return {"max_abs_logit_diff_vs_fp": diff.item(), "invariance_tokens": window.shape[1]}

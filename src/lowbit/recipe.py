@@ -132,9 +132,34 @@ class QuaRotStep(_Strict):
     fallback: Literal["block_diagonal", "random_orthogonal"] | None = None
 
 
-Step = Annotated[RTNStep | GPTQStep | QuaRotStep, Field(discriminator="method")]
+class SpinQuantStep(_Strict):
+    """SpinQuant: learn R1 and the per-layer R2 with Cayley SGD for the recipe's activation/KV quantizers.
+
+    Training starts from QuaRot's seeded random Hadamards (R3/R4 stay fixed Hadamards) and minimises next-token
+    cross-entropy with fake-quantized activations and KV on ``samples`` calibration sequences of ``seq_len`` tokens,
+    ``batch`` per step, for ``steps`` steps at peak ``lr`` with cosine decay. ``checkpoint``: a file written every
+    ``checkpoint_every`` steps; a run with the same settings resumes from it. ``rotations``: load learned rotations
+    from such a file instead of training.
+    """
+
+    method: Literal["spinquant"] = "spinquant"
+    steps: int = Field(default=100, ge=1)
+    lr: float = Field(default=1.5, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    samples: int = Field(default=100, ge=1)
+    seq_len: int = Field(default=512, ge=2)
+    batch: int = Field(default=1, ge=1)
+    r3: bool = True
+    r4: bool = True
+    seed: int | None = None
+    checkpoint: str | None = None
+    checkpoint_every: int = Field(default=10, ge=1)
+    rotations: str | None = None
+
+
+Step = Annotated[RTNStep | GPTQStep | QuaRotStep | SpinQuantStep, Field(discriminator="method")]
 WEIGHT_STEPS = ("rtn", "gptq")
-ROTATION_STEPS = ("quarot",)
+ROTATION_STEPS = ("quarot", "spinquant")
 
 
 class CalibrationConfig(_Strict):
@@ -173,7 +198,7 @@ class Recipe(_Strict):
         if len(weight_steps) > 1:
             raise ValueError("at most one weight step (rtn or gptq) per recipe")
         if len(rotations) > 1:
-            raise ValueError("at most one rotation step (quarot) per recipe")
+            raise ValueError("at most one rotation step (quarot or spinquant) per recipe")
         if rotations and any(methods.index(m) < rotations[0] for m in methods if m in WEIGHT_STEPS):
             raise ValueError("the rotation step must come before weight steps (rotate, then quantize)")
         if self.weights is not None and not weight_steps:
@@ -244,7 +269,7 @@ class Recipe(_Strict):
 def _describe_errors(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"] if p not in ("rtn", "gptq", "quarot")) or "recipe"
+        field = ".".join(str(p) for p in err["loc"] if p not in ("rtn", "gptq", "quarot", "spinquant")) or "recipe"
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"field '{field}': {msg}")
     return "; ".join(parts)

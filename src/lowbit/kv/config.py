@@ -14,7 +14,7 @@ codebook, optional 1-bit residual sketch). Value codecs: ``int`` and ``turbo``.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -77,8 +77,8 @@ class TurboCodecConfig(_Strict):
         return TurboCodec(self.bits, self.residual_qjl, seed)
 
 
-KeyCodecConfig = Annotated[Union[IntCodecConfig, QJLCodecConfig, TurboCodecConfig], Field(discriminator="codec")]
-ValueCodecConfig = Annotated[Union[IntCodecConfig, TurboCodecConfig], Field(discriminator="codec")]
+KeyCodecConfig = Annotated[IntCodecConfig | QJLCodecConfig | TurboCodecConfig, Field(discriminator="codec")]
+ValueCodecConfig = Annotated[IntCodecConfig | TurboCodecConfig, Field(discriminator="codec")]
 
 
 class KVCacheConfig(_Strict):

@@ -26,6 +26,7 @@ class StepContext:
     spec: ArchSpec
     seed: int = 0
     calibration: Callable[[], torch.Tensor] | None = None
+    sample_calibration: Callable[[int, int], torch.Tensor] | None = None  # (samples, seq_len) -> token batches
     progress: Callable[[str, int], Callable[[], None]] | None = None
     info: dict = field(default_factory=dict)
 
@@ -95,8 +96,9 @@ def rtn_step(model: nn.Module, step, ctx: StepContext) -> None:
 def _step_handlers() -> dict[str, Callable[[nn.Module, object, StepContext], None]]:
     from .gptq import gptq_step
     from .rotate import quarot_step
+    from .spinquant_step import spinquant_step
 
-    return {"rtn": rtn_step, "gptq": gptq_step, "quarot": quarot_step}
+    return {"rtn": rtn_step, "gptq": gptq_step, "quarot": quarot_step, "spinquant": spinquant_step}
 
 
 def attach_activation_quantizers(model: nn.Module, recipe: Recipe) -> None:

@@ -1,0 +1,137 @@
+"""SpinQuant: learn R1 and the per-layer R2 with Cayley SGD so that the quantized model loses less, then fold them.
+
+Reference: Liu et al., "SpinQuant: LLM Quantization with Learned Rotations", 2024, arXiv 2405.16406.
+
+The model is prepared as for QuaRot (norms folded, lm_head untied, R4 folded into down_proj with its online
+Hadamard, R3 online on Q/K) and given the recipe's activation and KV fake-quantizers (straight-through rounding).
+All weights stay frozen. Each training step computes the rotated weights from the frozen originals as a
+differentiable function of R1 and R2 (:func:`rotated_parameters`), runs the model on them with
+``torch.func.functional_call``, and takes one :class:`~lowbit.rotations.cayley.CayleySGD` step on the next-token
+cross-entropy of calibration text. The learned rotations are then folded into the weights exactly like QuaRot's
+(float64) and the fake-quantizers removed, so GPTQ (or RTN) runs next as in the QuaRot flow.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
+from ..rotations.cayley import CayleySGD
+
+
+@dataclass
+class Rotations:
+    """Trainable R1 (hidden × hidden) and one R2 (head_dim × head_dim) per layer, float32 parameters."""
+
+    r1: nn.Parameter
+    r2: list[nn.Parameter]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.r1, *self.r2]
+
+    def max_orthogonality_error(self) -> float:
+        """``max |R^T R - I|`` over every rotation."""
+        errs = []
+        for r in self.parameters():
+            x = r.detach().double()
+            errs.append(float((x.T @ x - torch.eye(x.shape[0], dtype=torch.float64)).abs().max()))
+        return max(errs)
+
+
+def _param_name(spec: ArchSpec, i: int, path: str, kind: str = "weight") -> str:
+    return f"{spec.layers}.{i}.{path}.{kind}"
+
+
+def frozen_originals(model: nn.Module, spec: ArchSpec) -> dict[str, Tensor]:
+    """Detached copies of every parameter the rotations touch, keyed by parameter name."""
+    names = [f"{spec.embed}.weight", f"{spec.lm_head}.weight"]
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        for path in (*spec.residual_readers, *spec.residual_writers):
+            names.append(_param_name(spec, i, path))
+            if get_module(layer, path).bias is not None:
+                names.append(_param_name(spec, i, path, "bias"))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {n: params[n].detach().clone() for n in names}
+
+
+def rotated_parameters(originals: dict[str, Tensor], spec: ArchSpec, rot: Rotations, d: int) -> dict[str, Tensor]:
+    """The rotated weights, differentiable in R1 and R2 (the same maps as QuaRot's in-place rotation).
+
+    Readers of the residual stream (embedding rows, q/k/v/gate/up, lm_head) become ``W @ R1``; writers (o, down)
+    ``R1^T @ W`` with bias ``b @ R1``; v_proj's output heads ``R2^T`` per head and o_proj's input heads ``@ R2``.
+    """
+    r1 = rot.r1
+    out = {f"{spec.embed}.weight": originals[f"{spec.embed}.weight"] @ r1,
+           f"{spec.lm_head}.weight": originals[f"{spec.lm_head}.weight"] @ r1}
+    for i, r2 in enumerate(rot.r2):
+        for path in spec.residual_readers:
+            out[_param_name(spec, i, path)] = originals[_param_name(spec, i, path)] @ r1
+            if (bias := _param_name(spec, i, path, "bias")) in originals:
+                out[bias] = originals[bias]
+        for path in spec.residual_writers:
+            out[_param_name(spec, i, path)] = r1.T @ originals[_param_name(spec, i, path)]
+            if (bias := _param_name(spec, i, path, "bias")) in originals:
+                out[bias] = originals[bias] @ r1
+        v, o = _param_name(spec, i, spec.v), _param_name(spec, i, spec.o)
+        w_v = out[v]
+        out[v] = (r2.T @ w_v.view(-1, d, w_v.shape[1])).reshape(w_v.shape)
+        if (bias := _param_name(spec, i, spec.v, "bias")) in originals:
+            out[bias] = (originals[bias].view(-1, d) @ r2).reshape(-1)
+        w_o = out[o]
+        out[o] = (w_o.view(w_o.shape[0], -1, d) @ r2).reshape(w_o.shape)
+    return out
+
+
+@dataclass
+class TrainConfig:
+    """How rotations are learned: ``steps`` Cayley SGD steps at peak ``lr`` with cosine decay, ``batch`` samples."""
+
+    steps: int = 100
+    lr: float = 1.5
+    momentum: float = 0.0
+    batch: int = 1
+
+
+def _cosine(step: int, total: int, peak: float) -> float:
+    return peak * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+
+
+def train_rotations(model: nn.Module, spec: ArchSpec, rot: Rotations, batches: Tensor, config: TrainConfig,
+                    progress=None, start_step: int = 0, on_step=None) -> list[float]:
+    """Learn ``rot`` on calibration token ``batches`` ``[n, L]``; returns the loss per step.
+
+    ``on_step(step, rot, losses)`` is called after every step with this run's losses so far (checkpointing);
+    ``start_step`` resumes the schedule. Every weight of ``model`` must already be frozen; batches cycle in order.
+    """
+    originals = frozen_originals(model, spec)
+    d = head_dim(model.config)
+    optimizer = CayleySGD(rot.parameters(), lr=config.lr, momentum=config.momentum)
+    tick = progress("learning rotations", config.steps - start_step) if progress else (lambda: None)
+    losses = []
+    with torch.enable_grad():  # recipes run under no_grad; the rotations need gradients
+        for step in range(start_step, config.steps):
+            losses.append(_train_step(model, spec, rot, originals, batches, config, optimizer, step, d))
+            if on_step is not None:
+                on_step(step, rot, losses)
+            tick()
+    return losses
+
+
+def _train_step(model, spec, rot, originals, batches, config, optimizer, step: int, d: int) -> float:
+    """One Cayley SGD step on the next-token loss of the step's batch (batches cycle in order)."""
+    for group in optimizer.param_groups:
+        group["lr"] = _cosine(step, config.steps, config.lr)
+    tokens = batches[torch.arange(step * config.batch, (step + 1) * config.batch) % len(batches)]
+    optimizer.zero_grad(set_to_none=True)
+    params = rotated_parameters(originals, spec, rot, d)
+    logits = torch.func.functional_call(model, params, (tokens,), {"use_cache": False}).logits
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+

@@ -1,0 +1,167 @@
+"""The ``spinquant`` recipe step: prepare, learn (or load) R1/R2, fold them in, checkpoint and resume.
+
+Rotations are saved with safetensors (``r1``, ``r2.<layer>``) plus metadata (recipe name, seed, step, the loss
+curve) so that training resumes from its last checkpoint after an interruption and a recipe can load learned
+rotations instead of training again (``rotations: path``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models.arch import decoder_layers, get_module, head_dim
+from ..rotations import random_hadamard
+from .apply import (
+    act_quantizers,
+    attach_activation_quantizers,
+    attach_kv_quantizers,
+    quant_linears,
+    swap_linears,
+)
+from .attention import HOOKS_ATTR, KVQuantHook
+from .rotate import (
+    _sub_seeds,
+    add_online_down_rotation,
+    add_online_qk_rotation,
+    fold_norms,
+    rotate_heads,
+    rotate_residual,
+)
+from .spinquant import Rotations, TrainConfig, train_rotations
+
+
+def save_rotations(path: str | Path, rot: Rotations, meta: dict) -> None:
+    """Write rotations and metadata atomically (a partial file never replaces a good checkpoint)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"r1": rot.r1.detach().contiguous()}
+    tensors.update({f"r2.{i}": r.detach().contiguous() for i, r in enumerate(rot.r2)})
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"lowbit": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_rotations(path: str | Path) -> tuple[Rotations, dict]:
+    """Rotations and metadata from :func:`save_rotations`; a clear error for a missing or foreign file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        from ..errors import RecipeError
+
+        raise RecipeError(f"rotations file {path} not found: train rotations first or fix the path")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lowbit", "{}"))
+        keys = sorted((k for k in f.keys() if k.startswith("r2.")), key=lambda k: int(k.split(".")[1]))
+        rot = Rotations(nn.Parameter(f.get_tensor("r1")), [nn.Parameter(f.get_tensor(k)) for k in keys])
+    return rot, meta
+
+
+def initial_rotations(model: nn.Module, spec, seed: int) -> Rotations:
+    """QuaRot's seeded random Hadamards for R1 and every R2: where SpinQuant starts."""
+    layers = decoder_layers(model, spec)
+    seeds = _sub_seeds(seed, 3 + len(layers))
+    d = head_dim(model.config)
+    r1 = random_hadamard(model.config.hidden_size, seeds[0]).dense().float()
+    r2 = [random_hadamard(d, s).dense().float() for s in seeds[3:]]
+    return Rotations(nn.Parameter(r1), [nn.Parameter(r) for r in r2])
+
+
+def _prepare(model: nn.Module, spec, recipe, seed: int, r3: bool, r4: bool) -> dict:
+    """Fold norms, fix R3/R4, attach the recipe's fake-quantizers for training; returns rotation info."""
+    layers = decoder_layers(model, spec)
+    seeds = _sub_seeds(seed, 3 + len(layers))
+    info: dict = {"untied_lm_head_bytes": fold_norms(model, spec)}
+    if r3:
+        rot3 = random_hadamard(head_dim(model.config), seeds[1])
+        add_online_qk_rotation(model, spec, rot3)
+        info["R3"] = rot3.description + " (online)"
+    if r4:
+        rot4 = random_hadamard(model.config.intermediate_size, seeds[2])
+        add_online_down_rotation(model, spec, rot4)
+        info["R4"] = rot4.description + " (online)"
+    if recipe.activations is not None:
+        swap_linears(model, spec, recipe.targets)
+        attach_activation_quantizers(model, recipe)
+    if recipe.kv is not None:
+        attach_kv_quantizers(model, spec, recipe)
+    return info
+
+
+def _remove_training_quantizers(model: nn.Module, spec) -> None:
+    """Take the fake-quantizers off again: the recipe attaches its own after the weight step, as for QuaRot."""
+    for _, linear in quant_linears(model):
+        linear.input_quant = None
+    for layer in decoder_layers(model, spec):
+        attn = get_module(layer, spec.attn)
+        if hasattr(attn, HOOKS_ATTR):
+            kept = [h for h in getattr(attn, HOOKS_ATTR) if not isinstance(h, KVQuantHook)]
+            attn.register_module(HOOKS_ATTR, nn.ModuleList(kept))
+    assert not any(True for _ in act_quantizers(model))
+
+
+def _resume(step, rot: Rotations, meta_base: dict) -> tuple[Rotations, int, list[float]]:
+    """The checkpoint's rotations, next step and losses when it matches this run; else a fresh start."""
+    if step.checkpoint is None or not Path(step.checkpoint).is_file():
+        return rot, 0, []
+    saved, meta = load_rotations(step.checkpoint)
+    if {k: meta.get(k) for k in meta_base} != meta_base or len(saved.r2) != len(rot.r2):
+        return rot, 0, []
+    return saved, int(meta["step"]) + 1, list(meta.get("losses", []))
+
+
+def spinquant_step(model: nn.Module, step, ctx) -> None:
+    """Learn (or load) R1/R2 for the recipe's quantizers, fold them in; records them in ``ctx.info``."""
+    seed = ctx.seed if step.seed is None else step.seed
+    spec, recipe = ctx.spec, ctx.recipe
+    start = time.perf_counter()
+    model.requires_grad_(False)
+    info = _prepare(model, spec, recipe, seed, step.r3, step.r4)
+    if step.rotations is not None:
+        rot, meta = load_rotations(step.rotations)
+        losses = list(meta.get("losses", []))
+    else:
+        rot, losses = _learn(model, spec, step, ctx, seed)
+    _remove_training_quantizers(model, spec)
+    with torch.no_grad():
+        rotate_residual(model, spec, rot.r1.detach().double())
+        rotate_heads(model, spec, [r.detach().double() for r in rot.r2])
+    info.update({"R1": "learned (SpinQuant, Cayley SGD) from a seeded random Hadamard",
+                 "R2": f"learned, one per layer ({len(rot.r2)})", "max_orthogonality_error": rot.max_orthogonality_error(),
+                 "losses": [round(x, 4) for x in losses], "seconds": round(time.perf_counter() - start, 3)})
+    ctx.info["rotation"] = info
+    ctx.info["learned_rotations"] = rot
+
+
+def _learn(model: nn.Module, spec, step, ctx, seed: int) -> tuple[Rotations, list[float]]:
+    """Train from the initial Hadamards (or the matching checkpoint), checkpointing as configured."""
+    if ctx.sample_calibration is None:
+        from ..errors import CalibrationError
+
+        raise CalibrationError("SpinQuant learns rotations on calibration text: pass calibration data")
+    batches = ctx.sample_calibration(step.samples, step.seq_len)
+    meta_base = {"recipe": ctx.recipe.name, "seed": seed, "steps": step.steps, "lr": step.lr,
+                 "samples": step.samples, "seq_len": step.seq_len}
+    rot, first, earlier = _resume(step, initial_rotations(model, spec, seed), meta_base)
+    config = TrainConfig(steps=step.steps, lr=step.lr, momentum=step.momentum, batch=step.batch)
+
+    def checkpoint(i: int, current: Rotations, losses: list[float]) -> None:
+        if step.checkpoint is not None and (i + 1 == step.steps or (i + 1) % step.checkpoint_every == 0):
+            save_rotations(step.checkpoint, current, {**meta_base, "step": i, "losses": earlier + losses})
+
+    new = train_rotations(model, spec, rot, batches, config, ctx.progress, start_step=first, on_step=checkpoint)
+    return rot, earlier + new

@@ -1,0 +1,125 @@
+"""SpinQuant on tiny models: the functional rotation equals QuaRot's, training lowers the loss and keeps rotations
+orthogonal, the folded model stays invariant, and training resumes from a checkpoint or loads saved rotations."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.data import TokenData
+from lowbit.models.arch import spec_for
+from lowbit.recipe import Recipe
+from lowbit.surgery.spinquant import rotated_parameters
+from lowbit.surgery.spinquant_step import initial_rotations, load_rotations
+from tests.conftest import tiny_model
+
+
+@pytest.fixture
+def calib():
+    g = torch.Generator().manual_seed(7)
+    return TokenData(eval_windows=torch.randint(0, 320, (2, 48), generator=g),
+                     calib_tokens=torch.randint(0, 320, (4000,), generator=g), seed=0)
+
+
+def _recipe(steps: dict, activations=True) -> Recipe:
+    data = {"steps": [{"method": "spinquant", "samples": 4, "seq_len": 32, **steps}]}
+    if activations:
+        data["activations"] = {"format": "int4", "granularity": "token", "dynamic": True, "clip_ratio": 0.9}
+        data["kv"] = {"format": "int4", "symmetric": False, "granularity": "head", "dynamic": True}
+    return Recipe.from_dict(data)
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens, use_cache=False).logits
+
+
+def test_functional_rotation_matches_quarot(family, calib):
+    """With the initial Hadamards, the differentiable rotated weights are QuaRot's weights (same seeds)."""
+    quarot = lowbit.quantize(tiny_model(family), Recipe.from_dict({"steps": [{"method": "quarot", "r3": False,
+                                                                               "r4": False}]}), seed=3)
+    model = tiny_model(family)
+    spec = spec_for(model)
+    from lowbit.surgery.rotate import fold_norms
+    from lowbit.surgery.spinquant import frozen_originals
+
+    fold_norms(model, spec)
+    rotated = rotated_parameters(frozen_originals(model, spec), spec, initial_rotations(model, spec, 3),
+                                 model.config.hidden_size // model.config.num_attention_heads)
+    params = dict(quarot.named_parameters())
+    for name, value in rotated.items():
+        assert torch.allclose(value, params[name], atol=1e-5), name
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny Llama trained for a few seconds to memorise phrases (a random model's loss is flat: nothing to learn)."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(3)
+    phrases = [torch.randint(0, 320, (16,), generator=gen) for _ in range(12)]
+    stream = torch.cat([phrases[i] for i in torch.randint(0, 12, (600,), generator=gen)])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        starts = torch.randint(0, len(stream) - 65, (8,), generator=gen)
+        batch = torch.stack([stream[s:s + 64] for s in starts])
+        optimizer.zero_grad()
+        model(batch, labels=batch).loss.backward()
+        optimizer.step()
+    model.eval().requires_grad_(False)
+    return model, TokenData(eval_windows=stream[:96].view(2, 48), calib_tokens=stream[96:], seed=0)
+
+
+def test_training_lowers_the_quantized_loss_and_keeps_the_model_invariant(trained):
+    """With 2-bit activations (a large quantization loss) learning the rotations on one batch cuts its loss; the
+    learned rotations are orthogonal and, folded into the full-precision model, change none of its outputs."""
+    model, data = trained
+    recipe = _recipe({"steps": 10, "lr": 1.5, "samples": 1, "seq_len": 64})
+    recipe = recipe.updated(activations={**recipe.activations.model_dump(), "format": "int2"})
+    info: dict = {}
+    lowbit.quantize(model, recipe, data, info=info)
+    losses = info["rotation"]["losses"]
+    assert len(losses) == 10 and losses[-1] < 0.75 * losses[0]
+    assert info["rotation"]["max_orthogonality_error"] < 1e-5
+    fp = lowbit.quantize(model, _recipe({"rotations": None}, activations=False).updated(
+        steps=[{"method": "spinquant", "steps": 10, "lr": 1.5, "samples": 1, "seq_len": 64}]), data)
+    from lowbit.pipeline import rotation_invariance
+
+    learned = rotation_invariance(model, recipe, data, info["learned_rotations"])
+    assert learned["max_abs_logit_diff_vs_fp"] < 1e-4
+    assert torch.allclose(_logits(fp, data.eval_windows), _logits(model, data.eval_windows), atol=1e-4)
+
+
+def test_resume_after_interruption_and_load_saved_rotations(calib, tmp_path, monkeypatch):
+    import lowbit.surgery.spinquant as sq
+
+    ckpt = tmp_path / "rot.safetensors"
+    recipe = _recipe({"steps": 4, "lr": 1.0, "checkpoint": str(ckpt), "checkpoint_every": 2})
+    whole = lowbit.quantize(tiny_model("llama"), recipe.updated(
+        steps=[{**recipe.steps[0].model_dump(), "checkpoint": str(tmp_path / "whole.safetensors")}]), calib)
+
+    calls = {"n": 0}
+    real = sq._train_step
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sq, "_train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lowbit.quantize(tiny_model("llama"), recipe, calib)
+    _, meta = load_rotations(ckpt)
+    assert meta["step"] == 1 and len(meta["losses"]) == 2
+    monkeypatch.setattr(sq, "_train_step", real)
+    info: dict = {}
+    resumed = lowbit.quantize(tiny_model("llama"), recipe, calib, info=info)
+    assert len(info["rotation"]["losses"]) == 4
+    assert torch.allclose(_logits(resumed, calib.eval_windows), _logits(whole, calib.eval_windows), atol=1e-5)
+    loaded = lowbit.quantize(tiny_model("llama"), _recipe({"rotations": str(ckpt)}), calib)
+    assert torch.allclose(_logits(loaded, calib.eval_windows), _logits(resumed, calib.eval_windows), atol=1e-5)
+
+
+def test_missing_rotations_file_is_named(calib, tmp_path):
+    with pytest.raises(lowbit.LowbitError, match="not found"):
+        lowbit.quantize(tiny_model("llama"), _recipe({"rotations": str(tmp_path / "nope.safetensors")}), calib)
