@@ -123,3 +123,22 @@ def test_resume_after_interruption_and_load_saved_rotations(calib, tmp_path, mon
 def test_missing_rotations_file_is_named(calib, tmp_path):
     with pytest.raises(lowbit.LowbitError, match="not found"):
         lowbit.quantize(tiny_model("llama"), _recipe({"rotations": str(tmp_path / "nope.safetensors")}), calib)
+
+
+def test_weight_only_training_fake_quantizes_the_rotated_weights(trained):
+    """quantize_weights: the loss is the RTN-quantized model's, so it is above the full-precision one."""
+    model, data = trained
+    base = {"steps": 2, "lr": 0.5, "samples": 1, "seq_len": 64}
+    weights = {"format": "int2", "symmetric": True, "granularity": "channel"}
+    plain, fq = {}, {}
+    for steps, info in (({**base}, plain), ({**base, "quantize_weights": True}, fq)):
+        recipe = Recipe.from_dict({"steps": [{"method": "spinquant", **steps}, {"method": "rtn"}], "weights": weights})
+        lowbit.quantize(model, recipe, data, info=info)
+    assert fq["rotation"]["losses"][0] > 1.5 * plain["rotation"]["losses"][0]
+
+
+def test_spinquant_presets_validate():
+    from lowbit.recipe import load_preset
+
+    for name in ("w4a4kv4-spinquant", "w4a16-spinquant"):
+        assert load_preset(name).steps[0].method == "spinquant"

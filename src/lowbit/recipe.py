@@ -139,7 +139,8 @@ class SpinQuantStep(_Strict):
     cross-entropy with fake-quantized activations and KV on ``samples`` calibration sequences of ``seq_len`` tokens,
     ``batch`` per step, for ``steps`` steps at peak ``lr`` with cosine decay. ``checkpoint``: a file written every
     ``checkpoint_every`` steps; a run with the same settings resumes from it. ``rotations``: load learned rotations
-    from such a file instead of training.
+    from such a file instead of training. ``quantize_weights``: also RTN fake-quantize the linear weights with the
+    recipe's weight scheme while learning (for weight-only recipes, where nothing else is quantized).
     """
 
     method: Literal["spinquant"] = "spinquant"
@@ -155,6 +156,7 @@ class SpinQuantStep(_Strict):
     checkpoint: str | None = None
     checkpoint_every: int = Field(default=10, ge=1)
     rotations: str | None = None
+    quantize_weights: bool = False
 
 
 Step = Annotated[RTNStep | GPTQStep | QuaRotStep | SpinQuantStep, Field(discriminator="method")]

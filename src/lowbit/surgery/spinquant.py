@@ -95,6 +95,7 @@ class TrainConfig:
     lr: float = 1.5
     momentum: float = 0.0
     batch: int = 1
+    weights: object | None = None  # a QuantScheme: RTN fake-quantize the rotated linear weights while learning
 
 
 def _cosine(step: int, total: int, peak: float) -> float:
@@ -129,9 +130,22 @@ def _train_step(model, spec, rot, originals, batches, config, optimizer, step: i
     tokens = batches[torch.arange(step * config.batch, (step + 1) * config.batch) % len(batches)]
     optimizer.zero_grad(set_to_none=True)
     params = rotated_parameters(originals, spec, rot, d)
+    if config.weights is not None:
+        params = _fake_quantize_linears(params, spec, config.weights)
     logits = torch.func.functional_call(model, params, (tokens,), {"use_cache": False}).logits
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
     loss.backward()
     optimizer.step()
     return float(loss.detach())
 
+
+
+def _fake_quantize_linears(params: dict[str, Tensor], spec: ArchSpec, scheme) -> dict[str, Tensor]:
+    """RTN fake-quantize the decoder linears' rotated weights (straight-through), for weight-only SpinQuant."""
+    from ..quant import fake_quantize
+    from .quantizer import granularity_for
+
+    fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
+    linear = f"{spec.layers}."
+    return {name: fake_quantize(w, fmt, gran, clip_ratio=scheme.clip_ratio)
+            if name.startswith(linear) and name.endswith(".weight") else w for name, w in params.items()}

@@ -155,9 +155,10 @@ def _learn(model: nn.Module, spec, step, ctx, seed: int) -> tuple[Rotations, lis
         raise CalibrationError("SpinQuant learns rotations on calibration text: pass calibration data")
     batches = ctx.sample_calibration(step.samples, step.seq_len)
     meta_base = {"recipe": ctx.recipe.name, "seed": seed, "steps": step.steps, "lr": step.lr,
-                 "samples": step.samples, "seq_len": step.seq_len}
+                 "samples": step.samples, "seq_len": step.seq_len, "quantize_weights": step.quantize_weights}
     rot, first, earlier = _resume(step, initial_rotations(model, spec, seed), meta_base)
-    config = TrainConfig(steps=step.steps, lr=step.lr, momentum=step.momentum, batch=step.batch)
+    weights = ctx.recipe.weights if step.quantize_weights else None
+    config = TrainConfig(steps=step.steps, lr=step.lr, momentum=step.momentum, batch=step.batch, weights=weights)
 
     def checkpoint(i: int, current: Rotations, losses: list[float]) -> None:
         if step.checkpoint is not None and (i + 1 == step.steps or (i + 1) % step.checkpoint_every == 0):
