@@ -1,0 +1,116 @@
+"""SpinQuant against QuaRot on the default model: same calibration text, same windows, one run.
+
+Run:  python benchmarks/spinquant.py          (about 30 minutes on 2 CPU cores: 2 quantizations, 2 evaluations)
+      python benchmarks/spinquant.py --tables-only
+Writes results/spinquant.json, results/spinquant_loss.png (the training loss curve) and the table between the
+SPINQUANT markers in benchmarks/README.md. Learned rotations are checkpointed to results/spinquant_rotations.*
+so an interrupted run resumes its training.
+
+Rows: ``w4a4kv4-quarot`` (random Hadamards) and ``w4a4kv4-spinquant`` (R1/R2 learned with Cayley SGD for the
+same A4/KV4 quantizers, then the same GPTQ). Reported: ratio, KL, top-1, the share of QuaRot's gap to full
+precision that SpinQuant closes, training wall time, the rotations' orthogonality and the rotated full-precision
+model's largest logit difference from the original.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.evaluate import evaluate, reference_log_probs
+from lowbit.pipeline import rotation_invariance
+from lowbit.recipe import load_preset
+
+from presets import replace_block
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "spinquant.json"
+BEGIN, END = "<!-- SPINQUANT:BEGIN -->", "<!-- SPINQUANT:END -->"
+
+
+def measure(name: str, loaded, data, reference) -> dict:
+    recipe = load_preset(name)
+    if name.endswith("spinquant"):  # checkpoint the learned rotations so an interrupted run resumes
+        path = HERE / "results" / f"{name}-rotations.safetensors"
+        steps = [s.model_copy(update={"checkpoint": str(path)}) if s.method == "spinquant" else s for s in recipe.steps]
+        recipe = recipe.model_copy(update={"steps": steps})
+    info: dict = {}
+    start = time.perf_counter()
+    model = lowbit.quantize(loaded.model, recipe, data, info=info)
+    seconds = time.perf_counter() - start
+    result = evaluate(loaded.model, model, data.eval_windows, reference=reference)
+    rotation = {k: v for k, v in info.get("rotation", {}).items()}
+    rotation.update(rotation_invariance(loaded.model, recipe, data, info.get("learned_rotations")))
+    return {"ratio": result.ppl / result.fp_ppl, "kl": result.kl_vs_fp, "top1": result.top1_agreement,
+            "quantize_s": seconds, "rotation": rotation}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tables-only", action="store_true")
+    args = parser.parse_args()
+    saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
+    if not args.tables_only:
+        loaded = lowbit.load_model("default")
+        data = lowbit.prepare_data(lowbit.DataConfig(), loaded.tokenizer)
+        reference = reference_log_probs(loaded.model, data.eval_windows)
+        for name in ("w4a4kv4-quarot", "w4a4kv4-spinquant"):
+            saved["rows"][name] = measure(name, loaded, data, reference)
+            RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
+            print(f"{name}: ratio {saved['rows'][name]['ratio']:.4f}", flush=True)
+        saved["meta"] = {"threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+        RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
+    write_table(saved)
+    plot(saved)
+
+
+def write_table(saved: dict) -> None:
+    rows, meta = saved["rows"], saved.get("meta", {})
+    lines = [f"Default model and text, 6 windows × 2048 tokens, {meta.get('threads')} CPU threads, {meta.get('date')}; "
+             "`python benchmarks/spinquant.py`.", "",
+             "| recipe | ratio | KL | top-1 | quantize s | learning s | max abs(RᵀR − I) | rotated FP max logit diff |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        rot = r["rotation"]
+        lines.append(f"| {name} | {r['ratio']:.4f} | {r['kl']:.4f} | {r['top1']:.4f} | {r['quantize_s']:.0f} | "
+                     f"{rot.get('seconds', 0):.0f} | {rot.get('max_orthogonality_error', 0):.1e} | "
+                     f"{rot['max_abs_logit_diff_vs_fp']:.1e} |")
+    if {"w4a4kv4-quarot", "w4a4kv4-spinquant"} <= rows.keys():
+        gap = (rows["w4a4kv4-spinquant"]["ratio"] - 1) / (rows["w4a4kv4-quarot"]["ratio"] - 1)
+        lines += ["", f"SpinQuant leaves {gap:.0%} of QuaRot's gap to full precision (target: at most 70%)."]
+    replace_block(HERE / "README.md", BEGIN, END, lines)
+    print("\n".join(lines))
+
+
+def plot(saved: dict) -> None:
+    losses = saved["rows"].get("w4a4kv4-spinquant", {}).get("rotation", {}).get("losses")
+    if not losses:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'lowbit[plot]'): no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, lw=1, alpha=0.5, label="per step")
+    window = 10
+    if len(losses) >= window:
+        smooth = [sum(losses[i - window:i]) / window for i in range(window, len(losses) + 1)]
+        ax.plot(range(window, len(losses) + 1), smooth, lw=2, label=f"mean of {window}")
+    ax.set(xlabel="Cayley SGD step", ylabel="cross-entropy (A4 KV4 fake-quant)", title="SpinQuant on the default model")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(HERE / "results" / "spinquant_loss.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
