@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 
 import torch
+from presets import replace_block
 
 import lowbit
 from lowbit.evaluate import evaluate, reference_log_probs
 from lowbit.pipeline import rotation_invariance
 from lowbit.recipe import load_preset
-
-from presets import replace_block
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "spinquant.json"
