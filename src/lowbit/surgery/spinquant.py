@@ -123,11 +123,39 @@ def train_rotations(model: nn.Module, spec: ArchSpec, rot: Rotations, batches: T
     return losses
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, or (0, 1) when not distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(rot: Rotations, loss: Tensor, world: int) -> Tensor:
+    """All-reduce the rotations' gradients and the loss to their mean over processes (gloo or NCCL)."""
+    import torch.distributed as dist
+
+    for p in rot.parameters():
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total / world
+
+
 def _train_step(model, spec, rot, originals, batches, config, optimizer, step: int, d: int) -> float:
-    """One Cayley SGD step on the next-token loss of the step's batch (batches cycle in order)."""
+    """One Cayley SGD step on the next-token loss of the step's batch (batches cycle in order).
+
+    Under torch.distributed each process takes its own ``batch`` samples of the step's global batch
+    (``batch * world`` samples) and the rotations' gradients are averaged, so every process takes the same step:
+    the same result as one process with a ``batch * world`` batch.
+    """
+    rank, world = _world()
     for group in optimizer.param_groups:
         group["lr"] = _cosine(step, config.steps, config.lr)
-    tokens = batches[torch.arange(step * config.batch, (step + 1) * config.batch) % len(batches)]
+    first = (step * world + rank) * config.batch
+    tokens = batches[torch.arange(first, first + config.batch) % len(batches)]
     optimizer.zero_grad(set_to_none=True)
     params = rotated_parameters(originals, spec, rot, d)
     if config.weights is not None:
@@ -135,6 +163,8 @@ def _train_step(model, spec, rot, originals, batches, config, optimizer, step: i
     logits = torch.func.functional_call(model, params, (tokens,), {"use_cache": False}).logits
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
     loss.backward()
+    if world > 1:
+        loss = _average_gradients(rot, loss, world)
     optimizer.step()
     return float(loss.detach())
 

@@ -1,0 +1,51 @@
+"""SpinQuant scales out with torch.distributed: 2 gloo processes with 1 sample each take exactly the steps of one
+process with 2 samples per step (gradients of the rotations averaged), and end with identical rotations."""
+
+import torch
+import torch.multiprocessing as mp
+
+import lowbit
+from lowbit.data import TokenData
+from lowbit.recipe import Recipe
+from tests.conftest import tiny_model
+
+
+def _data() -> TokenData:
+    g = torch.Generator().manual_seed(7)
+    return TokenData(eval_windows=torch.randint(0, 320, (1, 32), generator=g),
+                     calib_tokens=torch.randint(0, 320, (3000,), generator=g), seed=0)
+
+
+def _recipe(batch: int) -> Recipe:
+    return Recipe.from_dict({
+        "steps": [{"method": "spinquant", "steps": 3, "lr": 1.0, "samples": 6, "seq_len": 32, "batch": batch}],
+        "activations": {"format": "int4", "granularity": "token", "dynamic": True},
+    })
+
+
+def _learn(batch: int) -> tuple[torch.Tensor, list[float]]:
+    info: dict = {}
+    lowbit.quantize(tiny_model("llama"), _recipe(batch), _data(), info=info)
+    return info["learned_rotations"].r1.detach().clone(), info["rotation"]["losses"]
+
+
+def _worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        r1, losses = _learn(batch=1)
+        torch.save({"r1": r1, "losses": losses}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_process_with_the_joint_batch(tmp_path):
+    out = str(tmp_path / "rank")
+    mp.spawn(_worker, args=(2, f"file://{tmp_path / 'init'}", out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    single_r1, single_losses = _learn(batch=2)
+    assert torch.equal(ranks[0]["r1"], ranks[1]["r1"])  # every process took the same step
+    assert torch.allclose(ranks[0]["r1"], single_r1, atol=1e-5)
+    assert all(abs(a - b) < 1e-4 for a, b in zip(ranks[0]["losses"], single_losses, strict=True))
