@@ -65,7 +65,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
     r = sub.add_parser("recipes", help="list the preset recipes, or print one as YAML")
     r.add_argument("name", nargs="?", help="print this preset's full YAML")
+    i = sub.add_parser("inspect", help="outlier tokens before/after rotation and with PrefixQuant's prefix")
+    i.add_argument("--model", default="default", help="'default' (SmolLM2-135M), a HF model folder or a .gguf file")
+    i.add_argument("--calib-data", default="default", help="'default', a text file, or wikitext2 / c4 / pile")
+    i.add_argument("--samples", type=_positive_int, default=16, help="calibration samples")
+    i.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sample")
+    i.add_argument("--eta", type=float, default=64.0, help="outlier threshold on max|x| / median")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--out", default="outliers", help="folder for outliers.json and outliers.png")
     return parser
+
+
+def _cmd_inspect(args, console: Console) -> int:
+    from .analysis.inspect import inspect_outliers
+
+    if args.eta <= 1:
+        raise LowbitError(f"--eta must be > 1, got {args.eta}")
+    summary = inspect_outliers(args.model, args.calib_data, args.samples, args.seq_len, args.eta, args.seed, args.out)
+    for name, ratios in summary["largest_ratio"].items():
+        console.print(f"{name:<18} largest max/median: down_proj input {ratios['down_proj_input']:9.1f}, "
+                      f"residual {ratios['residual']:9.1f}")
+    console.print(f"prefix: {summary['prefix']['text']} (token ids {summary['prefix']['token_ids']})")
+    console.print(f"written to {args.out}/outliers.json" + (" and outliers.png" if summary["plot"] else ""))
+    return 0
 
 
 def _cmd_recipes(args, console: Console) -> int:
@@ -121,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=False)
     try:
-        return {"recipes": _cmd_recipes, "quantize": _cmd_quantize}[args.command](args, console)
+        commands = {"recipes": _cmd_recipes, "quantize": _cmd_quantize, "inspect": _cmd_inspect}
+        return commands[args.command](args, console)
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)
         return 2
