@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from .quantizer import ActQuantizer
@@ -28,7 +29,8 @@ SIMULATION_ATTR = "lowbit_decode_equivalent"  # a CacheSpec while a decode-equiv
 class KVQuantHook(nn.Module):
     """Fake-quantizes keys and values (post-RoPE) with their own quantizers; queries pass unchanged.
 
-    Skipped when a packed cache (or its decode-equivalent evaluation) stores the keys and values instead.
+    The first ``exact_prefix`` cached positions (a PrefixQuant prefix) stay exact. Skipped when a packed cache (or
+    its decode-equivalent evaluation) stores the keys and values instead.
     """
 
     quantizes_kv = True
@@ -36,9 +38,16 @@ class KVQuantHook(nn.Module):
     def __init__(self, k_quant: ActQuantizer, v_quant: ActQuantizer) -> None:
         super().__init__()
         self.k_quant, self.v_quant = k_quant, v_quant
+        self.exact_prefix = 0
+
+    def _quantize(self, quant: ActQuantizer, x):
+        p = min(self.exact_prefix, x.shape[2])
+        if p == 0:
+            return quant(x)
+        return torch.cat([x[:, :, :p], quant(x[:, :, p:])], dim=2) if x.shape[2] > p else x
 
     def forward(self, query, key, value):
-        return query, self.k_quant(key), self.v_quant(value)
+        return query, self._quantize(self.k_quant, key), self._quantize(self.v_quant, value)
 
 
 def _run_hooks(module: nn.Module, query, key, value, packed: bool):

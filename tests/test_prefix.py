@@ -1,0 +1,51 @@
+"""PrefixQuant's prefixed cache: logits for the real tokens, generation after the prefix, exact prefix K/V."""
+
+import torch
+
+import lowbit
+from lowbit.models.arch import decoder_layers, spec_for
+from lowbit.surgery.attention import attention_hooks
+from lowbit.surgery.prefix import PrefixedModel, keep_prefix_exact, prefix_cache
+from tests.conftest import tiny_model
+
+PREFIX = [5, 9, 1]
+
+
+def test_forward_equals_the_model_on_prefix_plus_tokens(family):
+    model = tiny_model(family)
+    tokens = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(0))
+    wrapped = PrefixedModel(model, PREFIX, prefix_cache(model, PREFIX))
+    with torch.no_grad():
+        got = wrapped(tokens, use_cache=False).logits
+        full = model(torch.cat([torch.tensor([PREFIX] * 2), tokens], 1)).logits[:, len(PREFIX):]
+        again = wrapped(tokens).logits  # the stored cache is not consumed by a call
+    assert got.shape == (2, 20, model.config.vocab_size)
+    assert torch.allclose(got, full, atol=1e-5) and torch.equal(got, again)
+
+
+def test_generate_continues_after_the_prefix():
+    model = tiny_model("llama")
+    prompt = torch.randint(0, 320, (1, 6), generator=torch.Generator().manual_seed(1))
+    wrapped = PrefixedModel(model, PREFIX, prefix_cache(model, PREFIX))
+    kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        out = wrapped.generate(prompt, **kw)
+        reference = model.generate(torch.cat([torch.tensor([PREFIX]), prompt], 1), **kw)[:, len(PREFIX):]
+    assert torch.equal(out, reference) and torch.equal(out[:, :6], prompt)
+
+
+def test_kv_quantizers_leave_the_prefix_exact():
+    model = tiny_model("llama")
+    cache = prefix_cache(model, PREFIX)
+    quantized = lowbit.quantize(model, "kv4")
+    spec = spec_for(quantized)
+    keep_prefix_exact(quantized, spec, len(PREFIX))
+    seen = []
+    hook = attention_hooks(decoder_layers(quantized, spec)[0].self_attn)[0]
+    handle = hook.register_forward_hook(lambda m, args, out: seen.append((args[1], out[1])))
+    with torch.no_grad():
+        PrefixedModel(quantized, PREFIX, cache)(torch.randint(0, 320, (1, 8)))
+    handle.remove()
+    key_in, key_out = seen[0]
+    assert torch.equal(key_out[:, :, :3], key_in[:, :, :3])  # prefix positions untouched
+    assert not torch.equal(key_out[:, :, 3:], key_in[:, :, 3:])  # the real tokens are quantized
