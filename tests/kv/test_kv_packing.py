@@ -19,14 +19,16 @@ def test_round_trip_any_width_and_length(bits, n, rows, seed):
 
 def test_sizes_are_dense():
     assert packed_size(64, 1) == 8 and packed_size(64, 2) == 16 and packed_size(64, 3) == 24
-    assert packed_size(64, 4) == 32 and packed_size(10, 3) == 6 and packed_size(64, 8) == 64
+    assert packed_size(64, 4) == 32 and packed_size(64, 8) == 64 and packed_size(64, 7) == 56
+    assert packed_size(10, 3) == 3 + 2  # a 2-bit plane of 3 bytes and a 1-bit plane of 2 bytes
 
 
-def test_layout_is_little_endian_within_a_group():
-    """Code i of a group sits at bits [b*i, b*(i+1)): 1-bit codes 1,0,0,...,0,1 give bytes 0b10000001."""
+def test_layout_is_little_endian_and_odd_widths_are_bit_planes():
+    """Code i of a byte sits at bits [b*i, b*(i+1)); a 3-bit code is a 2-bit plane then a 1-bit plane."""
     codes = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 1]])
     assert pack_bits(codes, 1).tolist() == [[0b10000001]]
-    assert pack_bits(torch.tensor([[3, 1, 0, 0]]), 2).tolist() == [[0b0111, 0]]
+    assert pack_bits(torch.tensor([[3, 1, 0, 0]]), 2).tolist() == [[0b0111]]
+    assert pack_bits(torch.tensor([[5, 2, 7, 0]]), 3).tolist() == [[0b00111001, 0b0101]]
 
 
 def test_bad_input_is_named():

@@ -241,8 +241,9 @@ class QJLKeyCodec:
         b, h, t, _ = signs.shape
         groups = t // self.group
         index = f["index"].long()  # [B, H, G, o]
-        per_token_index = index.repeat_interleave(self.group, dim=2)  # [B, H, T, o]
-        leak = (signs @ proj).gather(-1, per_token_index)  # S[:, c] . sign(S k) for the zeroed channels
+        columns = proj.T[index]  # [B, H, G, o, m]: the sketch's columns at each group's zeroed channels
+        grouped_signs = signs.reshape(b, h, groups, self.group, self.m)
+        leak = torch.einsum("bhgtm,bhgom->bhgto", grouped_signs, columns).reshape(b, h, t, -1)  # S[:, c] . sign
         values = f["outliers"].float() - coeff.unsqueeze(-1) * leak  # [B, H, T, o]
         q_sel = q.unsqueeze(2).expand(-1, -1, groups, -1, -1).gather(
             -1, index.unsqueeze(3).expand(-1, -1, -1, q.shape[2], -1))  # [B, H, G, Tq, o]

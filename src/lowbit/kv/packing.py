@@ -1,9 +1,11 @@
 """Bit packing: store b-bit integer codes (1 <= b <= 8) densely in uint8 bytes, and read them back.
 
-Codes along the last dimension are taken eight at a time: eight b-bit codes make exactly b bytes (code ``i`` of a
-group occupies bits ``[b*i, b*(i+1))`` of a little-endian 8b-bit word). A last dimension that is not a multiple of
-eight is padded with zero codes, so ``n`` codes take ``ceil(n / 8) * b`` bytes; unpacking needs ``n`` to drop the
-padding. This covers the 3-bit codes that power-of-two layouts cannot hold without waste.
+Widths that divide 8 (1, 2, 4, 8) pack whole codes into each byte: code ``i`` of a byte occupies bits
+``[b*i, b*(i+1))`` (little-endian), so unpacking is a few uint8 shifts and masks. Other widths are split into
+bit planes of those widths (3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1), low bits first, each plane packed as
+above and the planes concatenated along the last dimension: still exactly ``b`` bits per code (for a multiple of 8
+codes), and unpacking stays a handful of byte shifts instead of multi-byte word arithmetic. A plane's last byte is
+padded with zero codes; unpacking needs ``n`` to drop the padding.
 """
 
 from __future__ import annotations
@@ -11,18 +13,52 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_GROUP = 8  # codes per packed group: 8 codes of b bits are b whole bytes
-
 
 def _check_bits(bits: int) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"bit width must be an integer from 1 to 8, got {bits!r}")
 
 
+def _planes(bits: int) -> list[tuple[int, int]]:
+    """``(offset, width)`` of each bit plane, low bits first, widths 4/2/1 (or the whole width when it divides 8)."""
+    if 8 % bits == 0:
+        return [(0, bits)]
+    planes, offset = [], 0
+    for width in (4, 2, 1):
+        if bits - offset >= width and (bits - offset) & width:
+            planes.append((offset, width))
+            offset += width
+    return planes
+
+
+def _plane_size(n: int, width: int) -> int:
+    per_byte = 8 // width
+    return -(-n // per_byte)
+
+
 def packed_size(n: int, bits: int) -> int:
-    """Bytes that ``n`` codes of ``bits`` bits take once packed (the last group padded to eight codes)."""
+    """Bytes that ``n`` codes of ``bits`` bits take once packed (each plane's last byte padded)."""
     _check_bits(bits)
-    return -(-n // _GROUP) * bits
+    return sum(_plane_size(n, width) for _, width in _planes(bits))
+
+
+def _pack_plane(codes: Tensor, width: int) -> Tensor:
+    """Codes in ``[0, 2**width)`` (uint8), ``8 // width`` per byte."""
+    if width == 8:
+        return codes
+    per_byte = 8 // width
+    n = codes.shape[-1]
+    padded = torch.nn.functional.pad(codes, (0, -n % per_byte)).reshape(*codes.shape[:-1], -1, per_byte)
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=codes.device)
+    return (padded << shifts).sum(dim=-1, dtype=torch.uint8)
+
+
+def _unpack_plane(packed: Tensor, width: int, n: int) -> Tensor:
+    if width == 8:
+        return packed[..., :n].clone()
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & (2**width - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :n]
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
@@ -32,20 +68,9 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
         raise TypeError(f"pack_bits needs integer codes, got {codes.dtype}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits}) for {bits}-bit packing")
-    if bits == 8:
-        return codes.to(torch.uint8)
-    n = codes.shape[-1]
-    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte
-        per_byte = 8 // bits
-        padded = torch.nn.functional.pad(codes.to(torch.uint8), (0, -n % 8)).reshape(*codes.shape[:-1], -1, per_byte)
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-        return (padded << shifts).sum(dim=-1, dtype=torch.uint8)
-    pad = -n % _GROUP
-    groups = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).reshape(*codes.shape[:-1], -1, _GROUP)
-    shifts = torch.arange(_GROUP, device=codes.device) * bits
-    words = (groups << shifts).sum(dim=-1, keepdim=True)  # [..., groups, 1], at most 56 bits: fits int64
-    byte_shifts = torch.arange(bits, device=codes.device) * 8
-    return ((words >> byte_shifts) & 0xFF).to(torch.uint8).reshape(*codes.shape[:-1], -1)
+    codes = codes.to(torch.uint8)
+    planes = [_pack_plane((codes >> offset) & (2**width - 1), width) for offset, width in _planes(bits)]
+    return planes[0] if len(planes) == 1 else torch.cat(planes, dim=-1)
 
 
 def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
@@ -55,17 +80,10 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
         raise TypeError(f"unpack_bits needs uint8 bytes, got {packed.dtype}")
     if packed.shape[-1] != packed_size(n, bits):
         raise ValueError(f"{n} codes of {bits} bits need {packed_size(n, bits)} bytes, got {packed.shape[-1]}")
-    if bits == 8:
-        return packed.clone()
-    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, unpacked with uint8 shifts only
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
-        return codes.reshape(*packed.shape[:-1], -1)[..., :n]
-    groups = packed.reshape(*packed.shape[:-1], -1, bits).to(torch.int32)  # 8 codes in <= 7 bytes: 56 bits
-    dtype = torch.int32 if bits <= 3 else torch.int64  # a word of 8 codes fits 24 bits for 3-bit codes
-    words = groups[..., 0].to(dtype)
-    for i in range(1, bits):
-        words = words | (groups[..., i].to(dtype) << (8 * i))
-    shifts = torch.arange(_GROUP, device=packed.device, dtype=dtype) * bits
-    codes = ((words.unsqueeze(-1) >> shifts) & (2**bits - 1)).to(torch.uint8).reshape(*packed.shape[:-1], -1)
-    return codes[..., :n]
+    codes, start = None, 0
+    for offset, width in _planes(bits):
+        size = _plane_size(n, width)
+        plane = _unpack_plane(packed[..., start:start + size], width, n)
+        codes = plane if codes is None else codes | (plane << offset)
+        start += size
+    return codes

@@ -9,7 +9,8 @@ A fallback is never chosen silently, and it is only used when n has no construct
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Final
 
 import torch
 from torch import Tensor
@@ -22,6 +23,9 @@ from lowbit.rotations.hadamard import (
     find_construction,
     try_find_construction,
 )
+
+
+DENSE_UP_TO: Final = 256  # rotations up to this size apply as one cached dense product
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +43,7 @@ class RotationMatrix:
     signs: Tensor | None
     matrix: Tensor | None = None
     fallback: str | None = None
+    _dense_cache: dict = field(default_factory=dict, init=False, repr=False)
 
     def dense(self) -> Tensor:
         """The dense float64 Q: the stored matrix, or built from the plan and signs (a fresh tensor each call)."""
@@ -48,11 +53,19 @@ class RotationMatrix:
         return dense_matrix(self.plan, self.signs)
 
     def apply(self, x: Tensor) -> Tensor:
-        """``x @ Q`` over the last dimension, keeping x's dtype: the fast transform when a plan exists."""
-        if self.plan is not None:
+        """``x @ Q`` over the last dimension, keeping x's dtype.
+
+        Sizes above ``DENSE_UP_TO`` with a plan use the factored transform; smaller ones (and the dense fallback)
+        one product with Q, cached per device and compute dtype (float64 for float64 inputs, else float32), since a
+        single small GEMM beats the factored stages' overhead there (``benchmarks/hadamard.py``).
+        """
+        if self.plan is not None and self.n > DENSE_UP_TO:
             return hadamard_transform(x, self.plan, self.signs)
-        assert self.matrix is not None
-        return (x.to(torch.float64) @ self.matrix.to(x.device)).to(x.dtype)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        key = (x.device, dtype)
+        if key not in self._dense_cache:
+            self._dense_cache[key] = self.dense().to(device=x.device, dtype=dtype)
+        return (x.to(dtype) @ self._dense_cache[key]).to(x.dtype)
 
 
 def _generator(seed: int) -> torch.Generator:
