@@ -23,6 +23,7 @@ import torch
 from presets import replace_block
 
 import lowbit
+from lowbit.analysis.plotting import pyplot
 from lowbit.evaluate import evaluate, reference_log_probs
 from lowbit.kv.cache import cache_bits
 from lowbit.kv.config import KVCacheConfig
@@ -217,13 +218,8 @@ def write_table(saved: dict) -> None:
 
 def plot(saved: dict) -> None:
     """results/kv_pareto.png: KL against bits all-in, one series per family (skipped without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install 'lowbit[plot]'): no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for family in sorted({r["family"] for r in saved["rows"].values()}):

@@ -23,6 +23,7 @@ import torch
 from presets import replace_block
 
 import lowbit
+from lowbit.analysis.plotting import pyplot
 from lowbit.evaluate import evaluate, reference_log_probs
 from lowbit.pipeline import rotation_invariance
 from lowbit.recipe import load_preset
@@ -90,13 +91,8 @@ def plot(saved: dict) -> None:
     losses = saved["rows"].get("w4a4kv4-spinquant", {}).get("rotation", {}).get("losses")
     if not losses:
         return
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install 'lowbit[plot]'): no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(1, len(losses) + 1), losses, lw=1, alpha=0.5, label="per step")

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..models.arch import ArchSpec, decoder_layers, get_module
 from ..surgery.sequential import capture_inputs
+from .plotting import pyplot
 
 SITES = ("down_proj_input", "residual")
 
@@ -123,12 +124,8 @@ def select_prefix(report: OutlierReport, bos_token_id: int | None, site: str = "
 
 def plot_ratios(reports: dict[str, OutlierReport], path, site: str = "down_proj_input") -> bool:
     """A PNG of the largest token max / median ratio per layer, one line per report; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, report in reports.items():
