@@ -49,3 +49,46 @@ def test_kv_quantizers_leave_the_prefix_exact():
     key_in, key_out = seen[0]
     assert torch.equal(key_out[:, :, :3], key_in[:, :, :3])  # prefix positions untouched
     assert not torch.equal(key_out[:, :, 3:], key_in[:, :, 3:])  # the real tokens are quantized
+
+
+def _calib():
+    from lowbit.data import TokenData
+
+    g = torch.Generator().manual_seed(7)
+    return TokenData(eval_windows=torch.randint(0, 320, (2, 48), generator=g),
+                     calib_tokens=torch.randint(0, 320, (4000,), generator=g), seed=0)
+
+
+def test_prefix_step_in_a_recipe_wraps_the_quantized_model():
+    from lowbit.recipe import Recipe
+
+    recipe = Recipe.from_dict({
+        "steps": [{"method": "quarot"}, {"method": "prefix", "tokens": [5, 1]}, {"method": "gptq"}],
+        "weights": {"format": "int4", "granularity": "channel"},
+        "activations": {"format": "int8", "granularity": "tensor", "dynamic": False},
+        "kv": {"format": "int4", "symmetric": False, "granularity": "head", "dynamic": False},
+        "calibration": {"samples": 4, "seq_len": 32}})
+    info: dict = {}
+    q = lowbit.quantize(tiny_model("llama"), recipe, _calib(), info=info)
+    assert isinstance(q, PrefixedModel) and q.prefix == [5, 1] and info["prefix"]["tokens"] == [5, 1]
+    assert info["gptq"]["tokens"] == 4 * 32  # the prefix positions are not counted as calibration tokens
+    hooks = attention_hooks(decoder_layers(q.model, spec_for(q.model))[1].self_attn)
+    assert [h.exact_prefix for h in hooks if getattr(h, "quantizes_kv", False)] == [2]
+    result = lowbit.evaluate(tiny_model("llama"), q, _calib().eval_windows)
+    assert result.tokens == 2 * 47 and result.kl_vs_fp > 0
+
+
+def test_prefix_detection_and_bad_order():
+    import pytest
+
+    from lowbit.errors import RecipeError
+    from lowbit.recipe import Recipe
+
+    recipe = Recipe.from_dict({"steps": [{"method": "quarot"}, {"method": "prefix", "eta": 3.0, "samples": 4,
+                                                                 "seq_len": 32}]})
+    info: dict = {}
+    lowbit.quantize(tiny_model("llama"), recipe, _calib(), info=info)
+    assert info["prefix"]["tokens"][-1] == tiny_model("llama").config.bos_token_id
+    assert info["prefix"]["largest_ratio_with_prefix"] > 0
+    with pytest.raises(RecipeError, match="after the rotation step and before the weight step"):
+        Recipe.from_dict({"steps": [{"method": "prefix"}, {"method": "quarot"}]})

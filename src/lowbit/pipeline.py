@@ -71,6 +71,10 @@ def quantize(
         apply_recipe(target, ctx)
     if info is not None:
         info.update(ctx.info)
+    if ctx.prefix is not None:
+        from .surgery.prefix import PrefixedModel
+
+        return PrefixedModel(target, *ctx.prefix)
     return target
 
 
@@ -106,6 +110,9 @@ def run(
     result = evaluate(loaded.model, qmodel, tokens.eval_windows, progress=progress)
     seconds["eval"] = time.perf_counter() - start
     report = build_report(loaded.source, recipe, data, tokens, result, qmodel, loaded.spec, seconds)
+    if "prefix" in info:
+        n, kv = len(info["prefix"]["tokens"]), report["bits"]["kv"]
+        report["prefix"] = {**info["prefix"], "kv_bits_with_prefix": (n * 16 + data.seq_len * kv) / (n + data.seq_len)}
     if "gptq" in info:
         report["gptq"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in info["gptq"].items()}
     if "rotation" in info:

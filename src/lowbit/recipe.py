@@ -159,7 +159,22 @@ class SpinQuantStep(_Strict):
     quantize_weights: bool = False
 
 
-Step = Annotated[RTNStep | GPTQStep | QuaRotStep | SpinQuantStep, Field(discriminator="method")]
+class PrefixStep(_Strict):
+    """PrefixQuant's prefix: tokens whose full-precision keys/values start every sequence.
+
+    ``tokens``: the prefix's token ids, or None to detect them: outlier tokens (max |x| / median > ``eta`` at the
+    down_proj inputs of the model as rotated so far) on ``samples`` calibration sequences of ``seq_len`` tokens.
+    Place it after the rotation step and before the weight step.
+    """
+
+    method: Literal["prefix"] = "prefix"
+    tokens: list[int] | None = None
+    eta: float = Field(default=64.0, gt=1)
+    samples: int = Field(default=64, ge=1)
+    seq_len: int = Field(default=512, ge=2)
+
+
+Step = Annotated[RTNStep | GPTQStep | QuaRotStep | SpinQuantStep | PrefixStep, Field(discriminator="method")]
 WEIGHT_STEPS = ("rtn", "gptq")
 ROTATION_STEPS = ("quarot", "spinquant")
 
@@ -203,6 +218,12 @@ class Recipe(_Strict):
             raise ValueError("at most one rotation step (quarot or spinquant) per recipe")
         if rotations and any(methods.index(m) < rotations[0] for m in methods if m in WEIGHT_STEPS):
             raise ValueError("the rotation step must come before weight steps (rotate, then quantize)")
+        if "prefix" in methods:
+            at = methods.index("prefix")
+            if any(methods.index(m) > at for m in methods if m in ROTATION_STEPS) or any(
+                methods.index(m) < at for m in methods if m in WEIGHT_STEPS
+            ):
+                raise ValueError("the prefix step goes after the rotation step and before the weight step")
         if self.weights is not None and not weight_steps:
             raise ValueError("a weights scheme needs a weight step: add `{method: rtn}` to steps")
         if weight_steps and self.weights is None:
@@ -271,7 +292,8 @@ class Recipe(_Strict):
 def _describe_errors(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"] if p not in ("rtn", "gptq", "quarot", "spinquant")) or "recipe"
+        steps = ("rtn", "gptq", "quarot", "spinquant", "prefix")
+        field = ".".join(str(p) for p in err["loc"] if p not in steps) or "recipe"
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"field '{field}': {msg}")
     return "; ".join(parts)

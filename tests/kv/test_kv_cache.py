@@ -138,7 +138,7 @@ def test_kv_and_kv_cache_are_exclusive():
 
 def test_chunked_scoring_changes_nothing(monkeypatch):
     """Scoring and dequantizing the packed run in small chunks gives the same logits as in one piece."""
-    import lowbit.kv.attend as attend
+    from lowbit.kv import attend
 
     model, spec = _model(), SPECS["qjl"]
     tokens = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(8))

@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from lowbit.kv.qjl import estimate_scores, mean_chi, predicted_std, qjl_projection, sketch_keys
+from lowbit.kv.qjl import (
+    estimate_scores,
+    mean_chi,
+    predicted_std,
+    qjl_projection,
+    sketch_keys,
+)
 
 
 def test_mean_chi_matches_monte_carlo():

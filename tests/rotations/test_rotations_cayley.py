@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from lowbit.rotations.cayley import CayleySGD, cayley_step, reorthonormalize, skew_direction
+from lowbit.rotations.cayley import (
+    CayleySGD,
+    cayley_step,
+    reorthonormalize,
+    skew_direction,
+)
 
 
 def _orthogonal(n: int, seed: int, dtype=torch.float32) -> torch.Tensor:

@@ -24,7 +24,6 @@ from lowbit.rotations.hadamard import (
     try_find_construction,
 )
 
-
 DENSE_UP_TO: Final = 256  # rotations up to this size apply as one cached dense product
 
 

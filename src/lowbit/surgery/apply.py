@@ -29,6 +29,7 @@ class StepContext:
     sample_calibration: Callable[[int, int], torch.Tensor] | None = None  # (samples, seq_len) -> token batches
     progress: Callable[[str, int], Callable[[], None]] | None = None
     info: dict = field(default_factory=dict)
+    prefix: tuple[list[int], object] | None = None  # PrefixQuant: prefix token ids and their full-precision cache
 
 
 def untie_lm_head(model: nn.Module, spec: ArchSpec) -> int:
@@ -95,10 +96,12 @@ def rtn_step(model: nn.Module, step, ctx: StepContext) -> None:
 
 def _step_handlers() -> dict[str, Callable[[nn.Module, object, StepContext], None]]:
     from .gptq import gptq_step
+    from .prefix import prefix_step
     from .rotate import quarot_step
     from .spinquant_step import spinquant_step
 
-    return {"rtn": rtn_step, "gptq": gptq_step, "quarot": quarot_step, "spinquant": spinquant_step}
+    return {"rtn": rtn_step, "gptq": gptq_step, "quarot": quarot_step, "spinquant": spinquant_step,
+            "prefix": prefix_step}
 
 
 def attach_activation_quantizers(model: nn.Module, recipe: Recipe) -> None:
@@ -121,8 +124,13 @@ def attach_kv_quantizers(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> No
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: torch.Tensor, progress=None) -> None:
-    """Run calibration token batches ``[n, seq_len]`` through the model to fit every static quantizer's scales."""
+def calibrate(model: nn.Module, batches: torch.Tensor, progress=None, forward: nn.Module | None = None) -> None:
+    """Run calibration token batches ``[n, seq_len]`` through the model to fit every static quantizer's scales.
+
+    ``forward`` runs the batches instead of ``model`` (a :class:`~lowbit.surgery.prefix.PrefixedModel` around it,
+    so that the prefix positions never reach the quantizers).
+    """
+    forward = forward or model
     static = [q for q in act_quantizers(model) if q.static]
     if not static:
         return
@@ -131,7 +139,7 @@ def calibrate(model: nn.Module, batches: torch.Tensor, progress=None) -> None:
     tick = progress("calibrating static scales", len(batches)) if progress else (lambda: None)
     try:
         for row in batches:
-            model(row.unsqueeze(0), use_cache=False)
+            forward(row.unsqueeze(0), use_cache=False)
             tick()
     finally:
         for q in static:
@@ -153,6 +161,12 @@ def apply_recipe(model: nn.Module, ctx: StepContext) -> None:
         attach_activation_quantizers(model, recipe)
     if recipe.kv is not None:
         attach_kv_quantizers(model, ctx.spec, recipe)
+    forward = None
+    if ctx.prefix is not None:
+        from .prefix import PrefixedModel, keep_prefix_exact
+
+        keep_prefix_exact(model, ctx.spec, len(ctx.prefix[0]))
+        forward = PrefixedModel(model, *ctx.prefix)
     if recipe.kv_cache is not None:
         from .kvcache import apply_kv_cache
 
@@ -162,5 +176,5 @@ def apply_recipe(model: nn.Module, ctx: StepContext) -> None:
         if ctx.calibration is None:
             raise CalibrationError("this recipe has static scales and needs calibration data: pass some")
         start = time.perf_counter()
-        calibrate(model, ctx.calibration(), ctx.progress)
+        calibrate(model, ctx.calibration(), ctx.progress, forward)
         seconds["calibrate"] += time.perf_counter() - start

@@ -51,6 +51,7 @@ def gptq_step(model: nn.Module, step, ctx) -> None:
         hessians: dict[str, HessianAccumulator] = {}
 
         def sink(name: str, x: torch.Tensor) -> None:
+            x = x[:, skip:]  # the prefix's activations are never quantized: they do not shape the Hessian
             hessians.setdefault(name, HessianAccumulator(x.shape[-1])).add(x)
 
         with capture_inputs({str(i): group[0] for i, group in enumerate(groups)}, sink):
@@ -64,6 +65,10 @@ def gptq_step(model: nn.Module, step, ctx) -> None:
                 stats["loss"] += float(result.loss)
         stats["layers"] += 1
 
+    prefix = ctx.prefix[0] if ctx.prefix is not None else []
+    skip = len(prefix)
+    if prefix:  # calibration samples run after the prefix, as every request will
+        batches = torch.cat([torch.tensor([prefix]).expand(batches.shape[0], -1).to(batches), batches], dim=1)
     stream_layers(model, spec, batches, on_layer, progress=ctx.progress)
     head = get_module(model, spec.lm_head)
     if isinstance(head, QuantLinear) and head.weight_scheme is None:
