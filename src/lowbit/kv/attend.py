@@ -83,13 +83,13 @@ def decode_equivalent_attention(
 
     The query at position ``i`` sees the sink and its recent window exactly and the tokens the cache would have
     packed by then (:func:`~lowbit.kv.spec.packed_count`) through the codecs: one forward pass, the same numbers as
-    decoding token by token (up to float rounding).
+    decoding token by token (up to float rounding). Keys before the queries (``T - Tq`` of them: a PrefixQuant
+    prefix already in the cache) are an exact sink in addition to the spec's own.
     """
     _, kv_heads, t, d = key.shape
     tq = query.shape[2]
-    if tq != t:
-        raise ValueError("the decode-equivalent form needs the whole sequence at once (no cache)")
-    sink, group = min(spec.sink, t), spec.group
+    offset = t - tq
+    sink, group = min(spec.sink + offset, t), spec.group
     n = ((t - sink) // group) * group
     q = group_queries(query.float(), kv_heads)
     scores = q @ key.float().transpose(-1, -2)
@@ -97,8 +97,8 @@ def decode_equivalent_attention(
         return _ungroup(_masked_softmax(scores * scaling, mask, tq) @ value.float(), tq).to(query.dtype)
     run = slice(sink, sink + n)
     packed_k, packed_v = spec.keys.encode(key[:, :, run]), spec.values.encode(value[:, :, run])
-    counts = torch.tensor([packed_count(max(i - sink, 0), spec.window, group) for i in range(t)], device=key.device)
-    in_packed = (torch.arange(n, device=key.device)[None, :] < counts[:, None])  # [Tq, n]
+    counts = [packed_count(max(offset + i - sink, 0), spec.window, group) for i in range(tq)]
+    in_packed = torch.arange(n, device=key.device)[None, :] < torch.tensor(counts, device=key.device)[:, None]
     in_packed = in_packed.repeat(q.shape[2] // tq, 1)  # grouped query rows: g copies of the Tq rows
     scores[..., run] = torch.where(in_packed, spec.keys.scores(q, packed_k, d), scores[..., run])
     weights = _masked_softmax(scores * scaling, mask, tq)

@@ -10,6 +10,7 @@ dequantized copy, and prefill attention over the new tokens is exact.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -165,6 +166,24 @@ class PackedCache(Cache):
         if spec is None:
             raise ValueError("this model has no packed KV cache: quantize it with a recipe that has a kv_cache section")
         return cls(model, spec)
+
+    @classmethod
+    def with_prefix(cls, model: nn.Module, prefix) -> PackedCache:
+        """The model's packed cache starting from a prefix's exact keys/values (a transformers cache of them).
+
+        The prefix becomes part of every layer's exact sink (before the spec's own sink tokens), as the
+        decode-equivalent evaluation assumes.
+        """
+        spec = getattr(model, SPEC_ATTR, None)
+        if spec is None:
+            raise ValueError("this model has no packed KV cache: quantize it with a recipe that has a kv_cache section")
+        cache = cls(model, spec)
+        for i, layer in enumerate(cache.layers):
+            keys, values = prefix.layers[i].keys, prefix.layers[i].values
+            layer.spec = dataclasses.replace(layer.spec, sink=layer.spec.sink + keys.shape[2])
+            layer.lazy_initialization(keys, values)
+            layer.sink_keys, layer.sink_values = keys.clone(), values.clone()
+        return cache
 
     @property
     def nbytes(self) -> int:

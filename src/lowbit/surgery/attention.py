@@ -24,6 +24,7 @@ from .quantizer import ActQuantizer
 ATTENTION_NAME = "lowbit"
 HOOKS_ATTR = "lowbit_hooks"
 SIMULATION_ATTR = "lowbit_decode_equivalent"  # a CacheSpec while a decode-equivalent evaluation runs
+PREFIX_ATTR = "lowbit_prefix_len"  # cached prefix positions a decode-equivalent forward may find before its tokens
 
 
 class KVQuantHook(nn.Module):
@@ -71,7 +72,7 @@ def _lowbit_attention(module: nn.Module, query, key, value, attention_mask, **kw
     simulated = getattr(module, SIMULATION_ATTR, None)
     query, key, value = _run_hooks(module, query, key, value, packed=simulated is not None)
     if simulated is not None:
-        if query.shape[2] != key.shape[2]:
+        if query.shape[2] != key.shape[2] and not getattr(module, PREFIX_ATTR, 0) == key.shape[2] - query.shape[2]:
             raise RuntimeError(
                 "this model quantizes its KV cache with a packed cache: decode with "
                 "past_key_values=lowbit.kv.PackedCache.for_model(model) (or use_cache=False)"

@@ -14,8 +14,9 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from ..kv.cache import SPEC_ATTR, PackedCache
 from ..models.arch import ArchSpec, decoder_layers, get_module
-from .attention import attention_hooks
+from .attention import PREFIX_ATTR, attention_hooks
 
 
 @torch.no_grad()
@@ -30,9 +31,12 @@ def prefix_cache(model: nn.Module, prefix: list[int]):
 
 
 def keep_prefix_exact(model: nn.Module, spec: ArchSpec, length: int) -> None:
-    """Make every KV fake-quantizer leave the first ``length`` cached positions (the prefix) unquantized."""
+    """Make every KV fake-quantizer leave the first ``length`` cached positions (the prefix) unquantized, and let
+    decode-equivalent forwards of a packed cache find them before their tokens."""
     for layer in decoder_layers(model, spec):
-        for hook in attention_hooks(get_module(layer, spec.attn)):
+        attn = get_module(layer, spec.attn)
+        setattr(attn, PREFIX_ATTR, length)
+        for hook in attention_hooks(attn):
             if getattr(hook, "quantizes_kv", False):
                 hook.exact_prefix = length
 
@@ -81,8 +85,11 @@ class PrefixedModel(nn.Module):
         if not self.prefix:
             return self.model.generate(input_ids, attention_mask=attention_mask, **kwargs)
         full = torch.cat([torch.tensor([self.prefix]).expand(input_ids.shape[0], -1).to(input_ids), input_ids], 1)
+        cache = self._cache_for(input_ids.shape[0])
+        if hasattr(self.model, SPEC_ATTR):  # a packed KV cache: the prefix is its exact sink
+            cache = PackedCache.with_prefix(self.model, cache)
         out = self.model.generate(full, attention_mask=self._mask(attention_mask, input_ids),
-                                  past_key_values=self._cache_for(input_ids.shape[0]), **kwargs)
+                                  past_key_values=cache, **kwargs)
         return out[:, len(self.prefix):]
 
 
