@@ -4,8 +4,9 @@ Run:  python benchmarks/hadamard.py          (about 3 minutes on 2 CPU cores)
 Writes results/hadamard.json and the table between the HADAMARD markers in benchmarks/README.md.
 
 Part 1 applies ``x @ Q`` for a randomized Hadamard Q of each size two ways, side by side in one run: lowbit's
-factored transform (:func:`lowbit.rotations.hadamard_transform`: Kronecker factors and Walsh–Hadamard butterflies)
-and one dense float32 matmul with the materialized Q (the matrix build is not timed). Part 2 runs a 2048-token
+``RotationMatrix.apply`` (the factored transform, :func:`lowbit.rotations.hadamard_transform`, with Kronecker
+factors and Walsh–Hadamard butterflies; sizes up to 256 use one cached dense product, which is faster there) and one
+dense float32 matmul with the materialized Q (the matrix build is not timed). Part 2 runs a 2048-token
 prefill of the default model quantized with ``w4a4kv4-quarot-rtn`` (the online R3 on Q/K and R4 on the down_proj
 input, as in every QuaRot recipe) and measures the time spent inside the online rotations, timed per call, and the
 prefill with the rotations replaced by identity (which changes the outputs, so only its time is meaningful).
@@ -141,7 +142,7 @@ def write_table(saved: dict) -> None:
         f"{meta['threads']} CPU threads, float32, median of repeated runs, {meta['date']}; "
         "`python benchmarks/hadamard.py`.",
         "",
-        "| n | construction | rows | factored ms | dense ms | dense / factored | max abs diff |",
+        "| n | construction | rows | lowbit ms | dense ms | dense / lowbit | max abs diff |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in saved["transforms"]:
