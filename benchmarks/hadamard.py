@@ -35,15 +35,16 @@ BEGIN, END = "<!-- HADAMARD:BEGIN -->", "<!-- HADAMARD:END -->"
 SIZES = (64, 576, 1536, 2048, 4864, 5632, 8192, 11008, 14336)
 
 
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_seconds(fn) for _ in range(repeats))
 
 
 def transform_row(n: int, rows: int, repeats: int) -> dict:
@@ -99,9 +100,16 @@ def prefill_share(seq_len: int, repeats: int) -> dict:
         with torch.no_grad():
             model(window, use_cache=False)
 
-    with_rot = median_seconds(prefill, repeats)
-    with identity_online_rotations():
-        without_rot = median_seconds(prefill, repeats)
+    def prefill_identity() -> None:
+        with identity_online_rotations():
+            prefill()
+
+    prefill()  # warm-up
+    with_times, without_times = [], []
+    for _ in range(repeats):  # alternated, so drift on the machine affects both alike
+        with_times.append(_seconds(prefill))
+        without_times.append(_seconds(prefill_identity))
+    with_rot, without_rot = statistics.median(with_times), statistics.median(without_times)
     inside = []
     for _ in range(repeats):
         totals = {"seconds": 0.0, "calls": 0}
@@ -119,9 +127,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--tables-only", action="store_true", help="rewrite the table from results/hadamard.json")
+    parser.add_argument("--prefill-only", action="store_true", help="re-measure only the prefill share")
     args = parser.parse_args()
-    if args.tables_only:
+    if args.tables_only or args.prefill_only:
         saved = json.loads(RESULTS.read_text())
+        if args.prefill_only:
+            saved["prefill"] = prefill_share(args.seq_len, repeats=args.repeats)
+            RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
     else:
         rows = []
         for n in SIZES:
@@ -129,7 +141,7 @@ def main() -> None:
             print(f"n={n}: {rows[-1]['speedup']:.1f}x", flush=True)
         saved = {"meta": {"command": "python benchmarks/hadamard.py", "threads": torch.get_num_threads(),
                           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
-                 "transforms": rows, "prefill": prefill_share(args.seq_len, repeats=3)}
+                 "transforms": rows, "prefill": prefill_share(args.seq_len, repeats=args.repeats)}
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
     write_table(saved)
