@@ -65,8 +65,8 @@ def _rtn(data: dict) -> None:
 
 # (label, what it shows, recipe factory). Ablations change one thing of the full W4A4KV4 preset.
 ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
-    ("w4a16-gptq", "GPTQ g64, no rotation (peer: 1.237)", lambda: load_preset("w4a16-gptq")),
-    ("w4a16-gptq per channel", "GPTQ per channel, no rotation (peer: 1.389)",
+    ("w4a16-gptq", "GPTQ g64, no rotation (llm-compressor: 1.233)", lambda: load_preset("w4a16-gptq")),
+    ("w4a16-gptq per channel", "GPTQ per channel, no rotation (llm-compressor: 1.371)",
      lambda: variant("w4a16-gptq", lambda d: d["weights"].update(granularity="channel", group_size=None))),
     ("w4a16-gptq per channel, no act-order", "GPTQ per channel (clip search) in natural column order",
      lambda: variant("w4a16-gptq", lambda d: (d["weights"].update(granularity="channel", group_size=None),
@@ -75,7 +75,7 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
      lambda: variant("w4a16-gptq", lambda d: d["weights"].update(granularity="channel", group_size=None,
                                                                  observer="minmax"))),
     ("w4a16-quarot", "rotations + GPTQ g64", lambda: load_preset("w4a16-quarot")),
-    ("w4a4-quarot", "W4A4, KV16 (peer with rotations: 2.28)", lambda: load_preset("w4a4-quarot")),
+    ("w4a4-quarot", "W4A4, KV16 (llm-compressor with rotations: 2.404)", lambda: load_preset("w4a4-quarot")),
     ("w4a4kv4-quarot", "the full W4A4KV4 recipe", lambda: load_preset("w4a4kv4-quarot")),
     ("- rotation", "no QuaRot step", lambda: variant("w4a4kv4-quarot", _no_rotation)),
     ("- R4", "no online Hadamard on the down_proj input", lambda: variant("w4a4kv4-quarot", _set("steps.quarot.r4", False))),
