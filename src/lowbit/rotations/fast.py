@@ -158,7 +158,13 @@ def hadamard_transform(x: Tensor, plan: HadamardPlan, signs: Tensor | None = Non
     y = x.to(_compute_dtype(x.dtype)).reshape(-1, n)
     for stage in _stages(plan):
         y = _apply_stage(y, stage)
-    scale = torch.full((n,), 1.0 / math.sqrt(plan.block_size), dtype=y.dtype, device=y.device)
-    if signs is not None:
-        scale = scale * signs.to(dtype=y.dtype, device=y.device)
-    return (y.reshape(-1, n) * scale).reshape(x.shape).to(x.dtype)
+    scale = _output_scale(plan.block_size, n, signs, y.dtype, y.device)
+    y = y.reshape(-1, n)
+    y = y * scale if y.data_ptr() == x.data_ptr() else y.mul_(scale)  # in place on the last stage's fresh output
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def _output_scale(block: int, n: int, signs: Tensor | None, dtype: torch.dtype, device) -> Tensor:
+    """``signs / sqrt(block)`` (or the constant) as an ``n``-vector of the compute dtype."""
+    scale = torch.full((n,), 1.0 / math.sqrt(block), dtype=dtype, device=device)
+    return scale if signs is None else scale * signs.to(dtype=dtype, device=device)
