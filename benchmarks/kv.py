@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -144,6 +145,17 @@ def generation_rows(loaded, data, prompts: int = 4, prompt_len: int = 512, new_t
     return {"prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens, "rows": rows}
 
 
+@lru_cache(maxsize=1)
+def _model_and_data(seq_len: int, windows: int):
+    loaded = lowbit.load_model("default")
+    return loaded, lowbit.prepare_data(lowbit.DataConfig(seq_len=seq_len, windows=windows), loaded.tokenizer)
+
+
+def model_and_data(args):
+    """The default model and text, loaded once per run whatever parts of the benchmark run."""
+    return _model_and_data(args.seq_len, args.windows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=4096)
@@ -163,8 +175,7 @@ def main() -> None:
     if not args.tables_only:
         todo = [c for c in configurations(SMOKE if args.smoke else CONFIGS) if args.force or c[1] not in saved["rows"]]
         if todo:
-            loaded = lowbit.load_model("default")
-            data = lowbit.prepare_data(lowbit.DataConfig(seq_len=args.seq_len, windows=args.windows), loaded.tokenizer)
+            loaded, data = model_and_data(args)
             reference = reference_log_probs(loaded.model, data.eval_windows)
             saved["meta"] = {"command": "python benchmarks/kv.py", "seq_len": args.seq_len, "windows": args.windows,
                              "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
@@ -175,13 +186,11 @@ def main() -> None:
                 row = saved["rows"][label]
                 print(f"{label}: {row['bits']:.2f} bits ratio {row['ratio']:.4f} KL {row['kl']:.4f}", flush=True)
     if args.peers:
-        loaded = lowbit.load_model("default")
-        data = lowbit.prepare_data(lowbit.DataConfig(seq_len=args.seq_len, windows=args.windows), loaded.tokenizer)
+        loaded, data = model_and_data(args)
         saved["peers"] = {"tokens": args.peer_tokens, "rows": peer_rows(loaded, data, args.peer_tokens)}
         results.write_text(json.dumps(saved, indent=2) + "\n")
     if args.generation:
-        loaded = lowbit.load_model("default")
-        data = lowbit.prepare_data(lowbit.DataConfig(seq_len=args.seq_len, windows=args.windows), loaded.tokenizer)
+        loaded, data = model_and_data(args)
         saved["generation"] = generation_rows(loaded, data)
         results.write_text(json.dumps(saved, indent=2) + "\n")
     if not args.smoke:

@@ -51,9 +51,7 @@ def packed_row(preset: str, context: int, repeats: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     k, v = (torch.randn(1, KV_HEADS, context, HEAD_DIM, generator=gen).to(torch.bfloat16) for _ in range(2))
     layer = PackedLayer(spec)
-    layer.update(k, v)
-    layer._append(k, v)
-    layer._flush()
+    layer.store(k, v)
     q = torch.randn(1, HEADS, 1, HEAD_DIM, generator=gen).to(torch.bfloat16)
     packed = (layer.packed_keys, layer.packed_values)
 

@@ -140,6 +140,12 @@ def _cut_windows(tokens: torch.Tensor, seq_len: int, windows: int | None, source
     return tokens[: count * seq_len].view(count, seq_len)
 
 
+def prepend_tokens(prefix: list[int], batches: torch.Tensor) -> torch.Tensor:
+    """``batches`` ``[n, L]`` with the same ``prefix`` tokens before every row: ``[n, len(prefix) + L]``."""
+    head = torch.tensor([prefix], dtype=batches.dtype, device=batches.device).expand(batches.shape[0], -1)
+    return torch.cat([head, batches], dim=1)
+
+
 def calibration_data(source: str, tokenizer, seed: int = 0) -> TokenData:
     """A whole text as calibration material only (for when evaluation happens elsewhere, e.g. in lm-eval)."""
     tokens = tokenize(load_text(source, "calib"), tokenizer)

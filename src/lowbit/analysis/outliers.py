@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..data import prepend_tokens
 from ..models.arch import ArchSpec, decoder_layers, get_module
 from ..surgery.sequential import capture_inputs
 from .plotting import pyplot
@@ -97,10 +98,7 @@ def analyze(model: nn.Module, spec: ArchSpec, batches: Tensor, eta: float = 64.0
     if eta <= 1:
         raise ValueError(f"the outlier threshold eta must be > 1, got {eta}")
     skip = len(prefix or [])
-    if skip:
-        batches_in = torch.cat([torch.tensor(prefix).expand(batches.shape[0], -1), batches], dim=1)
-    else:
-        batches_in = batches
+    batches_in = prepend_tokens(prefix, batches) if skip else batches
     maxima = {site: m[..., skip:] for site, m in token_maxima(model, spec, batches_in).items()}
     return OutlierReport(eta=eta, samples=batches.shape[0], seq_len=batches.shape[1],
                          sites={site: site_stats(maxima[site], batches, eta) for site in SITES})

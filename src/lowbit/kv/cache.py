@@ -68,6 +68,13 @@ class PackedLayer(CacheLayerMixin):
         self._flush()
         return out
 
+    def store(self, key: Tensor, value: Tensor) -> None:
+        """Append keys/values and flush them into packed form without attending (filling a cache to measure it)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key, value)
+        self._append(key, value)
+        self._flush()
+
     def _append(self, key: Tensor, value: Tensor) -> None:
         room = self.spec.sink - self.sink_keys.shape[2]
         if room > 0:
@@ -202,7 +209,5 @@ def cache_bits(spec: CacheSpec, head_dim: int, context: int, exact_dtype: torch.
     heads = next((c.scale.shape[0] for c in (spec.keys, spec.values) if hasattr(c, "scale")), 1)  # static: all
     gen = torch.Generator().manual_seed(0)
     kv = torch.randn(2, 1, heads, context, head_dim, generator=gen).to(exact_dtype)
-    layer.update(kv[0], kv[1])
-    layer._append(kv[0], kv[1])
-    layer._flush()
+    layer.store(kv[0], kv[1])
     return layer.nbytes * 8 / (2 * heads * context * head_dim)

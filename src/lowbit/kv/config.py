@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .codecs import IntCodec, QJLKeyCodec, TurboCodec
-from .spec import CacheSpec
+from .spec import CacheSpec, reseed
 from .static import static_codec
 
 
@@ -112,12 +112,15 @@ class KVCacheConfig(_Strict):
         if ranges is None:
             raise ValueError("this kv_cache has static scales: calibrate it first (lowbit.quantize does, with data)")
         layers = tuple(
-            CacheSpec(self._codec(self.keys, r["keys"], self.seed + 7919 * i),
-                      self._codec(self.values, r["values"], self.seed + 1 + 7919 * i), self.window, self.sink)
+            CacheSpec(self._codec(self.keys, r["keys"], self.seed, i), self._codec(self.values, r["values"], self.seed + 1, i),
+                      self.window, self.sink)
             for i, r in enumerate(ranges)
         )
         return CacheSpec(layers[0].keys, layers[0].values, self.window, self.sink, layers=layers)
 
     @staticmethod
-    def _codec(config, lo_hi, seed: int):
-        return config.build_static(*lo_hi) if getattr(config, "static", False) else config.build(seed)
+    def _codec(config, lo_hi, seed: int, layer_idx: int):
+        """Layer ``layer_idx``'s codec: calibrated when static, else seeded per layer as CacheSpec.for_layer does."""
+        if getattr(config, "static", False):
+            return config.build_static(*lo_hi)
+        return reseed(config.build(seed), layer_idx)

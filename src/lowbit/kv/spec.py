@@ -74,10 +74,11 @@ class CacheSpec:
         rotated codebook) offset per layer so that layers are independent."""
         if self.layers is not None:
             return self.layers[layer_idx]
-        return dataclasses.replace(self, keys=_reseed(self.keys, layer_idx), values=_reseed(self.values, layer_idx))
+        return dataclasses.replace(self, keys=reseed(self.keys, layer_idx), values=reseed(self.values, layer_idx))
 
 
-def _reseed(codec, layer_idx: int):
+def reseed(codec, layer_idx: int):
+    """A seeded codec (QJL, rotated codebook) with its seed offset for one layer; other codecs as they are."""
     if dataclasses.is_dataclass(codec) and hasattr(codec, "seed"):
         return dataclasses.replace(codec, seed=codec.seed + 7919 * layer_idx)
     return codec

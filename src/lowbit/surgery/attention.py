@@ -101,6 +101,12 @@ def add_attention_hook(model: nn.Module, attn: nn.Module, hook: nn.Module) -> No
         model.set_attn_implementation(name)
 
 
+def remove_attention_hooks(attn: nn.Module, drop) -> None:
+    """Take off one attention module's hooks for which ``drop(hook)`` is true (the others keep their order)."""
+    if hasattr(attn, HOOKS_ATTR):
+        attn.register_module(HOOKS_ATTR, nn.ModuleList([h for h in getattr(attn, HOOKS_ATTR) if not drop(h)]))
+
+
 def attention_hooks(attn: nn.Module) -> list[nn.Module]:
     """The hooks attached to one attention module (empty when none)."""
     return list(getattr(attn, HOOKS_ATTR, ()))

@@ -12,6 +12,7 @@ import time
 import torch
 from torch import nn
 
+from ..data import prepend_tokens
 from ..errors import CalibrationError
 from ..gptq import GPTQConfig, HessianAccumulator, gptq_quantize
 from ..models.arch import get_module
@@ -68,7 +69,7 @@ def gptq_step(model: nn.Module, step, ctx) -> None:
     prefix = ctx.prefix[0] if ctx.prefix is not None else []
     skip = len(prefix)
     if prefix:  # calibration samples run after the prefix, as every request will
-        batches = torch.cat([torch.tensor([prefix]).expand(batches.shape[0], -1).to(batches), batches], dim=1)
+        batches = prepend_tokens(prefix, batches)
     stream_layers(model, spec, batches, on_layer, progress=ctx.progress)
     head = get_module(model, spec.lm_head)
     if isinstance(head, QuantLinear) and head.weight_scheme is None:

@@ -9,7 +9,7 @@ from ..kv.cache import SPEC_ATTR
 from ..kv.config import KVCacheConfig
 from ..kv.static import KVRangeHook
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
-from .attention import HOOKS_ATTR, add_attention_hook, set_decode_equivalent
+from .attention import add_attention_hook, remove_attention_hooks, set_decode_equivalent
 
 
 @torch.no_grad()
@@ -29,8 +29,7 @@ def calibrate_kv_ranges(model: nn.Module, arch: ArchSpec, config: KVCacheConfig,
             model(row.unsqueeze(0), use_cache=False)
     finally:
         for attn, hook in zip(attns, hooks, strict=True):
-            kept = [h for h in getattr(attn, HOOKS_ATTR) if h is not hook]
-            attn.register_module(HOOKS_ATTR, nn.ModuleList(kept))
+            remove_attention_hooks(attn, lambda h, ours=hook: h is ours)
     return [hook.ranges() for hook in hooks]
 
 

@@ -14,6 +14,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from ..data import prepend_tokens
 from ..kv.cache import SPEC_ATTR, PackedCache
 from ..models.arch import ArchSpec, decoder_layers, get_module
 from .attention import PREFIX_ATTR, attention_hooks
@@ -84,7 +85,7 @@ class PrefixedModel(nn.Module):
         """Greedy/sampled continuation of ``input_ids`` after the prefix (the prefix is not in the result)."""
         if not self.prefix:
             return self.model.generate(input_ids, attention_mask=attention_mask, **kwargs)
-        full = torch.cat([torch.tensor([self.prefix]).expand(input_ids.shape[0], -1).to(input_ids), input_ids], 1)
+        full = prepend_tokens(self.prefix, input_ids)
         cache = self._cache_for(input_ids.shape[0])
         if hasattr(self.model, SPEC_ATTR):  # a packed KV cache: the prefix is its exact sink
             cache = PackedCache.with_prefix(self.model, cache)

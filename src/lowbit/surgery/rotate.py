@@ -117,14 +117,27 @@ def rotate_heads(model: nn.Module, spec: ArchSpec, r2: list[torch.Tensor]) -> No
             _rotate_layer_heads(get_module(layer, spec.v), get_module(layer, spec.o), q, d)
 
 
+def rotate_output_heads(w: torch.Tensor, q: torch.Tensor, d: int) -> torch.Tensor:
+    """``Q^T`` on each ``d``-row head of a weight ``[heads * d, in]`` (v_proj's outputs); pure, differentiable."""
+    return (q.T @ w.view(-1, d, w.shape[1])).reshape(w.shape)
+
+
+def rotate_bias_heads(b: torch.Tensor, q: torch.Tensor, d: int) -> torch.Tensor:
+    """``b @ Q`` on each ``d``-entry head of a bias ``[heads * d]`` (v_proj's bias)."""
+    return (b.view(-1, d) @ q).reshape(-1)
+
+
+def rotate_input_heads(w: torch.Tensor, q: torch.Tensor, d: int) -> torch.Tensor:
+    """``@ Q`` on each ``d``-column head of a weight ``[out, heads * d]`` (o_proj's inputs)."""
+    return (w.view(w.shape[0], -1, d) @ q).reshape(w.shape)
+
+
 def _rotate_layer_heads(v: nn.Module, o: nn.Module, q: torch.Tensor, d: int) -> None:
     """One layer's R2: v_proj's output heads and o_proj's input heads by the same head_dim × head_dim Q."""
-    w_v = v.weight.double().view(-1, d, v.in_features)  # [kv_heads, d, in]
-    _update(v.weight, (q.T @ w_v).reshape(v.weight.shape))
+    _update(v.weight, rotate_output_heads(v.weight.double(), q, d))
     if v.bias is not None:
-        _update(v.bias, (v.bias.double().view(-1, d) @ q).reshape(-1))
-    w_o = o.weight.double().view(o.out_features, -1, d)  # [out, heads, d]
-    _update(o.weight, (w_o @ q).reshape(o.weight.shape))
+        _update(v.bias, rotate_bias_heads(v.bias.double(), q, d))
+    _update(o.weight, rotate_input_heads(o.weight.double(), q, d))
 
 
 @torch.no_grad()
@@ -149,28 +162,45 @@ def _sub_seeds(seed: int, count: int) -> list[int]:
     return torch.randint(0, 2**31 - 1, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def rotation_seeds(model: nn.Module, spec: ArchSpec, seed: int) -> list[int]:
+    """The per-rotation seeds a run derives from ``seed``: R1, R3, R4, then one R2 per layer."""
+    return _sub_seeds(seed, 3 + len(decoder_layers(model, spec)))
+
+
+def random_r1_r2(model: nn.Module, seeds: list[int], fallback: str | None = None):
+    """QuaRot's seeded random Hadamards for R1 (hidden) and every layer's R2 (head_dim)."""
+    d = head_dim(model.config)
+    return (random_hadamard(model.config.hidden_size, seeds[0], fallback),
+            [random_hadamard(d, s, fallback) for s in seeds[3:]])
+
+
+def add_online_rotations(model: nn.Module, spec: ArchSpec, seeds: list[int], r3: bool, r4: bool,
+                         fallback: str | None = None) -> dict:
+    """Hook the seeded online R3 (Q/K) and R4 (down_proj input, folded into its weight); returns their info."""
+    info = {}
+    if r3:
+        rot3 = random_hadamard(head_dim(model.config), seeds[1], fallback)
+        add_online_qk_rotation(model, spec, rot3)
+        info["R3"] = rot3.description + " (online)"
+    if r4:
+        rot4 = random_hadamard(model.config.intermediate_size, seeds[2], fallback)
+        add_online_down_rotation(model, spec, rot4)
+        info["R4"] = rot4.description + " (online)"
+    return info
+
+
 @torch.no_grad()
 def quarot_step(model: nn.Module, step, ctx) -> None:
     """Fold norms and apply the rotations a :class:`~lowbit.recipe.QuaRotStep` asks for; records them in ctx.info."""
-    spec, config = ctx.spec, model.config
-    layers = decoder_layers(model, spec)
-    seeds = _sub_seeds(ctx.seed if step.seed is None else step.seed, 3 + len(layers))
+    spec = ctx.spec
+    seeds = rotation_seeds(model, spec, ctx.seed if step.seed is None else step.seed)
     info: dict = {"untied_lm_head_bytes": fold_norms(model, spec)}
-    d = head_dim(config)
+    r1, r2 = random_r1_r2(model, seeds, step.fallback)
     if step.r1:
-        r1 = random_hadamard(config.hidden_size, seeds[0], step.fallback)
         rotate_residual(model, spec, r1.dense())
         info["R1"] = r1.description
     if step.r2:
-        r2 = [random_hadamard(d, s, step.fallback) for s in seeds[3:]]
         rotate_heads(model, spec, [r.dense() for r in r2])
         info["R2"] = r2[0].description + f" (one per layer, {len(r2)} seeds)"
-    if step.r3:
-        r3 = random_hadamard(d, seeds[1], step.fallback)
-        add_online_qk_rotation(model, spec, r3)
-        info["R3"] = r3.description + " (online)"
-    if step.r4:
-        r4 = random_hadamard(config.intermediate_size, seeds[2], step.fallback)
-        add_online_down_rotation(model, spec, r4)
-        info["R4"] = r4.description + " (online)"
+    info.update(add_online_rotations(model, spec, seeds, step.r3, step.r4, step.fallback))
     ctx.info["rotation"] = info

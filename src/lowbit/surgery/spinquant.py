@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
 from ..rotations.cayley import CayleySGD
+from .rotate import rotate_bias_heads, rotate_input_heads, rotate_output_heads
 
 
 @dataclass
@@ -78,12 +79,10 @@ def rotated_parameters(originals: dict[str, Tensor], spec: ArchSpec, rot: Rotati
             if (bias := _param_name(spec, i, path, "bias")) in originals:
                 out[bias] = originals[bias] @ r1
         v, o = _param_name(spec, i, spec.v), _param_name(spec, i, spec.o)
-        w_v = out[v]
-        out[v] = (r2.T @ w_v.view(-1, d, w_v.shape[1])).reshape(w_v.shape)
+        out[v] = rotate_output_heads(out[v], r2, d)
         if (bias := _param_name(spec, i, spec.v, "bias")) in originals:
-            out[bias] = (originals[bias].view(-1, d) @ r2).reshape(-1)
-        w_o = out[o]
-        out[o] = (w_o.view(w_o.shape[0], -1, d) @ r2).reshape(w_o.shape)
+            out[bias] = rotate_bias_heads(originals[bias], r2, d)
+        out[o] = rotate_input_heads(out[o], r2, d)
     return out
 
 

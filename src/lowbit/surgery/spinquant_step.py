@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models.arch import decoder_layers, get_module, head_dim
-from ..rotations import random_hadamard
+from ..models.arch import decoder_layers, get_module
 from .apply import (
     act_quantizers,
     attach_activation_quantizers,
@@ -25,14 +24,14 @@ from .apply import (
     quant_linears,
     swap_linears,
 )
-from .attention import HOOKS_ATTR, KVQuantHook
+from .attention import KVQuantHook, remove_attention_hooks
 from .rotate import (
-    _sub_seeds,
-    add_online_down_rotation,
-    add_online_qk_rotation,
+    add_online_rotations,
     fold_norms,
+    random_r1_r2,
     rotate_heads,
     rotate_residual,
+    rotation_seeds,
 )
 from .spinquant import Rotations, TrainConfig, train_rotations
 
@@ -73,27 +72,14 @@ def load_rotations(path: str | Path) -> tuple[Rotations, dict]:
 
 def initial_rotations(model: nn.Module, spec, seed: int) -> Rotations:
     """QuaRot's seeded random Hadamards for R1 and every R2: where SpinQuant starts."""
-    layers = decoder_layers(model, spec)
-    seeds = _sub_seeds(seed, 3 + len(layers))
-    d = head_dim(model.config)
-    r1 = random_hadamard(model.config.hidden_size, seeds[0]).dense().float()
-    r2 = [random_hadamard(d, s).dense().float() for s in seeds[3:]]
-    return Rotations(nn.Parameter(r1), [nn.Parameter(r) for r in r2])
+    r1, r2 = random_r1_r2(model, rotation_seeds(model, spec, seed))
+    return Rotations(nn.Parameter(r1.dense().float()), [nn.Parameter(r.dense().float()) for r in r2])
 
 
 def _prepare(model: nn.Module, spec, recipe, seed: int, r3: bool, r4: bool) -> dict:
     """Fold norms, fix R3/R4, attach the recipe's fake-quantizers for training; returns rotation info."""
-    layers = decoder_layers(model, spec)
-    seeds = _sub_seeds(seed, 3 + len(layers))
     info: dict = {"untied_lm_head_bytes": fold_norms(model, spec)}
-    if r3:
-        rot3 = random_hadamard(head_dim(model.config), seeds[1])
-        add_online_qk_rotation(model, spec, rot3)
-        info["R3"] = rot3.description + " (online)"
-    if r4:
-        rot4 = random_hadamard(model.config.intermediate_size, seeds[2])
-        add_online_down_rotation(model, spec, rot4)
-        info["R4"] = rot4.description + " (online)"
+    info.update(add_online_rotations(model, spec, rotation_seeds(model, spec, seed), r3, r4))
     if recipe.activations is not None:
         swap_linears(model, spec, recipe.targets)
         attach_activation_quantizers(model, recipe)
@@ -107,10 +93,7 @@ def _remove_training_quantizers(model: nn.Module, spec) -> None:
     for _, linear in quant_linears(model):
         linear.input_quant = None
     for layer in decoder_layers(model, spec):
-        attn = get_module(layer, spec.attn)
-        if hasattr(attn, HOOKS_ATTR):
-            kept = [h for h in getattr(attn, HOOKS_ATTR) if not isinstance(h, KVQuantHook)]
-            attn.register_module(HOOKS_ATTR, nn.ModuleList(kept))
+        remove_attention_hooks(get_module(layer, spec.attn), lambda h: isinstance(h, KVQuantHook))
     assert not any(True for _ in act_quantizers(model))
 
 
