@@ -97,8 +97,9 @@ def decode_equivalent_attention(
         return _ungroup(_masked_softmax(scores * scaling, mask, tq) @ value.float(), tq).to(query.dtype)
     run = slice(sink, sink + n)
     packed_k, packed_v = spec.keys.encode(key[:, :, run]), spec.values.encode(value[:, :, run])
-    counts = [packed_count(max(offset + i - sink, 0), spec.window, group) for i in range(tq)]
-    in_packed = torch.arange(n, device=key.device)[None, :] < torch.tensor(counts, device=key.device)[:, None]
+    before = (offset + torch.arange(tq, device=key.device) - sink).clamp_min(0)  # non-sink tokens before each query
+    counts = packed_count(before, spec.window, group)
+    in_packed = torch.arange(n, device=key.device)[None, :] < counts[:, None]
     in_packed = in_packed.repeat(q.shape[2] // tq, 1)  # grouped query rows: g copies of the Tq rows
     scores[..., run] = torch.where(in_packed, spec.keys.scores(q, packed_k, d), scores[..., run])
     weights = _masked_softmax(scores * scaling, mask, tq)

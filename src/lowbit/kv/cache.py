@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attend import packed_attention
 from .codecs import Packed
-from .spec import CacheSpec
+from .spec import CacheSpec, packed_count
 
 SPEC_ATTR = "lowbit_kv_cache"  # the CacheSpec a quantized model's packed cache uses
 
@@ -85,8 +85,7 @@ class PackedLayer(CacheLayerMixin):
         self.recent_values = torch.cat([self.recent_values, value], dim=2)
 
     def _flush(self) -> None:
-        group = self.spec.group
-        n = max(0, (self.recent_keys.shape[2] - self.spec.window) // group) * group
+        n = packed_count(self.recent_keys.shape[2], self.spec.window, self.spec.group)  # whole groups past the window
         if n == 0:
             return
         keys = self.spec.keys.encode(self.recent_keys[:, :, :n])

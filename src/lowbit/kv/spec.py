@@ -84,6 +84,11 @@ def reseed(codec, layer_idx: int):
     return codec
 
 
-def packed_count(non_sink_before: int, window: int, group: int) -> int:
-    """Non-sink tokens in packed form when a query arrives after ``non_sink_before`` earlier non-sink tokens."""
+def packed_count(non_sink_before, window: int, group: int):
+    """Non-sink tokens in packed form when a query arrives after ``non_sink_before`` earlier non-sink tokens.
+
+    Works on an int or elementwise on an integer tensor (one count per query).
+    """
+    if isinstance(non_sink_before, torch.Tensor):
+        return torch.div(non_sink_before - window, group, rounding_mode="floor").clamp_min(0) * group
     return max(0, (non_sink_before - window) // group) * group
