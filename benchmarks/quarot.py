@@ -90,20 +90,49 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
 
 
 def measure(recipe: Recipe, loaded, data, reference) -> dict:
-    """Quantize with ``recipe`` and evaluate against the cached full-precision reference."""
+    """Quantize with ``recipe`` and evaluate against the cached full-precision reference.
+
+    KV bits include a PrefixQuant prefix's full-precision keys/values amortised over the window.
+    """
     info: dict = {}
     start = time.perf_counter()
     model = lowbit.quantize(loaded.model, recipe, data, info=info)
     quantize_s = time.perf_counter() - start
     result = evaluate(loaded.model, model, data.eval_windows, reference=reference)
-    return {
+    seq_len, kv = int(data.eval_windows.shape[1]), kv_bits(recipe.kv, head_dim(loaded.model.config))
+    prefix = info.get("prefix", {}).get("tokens", [])
+    row = {
         "recipe": recipe.model_dump(mode="json"), "ppl": result.ppl, "fp_ppl": result.fp_ppl,
         "ratio": result.ppl / result.fp_ppl, "kl": result.kl_vs_fp, "top1": result.top1_agreement,
         "bits_w": weight_bits(model, loaded.spec)["weight"], "bits_a": activation_bits(model, loaded.spec),
-        "bits_kv": kv_bits(recipe.kv, head_dim(model.config)), "quantize_s": quantize_s,
+        "bits_kv": (len(prefix) * 16 + seq_len * kv) / (len(prefix) + seq_len), "quantize_s": quantize_s,
         "calibration_tokens": recipe.calibration.samples * recipe.calibration.seq_len
         if any(s.method == "gptq" for s in recipe.steps) else 0,
     }
+    if prefix:
+        row["prefix"] = info["prefix"]
+        row["prefix_text"] = [loaded.tokenizer.decode([t]) for t in prefix]
+    if "blockwise" in info:
+        row["blockwise"] = info["blockwise"]
+    return row
+
+
+def run_rows(todo: list, saved: dict, results: Path = RESULTS, command: str = "python benchmarks/quarot.py") -> None:
+    """Measure each (label, what, recipe factory) row and save ``results`` after every one."""
+    if not todo:
+        return
+    loaded = lowbit.load_model("default")
+    data = lowbit.prepare_data(lowbit.DataConfig(), loaded.tokenizer)
+    reference = reference_log_probs(loaded.model, data.eval_windows)
+    saved["meta"] = {"command": command, "windows": len(data.eval_windows),
+                     "seq_len": int(data.eval_windows.shape[1]), "threads": torch.get_num_threads(),
+                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    for label, _, factory in todo:
+        saved["rows"][label] = measure(factory(), loaded, data, reference)
+        results.parent.mkdir(exist_ok=True)
+        results.write_text(json.dumps(saved, indent=2) + "\n")
+        row = saved["rows"][label]
+        print(f"{label}: ratio {row['ratio']:.4f} KL {row['kl']:.4f} quantize {row['quantize_s']:.0f} s", flush=True)
 
 
 def main() -> None:
@@ -140,24 +169,6 @@ def wall_time(preset: str) -> dict:
               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")}
     print(f"{preset}: {result['total_s']:.0f} s end to end ({result['data_s']:.1f} s of it preparing text)")
     return result
-
-
-def run_rows(todo: list, saved: dict) -> None:
-    """Measure each row and save the results file after every one."""
-    if not todo:
-        return
-    loaded = lowbit.load_model("default")
-    data = lowbit.prepare_data(lowbit.DataConfig(), loaded.tokenizer)
-    reference = reference_log_probs(loaded.model, data.eval_windows)
-    saved["meta"] = {"command": "python benchmarks/quarot.py", "windows": len(data.eval_windows),
-                     "seq_len": int(data.eval_windows.shape[1]), "threads": torch.get_num_threads(),
-                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    for label, _, factory in todo:
-        saved["rows"][label] = measure(factory(), loaded, data, reference)
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
-        row = saved["rows"][label]
-        print(f"{label}: ratio {row['ratio']:.4f} KL {row['kl']:.4f} quantize {row['quantize_s']:.0f} s", flush=True)
 
 
 def write_table(saved: dict) -> None:

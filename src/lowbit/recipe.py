@@ -174,8 +174,41 @@ class PrefixStep(_Strict):
     seq_len: int = Field(default=512, ge=2)
 
 
-Step = Annotated[RTNStep | GPTQStep | QuaRotStep | SpinQuantStep | PrefixStep, Field(discriminator="method")]
-WEIGHT_STEPS = ("rtn", "gptq")
+class BlockwiseStep(_Strict):
+    """Block-wise reconstruction (PrefixQuant's static-scale search, then EfficientQAT's block fine-tuning).
+
+    One decoder layer at a time, on ``samples`` calibration sequences of ``seq_len`` tokens (after the prefix when
+    the recipe has one): the full-precision layer's output is the target; weights start from ``init`` (``rtn`` or
+    ``gptq``, with the GPTQ solver settings below); static activation/KV scales start from the calibration maxima;
+    with ``grid``, each static quantizer's clip factor is searched (0.25..0.95 coarse, then ±0.05 fine) on the first
+    ``grid_samples`` sequences to minimise the layer's output error (for keys: the error of the attention
+    probabilities); then ``epochs`` of AdamW with cosine decay train the layer's weights (``lr_weight``) and all its
+    quantizer scales (``lr_scale``) through straight-through rounding to minimise the MSE to the target, ``batch``
+    sequences per step (0 epochs: no fine-tuning). ``checkpoint``: a folder that receives each finished layer; a run
+    with the same settings resumes after the last one.
+    """
+
+    method: Literal["blockwise"] = "blockwise"
+    init: Literal["rtn", "gptq"] = "rtn"
+    grid: bool = True
+    grid_samples: int = Field(default=4, ge=1)
+    epochs: int = Field(default=2, ge=0)
+    samples: int = Field(default=32, ge=1)
+    seq_len: int = Field(default=512, ge=2)
+    batch: int = Field(default=2, ge=1)
+    lr_weight: float = Field(default=1e-5, ge=0)
+    lr_scale: float = Field(default=1e-4, ge=0)
+    seed: int | None = None
+    checkpoint: str | None = None
+    block_size: int = Field(default=128, ge=1)
+    damp: float = Field(default=0.01, gt=0)
+    act_order: bool = True
+    static_groups: bool = True
+
+
+Step = Annotated[RTNStep | GPTQStep | QuaRotStep | SpinQuantStep | PrefixStep | BlockwiseStep,
+                 Field(discriminator="method")]
+WEIGHT_STEPS = ("rtn", "gptq", "blockwise")
 ROTATION_STEPS = ("quarot", "spinquant")
 
 
@@ -213,7 +246,7 @@ class Recipe(_Strict):
         methods = [s.method for s in self.steps]
         rotations = [i for i, m in enumerate(methods) if m in ROTATION_STEPS]
         if len(weight_steps) > 1:
-            raise ValueError("at most one weight step (rtn or gptq) per recipe")
+            raise ValueError("at most one weight step (rtn, gptq or blockwise) per recipe")
         if len(rotations) > 1:
             raise ValueError("at most one rotation step (quarot or spinquant) per recipe")
         if rotations and any(methods.index(m) < rotations[0] for m in methods if m in WEIGHT_STEPS):
@@ -292,7 +325,7 @@ class Recipe(_Strict):
 def _describe_errors(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        steps = ("rtn", "gptq", "quarot", "spinquant", "prefix")
+        steps = ("rtn", "gptq", "quarot", "spinquant", "prefix", "blockwise")
         field = ".".join(str(p) for p in err["loc"] if p not in steps) or "recipe"
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"field '{field}': {msg}")

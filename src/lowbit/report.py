@@ -27,6 +27,24 @@ def write_json_atomic(path: str | Path, data: dict) -> Path:
     return path
 
 
+def save_tensors_atomic(path: str | Path, tensors: dict, meta: dict) -> Path:
+    """Write ``tensors`` as safetensors with ``meta`` (JSON under the ``lowbit`` key) via a temporary file and a
+    rename, so an interrupted write never replaces a good checkpoint."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata={"lowbit": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def _fmt(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.3g}"
 

@@ -50,6 +50,19 @@ def test_one_pass_equals_step_by_step_decoding(name):
     assert cache.layers[0].packed_tokens > 0
 
 
+@pytest.mark.parametrize("name", list(SPECS))
+def test_one_pass_in_query_blocks_equals_step_by_step(name, monkeypatch):
+    """Decode-equivalent attention a few queries at a time (causal keys only) still equals step-by-step decoding."""
+    from lowbit.kv import attend
+
+    model, spec = _model(), SPECS[name]
+    tokens = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(4))
+    stepwise, _ = _stepwise_logits(model, tokens, spec)
+    monkeypatch.setattr(attend, "QUERY_CHUNK", 7)
+    with torch.no_grad(), decode_equivalent(model, spec):
+        assert torch.allclose(model(tokens).logits, stepwise, atol=2e-4)
+
+
 def test_gqa_group_of_three_and_head_dim_48():
     model, spec = _model(heads=6, kv_heads=2, hidden=288), SPECS["qjl"]
     tokens = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(2))

@@ -23,7 +23,7 @@ def group_queries(query: Tensor, kv_heads: int) -> Tensor:
     return query.reshape(b, kv_heads, (hq // kv_heads) * tq, d)
 
 
-def _masked_softmax(scores: Tensor, mask: Tensor | None, tq: int) -> Tensor:
+def masked_softmax(scores: Tensor, mask: Tensor | None, tq: int) -> Tensor:
     """Softmax over keys of grouped scores ``[B, Hkv, g*Tq, T]`` with a ``[B, 1, Tq, T]`` mask (None: causal)."""
     b, hkv, gtq, t = scores.shape
     s = scores.float().reshape(b, hkv, gtq // tq, tq, t)
@@ -69,11 +69,14 @@ def packed_attention(
     parts = [q @ exact_before[0].float().transpose(-1, -2)]
     parts += [spec.keys.scores(q, chunk, d) for chunk in key_chunks]
     parts.append(q @ exact_after[0].float().transpose(-1, -2))
-    weights = _masked_softmax(torch.cat(parts, dim=-1) * scaling, mask, tq).split([p.shape[-1] for p in parts], -1)
+    weights = masked_softmax(torch.cat(parts, dim=-1) * scaling, mask, tq).split([p.shape[-1] for p in parts], -1)
     out = weights[0] @ exact_before[1].float() + weights[-1] @ exact_after[1].float()
     for w, chunk in zip(weights[1:-1], value_chunks, strict=True):
         out = out + spec.values.weighted_sum(w, chunk, d)  # one chunk of values at a time
     return _ungroup(out, tq).to(query.dtype)
+
+
+QUERY_CHUNK = 1024  # queries per block in decode-equivalent attention: causal keys only, bounded score memory
 
 
 def decode_equivalent_attention(
@@ -84,26 +87,41 @@ def decode_equivalent_attention(
     The query at position ``i`` sees the sink and its recent window exactly and the tokens the cache would have
     packed by then (:func:`~lowbit.kv.spec.packed_count`) through the codecs: one forward pass, the same numbers as
     decoding token by token (up to float rounding). Keys before the queries (``T - Tq`` of them: a PrefixQuant
-    prefix already in the cache) are an exact sink in addition to the spec's own.
+    prefix already in the cache) are an exact sink in addition to the spec's own. The packed run is encoded once;
+    queries go ``QUERY_CHUNK`` at a time, each block scoring only the keys it may see.
     """
-    _, kv_heads, t, d = key.shape
-    tq = query.shape[2]
+    t, tq = key.shape[2], query.shape[2]
     offset = t - tq
-    sink, group = min(spec.sink + offset, t), spec.group
-    n = ((t - sink) // group) * group
+    sink = min(spec.sink + offset, t)
+    n = ((t - sink) // spec.group) * spec.group
+    run = slice(sink, sink + n)
+    packed = (spec.keys.encode(key[:, :, run]), spec.values.encode(value[:, :, run])) if n else None
+    outs = []
+    for a in range(0, tq, QUERY_CHUNK):
+        b = min(a + QUERY_CHUNK, tq)
+        rows = None if mask is None else mask[:, :, a:b, : offset + b]
+        outs.append(_decode_rows(query[:, :, a:b], key[:, :, : offset + b], value[:, :, : offset + b], spec,
+                                 packed, sink, offset + a, rows, scaling))
+    return torch.cat(outs, dim=1)
+
+
+def _decode_rows(query, key, value, spec: CacheSpec, packed, sink: int, start: int, mask, scaling: float) -> Tensor:
+    """Decode-equivalent attention of queries at key positions ``start, start+1, ...`` over keys ``[0, T)``."""
+    kv_heads, d, tq = key.shape[1], query.shape[-1], query.shape[2]
     q = group_queries(query.float(), kv_heads)
     scores = q @ key.float().transpose(-1, -2)
+    before = (start + torch.arange(tq, device=key.device) - sink).clamp_min(0)  # non-sink tokens before each query
+    counts = packed_count(before, spec.window, spec.group)
+    n = int(counts.max()) if packed is not None else 0  # packed tokens the latest query of the block sees
     if n == 0:
-        return _ungroup(_masked_softmax(scores * scaling, mask, tq) @ value.float(), tq).to(query.dtype)
+        return _ungroup(masked_softmax(scores * scaling, mask, tq) @ value.float(), tq).to(query.dtype)
+    packed_k, packed_v = (p.split(n)[0] for p in packed)
     run = slice(sink, sink + n)
-    packed_k, packed_v = spec.keys.encode(key[:, :, run]), spec.values.encode(value[:, :, run])
-    before = (offset + torch.arange(tq, device=key.device) - sink).clamp_min(0)  # non-sink tokens before each query
-    counts = packed_count(before, spec.window, group)
     in_packed = torch.arange(n, device=key.device)[None, :] < counts[:, None]
     in_packed = in_packed.repeat(q.shape[2] // tq, 1)  # grouped query rows: g copies of the Tq rows
     scores[..., run] = torch.where(in_packed, spec.keys.scores(q, packed_k, d), scores[..., run])
-    weights = _masked_softmax(scores * scaling, mask, tq)
-    out = weights @ value.float()
+    weights = masked_softmax(scores * scaling, mask, tq)
     packed_weights = weights[..., run] * in_packed
-    out = out + spec.values.weighted_sum(packed_weights, packed_v, d) - packed_weights @ value[:, :, run].float()
+    weights[..., run] = weights[..., run].masked_fill(in_packed, 0.0)
+    out = weights @ value.float() + spec.values.weighted_sum(packed_weights, packed_v, d)
     return _ungroup(out, tq).to(query.dtype)

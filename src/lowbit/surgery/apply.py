@@ -95,19 +95,21 @@ def rtn_step(model: nn.Module, step, ctx: StepContext) -> None:
 
 
 def _step_handlers() -> dict[str, Callable[[nn.Module, object, StepContext], None]]:
+    from .blockwise import blockwise_step
     from .gptq import gptq_step
     from .prefix import prefix_step
     from .rotate import quarot_step
     from .spinquant_step import spinquant_step
 
     return {"rtn": rtn_step, "gptq": gptq_step, "quarot": quarot_step, "spinquant": spinquant_step,
-            "prefix": prefix_step}
+            "prefix": prefix_step, "blockwise": blockwise_step}
 
 
 def attach_activation_quantizers(model: nn.Module, recipe: Recipe) -> None:
-    """Give every quantized linear an input quantizer with the recipe's activation scheme."""
+    """Give every quantized linear without one an input quantizer with the recipe's activation scheme."""
     for name, linear in quant_linears(model):
-        linear.input_quant = ActQuantizer(recipe.activations, "activation", name=f"{name}.input")
+        if linear.input_quant is None:
+            linear.input_quant = ActQuantizer(recipe.activations, "activation", name=f"{name}.input")
 
 
 def attach_kv_quantizers(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> None:
@@ -131,16 +133,26 @@ def calibrate(model: nn.Module, batches: torch.Tensor, progress=None, forward: n
     so that the prefix positions never reach the quantizers).
     """
     forward = forward or model
-    static = [q for q in act_quantizers(model) if q.static]
+    static = [q for q in act_quantizers(model) if q.static and not q.calibrated]  # a blockwise step did the rest
     if not static:
         return
-    for q in static:
-        q.start_calibration()
     tick = progress("calibrating static scales", len(batches)) if progress else (lambda: None)
-    try:
+
+    def run() -> None:
         for row in batches:
             forward(row.unsqueeze(0), use_cache=False)
             tick()
+
+    calibrate_quantizers(static, run)
+
+
+def calibrate_quantizers(quantizers: list[ActQuantizer], run: Callable[[], object]) -> None:
+    """Fit the static ones among ``quantizers`` to the tensors they see while ``run()`` runs."""
+    static = [q for q in quantizers if q.static]
+    for q in static:
+        q.start_calibration()
+    try:
+        run()
     finally:
         for q in static:
             q.calibrating = False

@@ -41,14 +41,15 @@ class KVQuantHook(nn.Module):
         self.k_quant, self.v_quant = k_quant, v_quant
         self.exact_prefix = 0
 
-    def _quantize(self, quant: ActQuantizer, x):
+    def quantize_part(self, quant: ActQuantizer, x):
+        """``quant(x)`` on the cached positions after the exact prefix."""
         p = min(self.exact_prefix, x.shape[2])
         if p == 0:
             return quant(x)
         return torch.cat([x[:, :, :p], quant(x[:, :, p:])], dim=2) if x.shape[2] > p else x
 
     def forward(self, query, key, value):
-        return query, self._quantize(self.k_quant, key), self._quantize(self.v_quant, value)
+        return query, self.quantize_part(self.k_quant, key), self.quantize_part(self.v_quant, value)
 
 
 def _run_hooks(module: nn.Module, query, key, value, packed: bool):

@@ -12,7 +12,6 @@ import time
 import torch
 from torch import nn
 
-from ..data import prepend_tokens
 from ..errors import CalibrationError
 from ..gptq import GPTQConfig, HessianAccumulator, gptq_quantize
 from ..models.arch import get_module
@@ -35,45 +34,60 @@ def _input_groups(layer: nn.Module, spec) -> list[list[QuantLinear]]:
 
 
 @torch.no_grad()
+def gptq_layer(layer: nn.Module, spec, run, scheme, config: GPTQConfig) -> float:
+    """GPTQ on one decoder layer's quantized linears: one ``run()`` of the calibration samples records each input
+    group's Hessian, then the solver quantizes each linear. Returns the summed GPTQ loss."""
+    fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
+    groups = _input_groups(layer, spec)
+    hessians: dict[str, HessianAccumulator] = {}
+
+    def sink(name: str, x: torch.Tensor) -> None:
+        hessians.setdefault(name, HessianAccumulator(x.shape[-1])).add(x)
+
+    with capture_inputs({str(i): group[0] for i, group in enumerate(groups)}, sink):
+        run()
+    loss = 0.0
+    for i, group in enumerate(groups):
+        for linear in group:
+            result = gptq_quantize(linear.weight.data, hessians[str(i)].hessian, fmt, gran,
+                                   observer=scheme.observer, clip_ratio=scheme.clip_ratio, config=config,
+                                   **observer_kwargs(scheme))
+            linear.set_quantized_weight(result.weight, QParams(result.scale, result.zero_point), scheme)
+            loss += float(result.loss)
+    return loss
+
+
+def gptq_config(step) -> GPTQConfig:
+    """The solver settings of a recipe step with GPTQ fields."""
+    return GPTQConfig(block_size=step.block_size, damp=step.damp, act_order=step.act_order,
+                      static_groups=step.static_groups)
+
+
+@torch.no_grad()
 def gptq_step(model: nn.Module, step, ctx) -> None:
     """Quantize every targeted decoder linear with GPTQ (``lm_head``, when targeted, falls back to RTN)."""
     if ctx.calibration is None:
         raise CalibrationError("GPTQ needs calibration text: pass calibration data (--calib-data)")
-    scheme, spec = ctx.recipe.weights, ctx.spec
-    fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
-    config = GPTQConfig(block_size=step.block_size, damp=step.damp, act_order=step.act_order,
-                        static_groups=step.static_groups)
+    scheme, spec, config = ctx.recipe.weights, ctx.spec, gptq_config(step)
     batches = ctx.calibration()
     stats = {"layers": 0, "tokens": int(batches.numel()), "loss": 0.0}
     start = time.perf_counter()
 
     def on_layer(index: int, layer: nn.Module, run) -> None:
-        groups = _input_groups(layer, spec)
-        hessians: dict[str, HessianAccumulator] = {}
-
-        def sink(name: str, x: torch.Tensor) -> None:
-            x = x[:, skip:]  # the prefix's activations are never quantized: they do not shape the Hessian
-            hessians.setdefault(name, HessianAccumulator(x.shape[-1])).add(x)
-
-        with capture_inputs({str(i): group[0] for i, group in enumerate(groups)}, sink):
-            run()
-        for i, group in enumerate(groups):
-            for linear in group:
-                result = gptq_quantize(linear.weight.data, hessians[str(i)].hessian, fmt, gran,
-                                       observer=scheme.observer, clip_ratio=scheme.clip_ratio, config=config,
-                                       **observer_kwargs(scheme))
-                linear.set_quantized_weight(result.weight, QParams(result.scale, result.zero_point), scheme)
-                stats["loss"] += float(result.loss)
+        stats["loss"] += gptq_layer(layer, spec, run, scheme, config)
         stats["layers"] += 1
 
-    prefix = ctx.prefix[0] if ctx.prefix is not None else []
-    skip = len(prefix)
-    if prefix:  # calibration samples run after the prefix, as every request will
-        batches = prepend_tokens(prefix, batches)
-    stream_layers(model, spec, batches, on_layer, progress=ctx.progress)
+    # Samples run after the full-precision prefix cache, as every request will; its tokens never reach a Hessian.
+    prefix = ctx.prefix[1] if ctx.prefix is not None else None
+    stream_layers(model, spec, batches, on_layer, progress=ctx.progress, prefix=prefix)
+    quantize_head_rtn(model, spec, scheme)
+    stats["seconds"] = time.perf_counter() - start
+    ctx.info["gptq"] = stats
+
+
+def quantize_head_rtn(model: nn.Module, spec, scheme) -> None:
+    """RTN on ``lm_head`` when it is targeted and not yet quantized (layer-wise methods cover decoder layers)."""
     head = get_module(model, spec.lm_head)
     if isinstance(head, QuantLinear) and head.weight_scheme is None:
         with onloaded(head):
             head.quantize_weight_rtn(scheme)
-    stats["seconds"] = time.perf_counter() - start
-    ctx.info["gptq"] = stats

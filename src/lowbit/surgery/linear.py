@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import compute_qparams, dequantize, observe_range, quantize
+from ..quant import (
+    QParams,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    observe_range,
+    quantize,
+)
 from ..recipe import QuantScheme
 from .quantizer import ActQuantizer, granularity_for, observer_kwargs
 
@@ -18,6 +25,10 @@ class QuantLinear(nn.Module):
     low-bit kernel would); ``weight_scale`` / ``weight_zero`` hold the quantization parameters that a packed format
     stores. ``input_transform`` is an optional online rotation ``t`` of the input (QuaRot's R4); ``input_quant`` is an
     :class:`ActQuantizer` or ``None`` (full-precision input).
+
+    Between :meth:`learn_weight` and :meth:`freeze_weight` the layer trains its weight through the quantizer
+    (EfficientQAT): ``weight`` is a latent float weight, fake-quantized on every forward with a learnable
+    ``weight_scale`` (straight-through rounding, LSQ scale gradient).
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -30,6 +41,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_zero", None)
         self.input_transform: nn.Module | None = None
         self.input_quant: ActQuantizer | None = None
+        self.learning = False
 
     def extra_repr(self) -> str:
         w = self.weight_scheme.describe() if self.weight_scheme else "fp"
@@ -40,7 +52,37 @@ class QuantLinear(nn.Module):
             x = self.input_transform(x)
         if self.input_quant is not None:
             x = self.input_quant(x)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.quantized_weight() if self.learning else self.weight, self.bias)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """``weight`` fake-quantized with the current ``weight_scale`` / ``weight_zero`` (differentiable)."""
+        scheme = self.weight_scheme
+        return fake_quantize(self.weight, scheme.number_format(), granularity_for(scheme, "weight"),
+                             qparams=QParams(self.weight_scale, self.weight_zero))
+
+    def learn_weight(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """Start training the weight and its scale through the quantizer; returns ``(weight, weight_scale)``."""
+        if self.weight_scheme is None:
+            raise ValueError("learn_weight needs a quantized weight first (RTN or GPTQ)")
+        scale = self.weight_scale.detach().clone()
+        del self.weight_scale
+        self.weight_scale = nn.Parameter(scale)
+        self.weight.requires_grad_(True)
+        self.learning = True
+        return self.weight, self.weight_scale
+
+    @torch.no_grad()
+    def freeze_weight(self) -> None:
+        """End training: round the latent weight with the learned scale and store it as the quantized weight."""
+        if not self.learning:
+            return
+        scale = self.weight_scale.detach().clamp_min(torch.finfo(torch.float32).tiny)
+        w_hat = self.quantized_weight()
+        del self.weight_scale
+        self.register_buffer("weight_scale", None)
+        self.weight.requires_grad_(False)
+        self.learning = False
+        self.set_quantized_weight(w_hat, QParams(scale, self.weight_zero), self.weight_scheme)
 
     @torch.no_grad()
     def quantize_weight_rtn(self, scheme: QuantScheme) -> None:

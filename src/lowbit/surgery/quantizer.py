@@ -62,7 +62,9 @@ class ActQuantizer(nn.Module):
     (:meth:`start_calibration` … :meth:`finish_calibration`), then hold fixed ``scale`` / ``zero_point`` buffers;
     their forward never computes a scale from the input. During calibration the input passes through unchanged.
     The ``minmax`` observer keeps the running min/max over batches; ``percentile`` and ``mse`` average each batch's
-    clipped range.
+    clipped range. The calibrated range is kept (``range_min`` / ``range_max``), so a search can re-clip it
+    (:meth:`set_clip`); :meth:`learn_scale` turns the scale into a trainable parameter (LSQ gradient) and
+    :meth:`freeze_scale` back into a buffer.
     """
 
     def __init__(self, scheme: QuantScheme, kind: str, name: str = "") -> None:
@@ -77,6 +79,8 @@ class ActQuantizer(nn.Module):
         self._stats = _RangeStats()
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
+        self.register_buffer("range_min", None)
+        self.register_buffer("range_max", None)
 
     def extra_repr(self) -> str:
         return self.scheme.describe()
@@ -84,6 +88,10 @@ class ActQuantizer(nn.Module):
     @property
     def static(self) -> bool:
         return not self.scheme.dynamic
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scale is not None
 
     def start_calibration(self) -> None:
         self.calibrating, self._stats = True, _RangeStats()
@@ -98,9 +106,38 @@ class ActQuantizer(nn.Module):
             )
         if stats.batches > 1 and self.scheme.observer != "minmax":
             stats.xmin, stats.xmax = stats.xmin / stats.batches, stats.xmax / stats.batches
-        qp = compute_qparams(stats.xmin, stats.xmax, self.fmt, clip_ratio=self.scheme.clip_ratio)
-        self.scale, self.zero_point = qp.scale, qp.zero_point
+        self.range_min, self.range_max = stats.xmin, stats.xmax
+        self.set_clip(self.scheme.clip_ratio)
         self._stats = _RangeStats()
+
+    @torch.no_grad()
+    def set_clip(self, factor: float) -> None:
+        """Scales from the calibrated range shrunk by ``factor`` (in (0, 1]): the knob of a clip-factor search."""
+        if self.range_min is None:
+            raise CalibrationError(f"quantizer {self.name or self.kind} has no calibrated range to clip")
+        qp = compute_qparams(self.range_min, self.range_max, self.fmt, clip_ratio=factor)
+        if isinstance(self.scale, nn.Parameter):
+            self.scale.copy_(qp.scale)
+        else:
+            self.scale = qp.scale
+        self.zero_point = qp.zero_point
+
+    def learn_scale(self) -> nn.Parameter:
+        """Make the static scale a trainable parameter (straight-through rounding, LSQ gradient) and return it."""
+        if not self.calibrated:
+            raise CalibrationError(f"static quantizer {self.name or self.kind} was never calibrated")
+        scale = self.scale.detach().clone()
+        del self.scale
+        self.scale = nn.Parameter(scale)
+        return self.scale
+
+    @torch.no_grad()
+    def freeze_scale(self) -> None:
+        """Turn a learned scale back into a buffer (kept strictly positive)."""
+        if isinstance(self.scale, nn.Parameter):
+            scale = self.scale.detach().clamp_min(torch.finfo(torch.float32).tiny)
+            del self.scale
+            self.register_buffer("scale", scale)
 
     def _observe(self, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():

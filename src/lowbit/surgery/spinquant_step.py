@@ -8,8 +8,6 @@ rotations instead of training again (``rotations: path``).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 from torch import nn
 
 from ..models.arch import decoder_layers, get_module
+from ..report import save_tensors_atomic
 from .apply import (
     act_quantizers,
     attach_activation_quantizers,
@@ -38,20 +37,8 @@ from .spinquant import Rotations, TrainConfig, train_rotations
 
 def save_rotations(path: str | Path, rot: Rotations, meta: dict) -> None:
     """Write rotations and metadata atomically (a partial file never replaces a good checkpoint)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"r1": rot.r1.detach().contiguous()}
-    tensors.update({f"r2.{i}": r.detach().contiguous() for i, r in enumerate(rot.r2)})
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"lowbit": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    tensors = {"r1": rot.r1, **{f"r2.{i}": r for i, r in enumerate(rot.r2)}}
+    save_tensors_atomic(path, tensors, meta)
 
 
 def load_rotations(path: str | Path) -> tuple[Rotations, dict]:
@@ -80,12 +67,28 @@ def _prepare(model: nn.Module, spec, recipe, seed: int, r3: bool, r4: bool) -> d
     """Fold norms, fix R3/R4, attach the recipe's fake-quantizers for training; returns rotation info."""
     info: dict = {"untied_lm_head_bytes": fold_norms(model, spec)}
     info.update(add_online_rotations(model, spec, rotation_seeds(model, spec, seed), r3, r4))
-    if recipe.activations is not None:
+    training = training_recipe(recipe)
+    if training.activations is not None:
         swap_linears(model, spec, recipe.targets)
-        attach_activation_quantizers(model, recipe)
-    if recipe.kv is not None:
-        attach_kv_quantizers(model, spec, recipe)
+        attach_activation_quantizers(model, training)
+    if training.kv is not None:
+        attach_kv_quantizers(model, spec, training)
     return info
+
+
+def training_recipe(recipe):
+    """The recipe whose quantizers rotations learn through: static schemes become their dynamic per-token form.
+
+    Static scales are fitted after the rotations exist (and after a PrefixQuant prefix removes the outlier tokens),
+    so while learning, the same format is applied with dynamic per-token (activations) or per-token-and-head (KV)
+    scales, SpinQuant's own setting.
+    """
+    changes = {}
+    if recipe.activations is not None and not recipe.activations.dynamic:
+        changes["activations"] = recipe.activations.model_copy(update={"dynamic": True, "granularity": "token"})
+    if recipe.kv is not None and not recipe.kv.dynamic:
+        changes["kv"] = recipe.kv.model_copy(update={"dynamic": True, "granularity": "head"})
+    return recipe.model_copy(update=changes) if changes else recipe
 
 
 def _remove_training_quantizers(model: nn.Module, spec) -> None:

@@ -1,0 +1,94 @@
+"""PrefixQuant on the default model: the paper's ablation (RTN -> + rotation -> + grid search -> + prefix ->
++ fine-tuning) for static W4A4KV4, and the PrefixQuant presets beside dynamic QuaRot, in one run.
+
+Run:  python benchmarks/prefix.py            (about 40 minutes on 2 CPU cores; resumes where it stopped)
+      python benchmarks/prefix.py --rows "+ prefix" --force
+      python benchmarks/prefix.py --tables-only
+
+Every row quantizes the same model with the same calibration text and is evaluated on the same windows against one
+full-precision reference. The ablation rows are static W4A4KV4 (weights per channel with the MSE clip search, RTN,
+activations per tensor, KV per head): "RTN" takes its static scales from calibration maxima; each later row adds one
+component. Bits count the prefix's full-precision keys/values amortised over the window. The table goes between the
+PREFIX markers in benchmarks/README.md; results in results/prefix.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from presets import replace_block
+from quarot import run_rows
+
+from lowbit.recipe import Recipe, load_preset
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "prefix.json"
+BEGIN, END = "<!-- PREFIX:BEGIN -->", "<!-- PREFIX:END -->"
+STATIC = {
+    "weights": {"format": "int4", "symmetric": True, "granularity": "channel", "observer": "mse"},
+    "activations": {"format": "int4", "symmetric": True, "granularity": "tensor", "dynamic": False},
+    "kv": {"format": "int4", "symmetric": False, "granularity": "head", "dynamic": False},
+}
+
+
+def ablation(name: str, rotation: bool, grid: bool, prefix: bool, epochs: int) -> Callable[[], Recipe]:
+    """A static W4A4KV4 recipe with RTN weights and the named components switched on."""
+    block = {"method": "blockwise", "init": "rtn", "grid": grid, "epochs": epochs, "samples": 32, "seq_len": 512}
+    steps = [*([{"method": "quarot"}] if rotation else []), *([{"method": "prefix"}] if prefix else []), block]
+    return lambda: Recipe.from_dict({"name": name, "steps": steps, **STATIC})
+
+
+ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
+    ("RTN", "static scales from calibration maxima, no rotation", ablation("rtn", False, False, False, 0)),
+    ("+ rotation", "QuaRot R1-R4", ablation("rot", True, False, False, 0)),
+    ("+ grid search", "clip factors searched per quantizer", ablation("grid", True, True, False, 0)),
+    ("+ prefix", "outlier tokens in a full-precision prefix", ablation("prefix", True, True, True, 0)),
+    ("+ fine-tuning", "block-wise, weights and scales (RTN start)", ablation("ft", True, True, True, 2)),
+    ("w4a4kv4-prefix-noft", "preset: GPTQ weights, grid search, no fine-tuning",
+     lambda: load_preset("w4a4kv4-prefix-noft")),
+    ("w4a4kv4-prefix", "preset: GPTQ start, grid search, fine-tuning", lambda: load_preset("w4a4kv4-prefix")),
+    ("w4a4kv4-prefix-dynamic", "preset: prefix, dynamic per-token scales", lambda: load_preset("w4a4kv4-prefix-dynamic")),
+    ("w4a4kv4-quarot", "dynamic QuaRot (the bar for the static preset)", lambda: load_preset("w4a4kv4-quarot")),
+    ("w8a8kv8-prefix", "preset: static 8-bit, per-tensor KV", lambda: load_preset("w8a8kv8-prefix")),
+]
+
+
+def write_table(saved: dict) -> None:
+    meta = saved["meta"]
+    lines = [f"Default model and text, {meta.get('windows')} windows × {meta.get('seq_len')} tokens, "
+             f"{meta.get('threads')} CPU threads, {meta.get('date')}; `python benchmarks/prefix.py`.", "",
+             "| row | what it adds | ratio | KL | top-1 | bits W / A / KV | prefix | quantize s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, what, _ in ROWS:
+        r = saved["rows"].get(label)
+        if r is not None:
+            prefix = ", ".join(r.get("prefix_text", [])) or "-"
+            lines.append(f"| {label} | {what} | {r['ratio']:.4g} | {r['kl']:.4f} | {r['top1']:.4f} | "
+                         f"{r['bits_w']:.2f} / {r['bits_a']:.2f} / {r['bits_kv']:.2f} | {prefix} | "
+                         f"{r['quantize_s']:.0f} |")
+    replace_block(HERE / "README.md", BEGIN, END, lines)
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", default=None, help="labels of the rows to run (default: all)")
+    parser.add_argument("--force", action="store_true", help="re-measure rows already saved")
+    parser.add_argument("--tables-only", action="store_true")
+    args = parser.parse_args()
+    saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"meta": {}, "rows": {}}
+    if not args.tables_only:
+        labels = args.rows or [label for label, _, _ in ROWS]
+        unknown = set(labels) - {label for label, _, _ in ROWS}
+        if unknown:
+            parser.error(f"unknown rows {sorted(unknown)}; rows: {[label for label, _, _ in ROWS]}")
+        todo = [r for r in ROWS if r[0] in labels and (args.force or r[0] not in saved["rows"])]
+        run_rows(todo, saved, RESULTS, "python benchmarks/prefix.py")
+    write_table(saved)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""EfficientQAT-style fine-tuning of one decoder layer: weights and quantizer scales, MSE to the full-precision output.
+
+Every quantized linear of the layer trains its latent weight and its per-channel weight scale through the quantizer
+(:meth:`QuantLinear.learn_weight`); every static activation/KV quantizer trains its scale
+(:meth:`ActQuantizer.learn_scale`). Rounding is straight-through and scales get the LSQ gradient. AdamW (no weight
+decay) with a cosine learning-rate decay to zero; the layer's other parameters (norms) stay frozen. At the end the
+weights are rounded with their learned scales and everything is frozen again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .linear import QuantLinear
+from .quantizer import ActQuantizer
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int
+    batch: int
+    lr_weight: float
+    lr_scale: float
+    seed: int = 0
+
+
+def _trainable(layer: nn.Module) -> tuple[list[QuantLinear], list[ActQuantizer]]:
+    linears = [m for m in layer.modules() if isinstance(m, QuantLinear) and m.weight_scheme is not None]
+    quants = [m for m in layer.modules() if isinstance(m, ActQuantizer) and m.static and m.calibrated and m.enabled]
+    return linears, quants
+
+
+def finetune_layer(
+    layer: nn.Module,
+    forward: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    config: FinetuneConfig,
+    on_step: Callable[[float], None] | None = None,
+) -> list[float]:
+    """Train ``layer`` so that ``forward(inputs[i])`` matches ``targets[i]``; returns the mean loss of each epoch.
+
+    ``inputs``/``targets``: ``[n, T, hidden]`` samples; ``forward`` runs the layer on a batch of them.
+    """
+    linears, quants = _trainable(layer)
+    if not linears and not quants or config.epochs == 0:
+        return []
+    frozen = {p: p.requires_grad for p in layer.parameters()}
+    layer.requires_grad_(False)
+    weights, scales = [], []
+    for linear in linears:
+        w, s = linear.learn_weight()
+        weights.append(w)
+        scales.append(s)
+    scales += [q.learn_scale() for q in quants]
+    optimizer = torch.optim.AdamW([{"params": weights, "lr": config.lr_weight},
+                                   {"params": scales, "lr": config.lr_scale}], weight_decay=0.0)
+    steps = config.epochs * math.ceil(len(inputs) / config.batch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    generator = torch.Generator().manual_seed(config.seed)
+    losses = []
+    try:
+        with torch.enable_grad():
+            for _ in range(config.epochs):
+                total = 0.0
+                for batch in torch.randperm(len(inputs), generator=generator).split(config.batch):
+                    loss = (forward(inputs[batch]).float() - targets[batch].float()).square().mean()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    with torch.no_grad():
+                        for s in scales:
+                            s.clamp_(min=1e-8)
+                    value = loss.item()
+                    total += value * len(batch)
+                    if on_step is not None:
+                        on_step(value)
+                losses.append(total / len(inputs))
+    finally:
+        for linear in linears:
+            linear.freeze_weight()
+        for q in quants:
+            q.freeze_scale()
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    return losses

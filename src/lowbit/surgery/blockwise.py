@@ -1,0 +1,192 @@
+"""The ``blockwise`` recipe step: PrefixQuant's static quantization, one decoder layer at a time.
+
+Calibration samples run through the model layer by layer twice over: through the full-precision layers (the
+targets) and through the layers already quantized (the inputs each quantized layer will really see). For each layer:
+
+1. its full-precision output on the full-precision inputs is the target;
+2. its weights are quantized (RTN or GPTQ);
+3. its static activation/KV quantizers get their calibration ranges from its quantized-path inputs;
+4. optionally, each quantizer's clip factor is grid-searched (:mod:`.clip_search`);
+5. optionally, weights and scales are fine-tuned to the target (:mod:`.block_finetune`), kept only when that
+   lowers the layer's error on its samples;
+6. its quantized outputs become the next layer's inputs.
+
+With a PrefixQuant prefix every sample runs after the prefix's full-precision cache, so prefix positions never
+reach a quantizer or a loss. Only one layer is on the compute device at a time. With ``checkpoint`` each finished
+layer is written to a folder, and a rerun with the same settings restores those layers instead of redoing them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CalibrationError
+from ..models.arch import decoder_layers, get_module
+from ..report import save_tensors_atomic
+from .apply import act_quantizers, attach_activation_quantizers, attach_kv_quantizers, calibrate_quantizers
+from .block_finetune import FinetuneConfig, finetune_layer
+from .clip_search import grid_search_layer
+from .gptq import gptq_config, gptq_layer, quantize_head_rtn
+from .linear import QuantLinear
+from .offload import execution_device, on_device
+from .quantizer import ActQuantizer
+from .sequential import LayerInputs, embed_batches, layer_inputs, use_sdpa_masks
+
+
+def _run(inputs: LayerInputs, layer: nn.Module, index: int, hidden: Tensor, batch: int) -> Tensor:
+    """The layer over ``hidden`` ``[n, T, d]``, ``batch`` samples at a time."""
+    return torch.cat([inputs.run(layer, index, h) for h in hidden.split(batch)])
+
+
+class _Quantizers:
+    """Switch a layer's activation/KV quantizers off (full-precision path) and on again."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.quants = [m for m in layer.modules() if isinstance(m, ActQuantizer)]
+
+    def __enter__(self):
+        for q in self.quants:
+            q.enabled = False
+
+    def __exit__(self, *exc):
+        for q in self.quants:
+            q.enabled = True
+
+
+class LayerCheckpoint:
+    """A folder of finished layers (``layer_<i>.safetensors``), valid for one set of step settings."""
+
+    def __init__(self, folder: str | None, fingerprint: dict) -> None:
+        self.folder = Path(folder) if folder else None
+        self.fingerprint = fingerprint
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"layer_{index}.safetensors"
+
+    def load(self, index: int) -> dict[str, Tensor] | None:
+        """The saved tensors of layer ``index`` when saved with the same settings, else None."""
+        if self.folder is None or not self.path(index).is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(self.path(index)), framework="pt") as f:
+            if json.loads((f.metadata() or {}).get("lowbit", "{}")) != self.fingerprint:
+                return None
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+
+    def save(self, index: int, layer: nn.Module) -> None:
+        if self.folder is not None:
+            save_tensors_atomic(self.path(index), quantized_state(layer), self.fingerprint)
+
+
+def quantized_state(layer: nn.Module) -> dict[str, Tensor]:
+    """What quantization changed in a layer: quantized weights, their scales, activation/KV scales and ranges."""
+    names = ("weight", "weight_scale", "weight_zero", "scale", "zero_point", "range_min", "range_max")
+    state = {}
+    for path, module in layer.named_modules():
+        if isinstance(module, (QuantLinear, ActQuantizer)):
+            for name in names:
+                value = getattr(module, name, None)
+                if isinstance(value, Tensor):
+                    state[f"{path}.{name}" if path else name] = value.detach()
+    return state
+
+
+@torch.no_grad()
+def restore_state(layer: nn.Module, state: dict[str, Tensor], scheme) -> None:
+    """Put a :func:`quantized_state` back into a freshly prepared layer."""
+    for key, value in state.items():
+        path, name = key.rsplit(".", 1)
+        module = layer.get_submodule(path)
+        if name == "weight":
+            module.weight.data.copy_(value)
+        else:
+            setattr(module, name, value.clone())
+        if isinstance(module, QuantLinear):
+            module.weight_scheme = scheme
+
+
+def _prepare(model: nn.Module, ctx) -> None:
+    """Attach the recipe's quantizers now (the layers need them) and keep prefix positions exact in KV hooks."""
+    recipe = ctx.recipe
+    if recipe.activations is not None:
+        attach_activation_quantizers(model, recipe)
+    if recipe.kv is not None:
+        attach_kv_quantizers(model, ctx.spec, recipe)
+    if ctx.prefix is not None:
+        from .prefix import keep_prefix_exact
+
+        keep_prefix_exact(model, ctx.spec, len(ctx.prefix[0]))
+
+
+def _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats) -> Tensor:
+    """Steps 1-5 for one layer; returns its full-precision target outputs."""
+    run = lambda x: _run(inputs, layer, index, x, step.batch)
+    with _Quantizers(layer):
+        target = run(fp_in)
+        if step.init == "gptq":
+            gptq_layer(layer, ctx.spec, lambda: run(q_in), ctx.recipe.weights, gptq_config(step))
+        else:
+            for linear in (m for m in layer.modules() if isinstance(m, QuantLinear)):
+                linear.quantize_weight_rtn(ctx.recipe.weights)
+    calibrate_quantizers(list(act_quantizers(layer)), lambda: run(q_in))
+    row = {"layer": index, "mse_init": float((run(q_in) - target).square().mean())}
+    if step.grid:
+        n = min(step.grid_samples, len(q_in))
+        row["clip"] = grid_search_layer(layer, ctx.spec, lambda: run(q_in[:n]), target[:n])
+        row["mse_grid"] = float((run(q_in) - target).square().mean())
+    if step.epochs:
+        before, error = quantized_state(layer), row.get("mse_grid", row["mse_init"])
+        config = FinetuneConfig(step.epochs, step.batch, step.lr_weight, step.lr_scale, seed=stats["seed"] + index)
+        row["epoch_losses"] = finetune_layer(layer, lambda x: inputs.run(layer, index, x), q_in, target, config)
+        row["mse_finetuned"] = float((run(q_in) - target).square().mean())
+        if row["mse_finetuned"] > error:  # fine-tuning made this layer worse on its own samples: keep the start
+            restore_state(layer, {k: v.clone() for k, v in before.items()}, ctx.recipe.weights)
+            row["reverted"] = True
+    stats["layers"].append(row)
+    return target
+
+
+@torch.no_grad()
+def blockwise_step(model: nn.Module, step, ctx) -> None:
+    """Quantize the model one decoder layer at a time (see the module docstring); stats go to ``ctx.info``."""
+    if ctx.sample_calibration is None:
+        raise CalibrationError("block-wise quantization needs calibration text: pass calibration data")
+    spec, start = ctx.spec, time.perf_counter()
+    seed = ctx.seed if step.seed is None else step.seed
+    _prepare(model, ctx)
+    use_sdpa_masks(model)
+    device = execution_device(get_module(model, spec.embed))
+    batches = ctx.sample_calibration(step.samples, step.seq_len)
+    q_in = torch.cat(embed_batches(model, spec, batches, device, step.batch))
+    fp_in = q_in.clone()
+    prefix = ctx.prefix[1] if ctx.prefix is not None else None
+    inputs = layer_inputs(model, spec, step.seq_len, device, prefix)
+    fingerprint = {"recipe": ctx.recipe.model_dump(mode="json"), "seed": seed,
+                   "prefix": ctx.prefix[0] if ctx.prefix else []}
+    checkpoint = LayerCheckpoint(step.checkpoint, fingerprint)
+    stats = {"layers": [], "seed": seed, "restored": 0}
+    layers = decoder_layers(model, spec)
+    tick = ctx.progress("block-wise quantization", len(layers)) if ctx.progress else (lambda: None)
+    for index, layer in enumerate(layers):
+        with on_device(layer, device):
+            saved = checkpoint.load(index)
+            if saved is not None:
+                with _Quantizers(layer):
+                    target = _run(inputs, layer, index, fp_in, step.batch)
+                restore_state(layer, saved, ctx.recipe.weights)
+                stats["restored"] += 1
+            else:
+                target = _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats)
+                checkpoint.save(index, layer)
+            q_in, fp_in = _run(inputs, layer, index, q_in, step.batch), target
+        tick()
+    quantize_head_rtn(model, spec, ctx.recipe.weights)
+    stats.pop("seed")
+    stats["seconds"] = time.perf_counter() - start
+    ctx.info["blockwise"] = stats

@@ -1,0 +1,146 @@
+"""PrefixQuant's static quantization: prefix-aware layer streaming, clip-factor search, block fine-tuning, resume."""
+
+from unittest import mock
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.data import TokenData
+from lowbit.models.arch import decoder_layers, spec_for
+from lowbit.recipe import Recipe
+from lowbit.surgery.block_finetune import FinetuneConfig, finetune_layer
+from lowbit.surgery.clip_search import COARSE, FINE, search_factor
+from lowbit.surgery.linear import QuantLinear
+from lowbit.surgery.prefix import prefix_cache
+from lowbit.surgery.quantizer import ActQuantizer
+from lowbit.surgery.sequential import stream_layers
+from tests.conftest import tiny_model
+
+PREFIX = [5, 9, 1]
+STATIC = {
+    "weights": {"format": "int4", "granularity": "channel"},
+    "activations": {"format": "int4", "granularity": "tensor", "dynamic": False},
+    "kv": {"format": "int4", "symmetric": False, "granularity": "head", "dynamic": False},
+}
+
+
+def _data() -> TokenData:
+    g = torch.Generator().manual_seed(7)
+    return TokenData(eval_windows=torch.randint(0, 320, (2, 48), generator=g),
+                     calib_tokens=torch.randint(0, 320, (6000,), generator=g), seed=0)
+
+
+def _recipe(prefix: bool = True, **blockwise) -> Recipe:
+    step = {"method": "blockwise", "samples": 8, "seq_len": 32, "grid_samples": 4, "epochs": 0, **blockwise}
+    steps = [{"method": "quarot"}, *([{"method": "prefix", "tokens": PREFIX}] if prefix else []), step]
+    return Recipe.from_dict({"name": "static", "steps": steps, **STATIC})
+
+
+def test_layer_streaming_after_a_prefix_matches_the_full_forward(family):
+    model = tiny_model(family)
+    samples = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(3))
+    outputs = {}
+
+    def on_layer(i, layer, run):
+        outputs[i] = torch.cat(run())
+
+    stream_layers(model, spec_for(model), samples, on_layer, prefix=prefix_cache(model, PREFIX), batch_size=1)
+    seen = {}
+    handles = [layer.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out))
+               for i, layer in enumerate(decoder_layers(model, spec_for(model)))]
+    with torch.no_grad():
+        model(torch.cat([torch.tensor([PREFIX] * 2), samples], 1))
+    for h in handles:
+        h.remove()
+    assert outputs.keys() == seen.keys()
+    for i in seen:  # layer i's inputs in the stream are the outputs of layer i-1, so compare the outputs
+        out = seen[i][0] if isinstance(seen[i], tuple) else seen[i]
+        assert torch.allclose(outputs[i], out[:, len(PREFIX):], atol=1e-5)
+
+
+def test_search_factor_finds_the_minimum_of_a_smooth_loss():
+    calls = []
+
+    def loss(c):
+        calls.append(c)
+        return (c - 0.62) ** 2
+
+    factor, value = search_factor(loss)
+    assert abs(factor - 0.62) <= 0.0125 and value == min((c - 0.62) ** 2 for c in calls)
+    assert len(calls) == len(set(calls)) <= len(COARSE) + len(FINE)
+    assert search_factor(lambda c: -c)[0] == 1.0  # never above 1 (no scale growth), never below 0
+
+
+def test_blockwise_static_model_has_no_runtime_scale_computation():
+    info = {}
+    model = lowbit.quantize(tiny_model("llama"), _recipe(), _data(), info=info)
+    quants = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    assert quants and all(q.static and q.calibrated for q in quants)
+    tokens = torch.randint(0, 320, (1, 24))
+    with torch.no_grad():
+        expected = model(tokens).logits
+        with mock.patch("lowbit.quant.observers.observe_range", side_effect=AssertionError("runtime range")), \
+                mock.patch("lowbit.quant.qparams.compute_qparams", side_effect=AssertionError("runtime scale")), \
+                mock.patch("lowbit.quant.observers.minmax_range", side_effect=AssertionError("runtime range")):
+            got = model(tokens).logits
+    assert torch.equal(got, expected)
+    rows = info["blockwise"]["layers"]
+    assert len(rows) == 2 and all(set(r["clip"]) >= {"keys", "values", "q+k+v input", "down input"} for r in rows)
+    assert all(r["mse_grid"] <= r["mse_init"] * (1 + 1e-6) for r in rows)
+
+
+def test_fine_tuning_lowers_the_block_error_and_leaves_weights_on_the_grid():
+    info = {}
+    model = lowbit.quantize(tiny_model("llama"), _recipe(epochs=5, lr_weight=3e-4, lr_scale=3e-4, batch=2),
+                            _data(), info=info)
+    rows = info["blockwise"]["layers"]
+    assert all(r["epoch_losses"][-1] < r["epoch_losses"][0] for r in rows)
+    assert any(r["mse_finetuned"] < r["mse_grid"] and not r.get("reverted") for r in rows)
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.weight_scheme is not None:
+            assert not module.learning
+            w = module.weight
+            assert torch.allclose(w / module.weight_scale, torch.round(w / module.weight_scale), atol=1e-4)
+        if isinstance(module, ActQuantizer):
+            assert not isinstance(module.scale, torch.nn.Parameter) and (module.scale > 0).all()
+
+
+def test_finetune_layer_trains_a_linear_towards_its_target():
+    torch.manual_seed(0)
+    linear = QuantLinear(torch.nn.Linear(32, 16))
+    from lowbit.recipe import QuantScheme
+
+    linear.quantize_weight_rtn(QuantScheme(format="int3", granularity="channel"))
+    x = torch.randn(64, 8, 32)
+    target = x @ torch.randn(16, 32).T * 0.1
+    before = float((linear(x) - target).square().mean())
+    losses = finetune_layer(linear, linear, x, target, FinetuneConfig(epochs=20, batch=8, lr_weight=1e-2,
+                                                                        lr_scale=1e-3))
+    assert losses[-1] < losses[0] and float((linear(x) - target).square().mean()) < before
+
+
+def test_checkpoint_resumes_finished_layers(tmp_path):
+    folder = tmp_path / "blocks"
+    recipe = _recipe(epochs=1, checkpoint=str(folder))
+    tokens = torch.randint(0, 320, (1, 20))
+    first_info, again_info, partial_info = {}, {}, {}
+    first = lowbit.quantize(tiny_model("llama"), recipe, _data(), info=first_info)
+    assert sorted(p.name for p in folder.iterdir()) == ["layer_0.safetensors", "layer_1.safetensors"]
+    again = lowbit.quantize(tiny_model("llama"), recipe, _data(), info=again_info)
+    (folder / "layer_1.safetensors").unlink()
+    partial = lowbit.quantize(tiny_model("llama"), recipe, _data(), info=partial_info)
+    other = lowbit.quantize(tiny_model("llama"), _recipe(epochs=2, checkpoint=str(folder)), _data(), info={})
+    with torch.no_grad():
+        logits = [m(tokens).logits for m in (first, again, partial, other)]
+    assert first_info["blockwise"]["restored"] == 0 and again_info["blockwise"]["restored"] == 2
+    assert partial_info["blockwise"]["restored"] == 1
+    assert torch.allclose(logits[0], logits[1], atol=1e-6) and torch.allclose(logits[0], logits[2], atol=1e-5)
+    assert not torch.allclose(logits[0], logits[3])  # other settings: the old layers were not reused
+
+
+@pytest.mark.parametrize("init", ["rtn", "gptq"])
+def test_blockwise_without_prefix_and_with_gptq(init):
+    model = lowbit.quantize(tiny_model("qwen2"), _recipe(prefix=False, init=init), _data())
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 320, (1, 16))).logits).all()
