@@ -33,6 +33,43 @@ class PendingKV:
     value: Tensor
 
 
+class PackedRun:
+    """A growing run of packed tokens: each field lives in a buffer with spare room along the token axis, so that
+    appending copies only the new tokens. A full buffer grows by a quarter (and at least ``GROW_SLOTS``), so a long
+    generation costs amortised O(1) copying per token instead of the O(n) of concatenating the whole run at every
+    flush, and the spare room stays under a quarter of the run (it is counted in :attr:`nbytes`)."""
+
+    GROW_SLOTS = 64
+
+    def __init__(self, first: Packed) -> None:
+        self._buffers = {k: v.contiguous() for k, v in first.fields.items()}
+        self._used = {k: v.shape[2] for k, v in first.fields.items()}
+        self.tokens = first.tokens
+
+    def append(self, more: Packed) -> None:
+        for name, new in more.fields.items():
+            buffer, used = self._buffers[name], self._used[name]
+            need = used + new.shape[2]
+            if need > buffer.shape[2]:
+                size = max(need, buffer.shape[2] + buffer.shape[2] // 4 + self.GROW_SLOTS)
+                grown = buffer.new_empty(*buffer.shape[:2], size, *buffer.shape[3:])
+                grown[:, :, :used] = buffer[:, :, :used]
+                self._buffers[name] = buffer = grown
+            buffer[:, :, used:need] = new
+            self._used[name] = need
+        self.tokens += more.tokens
+
+    @property
+    def packed(self) -> Packed:
+        """The tokens appended so far (views of the buffers)."""
+        return Packed({k: b[:, :, :self._used[k]] for k, b in self._buffers.items()}, self.tokens)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated, spare room included: the memory the run really holds."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+
 class PackedLayer(CacheLayerMixin):
     """One layer's packed cache: exact sink, packed run, exact recent window."""
 
@@ -43,8 +80,18 @@ class PackedLayer(CacheLayerMixin):
         super().__init__()
         self.spec = spec
         self.sink_keys = self.sink_values = self.recent_keys = self.recent_values = None
-        self.packed_keys: Packed | None = None
-        self.packed_values: Packed | None = None
+        self._runs: tuple[PackedRun, PackedRun] | None = None
+
+    @property
+    def packed_keys(self) -> Packed | None:
+        return None if self._runs is None else self._runs[0].packed
+
+    @property
+    def packed_values(self) -> Packed | None:
+        return None if self._runs is None else self._runs[1].packed
+
+    def _set_packed(self, keys: Packed | None, values: Packed | None) -> None:
+        self._runs = None if keys is None else (PackedRun(keys), PackedRun(values))
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -91,14 +138,15 @@ class PackedLayer(CacheLayerMixin):
         keys = self.spec.keys.encode(self.recent_keys[:, :, :n])
         values = self.spec.values.encode(self.recent_values[:, :, :n])
         self.recent_keys, self.recent_values = self.recent_keys[:, :, n:], self.recent_values[:, :, n:]
-        if self.packed_keys is None:
-            self.packed_keys, self.packed_values = keys, values
+        if self._runs is None:
+            self._set_packed(keys, values)
         else:
-            self.packed_keys, self.packed_values = self.packed_keys.cat(keys), self.packed_values.cat(values)
+            self._runs[0].append(keys)
+            self._runs[1].append(values)
 
     @property
     def packed_tokens(self) -> int:
-        return 0 if self.packed_keys is None else self.packed_keys.tokens
+        return 0 if self._runs is None else self._runs[0].tokens
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:
@@ -118,24 +166,24 @@ class PackedLayer(CacheLayerMixin):
             return 0
         exact = (self.sink_keys, self.sink_values, self.recent_keys, self.recent_values)
         held = sum(t.numel() * t.element_size() for t in exact)
-        if self.packed_keys is not None:
-            held += self.packed_keys.nbytes + self.packed_values.nbytes
+        if self._runs is not None:
+            held += self._runs[0].nbytes + self._runs[1].nbytes
         return held + sum(getattr(c, "nbytes", 0) for c in (self.spec.keys, self.spec.values))  # static params
 
     def reset(self) -> None:
         self.is_initialized = False
         self.sink_keys = self.sink_values = self.recent_keys = self.recent_values = None
-        self.packed_keys = self.packed_values = None
+        self._runs = None
 
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.recent_keys, self.recent_values = fn(self.recent_keys), fn(self.recent_values)
-        if self.packed_keys is not None:
-            self.packed_keys = Packed({k: fn(v) for k, v in self.packed_keys.fields.items()}, self.packed_keys.tokens)
-            self.packed_values = Packed({k: fn(v) for k, v in self.packed_values.fields.items()},
-                                        self.packed_values.tokens)
+        if self._runs is not None:
+            keys, values = self.packed_keys, self.packed_values
+            self._set_packed(Packed({k: fn(v) for k, v in keys.fields.items()}, keys.tokens),
+                             Packed({k: fn(v) for k, v in values.fields.items()}, values.tokens))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
