@@ -40,7 +40,8 @@ class Codebook:
 
     def decode(self, codes: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """The levels the codes stand for."""
-        return self.levels.to(codes.device, dtype)[codes.long()]
+        levels = self.levels.to(codes.device, dtype)
+        return levels.index_select(0, codes.reshape(-1).int()).reshape(codes.shape)  # faster than indexing on CPU
 
 
 @lru_cache(maxsize=64)
