@@ -8,7 +8,7 @@ Run:  python benchmarks/prefix.py            (about 40 minutes on 2 CPU cores; r
 Every row quantizes the same model with the same calibration text and is evaluated on the same windows against one
 full-precision reference. The ablation rows are static W4A4KV4 (weights per channel with the MSE clip search, RTN,
 activations per tensor, KV per head): "RTN" takes its static scales from calibration maxima; each later row adds one
-component. Bits count the prefix's full-precision keys/values amortised over the window. The table goes between the
+component (the last row is the ``w4a4kv4-prefix`` preset). Bits count the prefix's full-precision keys/values amortised over the window. The table goes between the
 PREFIX markers in benchmarks/README.md; results in results/prefix.json.
 """
 
@@ -20,36 +20,41 @@ from collections.abc import Callable
 from pathlib import Path
 
 from presets import replace_block
-from quarot import run_rows
+from quarot import run_rows, variant
 
 from lowbit.recipe import Recipe, load_preset
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "prefix.json"
 BEGIN, END = "<!-- PREFIX:BEGIN -->", "<!-- PREFIX:END -->"
-STATIC = {
-    "weights": {"format": "int4", "symmetric": True, "granularity": "channel", "observer": "mse"},
-    "activations": {"format": "int4", "symmetric": True, "granularity": "tensor", "dynamic": False},
-    "kv": {"format": "int4", "symmetric": False, "granularity": "head", "dynamic": False},
-}
 
 
-def ablation(name: str, rotation: bool, grid: bool, prefix: bool, epochs: int) -> Callable[[], Recipe]:
-    """A static W4A4KV4 recipe with RTN weights and the named components switched on."""
-    block = {"method": "blockwise", "init": "rtn", "grid": grid, "epochs": epochs, "samples": 32, "seq_len": 512}
-    steps = [*([{"method": "quarot"}] if rotation else []), *([{"method": "prefix"}] if prefix else []), block]
-    return lambda: Recipe.from_dict({"name": name, "steps": steps, **STATIC})
+def _without(*methods: str) -> Callable[[dict], None]:
+    def edit(data: dict) -> None:
+        data["steps"] = [s for s in data["steps"] if s["method"] not in methods]
+
+    return edit
 
 
+def _blockwise(**fields) -> Callable[[dict], None]:
+    return lambda data: next(s for s in data["steps"] if s["method"] == "blockwise").update(fields)
+
+
+def ablation(*edits: Callable[[dict], None]) -> Callable[[], Recipe]:
+    """``w4a4kv4-prefix`` with components taken away (each ablation row adds one back)."""
+    return lambda: variant("w4a4kv4-prefix", lambda data: [edit(data) for edit in edits])
+
+
+NO_FT = _blockwise(epochs=0)
 ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
-    ("RTN", "static scales from calibration maxima, no rotation", ablation("rtn", False, False, False, 0)),
-    ("+ rotation", "QuaRot R1-R4", ablation("rot", True, False, False, 0)),
-    ("+ grid search", "clip factors searched per quantizer", ablation("grid", True, True, False, 0)),
-    ("+ prefix", "outlier tokens in a full-precision prefix", ablation("prefix", True, True, True, 0)),
-    ("+ fine-tuning", "block-wise, weights and scales (RTN start)", ablation("ft", True, True, True, 2)),
-    ("w4a4kv4-prefix-noft", "preset: GPTQ weights, grid search, no fine-tuning",
+    ("RTN", "static scales from calibration maxima, RTN weights, no rotation",
+     ablation(NO_FT, _blockwise(grid=False), _without("quarot", "prefix"))),
+    ("+ rotation", "QuaRot R1-R4", ablation(NO_FT, _blockwise(grid=False), _without("prefix"))),
+    ("+ grid search", "clip factors searched per quantizer", ablation(NO_FT, _without("prefix"))),
+    ("+ prefix", "outlier tokens in a full-precision prefix", ablation(NO_FT)),
+    ("+ fine-tuning = w4a4kv4-prefix", "block-wise, weights and scales", lambda: load_preset("w4a4kv4-prefix")),
+    ("w4a4kv4-prefix-noft", "preset: GPTQ weights instead of fine-tuning",
      lambda: load_preset("w4a4kv4-prefix-noft")),
-    ("w4a4kv4-prefix", "preset: GPTQ start, grid search, fine-tuning", lambda: load_preset("w4a4kv4-prefix")),
     ("w4a4kv4-prefix-dynamic", "preset: prefix, dynamic per-token scales", lambda: load_preset("w4a4kv4-prefix-dynamic")),
     ("w4a4kv4-quarot", "dynamic QuaRot (the bar for the static preset)", lambda: load_preset("w4a4kv4-quarot")),
     ("w8a8kv8-prefix", "preset: static 8-bit, per-tensor KV", lambda: load_preset("w8a8kv8-prefix")),

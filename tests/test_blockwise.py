@@ -92,7 +92,7 @@ def test_blockwise_static_model_has_no_runtime_scale_computation():
 
 def test_fine_tuning_lowers_the_block_error_and_leaves_weights_on_the_grid():
     info = {}
-    model = lowbit.quantize(tiny_model("llama"), _recipe(epochs=5, lr_weight=3e-4, lr_scale=3e-4, batch=2),
+    model = lowbit.quantize(tiny_model("llama"), _recipe(epochs=5, batch=2),
                             _data(), info=info)
     rows = info["blockwise"]["layers"]
     assert all(r["epoch_losses"][-1] < r["epoch_losses"][0] for r in rows)
@@ -115,8 +115,8 @@ def test_finetune_layer_trains_a_linear_towards_its_target():
     x = torch.randn(64, 8, 32)
     target = x @ torch.randn(16, 32).T * 0.1
     before = float((linear(x) - target).square().mean())
-    losses = finetune_layer(linear, linear, x, target, FinetuneConfig(epochs=20, batch=8, lr_weight=1e-2,
-                                                                        lr_scale=1e-3))
+    losses = finetune_layer(linear, linear, x, target, FinetuneConfig(epochs=20, batch=8, lr_weight=0.5,
+                                                                        lr_scale=0.01))
     assert losses[-1] < losses[0] and float((linear(x) - target).square().mean()) < before
 
 
@@ -144,3 +144,14 @@ def test_blockwise_without_prefix_and_with_gptq(init):
     model = lowbit.quantize(tiny_model("qwen2"), _recipe(prefix=False, init=init), _data())
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 320, (1, 16))).logits).all()
+
+
+def test_a_layer_that_fine_tuning_makes_worse_is_restored_exactly():
+    """With a learning rate far too high every layer gets worse: each is put back to its grid-searched state."""
+    info, noft_info = {}, {}
+    tokens = torch.randint(0, 320, (1, 20))
+    ruined = lowbit.quantize(tiny_model("llama"), _recipe(epochs=1, lr_weight=50.0, lr_scale=5.0), _data(), info=info)
+    plain = lowbit.quantize(tiny_model("llama"), _recipe(), _data(), info=noft_info)
+    assert all(r.get("reverted") for r in info["blockwise"]["layers"])
+    with torch.no_grad():
+        assert torch.allclose(ruined(tokens).logits, plain(tokens).logits, atol=1e-5)

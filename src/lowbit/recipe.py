@@ -182,9 +182,10 @@ class BlockwiseStep(_Strict):
     ``gptq``, with the GPTQ solver settings below); static activation/KV scales start from the calibration maxima;
     with ``grid``, each static quantizer's clip factor is searched (0.25..0.95 coarse, then ±0.05 fine) on the first
     ``grid_samples`` sequences to minimise the layer's output error (for keys: the error of the attention
-    probabilities); then ``epochs`` of AdamW with cosine decay train the layer's weights (``lr_weight``) and all its
-    quantizer scales (``lr_scale``) through straight-through rounding to minimise the MSE to the target, ``batch``
-    sequences per step (0 epochs: no fine-tuning). ``checkpoint``: a folder that receives each finished layer; a run
+    probabilities); then ``epochs`` of AdamW with cosine decay train the layer's weights and all its quantizer scales
+    through straight-through rounding to minimise the MSE to the target, ``batch`` sequences per step (0 epochs: no
+    fine-tuning; a layer whose error would grow keeps its start). Learning rates are per step and scale-free:
+    ``lr_weight`` in units of each linear's quantization step, ``lr_scale`` relative to each scale. ``checkpoint``: a folder that receives each finished layer; a run
     with the same settings resumes after the last one.
     """
 
@@ -196,8 +197,8 @@ class BlockwiseStep(_Strict):
     samples: int = Field(default=32, ge=1)
     seq_len: int = Field(default=512, ge=2)
     batch: int = Field(default=2, ge=1)
-    lr_weight: float = Field(default=1e-5, ge=0)
-    lr_scale: float = Field(default=1e-4, ge=0)
+    lr_weight: float = Field(default=0.05, ge=0)
+    lr_scale: float = Field(default=0.01, ge=0)
     seed: int | None = None
     checkpoint: str | None = None
     block_size: int = Field(default=128, ge=1)

@@ -5,6 +5,11 @@ Every quantized linear of the layer trains its latent weight and its per-channel
 (:meth:`ActQuantizer.learn_scale`). Rounding is straight-through and scales get the LSQ gradient. AdamW (no weight
 decay) with a cosine learning-rate decay to zero; the layer's other parameters (norms) stay frozen. At the end the
 weights are rounded with their learned scales and everything is frozen again.
+
+Learning rates are scale-free: Adam moves every parameter by about its learning rate per step, so each tensor gets
+its own rate, ``lr_weight`` in units of that linear's mean quantization step for weights and ``lr_scale`` relative
+to the mean of each scale tensor. Weight scales around 0.01 and activation scales around 1 then move alike, and the
+same settings suit any model.
 """
 
 from __future__ import annotations
@@ -52,14 +57,17 @@ def finetune_layer(
         return []
     frozen = {p: p.requires_grad for p in layer.parameters()}
     layer.requires_grad_(False)
-    weights, scales = [], []
+    groups, scales = [], []
     for linear in linears:
         w, s = linear.learn_weight()
-        weights.append(w)
+        step = float(s.detach().abs().mean())
+        groups += [{"params": [w], "lr": config.lr_weight * step}, {"params": [s], "lr": config.lr_scale * step}]
         scales.append(s)
-    scales += [q.learn_scale() for q in quants]
-    optimizer = torch.optim.AdamW([{"params": weights, "lr": config.lr_weight},
-                                   {"params": scales, "lr": config.lr_scale}], weight_decay=0.0)
+    for q in quants:
+        s = q.learn_scale()
+        groups.append({"params": [s], "lr": config.lr_scale * float(s.detach().abs().mean())})
+        scales.append(s)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     steps = config.epochs * math.ceil(len(inputs) / config.batch)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     generator = torch.Generator().manual_seed(config.seed)

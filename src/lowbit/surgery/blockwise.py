@@ -85,7 +85,8 @@ class LayerCheckpoint:
 
 
 def quantized_state(layer: nn.Module) -> dict[str, Tensor]:
-    """What quantization changed in a layer: quantized weights, their scales, activation/KV scales and ranges."""
+    """What quantization changed in a layer: quantized weights, their scales, activation/KV scales and ranges
+    (detached views, not copies)."""
     names = ("weight", "weight_scale", "weight_zero", "scale", "zero_point", "range_min", "range_max")
     state = {}
     for path, module in layer.named_modules():
@@ -141,12 +142,13 @@ def _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats) -> Tens
         row["clip"] = grid_search_layer(layer, ctx.spec, lambda: run(q_in[:n]), target[:n])
         row["mse_grid"] = float((run(q_in) - target).square().mean())
     if step.epochs:
-        before, error = quantized_state(layer), row.get("mse_grid", row["mse_init"])
+        before = {k: v.clone() for k, v in quantized_state(layer).items()}  # a copy: training changes them in place
+        error = row.get("mse_grid", row["mse_init"])
         config = FinetuneConfig(step.epochs, step.batch, step.lr_weight, step.lr_scale, seed=stats["seed"] + index)
         row["epoch_losses"] = finetune_layer(layer, lambda x: inputs.run(layer, index, x), q_in, target, config)
         row["mse_finetuned"] = float((run(q_in) - target).square().mean())
         if row["mse_finetuned"] > error:  # fine-tuning made this layer worse on its own samples: keep the start
-            restore_state(layer, {k: v.clone() for k, v in before.items()}, ctx.recipe.weights)
+            restore_state(layer, before, ctx.recipe.weights)
             row["reverted"] = True
     stats["layers"].append(row)
     return target
