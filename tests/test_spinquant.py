@@ -142,3 +142,23 @@ def test_spinquant_presets_validate():
 
     for name in ("w4a4kv4-spinquant", "w4a16-spinquant"):
         assert load_preset(name).steps[0].method == "spinquant"
+
+
+def test_static_recipes_learn_through_dynamic_per_token_quantizers(calib):
+    """A static recipe (per-tensor activations, per-head KV) learns its rotations with the same formats applied
+    dynamically per token, then gets its static scales fitted once the rotations are folded in."""
+    from lowbit.surgery.quantizer import ActQuantizer
+    from lowbit.surgery.spinquant_step import training_recipe
+
+    static = Recipe.from_dict({
+        "steps": [{"method": "spinquant", "steps": 2, "samples": 2, "seq_len": 32}, {"method": "rtn"}],
+        "weights": {"format": "int4", "granularity": "channel"},
+        "activations": {"format": "int4", "granularity": "tensor", "dynamic": False},
+        "kv": {"format": "int4", "symmetric": False, "granularity": "head", "dynamic": False}})
+    learning = training_recipe(static)
+    assert learning.activations.dynamic and learning.activations.granularity == "token" and learning.kv.dynamic
+    assert learning.activations.format == "int4" and training_recipe(learning) is learning
+    info = {}
+    model = lowbit.quantize(tiny_model("llama"), static, calib, info=info)
+    quants = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    assert quants and all(q.static and q.calibrated for q in quants) and len(info["rotation"]["losses"]) == 2
