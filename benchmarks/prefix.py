@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from presets import replace_block
-from quarot import run_rows, variant
+from quarot import rows_to_run, run_rows, variant
 
 from lowbit.recipe import Recipe, load_preset
 
@@ -86,12 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"meta": {}, "rows": {}}
     if not args.tables_only:
-        labels = args.rows or [label for label, _, _ in ROWS]
-        unknown = set(labels) - {label for label, _, _ in ROWS}
-        if unknown:
-            parser.error(f"unknown rows {sorted(unknown)}; rows: {[label for label, _, _ in ROWS]}")
-        todo = [r for r in ROWS if r[0] in labels and (args.force or r[0] not in saved["rows"])]
-        run_rows(todo, saved, RESULTS, "python benchmarks/prefix.py")
+        run_rows(rows_to_run(parser, args, ROWS, saved), saved, RESULTS, "python benchmarks/prefix.py")
     write_table(saved)
 
 

@@ -148,13 +148,17 @@ def main() -> None:
         saved["wall_time"] = wall_time("w4a4kv4-quarot")
         RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
     elif not args.tables_only:
-        labels = args.rows or [label for label, _, _ in ROWS]
-        unknown = set(labels) - {label for label, _, _ in ROWS}
-        if unknown:
-            parser.error(f"unknown rows {sorted(unknown)}; rows: {[label for label, _, _ in ROWS]}")
-        todo = [row for row in ROWS if row[0] in labels and (args.force or row[0] not in saved["rows"])]
-        run_rows(todo, saved)
+        run_rows(rows_to_run(parser, args, ROWS, saved), saved)
     write_table(saved)
+
+
+def rows_to_run(parser: argparse.ArgumentParser, args, rows: list, saved: dict) -> list:
+    """The rows ``--rows`` names (default: all) that are not saved yet, or all of them with ``--force``."""
+    labels = args.rows or [label for label, _, _ in rows]
+    unknown = set(labels) - {label for label, _, _ in rows}
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}; rows: {[label for label, _, _ in rows]}")
+    return [row for row in rows if row[0] in labels and (args.force or row[0] not in saved["rows"])]
 
 
 def wall_time(preset: str) -> dict:
