@@ -155,3 +155,12 @@ def test_a_layer_that_fine_tuning_makes_worse_is_restored_exactly():
     assert all(r.get("reverted") for r in info["blockwise"]["layers"])
     with torch.no_grad():
         assert torch.allclose(ruined(tokens).logits, plain(tokens).logits, atol=1e-5)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    from lowbit.surgery.block_finetune import warmup_cosine
+
+    factors = [warmup_cosine(i, 50) for i in range(50)]
+    peak = factors.index(max(factors))
+    assert factors[0] < 0.5 and max(factors) == 1.0 and 0 < peak <= 5
+    assert all(a >= b for a, b in zip(factors[peak:], factors[peak + 1:])) and factors[-1] < 0.01

@@ -197,8 +197,8 @@ class BlockwiseStep(_Strict):
     samples: int = Field(default=32, ge=1)
     seq_len: int = Field(default=512, ge=2)
     batch: int = Field(default=2, ge=1)
-    lr_weight: float = Field(default=0.05, ge=0)
-    lr_scale: float = Field(default=0.01, ge=0)
+    lr_weight: float = Field(default=0.02, ge=0)
+    lr_scale: float = Field(default=0.005, ge=0)
     seed: int | None = None
     checkpoint: str | None = None
     block_size: int = Field(default=128, ge=1)

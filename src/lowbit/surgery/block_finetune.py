@@ -3,7 +3,7 @@
 Every quantized linear of the layer trains its latent weight and its per-channel weight scale through the quantizer
 (:meth:`QuantLinear.learn_weight`); every static activation/KV quantizer trains its scale
 (:meth:`ActQuantizer.learn_scale`). Rounding is straight-through and scales get the LSQ gradient. AdamW (no weight
-decay) with a cosine learning-rate decay to zero; the layer's other parameters (norms) stay frozen. At the end the
+decay), a short linear warmup and a cosine learning-rate decay to zero; the layer's other parameters (norms) stay frozen. At the end the
 weights are rounded with their learned scales and everything is frozen again.
 
 Learning rates are scale-free: Adam moves every parameter by about its learning rate per step, so each tensor gets
@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,21 @@ class FinetuneConfig:
     lr_weight: float
     lr_scale: float
     seed: int = 0
+
+
+WARMUP = 0.1  # share of the steps over which the learning rate rises linearly before the cosine decay
+
+
+def warmup_cosine(step: int, steps: int) -> float:
+    """Learning-rate factor: a linear warmup over the first ``WARMUP`` share of ``steps``, then cosine to zero.
+
+    Adam's first updates move every parameter by about the full learning rate whatever its gradient; starting
+    from a good quantized state, the warmup keeps those first steps from undoing it.
+    """
+    warm = max(1, round(WARMUP * steps))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
 def _trainable(layer: nn.Module) -> tuple[list[QuantLinear], list[ActQuantizer]]:
@@ -69,7 +85,7 @@ def finetune_layer(
         scales.append(s)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     steps = config.epochs * math.ceil(len(inputs) / config.batch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_cosine, steps=steps))
     generator = torch.Generator().manual_seed(config.seed)
     losses = []
     try:
