@@ -63,10 +63,12 @@ def finetune_layer(
     targets: Tensor,
     config: FinetuneConfig,
     on_step: Callable[[float], None] | None = None,
+    latent: dict[QuantLinear, Tensor] | None = None,
 ) -> list[float]:
     """Train ``layer`` so that ``forward(inputs[i])`` matches ``targets[i]``; returns the mean loss of each epoch.
 
-    ``inputs``/``targets``: ``[n, T, hidden]`` samples; ``forward`` runs the layer on a batch of them.
+    ``inputs``/``targets``: ``[n, T, hidden]`` samples; ``forward`` runs the layer on a batch of them. ``latent``:
+    the float weights before rounding, where known (RTN), to train from instead of the rounded ones.
     """
     linears, quants = _trainable(layer)
     if not linears and not quants or config.epochs == 0:
@@ -75,7 +77,7 @@ def finetune_layer(
     layer.requires_grad_(False)
     groups, scales = [], []
     for linear in linears:
-        w, s = linear.learn_weight()
+        w, s = linear.learn_weight(None if latent is None else latent.get(linear))
         step = float(s.detach().abs().mean())
         groups += [{"params": [w], "lr": config.lr_weight * step}, {"params": [s], "lr": config.lr_scale * step}]
         scales.append(s)

@@ -128,12 +128,15 @@ def _prepare(model: nn.Module, ctx) -> None:
 def _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats) -> Tensor:
     """Steps 1-5 for one layer; returns its full-precision target outputs."""
     run = lambda x: _run(inputs, layer, index, x, step.batch)
+    latent: dict[QuantLinear, Tensor] = {}  # RTN: fine-tuning starts from the float weights, not the rounded ones
     with _Quantizers(layer):
         target = run(fp_in)
         if step.init == "gptq":
             gptq_layer(layer, ctx.spec, lambda: run(q_in), ctx.recipe.weights, gptq_config(step))
         else:
             for linear in (m for m in layer.modules() if isinstance(m, QuantLinear)):
+                if step.epochs:
+                    latent[linear] = linear.weight.detach().clone()
                 linear.quantize_weight_rtn(ctx.recipe.weights)
     calibrate_quantizers(list(act_quantizers(layer)), lambda: run(q_in))
     row = {"layer": index, "mse_init": float((run(q_in) - target).square().mean())}
@@ -145,7 +148,8 @@ def _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats) -> Tens
         before = {k: v.clone() for k, v in quantized_state(layer).items()}  # a copy: training changes them in place
         error = row.get("mse_grid", row["mse_init"])
         config = FinetuneConfig(step.epochs, step.batch, step.lr_weight, step.lr_scale, seed=stats["seed"] + index)
-        row["epoch_losses"] = finetune_layer(layer, lambda x: inputs.run(layer, index, x), q_in, target, config)
+        row["epoch_losses"] = finetune_layer(layer, lambda x: inputs.run(layer, index, x), q_in, target, config,
+                                             latent=latent)
         row["mse_finetuned"] = float((run(q_in) - target).square().mean())
         if row["mse_finetuned"] > error:  # fine-tuning made this layer worse on its own samples: keep the start
             restore_state(layer, before, ctx.recipe.weights)

@@ -60,10 +60,16 @@ class QuantLinear(nn.Module):
         return fake_quantize(self.weight, scheme.number_format(), granularity_for(scheme, "weight"),
                              qparams=QParams(self.weight_scale, self.weight_zero))
 
-    def learn_weight(self) -> tuple[nn.Parameter, nn.Parameter]:
-        """Start training the weight and its scale through the quantizer; returns ``(weight, weight_scale)``."""
+    def learn_weight(self, latent: torch.Tensor | None = None) -> tuple[nn.Parameter, nn.Parameter]:
+        """Start training the weight and its scale through the quantizer; returns ``(weight, weight_scale)``.
+
+        ``latent``: the float weight to train from (the weight before rounding, so that small updates can move
+        values across rounding boundaries); by default the quantized weight itself.
+        """
         if self.weight_scheme is None:
             raise ValueError("learn_weight needs a quantized weight first (RTN or GPTQ)")
+        if latent is not None:
+            self.weight.data.copy_(latent)
         scale = self.weight_scale.detach().clone()
         del self.weight_scale
         self.weight_scale = nn.Parameter(scale)
