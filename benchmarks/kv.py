@@ -1,6 +1,8 @@
 """Packed KV caches on the default model: quality against bits all-in, with and without an exact sink token.
 
-Run:  python benchmarks/kv.py                 (about 40 minutes on 2 CPU cores; resumes where it stopped)
+Run:  python benchmarks/kv.py                 (about 60 minutes on 2 CPU cores; resumes where it stopped)
+      python benchmarks/kv.py --no-rows --peers --generation   (transformers' QuantizedCache, greedy continuations;
+                                              written to results/kv-peers.json, so it may run beside the rows)
       python benchmarks/kv.py --smoke         (1 window of 512 tokens, a few configurations; separate results file)
       python benchmarks/kv.py --tables-only
 
@@ -167,12 +169,13 @@ def main() -> None:
                         help="also run transformers' QuantizedCache (pip install optimum-quanto hqq) step by step")
     parser.add_argument("--peer-tokens", type=int, default=2048)
     parser.add_argument("--generation", action="store_true", help="greedy continuations against the FP cache")
+    parser.add_argument("--no-rows", action="store_true", help="skip the configuration rows (peers/generation only)")
     args = parser.parse_args()
     if args.smoke:
         args.seq_len, args.windows = 512, 1
     results = HERE / "results" / ("kv-smoke.json" if args.smoke else "kv.json")
     saved = json.loads(results.read_text()) if results.exists() else {"meta": {}, "rows": {}}
-    if not args.tables_only:
+    if not (args.tables_only or args.no_rows):
         todo = [c for c in configurations(SMOKE if args.smoke else CONFIGS) if args.force or c[1] not in saved["rows"]]
         if todo:
             loaded, data = model_and_data(args)
@@ -185,16 +188,19 @@ def main() -> None:
                 results.write_text(json.dumps(saved, indent=2) + "\n")
                 row = saved["rows"][label]
                 print(f"{label}: {row['bits']:.2f} bits ratio {row['ratio']:.4f} KL {row['kl']:.4f}", flush=True)
+    extras_file = results.with_name(results.stem + "-peers.json")  # its own file: it may run beside the rows
+    extras = json.loads(extras_file.read_text()) if extras_file.exists() else {}
     if args.peers:
         loaded, data = model_and_data(args)
-        saved["peers"] = {"tokens": args.peer_tokens, "rows": peer_rows(loaded, data, args.peer_tokens)}
-        results.write_text(json.dumps(saved, indent=2) + "\n")
+        extras["peers"] = {"tokens": args.peer_tokens, "rows": peer_rows(loaded, data, args.peer_tokens)}
+        extras_file.write_text(json.dumps(extras, indent=2) + "\n")
     if args.generation:
         loaded, data = model_and_data(args)
-        saved["generation"] = generation_rows(loaded, data)
-        results.write_text(json.dumps(saved, indent=2) + "\n")
+        extras["generation"] = generation_rows(loaded, data)
+        extras_file.write_text(json.dumps(extras, indent=2) + "\n")
     if not args.smoke:
-        write_table(saved)
+        saved = json.loads(results.read_text()) if results.exists() else saved  # rows another run may have added
+        write_table({**saved, **extras})
         plot(saved)
 
 
