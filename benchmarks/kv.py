@@ -170,13 +170,15 @@ def main() -> None:
     parser.add_argument("--peer-tokens", type=int, default=2048)
     parser.add_argument("--generation", action="store_true", help="greedy continuations against the FP cache")
     parser.add_argument("--no-rows", action="store_true", help="skip the configuration rows (peers/generation only)")
+    parser.add_argument("--families", nargs="*", default=None, help=f"only these families of {list(CONFIGS)}")
     args = parser.parse_args()
     if args.smoke:
         args.seq_len, args.windows = 512, 1
     results = HERE / "results" / ("kv-smoke.json" if args.smoke else "kv.json")
     saved = json.loads(results.read_text()) if results.exists() else {"meta": {}, "rows": {}}
     if not (args.tables_only or args.no_rows):
-        todo = [c for c in configurations(SMOKE if args.smoke else CONFIGS) if args.force or c[1] not in saved["rows"]]
+        table = SMOKE if args.smoke else {k: v for k, v in CONFIGS.items() if not args.families or k in args.families}
+        todo = [c for c in configurations(table) if args.force or c[1] not in saved["rows"]]
         if todo:
             loaded, data = model_and_data(args)
             reference = reference_log_probs(loaded.model, data.eval_windows)
