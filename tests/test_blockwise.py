@@ -164,3 +164,25 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     peak = factors.index(max(factors))
     assert factors[0] < 0.5 and max(factors) == 1.0 and 0 < peak <= 5
     assert all(a >= b for a, b in zip(factors[peak:], factors[peak + 1:])) and factors[-1] < 0.01
+
+
+def test_composed_spin_prefix_qjl_preset_runs_end_to_end():
+    """SpinQuant rotations, a detected prefix, static W4A4 by blocks and a packed QJL key cache, on a tiny model."""
+    from lowbit.evaluate import evaluate
+    from lowbit.recipe import load_preset
+    from lowbit.surgery.prefix import PrefixedModel
+
+    data = load_preset("w4a4-spin-prefix-qjl").model_dump()
+    data["steps"][0].update(steps=2, samples=2, seq_len=32)
+    data["steps"][1].update(samples=4, seq_len=32)
+    data["steps"][2].update(samples=4, seq_len=32, epochs=1)
+    data["kv_cache"].update(window=8)
+    data["kv_cache"]["keys"].update(m=32, group=8)
+    data["kv_cache"]["values"].update(group=8)
+    info = {}
+    model = lowbit.quantize(tiny_model("llama"), Recipe.from_dict(data), _data(), info=info)
+    assert isinstance(model, PrefixedModel) and info["prefix"]["tokens"] and len(info["blockwise"]["layers"]) == 2
+    with torch.no_grad():
+        out = model.generate(torch.randint(0, 320, (1, 12)), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    result = evaluate(tiny_model("llama"), model, _data().eval_windows)
+    assert out.shape == (1, 17) and torch.isfinite(torch.tensor(result.ppl))
