@@ -28,7 +28,12 @@ from torch import Tensor, nn
 from ..errors import CalibrationError
 from ..models.arch import decoder_layers, get_module
 from ..report import save_tensors_atomic
-from .apply import act_quantizers, attach_activation_quantizers, attach_kv_quantizers, calibrate_quantizers
+from .apply import (
+    act_quantizers,
+    attach_activation_quantizers,
+    attach_kv_quantizers,
+    calibrate_quantizers,
+)
 from .block_finetune import FinetuneConfig, finetune_layer
 from .clip_search import grid_search_layer
 from .gptq import gptq_config, gptq_layer, quantize_head_rtn
@@ -125,8 +130,12 @@ def _prepare(model: nn.Module, ctx) -> None:
         keep_prefix_exact(model, ctx.spec, len(ctx.prefix[0]))
 
 
-def _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats) -> Tensor:
-    """Steps 1-5 for one layer; returns its full-precision target outputs."""
+def _mse(out: Tensor, target: Tensor) -> float:
+    return float((out - target).square().mean())
+
+
+def _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats) -> tuple[Tensor, Tensor]:
+    """Steps 1-5 for one layer; returns its full-precision target outputs and its quantized outputs."""
     run = lambda x: _run(inputs, layer, index, x, step.batch)
     latent: dict[QuantLinear, Tensor] = {}  # RTN: fine-tuning starts from the float weights, not the rounded ones
     with _Quantizers(layer):
@@ -139,23 +148,27 @@ def _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats) -> Tens
                     latent[linear] = linear.weight.detach().clone()
                 linear.quantize_weight_rtn(ctx.recipe.weights)
     calibrate_quantizers(list(act_quantizers(layer)), lambda: run(q_in))
-    row = {"layer": index, "mse_init": float((run(q_in) - target).square().mean())}
+    out = run(q_in)  # the quantized outputs as the layer stands after each stage
+    row = {"layer": index, "mse_init": _mse(out, target)}
     if step.grid:
         n = min(step.grid_samples, len(q_in))
         row["clip"] = grid_search_layer(layer, ctx.spec, lambda: run(q_in[:n]), target[:n])
-        row["mse_grid"] = float((run(q_in) - target).square().mean())
+        out = run(q_in)
+        row["mse_grid"] = _mse(out, target)
     if step.epochs:
         before = {k: v.clone() for k, v in quantized_state(layer).items()}  # a copy: training changes them in place
-        error = row.get("mse_grid", row["mse_init"])
         config = FinetuneConfig(step.epochs, step.batch, step.lr_weight, step.lr_scale, seed=stats["seed"] + index)
         row["epoch_losses"] = finetune_layer(layer, lambda x: inputs.run(layer, index, x), q_in, target, config,
                                              latent=latent)
-        row["mse_finetuned"] = float((run(q_in) - target).square().mean())
-        if row["mse_finetuned"] > error:  # fine-tuning made this layer worse on its own samples: keep the start
+        tuned = run(q_in)
+        row["mse_finetuned"] = _mse(tuned, target)
+        if row["mse_finetuned"] > row.get("mse_grid", row["mse_init"]):  # worse on its own samples: keep the start
             restore_state(layer, before, ctx.recipe.weights)
             row["reverted"] = True
+        else:
+            out = tuned
     stats["layers"].append(row)
-    return target
+    return target, out
 
 
 @torch.no_grad()
@@ -184,13 +197,13 @@ def blockwise_step(model: nn.Module, step, ctx) -> None:
             saved = checkpoint.load(index)
             if saved is not None:
                 with _Quantizers(layer):
-                    target = _run(inputs, layer, index, fp_in, step.batch)
+                    fp_in = _run(inputs, layer, index, fp_in, step.batch)
                 restore_state(layer, saved, ctx.recipe.weights)
+                q_in = _run(inputs, layer, index, q_in, step.batch)
                 stats["restored"] += 1
             else:
-                target = _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats)
+                fp_in, q_in = _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats)
                 checkpoint.save(index, layer)
-            q_in, fp_in = _run(inputs, layer, index, q_in, step.batch), target
         tick()
     quantize_head_rtn(model, spec, ctx.recipe.weights)
     stats.pop("seed")
