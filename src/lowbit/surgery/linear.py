@@ -15,7 +15,13 @@ from ..quant import (
     quantize,
 )
 from ..recipe import QuantScheme
-from .quantizer import ActQuantizer, granularity_for, observer_kwargs
+from .quantizer import (
+    ActQuantizer,
+    granularity_for,
+    make_buffer,
+    make_trainable,
+    observer_kwargs,
+)
 
 
 class QuantLinear(nn.Module):
@@ -70,22 +76,18 @@ class QuantLinear(nn.Module):
             raise ValueError("learn_weight needs a quantized weight first (RTN or GPTQ)")
         if latent is not None:
             self.weight.data.copy_(latent)
-        scale = self.weight_scale.detach().clone()
-        del self.weight_scale
-        self.weight_scale = nn.Parameter(scale)
+        scale = make_trainable(self, "weight_scale")
         self.weight.requires_grad_(True)
         self.learning = True
-        return self.weight, self.weight_scale
+        return self.weight, scale
 
     @torch.no_grad()
     def freeze_weight(self) -> None:
         """End training: round the latent weight with the learned scale and store it as the quantized weight."""
         if not self.learning:
             return
-        scale = self.weight_scale.detach().clamp_min(torch.finfo(torch.float32).tiny)
         w_hat = self.quantized_weight()
-        del self.weight_scale
-        self.register_buffer("weight_scale", None)
+        scale = make_buffer(self, "weight_scale")
         self.weight.requires_grad_(False)
         self.learning = False
         self.set_quantized_weight(w_hat, QParams(scale, self.weight_zero), self.weight_scheme)

@@ -46,6 +46,23 @@ def observer_kwargs(scheme: QuantScheme) -> dict[str, float]:
     return {"percentile": scheme.percentile} if scheme.observer == "percentile" else {}
 
 
+def make_trainable(module: nn.Module, name: str) -> nn.Parameter:
+    """Replace the buffer ``module.<name>`` with a trainable parameter holding a copy of its value."""
+    value = getattr(module, name).detach().clone()
+    delattr(module, name)
+    setattr(module, name, nn.Parameter(value))
+    return getattr(module, name)
+
+
+@torch.no_grad()
+def make_buffer(module: nn.Module, name: str) -> torch.Tensor:
+    """Turn the learned scale ``module.<name>`` back into a buffer, kept strictly positive; returns it."""
+    value = getattr(module, name).detach().clamp_min(torch.finfo(torch.float32).tiny)
+    delattr(module, name)
+    module.register_buffer(name, value)
+    return value
+
+
 @dataclass
 class _RangeStats:
     """Running calibration statistics of a static quantizer."""
@@ -126,18 +143,12 @@ class ActQuantizer(nn.Module):
         """Make the static scale a trainable parameter (straight-through rounding, LSQ gradient) and return it."""
         if not self.calibrated:
             raise CalibrationError(f"static quantizer {self.name or self.kind} was never calibrated")
-        scale = self.scale.detach().clone()
-        del self.scale
-        self.scale = nn.Parameter(scale)
-        return self.scale
+        return make_trainable(self, "scale")
 
-    @torch.no_grad()
     def freeze_scale(self) -> None:
         """Turn a learned scale back into a buffer (kept strictly positive)."""
         if isinstance(self.scale, nn.Parameter):
-            scale = self.scale.detach().clamp_min(torch.finfo(torch.float32).tiny)
-            del self.scale
-            self.register_buffer("scale", scale)
+            make_buffer(self, "scale")
 
     def _observe(self, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():
