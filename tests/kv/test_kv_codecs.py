@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lowbit.kv.cache import PackedRun
 from lowbit.kv.codebook import codebook_mse
 from lowbit.kv.codecs import IntCodec, QJLKeyCodec, TurboCodec
 from lowbit.kv.qjl import estimate_scores, qjl_projection, sketch_keys
@@ -40,7 +41,9 @@ def test_runs_concatenate_and_select():
     x = _kv(t=64)
     codec = IntCodec(3, axis="channel", group=32)
     whole = codec.decode(codec.encode(x), 64)
-    joined = codec.encode(x[:, :, :32]).cat(codec.encode(x[:, :, 32:]))
+    run = PackedRun(codec.encode(x[:, :, :32]))  # how a cache appends flushed groups
+    run.append(codec.encode(x[:, :, 32:]))
+    joined = run.packed
     assert joined.tokens == 64 and torch.equal(codec.decode(joined, 64), whole)
     assert torch.equal(codec.decode(joined.select(torch.tensor([1])), 64), whole[1:])
 

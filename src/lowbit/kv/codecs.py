@@ -42,11 +42,6 @@ class Packed:
         """Bytes held by every field."""
         return sum(t.numel() * t.element_size() for t in self.fields.values())
 
-    def cat(self, other: Packed) -> Packed:
-        """These tokens followed by ``other``'s (same codec)."""
-        return Packed({k: torch.cat([v, other.fields[k]], dim=2) for k, v in self.fields.items()},
-                      self.tokens + other.tokens)
-
     def split(self, tokens: int) -> tuple[Packed, Packed]:
         """The first ``tokens`` tokens and the rest (``tokens`` a whole number of the codec's token groups).
 

@@ -66,7 +66,7 @@ def _unpack_table(width: int, offset: int, device: torch.device) -> Tensor:
 def _unpack_plane(packed: Tensor, width: int, n: int, offset: int = 0) -> Tensor:
     """The plane's codes shifted left by ``offset``: one table lookup per byte (faster than shifting on a CPU)."""
     if width == 8:
-        return packed[..., :n] << offset if offset else packed[..., :n].clone()
+        return packed[..., :n].clone()  # only 8-bit codes are one 8-bit plane (offset 0)
     table = _unpack_table(width, offset, packed.device)
     codes = table.index_select(0, packed.reshape(-1).int())
     return codes.reshape(*packed.shape[:-1], -1)[..., :n]
