@@ -43,15 +43,20 @@ TURBO = lambda bits, residual=False: {"codec": "turbo", "bits": bits, "residual_
 
 # family -> [(label, keys, values, window)]; each runs with sink 0 and sink 1.
 CONFIGS: dict[str, list[tuple[str, dict, dict, int]]] = {
-    "int": [("int2", INT(2), INT(2), 64), ("int3", INT(3), INT(3), 64), ("int4", INT(4), INT(4), 64)],
-    "kivi": [("kivi2", KIVI_K(2), INT(2, group=32), 128),
-             ("kivi3", KIVI_K(3), INT(3, group=32), 128), ("kivi4", KIVI_K(4), INT(4, group=32), 64)],
-    "qjl": [("qjl m128", QJL(128), INT(2, group=32), 64),
-            ("qjl m192", QJL(192), INT(2, group=32), 64), ("qjl m128 v3", QJL(128), INT(3, group=32), 64)],
-    "turbo": [("turbo2", TURBO(2), TURBO(2), 64), ("turbo3", TURBO(3), TURBO(3), 64), ("turbo4", TURBO(4), TURBO(4), 64),
-              ("turbo2+qjl k / turbo3 v", TURBO(2, True), TURBO(3), 64)],
+    "int": [("int2", INT(2), INT(2), 64), ("int3 k / int2 v", INT(3), INT(2), 64), ("int3", INT(3), INT(3), 64),
+            ("int4 k / int3 v", INT(4), INT(3), 64), ("int4", INT(4), INT(4), 64)],
+    "kivi": [("kivi2 k64 v64", KIVI_K(2, group=64), INT(2, group=64), 32),
+             ("kivi2 v64", KIVI_K(2), INT(2, group=64), 64), ("kivi2", KIVI_K(2), INT(2, group=32), 128),
+             ("kivi3 v64", KIVI_K(3), INT(3, group=64), 64), ("kivi3", KIVI_K(3), INT(3, group=32), 128),
+             ("kivi4", KIVI_K(4), INT(4, group=32), 64)],
+    "qjl": [("qjl m64 o2 v64", QJL(64, outliers=2), INT(2, group=64), 64), ("qjl m64", QJL(64), INT(2, group=32), 64),
+            ("qjl m128", QJL(128), INT(2, group=32), 64), ("qjl m192", QJL(192), INT(2, group=32), 64),
+            ("qjl m128 v3", QJL(128), INT(3, group=32), 64), ("qjl m256", QJL(256), INT(2, group=32), 64)],
+    "turbo": [("turbo2", TURBO(2), TURBO(2), 64), ("turbo2 k / turbo3 v", TURBO(2), TURBO(3), 64),
+              ("turbo3", TURBO(3), TURBO(3), 64), ("turbo2+qjl k / turbo3 v", TURBO(2, True), TURBO(3), 64),
+              ("turbo3 k / turbo4 v", TURBO(3), TURBO(4), 64), ("turbo4", TURBO(4), TURBO(4), 64)],
 }
-SMOKE = {"int": CONFIGS["int"][1:2], "qjl": CONFIGS["qjl"][1:2], "turbo": CONFIGS["turbo"][1:2]}
+SMOKE = {"int": CONFIGS["int"][2:3], "qjl": CONFIGS["qjl"][3:4], "turbo": CONFIGS["turbo"][2:3]}
 
 
 def configurations(table: dict) -> list[tuple[str, str, KVCacheConfig]]:

@@ -106,22 +106,32 @@ def decode_equivalent_attention(
 
 
 def _decode_rows(query, key, value, spec: CacheSpec, packed, sink: int, start: int, mask, scaling: float) -> Tensor:
-    """Decode-equivalent attention of queries at key positions ``start, start+1, ...`` over keys ``[0, T)``."""
-    kv_heads, d, tq = key.shape[1], query.shape[-1], query.shape[2]
+    """Decode-equivalent attention of queries at key positions ``start, start+1, ...`` over keys ``[0, T)``.
+
+    Query ``i`` of the block sees ``counts[i]`` packed tokens after the sink (non-decreasing in ``i``). Keys every
+    query sees packed are scored only from the packed form, keys no query sees packed only exactly; just the band in
+    between (about a window and a group wide) is scored both ways and chosen per query.
+    """
+    kv_heads, d, tq, t = key.shape[1], query.shape[-1], query.shape[2], key.shape[2]
     q = group_queries(query.float(), kv_heads)
-    scores = q @ key.float().transpose(-1, -2)
     before = (start + torch.arange(tq, device=key.device) - sink).clamp_min(0)  # non-sink tokens before each query
     counts = packed_count(before, spec.window, spec.group)
     n = int(counts.max()) if packed is not None else 0  # packed tokens the latest query of the block sees
     if n == 0:
+        scores = q @ key.float().transpose(-1, -2)
         return _ungroup(masked_softmax(scores * scaling, mask, tq) @ value.float(), tq).to(query.dtype)
+    lo = int(counts.min())  # packed tokens the earliest query sees: packed for every query of the block
     packed_k, packed_v = (p.split(n)[0] for p in packed)
-    run = slice(sink, sink + n)
-    in_packed = torch.arange(n, device=key.device)[None, :] < counts[:, None]
-    in_packed = in_packed.repeat(q.shape[2] // tq, 1)  # grouped query rows: g copies of the Tq rows
-    scores[..., run] = torch.where(in_packed, spec.keys.scores(q, packed_k, d), scores[..., run])
+    exact = lambda x: torch.cat([x[:, :, :sink], x[:, :, sink + lo:]], dim=2).float()  # sink, then the band on
+    exact_scores = q @ exact(key).transpose(-1, -2)
+    packed_scores = spec.keys.scores(q, packed_k, d)
+    mixed = torch.arange(lo, n, device=key.device)[None, :] < counts[:, None]  # [Tq, n - lo], True: packed
+    mixed = mixed.repeat(q.shape[2] // tq, 1)  # grouped query rows: g copies of the Tq rows
+    band = torch.where(mixed, packed_scores[..., lo:], exact_scores[..., sink:sink + n - lo])
+    scores = torch.cat([exact_scores[..., :sink], packed_scores[..., :lo], band, exact_scores[..., sink + n - lo:]], -1)
     weights = masked_softmax(scores * scaling, mask, tq)
-    packed_weights = weights[..., run] * in_packed
-    weights[..., run] = weights[..., run].masked_fill(in_packed, 0.0)
-    out = weights @ value.float() + spec.values.weighted_sum(packed_weights, packed_v, d)
+    packed_weights = torch.cat([weights[..., sink:sink + lo], weights[..., sink + lo:sink + n] * mixed], dim=-1)
+    exact_weights = torch.cat([weights[..., :sink], weights[..., sink + lo:]], dim=-1)
+    exact_weights[..., sink:sink + n - lo].masked_fill_(mixed, 0.0)
+    out = exact_weights @ exact(value) + spec.values.weighted_sum(packed_weights, packed_v, d)
     return _ungroup(out, tq).to(query.dtype)
