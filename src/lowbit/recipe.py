@@ -137,8 +137,9 @@ class SpinQuantStep(_Strict):
 
     Training starts from QuaRot's seeded random Hadamards (R3/R4 stay fixed Hadamards) and minimises next-token
     cross-entropy with fake-quantized activations and KV on ``samples`` calibration sequences of ``seq_len`` tokens,
-    ``batch`` per step, for ``steps`` steps at peak ``lr`` with cosine decay. ``checkpoint``: a file written every
-    ``checkpoint_every`` steps; a run with the same settings resumes from it. ``rotations``: load learned rotations
+    ``batch`` per step, for ``steps`` steps at peak ``lr`` with cosine decay; each step is capped at ``1 / ||W||`` in
+    ``step_norm`` (``"one"``: the matrix 1-norm, as the reference; ``"fro"``: Frobenius). ``checkpoint``: a file
+    written every ``checkpoint_every`` steps; a run with the same settings resumes from it. ``rotations``: load learned rotations
     from such a file instead of training. ``quantize_weights``: also RTN fake-quantize the linear weights with the
     recipe's weight scheme while learning (for weight-only recipes, where nothing else is quantized).
     """
@@ -147,6 +148,7 @@ class SpinQuantStep(_Strict):
     steps: int = Field(default=100, ge=1)
     lr: float = Field(default=1.5, gt=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
+    step_norm: Literal["one", "fro"] = "one"
     samples: int = Field(default=100, ge=1)
     seq_len: int = Field(default=512, ge=2)
     batch: int = Field(default=1, ge=1)

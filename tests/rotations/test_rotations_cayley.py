@@ -85,3 +85,23 @@ def test_bad_settings():
         CayleySGD([torch.nn.Parameter(torch.eye(3))], lr=0)
     with pytest.raises(ValueError, match="p <= n"):
         CayleySGD([torch.nn.Parameter(torch.zeros(2, 3))], lr=0.1)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        CayleySGD([torch.nn.Parameter(torch.eye(3))], lr=0.1, norm="spectral")
+
+
+def _moved(norm: str, grad: torch.Tensor) -> float:
+    x = torch.nn.Parameter(torch.eye(grad.shape[0], dtype=torch.float64))
+    x.grad = grad
+    CayleySGD([x], lr=10.0, norm=norm).step()
+    return float(torch.linalg.matrix_norm(x.detach() - torch.eye(grad.shape[0], dtype=torch.float64)))
+
+
+def test_one_norm_cap_keeps_steps_small_when_the_gradient_sits_on_one_coordinate():
+    """A gradient tied to one coordinate (a massive-activation channel) moves the 1-norm-capped step less than the
+    Frobenius-capped one; a gradient spread over every coordinate moves both by comparable amounts."""
+    n, gen = 64, torch.Generator().manual_seed(8)
+    concentrated = torch.zeros(n, n, dtype=torch.float64)
+    concentrated[:, 0] = torch.randn(n, generator=gen, dtype=torch.float64)
+    spread = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    assert _moved("one", concentrated) < 0.3 * _moved("fro", concentrated)
+    assert 0.5 < _moved("one", spread) / _moved("fro", spread) < 2.0

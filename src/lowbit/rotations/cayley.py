@@ -10,8 +10,11 @@ A parameter ``X`` (``n × p``, ``p <= n``, orthonormal columns: a rotation when 
 
 ``W`` is skew-symmetric, so ``Y(a)`` is exactly orthonormal for every step ``a`` (the Cayley transform of a skew
 matrix is orthogonal), and ``dY/da = -W X`` at ``a = 0`` is a descent direction (the projection of ``-G`` onto the
-tangent space). The step is ``a = min(lr, 1 / ||W||_F)``. The update is solved exactly (the default: one ``n × n``
-linear solve, cheap for rotations of a few thousand rows) or by the fixed-point iteration
+tangent space). The step is ``a = min(lr, 1 / ||W||)`` with the matrix 1-norm by default (largest column sum of
+``|W|``, as the reference code of Li et al. and SpinQuant use): unlike the Frobenius or spectral norm it depends on
+the basis, and it is large when the direction concentrates on a few coordinates (a gradient driven by a few
+massive-activation channels), so such steps stay small; ``norm="fro"`` bounds the Frobenius norm instead.
+The update is solved exactly (the default: one ``n × n`` linear solve, cheap for rotations of a few thousand rows) or by the fixed-point iteration
 ``Y <- X - a/2 W (X + Y)`` started from ``X - a W X`` (what the reference does with 2 iterations; its error shrinks
 only like ``(a ||W|| / 2)^k``, up to 1/2 per iteration at the largest step, so orthogonality drifts unless the
 iterations are many or the clean-up frequent). Every ``reorthonormalize_every`` steps a QR factorisation (signs
@@ -48,12 +51,16 @@ def reorthonormalize(x: Tensor) -> Tensor:
     return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)[None, :]
 
 
+STEP_NORMS = {"one": 1, "fro": "fro"}  # name -> torch.linalg.matrix_norm's ord
+
+
 class CayleySGD(Optimizer):
     """SGD on the Stiefel manifold with the Cayley transform; every parameter must be ``n × p`` orthonormal.
 
     ``lr``: largest step (the actual one is ``min(lr, 1/||W||)``); ``momentum``: heavy-ball factor (0: none, as in
     SpinQuant); ``exact``: solve the Cayley update instead of iterating; ``iterations``: fixed-point iterations;
-    ``reorthonormalize_every``: QR clean-up period in steps (0: never). Computed in float64 internally.
+    ``reorthonormalize_every``: QR clean-up period in steps (0: never); ``norm``: ``"one"`` or ``"fro"``, the norm of
+    ``W`` that caps the step. Computed in float64 internally.
     """
 
     def __init__(
@@ -64,6 +71,7 @@ class CayleySGD(Optimizer):
         exact: bool = True,
         iterations: int = 2,
         reorthonormalize_every: int = 50,
+        norm: str = "one",
     ) -> None:
         if not lr > 0:
             raise ValueError(f"CayleySGD lr must be > 0, got {lr}")
@@ -71,8 +79,10 @@ class CayleySGD(Optimizer):
             raise ValueError(f"CayleySGD momentum must be in [0, 1), got {momentum}")
         if iterations < 1 or reorthonormalize_every < 0:
             raise ValueError("CayleySGD needs iterations >= 1 and reorthonormalize_every >= 0")
+        if norm not in STEP_NORMS:
+            raise ValueError(f"CayleySGD norm must be one of {sorted(STEP_NORMS)}, got {norm!r}")
         defaults = {"lr": lr, "momentum": momentum, "exact": exact, "iterations": iterations,
-                    "reorthonormalize_every": reorthonormalize_every}
+                    "reorthonormalize_every": reorthonormalize_every, "norm": norm}
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -100,7 +110,7 @@ class CayleySGD(Optimizer):
         else:
             m = g
         w = skew_direction(x, m)
-        norm = float(torch.linalg.matrix_norm(w))
+        norm = float(torch.linalg.matrix_norm(w, ord=STEP_NORMS[group["norm"]]))
         step = min(group["lr"], 1.0 / norm) if norm > 0 else 0.0
         y = cayley_step(x, w, step, group["exact"], group["iterations"])
         state["steps"] = state.get("steps", 0) + 1

@@ -94,6 +94,7 @@ class TrainConfig:
     lr: float = 1.5
     momentum: float = 0.0
     batch: int = 1
+    norm: str = "one"  # the norm of the Cayley direction that caps the step (see CayleySGD)
     weights: object | None = None  # a QuantScheme: RTN fake-quantize the rotated linear weights while learning
 
 
@@ -102,19 +103,22 @@ def _cosine(step: int, total: int, peak: float) -> float:
 
 
 def train_rotations(model: nn.Module, spec: ArchSpec, rot: Rotations, batches: Tensor, config: TrainConfig,
-                    progress=None, start_step: int = 0, on_step=None) -> list[float]:
+                    progress=None, start_step: int = 0, on_step=None, stop_step: int | None = None) -> list[float]:
     """Learn ``rot`` on calibration token ``batches`` ``[n, L]``; returns the loss per step.
 
     ``on_step(step, rot, losses)`` is called after every step with this run's losses so far (checkpointing);
-    ``start_step`` resumes the schedule. Every weight of ``model`` must already be frozen; batches cycle in order.
+    ``start_step`` resumes the schedule and ``stop_step`` (default ``config.steps``) ends this call early, the
+    cosine decay still running over ``config.steps``. Every weight of ``model`` must already be frozen; batches
+    cycle in order.
     """
+    stop_step = config.steps if stop_step is None else min(stop_step, config.steps)
     originals = frozen_originals(model, spec)
     d = head_dim(model.config)
-    optimizer = CayleySGD(rot.parameters(), lr=config.lr, momentum=config.momentum)
-    tick = progress("learning rotations", config.steps - start_step) if progress else (lambda: None)
+    optimizer = CayleySGD(rot.parameters(), lr=config.lr, momentum=config.momentum, norm=config.norm)
+    tick = progress("learning rotations", stop_step - start_step) if progress else (lambda: None)
     losses = []
     with torch.enable_grad():  # recipes run under no_grad; the rotations need gradients
-        for step in range(start_step, config.steps):
+        for step in range(start_step, stop_step):
             losses.append(_train_step(model, spec, rot, originals, batches, config, optimizer, step, d))
             if on_step is not None:
                 on_step(step, rot, losses)
@@ -156,17 +160,22 @@ def _train_step(model, spec, rot, originals, batches, config, optimizer, step: i
     first = (step * world + rank) * config.batch
     tokens = batches[torch.arange(first, first + config.batch) % len(batches)]
     optimizer.zero_grad(set_to_none=True)
-    params = rotated_parameters(originals, spec, rot, d)
-    if config.weights is not None:
-        params = _fake_quantize_linears(params, spec, config.weights)
-    logits = torch.func.functional_call(model, params, (tokens,), {"use_cache": False}).logits
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+    loss = rotation_loss(model, spec, rot, originals, tokens, d, config.weights)
     loss.backward()
     if world > 1:
         loss = _average_gradients(rot, loss, world)
     optimizer.step()
     return float(loss.detach())
 
+
+def rotation_loss(model, spec, rot: Rotations, originals, tokens: Tensor, d: int, weights=None) -> Tensor:
+    """Next-token cross-entropy of ``model`` on ``tokens`` ``[B, L]`` with rotations ``rot`` applied to the frozen
+    ``originals`` (and the linears RTN fake-quantized with ``weights``, a QuantScheme, when given)."""
+    params = rotated_parameters(originals, spec, rot, d)
+    if weights is not None:
+        params = _fake_quantize_linears(params, spec, weights)
+    logits = torch.func.functional_call(model, params, (tokens,), {"use_cache": False}).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
 
 def _fake_quantize_linears(params: dict[str, Tensor], spec: ArchSpec, scheme) -> dict[str, Tensor]:

@@ -63,7 +63,7 @@ def initial_rotations(model: nn.Module, spec, seed: int) -> Rotations:
     return Rotations(nn.Parameter(r1.dense().float()), [nn.Parameter(r.dense().float()) for r in r2])
 
 
-def _prepare(model: nn.Module, spec, recipe, seed: int, r3: bool, r4: bool) -> dict:
+def prepare_training(model: nn.Module, spec, recipe, seed: int, r3: bool, r4: bool) -> dict:
     """Fold norms, fix R3/R4, attach the recipe's fake-quantizers for training; returns rotation info."""
     info: dict = {"untied_lm_head_bytes": fold_norms(model, spec)}
     info.update(add_online_rotations(model, spec, rotation_seeds(model, spec, seed), r3, r4))
@@ -116,7 +116,7 @@ def spinquant_step(model: nn.Module, step, ctx) -> None:
     spec, recipe = ctx.spec, ctx.recipe
     start = time.perf_counter()
     model.requires_grad_(False)
-    info = _prepare(model, spec, recipe, seed, step.r3, step.r4)
+    info = prepare_training(model, spec, recipe, seed, step.r3, step.r4)
     if step.rotations is not None:
         rot, meta = load_rotations(step.rotations)
         losses = list(meta.get("losses", []))
@@ -141,10 +141,12 @@ def _learn(model: nn.Module, spec, step, ctx, seed: int) -> tuple[Rotations, lis
         raise CalibrationError("SpinQuant learns rotations on calibration text: pass calibration data")
     batches = ctx.sample_calibration(step.samples, step.seq_len)
     meta_base = {"recipe": ctx.recipe.name, "seed": seed, "steps": step.steps, "lr": step.lr,
-                 "samples": step.samples, "seq_len": step.seq_len, "quantize_weights": step.quantize_weights}
+                 "samples": step.samples, "seq_len": step.seq_len, "quantize_weights": step.quantize_weights,
+                 "batch": step.batch, "step_norm": step.step_norm}
     rot, first, earlier = _resume(step, initial_rotations(model, spec, seed), meta_base)
     weights = ctx.recipe.weights if step.quantize_weights else None
-    config = TrainConfig(steps=step.steps, lr=step.lr, momentum=step.momentum, batch=step.batch, weights=weights)
+    config = TrainConfig(steps=step.steps, lr=step.lr, momentum=step.momentum, batch=step.batch, weights=weights,
+                         norm=step.step_norm)
 
     def checkpoint(i: int, current: Rotations, losses: list[float]) -> None:
         if step.checkpoint is not None and (i + 1 == step.steps or (i + 1) % step.checkpoint_every == 0):

@@ -1,0 +1,97 @@
+"""SpinQuant training settings on the default model: held-out loss of the fake-quantized model as rotations learn.
+
+Run:  python benchmarks/spinquant_sweep.py                      (every setting in SETTINGS, a few minutes each)
+      python benchmarks/spinquant_sweep.py --settings "one lr1.5 b1" --steps 40
+
+Each setting learns R1/R2 from the same seeded Hadamards for ``w4a4kv4-spinquant``'s training quantizers (A4 per
+token, KV4 per head, weights in full precision) on calibration text, and the cross-entropy of a held-out batch of
+calibration text (never trained on, disjoint from the evaluation windows) is measured every ``--every`` steps. A
+per-batch training loss cannot tell descent from batch-to-batch variation; this can. Results: results/spinquant_sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.data import TokenData
+from lowbit.models.arch import head_dim
+from lowbit.recipe import load_preset
+from lowbit.surgery.spinquant import (
+    TrainConfig,
+    frozen_originals,
+    rotation_loss,
+    train_rotations,
+)
+from lowbit.surgery.spinquant_step import initial_rotations, prepare_training
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "spinquant_sweep.json"
+HELDOUT = (4, 512)  # held-out sequences × tokens, cut from the end of the calibration stream
+
+# label -> (step norm, peak lr, batch)
+SETTINGS = {"fro lr1.5 b1": ("fro", 1.5, 1), "one lr1.5 b1": ("one", 1.5, 1), "one lr1.5 b4": ("one", 1.5, 4),
+            "fro lr0.2 b4": ("fro", 0.2, 4)}
+
+
+def split(data: TokenData) -> tuple[TokenData, torch.Tensor]:
+    """Training material and a held-out batch from the calibration stream's end (no token in both)."""
+    n = HELDOUT[0] * HELDOUT[1]
+    heldout = data.calib_tokens[-n:].view(*HELDOUT)
+    train = TokenData(eval_windows=data.eval_windows, calib_tokens=data.calib_tokens[:-n], seed=data.seed)
+    return train, heldout
+
+
+def run_setting(loaded, data, norm: str, lr: float, batch: int, steps: int, every: int) -> dict:
+    recipe = load_preset("w4a4kv4-spinquant")
+    step = recipe.steps[0]
+    model = copy.deepcopy(loaded.model)
+    model.requires_grad_(False)
+    spec, seed = loaded.spec, data.seed
+    prepare_training(model, spec, recipe, seed, step.r3, step.r4)
+    train, heldout = split(data)
+    batches = train.calibration(step.samples, step.seq_len)
+    rot, d = initial_rotations(model, spec, seed), head_dim(model.config)
+    originals = frozen_originals(model, spec)
+    config = TrainConfig(steps=steps, lr=lr, batch=batch, norm=norm)
+
+    def held() -> float:
+        with torch.no_grad():
+            return float(rotation_loss(model, spec, rot, originals, heldout, d))
+
+    curve, train_losses, start = [(0, held())], [], time.perf_counter()
+    print(f"  step 0: held-out {curve[-1][1]:.4f}", flush=True)
+    for first in range(0, steps, every):
+        stop = min(first + every, steps)
+        train_losses += train_rotations(model, spec, rot, batches, config, start_step=first, stop_step=stop)
+        curve.append((stop, held()))
+        print(f"  step {stop}: held-out {curve[-1][1]:.4f}, train mean {sum(train_losses[-every:]) / every:.4f}",
+              flush=True)
+    return {"norm": norm, "lr": lr, "batch": batch, "steps": steps, "heldout": curve, "train": train_losses,
+            "seconds": time.perf_counter() - start, "orthogonality": rot.max_orthogonality_error()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS))
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--every", type=int, default=10)
+    args = parser.parse_args()
+    saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    loaded = lowbit.load_model("default")
+    data = lowbit.prepare_data(lowbit.DataConfig(), loaded.tokenizer)
+    for label in args.settings:
+        print(label, flush=True)
+        saved[label] = run_setting(loaded, data, *SETTINGS[label], args.steps, args.every)
+        saved[label]["date"] = time.strftime("%Y-%m-%d")
+        RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
