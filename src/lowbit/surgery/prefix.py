@@ -63,6 +63,10 @@ class PrefixedModel(nn.Module):
     def device(self):
         return self.model.device
 
+    def get_submodule(self, target: str) -> nn.Module:
+        """Paths resolve inside the wrapped model, so architecture specs (``model.layers``...) apply unchanged."""
+        return self.model.get_submodule(target) if target else self
+
     def _cache_for(self, batch: int):
         cache = copy.deepcopy(self._cache)
         if batch > 1 and self.prefix:
