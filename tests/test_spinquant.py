@@ -162,3 +162,27 @@ def test_static_recipes_learn_through_dynamic_per_token_quantizers(calib):
     model = lowbit.quantize(tiny_model("llama"), static, calib, info=info)
     quants = [m for m in model.modules() if isinstance(m, ActQuantizer)]
     assert quants and all(q.static and q.calibrated for q in quants) and len(info["rotation"]["losses"]) == 2
+
+
+def test_training_in_parts_with_stop_step_equals_one_run(trained):
+    """``stop_step`` ends a call early and ``start_step`` continues the same cosine schedule: two calls, one run."""
+    import copy
+
+    from lowbit.surgery.spinquant import TrainConfig, frozen_originals, rotation_loss, train_rotations
+    from lowbit.surgery.spinquant_step import prepare_training
+
+    model, data = trained
+    model = copy.deepcopy(model)
+    spec, recipe = spec_for(model), _recipe({})
+    prepare_training(model, spec, recipe, 0, True, True)
+    batches, config = data.calibration(4, 32), TrainConfig(steps=6, lr=0.5)
+    whole, parts = initial_rotations(model, spec, 0), initial_rotations(model, spec, 0)
+    losses = train_rotations(model, spec, whole, batches, config)
+    split = train_rotations(model, spec, parts, batches, config, stop_step=2)
+    split += train_rotations(model, spec, parts, batches, config, start_step=2)
+    assert len(split) == 6 and split == pytest.approx(losses, rel=1e-5)
+    assert torch.allclose(whole.r1, parts.r1, atol=1e-6)
+    with torch.no_grad():
+        d = model.config.hidden_size // model.config.num_attention_heads
+        held = rotation_loss(model, spec, whole, frozen_originals(model, spec), data.eval_windows, d)
+    assert torch.isfinite(held) and held > 0
