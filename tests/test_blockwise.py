@@ -97,6 +97,7 @@ def test_fine_tuning_lowers_the_block_error_and_leaves_weights_on_the_grid():
     rows = info["blockwise"]["layers"]
     assert all(r["epoch_losses"][-1] < r["epoch_losses"][0] for r in rows)
     assert any(r["mse_finetuned"] < r["mse_grid"] and not r.get("reverted") for r in rows)
+    assert all(r["finetune_s"] > 0 for r in rows)
     for module in model.modules():
         if isinstance(module, QuantLinear) and module.weight_scheme is not None:
             assert not module.learning

@@ -158,8 +158,10 @@ def _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats) -> tupl
     if step.epochs:
         before = {k: v.clone() for k, v in quantized_state(layer).items()}  # a copy: training changes them in place
         config = FinetuneConfig(step.epochs, step.batch, step.lr_weight, step.lr_scale, seed=stats["seed"] + index)
+        started = time.perf_counter()
         row["epoch_losses"] = finetune_layer(layer, lambda x: inputs.run(layer, index, x), q_in, target, config,
                                              latent=latent)
+        row["finetune_s"] = time.perf_counter() - started
         tuned = run(q_in)
         row["mse_finetuned"] = _mse(tuned, target)
         if row["mse_finetuned"] > row.get("mse_grid", row["mse_init"]):  # worse on its own samples: keep the start
