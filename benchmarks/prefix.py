@@ -61,19 +61,26 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
 ]
 
 
+def _finetune_seconds(row: dict) -> str:
+    """Block-wise fine-tuning wall time summed over layers ("-" without fine-tuning or from older runs)."""
+    layers = row.get("blockwise", {}).get("layers", [])
+    times = [layer["finetune_s"] for layer in layers if "finetune_s" in layer]
+    return f"{sum(times):.0f}" if times else "-"
+
+
 def write_table(saved: dict) -> None:
     meta = saved["meta"]
     lines = [f"Default model and text, {meta.get('windows')} windows × {meta.get('seq_len')} tokens, "
              f"{meta.get('threads')} CPU threads, {meta.get('date')}; `python benchmarks/prefix.py`.", "",
-             "| row | what it adds | ratio | KL | top-1 | bits W / A / KV | prefix | quantize s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | what it adds | ratio | KL | top-1 | bits W / A / KV | prefix | quantize s | fine-tune s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, what, _ in ROWS:
         r = saved["rows"].get(label)
         if r is not None:
             prefix = ", ".join(r.get("prefix_text", [])) or "-"
             lines.append(f"| {label} | {what} | {r['ratio']:.4g} | {r['kl']:.4f} | {r['top1']:.4f} | "
                          f"{r['bits_w']:.2f} / {r['bits_a']:.2f} / {r['bits_kv']:.2f} | {prefix} | "
-                         f"{r['quantize_s']:.0f} |")
+                         f"{r['quantize_s']:.0f} | {_finetune_seconds(r)} |")
     replace_block(HERE / "README.md", BEGIN, END, lines)
     print("\n".join(lines))
 

@@ -91,9 +91,12 @@ def test_blockwise_static_model_has_no_runtime_scale_computation():
 
 
 def test_fine_tuning_lowers_the_block_error_and_leaves_weights_on_the_grid():
-    info = {}
+    info, seen = {}, []
+    progress = lambda description, total: lambda status=None: seen.append((description, status))
     model = lowbit.quantize(tiny_model("llama"), _recipe(epochs=5, batch=2),
-                            _data(), info=info)
+                            _data(), info=info, progress=progress)
+    statuses = [s for d, s in seen if d == "block-wise quantization"]
+    assert statuses[0].startswith("layer 0 MSE ") and len(statuses) == len(info["blockwise"]["layers"])
     rows = info["blockwise"]["layers"]
     assert all(r["epoch_losses"][-1] < r["epoch_losses"][0] for r in rows)
     assert any(r["mse_finetuned"] < r["mse_grid"] and not r.get("reverted") for r in rows)

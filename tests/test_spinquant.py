@@ -76,9 +76,13 @@ def test_training_lowers_the_quantized_loss_and_keeps_the_model_invariant(traine
     recipe = _recipe({"steps": 10, "lr": 1.5, "samples": 1, "seq_len": 64})
     recipe = recipe.updated(activations={**recipe.activations.model_dump(), "format": "int2"})
     info: dict = {}
-    lowbit.quantize(model, recipe, data, info=info)
+    seen = []
+    progress = lambda description, total: lambda status=None: seen.append((description, status))
+    lowbit.quantize(model, recipe, data, info=info, progress=progress)
     losses = info["rotation"]["losses"]
     assert len(losses) == 10 and losses[-1] < 0.75 * losses[0]
+    shown = [float(s.removeprefix("loss ")) for d, s in seen if d == "learning rotations"]
+    assert shown == pytest.approx(losses, abs=2e-3)  # the progress bar shows each step's loss
     assert info["rotation"]["max_orthogonality_error"] < 1e-5
     fp = lowbit.quantize(model, _recipe({"rotations": None}, activations=False).updated(
         steps=[{"method": "spinquant", "steps": 10, "lr": 1.5, "samples": 1, "seq_len": 64}]), data)

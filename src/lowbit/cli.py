@@ -29,13 +29,22 @@ DEFAULT_RECIPE = "w8a8-rtn"
 
 @contextlib.contextmanager
 def rich_progress(console: Console) -> Iterator:
-    """A ``progress(description, total) -> tick`` callback drawing one rich bar per long step."""
+    """A ``progress(description, total) -> tick`` callback drawing one rich bar per long step.
+
+    ``tick(status)`` advances the bar; a status (a training loss, a layer's error) is shown beside the description.
+    """
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bars:
 
         def progress(description: str, total: int):
             task = bars.add_task(description, total=total)
-            return lambda: bars.advance(task)
+
+            def tick(status: str | None = None) -> None:
+                if status:
+                    bars.update(task, description=f"{description} [{status}]")
+                bars.advance(task)
+
+            return tick
 
         yield progress
 

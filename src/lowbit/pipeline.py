@@ -32,7 +32,7 @@ from .report import write_json_atomic
 from .surgery.apply import StepContext, apply_recipe
 from .surgery.offload import is_offloaded
 
-Progress = Callable[[str, int], Callable[[], None]]
+Progress = Callable[[str, int], Callable[..., None]]  # (description, total) -> tick(status=None)
 
 
 def quantize(

@@ -173,6 +173,13 @@ def _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats) -> tupl
     return target, out
 
 
+def _status(row: dict) -> str:
+    """A layer's output MSE at the start and after the last stage that kept its result, for the progress bar."""
+    stages = [row["mse_init"], row.get("mse_grid"), None if row.get("reverted") else row.get("mse_finetuned")]
+    kept = [m for m in stages if m is not None]
+    return f"layer {row['layer']} MSE {kept[0]:.3g} -> {kept[-1]:.3g}"
+
+
 @torch.no_grad()
 def blockwise_step(model: nn.Module, step, ctx) -> None:
     """Quantize the model one decoder layer at a time (see the module docstring); stats go to ``ctx.info``."""
@@ -193,7 +200,7 @@ def blockwise_step(model: nn.Module, step, ctx) -> None:
     checkpoint = LayerCheckpoint(step.checkpoint, fingerprint)
     stats = {"layers": [], "seed": seed, "restored": 0}
     layers = decoder_layers(model, spec)
-    tick = ctx.progress("block-wise quantization", len(layers)) if ctx.progress else (lambda: None)
+    tick = ctx.progress("block-wise quantization", len(layers)) if ctx.progress else (lambda *_: None)
     for index, layer in enumerate(layers):
         with on_device(layer, device):
             saved = checkpoint.load(index)
@@ -206,7 +213,7 @@ def blockwise_step(model: nn.Module, step, ctx) -> None:
             else:
                 fp_in, q_in = _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats)
                 checkpoint.save(index, layer)
-        tick()
+        tick(_status(stats["layers"][-1]) if saved is None else f"layer {index} from checkpoint")
     quantize_head_rtn(model, spec, ctx.recipe.weights)
     stats.pop("seed")
     stats["seconds"] = time.perf_counter() - start

@@ -115,14 +115,14 @@ def train_rotations(model: nn.Module, spec: ArchSpec, rot: Rotations, batches: T
     originals = frozen_originals(model, spec)
     d = head_dim(model.config)
     optimizer = CayleySGD(rot.parameters(), lr=config.lr, momentum=config.momentum, norm=config.norm)
-    tick = progress("learning rotations", stop_step - start_step) if progress else (lambda: None)
+    tick = progress("learning rotations", stop_step - start_step) if progress else (lambda *_: None)
     losses = []
     with torch.enable_grad():  # recipes run under no_grad; the rotations need gradients
         for step in range(start_step, stop_step):
             losses.append(_train_step(model, spec, rot, originals, batches, config, optimizer, step, d))
             if on_step is not None:
                 on_step(step, rot, losses)
-            tick()
+            tick(f"loss {losses[-1]:.3f}")
     return losses
 
 
