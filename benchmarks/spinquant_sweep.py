@@ -1,6 +1,7 @@
 """SpinQuant training settings on the default model: held-out loss of the fake-quantized model as rotations learn.
 
 Run:  python benchmarks/spinquant_sweep.py                      (every setting in SETTINGS, a few minutes each)
+      python benchmarks/spinquant_sweep.py --norms              (the first step's direction: 1-norm, Frobenius)
       python benchmarks/spinquant_sweep.py --settings "one lr1.5 b1" --steps 40
 
 Each setting learns R1/R2 from the same seeded Hadamards for ``w4a4kv4-spinquant``'s training quantizers (A4 per
@@ -23,6 +24,7 @@ import lowbit
 from lowbit.data import TokenData
 from lowbit.models.arch import head_dim
 from lowbit.recipe import load_preset
+from lowbit.rotations.cayley import skew_direction
 from lowbit.surgery.spinquant import (
     TrainConfig,
     frozen_originals,
@@ -77,15 +79,43 @@ def run_setting(loaded, data, norm: str, lr: float, batch: int, steps: int, ever
             "seconds": time.perf_counter() - start, "orthogonality": rot.max_orthogonality_error()}
 
 
+def direction_norms(loaded, data) -> dict:
+    """Norms of the first Cayley direction ``W`` of R1 and the first R2s at the Hadamard start (one 512-token
+    calibration sample), and the columns of ``|W|`` with the largest sums: where the gradient concentrates."""
+    recipe = load_preset("w4a4kv4-spinquant")
+    step = recipe.steps[0]
+    model = copy.deepcopy(loaded.model).requires_grad_(False)
+    prepare_training(model, loaded.spec, recipe, data.seed, step.r3, step.r4)
+    rot, d = initial_rotations(model, loaded.spec, data.seed), head_dim(model.config)
+    with torch.enable_grad():
+        rotation_loss(model, loaded.spec, rot, frozen_originals(model, loaded.spec), split(data)[0].calibration(1, 512),
+                      d).backward()
+    out = {}
+    for name, p in [("R1", rot.r1), *((f"R2.{i}", r) for i, r in enumerate(rot.r2[:3]))]:
+        w = skew_direction(p.detach().double(), p.grad.double())
+        columns = w.abs().sum(0)
+        top = torch.topk(columns, 3)
+        out[name] = {"one": float(torch.linalg.matrix_norm(w, ord=1)), "fro": float(torch.linalg.matrix_norm(w)),
+                     "spectral": float(torch.linalg.matrix_norm(w, ord=2)), "top_columns": top.indices.tolist(),
+                     "top_column_sums": top.values.tolist(), "median_column_sum": float(columns.median())}
+        print(name, out[name], flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS))
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--norms", action="store_true", help="only the first step's direction norms")
     args = parser.parse_args()
     saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     loaded = lowbit.load_model("default")
     data = lowbit.prepare_data(lowbit.DataConfig(), loaded.tokenizer)
+    if args.norms:
+        saved["direction_norms"] = direction_norms(loaded, data)
+        RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
+        return
     for label in args.settings:
         print(label, flush=True)
         saved[label] = run_setting(loaded, data, *SETTINGS[label], args.steps, args.every)
