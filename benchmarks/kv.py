@@ -1,6 +1,6 @@
 """Packed KV caches on the default model: quality against bits all-in, with and without an exact sink token.
 
-Run:  python benchmarks/kv.py                 (about 60 minutes on 2 CPU cores; resumes where it stopped)
+Run:  python benchmarks/kv.py                 (about 2 hours on 2 CPU cores, 3 minutes a row; resumes where it stopped)
       python benchmarks/kv.py --no-rows --peers --generation   (transformers' QuantizedCache, greedy continuations;
                                               written to results/kv-peers.json, so it may run beside the rows)
       python benchmarks/kv.py --smoke         (1 window of 512 tokens, a few configurations; separate results file)
