@@ -50,17 +50,22 @@ def split(data: TokenData) -> tuple[TokenData, torch.Tensor]:
     return train, heldout
 
 
-def run_setting(loaded, data, norm: str, lr: float, batch: int, steps: int, every: int) -> dict:
+def training_setup(loaded, data):
+    """A copy of the model prepared for ``w4a4kv4-spinquant``'s training (R3/R4, fake-quantizers), its initial
+    Hadamards, the frozen originals, head_dim and the preset's spinquant step."""
     recipe = load_preset("w4a4kv4-spinquant")
     step = recipe.steps[0]
-    model = copy.deepcopy(loaded.model)
-    model.requires_grad_(False)
-    spec, seed = loaded.spec, data.seed
-    prepare_training(model, spec, recipe, seed, step.r3, step.r4)
+    model = copy.deepcopy(loaded.model).requires_grad_(False)
+    prepare_training(model, loaded.spec, recipe, data.seed, step.r3, step.r4)
+    rot = initial_rotations(model, loaded.spec, data.seed)
+    return model, rot, frozen_originals(model, loaded.spec), head_dim(model.config), step
+
+
+def run_setting(loaded, data, norm: str, lr: float, batch: int, steps: int, every: int) -> dict:
+    model, rot, originals, d, step = training_setup(loaded, data)
+    spec = loaded.spec
     train, heldout = split(data)
     batches = train.calibration(step.samples, step.seq_len)
-    rot, d = initial_rotations(model, spec, seed), head_dim(model.config)
-    originals = frozen_originals(model, spec)
     config = TrainConfig(steps=steps, lr=lr, batch=batch, norm=norm)
 
     def held() -> float:
@@ -82,14 +87,9 @@ def run_setting(loaded, data, norm: str, lr: float, batch: int, steps: int, ever
 def direction_norms(loaded, data) -> dict:
     """Norms of the first Cayley direction ``W`` of R1 and the first R2s at the Hadamard start (one 512-token
     calibration sample), and the columns of ``|W|`` with the largest sums: where the gradient concentrates."""
-    recipe = load_preset("w4a4kv4-spinquant")
-    step = recipe.steps[0]
-    model = copy.deepcopy(loaded.model).requires_grad_(False)
-    prepare_training(model, loaded.spec, recipe, data.seed, step.r3, step.r4)
-    rot, d = initial_rotations(model, loaded.spec, data.seed), head_dim(model.config)
+    model, rot, originals, d, _ = training_setup(loaded, data)
     with torch.enable_grad():
-        rotation_loss(model, loaded.spec, rot, frozen_originals(model, loaded.spec), split(data)[0].calibration(1, 512),
-                      d).backward()
+        rotation_loss(model, loaded.spec, rot, originals, split(data)[0].calibration(1, 512), d).backward()
     out = {}
     for name, p in [("R1", rot.r1), *((f"R2.{i}", r) for i, r in enumerate(rot.r2[:3]))]:
         w = skew_direction(p.detach().double(), p.grad.double())

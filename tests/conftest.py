@@ -106,3 +106,9 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "news.txt"
     path.write_text(make_text(400, seed=3))
     return path
+
+
+def recording_progress() -> tuple:
+    """A ``progress(description, total) -> tick(status)`` callback and the list of (description, status) it records."""
+    seen: list[tuple[str, str | None]] = []
+    return (lambda description, total: lambda status=None: seen.append((description, status))), seen

@@ -15,7 +15,7 @@ from lowbit.surgery.linear import QuantLinear
 from lowbit.surgery.prefix import prefix_cache
 from lowbit.surgery.quantizer import ActQuantizer
 from lowbit.surgery.sequential import stream_layers
-from tests.conftest import tiny_model
+from tests.conftest import recording_progress, tiny_model
 
 PREFIX = [5, 9, 1]
 STATIC = {
@@ -91,8 +91,8 @@ def test_blockwise_static_model_has_no_runtime_scale_computation():
 
 
 def test_fine_tuning_lowers_the_block_error_and_leaves_weights_on_the_grid():
-    info, seen = {}, []
-    progress = lambda description, total: lambda status=None: seen.append((description, status))
+    info: dict = {}
+    progress, seen = recording_progress()
     model = lowbit.quantize(tiny_model("llama"), _recipe(epochs=5, batch=2),
                             _data(), info=info, progress=progress)
     statuses = [s for d, s in seen if d == "block-wise quantization"]

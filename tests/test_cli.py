@@ -39,33 +39,31 @@ def test_quantize_writes_a_complete_report(tiny_model_dir, text_file, tmp_path, 
     assert "ppl ratio" in capsys.readouterr().out
 
 
+def _run_yaml(model_dir, text_file, tmp_path, recipe_text: str) -> dict:
+    """Run ``lowbit quantize`` with a recipe written to a YAML file; returns the report."""
+    recipe, report = tmp_path / "recipe.yaml", tmp_path / "r.json"
+    recipe.write_text(recipe_text)
+    assert main(_args(model_dir, text_file, report, "--recipe", str(recipe))) == 0
+    return json.loads(report.read_text())
+
+
 def test_static_recipe_from_yaml(tiny_model_dir, text_file, tmp_path):
-    recipe = tmp_path / "static.yaml"
-    recipe.write_text(
-        "name: static-a8\n"
-        "activations: {format: int8, granularity: tensor, dynamic: false}\n"
-        "calibration: {samples: 2, seq_len: 32}\n"
-    )
-    report = tmp_path / "r.json"
-    assert main(_args(tiny_model_dir, text_file, report, "--recipe", str(recipe))) == 0
-    data = json.loads(report.read_text())
+    data = _run_yaml(tiny_model_dir, text_file, tmp_path,
+                     "name: static-a8\n"
+                     "activations: {format: int8, granularity: tensor, dynamic: false}\n"
+                     "calibration: {samples: 2, seq_len: 32}\n")
     assert data["recipe"] == "static-a8" and data["seconds"]["calibrate"] > 0
 
 
 def test_prefix_recipe_reports_bits_of_the_wrapped_model(tiny_model_dir, text_file, tmp_path):
     """A PrefixQuant recipe returns a prefixed wrapper; the report still counts the bits of the model inside."""
-    recipe = tmp_path / "prefix.yaml"
-    recipe.write_text(
-        "name: prefix-w4a8\n"
-        "steps: [{method: quarot}, {method: prefix, tokens: [5]}, {method: blockwise, grid: false, epochs: 0, "
-        "samples: 2, seq_len: 32}]\n"
-        "weights: {format: int4, granularity: channel}\n"
-        "activations: {format: int8, granularity: tensor, dynamic: false}\n"
-        "calibration: {samples: 2, seq_len: 32}\n"
-    )
-    report = tmp_path / "r.json"
-    assert main(_args(tiny_model_dir, text_file, report, "--recipe", str(recipe))) == 0
-    data = json.loads(report.read_text())
+    data = _run_yaml(tiny_model_dir, text_file, tmp_path,
+                     "name: prefix-w4a8\n"
+                     "steps: [{method: quarot}, {method: prefix, tokens: [5]}, {method: blockwise, grid: false, "
+                     "epochs: 0, samples: 2, seq_len: 32}]\n"
+                     "weights: {format: int4, granularity: channel}\n"
+                     "activations: {format: int8, granularity: tensor, dynamic: false}\n"
+                     "calibration: {samples: 2, seq_len: 32}\n")
     assert 4 <= data["bits"]["weight"] < 5 and data["bits"]["activation"] == 8
     assert data["prefix"]["tokens"] == [5]
 

@@ -10,7 +10,7 @@ from lowbit.models.arch import spec_for
 from lowbit.recipe import Recipe
 from lowbit.surgery.spinquant import rotated_parameters
 from lowbit.surgery.spinquant_step import initial_rotations, load_rotations
-from tests.conftest import tiny_model
+from tests.conftest import recording_progress, tiny_model
 
 
 @pytest.fixture
@@ -76,8 +76,7 @@ def test_training_lowers_the_quantized_loss_and_keeps_the_model_invariant(traine
     recipe = _recipe({"steps": 10, "lr": 1.5, "samples": 1, "seq_len": 64})
     recipe = recipe.updated(activations={**recipe.activations.model_dump(), "format": "int2"})
     info: dict = {}
-    seen = []
-    progress = lambda description, total: lambda status=None: seen.append((description, status))
+    progress, seen = recording_progress()
     lowbit.quantize(model, recipe, data, info=info, progress=progress)
     losses = info["rotation"]["losses"]
     assert len(losses) == 10 and losses[-1] < 0.75 * losses[0]
@@ -172,7 +171,12 @@ def test_training_in_parts_with_stop_step_equals_one_run(trained):
     """``stop_step`` ends a call early and ``start_step`` continues the same cosine schedule: two calls, one run."""
     import copy
 
-    from lowbit.surgery.spinquant import TrainConfig, frozen_originals, rotation_loss, train_rotations
+    from lowbit.surgery.spinquant import (
+        TrainConfig,
+        frozen_originals,
+        rotation_loss,
+        train_rotations,
+    )
     from lowbit.surgery.spinquant_step import prepare_training
 
     model, data = trained
