@@ -37,9 +37,17 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "spinquant_sweep.json"
 HELDOUT = (4, 512)  # held-out sequences × tokens, cut from the end of the calibration stream
 
-# label -> (step norm, peak lr, batch)
-SETTINGS = {"fro lr1.5 b1": ("fro", 1.5, 1), "one lr1.5 b1": ("one", 1.5, 1), "one lr1.5 b4": ("one", 1.5, 4),
-            "fro lr0.2 b4": ("fro", 0.2, 4)}
+# label -> TrainConfig fields; "detached": the reference's straight-through gradient (no gradient through scales)
+SETTINGS = {
+    "detached fro lr1.5 b1": {"norm": "fro", "lr": 1.5, "scale_grad": False},
+    "detached one lr1.5 b1": {"norm": "one", "lr": 1.5, "scale_grad": False},
+    "scale-grad one lr1.5 b1": {"norm": "one", "lr": 1.5},
+    "scale-grad fro lr1.5 b1": {"norm": "fro", "lr": 1.5},
+    "scale-grad one lr0.05 b1": {"norm": "one", "lr": 0.05},
+    "scale-grad one lr1.5 b1 momentum0.9": {"norm": "one", "lr": 1.5, "momentum": 0.9},
+    "scale-grad one lr0.05 b1 bf16": {"norm": "one", "lr": 0.05, "autocast": "bf16"},
+    "scale-grad one lr0.05 b2 bf16": {"norm": "one", "lr": 0.05, "batch": 2, "autocast": "bf16"},
+}
 
 
 def split(data: TokenData) -> tuple[TokenData, torch.Tensor]:
@@ -61,12 +69,12 @@ def training_setup(loaded, data):
     return model, rot, frozen_originals(model, loaded.spec), head_dim(model.config), step
 
 
-def run_setting(loaded, data, norm: str, lr: float, batch: int, steps: int, every: int) -> dict:
+def run_setting(loaded, data, settings: dict, steps: int, every: int) -> dict:
     model, rot, originals, d, step = training_setup(loaded, data)
     spec = loaded.spec
     train, heldout = split(data)
     batches = train.calibration(step.samples, step.seq_len)
-    config = TrainConfig(steps=steps, lr=lr, batch=batch, norm=norm)
+    config = TrainConfig(steps=steps, **settings)
 
     def held() -> float:
         with torch.no_grad():
@@ -80,7 +88,7 @@ def run_setting(loaded, data, norm: str, lr: float, batch: int, steps: int, ever
         curve.append((stop, held()))
         print(f"  step {stop}: held-out {curve[-1][1]:.4f}, train mean {sum(train_losses[-every:]) / every:.4f}",
               flush=True)
-    return {"norm": norm, "lr": lr, "batch": batch, "steps": steps, "heldout": curve, "train": train_losses,
+    return {**settings, "steps": steps, "heldout": curve, "train": train_losses,
             "seconds": time.perf_counter() - start, "orthogonality": rot.max_orthogonality_error()}
 
 
@@ -118,7 +126,7 @@ def main() -> None:
         return
     for label in args.settings:
         print(label, flush=True)
-        saved[label] = run_setting(loaded, data, *SETTINGS[label], args.steps, args.every)
+        saved[label] = run_setting(loaded, data, SETTINGS[label], args.steps, args.every)
         saved[label]["date"] = time.strftime("%Y-%m-%d")
         RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
 

@@ -194,3 +194,44 @@ def test_training_in_parts_with_stop_step_equals_one_run(trained):
         d = model.config.hidden_size // model.config.num_attention_heads
         held = rotation_loss(model, spec, whole, frozen_originals(model, spec), data.eval_windows, d)
     assert torch.isfinite(held) and held > 0
+
+
+def test_scale_grad_adds_the_scales_gradient_and_restores_the_quantizers(trained):
+    """With ``scale_grad`` the rotations' gradient also carries the dynamic scales' part (so it differs from the
+    detached straight-through one) and every quantizer's flag is back to off once the loss is computed."""
+    import copy
+
+    from lowbit.surgery.quantizer import ActQuantizer
+    from lowbit.surgery.spinquant import frozen_originals, rotation_loss
+    from lowbit.surgery.spinquant_step import prepare_training
+
+    model, data = trained
+    model = copy.deepcopy(model)
+    spec = spec_for(model)
+    prepare_training(model, spec, _recipe({}), 0, True, True)
+    originals, d = frozen_originals(model, spec), model.config.hidden_size // model.config.num_attention_heads
+    grads = {}
+    for on in (True, False):
+        rot = initial_rotations(model, spec, 0)
+        with torch.enable_grad():
+            rotation_loss(model, spec, rot, originals, data.calibration(2, 32), d, scale_grad=on).backward()
+        grads[on] = rot.r1.grad.clone()
+        assert not any(q.scale_grad for q in model.modules() if isinstance(q, ActQuantizer))
+    assert not torch.allclose(grads[True], grads[False], rtol=1e-3, atol=1e-6)
+
+
+def test_bf16_autocast_training_learns_and_keeps_float32_rotations(trained):
+    """``autocast: bf16`` trains under bfloat16 autocast: the loss still falls, the rotations stay float32 and
+    orthogonal; an unknown autocast value is refused by the recipe."""
+    model, data = trained
+    recipe = _recipe({"steps": 10, "lr": 1.5, "samples": 1, "seq_len": 64, "autocast": "bf16"})
+    recipe = recipe.updated(activations={**recipe.activations.model_dump(), "format": "int2"})
+    info: dict = {}
+    lowbit.quantize(model, recipe, data, info=info)
+    losses, rot = info["rotation"]["losses"], info["learned_rotations"]
+    assert len(losses) == 10 and losses[-1] < 0.85 * losses[0]
+    assert rot.r1.dtype == torch.float32 and info["rotation"]["max_orthogonality_error"] < 1e-5
+    from lowbit.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="autocast"):
+        _recipe({"autocast": "fp16"})

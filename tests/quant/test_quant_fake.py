@@ -197,6 +197,23 @@ def test_dynamic_minmax_gradient_is_one(case: tuple[torch.Tensor, Format, Granul
     assert x.grad is not None and torch.equal(x.grad, torch.ones_like(x))
 
 
+def test_scale_grad_routes_the_rounding_error_to_each_rows_largest_element() -> None:
+    """Dynamic symmetric min/max with ``scale_grad``: ``out = x + s e`` with ``s = max|x| / qmax``, so d sum(out) /
+    dx is 1 everywhere plus ``sign(x_max) / qmax * sum(e)`` at each row's largest element; without it, exactly 1."""
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    fmt = IntFormat(4, True)
+    for scale_grad in (True, False):
+        leaf = x.clone().requires_grad_(True)
+        fake_quantize(leaf, fmt, PerRow(), scale_grad=scale_grad).sum().backward()
+        expected = torch.ones_like(x)
+        if scale_grad:
+            top = x.abs().argmax(-1)
+            s = x.abs().amax(-1, keepdim=True) / fmt.qmax
+            rows = torch.arange(3)
+            expected[rows, top] += torch.sign(x[rows, top]) / fmt.qmax * (torch.round(x / s) - x / s).sum(-1)
+        torch.testing.assert_close(leaf.grad, expected, rtol=1e-5, atol=1e-5)  # computed in float32
+
+
 @pytest.mark.parametrize("fmt", [IntFormat(4, True), IntFormat(4, False), FP4_E2M1])
 def test_lsq_scale_gradient(fmt: Format) -> None:
     """LSQ: d sum(fq) / ds per row = sum of (round(x/s) - x/s) inside, plus (qmin or qmax) - z where clamped."""

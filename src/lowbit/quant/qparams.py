@@ -183,10 +183,12 @@ def _resolve_qparams(
     observer: str,
     clip_ratio: float,
     observer_kwargs: dict[str, Any],
+    scale_grad: bool = False,
 ) -> QParams:
-    """Static mode: check and return the given qparams. Dynamic mode: observe ``x`` (detached) and compute them.
+    """Static mode: check and return the given qparams. Dynamic mode: observe ``x`` and compute them.
 
-    Dynamic statistics are detached so the gradient w.r.t. ``x`` is the plain straight-through one.
+    Dynamic statistics are detached unless ``scale_grad``, so the gradient w.r.t. ``x`` is the plain
+    straight-through one; see :func:`fake_quantize` for what ``scale_grad`` adds.
     """
     if qparams is not None:
         if observer != "minmax" or clip_ratio != 1.0 or observer_kwargs:
@@ -196,7 +198,7 @@ def _resolve_qparams(
     # Imported here because observers build on this module (the MSE search calls fake_quantize_groups).
     from lowbit.quant.observers import observe_range
 
-    xmin, xmax = observe_range(x.detach(), gran, fmt, observer, **observer_kwargs)
+    xmin, xmax = observe_range(x if scale_grad else x.detach(), gran, fmt, observer, **observer_kwargs)
     return compute_qparams(xmin, xmax, fmt, clip_ratio=clip_ratio)
 
 
@@ -208,6 +210,7 @@ def fake_quantize(
     qparams: QParams | None = None,
     observer: str = "minmax",
     clip_ratio: float = 1.0,
+    scale_grad: bool = False,
     **observer_kwargs: Any,
 ) -> Tensor:
     """Quantize then dequantize ``x`` in one differentiable op (straight-through rounding, LSQ scale gradient).
@@ -215,13 +218,20 @@ def fake_quantize(
     Dynamic mode (``qparams=None``): the range comes from ``observer`` ("minmax", "percentile", "mse", with
     ``observer_kwargs``), shrunk by ``clip_ratio``. Static mode: ``qparams`` are used as given (their scale may
     require grad). Computed in float32; the output has ``x``'s dtype and shape.
+
+    ``scale_grad`` (dynamic mode): let the gradient also flow through the observed range into ``x``. The output is
+    ``x + s * e`` with rounding error ``e`` in [-1/2, 1/2]; with the range detached, straight-through rounding
+    treats the error ``s * e`` as a constant, so a change of ``x`` that shrinks its range (a rotation that flattens
+    an outlier) earns no credit for the smaller error. With it, ``d out / d s = e`` carries that credit to the
+    largest elements: the reparameterisation gradient of the loss under additive noise of width ``s``, which is
+    what learning rotations needs (SpinQuant).
     """
     if not x.is_floating_point():
         raise ValueError(f"fake_quantize needs a floating-point tensor, got {x.dtype}")
     if x.numel() == 0:
         return x.clone()
     x32 = x.to(torch.float32)
-    qp = _resolve_qparams(x32, fmt, gran, qparams, observer, clip_ratio, observer_kwargs)
+    qp = _resolve_qparams(x32, fmt, gran, qparams, observer, clip_ratio, observer_kwargs, scale_grad)
     scale, zero = _unpack(qp)
     out = fake_quantize_groups(to_groups(x32, gran), scale, zero, fmt)
     return from_groups(out, gran, x.shape).to(x.dtype)

@@ -81,7 +81,8 @@ class ActQuantizer(nn.Module):
     The ``minmax`` observer keeps the running min/max over batches; ``percentile`` and ``mse`` average each batch's
     clipped range. The calibrated range is kept (``range_min`` / ``range_max``), so a search can re-clip it
     (:meth:`set_clip`); :meth:`learn_scale` turns the scale into a trainable parameter (LSQ gradient) and
-    :meth:`freeze_scale` back into a buffer.
+    :meth:`freeze_scale` back into a buffer. ``scale_grad``: dynamic scales pass gradient to the input (see
+    :func:`~lowbit.quant.fake_quantize`); set while rotations learn.
     """
 
     def __init__(self, scheme: QuantScheme, kind: str, name: str = "") -> None:
@@ -93,6 +94,7 @@ class ActQuantizer(nn.Module):
         self.granularity = granularity_for(scheme, kind)
         self.calibrating = False
         self.enabled = True
+        self.scale_grad = False
         self._stats = _RangeStats()
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
@@ -182,5 +184,6 @@ class ActQuantizer(nn.Module):
             self.granularity,
             observer=self.scheme.observer,
             clip_ratio=self.scheme.clip_ratio,
+            scale_grad=self.scale_grad,
             **observer_kwargs(self.scheme),
         )

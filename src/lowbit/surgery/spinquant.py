@@ -14,6 +14,8 @@ cross-entropy of calibration text. The learned rotations are then folded into th
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +98,8 @@ class TrainConfig:
     batch: int = 1
     norm: str = "one"  # the norm of the Cayley direction that caps the step (see CayleySGD)
     weights: object | None = None  # a QuantScheme: RTN fake-quantize the rotated linear weights while learning
+    scale_grad: bool = True  # gradients through the dynamic scales (see fake_quantize); False: the reference's STE
+    autocast: str | None = None  # "bf16": forward and backward under bfloat16 autocast (faster on CPUs with bf16)
 
 
 def _cosine(step: int, total: int, peak: float) -> float:
@@ -160,7 +164,8 @@ def _train_step(model, spec, rot, originals, batches, config, optimizer, step: i
     first = (step * world + rank) * config.batch
     tokens = batches[torch.arange(first, first + config.batch) % len(batches)]
     optimizer.zero_grad(set_to_none=True)
-    loss = rotation_loss(model, spec, rot, originals, tokens, d, config.weights)
+    with _autocast(config.autocast, rot.r1.device):
+        loss = rotation_loss(model, spec, rot, originals, tokens, d, config.weights, config.scale_grad)
     loss.backward()
     if world > 1:
         loss = _average_gradients(rot, loss, world)
@@ -168,22 +173,52 @@ def _train_step(model, spec, rot, originals, batches, config, optimizer, step: i
     return float(loss.detach())
 
 
-def rotation_loss(model, spec, rot: Rotations, originals, tokens: Tensor, d: int, weights=None) -> Tensor:
+def rotation_loss(model, spec, rot: Rotations, originals, tokens: Tensor, d: int, weights=None,
+                  scale_grad: bool = False) -> Tensor:
     """Next-token cross-entropy of ``model`` on ``tokens`` ``[B, L]`` with rotations ``rot`` applied to the frozen
-    ``originals`` (and the linears RTN fake-quantized with ``weights``, a QuantScheme, when given)."""
+    ``originals`` (and the linears RTN fake-quantized with ``weights``, a QuantScheme, when given).
+
+    ``scale_grad``: every dynamic quantizer (activations, KV, weights) passes gradient through its scale, so the
+    rotations are credited for the smaller rounding error of a flatter tensor; see
+    :func:`~lowbit.quant.fake_quantize`.
+    """
     params = rotated_parameters(originals, spec, rot, d)
     if weights is not None:
-        params = _fake_quantize_linears(params, spec, weights)
-    logits = torch.func.functional_call(model, params, (tokens,), {"use_cache": False}).logits
+        params = _fake_quantize_linears(params, spec, weights, scale_grad)
+    with _scale_gradients(model, scale_grad):
+        logits = torch.func.functional_call(model, params, (tokens,), {"use_cache": False}).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
 
-def _fake_quantize_linears(params: dict[str, Tensor], spec: ArchSpec, scheme) -> dict[str, Tensor]:
+def _autocast(kind: str | None, device: torch.device):
+    """bfloat16 autocast on ``device``'s type for ``kind == "bf16"``, else a no-op context."""
+    if kind not in (None, "bf16"):
+        raise ValueError(f"autocast must be None or 'bf16', got {kind!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=kind == "bf16")
+
+
+@contextmanager
+def _scale_gradients(model: nn.Module, on: bool) -> Iterator[None]:
+    """Set ``scale_grad`` on every activation/KV quantizer of ``model`` for the duration, then restore it."""
+    from .quantizer import ActQuantizer
+
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    before = [q.scale_grad for q in quantizers]
+    for q in quantizers:
+        q.scale_grad = on
+    try:
+        yield
+    finally:
+        for q, was in zip(quantizers, before):
+            q.scale_grad = was
+
+
+def _fake_quantize_linears(params: dict[str, Tensor], spec: ArchSpec, scheme, scale_grad: bool) -> dict[str, Tensor]:
     """RTN fake-quantize the decoder linears' rotated weights (straight-through), for weight-only SpinQuant."""
     from ..quant import fake_quantize
     from .quantizer import granularity_for
 
     fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
     linear = f"{spec.layers}."
-    return {name: fake_quantize(w, fmt, gran, clip_ratio=scheme.clip_ratio)
+    return {name: fake_quantize(w, fmt, gran, clip_ratio=scheme.clip_ratio, scale_grad=scale_grad)
             if name.startswith(linear) and name.endswith(".weight") else w for name, w in params.items()}

@@ -142,11 +142,12 @@ def _learn(model: nn.Module, spec, step, ctx, seed: int) -> tuple[Rotations, lis
     batches = ctx.sample_calibration(step.samples, step.seq_len)
     meta_base = {"recipe": ctx.recipe.name, "seed": seed, "steps": step.steps, "lr": step.lr,
                  "samples": step.samples, "seq_len": step.seq_len, "quantize_weights": step.quantize_weights,
-                 "batch": step.batch, "step_norm": step.step_norm}
+                 "batch": step.batch, "step_norm": step.step_norm, "scale_grad": step.scale_grad, "autocast": step.autocast}
     rot, first, earlier = _resume(step, initial_rotations(model, spec, seed), meta_base)
     weights = ctx.recipe.weights if step.quantize_weights else None
     config = TrainConfig(steps=step.steps, lr=step.lr, momentum=step.momentum, batch=step.batch, weights=weights,
-                         norm=step.step_norm)
+                         norm=step.step_norm, scale_grad=step.scale_grad,
+                         autocast=None if step.autocast == "off" else step.autocast)
 
     def checkpoint(i: int, current: Rotations, losses: list[float]) -> None:
         if step.checkpoint is not None and (i + 1 == step.steps or (i + 1) % step.checkpoint_every == 0):
