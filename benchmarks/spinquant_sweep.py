@@ -2,7 +2,8 @@
 
 Run:  python benchmarks/spinquant_sweep.py                      (every setting in SETTINGS, a few minutes each)
       python benchmarks/spinquant_sweep.py --norms              (the first step's direction: 1-norm, Frobenius)
-      python benchmarks/spinquant_sweep.py --settings "one lr1.5 b1" --steps 40
+      python benchmarks/spinquant_sweep.py --flatness [--rotations results/w4a4kv4-spinquant-rotations.safetensors]
+      python benchmarks/spinquant_sweep.py --settings "scale-grad one lr0.05 b1" --steps 40 --every 20
 
 Each setting learns R1/R2 from the same seeded Hadamards for ``w4a4kv4-spinquant``'s training quantizers (A4 per
 token, KV4 per head, weights in full precision) on calibration text, and the cross-entropy of a held-out batch of
@@ -32,9 +33,11 @@ from lowbit.surgery.spinquant import (
     train_rotations,
 )
 from lowbit.surgery.spinquant_step import initial_rotations, prepare_training
+from presets import replace_block
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "spinquant_sweep.json"
+BEGIN, END = "<!-- SPINSWEEP:BEGIN -->", "<!-- SPINSWEEP:END -->"
 HELDOUT = (4, 512)  # held-out sequences × tokens, cut from the end of the calibration stream
 
 # label -> TrainConfig fields; "detached": the reference's straight-through gradient (no gradient through scales)
@@ -110,25 +113,112 @@ def direction_norms(loaded, data) -> dict:
     return out
 
 
+def _kind(name: str, quantizer) -> str:
+    """``q_proj`` … ``down_proj`` for a linear's input quantizer, ``k_quant`` / ``v_quant`` for the KV ones."""
+    return name.split(".")[-2 if quantizer.kind == "activation" else -1]
+
+
+def _ratios(model, run) -> dict[str, tuple[torch.Tensor, int]]:
+    """``max |x| / rms(x)`` per token (position 0 left out) at each kind of quantizer input during ``run()``."""
+    from lowbit.surgery.quantizer import ActQuantizer
+
+    seen: dict[str, list] = {}
+
+    def record(kind: str):
+        def hook(_, args):
+            x = args[0].detach().float()
+            seen.setdefault(kind, [x.shape[-1]]).append((x.abs().amax(-1) / x.pow(2).mean(-1).sqrt())[..., 1:].flatten())
+        return hook
+
+    handles = [q.register_forward_pre_hook(record(_kind(n, q))) for n, q in model.named_modules()
+               if isinstance(q, ActQuantizer)]
+    run()
+    for h in handles:
+        h.remove()
+    return {kind: (torch.cat(v[1:]), v[0]) for kind, v in seen.items()}
+
+
+def _loss_alone(model, run) -> dict[str, float]:
+    """The held-out loss with no quantizer, with each kind of quantizer alone, and with all of them."""
+    from lowbit.surgery.quantizer import ActQuantizer
+
+    quantizers = [(_kind(n, q), q) for n, q in model.named_modules() if isinstance(q, ActQuantizer)]
+    out = {}
+    for only in [None, *dict.fromkeys(k for k, _ in quantizers), "all"]:
+        for kind, q in quantizers:
+            q.enabled = only == "all" or kind == only
+        out["none" if only is None else only] = run()
+    return out
+
+
+def flatness(loaded, data, learned: Path | None = None) -> dict:
+    """Where the fake-quantized model's held-out loss comes from, and how flat each quantizer's input is.
+
+    For the Hadamard start (and the rotations in the file ``learned``, if given): the median and 90th percentile
+    over held-out tokens of ``max |x| / rms(x)`` at every kind of quantizer input, beside a Gaussian vector of the same
+    width (the per-token int4 error grows with this ratio squared, and no rotation flattens every token at once
+    much below the Gaussian value), and the held-out loss with each kind of quantizer alone.
+    """
+    from lowbit.surgery.spinquant_step import load_rotations
+
+    model, rot, originals, d, _ = training_setup(loaded, data)
+    heldout, gen = split(data)[1], torch.Generator().manual_seed(0)
+    candidates = {"hadamard": rot} | ({"learned": load_rotations(learned)[0]} if learned is not None else {})
+    out: dict = {}
+    for label, rotations in candidates.items():
+        def run(rotations=rotations) -> float:
+            with torch.no_grad():
+                return float(rotation_loss(model, loaded.spec, rotations, originals, heldout, d))
+
+        for kind, (ratio, width) in _ratios(model, run).items():
+            g = torch.randn(20000, width, generator=gen)
+            gauss = g.abs().amax(-1) / g.pow(2).mean(-1).sqrt()
+            row = out.setdefault("ratio", {}).setdefault(kind, {})
+            row[label] = [round(float(ratio.median()), 3), round(float(ratio.quantile(0.9)), 3)]
+            row["gaussian"] = [round(float(gauss.median()), 3), round(float(gauss.quantile(0.9)), 3)]
+        out.setdefault("loss_alone", {})[label] = _loss_alone(model, run)
+    print(json.dumps(out, indent=1), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS))
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--norms", action="store_true", help="only the first step's direction norms")
+    parser.add_argument("--flatness", action="store_true", help="only max|x|/rms at the quantizers' inputs")
+    parser.add_argument("--rotations", type=Path, help="with --flatness: also for these learned rotations")
+    parser.add_argument("--tables-only", action="store_true")
     args = parser.parse_args()
     saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    loaded = lowbit.load_model("default")
-    data = lowbit.prepare_data(lowbit.DataConfig(), loaded.tokenizer)
-    if args.norms:
-        saved["direction_norms"] = direction_norms(loaded, data)
+    if not args.tables_only:
+        loaded = lowbit.load_model("default")
+        data = lowbit.prepare_data(lowbit.DataConfig(), loaded.tokenizer)
+        if args.norms:
+            saved["direction_norms"] = direction_norms(loaded, data)
+        if args.flatness:
+            saved["flatness"] = flatness(loaded, data, args.rotations)
+        for label in [] if args.norms or args.flatness else args.settings:
+            print(label, flush=True)
+            run = run_setting(loaded, data, SETTINGS[label], args.steps, args.every)
+            saved[f"{label}, {args.steps} steps"] = {**run, "date": time.strftime("%Y-%m-%d")}
+            RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
         RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
-        return
-    for label in args.settings:
-        print(label, flush=True)
-        saved[label] = run_setting(loaded, data, SETTINGS[label], args.steps, args.every)
-        saved[label]["date"] = time.strftime("%Y-%m-%d")
-        RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
+    write_table(saved)
+
+
+def write_table(saved: dict) -> None:
+    """The held-out curves as a table between the SPINSWEEP markers of benchmarks/README.md."""
+    lines = ["| setting | steps | held-out cross-entropy at step 0 → … | best | s / step |", "|---|---|---|---|---|"]
+    for key, run in saved.items():
+        if key in ("direction_norms", "flatness"):
+            continue
+        curve = " → ".join(f"{loss:.3f}" + (f" ({step})" if step else "") for step, loss in run["heldout"])
+        lines.append(f"| {key.rsplit(',', 1)[0]} | {run['steps']} | {curve} | {min(x for _, x in run['heldout']):.3f} | "
+                     f"{run['seconds'] / run['steps']:.1f} |")
+    replace_block(HERE / "README.md", BEGIN, END, lines)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
