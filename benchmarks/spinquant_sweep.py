@@ -8,7 +8,8 @@ Run:  python benchmarks/spinquant_sweep.py                      (every setting i
 Each setting learns R1/R2 from the same seeded Hadamards for ``w4a4kv4-spinquant``'s training quantizers (A4 per
 token, KV4 per head, weights in full precision) on calibration text, and the cross-entropy of a held-out batch of
 calibration text (never trained on, disjoint from the evaluation windows) is measured every ``--every`` steps. A
-per-batch training loss cannot tell descent from batch-to-batch variation; this can. Results: results/spinquant_sweep.json.
+per-batch training loss cannot tell descent from batch-to-batch variation; this can. Results: results/spinquant_sweep.json,
+results/spinquant_sweep.png and the table between the SPINSWEEP markers of benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -217,8 +218,50 @@ def write_table(saved: dict) -> None:
         curve = " → ".join(f"{loss:.3f}" + (f" ({step})" if step else "") for step, loss in run["heldout"])
         lines.append(f"| {key.rsplit(',', 1)[0]} | {run['steps']} | {curve} | {min(x for _, x in run['heldout']):.3f} | "
                      f"{run['seconds'] / run['steps']:.1f} |")
+    if "flatness" in saved:
+        lines += ["", *flatness_table(saved["flatness"])]
     replace_block(HERE / "README.md", BEGIN, END, lines)
     print("\n".join(lines))
+    plot(saved)
+
+
+def flatness_table(flat: dict) -> list[str]:
+    """Per kind of quantizer input: median (90th percentile) max|x|/rms, and the held-out loss with it alone."""
+    alone = flat["loss_alone"]
+    learned = "learned" in alone
+    lines = ["| quantizer input | max/rms: Gaussian | Hadamard | learned | loss, alone: Hadamard | learned |",
+             "|---|---|---|---|---|---|"]
+    for kind, row in flat["ratio"].items():
+        cells = [f"{row[k][0]:.2f} ({row[k][1]:.2f})" if k in row else "" for k in ("gaussian", "hadamard", "learned")]
+        losses = [f"{alone[k][kind]:.3f}" if k in alone else "" for k in ("hadamard", "learned")]
+        lines.append(f"| {kind} | {' | '.join(cells)} | {' | '.join(losses)} |")
+    for key in ("none", "all"):
+        name = "none (full precision)" if key == "none" else "all together"
+        lines.append(f"| {name} | | | | {alone['hadamard'][key]:.3f} | {alone['learned'][key]:.3f} |" if learned
+                     else f"| {name} | | | | {alone['hadamard'][key]:.3f} | |")
+    return lines
+
+
+def plot(saved: dict) -> None:
+    """results/spinquant_sweep.png: every run's held-out curve, with the full-precision loss for reference."""
+    from lowbit.analysis.plotting import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, run in saved.items():
+        if key not in ("direction_norms", "flatness"):
+            steps, losses = zip(*run["heldout"], strict=True)
+            ax.plot(steps, losses, marker="o", lw=1.5, label=key)
+    if "flatness" in saved:
+        ax.axhline(saved["flatness"]["loss_alone"]["hadamard"]["none"], color="k", ls=":", label="full precision")
+    ax.set(xlabel="Cayley SGD step", ylabel="held-out cross-entropy (A4 KV4)", ylim=(3.4, 4.6),
+           title="SpinQuant training settings on the default model")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(HERE / "results" / "spinquant_sweep.png", dpi=120)
 
 
 if __name__ == "__main__":

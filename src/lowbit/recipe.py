@@ -138,7 +138,9 @@ class SpinQuantStep(_Strict):
     Training starts from QuaRot's seeded random Hadamards (R3/R4 stay fixed Hadamards) and minimises next-token
     cross-entropy with fake-quantized activations and KV on ``samples`` calibration sequences of ``seq_len`` tokens,
     ``batch`` per step, for ``steps`` steps at peak ``lr`` with cosine decay; each step is capped at ``1 / ||W||`` in
-    ``step_norm`` (``"one"``: the matrix 1-norm, as the reference; ``"fro"``: Frobenius). ``checkpoint``: a file
+    ``step_norm`` (``"one"``: the matrix 1-norm, as the reference; ``"fro"``: Frobenius). The default ``lr`` 0.05 keeps
+    steps proportional to the gradient; the reference's 1.5 makes nearly every step the capped one, which on the
+    default model undoes in 60 steps most of what 20 steps learn (``benchmarks/spinquant_sweep.py``). ``checkpoint``: a file
     written every ``checkpoint_every`` steps; a run with the same settings resumes from it. ``rotations``: load learned rotations
     from such a file instead of training. ``quantize_weights``: also RTN fake-quantize the linear weights with the
     recipe's weight scheme while learning (for weight-only recipes, where nothing else is quantized).
@@ -150,7 +152,7 @@ class SpinQuantStep(_Strict):
 
     method: Literal["spinquant"] = "spinquant"
     steps: int = Field(default=100, ge=1)
-    lr: float = Field(default=1.5, gt=0)
+    lr: float = Field(default=0.05, gt=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
     step_norm: Literal["one", "fro"] = "one"
     samples: int = Field(default=100, ge=1)

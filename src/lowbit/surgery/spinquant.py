@@ -93,7 +93,7 @@ class TrainConfig:
     """How rotations are learned: ``steps`` Cayley SGD steps at peak ``lr`` with cosine decay, ``batch`` samples."""
 
     steps: int = 100
-    lr: float = 1.5
+    lr: float = 0.05
     momentum: float = 0.0
     batch: int = 1
     norm: str = "one"  # the norm of the Cayley direction that caps the step (see CayleySGD)
