@@ -249,7 +249,7 @@ def plot(saved: dict) -> None:
     plt = pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     for key, run in saved.items():
         if key not in ("direction_norms", "flatness"):
             steps, losses = zip(*run["heldout"], strict=True)
@@ -258,7 +258,7 @@ def plot(saved: dict) -> None:
         ax.axhline(saved["flatness"]["loss_alone"]["hadamard"]["none"], color="k", ls=":", label="full precision")
     ax.set(xlabel="Cayley SGD step", ylabel="held-out cross-entropy (A4 KV4)", ylim=(3.4, 4.6),
            title="SpinQuant training settings on the default model")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(HERE / "results" / "spinquant_sweep.png", dpi=120)
