@@ -9,6 +9,10 @@ differentiable function of R1 and R2 (:func:`rotated_parameters`), runs the mode
 ``torch.func.functional_call``, and takes one :class:`~lowbit.rotations.cayley.CayleySGD` step on the next-token
 cross-entropy of calibration text. The learned rotations are then folded into the weights exactly like QuaRot's
 (float64) and the fake-quantizers removed, so GPTQ (or RTN) runs next as in the QuaRot flow.
+
+Unlike the reference, the gradient also flows through the quantizers' dynamic scales (``TrainConfig.scale_grad``):
+a rotation changes the rounding error mainly through the range it gives each token, and a gradient with the
+scales detached treats that error as a constant (on the default model it then raises the held-out loss).
 """
 
 from __future__ import annotations
