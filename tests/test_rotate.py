@@ -24,8 +24,9 @@ def _max_logit_diff(a, b, tokens) -> float:
 @pytest.mark.parametrize(
     "flags",
     [ALL, {"r1": True, "r2": False, "r3": False, "r4": False}, {"r1": False, "r2": True, "r3": False, "r4": False},
-     {"r1": False, "r2": False, "r3": True, "r4": False}, {"r1": False, "r2": False, "r3": False, "r4": True}],
-    ids=["all", "r1", "r2", "r3", "r4"],
+     {"r1": False, "r2": False, "r3": True, "r4": False}, {"r1": False, "r2": False, "r3": False, "r4": True},
+     {**ALL, "o_rotation": True}, {"r1": False, "r2": False, "r3": False, "r4": False, "o_rotation": True}],
+    ids=["all", "r1", "r2", "r3", "r4", "all+o", "o"],
 )
 def test_rotations_leave_logits_unchanged(model, tokens, flags):
     rotated = _rotated(model, **flags)
@@ -46,6 +47,19 @@ def test_rotations_really_change_the_weights(model):
     assert (a - b).abs().max() > 1e-2
     down = rotated.model.layers[0].mlp.down_proj
     assert down.input_transform is not None  # R4 runs online
+
+
+def test_o_rotation_runs_online_and_leaves_the_other_rotations_as_they_were(model):
+    """The rotation across heads is folded into o_proj and applied to its input at run time; its seed is its own, so
+    every other rotated weight is the same with or without it."""
+    plain, with_o = _rotated(model, seed=1, **ALL), _rotated(model, seed=1, o_rotation=True, **ALL)
+    o = with_o.model.layers[0].self_attn.o_proj
+    assert o.input_transform is not None
+    assert getattr(plain.model.layers[0].self_attn.o_proj, "input_transform", None) is None
+    assert not torch.equal(o.weight, plain.model.layers[0].self_attn.o_proj.weight)
+    for name in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"):
+        assert torch.equal(plain.get_submodule(f"model.layers.1.{name}").weight,
+                           with_o.get_submodule(f"model.layers.1.{name}").weight), name
 
 
 def test_rotations_are_seeded(model, tokens):

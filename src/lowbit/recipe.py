@@ -118,7 +118,9 @@ class QuaRotStep(_Strict):
     """QuaRot's computational-invariance rotations with seeded random Hadamards (applied before weight steps).
 
     ``r1``: residual stream; ``r2``: per head on values; ``r3``: online on post-RoPE Q and K (only useful when the
-    KV cache is quantized); ``r4``: online on the down_proj input. ``seed`` defaults to the run's seed.
+    KV cache is quantized); ``r4``: online on the down_proj input; ``o_rotation``: online on the o_proj input
+    across heads (QuaRot's; R2 rotates only within a head, so heads of different scale stay unequal without it;
+    off by default until measured on every preset). ``seed`` defaults to the run's seed.
     ``fallback`` (``block_diagonal`` or ``random_orthogonal``) is used only for a size with no Hadamard construction;
     without it such a size is an error.
     """
@@ -128,6 +130,7 @@ class QuaRotStep(_Strict):
     r2: bool = True
     r3: bool = True
     r4: bool = True
+    o_rotation: bool = False
     seed: int | None = None
     fallback: Literal["block_diagonal", "random_orthogonal"] | None = None
 

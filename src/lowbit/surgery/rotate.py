@@ -141,14 +141,18 @@ def _rotate_layer_heads(v: nn.Module, o: nn.Module, q: torch.Tensor, d: int) -> 
 
 
 @torch.no_grad()
-def add_online_down_rotation(model: nn.Module, spec: ArchSpec, r4: RotationMatrix) -> None:
-    """R4: fold ``W_down <- W_down @ Q`` offline and rotate the down_proj input by Q at run time."""
-    q = r4.dense()
+def add_online_input_rotation(model: nn.Module, spec: ArchSpec, path: str, rotation: RotationMatrix) -> None:
+    """Fold ``W <- W @ Q`` into every layer's linear at ``path`` and rotate its input by Q at run time.
+
+    R4 is this for down_proj; for o_proj it mixes the attention heads (QuaRot's online Hadamard across heads), and
+    it must come after R2, which rotates o_proj's input within each head: the weight becomes ``W · R2 · Q``.
+    """
+    q = rotation.dense()
     for layer in decoder_layers(model, spec):
-        down = as_quant_linear(layer, spec.down)
-        with onloaded(down):
-            _read(down, q)
-        down.input_transform = OnlineRotation(r4)
+        linear = as_quant_linear(layer, path)
+        with onloaded(linear):
+            _read(linear, q)
+        linear.input_transform = OnlineRotation(rotation)
 
 
 def add_online_qk_rotation(model: nn.Module, spec: ArchSpec, r3: RotationMatrix) -> None:
@@ -175,16 +179,23 @@ def random_r1_r2(model: nn.Module, seeds: list[int], fallback: str | None = None
 
 
 def add_online_rotations(model: nn.Module, spec: ArchSpec, seeds: list[int], r3: bool, r4: bool,
-                         fallback: str | None = None) -> dict:
-    """Hook the seeded online R3 (Q/K) and R4 (down_proj input, folded into its weight); returns their info."""
+                         fallback: str | None = None, o_rotation: bool = False) -> dict:
+    """Hook the seeded online R3 (Q/K), R4 (down_proj input) and, with ``o_rotation``, a rotation of o_proj's input
+    across heads (both folded into their weights); returns their info. Call after R2 is folded in."""
     info = {}
+    if o_rotation:
+        # Its seed is derived from R4's, so the seeds of R1-R4 and every R2 stay as they were without it.
+        width = model.config.num_attention_heads * head_dim(model.config)
+        rot_o = random_hadamard(width, _sub_seeds(seeds[2], 1)[0], fallback)
+        add_online_input_rotation(model, spec, spec.o, rot_o)
+        info["o_proj input"] = rot_o.description + " (online, across heads)"
     if r3:
         rot3 = random_hadamard(head_dim(model.config), seeds[1], fallback)
         add_online_qk_rotation(model, spec, rot3)
         info["R3"] = rot3.description + " (online)"
     if r4:
         rot4 = random_hadamard(model.config.intermediate_size, seeds[2], fallback)
-        add_online_down_rotation(model, spec, rot4)
+        add_online_input_rotation(model, spec, spec.down, rot4)
         info["R4"] = rot4.description + " (online)"
     return info
 
@@ -202,5 +213,5 @@ def quarot_step(model: nn.Module, step, ctx) -> None:
     if step.r2:
         rotate_heads(model, spec, [r.dense() for r in r2])
         info["R2"] = r2[0].description + f" (one per layer, {len(r2)} seeds)"
-    info.update(add_online_rotations(model, spec, seeds, step.r3, step.r4, step.fallback))
+    info.update(add_online_rotations(model, spec, seeds, step.r3, step.r4, step.fallback, step.o_rotation))
     ctx.info["rotation"] = info
