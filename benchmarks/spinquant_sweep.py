@@ -228,17 +228,15 @@ def write_table(saved: dict) -> None:
 def flatness_table(flat: dict) -> list[str]:
     """Per kind of quantizer input: median (90th percentile) max|x|/rms, and the held-out loss with it alone."""
     alone = flat["loss_alone"]
-    learned = "learned" in alone
     lines = ["| quantizer input | max/rms: Gaussian | Hadamard | learned | loss, alone: Hadamard | learned |",
              "|---|---|---|---|---|---|"]
     for kind, row in flat["ratio"].items():
         cells = [f"{row[k][0]:.2f} ({row[k][1]:.2f})" if k in row else "" for k in ("gaussian", "hadamard", "learned")]
         losses = [f"{alone[k][kind]:.3f}" if k in alone else "" for k in ("hadamard", "learned")]
         lines.append(f"| {kind} | {' | '.join(cells)} | {' | '.join(losses)} |")
-    for key in ("none", "all"):
-        name = "none (full precision)" if key == "none" else "all together"
-        lines.append(f"| {name} | | | | {alone['hadamard'][key]:.3f} | {alone['learned'][key]:.3f} |" if learned
-                     else f"| {name} | | | | {alone['hadamard'][key]:.3f} | |")
+    for key, name in (("none", "none (full precision)"), ("all", "all together")):
+        losses = [f"{alone[k][key]:.3f}" if k in alone else "" for k in ("hadamard", "learned")]
+        lines.append(f"| {name} | | | | {' | '.join(losses)} |")
     return lines
 
 

@@ -305,6 +305,8 @@ def test_static_mode_errors_are_helpful() -> None:
         fake_quantize(x, FP8_E4M3, PerRow(), qparams=QParams(torch.ones(4, 1), torch.zeros(4, 1)))
     with pytest.raises(ValueError, match="dynamic mode only"):
         fake_quantize(x, IntFormat(4, True), PerRow(), qparams=QParams(torch.ones(4, 1)), clip_ratio=0.9)
+    with pytest.raises(ValueError, match="scale_grad"):
+        fake_quantize(x, IntFormat(4, True), PerRow(), qparams=QParams(torch.ones(4, 1)), scale_grad=True)
     with pytest.raises(ValueError, match="clip_ratio must be"):
         fake_quantize(x, IntFormat(4, True), PerRow(), clip_ratio=0.0)
     with pytest.raises(ValueError, match="floating-point"):

@@ -191,8 +191,10 @@ def _resolve_qparams(
     straight-through one; see :func:`fake_quantize` for what ``scale_grad`` adds.
     """
     if qparams is not None:
-        if observer != "minmax" or clip_ratio != 1.0 or observer_kwargs:
-            raise ValueError("observer, clip_ratio and observer options apply to dynamic mode only (qparams=None)")
+        if observer != "minmax" or clip_ratio != 1.0 or observer_kwargs or scale_grad:
+            raise ValueError(
+                "observer, clip_ratio, scale_grad and observer options apply to dynamic mode only (qparams=None)"
+            )
         _check_qparams(qparams, fmt, granule_shape(x.shape, gran))
         return qparams
     # Imported here because observers build on this module (the MSE search calls fake_quantize_groups).

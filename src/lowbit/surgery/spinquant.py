@@ -103,7 +103,7 @@ class TrainConfig:
     norm: str = "one"  # the norm of the Cayley direction that caps the step (see CayleySGD)
     weights: object | None = None  # a QuantScheme: RTN fake-quantize the rotated linear weights while learning
     scale_grad: bool = True  # gradients through the dynamic scales (see fake_quantize); False: the reference's STE
-    autocast: str | None = None  # "bf16": forward and backward under bfloat16 autocast (faster on CPUs with bf16)
+    autocast: str = "off"  # "bf16": forward and backward under bfloat16 autocast (faster on CPUs with bf16)
 
 
 def _cosine(step: int, total: int, peak: float) -> float:
@@ -194,10 +194,10 @@ def rotation_loss(model, spec, rot: Rotations, originals, tokens: Tensor, d: int
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
 
-def _autocast(kind: str | None, device: torch.device):
-    """bfloat16 autocast on ``device``'s type for ``kind == "bf16"``, else a no-op context."""
-    if kind not in (None, "bf16"):
-        raise ValueError(f"autocast must be None or 'bf16', got {kind!r}")
+def _autocast(kind: str, device: torch.device):
+    """bfloat16 autocast on ``device``'s type for ``kind == "bf16"``, a no-op context for ``"off"``."""
+    if kind not in ("off", "bf16"):
+        raise ValueError(f"autocast must be 'off' or 'bf16', got {kind!r}")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=kind == "bf16")
 
 

@@ -146,8 +146,7 @@ def _learn(model: nn.Module, spec, step, ctx, seed: int) -> tuple[Rotations, lis
     rot, first, earlier = _resume(step, initial_rotations(model, spec, seed), meta_base)
     weights = ctx.recipe.weights if step.quantize_weights else None
     config = TrainConfig(steps=step.steps, lr=step.lr, momentum=step.momentum, batch=step.batch, weights=weights,
-                         norm=step.step_norm, scale_grad=step.scale_grad,
-                         autocast=None if step.autocast == "off" else step.autocast)
+                         norm=step.step_norm, scale_grad=step.scale_grad, autocast=step.autocast)
 
     def checkpoint(i: int, current: Rotations, losses: list[float]) -> None:
         if step.checkpoint is not None and (i + 1 == step.steps or (i + 1) % step.checkpoint_every == 0):
