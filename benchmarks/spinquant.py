@@ -1,6 +1,7 @@
 """SpinQuant against QuaRot on the default model: same calibration text, same windows, one run.
 
 Run:  python benchmarks/spinquant.py          (about 30 minutes on 2 CPU cores: 2 quantizations, 2 evaluations)
+      python benchmarks/spinquant.py --recipes w4a4kv4-spinquant my-variant.yaml   (only these rows, same setup)
       python benchmarks/spinquant.py --tables-only
 Writes results/spinquant.json, results/spinquant_loss.png (the training loss curve) and the table between the
 SPINQUANT markers in benchmarks/README.md. Learned rotations are checkpointed to results/spinquant_rotations.*
@@ -26,16 +27,24 @@ import lowbit
 from lowbit.analysis.plotting import pyplot
 from lowbit.evaluate import evaluate, reference_log_probs
 from lowbit.pipeline import rotation_invariance
-from lowbit.recipe import load_preset
+from lowbit.recipe import load_recipe
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "spinquant.json"
 BEGIN, END = "<!-- SPINQUANT:BEGIN -->", "<!-- SPINQUANT:END -->"
 
 
-def measure(name: str, loaded, data, reference) -> dict:
-    recipe = load_preset(name)
-    if name.endswith("spinquant"):  # checkpoint the learned rotations so an interrupted run resumes
+MAIN_ROWS = ("w4a4kv4-quarot", "w4a4kv4-spinquant")
+
+
+def row_name(name_or_path: str) -> str:
+    """A preset's name, or a recipe file's stem."""
+    return Path(name_or_path).stem if name_or_path.endswith((".yaml", ".yml")) else name_or_path
+
+
+def measure(name_or_path: str, loaded, data, reference) -> dict:
+    recipe, name = load_recipe(name_or_path), row_name(name_or_path)
+    if any(s.method == "spinquant" for s in recipe.steps):  # checkpoint the rotations so an interrupted run resumes
         path = HERE / "results" / f"{name}-rotations.safetensors"
         steps = [s.model_copy(update={"checkpoint": str(path)}) if s.method == "spinquant" else s for s in recipe.steps]
         recipe = recipe.model_copy(update={"steps": steps})
@@ -47,11 +56,13 @@ def measure(name: str, loaded, data, reference) -> dict:
     rotation = {k: v for k, v in info.get("rotation", {}).items()}
     rotation.update(rotation_invariance(loaded.model, recipe, data, info.get("learned_rotations")))
     return {"ratio": result.ppl / result.fp_ppl, "kl": result.kl_vs_fp, "top1": result.top1_agreement,
-            "quantize_s": seconds, "rotation": rotation}
+            "quantize_s": seconds, "rotation": rotation, "description": recipe.description}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=list(MAIN_ROWS),
+                        help="presets or recipe files to measure (default: the two rows of the must-show table)")
     parser.add_argument("--tables-only", action="store_true")
     args = parser.parse_args()
     saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
@@ -59,8 +70,9 @@ def main() -> None:
         loaded = lowbit.load_model("default")
         data = lowbit.prepare_data(lowbit.DataConfig(), loaded.tokenizer)
         reference = reference_log_probs(loaded.model, data.eval_windows)
-        for name in ("w4a4kv4-quarot", "w4a4kv4-spinquant"):
-            saved["rows"][name] = measure(name, loaded, data, reference)
+        for name_or_path in args.recipes:
+            name = row_name(name_or_path)
+            saved["rows"][name] = {**measure(name_or_path, loaded, data, reference), "date": time.strftime("%Y-%m-%d")}
             RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
             print(f"{name}: ratio {saved['rows'][name]['ratio']:.4f}", flush=True)
         saved["meta"] = {"threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
@@ -69,20 +81,33 @@ def main() -> None:
     plot(saved)
 
 
+def reference_row(name: str) -> str:
+    """The QuaRot row a row is compared with: the one with the same quantizers (its name's first part)."""
+    return f"{name.split('-')[0]}-quarot"
+
+
 def write_table(saved: dict) -> None:
     rows, meta = saved["rows"], saved.get("meta", {})
-    lines = [f"Default model and text, 6 windows × 2048 tokens, {meta.get('threads')} CPU threads, {meta.get('date')}; "
-             "`python benchmarks/spinquant.py`.", "",
-             "| recipe | ratio | KL | top-1 | quantize s | learning s | max abs(RᵀR − I) | rotated FP max logit diff |",
-             "|---|---|---|---|---|---|---|---|"]
+    header = ("| recipe | ratio | KL | top-1 | gap left | quantize s | learning s | max abs(RᵀR − I) "
+              "| rotated FP max logit diff |")
+    setup = (f"Default model and text, 6 windows × 2048 tokens, {meta.get('threads')} CPU threads, {meta.get('date')}; "
+             "`python benchmarks/spinquant.py`.")
+    lines = [setup, "", header, "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         rot = r["rotation"]
-        lines.append(f"| {name} | {r['ratio']:.4f} | {r['kl']:.4f} | {r['top1']:.4f} | {r['quantize_s']:.0f} | "
+        quarot = rows.get(reference_row(name), {}).get("ratio")
+        gap = f"{(r['ratio'] - 1) / (quarot - 1):.0%}" if quarot else "-"
+        lines.append(f"| {name} | {r['ratio']:.4f} | {r['kl']:.4f} | {r['top1']:.4f} | {gap} | {r['quantize_s']:.0f} | "
                      f"{rot.get('seconds', 0):.0f} | {rot.get('max_orthogonality_error', 0):.1e} | "
                      f"{rot['max_abs_logit_diff_vs_fp']:.1e} |")
     if {"w4a4kv4-quarot", "w4a4kv4-spinquant"} <= rows.keys():
         gap = (rows["w4a4kv4-spinquant"]["ratio"] - 1) / (rows["w4a4kv4-quarot"]["ratio"] - 1)
-        lines += ["", f"SpinQuant leaves {gap:.0%} of QuaRot's gap to full precision (target: at most 70%)."]
+        lines += ["", f"SpinQuant leaves {gap:.0%} of QuaRot's gap to full precision (target: at most 70%).",
+                  ("\"gap left\": the row's ratio − 1 over that of the QuaRot row with the same quantizers "
+                   "(`<prefix>-quarot`). Rows beyond the first two are `benchmarks/recipes/<row>.yaml`, measured in "
+                   "the same setup with `--recipes`:"), ""]
+        lines += [f"- `{name}`: {r['description']}" for name, r in rows.items()
+                  if name not in MAIN_ROWS and r.get("description")]
     replace_block(HERE / "README.md", BEGIN, END, lines)
     print("\n".join(lines))
 

@@ -21,12 +21,14 @@ import time
 from pathlib import Path
 
 import torch
+from presets import replace_block
 
 import lowbit
 from lowbit.data import TokenData
 from lowbit.models.arch import head_dim
 from lowbit.recipe import load_preset
 from lowbit.rotations.cayley import skew_direction
+from lowbit.surgery.rotate import o_rotation_matrix, rotation_seeds
 from lowbit.surgery.spinquant import (
     TrainConfig,
     frozen_originals,
@@ -34,14 +36,14 @@ from lowbit.surgery.spinquant import (
     train_rotations,
 )
 from lowbit.surgery.spinquant_step import initial_rotations, prepare_training
-from presets import replace_block
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "spinquant_sweep.json"
 BEGIN, END = "<!-- SPINSWEEP:BEGIN -->", "<!-- SPINSWEEP:END -->"
 HELDOUT = (4, 512)  # held-out sequences × tokens, cut from the end of the calibration stream
 
-# label -> TrainConfig fields; "detached": the reference's straight-through gradient (no gradient through scales)
+# label -> TrainConfig fields (plus "o_rotation", the step's rotation across heads at o_proj's input); "detached": the
+# reference's straight-through gradient (no gradient through scales)
 SETTINGS = {
     "detached fro lr1.5 b1": {"norm": "fro", "lr": 1.5, "scale_grad": False},
     "detached one lr1.5 b1": {"norm": "one", "lr": 1.5, "scale_grad": False},
@@ -51,6 +53,7 @@ SETTINGS = {
     "scale-grad one lr1.5 b1 momentum0.9": {"norm": "one", "lr": 1.5, "momentum": 0.9},
     "scale-grad one lr0.05 b1 bf16": {"norm": "one", "lr": 0.05, "autocast": "bf16"},
     "scale-grad one lr0.05 b2 bf16": {"norm": "one", "lr": 0.05, "batch": 2, "autocast": "bf16"},
+    "scale-grad one lr0.05 b1 o-rotation": {"norm": "one", "lr": 0.05, "o_rotation": True},
 }
 
 
@@ -62,23 +65,27 @@ def split(data: TokenData) -> tuple[TokenData, torch.Tensor]:
     return train, heldout
 
 
-def training_setup(loaded, data):
+def training_setup(loaded, data, o_rotation: bool = False):
     """A copy of the model prepared for ``w4a4kv4-spinquant``'s training (R3/R4, fake-quantizers), its initial
-    Hadamards, the frozen originals, head_dim and the preset's spinquant step."""
+    Hadamards, the frozen originals, head_dim and the preset's spinquant step (``o_rotation``: with the rotation
+    across heads at o_proj's input)."""
     recipe = load_preset("w4a4kv4-spinquant")
     step = recipe.steps[0]
     model = copy.deepcopy(loaded.model).requires_grad_(False)
-    prepare_training(model, loaded.spec, recipe, data.seed, step.r3, step.r4)
+    prepare_training(model, loaded.spec, recipe, data.seed, step.r3, step.r4, o_rotation)
     rot = initial_rotations(model, loaded.spec, data.seed)
+    if o_rotation:
+        rot.o = o_rotation_matrix(loaded.model, rotation_seeds(loaded.model, loaded.spec, data.seed)).dense().float()
     return model, rot, frozen_originals(model, loaded.spec), head_dim(model.config), step
 
 
 def run_setting(loaded, data, settings: dict, steps: int, every: int) -> dict:
-    model, rot, originals, d, step = training_setup(loaded, data)
+    fields = {k: v for k, v in settings.items() if k != "o_rotation"}
+    model, rot, originals, d, step = training_setup(loaded, data, settings.get("o_rotation", False))
     spec = loaded.spec
     train, heldout = split(data)
     batches = train.calibration(step.samples, step.seq_len)
-    config = TrainConfig(steps=steps, **settings)
+    config = TrainConfig(steps=steps, **fields)
 
     def held() -> float:
         with torch.no_grad():

@@ -33,17 +33,22 @@ def _logits(model, tokens):
         return model(tokens, use_cache=False).logits
 
 
-def test_functional_rotation_matches_quarot(family, calib):
-    """With the initial Hadamards, the differentiable rotated weights are QuaRot's weights (same seeds)."""
+@pytest.mark.parametrize("o_rotation", [False, True])
+def test_functional_rotation_matches_quarot(family, calib, o_rotation):
+    """With the initial Hadamards, the differentiable rotated weights are QuaRot's weights (same seeds), also with
+    the rotation across heads applied after R2."""
     quarot = lowbit.quantize(tiny_model(family), Recipe.from_dict({"steps": [{"method": "quarot", "r3": False,
-                                                                               "r4": False}]}), seed=3)
+                                                                               "r4": False, "o_rotation": o_rotation}]}), seed=3)
     model = tiny_model(family)
     spec = spec_for(model)
-    from lowbit.surgery.rotate import fold_norms
+    from lowbit.surgery.rotate import fold_norms, o_rotation_matrix, rotation_seeds
     from lowbit.surgery.spinquant import frozen_originals
 
     fold_norms(model, spec)
-    rotated = rotated_parameters(frozen_originals(model, spec), spec, initial_rotations(model, spec, 3),
+    rot = initial_rotations(model, spec, 3)
+    if o_rotation:
+        rot.o = o_rotation_matrix(model, rotation_seeds(model, spec, 3)).dense().float()
+    rotated = rotated_parameters(frozen_originals(model, spec), spec, rot,
                                  model.config.hidden_size // model.config.num_attention_heads)
     params = dict(quarot.named_parameters())
     for name, value in rotated.items():
@@ -121,6 +126,22 @@ def test_resume_after_interruption_and_load_saved_rotations(calib, tmp_path, mon
     assert torch.allclose(_logits(resumed, calib.eval_windows), _logits(whole, calib.eval_windows), atol=1e-5)
     loaded = lowbit.quantize(tiny_model("llama"), _recipe({"rotations": str(ckpt)}), calib)
     assert torch.allclose(_logits(loaded, calib.eval_windows), _logits(resumed, calib.eval_windows), atol=1e-5)
+
+
+def test_o_rotation_learns_keeps_the_model_invariant_and_must_match_when_loaded(trained, tmp_path):
+    """With the rotation across heads, learned R2s are folded before it (``W_o · R2 · Q``): the full-precision model
+    is unchanged; rotations learned with it refuse a recipe without it."""
+    model, data = trained
+    ckpt = tmp_path / "rot.safetensors"
+    recipe = _recipe({"steps": 3, "samples": 1, "seq_len": 64, "o_rotation": True, "checkpoint": str(ckpt)})
+    info: dict = {}
+    lowbit.quantize(model, recipe, data, info=info)
+    assert "o_proj input" in info["rotation"] and len(info["rotation"]["losses"]) == 3
+    from lowbit.pipeline import rotation_invariance
+
+    assert rotation_invariance(model, recipe, data, info["learned_rotations"])["max_abs_logit_diff_vs_fp"] < 1e-4
+    with pytest.raises(lowbit.LowbitError, match="o_rotation"):
+        lowbit.quantize(model, _recipe({"rotations": str(ckpt)}), data)
 
 
 def test_missing_rotations_file_is_named(calib, tmp_path):

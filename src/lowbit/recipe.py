@@ -151,6 +151,8 @@ class SpinQuantStep(_Strict):
     rounding error of flatter tensors (without it, as in the reference, training on the default model raises the
     held-out loss instead of lowering it). ``autocast``: ``bf16`` runs training under bfloat16 autocast (about 1.7×
     faster on a CPU with bf16 instructions), ``off`` in float32; the rotations are always kept and folded in float32/64.
+    ``o_rotation``: a fixed seeded rotation of o_proj's input across heads (as the QuaRot step's), online, applied
+    after the learned R2 while learning and when folded.
     """
 
     method: Literal["spinquant"] = "spinquant"
@@ -170,6 +172,7 @@ class SpinQuantStep(_Strict):
     quantize_weights: bool = False
     scale_grad: bool = True
     autocast: Literal["bf16", "off"] = "off"
+    o_rotation: bool = False
 
 
 class PrefixStep(_Strict):

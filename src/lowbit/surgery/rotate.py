@@ -141,18 +141,35 @@ def _rotate_layer_heads(v: nn.Module, o: nn.Module, q: torch.Tensor, d: int) -> 
 
 
 @torch.no_grad()
-def add_online_input_rotation(model: nn.Module, spec: ArchSpec, path: str, rotation: RotationMatrix) -> None:
+def add_online_input_rotation(model: nn.Module, spec: ArchSpec, path: str, rotation: RotationMatrix,
+                              fold: bool = True) -> None:
     """Fold ``W <- W @ Q`` into every layer's linear at ``path`` and rotate its input by Q at run time.
 
     R4 is this for down_proj; for o_proj it mixes the attention heads (QuaRot's online Hadamard across heads), and
     it must come after R2, which rotates o_proj's input within each head: the weight becomes ``W · R2 · Q``.
+    ``fold=False`` only hooks the online rotation; the caller folds Q later with :func:`fold_input_rotation`
+    (SpinQuant, whose R2 is learned after the hook exists).
     """
-    q = rotation.dense()
     for layer in decoder_layers(model, spec):
-        linear = as_quant_linear(layer, path)
+        as_quant_linear(layer, path).input_transform = OnlineRotation(rotation)
+    if fold:
+        fold_input_rotation(model, spec, path, rotation.dense())
+
+
+@torch.no_grad()
+def fold_input_rotation(model: nn.Module, spec: ArchSpec, path: str, q: torch.Tensor) -> None:
+    """``W <- W @ Q`` for every layer's linear at ``path`` (the weight half of an online input rotation)."""
+    for layer in decoder_layers(model, spec):
+        linear = get_module(layer, path)
         with onloaded(linear):
             _read(linear, q)
-        linear.input_transform = OnlineRotation(rotation)
+
+
+def o_rotation_matrix(model: nn.Module, seeds: list[int], fallback: str | None = None) -> RotationMatrix:
+    """The seeded rotation of o_proj's input across heads; its seed derives from R4's, so the seeds of R1-R4 and
+    every R2 stay as they were without it."""
+    width = model.config.num_attention_heads * head_dim(model.config)
+    return random_hadamard(width, _sub_seeds(seeds[2], 1)[0], fallback)
 
 
 def add_online_qk_rotation(model: nn.Module, spec: ArchSpec, r3: RotationMatrix) -> None:
@@ -179,15 +196,14 @@ def random_r1_r2(model: nn.Module, seeds: list[int], fallback: str | None = None
 
 
 def add_online_rotations(model: nn.Module, spec: ArchSpec, seeds: list[int], r3: bool, r4: bool,
-                         fallback: str | None = None, o_rotation: bool = False) -> dict:
+                         fallback: str | None = None, o_rotation: bool = False, fold_o: bool = True) -> dict:
     """Hook the seeded online R3 (Q/K), R4 (down_proj input) and, with ``o_rotation``, a rotation of o_proj's input
-    across heads (both folded into their weights); returns their info. Call after R2 is folded in."""
+    across heads (both folded into their weights; the o_proj one only with ``fold_o``, else the caller folds it
+    after R2); returns their info. Call after R2 is folded in."""
     info = {}
     if o_rotation:
-        # Its seed is derived from R4's, so the seeds of R1-R4 and every R2 stay as they were without it.
-        width = model.config.num_attention_heads * head_dim(model.config)
-        rot_o = random_hadamard(width, _sub_seeds(seeds[2], 1)[0], fallback)
-        add_online_input_rotation(model, spec, spec.o, rot_o)
+        rot_o = o_rotation_matrix(model, seeds, fallback)
+        add_online_input_rotation(model, spec, spec.o, rot_o, fold=fold_o)
         info["o_proj input"] = rot_o.description + " (online, across heads)"
     if r3:
         rot3 = random_hadamard(head_dim(model.config), seeds[1], fallback)

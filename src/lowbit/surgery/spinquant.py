@@ -33,10 +33,15 @@ from .rotate import rotate_bias_heads, rotate_input_heads, rotate_output_heads
 
 @dataclass
 class Rotations:
-    """Trainable R1 (hidden × hidden) and one R2 (head_dim × head_dim) per layer, float32 parameters."""
+    """Trainable R1 (hidden × hidden) and one R2 (head_dim × head_dim) per layer, float32 parameters.
+
+    ``o``: a fixed (not learned) rotation of o_proj's input across heads, applied after R2 (``W_o · R2 · o``), when
+    the recipe asks for one; it is hooked online at o_proj's input while learning.
+    """
 
     r1: nn.Parameter
     r2: list[nn.Parameter]
+    o: Tensor | None = None
 
     def parameters(self) -> list[nn.Parameter]:
         return [self.r1, *self.r2]
@@ -70,7 +75,8 @@ def rotated_parameters(originals: dict[str, Tensor], spec: ArchSpec, rot: Rotati
     """The rotated weights, differentiable in R1 and R2 (the same maps as QuaRot's in-place rotation).
 
     Readers of the residual stream (embedding rows, q/k/v/gate/up, lm_head) become ``W @ R1``; writers (o, down)
-    ``R1^T @ W`` with bias ``b @ R1``; v_proj's output heads ``R2^T`` per head and o_proj's input heads ``@ R2``.
+    ``R1^T @ W`` with bias ``b @ R1``; v_proj's output heads ``R2^T`` per head and o_proj's input heads ``@ R2``,
+    then ``@ rot.o`` across heads when there is one.
     """
     r1 = rot.r1
     out = {f"{spec.embed}.weight": originals[f"{spec.embed}.weight"] @ r1,
@@ -89,6 +95,8 @@ def rotated_parameters(originals: dict[str, Tensor], spec: ArchSpec, rot: Rotati
         if (bias := _param_name(spec, i, spec.v, "bias")) in originals:
             out[bias] = rotate_bias_heads(originals[bias], r2, d)
         out[o] = rotate_input_heads(out[o], r2, d)
+        if rot.o is not None:
+            out[o] = out[o] @ rot.o
     return out
 
 

@@ -26,7 +26,9 @@ from .apply import (
 from .attention import KVQuantHook, remove_attention_hooks
 from .rotate import (
     add_online_rotations,
+    fold_input_rotation,
     fold_norms,
+    o_rotation_matrix,
     random_r1_r2,
     rotate_heads,
     rotate_residual,
@@ -36,9 +38,13 @@ from .spinquant import Rotations, TrainConfig, train_rotations
 
 
 def save_rotations(path: str | Path, rot: Rotations, meta: dict) -> None:
-    """Write rotations and metadata atomically (a partial file never replaces a good checkpoint)."""
+    """Write rotations and metadata atomically (a partial file never replaces a good checkpoint).
+
+    The fixed rotation across heads is not stored (it is rebuilt from the seed); the metadata records whether the
+    rotations were learned with one.
+    """
     tensors = {"r1": rot.r1, **{f"r2.{i}": r for i, r in enumerate(rot.r2)}}
-    save_tensors_atomic(path, tensors, meta)
+    save_tensors_atomic(path, tensors, {**meta, "o_rotation": rot.o is not None})
 
 
 def load_rotations(path: str | Path) -> tuple[Rotations, dict]:
@@ -63,10 +69,15 @@ def initial_rotations(model: nn.Module, spec, seed: int) -> Rotations:
     return Rotations(nn.Parameter(r1.dense().float()), [nn.Parameter(r.dense().float()) for r in r2])
 
 
-def prepare_training(model: nn.Module, spec, recipe, seed: int, r3: bool, r4: bool) -> dict:
-    """Fold norms, fix R3/R4, attach the recipe's fake-quantizers for training; returns rotation info."""
+def prepare_training(model: nn.Module, spec, recipe, seed: int, r3: bool, r4: bool, o_rotation: bool = False) -> dict:
+    """Fold norms, fix R3/R4, attach the recipe's fake-quantizers for training; returns rotation info.
+
+    With ``o_rotation`` the rotation across heads is hooked at o_proj's input but not folded into its weight: it
+    must come after the learned R2 (see :class:`Rotations`).
+    """
     info: dict = {"untied_lm_head_bytes": fold_norms(model, spec)}
-    info.update(add_online_rotations(model, spec, rotation_seeds(model, spec, seed), r3, r4))
+    seeds = rotation_seeds(model, spec, seed)
+    info.update(add_online_rotations(model, spec, seeds, r3, r4, o_rotation=o_rotation, fold_o=False))
     training = training_recipe(recipe)
     if training.activations is not None:
         swap_linears(model, spec, recipe.targets)
@@ -116,16 +127,21 @@ def spinquant_step(model: nn.Module, step, ctx) -> None:
     spec, recipe = ctx.spec, ctx.recipe
     start = time.perf_counter()
     model.requires_grad_(False)
-    info = prepare_training(model, spec, recipe, seed, step.r3, step.r4)
+    info = prepare_training(model, spec, recipe, seed, step.r3, step.r4, step.o_rotation)
+    o = o_rotation_matrix(model, rotation_seeds(model, spec, seed)).dense().float() if step.o_rotation else None
     if step.rotations is not None:
         rot, meta = load_rotations(step.rotations)
+        _check_o_rotation(step, meta)
+        rot.o = o
         losses = list(meta.get("losses", []))
     else:
-        rot, losses = _learn(model, spec, step, ctx, seed)
+        rot, losses = _learn(model, spec, step, ctx, seed, o)
     _remove_training_quantizers(model, spec)
     with torch.no_grad():
         rotate_residual(model, spec, rot.r1.detach().double())
         rotate_heads(model, spec, [r.detach().double() for r in rot.r2])
+        if o is not None:
+            fold_input_rotation(model, spec, spec.o, o.double())
     info.update({"R1": "learned (SpinQuant, Cayley SGD) from a seeded random Hadamard",
                  "R2": f"learned, one per layer ({len(rot.r2)})", "max_orthogonality_error": rot.max_orthogonality_error(),
                  "losses": [round(x, 4) for x in losses], "seconds": round(time.perf_counter() - start, 3)})
@@ -133,7 +149,16 @@ def spinquant_step(model: nn.Module, step, ctx) -> None:
     ctx.info["learned_rotations"] = rot
 
 
-def _learn(model: nn.Module, spec, step, ctx, seed: int) -> tuple[Rotations, list[float]]:
+def _check_o_rotation(step, meta: dict) -> None:
+    """Rotations learned with (or without) the rotation across heads only fit a recipe that says the same."""
+    if bool(meta.get("o_rotation", False)) != step.o_rotation:
+        from ..errors import RecipeError
+
+        raise RecipeError(f"rotations file {step.rotations} was learned with o_rotation={meta.get('o_rotation', False)}"
+                          f" but this step has o_rotation={step.o_rotation}: make them match or train again")
+
+
+def _learn(model: nn.Module, spec, step, ctx, seed: int, o: torch.Tensor | None) -> tuple[Rotations, list[float]]:
     """Train from the initial Hadamards (or the matching checkpoint), checkpointing as configured."""
     if ctx.sample_calibration is None:
         from ..errors import CalibrationError
@@ -142,8 +167,10 @@ def _learn(model: nn.Module, spec, step, ctx, seed: int) -> tuple[Rotations, lis
     batches = ctx.sample_calibration(step.samples, step.seq_len)
     meta_base = {"recipe": ctx.recipe.name, "seed": seed, "steps": step.steps, "lr": step.lr,
                  "samples": step.samples, "seq_len": step.seq_len, "quantize_weights": step.quantize_weights,
-                 "batch": step.batch, "step_norm": step.step_norm, "scale_grad": step.scale_grad, "autocast": step.autocast}
+                 "batch": step.batch, "step_norm": step.step_norm, "scale_grad": step.scale_grad, "autocast": step.autocast,
+                 "o_rotation": step.o_rotation}
     rot, first, earlier = _resume(step, initial_rotations(model, spec, seed), meta_base)
+    rot.o = o
     weights = ctx.recipe.weights if step.quantize_weights else None
     config = TrainConfig(steps=step.steps, lr=step.lr, momentum=step.momentum, batch=step.batch, weights=weights,
                          norm=step.step_norm, scale_grad=step.scale_grad, autocast=step.autocast)
