@@ -68,6 +68,16 @@ def test_prefix_recipe_reports_bits_of_the_wrapped_model(tiny_model_dir, text_fi
     assert data["prefix"]["tokens"] == [5]
 
 
+def test_prefix_with_a_packed_kv_cache_reports_the_cache_bits(tiny_model_dir, text_file, tmp_path):
+    """A prefixed wrapper around a model with a packed KV cache: the report counts the packed cache's bits."""
+    data = _run_yaml(tiny_model_dir, text_file, tmp_path,
+                     "name: prefix-kv4\n"
+                     "steps: [{method: quarot}, {method: prefix, tokens: [5]}]\n"
+                     "kv_cache: {keys: {codec: int, bits: 4, group: 16}, values: {codec: int, bits: 4, group: 16}, "
+                     "window: 8}\n")
+    assert 4 < data["bits"]["kv"] < 8 and data["prefix"]["tokens"] == [5]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

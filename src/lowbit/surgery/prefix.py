@@ -63,6 +63,11 @@ class PrefixedModel(nn.Module):
     def device(self):
         return self.model.device
 
+    def __getattr__(self, name: str):
+        if name == SPEC_ATTR:  # a packed KV cache's spec lives on the wrapped model (bit accounting, generate)
+            return getattr(self.model, SPEC_ATTR)
+        return super().__getattr__(name)
+
     def get_submodule(self, target: str) -> nn.Module:
         """Paths resolve inside the wrapped model, so architecture specs (``model.layers``...) apply unchanged."""
         return self.model.get_submodule(target) if target else self
