@@ -54,6 +54,7 @@ SETTINGS = {
     "scale-grad one lr0.05 b1 bf16": {"norm": "one", "lr": 0.05, "autocast": "bf16"},
     "scale-grad one lr0.05 b2 bf16": {"norm": "one", "lr": 0.05, "batch": 2, "autocast": "bf16"},
     "scale-grad one lr0.05 b1 o-rotation": {"norm": "one", "lr": 0.05, "o_rotation": True},
+    "scale-grad one lr0.05 b1 kl": {"norm": "one", "lr": 0.05, "loss": "kl"},
 }
 
 

@@ -256,3 +256,37 @@ def test_bf16_autocast_training_learns_and_keeps_float32_rotations(trained):
 
     with pytest.raises(RecipeError, match="autocast"):
         _recipe({"autocast": "fp16"})
+
+
+def test_kl_loss_is_zero_without_quantizers_and_learns_with_them(trained):
+    """``loss: kl`` measures the quantized model against the full-precision one: with every quantizer off it is 0
+    at any rotation (invariance), with 2-bit activations it is positive, training lowers it, and the quantizers are
+    left on."""
+    import copy
+
+    from lowbit.surgery.quantizer import ActQuantizer
+    from lowbit.surgery.spinquant import frozen_originals, rotation_loss
+    from lowbit.surgery.spinquant_step import prepare_training
+
+    model, data = trained
+    recipe = _recipe({"steps": 10, "lr": 1.5, "samples": 1, "seq_len": 64, "loss": "kl"})
+    recipe = recipe.updated(activations={**recipe.activations.model_dump(), "format": "int2"})
+    prepared = copy.deepcopy(model)
+    spec = spec_for(prepared)
+    prepare_training(prepared, spec, recipe, 0, True, True)
+    originals, d = frozen_originals(prepared, spec), prepared.config.hidden_size // prepared.config.num_attention_heads
+    quantizers = [q for q in prepared.modules() if isinstance(q, ActQuantizer)]
+    tokens = data.calibration(2, 32)
+    with torch.no_grad():
+        quantized = rotation_loss(prepared, spec, initial_rotations(prepared, spec, 0), originals, tokens, d, loss="kl")
+        assert all(q.enabled for q in quantizers)
+        for q in quantizers:
+            q.enabled = False
+        off = rotation_loss(prepared, spec, initial_rotations(prepared, spec, 5), originals, tokens, d, loss="kl")
+    assert abs(float(off)) < 1e-5 and float(quantized) > 0.01
+    with pytest.raises(ValueError, match="'ce' or 'kl'"):
+        rotation_loss(prepared, spec, initial_rotations(prepared, spec, 0), originals, tokens, d, loss="mse")
+    info: dict = {}
+    lowbit.quantize(model, recipe, data, info=info)
+    losses = info["rotation"]["losses"]
+    assert len(losses) == 10 and losses[-1] < 0.75 * losses[0]

@@ -152,7 +152,8 @@ class SpinQuantStep(_Strict):
     held-out loss instead of lowering it). ``autocast``: ``bf16`` runs training under bfloat16 autocast (about 1.7×
     faster on a CPU with bf16 instructions), ``off`` in float32; the rotations are always kept and folded in float32/64.
     ``o_rotation``: a fixed seeded rotation of o_proj's input across heads (as the QuaRot step's), online, applied
-    after the learned R2 while learning and when folded.
+    after the learned R2 while learning and when folded. ``loss``: ``ce`` trains on next-token cross-entropy (the
+    reference), ``kl`` on the KL divergence from the full-precision model's next-token distribution.
     """
 
     method: Literal["spinquant"] = "spinquant"
@@ -173,6 +174,7 @@ class SpinQuantStep(_Strict):
     scale_grad: bool = True
     autocast: Literal["bf16", "off"] = "off"
     o_rotation: bool = False
+    loss: Literal["ce", "kl"] = "ce"
 
 
 class PrefixStep(_Strict):

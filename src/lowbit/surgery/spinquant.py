@@ -112,6 +112,7 @@ class TrainConfig:
     weights: object | None = None  # a QuantScheme: RTN fake-quantize the rotated linear weights while learning
     scale_grad: bool = True  # gradients through the dynamic scales (see fake_quantize); False: the reference's STE
     autocast: str = "off"  # "bf16": forward and backward under bfloat16 autocast (faster on CPUs with bf16)
+    loss: str = "ce"  # "ce": next-token cross-entropy (the reference); "kl": KL from the full-precision model
 
 
 def _cosine(step: int, total: int, peak: float) -> float:
@@ -177,7 +178,7 @@ def _train_step(model, spec, rot, originals, batches, config, optimizer, step: i
     tokens = batches[torch.arange(first, first + config.batch) % len(batches)]
     optimizer.zero_grad(set_to_none=True)
     with _autocast(config.autocast, rot.r1.device):
-        loss = rotation_loss(model, spec, rot, originals, tokens, d, config.weights, config.scale_grad)
+        loss = rotation_loss(model, spec, rot, originals, tokens, d, config.weights, config.scale_grad, config.loss)
     loss.backward()
     if world > 1:
         loss = _average_gradients(rot, loss, world)
@@ -186,20 +187,48 @@ def _train_step(model, spec, rot, originals, batches, config, optimizer, step: i
 
 
 def rotation_loss(model, spec, rot: Rotations, originals, tokens: Tensor, d: int, weights=None,
-                  scale_grad: bool = False) -> Tensor:
-    """Next-token cross-entropy of ``model`` on ``tokens`` ``[B, L]`` with rotations ``rot`` applied to the frozen
+                  scale_grad: bool = False, loss: str = "ce") -> Tensor:
+    """The training loss of ``model`` on ``tokens`` ``[B, L]`` with rotations ``rot`` applied to the frozen
     ``originals`` (and the linears RTN fake-quantized with ``weights``, a QuantScheme, when given).
 
+    ``loss``: ``"ce"``, next-token cross-entropy on the text (the reference's); ``"kl"``, the KL divergence of the
+    quantized model's next-token distribution from the full-precision model's (the same weights with every
+    quantizer off, which the rotations leave unchanged). KL scores each position against the whole teacher
+    distribution instead of one sampled token, so its gradient measures only what quantization changes.
     ``scale_grad``: every dynamic quantizer (activations, KV, weights) passes gradient through its scale, so the
     rotations are credited for the smaller rounding error of a flatter tensor; see
     :func:`~lowbit.quant.fake_quantize`.
     """
+    if loss not in ("ce", "kl"):
+        raise ValueError(f"loss must be 'ce' or 'kl', got {loss!r}")
     params = rotated_parameters(originals, spec, rot, d)
+    teacher = _teacher_log_probs(model, params, tokens) if loss == "kl" else None
     if weights is not None:
         params = _fake_quantize_linears(params, spec, weights, scale_grad)
     with _scale_gradients(model, scale_grad):
         logits = torch.func.functional_call(model, params, (tokens,), {"use_cache": False}).logits
+    if teacher is not None:
+        student = F.log_softmax(logits.flatten(0, 1).float(), dim=-1)
+        return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def _teacher_log_probs(model: nn.Module, params: dict[str, Tensor], tokens: Tensor) -> Tensor:
+    """Full-precision next-token log-probabilities ``[B·L, vocab]``: ``model`` with every quantizer off, no grad."""
+    from .quantizer import ActQuantizer
+
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    before = [q.enabled for q in quantizers]
+    detached = {name: p.detach() for name, p in params.items()}
+    try:
+        for q in quantizers:
+            q.enabled = False
+        with torch.no_grad():
+            logits = torch.func.functional_call(model, detached, (tokens,), {"use_cache": False}).logits
+    finally:
+        for q, was in zip(quantizers, before):
+            q.enabled = was
+    return F.log_softmax(logits.flatten(0, 1).float(), dim=-1)
 
 
 def _autocast(kind: str, device: torch.device):

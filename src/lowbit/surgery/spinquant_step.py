@@ -58,7 +58,7 @@ def load_rotations(path: str | Path) -> tuple[Rotations, dict]:
         raise RecipeError(f"rotations file {path} not found: train rotations first or fix the path")
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("lowbit", "{}"))
-        keys = sorted((k for k in f.keys() if k.startswith("r2.")), key=lambda k: int(k.split(".")[1]))
+        keys = sorted((k for k in f.keys() if k.startswith("r2.")), key=lambda k: int(k.split(".")[1]))  # noqa: SIM118 (safe_open is not a dict)
         rot = Rotations(nn.Parameter(f.get_tensor("r1")), [nn.Parameter(f.get_tensor(k)) for k in keys])
     return rot, meta
 
@@ -168,12 +168,12 @@ def _learn(model: nn.Module, spec, step, ctx, seed: int, o: torch.Tensor | None)
     meta_base = {"recipe": ctx.recipe.name, "seed": seed, "steps": step.steps, "lr": step.lr,
                  "samples": step.samples, "seq_len": step.seq_len, "quantize_weights": step.quantize_weights,
                  "batch": step.batch, "step_norm": step.step_norm, "scale_grad": step.scale_grad, "autocast": step.autocast,
-                 "o_rotation": step.o_rotation}
+                 "o_rotation": step.o_rotation, "loss": step.loss}
     rot, first, earlier = _resume(step, initial_rotations(model, spec, seed), meta_base)
     rot.o = o
     weights = ctx.recipe.weights if step.quantize_weights else None
     config = TrainConfig(steps=step.steps, lr=step.lr, momentum=step.momentum, batch=step.batch, weights=weights,
-                         norm=step.step_norm, scale_grad=step.scale_grad, autocast=step.autocast)
+                         norm=step.step_norm, scale_grad=step.scale_grad, autocast=step.autocast, loss=step.loss)
 
     def checkpoint(i: int, current: Rotations, losses: list[float]) -> None:
         if step.checkpoint is not None and (i + 1 == step.steps or (i + 1) % step.checkpoint_every == 0):
