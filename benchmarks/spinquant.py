@@ -4,7 +4,7 @@ Run:  python benchmarks/spinquant.py          (about 30 minutes on 2 CPU cores: 
       python benchmarks/spinquant.py --recipes w4a4kv4-spinquant my-variant.yaml   (only these rows, same setup)
       python benchmarks/spinquant.py --tables-only
 Writes results/spinquant.json, results/spinquant_loss.png (the training loss curve) and the table between the
-SPINQUANT markers in benchmarks/README.md. Learned rotations are checkpointed to results/spinquant_rotations.*
+SPINQUANT markers in benchmarks/README.md. Learned rotations are checkpointed to results/<row>-rotations.safetensors
 so an interrupted run resumes its training.
 
 Rows: ``w4a4kv4-quarot`` (random Hadamards) and ``w4a4kv4-spinquant`` (R1/R2 learned with Cayley SGD for the
