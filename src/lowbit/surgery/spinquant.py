@@ -205,7 +205,7 @@ def rotation_loss(model, spec, rot: Rotations, originals, tokens: Tensor, d: int
     teacher = _teacher_log_probs(model, params, tokens) if loss == "kl" else None
     if weights is not None:
         params = _fake_quantize_linears(params, spec, weights, scale_grad)
-    with _scale_gradients(model, scale_grad):
+    with _quantizers_set(model, "scale_grad", scale_grad):
         logits = torch.func.functional_call(model, params, (tokens,), {"use_cache": False}).logits
     if teacher is not None:
         student = F.log_softmax(logits.flatten(0, 1).float(), dim=-1)
@@ -215,19 +215,9 @@ def rotation_loss(model, spec, rot: Rotations, originals, tokens: Tensor, d: int
 
 def _teacher_log_probs(model: nn.Module, params: dict[str, Tensor], tokens: Tensor) -> Tensor:
     """Full-precision next-token log-probabilities ``[B·L, vocab]``: ``model`` with every quantizer off, no grad."""
-    from .quantizer import ActQuantizer
-
-    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
-    before = [q.enabled for q in quantizers]
     detached = {name: p.detach() for name, p in params.items()}
-    try:
-        for q in quantizers:
-            q.enabled = False
-        with torch.no_grad():
-            logits = torch.func.functional_call(model, detached, (tokens,), {"use_cache": False}).logits
-    finally:
-        for q, was in zip(quantizers, before):
-            q.enabled = was
+    with _quantizers_set(model, "enabled", False), torch.no_grad():
+        logits = torch.func.functional_call(model, detached, (tokens,), {"use_cache": False}).logits
     return F.log_softmax(logits.flatten(0, 1).float(), dim=-1)
 
 
@@ -239,19 +229,20 @@ def _autocast(kind: str, device: torch.device):
 
 
 @contextmanager
-def _scale_gradients(model: nn.Module, on: bool) -> Iterator[None]:
-    """Set ``scale_grad`` on every activation/KV quantizer of ``model`` for the duration, then restore it."""
+def _quantizers_set(model: nn.Module, attribute: str, value: bool) -> Iterator[None]:
+    """Set ``attribute`` (``scale_grad``, ``enabled``) on every activation/KV quantizer of ``model`` for the
+    duration, then restore each one's own value."""
     from .quantizer import ActQuantizer
 
     quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
-    before = [q.scale_grad for q in quantizers]
+    before = [getattr(q, attribute) for q in quantizers]
     for q in quantizers:
-        q.scale_grad = on
+        setattr(q, attribute, value)
     try:
         yield
     finally:
         for q, was in zip(quantizers, before):
-            q.scale_grad = was
+            setattr(q, attribute, was)
 
 
 def _fake_quantize_linears(params: dict[str, Tensor], spec: ArchSpec, scheme, scale_grad: bool) -> dict[str, Tensor]:
