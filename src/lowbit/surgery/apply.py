@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +83,21 @@ def act_quantizers(model: nn.Module) -> Iterator[ActQuantizer]:
     for module in model.modules():
         if isinstance(module, ActQuantizer):
             yield module
+
+
+@contextmanager
+def quantizers_set(module: nn.Module, attribute: str, value: bool) -> Iterator[None]:
+    """Set ``attribute`` (``enabled``: off runs the full-precision path; ``scale_grad``) on every activation/KV
+    quantizer in ``module`` for the duration, then restore each one's own value."""
+    quantizers = list(act_quantizers(module))
+    before = [getattr(q, attribute) for q in quantizers]
+    for q in quantizers:
+        setattr(q, attribute, value)
+    try:
+        yield
+    finally:
+        for q, was in zip(quantizers, before):
+            setattr(q, attribute, was)
 
 
 def rtn_step(model: nn.Module, step, ctx: StepContext) -> None:

@@ -33,6 +33,7 @@ from .apply import (
     attach_activation_quantizers,
     attach_kv_quantizers,
     calibrate_quantizers,
+    quantizers_set,
 )
 from .block_finetune import FinetuneConfig, finetune_layer
 from .clip_search import grid_search_layer
@@ -46,21 +47,6 @@ from .sequential import LayerInputs, embed_batches, layer_inputs, use_sdpa_masks
 def _run(inputs: LayerInputs, layer: nn.Module, index: int, hidden: Tensor, batch: int) -> Tensor:
     """The layer over ``hidden`` ``[n, T, d]``, ``batch`` samples at a time."""
     return torch.cat([inputs.run(layer, index, h) for h in hidden.split(batch)])
-
-
-class _Quantizers:
-    """Switch a layer's activation/KV quantizers off (full-precision path) and on again."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        self.quants = [m for m in layer.modules() if isinstance(m, ActQuantizer)]
-
-    def __enter__(self):
-        for q in self.quants:
-            q.enabled = False
-
-    def __exit__(self, *exc):
-        for q in self.quants:
-            q.enabled = True
 
 
 class LayerCheckpoint:
@@ -138,7 +124,7 @@ def _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats) -> tupl
     """Steps 1-5 for one layer; returns its full-precision target outputs and its quantized outputs."""
     run = lambda x: _run(inputs, layer, index, x, step.batch)
     latent: dict[QuantLinear, Tensor] = {}  # RTN: fine-tuning starts from the float weights, not the rounded ones
-    with _Quantizers(layer):
+    with quantizers_set(layer, "enabled", False):
         target = run(fp_in)
         if step.init == "gptq":
             gptq_layer(layer, ctx.spec, lambda: run(q_in), ctx.recipe.weights, gptq_config(step))
@@ -205,7 +191,7 @@ def blockwise_step(model: nn.Module, step, ctx) -> None:
         with on_device(layer, device):
             saved = checkpoint.load(index)
             if saved is not None:
-                with _Quantizers(layer):
+                with quantizers_set(layer, "enabled", False):
                     fp_in = _run(inputs, layer, index, fp_in, step.batch)
                 restore_state(layer, saved, ctx.recipe.weights)
                 q_in = _run(inputs, layer, index, q_in, step.batch)

@@ -18,8 +18,6 @@ scales detached treats that error as a constant (on the default model it then ra
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +26,7 @@ from torch import Tensor, nn
 
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
 from ..rotations.cayley import CayleySGD
+from .apply import quantizers_set
 from .rotate import rotate_bias_heads, rotate_input_heads, rotate_output_heads
 
 
@@ -205,7 +204,7 @@ def rotation_loss(model, spec, rot: Rotations, originals, tokens: Tensor, d: int
     teacher = _teacher_log_probs(model, params, tokens) if loss == "kl" else None
     if weights is not None:
         params = _fake_quantize_linears(params, spec, weights, scale_grad)
-    with _quantizers_set(model, "scale_grad", scale_grad):
+    with quantizers_set(model, "scale_grad", scale_grad):
         logits = torch.func.functional_call(model, params, (tokens,), {"use_cache": False}).logits
     if teacher is not None:
         student = F.log_softmax(logits.flatten(0, 1).float(), dim=-1)
@@ -216,7 +215,7 @@ def rotation_loss(model, spec, rot: Rotations, originals, tokens: Tensor, d: int
 def _teacher_log_probs(model: nn.Module, params: dict[str, Tensor], tokens: Tensor) -> Tensor:
     """Full-precision next-token log-probabilities ``[B·L, vocab]``: ``model`` with every quantizer off, no grad."""
     detached = {name: p.detach() for name, p in params.items()}
-    with _quantizers_set(model, "enabled", False), torch.no_grad():
+    with quantizers_set(model, "enabled", False), torch.no_grad():
         logits = torch.func.functional_call(model, detached, (tokens,), {"use_cache": False}).logits
     return F.log_softmax(logits.flatten(0, 1).float(), dim=-1)
 
@@ -226,23 +225,6 @@ def _autocast(kind: str, device: torch.device):
     if kind not in ("off", "bf16"):
         raise ValueError(f"autocast must be 'off' or 'bf16', got {kind!r}")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=kind == "bf16")
-
-
-@contextmanager
-def _quantizers_set(model: nn.Module, attribute: str, value: bool) -> Iterator[None]:
-    """Set ``attribute`` (``scale_grad``, ``enabled``) on every activation/KV quantizer of ``model`` for the
-    duration, then restore each one's own value."""
-    from .quantizer import ActQuantizer
-
-    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
-    before = [getattr(q, attribute) for q in quantizers]
-    for q in quantizers:
-        setattr(q, attribute, value)
-    try:
-        yield
-    finally:
-        for q, was in zip(quantizers, before):
-            setattr(q, attribute, was)
 
 
 def _fake_quantize_linears(params: dict[str, Tensor], spec: ArchSpec, scheme, scale_grad: bool) -> dict[str, Tensor]:
