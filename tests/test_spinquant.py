@@ -290,3 +290,84 @@ def test_kl_loss_is_zero_without_quantizers_and_learns_with_them(trained):
     lowbit.quantize(model, recipe, data, info=info)
     losses = info["rotation"]["losses"]
     assert len(losses) == 10 and losses[-1] < 0.75 * losses[0]
+
+
+def _int2(steps: dict) -> Recipe:
+    recipe = _recipe({"samples": 1, "seq_len": 64, **steps})
+    return recipe.updated(activations={**recipe.activations.model_dump(), "format": "int2"})
+
+
+def test_learned_clips_lower_the_loss_and_reach_the_final_quantizers(trained):
+    """``learn: [clips]`` keeps QuaRot's Hadamards and trains one clip ratio per quantizer: the loss falls, the
+    ratios move off the scheme's and stay in (0.5, 1), and the recipe's final quantizers carry exactly them."""
+    from lowbit.surgery.quantizer import ActQuantizer
+
+    model, data = trained
+    info: dict = {}
+    quantized = lowbit.quantize(model, _int2({"steps": 10, "learn": ["clips"], "clip_lr": 0.2}), data, info=info)
+    losses, rot = info["rotation"]["losses"], info["learned_rotations"]
+    assert len(losses) == 10 and losses[-1] < 0.9 * losses[0]
+    assert torch.equal(rot.r1, initial_rotations(model, spec_for(model), 0).r1)  # rotations not learned
+    assert "not learned" in info["rotation"]["R1"]
+    learned = rot.clips.ratios()
+    final = {q.name: q.scheme.clip_ratio for q in quantized.modules() if isinstance(q, ActQuantizer)}
+    assert final == learned and len(final) == 2 * 7 + 2 * 2  # 7 linears and K, V in each of the 2 layers
+    values = torch.tensor(list(learned.values()))
+    assert (values > 0.5).all() and (values < 1).all() and (values - 0.9).abs().max() > 0.05
+    assert info["rotation"]["clip_ratios"]["learned"] == len(final)
+
+
+def test_joint_learning_moves_both_and_a_static_recipe_refuses_clips(trained):
+    """Rotations and clips learn together (both change, the model stays invariant in full precision); clips need
+    dynamic quantizers."""
+    from lowbit.errors import RecipeError
+    from lowbit.pipeline import rotation_invariance
+
+    model, data = trained
+    info: dict = {}
+    recipe = _int2({"steps": 6, "lr": 1.5, "learn": ["rotations", "clips"], "clip_lr": 0.2})
+    lowbit.quantize(model, recipe, data, info=info)
+    rot = info["learned_rotations"]
+    assert not torch.allclose(rot.r1, initial_rotations(model, spec_for(model), 0).r1, atol=1e-3)
+    assert info["rotation"]["losses"][-1] < 0.9 * info["rotation"]["losses"][0]
+    assert min(rot.clips.ratios().values()) < 0.89 or max(rot.clips.ratios().values()) > 0.91
+    assert rotation_invariance(model, recipe, data, rot)["max_abs_logit_diff_vs_fp"] < 1e-4
+    with pytest.raises(RecipeError, match="dynamic"):
+        recipe.updated(activations={**recipe.activations.model_dump(), "granularity": "tensor", "dynamic": False})
+
+
+def test_clips_resume_exactly_and_load_from_the_rotations_file(calib, tmp_path, monkeypatch):
+    """Interrupted clip learning resumes with its Adam state (the same clips as one run); a saved file gives the
+    same quantized model without training, and a file without clips is refused by a step that learns them."""
+    import lowbit.surgery.spinquant as sq
+
+    ckpt = tmp_path / "rot.safetensors"
+    steps = {"steps": 4, "lr": 1.0, "learn": ["rotations", "clips"], "clip_lr": 0.1, "checkpoint_every": 1}
+    whole_info: dict = {}
+    whole = lowbit.quantize(tiny_model("llama"), _recipe({**steps, "checkpoint": str(tmp_path / "w.safetensors")}),
+                            calib, info=whole_info)
+    real, calls = sq._train_step, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sq, "_train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lowbit.quantize(tiny_model("llama"), _recipe({**steps, "checkpoint": str(ckpt)}), calib)
+    monkeypatch.setattr(sq, "_train_step", real)
+    info: dict = {}
+    resumed = lowbit.quantize(tiny_model("llama"), _recipe({**steps, "checkpoint": str(ckpt)}), calib, info=info)
+    assert len(info["rotation"]["losses"]) == 4
+    assert torch.allclose(info["learned_rotations"].clips.logits, whole_info["learned_rotations"].clips.logits,
+                          atol=1e-6)
+    assert torch.allclose(_logits(resumed, calib.eval_windows), _logits(whole, calib.eval_windows), atol=1e-5)
+    loaded = lowbit.quantize(tiny_model("llama"), _recipe({"rotations": str(ckpt), "learn": ["rotations", "clips"]}),
+                             calib)
+    assert torch.allclose(_logits(loaded, calib.eval_windows), _logits(resumed, calib.eval_windows), atol=1e-5)
+    plain = tmp_path / "plain.safetensors"
+    lowbit.quantize(tiny_model("llama"), _recipe({"steps": 1, "checkpoint": str(plain)}), calib)
+    with pytest.raises(lowbit.LowbitError, match="no learned clip ratios"):
+        lowbit.quantize(tiny_model("llama"), _recipe({"rotations": str(plain), "learn": ["clips"]}), calib)

@@ -1,5 +1,6 @@
 """SpinQuant scales out with torch.distributed: 2 gloo processes with 1 sample each take exactly the steps of one
-process with 2 samples per step (gradients of the rotations averaged), and end with identical rotations."""
+process with 2 samples per step (gradients of the rotations and clip logits averaged), and end with identical
+rotations and clips."""
 
 import torch
 import torch.multiprocessing as mp
@@ -18,15 +19,18 @@ def _data() -> TokenData:
 
 def _recipe(batch: int, steps: int) -> Recipe:
     return Recipe.from_dict({
-        "steps": [{"method": "spinquant", "steps": steps, "lr": 1.0, "samples": 6, "seq_len": 32, "batch": batch}],
+        "steps": [{"method": "spinquant", "steps": steps, "lr": 1.0, "samples": 6, "seq_len": 32, "batch": batch,
+                   "learn": ["rotations", "clips"]}],
         "activations": {"format": "int4", "granularity": "token", "dynamic": True},
     })
 
 
 def _learn(batch: int, steps: int = 3) -> tuple[torch.Tensor, list[float]]:
+    """R1 and the clip logits side by side (one tensor), and the losses."""
     info: dict = {}
     lowbit.quantize(tiny_model("llama"), _recipe(batch, steps), _data(), info=info)
-    return info["learned_rotations"].r1.detach().clone(), info["rotation"]["losses"]
+    rot = info["learned_rotations"]
+    return torch.cat([rot.r1.detach().flatten(), rot.clips.logits.detach()]), info["rotation"]["losses"]
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:

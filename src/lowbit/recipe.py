@@ -154,6 +154,11 @@ class SpinQuantStep(_Strict):
     ``o_rotation``: a fixed seeded rotation of o_proj's input across heads (as the QuaRot step's), online, applied
     after the learned R2 while learning and when folded. ``loss``: ``ce`` trains on next-token cross-entropy (the
     reference), ``kl`` on the KL divergence from the full-precision model's next-token distribution.
+    ``learn``: what trains. ``rotations`` is SpinQuant's R1/R2; ``clips`` adds one clip ratio per activation/KV
+    quantizer (in (0.5, 1), started at the scheme's ``clip_ratio``, Adam at peak ``clip_lr`` with the same cosine
+    decay), as OmniQuant's and OSTQuant's learnable clipping; the recipe's final quantizers then use the learned
+    ratios. ``[clips]`` alone keeps QuaRot's Hadamards: QuaRot with learned clipping. Clips need dynamic activation
+    and KV schemes (static scales get theirs from calibration and the blockwise step's search).
     """
 
     method: Literal["spinquant"] = "spinquant"
@@ -175,6 +180,15 @@ class SpinQuantStep(_Strict):
     autocast: Literal["bf16", "off"] = "off"
     o_rotation: bool = False
     loss: Literal["ce", "kl"] = "ce"
+    learn: list[Literal["rotations", "clips"]] = Field(default=["rotations"], min_length=1)
+    clip_lr: float = Field(default=0.02, gt=0)
+
+    @field_validator("learn")
+    @classmethod
+    def _learn_once_each(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"learn names each of rotations, clips at most once, got {value}")
+        return value
 
 
 class PrefixStep(_Strict):
@@ -290,6 +304,7 @@ class Recipe(_Strict):
             raise ValueError("set either kv (fake-quantized keys/values) or kv_cache (a packed cache), not both")
         if self.kv is not None and self.kv.granularity == "channel":
             raise ValueError("kv granularity must be head, token, group or tensor, not 'channel'")
+        self._check_learned_clips()
         for role, scheme in (("activations", self.activations), ("kv", self.kv)):
             if scheme is not None and not scheme.dynamic and scheme.granularity in ("token", "group"):
                 raise ValueError(
@@ -298,9 +313,21 @@ class Recipe(_Strict):
                 )
         return self
 
+    def _check_learned_clips(self) -> None:
+        """Learned clip ratios replace dynamic quantizers' ``clip_ratio``: they need such quantizers."""
+        learning = [s for s in self.steps if s.method == "spinquant" and "clips" in s.learn]
+        if not learning:
+            return
+        schemes = [s for s in (self.activations, self.kv) if s is not None]
+        if not schemes or any(not s.dynamic for s in schemes):
+            raise ValueError("spinquant learn: [clips] needs dynamic activations or kv schemes (static scales get "
+                             "their clip from calibration and the blockwise search): drop clips or make them dynamic")
+
     def rotations_only(self) -> Recipe:
-        """This recipe's rotation steps alone, with no quantization: the rotated full-precision model."""
-        steps = [s for s in self.steps if s.method in ROTATION_STEPS]
+        """This recipe's rotation steps alone, with no quantization: the rotated full-precision model (learned
+        clip ratios, which have no quantizer to act on there, are left out)."""
+        steps = [s.model_copy(update={"learn": ["rotations"]}) if s.method == "spinquant" else s
+                 for s in self.steps if s.method in ROTATION_STEPS]
         return Recipe(name=f"{self.name}-rotations", steps=steps, targets=self.targets)
 
     @property

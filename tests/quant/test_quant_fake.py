@@ -317,3 +317,18 @@ def test_empty_tensor() -> None:
     """An empty tensor passes through unchanged."""
     x = torch.empty(0, 8)
     assert fake_quantize(x, IntFormat(4, True), PerRow()).shape == (0, 8)
+
+
+def test_learnable_clip_logit_round_trips_and_stays_in_range():
+    """``clip_from_logit`` inverts ``logit_from_clip`` on (0.5, 0.99]; 1 starts at 0.99; any logit maps into
+    (0.5, 1); a start outside (0.5, 1] is refused."""
+    from lowbit.quant.clip import clip_from_logit, logit_from_clip
+
+    for ratio in (0.6, 0.9, 0.95, 0.99):
+        assert float(clip_from_logit(torch.tensor(logit_from_clip(ratio)))) == pytest.approx(ratio, abs=1e-6)
+    assert float(clip_from_logit(torch.tensor(logit_from_clip(1.0)))) == pytest.approx(0.99, abs=1e-6)
+    extremes = clip_from_logit(torch.tensor([-30.0, 0.0, 30.0]))
+    assert 0.5 <= float(extremes[0]) < 0.5001 and float(extremes[1]) == 0.75 and 0.9999 < float(extremes[2]) <= 1
+    for bad in (0.5, 0.2, 1.5):
+        with pytest.raises(ValueError, match="clip ratio"):
+            logit_from_clip(bad)

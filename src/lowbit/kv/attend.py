@@ -112,7 +112,7 @@ def _decode_rows(query, key, value, spec: CacheSpec, packed, sink: int, start: i
     query sees packed are scored only from the packed form, keys no query sees packed only exactly; just the band in
     between (about a window and a group wide) is scored both ways and chosen per query.
     """
-    kv_heads, d, tq, t = key.shape[1], query.shape[-1], query.shape[2], key.shape[2]
+    kv_heads, d, tq = key.shape[1], query.shape[-1], query.shape[2]
     q = group_queries(query.float(), kv_heads)
     before = (start + torch.arange(tq, device=key.device) - sink).clamp_min(0)  # non-sink tokens before each query
     counts = packed_count(before, spec.window, spec.group)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, RecipeError
 from ..models.arch import ArchSpec, decoder_layers, get_module, set_module
 from ..recipe import Recipe
 from .attention import KVQuantHook, add_attention_hook, attention_hooks
@@ -31,6 +31,7 @@ class StepContext:
     progress: Callable[[str, int], Callable[[], None]] | None = None
     info: dict = field(default_factory=dict)
     prefix: tuple[list[int], object] | None = None  # PrefixQuant: prefix token ids and their full-precision cache
+    clip_ratios: dict[str, float] = field(default_factory=dict)  # learned by a step, by quantizer name
 
 
 def untie_lm_head(model: nn.Module, spec: ArchSpec) -> int:
@@ -141,6 +142,18 @@ def attach_kv_quantizers(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> No
         add_attention_hook(model, attn, hook)
 
 
+def set_clip_ratios(model: nn.Module, ratios: dict[str, float]) -> None:
+    """Give each named dynamic quantizer its learned clip ratio (a step learned them on quantizers of the same
+    names); a quantizer the ratios do not name, or a static one, is an error rather than a silent default."""
+    if not ratios:
+        return
+    for q in act_quantizers(model):
+        if q.name not in ratios or q.static:
+            raise RecipeError(f"quantizer {q.name} has no learned clip ratio (learned: {len(ratios)}); "
+                                   "learn clips with the recipe's own dynamic activation and KV schemes")
+        q.scheme = q.scheme.model_copy(update={"clip_ratio": ratios[q.name]})
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: torch.Tensor, progress=None, forward: nn.Module | None = None) -> None:
     """Run calibration token batches ``[n, seq_len]`` through the model to fit every static quantizer's scales.
@@ -189,6 +202,7 @@ def apply_recipe(model: nn.Module, ctx: StepContext) -> None:
         attach_activation_quantizers(model, recipe)
     if recipe.kv is not None:
         attach_kv_quantizers(model, ctx.spec, recipe)
+    set_clip_ratios(model, ctx.clip_ratios)
     forward = None
     if ctx.prefix is not None:
         from .prefix import PrefixedModel, keep_prefix_exact

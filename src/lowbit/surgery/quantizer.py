@@ -19,6 +19,7 @@ from ..quant import (
     fake_quantize,
     observe_range,
 )
+from ..quant.clip import clip_from_logit
 from ..recipe import QuantScheme
 
 
@@ -82,7 +83,9 @@ class ActQuantizer(nn.Module):
     clipped range. The calibrated range is kept (``range_min`` / ``range_max``), so a search can re-clip it
     (:meth:`set_clip`); :meth:`learn_scale` turns the scale into a trainable parameter (LSQ gradient) and
     :meth:`freeze_scale` back into a buffer. ``scale_grad``: dynamic scales pass gradient to the input (see
-    :func:`~lowbit.quant.fake_quantize`); set while rotations learn.
+    :func:`~lowbit.quant.fake_quantize`); set while rotations learn. ``learned_clip``: ``(logits, index)`` while a
+    dynamic quantizer's clip ratio trains, element ``index`` of a shared logit vector replacing the scheme's ratio
+    (see :mod:`~lowbit.quant.clip`).
     """
 
     def __init__(self, scheme: QuantScheme, kind: str, name: str = "") -> None:
@@ -95,6 +98,7 @@ class ActQuantizer(nn.Module):
         self.calibrating = False
         self.enabled = True
         self.scale_grad = False
+        self.learned_clip: tuple[torch.Tensor, int] | None = None
         self._stats = _RangeStats()
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
@@ -107,6 +111,14 @@ class ActQuantizer(nn.Module):
     @property
     def static(self) -> bool:
         return not self.scheme.dynamic
+
+    @property
+    def clip_ratio(self) -> float | torch.Tensor:
+        """The dynamic range's shrink factor: the learned one while it trains, else the scheme's."""
+        if self.learned_clip is None:
+            return self.scheme.clip_ratio
+        logits, index = self.learned_clip
+        return clip_from_logit(logits[index])
 
     @property
     def calibrated(self) -> bool:
@@ -183,7 +195,7 @@ class ActQuantizer(nn.Module):
             self.fmt,
             self.granularity,
             observer=self.scheme.observer,
-            clip_ratio=self.scheme.clip_ratio,
+            clip_ratio=self.clip_ratio,
             scale_grad=self.scale_grad,
             **observer_kwargs(self.scheme),
         )

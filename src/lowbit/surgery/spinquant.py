@@ -10,6 +10,10 @@ differentiable function of R1 and R2 (:func:`rotated_parameters`), runs the mode
 cross-entropy of calibration text. The learned rotations are then folded into the weights exactly like QuaRot's
 (float64) and the fake-quantizers removed, so GPTQ (or RTN) runs next as in the QuaRot flow.
 
+With ``learn`` including ``clips``, one clip ratio per activation/KV quantizer trains alongside (Adam on a logit,
+:mod:`~lowbit.quant.clip`), as OmniQuant's and OSTQuant's learnable clipping; with ``clips`` alone the rotations stay
+QuaRot's Hadamards.
+
 Unlike the reference, the gradient also flows through the quantizers' dynamic scales (``TrainConfig.scale_grad``):
 a rotation changes the rounding error mainly through the range it gives each token, and a gradient with the
 scales detached treats that error as a constant (on the default model it then raises the held-out loss).
@@ -18,16 +22,43 @@ scales detached treats that error as a constant (on the default model it then ra
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
+from ..quant.clip import clip_from_logit
 from ..rotations.cayley import CayleySGD
-from .apply import quantizers_set
+from .apply import act_quantizers, quantizers_set
 from .rotate import rotate_bias_heads, rotate_input_heads, rotate_output_heads
+
+
+@dataclass
+class LearnedClips:
+    """One learnable clip ratio per dynamic activation/KV quantizer, as logits (:mod:`~lowbit.quant.clip`).
+
+    ``names``: the quantizers' names, in the order of ``logits``. ``adam``: the Adam state of ``logits`` after the
+    last step (``exp_avg``, ``exp_avg_sq``, ``step``), kept so that a resumed run continues exactly.
+    """
+
+    names: list[str]
+    logits: nn.Parameter
+    adam: dict[str, Tensor] = field(default_factory=dict)
+
+    def ratios(self) -> dict[str, float]:
+        """The learned clip ratio of each quantizer, by name."""
+        return dict(zip(self.names, clip_from_logit(self.logits.detach()).tolist()))
+
+    def bind(self, model: nn.Module) -> None:
+        """Make each named quantizer of ``model`` read its clip ratio from ``logits``."""
+        quantizers = {q.name: q for q in act_quantizers(model)}
+        missing = [n for n in self.names if n not in quantizers]
+        if missing:
+            raise ValueError(f"learned clips name quantizers the model lacks: {missing[:3]}")
+        for i, name in enumerate(self.names):
+            quantizers[name].learned_clip = (self.logits, i)
 
 
 @dataclass
@@ -35,12 +66,14 @@ class Rotations:
     """Trainable R1 (hidden × hidden) and one R2 (head_dim × head_dim) per layer, float32 parameters.
 
     ``o``: a fixed (not learned) rotation of o_proj's input across heads, applied after R2 (``W_o · R2 · o``), when
-    the recipe asks for one; it is hooked online at o_proj's input while learning.
+    the recipe asks for one; it is hooked online at o_proj's input while learning. ``clips``: the quantizers'
+    learnable clip ratios, when they learn too.
     """
 
     r1: nn.Parameter
     r2: list[nn.Parameter]
     o: Tensor | None = None
+    clips: LearnedClips | None = None
 
     def parameters(self) -> list[nn.Parameter]:
         return [self.r1, *self.r2]
@@ -112,6 +145,8 @@ class TrainConfig:
     scale_grad: bool = True  # gradients through the dynamic scales (see fake_quantize); False: the reference's STE
     autocast: str = "off"  # "bf16": forward and backward under bfloat16 autocast (faster on CPUs with bf16)
     loss: str = "ce"  # "ce": next-token cross-entropy (the reference); "kl": KL from the full-precision model
+    learn: tuple[str, ...] = ("rotations",)  # what trains: "rotations" (Cayley SGD) and/or "clips" (Adam)
+    clip_lr: float = 0.02  # Adam's peak learning rate for the clip logits
 
 
 def _cosine(step: int, total: int, peak: float) -> float:
@@ -130,16 +165,44 @@ def train_rotations(model: nn.Module, spec: ArchSpec, rot: Rotations, batches: T
     stop_step = config.steps if stop_step is None else min(stop_step, config.steps)
     originals = frozen_originals(model, spec)
     d = head_dim(model.config)
-    optimizer = CayleySGD(rot.parameters(), lr=config.lr, momentum=config.momentum, norm=config.norm)
+    if rot.clips is not None:
+        rot.clips.bind(model)
+    optimizers = _optimizers(rot, config)
     tick = progress("learning rotations", stop_step - start_step) if progress else (lambda *_: None)
     losses = []
     with torch.enable_grad():  # recipes run under no_grad; the rotations need gradients
         for step in range(start_step, stop_step):
-            losses.append(_train_step(model, spec, rot, originals, batches, config, optimizer, step, d))
+            losses.append(_train_step(model, spec, rot, originals, batches, config, optimizers, step, d))
             if on_step is not None:
                 on_step(step, rot, losses)
             tick(f"loss {losses[-1]:.3f}")
     return losses
+
+
+def _optimizers(rot: Rotations, config: TrainConfig) -> list[tuple[torch.optim.Optimizer, float]]:
+    """Each optimizer ``config.learn`` asks for with its peak learning rate: Cayley SGD for the rotations, Adam for
+    the clip logits (its state restored from ``rot.clips.adam`` when resuming)."""
+    unknown = set(config.learn) - {"rotations", "clips"}
+    if unknown or not config.learn:
+        raise ValueError(f"learn must name 'rotations' and/or 'clips', got {list(config.learn)}")
+    optimizers: list[tuple[torch.optim.Optimizer, float]] = []
+    for p in rot.parameters():  # fixed rotations need no gradient
+        p.requires_grad_("rotations" in config.learn)
+    if "rotations" in config.learn:
+        cayley = CayleySGD(rot.parameters(), lr=config.lr, momentum=config.momentum, norm=config.norm)
+        optimizers.append((cayley, config.lr))
+    if "clips" in config.learn:
+        if rot.clips is None:
+            raise ValueError("learning clips needs rot.clips (one logit per quantizer)")
+        adam = torch.optim.Adam([rot.clips.logits], lr=config.clip_lr)
+        if rot.clips.adam:
+            adam.state[rot.clips.logits] = {k: v.clone() for k, v in rot.clips.adam.items()}
+        optimizers.append((adam, config.clip_lr))
+    return optimizers
+
+
+def _trainable(optimizers) -> list[nn.Parameter]:
+    return [p for optimizer, _ in optimizers for group in optimizer.param_groups for p in group["params"]]
 
 
 def _world() -> tuple[int, int]:
@@ -151,11 +214,11 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _average_gradients(rot: Rotations, loss: Tensor, world: int) -> Tensor:
-    """All-reduce the rotations' gradients and the loss to their mean over processes (gloo or NCCL)."""
+def _average_gradients(params: list[nn.Parameter], loss: Tensor, world: int) -> Tensor:
+    """All-reduce the trained parameters' gradients and the loss to their mean over processes (gloo or NCCL)."""
     import torch.distributed as dist
 
-    for p in rot.parameters():
+    for p in params:
         dist.all_reduce(p.grad)
         p.grad /= world
     total = loss.detach().clone()
@@ -163,25 +226,29 @@ def _average_gradients(rot: Rotations, loss: Tensor, world: int) -> Tensor:
     return total / world
 
 
-def _train_step(model, spec, rot, originals, batches, config, optimizer, step: int, d: int) -> float:
-    """One Cayley SGD step on the next-token loss of the step's batch (batches cycle in order).
+def _train_step(model, spec, rot, originals, batches, config, optimizers, step: int, d: int) -> float:
+    """One step of every optimizer on the loss of the step's batch (batches cycle in order).
 
     Under torch.distributed each process takes its own ``batch`` samples of the step's global batch
     (``batch * world`` samples) and the rotations' gradients are averaged, so every process takes the same step:
     the same result as one process with a ``batch * world`` batch.
     """
     rank, world = _world()
-    for group in optimizer.param_groups:
-        group["lr"] = _cosine(step, config.steps, config.lr)
+    for optimizer, peak in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine(step, config.steps, peak)
+        optimizer.zero_grad(set_to_none=True)
     first = (step * world + rank) * config.batch
     tokens = batches[torch.arange(first, first + config.batch) % len(batches)]
-    optimizer.zero_grad(set_to_none=True)
     with _autocast(config.autocast, rot.r1.device):
         loss = rotation_loss(model, spec, rot, originals, tokens, d, config.weights, config.scale_grad, config.loss)
     loss.backward()
     if world > 1:
-        loss = _average_gradients(rot, loss, world)
-    optimizer.step()
+        loss = _average_gradients(_trainable(optimizers), loss, world)
+    for optimizer, _ in optimizers:
+        optimizer.step()
+    if rot.clips is not None and "clips" in config.learn:
+        rot.clips.adam = {k: v.detach().clone() for k, v in optimizers[-1][0].state[rot.clips.logits].items()}
     return float(loss.detach())
 
 

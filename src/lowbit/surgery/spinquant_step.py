@@ -1,7 +1,7 @@
 """The ``spinquant`` recipe step: prepare, learn (or load) R1/R2, fold them in, checkpoint and resume.
 
-Rotations are saved with safetensors (``r1``, ``r2.<layer>``) plus metadata (recipe name, seed, step, the loss
-curve) so that training resumes from its last checkpoint after an interruption and a recipe can load learned
+Rotations are saved with safetensors (``r1``, ``r2.<layer>``, and when clips learn ``clip_logits`` with their
+Adam state) plus metadata (recipe name, seed, step, the loss curve, the clipped quantizers' names) so that training resumes from its last checkpoint after an interruption and a recipe can load learned
 rotations instead of training again (``rotations: path``).
 """
 
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..models.arch import decoder_layers, get_module
+from ..quant.clip import logit_from_clip
 from ..report import save_tensors_atomic
 from .apply import (
     act_quantizers,
@@ -34,17 +35,24 @@ from .rotate import (
     rotate_residual,
     rotation_seeds,
 )
-from .spinquant import Rotations, TrainConfig, train_rotations
+from .spinquant import LearnedClips, Rotations, TrainConfig, train_rotations
+
+_ADAM = "clip_adam."
 
 
 def save_rotations(path: str | Path, rot: Rotations, meta: dict) -> None:
-    """Write rotations and metadata atomically (a partial file never replaces a good checkpoint).
+    """Write rotations (and learned clips) with metadata atomically: a partial file never replaces a good checkpoint.
 
     The fixed rotation across heads is not stored (it is rebuilt from the seed); the metadata records whether the
     rotations were learned with one.
     """
     tensors = {"r1": rot.r1, **{f"r2.{i}": r for i, r in enumerate(rot.r2)}}
-    save_tensors_atomic(path, tensors, {**meta, "o_rotation": rot.o is not None})
+    meta = {**meta, "o_rotation": rot.o is not None}
+    if rot.clips is not None:
+        tensors["clip_logits"] = rot.clips.logits
+        tensors.update({_ADAM + k: v.reshape(-1) for k, v in rot.clips.adam.items()})
+        meta["clip_names"] = rot.clips.names
+    save_tensors_atomic(path, tensors, meta)
 
 
 def load_rotations(path: str | Path) -> tuple[Rotations, dict]:
@@ -60,7 +68,18 @@ def load_rotations(path: str | Path) -> tuple[Rotations, dict]:
         meta = json.loads((f.metadata() or {}).get("lowbit", "{}"))
         keys = sorted((k for k in f.keys() if k.startswith("r2.")), key=lambda k: int(k.split(".")[1]))  # noqa: SIM118 (safe_open is not a dict)
         rot = Rotations(nn.Parameter(f.get_tensor("r1")), [nn.Parameter(f.get_tensor(k)) for k in keys])
+        if "clip_logits" in f.keys():  # noqa: SIM118
+            adam = {k.removeprefix(_ADAM): f.get_tensor(k) for k in f.keys() if k.startswith(_ADAM)}  # noqa: SIM118
+            adam = {k: v.reshape(()) if k == "step" else v for k, v in adam.items()}
+            rot.clips = LearnedClips(list(meta["clip_names"]), nn.Parameter(f.get_tensor("clip_logits")), adam)
     return rot, meta
+
+
+def initial_clips(model: nn.Module) -> LearnedClips:
+    """One logit per activation/KV quantizer of ``model``, started at its scheme's clip ratio."""
+    quantizers = list(act_quantizers(model))
+    logits = torch.tensor([logit_from_clip(q.scheme.clip_ratio) for q in quantizers])
+    return LearnedClips([q.name for q in quantizers], nn.Parameter(logits))
 
 
 def initial_rotations(model: nn.Module, spec, seed: int) -> Rotations:
@@ -122,7 +141,8 @@ def _resume(step, rot: Rotations, meta_base: dict) -> tuple[Rotations, int, list
 
 
 def spinquant_step(model: nn.Module, step, ctx) -> None:
-    """Learn (or load) R1/R2 for the recipe's quantizers, fold them in; records them in ``ctx.info``."""
+    """Learn (or load) R1/R2 (and clip ratios) for the recipe's quantizers, fold the rotations in; records them in
+    ``ctx.info`` and hands learned clip ratios to the recipe's final quantizers through ``ctx.clip_ratios``."""
     seed = ctx.seed if step.seed is None else step.seed
     spec, recipe = ctx.spec, ctx.recipe
     start = time.perf_counter()
@@ -132,21 +152,49 @@ def spinquant_step(model: nn.Module, step, ctx) -> None:
     if step.rotations is not None:
         rot, meta = load_rotations(step.rotations)
         _check_o_rotation(step, meta)
+        _check_clips(step, rot)
         rot.o = o
         losses = list(meta.get("losses", []))
     else:
         rot, losses = _learn(model, spec, step, ctx, seed, o)
+    if "clips" not in step.learn:
+        rot.clips = None
     _remove_training_quantizers(model, spec)
     with torch.no_grad():
         rotate_residual(model, spec, rot.r1.detach().double())
         rotate_heads(model, spec, [r.detach().double() for r in rot.r2])
         if o is not None:
             fold_input_rotation(model, spec, spec.o, o.double())
-    info.update({"R1": "learned (SpinQuant, Cayley SGD) from a seeded random Hadamard",
-                 "R2": f"learned, one per layer ({len(rot.r2)})", "max_orthogonality_error": rot.max_orthogonality_error(),
-                 "losses": [round(x, 4) for x in losses], "seconds": round(time.perf_counter() - start, 3)})
+    info.update(_describe(rot, "rotations" in step.learn))
+    info.update({"max_orthogonality_error": rot.max_orthogonality_error(), "losses": [round(x, 4) for x in losses],
+                 "seconds": round(time.perf_counter() - start, 3)})
     ctx.info["rotation"] = info
     ctx.info["learned_rotations"] = rot
+    if rot.clips is not None:
+        ctx.clip_ratios = rot.clips.ratios()
+
+
+def _describe(rot: Rotations, learned: bool) -> dict:
+    """The report's account of R1/R2 and of the clip ratios."""
+    if learned:
+        out = {"R1": "learned (SpinQuant, Cayley SGD) from a seeded random Hadamard",
+               "R2": f"learned, one per layer ({len(rot.r2)})"}
+    else:
+        out = {"R1": "seeded random Hadamard (QuaRot's, not learned)", "R2": f"seeded random Hadamards ({len(rot.r2)})"}
+    if rot.clips is not None:
+        ratios = torch.tensor(list(rot.clips.ratios().values()))
+        out["clip_ratios"] = {"learned": len(ratios), "min": round(float(ratios.min()), 4),
+                              "median": round(float(ratios.median()), 4), "max": round(float(ratios.max()), 4)}
+    return out
+
+
+def _check_clips(step, rot: Rotations) -> None:
+    """A step that learns clips can only load a rotations file that holds them."""
+    if "clips" in step.learn and rot.clips is None:
+        from ..errors import RecipeError
+
+        raise RecipeError(f"rotations file {step.rotations} holds no learned clip ratios but this step has "
+                          "learn: [.., clips]: drop clips from learn or train again with them")
 
 
 def _check_o_rotation(step, meta: dict) -> None:
@@ -168,12 +216,16 @@ def _learn(model: nn.Module, spec, step, ctx, seed: int, o: torch.Tensor | None)
     meta_base = {"recipe": ctx.recipe.name, "seed": seed, "steps": step.steps, "lr": step.lr,
                  "samples": step.samples, "seq_len": step.seq_len, "quantize_weights": step.quantize_weights,
                  "batch": step.batch, "step_norm": step.step_norm, "scale_grad": step.scale_grad, "autocast": step.autocast,
-                 "o_rotation": step.o_rotation, "loss": step.loss}
-    rot, first, earlier = _resume(step, initial_rotations(model, spec, seed), meta_base)
+                 "o_rotation": step.o_rotation, "loss": step.loss, "learn": step.learn, "clip_lr": step.clip_lr}
+    start = initial_rotations(model, spec, seed)
+    if "clips" in step.learn:
+        start.clips = initial_clips(model)
+    rot, first, earlier = _resume(step, start, meta_base)
     rot.o = o
     weights = ctx.recipe.weights if step.quantize_weights else None
     config = TrainConfig(steps=step.steps, lr=step.lr, momentum=step.momentum, batch=step.batch, weights=weights,
-                         norm=step.step_norm, scale_grad=step.scale_grad, autocast=step.autocast, loss=step.loss)
+                         norm=step.step_norm, scale_grad=step.scale_grad, autocast=step.autocast, loss=step.loss,
+                         learn=tuple(step.learn), clip_lr=step.clip_lr)
 
     def checkpoint(i: int, current: Rotations, losses: list[float]) -> None:
         if step.checkpoint is not None and (i + 1 == step.steps or (i + 1) % step.checkpoint_every == 0):
