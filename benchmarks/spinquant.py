@@ -104,7 +104,7 @@ def write_table(saved: dict) -> None:
         gap = (rows["w4a4kv4-spinquant"]["ratio"] - 1) / (rows["w4a4kv4-quarot"]["ratio"] - 1)
         lines += ["", f"SpinQuant leaves {gap:.0%} of QuaRot's gap to full precision (target: at most 70%).",
                   ("\"gap left\": the row's ratio − 1 over that of the QuaRot row with the same quantizers "
-                   "(`<prefix>-quarot`). Rows beyond the first two are `benchmarks/recipes/<row>.yaml`, measured in "
+                   "(`<prefix>-quarot`). Rows beyond the first two are presets or `benchmarks/recipes/<row>.yaml`, measured in "
                    "the same setup with `--recipes`:"), ""]
         lines += [f"- `{name}`: {r['description']}" for name, r in rows.items()
                   if name not in MAIN_ROWS and r.get("description")]

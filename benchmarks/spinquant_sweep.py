@@ -35,7 +35,11 @@ from lowbit.surgery.spinquant import (
     rotation_loss,
     train_rotations,
 )
-from lowbit.surgery.spinquant_step import initial_rotations, prepare_training
+from lowbit.surgery.spinquant_step import (
+    initial_clips,
+    initial_rotations,
+    prepare_training,
+)
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "spinquant_sweep.json"
@@ -43,7 +47,7 @@ BEGIN, END = "<!-- SPINSWEEP:BEGIN -->", "<!-- SPINSWEEP:END -->"
 HELDOUT = (4, 512)  # held-out sequences × tokens, cut from the end of the calibration stream
 
 # label -> TrainConfig fields (plus "o_rotation", the step's rotation across heads at o_proj's input); "detached": the
-# reference's straight-through gradient (no gradient through scales)
+# reference's straight-through gradient (no gradient through scales); "clips": one clip ratio per quantizer learns too
 SETTINGS = {
     "detached fro lr1.5 b1": {"norm": "fro", "lr": 1.5, "scale_grad": False},
     "detached one lr1.5 b1": {"norm": "one", "lr": 1.5, "scale_grad": False},
@@ -55,6 +59,12 @@ SETTINGS = {
     "scale-grad one lr0.05 b2 bf16": {"norm": "one", "lr": 0.05, "batch": 2, "autocast": "bf16"},
     "scale-grad one lr0.05 b1 o-rotation": {"norm": "one", "lr": 0.05, "o_rotation": True},
     "scale-grad one lr0.05 b1 kl": {"norm": "one", "lr": 0.05, "loss": "kl"},
+    "clips lr0.02": {"learn": ("clips",), "clip_lr": 0.02},
+    "scale-grad one lr0.05 b1 clips lr0.02": {"norm": "one", "lr": 0.05, "learn": ("rotations", "clips"), "clip_lr": 0.02},
+    "scale-grad one lr0.05 b1 clips lr0.05": {"norm": "one", "lr": 0.05, "learn": ("rotations", "clips"), "clip_lr": 0.05},
+    "scale-grad one lr0.05 b1 clips lr0.1": {"norm": "one", "lr": 0.05, "learn": ("rotations", "clips"), "clip_lr": 0.1},
+    "scale-grad one lr0.05 b1 clips lr0.2": {"norm": "one", "lr": 0.05, "learn": ("rotations", "clips"), "clip_lr": 0.2},
+    "clips lr0.1": {"learn": ("clips",), "clip_lr": 0.1},
 }
 
 
@@ -87,6 +97,9 @@ def run_setting(loaded, data, settings: dict, steps: int, every: int) -> dict:
     train, heldout = split(data)
     batches = train.calibration(step.samples, step.seq_len)
     config = TrainConfig(steps=steps, **fields)
+    if "clips" in config.learn:
+        rot.clips = initial_clips(model)
+        rot.clips.bind(model)  # the held-out loss reads the learned clips too
 
     def held() -> float:
         with torch.no_grad():

@@ -97,16 +97,11 @@ def test_training_lowers_the_quantized_loss_and_keeps_the_model_invariant(traine
     assert torch.allclose(_logits(fp, data.eval_windows), _logits(model, data.eval_windows), atol=1e-4)
 
 
-def test_resume_after_interruption_and_load_saved_rotations(calib, tmp_path, monkeypatch):
+def _interrupted(monkeypatch, recipe: Recipe, data) -> None:
+    """Run ``recipe`` with training stopped by a KeyboardInterrupt at its third step, as a user's Ctrl-C would."""
     import lowbit.surgery.spinquant as sq
 
-    ckpt = tmp_path / "rot.safetensors"
-    recipe = _recipe({"steps": 4, "lr": 1.0, "checkpoint": str(ckpt), "checkpoint_every": 2})
-    whole = lowbit.quantize(tiny_model("llama"), recipe.updated(
-        steps=[{**recipe.steps[0].model_dump(), "checkpoint": str(tmp_path / "whole.safetensors")}]), calib)
-
-    calls = {"n": 0}
-    real = sq._train_step
+    real, calls = sq._train_step, {"n": 0}
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -114,12 +109,20 @@ def test_resume_after_interruption_and_load_saved_rotations(calib, tmp_path, mon
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sq, "_train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        lowbit.quantize(tiny_model("llama"), recipe, calib)
+    with monkeypatch.context() as patch:
+        patch.setattr(sq, "_train_step", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            lowbit.quantize(tiny_model("llama"), recipe, data)
+
+
+def test_resume_after_interruption_and_load_saved_rotations(calib, tmp_path, monkeypatch):
+    ckpt = tmp_path / "rot.safetensors"
+    recipe = _recipe({"steps": 4, "lr": 1.0, "checkpoint": str(ckpt), "checkpoint_every": 2})
+    whole = lowbit.quantize(tiny_model("llama"), recipe.updated(
+        steps=[{**recipe.steps[0].model_dump(), "checkpoint": str(tmp_path / "whole.safetensors")}]), calib)
+    _interrupted(monkeypatch, recipe, calib)
     _, meta = load_rotations(ckpt)
     assert meta["step"] == 1 and len(meta["losses"]) == 2
-    monkeypatch.setattr(sq, "_train_step", real)
     info: dict = {}
     resumed = lowbit.quantize(tiny_model("llama"), recipe, calib, info=info)
     assert len(info["rotation"]["losses"]) == 4
@@ -164,8 +167,10 @@ def test_weight_only_training_fake_quantizes_the_rotated_weights(trained):
 def test_spinquant_presets_validate():
     from lowbit.recipe import load_preset
 
-    for name in ("w4a4kv4-spinquant", "w4a16-spinquant"):
+    for name in ("w4a4kv4-spinquant", "w4a16-spinquant", "w4a4kv4-quarot-clips", "w4a4kv4-spinquant-clips"):
         assert load_preset(name).steps[0].method == "spinquant"
+    assert load_preset("w4a4kv4-quarot-clips").steps[0].learn == ["clips"]
+    assert load_preset("w4a4kv4-spinquant-clips").steps[0].learn == ["rotations", "clips"]
 
 
 def test_static_recipes_learn_through_dynamic_per_token_quantizers(calib):
@@ -339,25 +344,12 @@ def test_joint_learning_moves_both_and_a_static_recipe_refuses_clips(trained):
 def test_clips_resume_exactly_and_load_from_the_rotations_file(calib, tmp_path, monkeypatch):
     """Interrupted clip learning resumes with its Adam state (the same clips as one run); a saved file gives the
     same quantized model without training, and a file without clips is refused by a step that learns them."""
-    import lowbit.surgery.spinquant as sq
-
     ckpt = tmp_path / "rot.safetensors"
     steps = {"steps": 4, "lr": 1.0, "learn": ["rotations", "clips"], "clip_lr": 0.1, "checkpoint_every": 1}
     whole_info: dict = {}
     whole = lowbit.quantize(tiny_model("llama"), _recipe({**steps, "checkpoint": str(tmp_path / "w.safetensors")}),
                             calib, info=whole_info)
-    real, calls = sq._train_step, {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sq, "_train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        lowbit.quantize(tiny_model("llama"), _recipe({**steps, "checkpoint": str(ckpt)}), calib)
-    monkeypatch.setattr(sq, "_train_step", real)
+    _interrupted(monkeypatch, _recipe({**steps, "checkpoint": str(ckpt)}), calib)
     info: dict = {}
     resumed = lowbit.quantize(tiny_model("llama"), _recipe({**steps, "checkpoint": str(ckpt)}), calib, info=info)
     assert len(info["rotation"]["losses"]) == 4

@@ -181,7 +181,7 @@ class SpinQuantStep(_Strict):
     o_rotation: bool = False
     loss: Literal["ce", "kl"] = "ce"
     learn: list[Literal["rotations", "clips"]] = Field(default=["rotations"], min_length=1)
-    clip_lr: float = Field(default=0.02, gt=0)
+    clip_lr: float = Field(default=0.1, gt=0)
 
     @field_validator("learn")
     @classmethod
