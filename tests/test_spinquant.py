@@ -363,3 +363,16 @@ def test_clips_resume_exactly_and_load_from_the_rotations_file(calib, tmp_path, 
     lowbit.quantize(tiny_model("llama"), _recipe({"steps": 1, "checkpoint": str(plain)}), calib)
     with pytest.raises(lowbit.LowbitError, match="no learned clip ratios"):
         lowbit.quantize(tiny_model("llama"), _recipe({"rotations": str(plain), "learn": ["clips"]}), calib)
+
+
+def test_learned_clips_reach_the_quantizers_of_a_prefixed_model(calib):
+    """With a PrefixQuant prefix after the clips are learned, the prefixed model's quantizers still carry them."""
+    from lowbit.surgery.quantizer import ActQuantizer
+
+    recipe = _recipe({"steps": 2, "learn": ["clips"]}).updated(
+        steps=[{"method": "spinquant", "steps": 2, "samples": 4, "seq_len": 32, "learn": ["clips"]},
+               {"method": "prefix", "tokens": [5]}])
+    info: dict = {}
+    model = lowbit.quantize(tiny_model("llama"), recipe, calib, info=info)
+    final = {q.name: q.scheme.clip_ratio for q in model.modules() if isinstance(q, ActQuantizer)}
+    assert type(model).__name__ == "PrefixedModel" and final == info["learned_rotations"].clips.ratios()
