@@ -3,14 +3,19 @@
 Run:  python benchmarks/spinquant.py          (about 30 minutes on 2 CPU cores: 2 quantizations, 2 evaluations)
       python benchmarks/spinquant.py --recipes w4a4kv4-spinquant my-variant.yaml   (only these rows, same setup)
       python benchmarks/spinquant.py --tables-only
+      python benchmarks/spinquant.py --eval-data other.txt   (the same quantization, evaluated on another text)
 Writes results/spinquant.json, results/spinquant_loss.png (the training loss curve) and the table between the
 SPINQUANT markers in benchmarks/README.md. Learned rotations are checkpointed to results/<row>-rotations.safetensors
 so an interrupted run resumes its training.
 
-Rows: ``w4a4kv4-quarot`` (random Hadamards) and ``w4a4kv4-spinquant`` (R1/R2 learned with Cayley SGD for the
-same A4/KV4 quantizers, then the same GPTQ). Reported: ratio, KL, top-1, the share of QuaRot's gap to full
+Rows: ``w4a4kv4-quarot`` (random Hadamards) and ``w4a4kv4-spinquant`` (R1/R2 learned with Cayley SGD and one clip
+ratio per quantizer with Adam, for the same A4/KV4 quantizers, then the same GPTQ). Reported: ratio, KL, top-1, the share of QuaRot's gap to full
 precision that SpinQuant closes, training wall time, the rotations' orthogonality and the rotated full-precision
 model's largest logit difference from the original.
+
+``--eval-data`` re-measures on windows of another text: calibration and learning are unchanged (a complete rotations
+checkpoint from an earlier run is reused, not learned again), only the evaluation windows differ. Those rows go to
+results/spinquant@<text>.json and are printed, not written to the README.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ def row_name(name_or_path: str) -> str:
     return Path(name_or_path).stem if name_or_path.endswith((".yaml", ".yml")) else name_or_path
 
 
-def measure(name_or_path: str, loaded, data, reference) -> dict:
+def measure(name_or_path: str, loaded, data, reference, windows: torch.Tensor) -> dict:
     recipe, name = load_recipe(name_or_path), row_name(name_or_path)
     if any(s.method == "spinquant" for s in recipe.steps):  # checkpoint the rotations so an interrupted run resumes
         path = HERE / "results" / f"{name}-rotations.safetensors"
@@ -52,7 +57,7 @@ def measure(name_or_path: str, loaded, data, reference) -> dict:
     start = time.perf_counter()
     model = lowbit.quantize(loaded.model, recipe, data, info=info)
     seconds = time.perf_counter() - start
-    result = evaluate(loaded.model, model, data.eval_windows, reference=reference)
+    result = evaluate(loaded.model, model, windows, reference=reference)
     rotation = {k: v for k, v in info.get("rotation", {}).items()}
     rotation.update(rotation_invariance(loaded.model, recipe, data, info.get("learned_rotations")))
     return {"ratio": result.ppl / result.fp_ppl, "kl": result.kl_vs_fp, "top1": result.top1_agreement,
@@ -64,21 +69,30 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(MAIN_ROWS),
                         help="presets or recipe files to measure (default: the two rows of the must-show table)")
     parser.add_argument("--tables-only", action="store_true")
+    parser.add_argument("--eval-data", help="evaluate on windows of this text (file or dataset name) instead")
     args = parser.parse_args()
-    saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
+    results = RESULTS if args.eval_data is None else RESULTS.with_name(f"spinquant@{Path(args.eval_data).stem}.json")
+    saved = json.loads(results.read_text()) if results.exists() else {"rows": {}}
     if not args.tables_only:
         loaded = lowbit.load_model("default")
         data = lowbit.prepare_data(lowbit.DataConfig(), loaded.tokenizer)
-        reference = reference_log_probs(loaded.model, data.eval_windows)
+        windows = data.eval_windows
+        if args.eval_data is not None:
+            windows = lowbit.prepare_data(lowbit.DataConfig(eval=args.eval_data), loaded.tokenizer).eval_windows
+        reference = reference_log_probs(loaded.model, windows)
         for name_or_path in args.recipes:
             name = row_name(name_or_path)
-            saved["rows"][name] = {**measure(name_or_path, loaded, data, reference), "date": time.strftime("%Y-%m-%d")}
-            RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
+            row = measure(name_or_path, loaded, data, reference, windows)
+            saved["rows"][name] = {**row, "date": time.strftime("%Y-%m-%d")}
+            results.write_text(json.dumps(saved, indent=2) + "\n")
             print(f"{name}: ratio {saved['rows'][name]['ratio']:.4f}", flush=True)
-        saved["meta"] = {"threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
-        RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
-    write_table(saved)
-    plot(saved)
+        saved["meta"] = {"threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "eval": args.eval_data}
+        results.write_text(json.dumps(saved, indent=2) + "\n")
+    if args.eval_data is None:
+        write_table(saved)
+        plot(saved)
+    else:
+        print("\n".join(table_lines(saved)))
 
 
 def reference_row(name: str) -> str:
@@ -86,11 +100,13 @@ def reference_row(name: str) -> str:
     return f"{name.split('-')[0]}-quarot"
 
 
-def write_table(saved: dict) -> None:
+def table_lines(saved: dict) -> list[str]:
+    """The markdown table of every saved row, with the must-show gap and the rows' descriptions."""
     rows, meta = saved["rows"], saved.get("meta", {})
     header = ("| recipe | ratio | KL | top-1 | gap left | quantize s | learning s | max abs(RᵀR − I) "
               "| rotated FP max logit diff |")
-    setup = (f"Default model and text, 6 windows × 2048 tokens, {meta.get('threads')} CPU threads, {meta.get('date')}; "
+    text = f"evaluated on `{meta['eval']}`" if meta.get("eval") else "default text"
+    setup = (f"Default model, {text}, 6 windows × 2048 tokens, {meta.get('threads')} CPU threads, {meta.get('date')}; "
              "`python benchmarks/spinquant.py`.")
     lines = [setup, "", header, "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
@@ -100,32 +116,42 @@ def write_table(saved: dict) -> None:
         lines.append(f"| {name} | {r['ratio']:.4f} | {r['kl']:.4f} | {r['top1']:.4f} | {gap} | {r['quantize_s']:.0f} | "
                      f"{rot.get('seconds', 0):.0f} | {rot.get('max_orthogonality_error', 0):.1e} | "
                      f"{rot['max_abs_logit_diff_vs_fp']:.1e} |")
-    if {"w4a4kv4-quarot", "w4a4kv4-spinquant"} <= rows.keys():
+    if set(MAIN_ROWS) <= rows.keys():
         gap = (rows["w4a4kv4-spinquant"]["ratio"] - 1) / (rows["w4a4kv4-quarot"]["ratio"] - 1)
-        lines += ["", f"SpinQuant leaves {gap:.0%} of QuaRot's gap to full precision (target: at most 70%).",
+        lines += ["", f"`w4a4kv4-spinquant` leaves {gap:.0%} of `w4a4kv4-quarot`'s gap to full precision (target: at most 70%).",
                   ("\"gap left\": the row's ratio − 1 over that of the QuaRot row with the same quantizers "
                    "(`<prefix>-quarot`). Rows beyond the first two are presets or `benchmarks/recipes/<row>.yaml`, measured in "
                    "the same setup with `--recipes`:"), ""]
         lines += [f"- `{name}`: {r['description']}" for name, r in rows.items()
                   if name not in MAIN_ROWS and r.get("description")]
+    return lines
+
+
+def write_table(saved: dict) -> None:
+    lines = table_lines(saved)
     replace_block(HERE / "README.md", BEGIN, END, lines)
     print("\n".join(lines))
 
 
+LOSS_ROWS = {"w4a4kv4-spinquant": "rotations + clips (preset)", "w4a4kv4-spinquant-paper": "rotations only (paper)"}
+
+
 def plot(saved: dict) -> None:
-    losses = saved["rows"].get("w4a4kv4-spinquant", {}).get("rotation", {}).get("losses")
-    if not losses:
-        return
+    """Training loss per step and its running mean for the preset and the paper's rotations-only variant."""
+    curves = {label: saved["rows"][name]["rotation"].get("losses") for name, label in LOSS_ROWS.items()
+              if name in saved["rows"]}
+    curves = {label: losses for label, losses in curves.items() if losses}
     plt = pyplot()
-    if plt is None:
+    if not curves or plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses, lw=1, alpha=0.5, label="per step")
     window = 10
-    if len(losses) >= window:
-        smooth = [sum(losses[i - window:i]) / window for i in range(window, len(losses) + 1)]
-        ax.plot(range(window, len(losses) + 1), smooth, lw=2, label=f"mean of {window}")
-    ax.set(xlabel="Cayley SGD step", ylabel="cross-entropy (A4 KV4 fake-quant)", title="SpinQuant on the default model")
+    for (label, losses), color in zip(curves.items(), ("tab:blue", "tab:orange")):
+        ax.plot(range(1, len(losses) + 1), losses, lw=1, alpha=0.3, color=color)
+        if len(losses) >= window:
+            smooth = [sum(losses[i - window:i]) / window for i in range(window, len(losses) + 1)]
+            ax.plot(range(window, len(losses) + 1), smooth, lw=2, color=color, label=f"{label}, mean of {window}")
+    ax.set(xlabel="training step", ylabel="cross-entropy (A4 KV4 fake-quant)", title="SpinQuant on the default model")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

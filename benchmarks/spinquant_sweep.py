@@ -2,10 +2,10 @@
 
 Run:  python benchmarks/spinquant_sweep.py                      (every setting in SETTINGS, a few minutes each)
       python benchmarks/spinquant_sweep.py --norms              (the first step's direction: 1-norm, Frobenius)
-      python benchmarks/spinquant_sweep.py --flatness [--rotations results/w4a4kv4-spinquant-rotations.safetensors]
+      python benchmarks/spinquant_sweep.py --flatness [--rotations results/w4a4kv4-spinquant-paper-rotations.safetensors]
       python benchmarks/spinquant_sweep.py --settings "scale-grad one lr0.05 b1" --steps 40 --every 20
 
-Each setting learns R1/R2 from the same seeded Hadamards for ``w4a4kv4-spinquant``'s training quantizers (A4 per
+Each setting learns R1/R2 from the same seeded Hadamards for ``w4a4kv4-spinquant-paper``'s training quantizers (A4 per
 token, KV4 per head, weights in full precision) on calibration text, and the cross-entropy of a held-out batch of
 calibration text (never trained on, disjoint from the evaluation windows) is measured every ``--every`` steps. A
 per-batch training loss cannot tell descent from batch-to-batch variation; this can. Results: results/spinquant_sweep.json,
@@ -77,10 +77,10 @@ def split(data: TokenData) -> tuple[TokenData, torch.Tensor]:
 
 
 def training_setup(loaded, data, o_rotation: bool = False):
-    """A copy of the model prepared for ``w4a4kv4-spinquant``'s training (R3/R4, fake-quantizers), its initial
+    """A copy of the model prepared for ``w4a4kv4-spinquant-paper``'s training (R3/R4, fake-quantizers), its initial
     Hadamards, the frozen originals, head_dim and the preset's spinquant step (``o_rotation``: with the rotation
     across heads at o_proj's input)."""
-    recipe = load_preset("w4a4kv4-spinquant")
+    recipe = load_preset("w4a4kv4-spinquant-paper")
     step = recipe.steps[0]
     model = copy.deepcopy(loaded.model).requires_grad_(False)
     prepare_training(model, loaded.spec, recipe, data.seed, step.r3, step.r4, o_rotation)

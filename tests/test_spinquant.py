@@ -167,10 +167,14 @@ def test_weight_only_training_fake_quantizes_the_rotated_weights(trained):
 def test_spinquant_presets_validate():
     from lowbit.recipe import load_preset
 
-    for name in ("w4a4kv4-spinquant", "w4a16-spinquant", "w4a4kv4-quarot-clips", "w4a4kv4-spinquant-clips"):
+    for name in ("w4a4kv4-spinquant", "w4a4kv4-spinquant-paper", "w4a16-spinquant", "w4a4kv4-quarot-clips"):
         assert load_preset(name).steps[0].method == "spinquant"
+    assert load_preset("w4a4kv4-spinquant").steps[0].learn == ["rotations", "clips"]
+    assert load_preset("w4a4kv4-spinquant-paper").steps[0].learn == ["rotations"]
     assert load_preset("w4a4kv4-quarot-clips").steps[0].learn == ["clips"]
-    assert load_preset("w4a4kv4-spinquant-clips").steps[0].learn == ["rotations", "clips"]
+    paper, preset = load_preset("w4a4kv4-spinquant-paper"), load_preset("w4a4kv4-spinquant")
+    same = ("weights", "activations", "kv", "calibration")  # the two differ only in what they learn
+    assert all(getattr(paper, k) == getattr(preset, k) for k in same)
 
 
 def test_static_recipes_learn_through_dynamic_per_token_quantizers(calib):
