@@ -4,6 +4,7 @@ Run:  python benchmarks/spinquant.py          (about 30 minutes on 2 CPU cores: 
       python benchmarks/spinquant.py --recipes w4a4kv4-spinquant my-variant.yaml   (only these rows, same setup)
       python benchmarks/spinquant.py --tables-only
       python benchmarks/spinquant.py --eval-data other.txt   (the same quantization, evaluated on another text)
+      python benchmarks/spinquant.py --text other.txt        (calibrate, learn and evaluate on another text)
 Writes results/spinquant.json, results/spinquant_loss.png (the training loss curve) and the table between the
 SPINQUANT markers in benchmarks/README.md. Learned rotations are checkpointed to results/<row>-rotations.safetensors
 so an interrupted run resumes its training.
@@ -15,7 +16,9 @@ model's largest logit difference from the original.
 
 ``--eval-data`` re-measures on windows of another text: calibration and learning are unchanged (a complete rotations
 checkpoint from an earlier run is reused, not learned again), only the evaluation windows differ. Those rows go to
-results/spinquant@<text>.json and are printed, not written to the README.
+results/spinquant@<text>.json and are printed, not written to the README. ``--text`` replaces the default text
+everywhere (evaluation windows first, calibration from the tokens after them); its rows go to
+results/spinquant@<text>-calibrated.json and its learned rotations to results/<row>@<text>-rotations.safetensors.
 """
 
 from __future__ import annotations
@@ -47,10 +50,11 @@ def row_name(name_or_path: str) -> str:
     return Path(name_or_path).stem if name_or_path.endswith((".yaml", ".yml")) else name_or_path
 
 
-def measure(name_or_path: str, loaded, data, reference, windows: torch.Tensor) -> dict:
+def measure(name_or_path: str, loaded, data, reference, windows: torch.Tensor, tag: str = "") -> dict:
+    """Quantize with one recipe and evaluate on ``windows``; learned rotations checkpoint to <row><tag>-rotations."""
     recipe, name = load_recipe(name_or_path), row_name(name_or_path)
     if any(s.method == "spinquant" for s in recipe.steps):  # checkpoint the rotations so an interrupted run resumes
-        path = HERE / "results" / f"{name}-rotations.safetensors"
+        path = HERE / "results" / f"{name}{tag}-rotations.safetensors"
         steps = [s.model_copy(update={"checkpoint": str(path)}) if s.method == "spinquant" else s for s in recipe.steps]
         recipe = recipe.model_copy(update={"steps": steps})
     info: dict = {}
@@ -69,26 +73,33 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(MAIN_ROWS),
                         help="presets or recipe files to measure (default: the two rows of the must-show table)")
     parser.add_argument("--tables-only", action="store_true")
-    parser.add_argument("--eval-data", help="evaluate on windows of this text (file or dataset name) instead")
+    other = parser.add_mutually_exclusive_group()
+    other.add_argument("--eval-data", help="evaluate on windows of this text (file or dataset name) instead")
+    other.add_argument("--text", help="calibrate, learn and evaluate on this text (disjoint parts, as the default text)")
     args = parser.parse_args()
-    results = RESULTS if args.eval_data is None else RESULTS.with_name(f"spinquant@{Path(args.eval_data).stem}.json")
+    tag = f"@{Path(args.text).stem}" if args.text else ""
+    results = RESULTS
+    if args.eval_data or args.text:
+        results = RESULTS.with_name(f"spinquant@{Path(args.eval_data).stem}.json" if args.eval_data else f"spinquant{tag}-calibrated.json")
     saved = json.loads(results.read_text()) if results.exists() else {"rows": {}}
     if not args.tables_only:
         loaded = lowbit.load_model("default")
-        data = lowbit.prepare_data(lowbit.DataConfig(), loaded.tokenizer)
+        text = args.text or "default"
+        data = lowbit.prepare_data(lowbit.DataConfig(calib=text, eval=text), loaded.tokenizer)
         windows = data.eval_windows
         if args.eval_data is not None:
             windows = lowbit.prepare_data(lowbit.DataConfig(eval=args.eval_data), loaded.tokenizer).eval_windows
         reference = reference_log_probs(loaded.model, windows)
         for name_or_path in args.recipes:
             name = row_name(name_or_path)
-            row = measure(name_or_path, loaded, data, reference, windows)
+            row = measure(name_or_path, loaded, data, reference, windows, tag)
             saved["rows"][name] = {**row, "date": time.strftime("%Y-%m-%d")}
             results.write_text(json.dumps(saved, indent=2) + "\n")
             print(f"{name}: ratio {saved['rows'][name]['ratio']:.4f}", flush=True)
-        saved["meta"] = {"threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "eval": args.eval_data}
+        saved["meta"] = {"threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+                         "eval": args.eval_data or args.text, "calib": args.text}
         results.write_text(json.dumps(saved, indent=2) + "\n")
-    if args.eval_data is None:
+    if results == RESULTS:
         write_table(saved)
         plot(saved)
     else:
@@ -106,6 +117,8 @@ def table_lines(saved: dict) -> list[str]:
     header = ("| recipe | ratio | KL | top-1 | gap left | quantize s | learning s | max abs(RᵀR − I) "
               "| rotated FP max logit diff |")
     text = f"evaluated on `{meta['eval']}`" if meta.get("eval") else "default text"
+    if meta.get("calib"):
+        text = f"calibrated and evaluated on `{meta['calib']}` (disjoint parts)"
     setup = (f"Default model, {text}, 6 windows × 2048 tokens, {meta.get('threads')} CPU threads, {meta.get('date')}; "
              "`python benchmarks/spinquant.py`.")
     lines = [setup, "", header, "|---|---|---|---|---|---|---|---|---|"]
