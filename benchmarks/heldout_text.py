@@ -11,12 +11,13 @@ lists, with link markup reduced to its text and references dropped. Crude, but i
 from __future__ import annotations
 
 import bz2
-import importlib.util
 import re
 import sys
 from pathlib import Path
 
-DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+from lowbit.data import default_text_path
+
+DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"  # beside the default text
 MARKUP_STARTS = "{|[=<*!:#&}"
 LINK = re.compile(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]")  # [[target|text]] -> text
 TEMPLATE = re.compile(r"\{\{[^}]*\}\}")
@@ -25,10 +26,11 @@ ENTITY = re.compile(r"&[a-z]+;")
 
 
 def dump_path() -> Path:
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or spec.origin is None:
-        sys.exit("gensim is not installed: pip install gensim (only its test data is read)")
-    return Path(spec.origin).parent / DUMP
+    """The dump in gensim's test data, found the way lowbit finds the default text (with its errors if gensim is missing)."""
+    path = default_text_path().with_name(DUMP)
+    if not path.is_file():
+        sys.exit(f"{path} is missing from the gensim package: reinstall it with `pip install --no-deps gensim`")
+    return path
 
 
 def prose(line: str) -> str | None:

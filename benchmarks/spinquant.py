@@ -68,6 +68,13 @@ def measure(name_or_path: str, loaded, data, reference, windows: torch.Tensor, t
             "quantize_s": seconds, "rotation": rotation, "description": recipe.description}
 
 
+def results_file(eval_data: str | None, tag: str) -> Path:
+    """Where rows go: the main table's file, or one per other evaluation text (``--eval-data``) or text (``--text``)."""
+    if eval_data:
+        return RESULTS.with_name(f"spinquant@{Path(eval_data).stem}.json")
+    return RESULTS.with_name(f"spinquant{tag}-calibrated.json") if tag else RESULTS
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=list(MAIN_ROWS),
@@ -78,9 +85,7 @@ def main() -> None:
     other.add_argument("--text", help="calibrate, learn and evaluate on this text (disjoint parts, as the default text)")
     args = parser.parse_args()
     tag = f"@{Path(args.text).stem}" if args.text else ""
-    results = RESULTS
-    if args.eval_data or args.text:
-        results = RESULTS.with_name(f"spinquant@{Path(args.eval_data).stem}.json" if args.eval_data else f"spinquant{tag}-calibrated.json")
+    results = results_file(args.eval_data, tag)
     saved = json.loads(results.read_text()) if results.exists() else {"rows": {}}
     if not args.tables_only:
         loaded = lowbit.load_model("default")

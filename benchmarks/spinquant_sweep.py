@@ -60,10 +60,8 @@ SETTINGS = {
     "scale-grad one lr0.05 b1 o-rotation": {"norm": "one", "lr": 0.05, "o_rotation": True},
     "scale-grad one lr0.05 b1 kl": {"norm": "one", "lr": 0.05, "loss": "kl"},
     "clips lr0.02": {"learn": ("clips",), "clip_lr": 0.02},
-    "scale-grad one lr0.05 b1 clips lr0.02": {"norm": "one", "lr": 0.05, "learn": ("rotations", "clips"), "clip_lr": 0.02},
-    "scale-grad one lr0.05 b1 clips lr0.05": {"norm": "one", "lr": 0.05, "learn": ("rotations", "clips"), "clip_lr": 0.05},
-    "scale-grad one lr0.05 b1 clips lr0.1": {"norm": "one", "lr": 0.05, "learn": ("rotations", "clips"), "clip_lr": 0.1},
-    "scale-grad one lr0.05 b1 clips lr0.2": {"norm": "one", "lr": 0.05, "learn": ("rotations", "clips"), "clip_lr": 0.2},
+    **{f"scale-grad one lr0.05 b1 clips lr{clip_lr}": {"norm": "one", "lr": 0.05, "learn": ("rotations", "clips"),
+                                                       "clip_lr": clip_lr} for clip_lr in (0.02, 0.05, 0.1, 0.2)},
     "clips lr0.1": {"learn": ("clips",), "clip_lr": 0.1},
 }
 
