@@ -11,11 +11,12 @@ Three layers, each depending only on the ones before it (and on torch):
 2. **Quantization parameters.** :mod:`~lowbit.quant.qparams` turns a range into a ``QParams``
    (scale, zero point) with ``compute_qparams`` and applies ``quantize`` / ``dequantize``;
    :mod:`~lowbit.quant.observers` picks the range from data (``minmax``, ``percentile``, ``mse`` clip search).
-3. **Fake quantization.** ``fake_quantize`` (in :mod:`~lowbit.quant.qparams`) is ``dequantize(quantize(x))`` as one
+3. **Fake quantization.** ``fake_quantize`` (in :mod:`~lowbit.quant.fake`) is ``dequantize(quantize(x))`` as one
    differentiable op with straight-through rounding and the LSQ scale gradient, in dynamic (observe ``x``) or
    static (given ``QParams``) mode, for every format and granularity.
 """
 
+from lowbit.quant.fake import fake_quantize
 from lowbit.quant.formats import (
     FORMAT_NAMES,
     FP4_E2M1,
@@ -51,7 +52,6 @@ from lowbit.quant.qparams import (
     QParams,
     compute_qparams,
     dequantize,
-    fake_quantize,
     fake_quantize_groups,
     quantize,
     round_ste,

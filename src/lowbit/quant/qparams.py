@@ -1,4 +1,4 @@
-"""Quantization parameters (scale, zero point) and the quantize / dequantize / fake-quantize maps.
+"""Quantization parameters (scale, zero point) and the quantize / dequantize / fake-quantize maps on them.
 
 Reference formulas (per granule, broadcast over the grouped view of :mod:`lowbit.quant.granularity`):
 
@@ -6,17 +6,19 @@ Reference formulas (per granule, broadcast over the grouped view of :mod:`lowbit
   (``z = 0`` when symmetric);
 * float formats: ``q = round_to_float_format(x / s)`` and ``x_hat = q * s``.
 
-``round`` is round-half-to-even (``torch.round``). :func:`fake_quantize` computes ``x_hat`` as one differentiable
-expression with a straight-through rounding, ``s * (clamp(round_ste(x / s) + z, qmin, qmax) - z)``, which gives
-gradient 1 w.r.t. ``x`` inside the clamp range, 0 where clamped, and the LSQ gradient w.r.t. ``s`` (Esser et al.,
-"Learned Step Size Quantization", 2020): ``round(x/s) - x/s`` inside, ``qmin - z`` or ``qmax - z`` where clamped.
+``round`` is round-half-to-even (``torch.round``). :func:`fake_quantize_groups` computes ``x_hat`` as one
+differentiable expression with a straight-through rounding, ``s * (clamp(round_ste(x / s) + z, qmin, qmax) - z)``,
+which gives gradient 1 w.r.t. ``x`` inside the clamp range, 0 where clamped, and the LSQ gradient w.r.t. ``s``
+(Esser et al., "Learned Step Size Quantization", 2020): ``round(x/s) - x/s`` inside, ``qmin - z`` or ``qmax - z``
+where clamped.
+:func:`lowbit.quant.fake.fake_quantize` wraps it with an observer (the observers build on this module, so the
+composite lives one layer up).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -100,7 +102,7 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
     return all(a in (1, b) for a, b in zip(reversed(shape), reversed(target), strict=False))
 
 
-def _check_qparams(qp: QParams, fmt: Format, stats_shape: torch.Size) -> None:
+def check_qparams(qp: QParams, fmt: Format, stats_shape: torch.Size) -> None:
     """Reject qparams whose shapes would broadcast wrongly, or whose zero point does not fit the format."""
     needs_zero = isinstance(fmt, IntFormat) and not fmt.symmetric
     if needs_zero != (qp.zero_point is not None):
@@ -116,7 +118,7 @@ def _check_qparams(qp: QParams, fmt: Format, stats_shape: torch.Size) -> None:
             )
 
 
-def _unpack(qp: QParams) -> tuple[Tensor, Tensor | None]:
+def float32_qparams(qp: QParams) -> tuple[Tensor, Tensor | None]:
     """Scale and zero point as float32 (differentiably cast, so a learnable scale keeps its gradient)."""
     zero = None if qp.zero_point is None else qp.zero_point.to(torch.float32)
     return qp.scale.to(torch.float32), zero
@@ -128,8 +130,8 @@ def quantize(x: Tensor, qp: QParams, fmt: Format, gran: Granularity) -> Tensor:
     Int formats: ``clamp(round(x / s) + z, qmin, qmax)`` (integer values); float formats:
     ``round_to_float_format(x / s)`` (grid values). Codes keep the original layout so they can be packed directly.
     """
-    _check_qparams(qp, fmt, granule_shape(x.shape, gran))
-    scale, zero = _unpack(qp)
+    check_qparams(qp, fmt, granule_shape(x.shape, gran))
+    scale, zero = float32_qparams(qp)
     scaled = to_groups(x.to(torch.float32), gran) / scale
     if isinstance(fmt, FloatFormat):
         codes = round_to_float_format(scaled, fmt)
@@ -153,8 +155,8 @@ def dequantize(
     Defaults to ``q.shape``. Computed in float32, returned as ``dtype``.
     """
     shape = q.shape if shape is None else torch.Size(shape)
-    _check_qparams(qp, fmt, granule_shape(shape, gran))
-    scale, zero = _unpack(qp)
+    check_qparams(qp, fmt, granule_shape(shape, gran))
+    scale, zero = float32_qparams(qp)
     codes = to_groups(q.reshape(shape).to(torch.float32), gran)
     values = codes * scale if zero is None else (codes - zero) * scale
     return from_groups(values, gran, shape).to(dtype)
@@ -173,67 +175,3 @@ def fake_quantize_groups(g: Tensor, scale: Tensor, zero_point: Tensor | None, fm
     if zero_point is None:
         return scale * round_ste(scaled).clamp(fmt.qmin, fmt.qmax)
     return scale * ((round_ste(scaled) + zero_point).clamp(fmt.qmin, fmt.qmax) - zero_point)
-
-
-def _resolve_qparams(
-    x: Tensor,
-    fmt: Format,
-    gran: Granularity,
-    qparams: QParams | None,
-    observer: str,
-    clip_ratio: float,
-    observer_kwargs: dict[str, Any],
-    scale_grad: bool = False,
-) -> QParams:
-    """Static mode: check and return the given qparams. Dynamic mode: observe ``x`` and compute them.
-
-    Dynamic statistics are detached unless ``scale_grad``, so the gradient w.r.t. ``x`` is the plain
-    straight-through one; see :func:`fake_quantize` for what ``scale_grad`` adds.
-    """
-    if qparams is not None:
-        if observer != "minmax" or clip_ratio != 1.0 or observer_kwargs or scale_grad:
-            raise ValueError(
-                "observer, clip_ratio, scale_grad and observer options apply to dynamic mode only (qparams=None)"
-            )
-        _check_qparams(qparams, fmt, granule_shape(x.shape, gran))
-        return qparams
-    # Imported here because observers build on this module (the MSE search calls fake_quantize_groups).
-    from lowbit.quant.observers import observe_range
-
-    xmin, xmax = observe_range(x if scale_grad else x.detach(), gran, fmt, observer, **observer_kwargs)
-    return compute_qparams(xmin, xmax, fmt, clip_ratio=clip_ratio)
-
-
-def fake_quantize(
-    x: Tensor,
-    fmt: Format,
-    gran: Granularity,
-    *,
-    qparams: QParams | None = None,
-    observer: str = "minmax",
-    clip_ratio: float = 1.0,
-    scale_grad: bool = False,
-    **observer_kwargs: Any,
-) -> Tensor:
-    """Quantize then dequantize ``x`` in one differentiable op (straight-through rounding, LSQ scale gradient).
-
-    Dynamic mode (``qparams=None``): the range comes from ``observer`` ("minmax", "percentile", "mse", with
-    ``observer_kwargs``), shrunk by ``clip_ratio``. Static mode: ``qparams`` are used as given (their scale may
-    require grad). Computed in float32; the output has ``x``'s dtype and shape.
-
-    ``scale_grad`` (dynamic mode): let the gradient also flow through the observed range into ``x``. The output is
-    ``x + s * e`` with rounding error ``e`` in [-1/2, 1/2]; with the range detached, straight-through rounding
-    treats the error ``s * e`` as a constant, so a change of ``x`` that shrinks its range (a rotation that flattens
-    an outlier) earns no credit for the smaller error. With it, ``d out / d s = e`` carries that credit to the
-    largest elements: the reparameterisation gradient of the loss under additive noise of width ``s``, which is
-    what learning rotations needs (SpinQuant).
-    """
-    if not x.is_floating_point():
-        raise ValueError(f"fake_quantize needs a floating-point tensor, got {x.dtype}")
-    if x.numel() == 0:
-        return x.clone()
-    x32 = x.to(torch.float32)
-    qp = _resolve_qparams(x32, fmt, gran, qparams, observer, clip_ratio, observer_kwargs, scale_grad)
-    scale, zero = _unpack(qp)
-    out = fake_quantize_groups(to_groups(x32, gran), scale, zero, fmt)
-    return from_groups(out, gran, x.shape).to(x.dtype)

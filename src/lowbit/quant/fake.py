@@ -1,0 +1,85 @@
+"""Fake quantization: ``dequantize(quantize(x))`` as one differentiable op, with the range observed or given.
+
+A composite of the two layers below it: :mod:`lowbit.quant.observers` picks a range from the data and
+:mod:`lowbit.quant.qparams` turns it into a scale (and zero point) and applies it
+(:func:`~lowbit.quant.qparams.fake_quantize_groups`). It lives in its own module because the observers themselves
+build on :mod:`~lowbit.quant.qparams` (the MSE clip search fake-quantizes candidates), so placing it in either would
+make the two import each other.
+
+The observer and qparams functions are looked up on their modules at call time, so a test (or a caller) that
+patches ``lowbit.quant.observers.observe_range`` or ``lowbit.quant.qparams.compute_qparams`` sees every use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lowbit.quant import observers as _observers
+from lowbit.quant import qparams as _qparams
+from lowbit.quant.formats import Format
+from lowbit.quant.granularity import Granularity, from_groups, granule_shape, to_groups
+from lowbit.quant.qparams import QParams, check_qparams, fake_quantize_groups, float32_qparams
+
+
+def _resolve_qparams(
+    x: Tensor,
+    fmt: Format,
+    gran: Granularity,
+    qparams: QParams | None,
+    observer: str,
+    clip_ratio: float,
+    observer_kwargs: dict[str, Any],
+    scale_grad: bool = False,
+) -> QParams:
+    """Static mode: check and return the given qparams. Dynamic mode: observe ``x`` and compute them.
+
+    Dynamic statistics are detached unless ``scale_grad``, so the gradient w.r.t. ``x`` is the plain
+    straight-through one; see :func:`fake_quantize` for what ``scale_grad`` adds.
+    """
+    if qparams is not None:
+        if observer != "minmax" or clip_ratio != 1.0 or observer_kwargs or scale_grad:
+            raise ValueError(
+                "observer, clip_ratio, scale_grad and observer options apply to dynamic mode only (qparams=None)"
+            )
+        check_qparams(qparams, fmt, granule_shape(x.shape, gran))
+        return qparams
+    xmin, xmax = _observers.observe_range(x if scale_grad else x.detach(), gran, fmt, observer, **observer_kwargs)
+    return _qparams.compute_qparams(xmin, xmax, fmt, clip_ratio=clip_ratio)
+
+
+def fake_quantize(
+    x: Tensor,
+    fmt: Format,
+    gran: Granularity,
+    *,
+    qparams: QParams | None = None,
+    observer: str = "minmax",
+    clip_ratio: float = 1.0,
+    scale_grad: bool = False,
+    **observer_kwargs: Any,
+) -> Tensor:
+    """Quantize then dequantize ``x`` in one differentiable op (straight-through rounding, LSQ scale gradient).
+
+    Dynamic mode (``qparams=None``): the range comes from ``observer`` ("minmax", "percentile", "mse", with
+    ``observer_kwargs``), shrunk by ``clip_ratio``. Static mode: ``qparams`` are used as given (their scale may
+    require grad). Computed in float32; the output has ``x``'s dtype and shape.
+
+    ``scale_grad`` (dynamic mode): let the gradient also flow through the observed range into ``x``. The output is
+    ``x + s * e`` with rounding error ``e`` in [-1/2, 1/2]; with the range detached, straight-through rounding
+    treats the error ``s * e`` as a constant, so a change of ``x`` that shrinks its range (a rotation that flattens
+    an outlier) earns no credit for the smaller error. With it, ``d out / d s = e`` carries that credit to the
+    largest elements: the reparameterisation gradient of the loss under additive noise of width ``s``, which is
+    what learning rotations needs (SpinQuant).
+    """
+    if not x.is_floating_point():
+        raise ValueError(f"fake_quantize needs a floating-point tensor, got {x.dtype}")
+    if x.numel() == 0:
+        return x.clone()
+    x32 = x.to(torch.float32)
+    qp = _resolve_qparams(x32, fmt, gran, qparams, observer, clip_ratio, observer_kwargs, scale_grad)
+    scale, zero = float32_qparams(qp)
+    out = fake_quantize_groups(to_groups(x32, gran), scale, zero, fmt)
+    return from_groups(out, gran, x.shape).to(x.dtype)
