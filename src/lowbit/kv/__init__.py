@@ -1,4 +1,4 @@
-"""Packed KV caches: bit packing, codecs (int, KIVI, QJL, rotated codebook), attention over the packed form.
+"""Packed KV caches: codecs (int, KIVI, QJL, rotated codebook) and attention over the packed form.
 
 ``PackedCache.for_model(model)`` is the cache a model quantized with a ``kv_cache`` recipe decodes with;
 :class:`CacheSpec` and the codecs build one by hand. The cache classes import transformers, so they load on

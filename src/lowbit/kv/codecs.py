@@ -22,9 +22,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..quant.packing import pack_bits, unpack_bits
 from ..rotations import random_hadamard
 from .codebook import sphere_codebook
-from .packing import pack_bits, unpack_bits
 from .qjl import KeySketch, estimate_scores, qjl_projection, sign_matrix, sketch_keys
 
 META_DTYPE = torch.float16  # scales, minima and norms are stored in half precision

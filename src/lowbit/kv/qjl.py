@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .packing import pack_bits, unpack_bits
+from ..quant.packing import pack_bits, unpack_bits
 
 
 def mean_chi(d: int) -> float:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..quant.packing import pack_bits, unpack_bits
 from .codecs import META_DTYPE, Packed
-from .packing import pack_bits, unpack_bits
 
 
 @dataclass(frozen=True, eq=False)

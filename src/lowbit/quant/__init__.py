@@ -14,6 +14,9 @@ Three layers, each depending only on the ones before it (and on torch):
 3. **Fake quantization.** ``fake_quantize`` (in :mod:`~lowbit.quant.fake`) is ``dequantize(quantize(x))`` as one
    differentiable op with straight-through rounding and the LSQ scale gradient, in dynamic (observe ``x``) or
    static (given ``QParams``) mode, for every format and granularity.
+
+Beside them, :mod:`~lowbit.quant.packing` stores integer codes densely (``pack_bits``: b bits per code in uint8;
+``pack_int32``: compressed-tensors' int32 words), for packed KV caches and packed weights alike.
 """
 
 from lowbit.quant.fake import fake_quantize
@@ -48,6 +51,7 @@ from lowbit.quant.observers import (
     observe_range,
     percentile_range,
 )
+from lowbit.quant.packing import pack_bits, pack_int32, packed_size, unpack_bits, unpack_int32
 from lowbit.quant.qparams import (
     QParams,
     compute_qparams,
@@ -82,6 +86,9 @@ __all__ = [
     "minmax_range",
     "mse_range",
     "observe_range",
+    "pack_bits",
+    "pack_int32",
+    "packed_size",
     "parse_format",
     "percentile_range",
     "quantize",
@@ -90,4 +97,6 @@ __all__ = [
     "round_ste",
     "round_to_float_format",
     "to_groups",
+    "unpack_bits",
+    "unpack_int32",
 ]

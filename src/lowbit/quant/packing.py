@@ -1,11 +1,20 @@
-"""Bit packing: store b-bit integer codes (1 <= b <= 8) densely in uint8 bytes, and read them back.
+"""Bit packing: store b-bit integer codes (1 <= b <= 8) densely in uint8 bytes or int32 words, and read them back.
+
+Codes are unsigned (``[0, 2**b)``): the codes of :func:`lowbit.quant.quantize` minus the format's ``qmin``. Used by
+the packed KV cache and meant for packed weights alike.
 
 Widths that divide 8 (1, 2, 4, 8) pack whole codes into each byte: code ``i`` of a byte occupies bits
 ``[b*i, b*(i+1))`` (little-endian), so unpacking is one lookup per byte in a 256-entry table. Other widths are split into
 bit planes of those widths (3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1), low bits first, each plane packed as
 above and the planes concatenated along the last dimension: still exactly ``b`` bits per code (for a multiple of 8
 codes), and unpacking stays a table lookup per byte instead of multi-byte word arithmetic. A plane's last byte is
-padded with zero codes; unpacking needs ``n`` to drop the padding.
+padded with zero codes; unpacking needs ``n`` to drop the padding. With ``b = 4`` a byte holds two codes, the even
+index in the low nibble: the usual int4 layout for weights.
+
+:func:`pack_int32` packs ``32 // b`` codes per int32 word along the last dimension, code ``i`` of a word at bits
+``[b*i, b*(i+1))`` (lowest bits first): the order of compressed-tensors' ``pack_to_int32`` (``packed_dim=1``), e.g.
+8 int4 codes per word. On a little-endian machine, for ``n`` a multiple of ``32 // b``, these words are the bytes of
+:func:`pack_bits` viewed as int32.
 """
 
 from __future__ import annotations
@@ -72,13 +81,18 @@ def _unpack_plane(packed: Tensor, width: int, n: int, offset: int = 0) -> Tensor
     return codes.reshape(*packed.shape[:-1], -1)[..., :n]
 
 
+def _check_codes(codes: Tensor, bits: int, packer: str) -> None:
+    """Reject non-integer codes and codes outside ``[0, 2**bits)``, which would corrupt their neighbours."""
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise TypeError(f"{packer} needs integer codes, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
+        raise ValueError(f"codes must lie in [0, {2**bits}) for {bits}-bit packing")
+
+
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
     """Pack integer codes in ``[0, 2**bits)`` along the last dimension into uint8 ``[..., packed_size(n, bits)]``."""
     _check_bits(bits)
-    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
-        raise TypeError(f"pack_bits needs integer codes, got {codes.dtype}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
-        raise ValueError(f"codes must lie in [0, {2**bits}) for {bits}-bit packing")
+    _check_codes(codes, bits, "pack_bits")
     codes = codes.to(torch.uint8)
     planes = [_pack_plane((codes >> offset) & (2**width - 1), width) for offset, width in _planes(bits)]
     return planes[0] if len(planes) == 1 else torch.cat(planes, dim=-1)
@@ -98,3 +112,41 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
         codes = plane if codes is None else codes | plane
         start += size
     return codes
+
+
+INT32_WIDTHS = (1, 2, 4, 8)
+"""Code widths :func:`pack_int32` takes: those that divide 32, so no code straddles two words."""
+
+
+def _check_int32_bits(bits: int) -> None:
+    if isinstance(bits, bool) or bits not in INT32_WIDTHS:
+        raise ValueError(f"int32 packing takes bit widths {INT32_WIDTHS} (codes never straddle words), got {bits!r}")
+
+
+def pack_int32(codes: Tensor, bits: int) -> Tensor:
+    """Pack codes in ``[0, 2**bits)`` along the last dimension into int32 words, ``32 // bits`` per word.
+
+    Code ``i`` of a word sits at bits ``[bits*i, bits*(i+1))``; the last word is padded with zero codes. This is
+    compressed-tensors' ``pack_to_int32`` order: it takes signed values ``v`` and packs ``v + 2**(bits-1)``, so
+    signed codes go in shifted by that offset. Output ``[..., ceil(n * bits / 32)]`` int32 (the word's bit pattern).
+    """
+    _check_int32_bits(bits)
+    _check_codes(codes, bits, "pack_int32")
+    per_word, n = 32 // bits, codes.shape[-1]
+    padded = torch.nn.functional.pad(codes.to(torch.int64), (0, -n % per_word))
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=codes.device)
+    words = (padded.reshape(*codes.shape[:-1], -1, per_word) << shifts).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the uint32 pattern as int32
+
+
+def unpack_int32(words: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of :func:`pack_int32`: the first ``n`` codes (uint8) along the last dimension."""
+    _check_int32_bits(bits)
+    if words.dtype != torch.int32:
+        raise TypeError(f"unpack_int32 needs int32 words, got {words.dtype}")
+    per_word = 32 // bits
+    if words.shape[-1] != -(-n // per_word):
+        raise ValueError(f"{n} codes of {bits} bits need {-(-n // per_word)} int32 words, got {words.shape[-1]}")
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+    codes = (words.unsqueeze(-1) >> shifts) & (2**bits - 1)  # the mask drops the sign bits an arithmetic shift adds
+    return codes.reshape(*words.shape[:-1], -1)[..., :n].to(torch.uint8)
