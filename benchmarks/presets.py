@@ -66,10 +66,13 @@ def main() -> None:
 
     loaded = lowbit.load_model("default")
     data = lowbit.prepare_data(lowbit.DataConfig(seq_len=args.seq_len, windows=args.windows), loaded.tokenizer)
-    models, info = {}, {}
+    models, seconds = {}, {}
     for name in names:
-        info[name] = {}
-        models[name] = lowbit.quantize(loaded.model, name, data, info=info[name]) if name != "fp" else loaded.model
+        if name == "fp":
+            models[name], seconds[name] = loaded.model, {}
+        else:
+            models[name], session = lowbit.quantize_with_session(loaded.model, name, data)
+            seconds[name] = session.seconds
         print(f"quantized {name}", flush=True)
     results = evaluate_many(loaded.model, models, data.eval_windows)
 
@@ -77,7 +80,7 @@ def main() -> None:
     rows = []
     for name in names:
         r, q, recipe = results[name], models[name], load_preset(name)
-        secs = info[name].get("seconds", {})
+        secs = seconds[name]
         wb = weight_bits(q, loaded.spec)
         overhead, fp_time = overhead_vs_fp(loaded.model, q, window, args.timing_repeats)
         fp_times.append(fp_time)

@@ -94,13 +94,13 @@ def measure(recipe: Recipe, loaded, data, reference) -> dict:
 
     KV bits include a PrefixQuant prefix's full-precision keys/values amortised over the window.
     """
-    info: dict = {}
     start = time.perf_counter()
-    model = lowbit.quantize(loaded.model, recipe, data, info=info)
+    model, session = lowbit.quantize_with_session(loaded.model, recipe, data)
     quantize_s = time.perf_counter() - start
     result = evaluate(loaded.model, model, data.eval_windows, reference=reference)
     seq_len, kv = int(data.eval_windows.shape[1]), kv_bits(recipe.kv, head_dim(loaded.model.config))
-    prefix = info.get("prefix", {}).get("tokens", [])
+    report = session.report()
+    prefix = report.get("prefix", {}).get("tokens", [])
     row = {
         "recipe": recipe.model_dump(mode="json"), "ppl": result.ppl, "fp_ppl": result.fp_ppl,
         "ratio": result.ppl / result.fp_ppl, "kl": result.kl_vs_fp, "top1": result.top1_agreement,
@@ -110,10 +110,10 @@ def measure(recipe: Recipe, loaded, data, reference) -> dict:
         if any(s.method == "gptq" for s in recipe.steps) else 0,
     }
     if prefix:
-        row["prefix"] = info["prefix"]
+        row["prefix"] = report["prefix"]
         row["prefix_text"] = [loaded.tokenizer.decode([t]) for t in prefix]
-    if "blockwise" in info:
-        row["blockwise"] = info["blockwise"]
+    if "blockwise" in report:
+        row["blockwise"] = report["blockwise"]
     return row
 
 

@@ -34,6 +34,7 @@ from presets import replace_block
 import lowbit
 from lowbit.analysis.plotting import pyplot
 from lowbit.evaluate import evaluate, reference_log_probs
+from lowbit.methods.quarot import RotationResult
 from lowbit.pipeline import rotation_invariance
 from lowbit.recipe import load_recipe
 
@@ -57,13 +58,13 @@ def measure(name_or_path: str, loaded, data, reference, windows: torch.Tensor, t
         path = HERE / "results" / f"{name}{tag}-rotations.safetensors"
         steps = [s.model_copy(update={"checkpoint": str(path)}) if s.method == "spinquant" else s for s in recipe.steps]
         recipe = recipe.model_copy(update={"steps": steps})
-    info: dict = {}
     start = time.perf_counter()
-    model = lowbit.quantize(loaded.model, recipe, data, info=info)
+    model, session = lowbit.quantize_with_session(loaded.model, recipe, data)
     seconds = time.perf_counter() - start
     result = evaluate(loaded.model, model, windows, reference=reference)
-    rotation = {k: v for k, v in info.get("rotation", {}).items()}
-    rotation.update(rotation_invariance(loaded.model, recipe, data, info.get("learned_rotations")))
+    rotated = session.get(RotationResult)
+    rotation = dict(rotated.details) if rotated else {}
+    rotation.update(rotation_invariance(loaded.model, recipe, data, rotated.learned if rotated else None))
     return {"ratio": result.ppl / result.fp_ppl, "kl": result.kl_vs_fp, "top1": result.top1_agreement,
             "quantize_s": seconds, "rotation": rotation, "description": recipe.description}
 

@@ -25,6 +25,11 @@ from presets import replace_block
 
 import lowbit
 from lowbit.data import TokenData
+from lowbit.methods.spinquant import (
+    initial_clips,
+    initial_rotations,
+    prepare_training,
+)
 from lowbit.models.arch import head_dim
 from lowbit.recipe import load_preset
 from lowbit.rotations.cayley import skew_direction
@@ -34,11 +39,6 @@ from lowbit.surgery.spinquant import (
     frozen_originals,
     rotation_loss,
     train_rotations,
-)
-from lowbit.surgery.spinquant_step import (
-    initial_clips,
-    initial_rotations,
-    prepare_training,
 )
 
 HERE = Path(__file__).parent
@@ -179,7 +179,7 @@ def flatness(loaded, data, learned: Path | None = None) -> dict:
     width (the per-token int4 error grows with this ratio squared, and no rotation flattens every token at once
     much below the Gaussian value), and the held-out loss with each kind of quantizer alone.
     """
-    from lowbit.surgery.spinquant_step import load_rotations
+    from lowbit.methods.spinquant import load_rotations
 
     model, rot, originals, d, _ = training_setup(loaded, data)
     heldout, gen = split(data)[1], torch.Generator().manual_seed(0)

@@ -27,8 +27,8 @@ def test_weight_bits_count_scales_and_zero_points():
     assert weight_bits(q, spec)["weight"] == pytest.approx(4 + 20 / 32)
     per_channel = lowbit.quantize(model, "w4a16-rtn")
     n_weights = sum(p.numel() for p in q.parameters())
-    linear_numel = sum(m.weight.numel() for _, m in lowbit.surgery.apply.quant_linears(per_channel))
-    n_rows = sum(m.out_features for _, m in lowbit.surgery.apply.quant_linears(per_channel))
+    linear_numel = sum(m.weight.numel() for _, m in lowbit.surgery.attach.quant_linears(per_channel))
+    n_rows = sum(m.out_features for _, m in lowbit.surgery.attach.quant_linears(per_channel))
     expected_all = (16 * (n_weights - linear_numel) + 4 * linear_numel + 16 * n_rows) / n_weights
     assert weight_bits(per_channel, spec)["weight_all"] == pytest.approx(expected_all)
 

@@ -7,6 +7,8 @@ import torch
 
 import lowbit
 from lowbit.data import TokenData
+from lowbit.methods.blockwise import BlockwiseResult
+from lowbit.methods.prefix import PrefixResult
 from lowbit.models.arch import decoder_layers, spec_for
 from lowbit.recipe import Recipe
 from lowbit.surgery.block_finetune import FinetuneConfig, finetune_layer
@@ -73,8 +75,7 @@ def test_search_factor_finds_the_minimum_of_a_smooth_loss():
 
 
 def test_blockwise_static_model_has_no_runtime_scale_computation():
-    info = {}
-    model = lowbit.quantize(tiny_model("llama"), _recipe(), _data(), info=info)
+    model, session = lowbit.quantize_with_session(tiny_model("llama"), _recipe(), _data())
     quants = [m for m in model.modules() if isinstance(m, ActQuantizer)]
     assert quants and all(q.static and q.calibrated for q in quants)
     tokens = torch.randint(0, 320, (1, 24))
@@ -85,19 +86,18 @@ def test_blockwise_static_model_has_no_runtime_scale_computation():
                 mock.patch("lowbit.quant.observers.minmax_range", side_effect=AssertionError("runtime range")):
             got = model(tokens).logits
     assert torch.equal(got, expected)
-    rows = info["blockwise"]["layers"]
+    rows = session.get(BlockwiseResult).layers
     assert len(rows) == 2 and all(set(r["clip"]) >= {"keys", "values", "q+k+v input", "down input"} for r in rows)
     assert all(r["mse_grid"] <= r["mse_init"] * (1 + 1e-6) for r in rows)
 
 
 def test_fine_tuning_lowers_the_block_error_and_leaves_weights_on_the_grid():
-    info: dict = {}
     progress, seen = recording_progress()
-    model = lowbit.quantize(tiny_model("llama"), _recipe(epochs=5, batch=2),
-                            _data(), info=info, progress=progress)
+    model, session = lowbit.quantize_with_session(tiny_model("llama"), _recipe(epochs=5, batch=2),
+                            _data(), progress=progress)
     statuses = [s for d, s in seen if d == "block-wise quantization"]
-    assert statuses[0].startswith("layer 0 MSE ") and len(statuses) == len(info["blockwise"]["layers"])
-    rows = info["blockwise"]["layers"]
+    assert statuses[0].startswith("layer 0 MSE ") and len(statuses) == len(session.get(BlockwiseResult).layers)
+    rows = session.get(BlockwiseResult).layers
     assert all(r["epoch_losses"][-1] < r["epoch_losses"][0] for r in rows)
     assert any(r["mse_finetuned"] < r["mse_grid"] and not r.get("reverted") for r in rows)
     assert all(r["finetune_s"] > 0 for r in rows)
@@ -128,17 +128,16 @@ def test_checkpoint_resumes_finished_layers(tmp_path):
     folder = tmp_path / "blocks"
     recipe = _recipe(epochs=1, checkpoint=str(folder))
     tokens = torch.randint(0, 320, (1, 20))
-    first_info, again_info, partial_info = {}, {}, {}
-    first = lowbit.quantize(tiny_model("llama"), recipe, _data(), info=first_info)
+    first, first_info = lowbit.quantize_with_session(tiny_model("llama"), recipe, _data())
     assert sorted(p.name for p in folder.iterdir()) == ["layer_0.safetensors", "layer_1.safetensors"]
-    again = lowbit.quantize(tiny_model("llama"), recipe, _data(), info=again_info)
+    again, again_info = lowbit.quantize_with_session(tiny_model("llama"), recipe, _data())
     (folder / "layer_1.safetensors").unlink()
-    partial = lowbit.quantize(tiny_model("llama"), recipe, _data(), info=partial_info)
-    other = lowbit.quantize(tiny_model("llama"), _recipe(epochs=2, checkpoint=str(folder)), _data(), info={})
+    partial, partial_info = lowbit.quantize_with_session(tiny_model("llama"), recipe, _data())
+    other = lowbit.quantize(tiny_model("llama"), _recipe(epochs=2, checkpoint=str(folder)), _data())
     with torch.no_grad():
         logits = [m(tokens).logits for m in (first, again, partial, other)]
-    assert first_info["blockwise"]["restored"] == 0 and again_info["blockwise"]["restored"] == 2
-    assert partial_info["blockwise"]["restored"] == 1
+    assert first_info.get(BlockwiseResult).restored == 0 and again_info.get(BlockwiseResult).restored == 2
+    assert partial_info.get(BlockwiseResult).restored == 1
     assert torch.allclose(logits[0], logits[1], atol=1e-6) and torch.allclose(logits[0], logits[2], atol=1e-5)
     assert not torch.allclose(logits[0], logits[3])  # other settings: the old layers were not reused
 
@@ -152,11 +151,10 @@ def test_blockwise_without_prefix_and_with_gptq(init):
 
 def test_a_layer_that_fine_tuning_makes_worse_is_restored_exactly():
     """With a learning rate far too high every layer gets worse: each is put back to its grid-searched state."""
-    info, noft_info = {}, {}
     tokens = torch.randint(0, 320, (1, 20))
-    ruined = lowbit.quantize(tiny_model("llama"), _recipe(epochs=1, lr_weight=50.0, lr_scale=5.0), _data(), info=info)
-    plain = lowbit.quantize(tiny_model("llama"), _recipe(), _data(), info=noft_info)
-    assert all(r.get("reverted") for r in info["blockwise"]["layers"])
+    ruined, session = lowbit.quantize_with_session(tiny_model("llama"), _recipe(epochs=1, lr_weight=50.0, lr_scale=5.0), _data())
+    plain = lowbit.quantize(tiny_model("llama"), _recipe(), _data())
+    assert all(r.get("reverted") for r in session.get(BlockwiseResult).layers)
     with torch.no_grad():
         assert torch.allclose(ruined(tokens).logits, plain(tokens).logits, atol=1e-5)
 
@@ -183,9 +181,8 @@ def test_composed_spin_prefix_qjl_preset_runs_end_to_end():
     data["kv_cache"].update(window=8)
     data["kv_cache"]["keys"].update(m=32, group=8)
     data["kv_cache"]["values"].update(group=8)
-    info = {}
-    model = lowbit.quantize(tiny_model("llama"), Recipe.from_dict(data), _data(), info=info)
-    assert isinstance(model, PrefixedModel) and info["prefix"]["tokens"] and len(info["blockwise"]["layers"]) == 2
+    model, session = lowbit.quantize_with_session(tiny_model("llama"), Recipe.from_dict(data), _data())
+    assert isinstance(model, PrefixedModel) and session.get(PrefixResult).tokens and len(session.get(BlockwiseResult).layers) == 2
     with torch.no_grad():
         out = model.generate(torch.randint(0, 320, (1, 12)), max_new_tokens=5, do_sample=False, pad_token_id=0)
     result = evaluate(tiny_model("llama"), model, _data().eval_windows)

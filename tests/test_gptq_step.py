@@ -6,7 +6,8 @@ import torch
 import lowbit
 from lowbit.data import TokenData
 from lowbit.recipe import Recipe
-from lowbit.surgery.apply import quant_linears
+from lowbit.methods.gptq import GPTQResult
+from lowbit.surgery.attach import quant_linears
 from lowbit.surgery.sequential import stream_layers
 
 
@@ -28,13 +29,13 @@ def _logit_mse(model, q, tokens) -> float:
 
 
 def test_gptq_puts_weights_on_the_grid_and_reports(model, calib):
-    info: dict = {}
-    q = lowbit.quantize(model, _recipe([{"method": "gptq"}]), calib, info=info)
+    q, session = lowbit.quantize_with_session(model, _recipe([{"method": "gptq"}]), calib)
     for _, linear in quant_linears(q):
         rows = linear.weight.reshape(linear.out_features, -1)
         assert max(len(torch.unique(r)) for r in rows) <= 15
-    assert info["gptq"]["layers"] == model.config.num_hidden_layers
-    assert info["gptq"]["tokens"] == 8 * 64
+    result = session.get(GPTQResult)
+    assert result.layers == model.config.num_hidden_layers and result.tokens == 8 * 64
+    assert session.report()["gptq"]["loss"] == round(result.loss, 3) > 0
 
 
 @pytest.mark.parametrize("weights", [{"format": "int4", "granularity": "channel"},

@@ -3,6 +3,8 @@
 import torch
 
 import lowbit
+from lowbit.methods.gptq import GPTQResult
+from lowbit.methods.prefix import PrefixResult
 from lowbit.models.arch import decoder_layers, spec_for
 from lowbit.surgery.attention import attention_hooks
 from lowbit.surgery.prefix import PrefixedModel, keep_prefix_exact, prefix_cache
@@ -68,10 +70,9 @@ def test_prefix_step_in_a_recipe_wraps_the_quantized_model():
         "activations": {"format": "int8", "granularity": "tensor", "dynamic": False},
         "kv": {"format": "int4", "symmetric": False, "granularity": "head", "dynamic": False},
         "calibration": {"samples": 4, "seq_len": 32}})
-    info: dict = {}
-    q = lowbit.quantize(tiny_model("llama"), recipe, _calib(), info=info)
-    assert isinstance(q, PrefixedModel) and q.prefix == [5, 1] and info["prefix"]["tokens"] == [5, 1]
-    assert info["gptq"]["tokens"] == 4 * 32  # the prefix positions are not counted as calibration tokens
+    q, session = lowbit.quantize_with_session(tiny_model("llama"), recipe, _calib())
+    assert isinstance(q, PrefixedModel) and q.prefix == [5, 1] and session.get(PrefixResult).tokens == [5, 1]
+    assert session.get(GPTQResult).tokens == 4 * 32  # the prefix positions are not counted as calibration tokens
     hooks = attention_hooks(decoder_layers(q.model, spec_for(q.model))[1].self_attn)
     assert [h.exact_prefix for h in hooks if getattr(h, "quantizes_kv", False)] == [2]
     result = lowbit.evaluate(tiny_model("llama"), q, _calib().eval_windows)
@@ -86,11 +87,10 @@ def test_prefix_detection_and_bad_order():
 
     recipe = Recipe.from_dict({"steps": [{"method": "quarot"}, {"method": "prefix", "eta": 3.0, "samples": 4,
                                                                  "seq_len": 32}]})
-    info: dict = {}
-    lowbit.quantize(tiny_model("llama"), recipe, _calib(), info=info)
-    assert info["prefix"]["tokens"][-1] == tiny_model("llama").config.bos_token_id
-    assert info["prefix"]["largest_ratio_with_prefix"] > 0
-    with pytest.raises(RecipeError, match="after the rotation step and before the weight step"):
+    _, session = lowbit.quantize_with_session(tiny_model("llama"), recipe, _calib())
+    assert session.get(PrefixResult).tokens[-1] == tiny_model("llama").config.bos_token_id
+    assert session.get(PrefixResult).largest_ratio_with_prefix > 0
+    with pytest.raises(RecipeError, match=r"step 'quarot' \(rotation\) must come before step 'prefix' \(prefix\)"):
         Recipe.from_dict({"steps": [{"method": "prefix"}, {"method": "quarot"}]})
 
 

@@ -79,3 +79,32 @@ def test_bad_yaml(tmp_path):
     path.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(RecipeError, match="mapping"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    ("methods", "match"),
+    [
+        (["rtn", "quarot"], r"step 'quarot' \(rotation\) must come before step 'rtn' \(weights\)"),
+        (["gptq", "prefix"], r"step 'prefix' \(prefix\) must come before step 'gptq' \(weights\)"),
+        (["quarot", "spinquant"], r"at most one rotation step per recipe, got \['quarot', 'spinquant'\]"),
+        (["rtn", "gptq"], r"at most one weights step per recipe"),
+    ],
+)
+def test_step_order_comes_from_the_methods_phases(methods, match):
+    weights = {"format": "int4"} if {"rtn", "gptq"} & set(methods) else None
+    with pytest.raises(RecipeError, match=match):
+        Recipe.from_dict({"steps": [{"method": m} for m in methods], "weights": weights})
+
+
+def test_every_registered_method_is_a_recipe_step_with_a_phase():
+    from lowbit.methods import PHASES, registered
+
+    names = {m.name for m in registered()}
+    assert names == {"rtn", "gptq", "quarot", "spinquant", "prefix", "blockwise"}
+    for method in registered():
+        assert method.config.phase in PHASES
+        step = Recipe.from_dict({"steps": [{"method": method.name}],
+                                 "weights": {"format": "int4"} if method.config.phase == "weights" else None}).steps[0]
+        assert type(step) is method.config
+    with pytest.raises(RecipeError, match="steps.0"):
+        Recipe.from_dict({"steps": [{"method": "awq"}]})

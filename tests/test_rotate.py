@@ -85,7 +85,7 @@ def test_rotation_reduces_w4a4_error(tokens):
 
 
 def test_rotation_must_come_before_weight_steps():
-    with pytest.raises(lowbit.LowbitError, match="before weight steps"):
+    with pytest.raises(lowbit.LowbitError, match=r"step .quarot. \(rotation\) must come before step .rtn. \(weights\)"):
         Recipe.from_dict({"steps": [{"method": "rtn"}, {"method": "quarot"}], "weights": {"format": "int4"}})
 
 

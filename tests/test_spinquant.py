@@ -6,10 +6,11 @@ import torch
 
 import lowbit
 from lowbit.data import TokenData
+from lowbit.methods.quarot import RotationResult
+from lowbit.methods.spinquant import initial_rotations, load_rotations
 from lowbit.models.arch import spec_for
 from lowbit.recipe import Recipe
 from lowbit.surgery.spinquant import rotated_parameters
-from lowbit.surgery.spinquant_step import initial_rotations, load_rotations
 from tests.conftest import recording_progress, tiny_model
 
 
@@ -80,19 +81,18 @@ def test_training_lowers_the_quantized_loss_and_keeps_the_model_invariant(traine
     model, data = trained
     recipe = _recipe({"steps": 10, "lr": 1.5, "samples": 1, "seq_len": 64})
     recipe = recipe.updated(activations={**recipe.activations.model_dump(), "format": "int2"})
-    info: dict = {}
     progress, seen = recording_progress()
-    lowbit.quantize(model, recipe, data, info=info, progress=progress)
-    losses = info["rotation"]["losses"]
+    _, session = lowbit.quantize_with_session(model, recipe, data, progress=progress)
+    losses = session.get(RotationResult).details["losses"]
     assert len(losses) == 10 and losses[-1] < 0.75 * losses[0]
     shown = [float(s.removeprefix("loss ")) for d, s in seen if d == "learning rotations"]
     assert shown == pytest.approx(losses, abs=2e-3)  # the progress bar shows each step's loss
-    assert info["rotation"]["max_orthogonality_error"] < 1e-5
+    assert session.get(RotationResult).details["max_orthogonality_error"] < 1e-5
     fp = lowbit.quantize(model, _recipe({"rotations": None}, activations=False).updated(
         steps=[{"method": "spinquant", "steps": 10, "lr": 1.5, "samples": 1, "seq_len": 64}]), data)
     from lowbit.pipeline import rotation_invariance
 
-    learned = rotation_invariance(model, recipe, data, info["learned_rotations"])
+    learned = rotation_invariance(model, recipe, data, session.get(RotationResult).learned)
     assert learned["max_abs_logit_diff_vs_fp"] < 1e-4
     assert torch.allclose(_logits(fp, data.eval_windows), _logits(model, data.eval_windows), atol=1e-4)
 
@@ -123,9 +123,8 @@ def test_resume_after_interruption_and_load_saved_rotations(calib, tmp_path, mon
     _interrupted(monkeypatch, recipe, calib)
     _, meta = load_rotations(ckpt)
     assert meta["step"] == 1 and len(meta["losses"]) == 2
-    info: dict = {}
-    resumed = lowbit.quantize(tiny_model("llama"), recipe, calib, info=info)
-    assert len(info["rotation"]["losses"]) == 4
+    resumed, session = lowbit.quantize_with_session(tiny_model("llama"), recipe, calib)
+    assert len(session.get(RotationResult).details["losses"]) == 4
     assert torch.allclose(_logits(resumed, calib.eval_windows), _logits(whole, calib.eval_windows), atol=1e-5)
     loaded = lowbit.quantize(tiny_model("llama"), _recipe({"rotations": str(ckpt)}), calib)
     assert torch.allclose(_logits(loaded, calib.eval_windows), _logits(resumed, calib.eval_windows), atol=1e-5)
@@ -137,12 +136,11 @@ def test_o_rotation_learns_keeps_the_model_invariant_and_must_match_when_loaded(
     model, data = trained
     ckpt = tmp_path / "rot.safetensors"
     recipe = _recipe({"steps": 3, "samples": 1, "seq_len": 64, "o_rotation": True, "checkpoint": str(ckpt)})
-    info: dict = {}
-    lowbit.quantize(model, recipe, data, info=info)
-    assert "o_proj input" in info["rotation"] and len(info["rotation"]["losses"]) == 3
+    _, session = lowbit.quantize_with_session(model, recipe, data)
+    assert "o_proj input" in session.get(RotationResult).details and len(session.get(RotationResult).details["losses"]) == 3
     from lowbit.pipeline import rotation_invariance
 
-    assert rotation_invariance(model, recipe, data, info["learned_rotations"])["max_abs_logit_diff_vs_fp"] < 1e-4
+    assert rotation_invariance(model, recipe, data, session.get(RotationResult).learned)["max_abs_logit_diff_vs_fp"] < 1e-4
     with pytest.raises(lowbit.LowbitError, match="o_rotation"):
         lowbit.quantize(model, _recipe({"rotations": str(ckpt)}), data)
 
@@ -157,11 +155,12 @@ def test_weight_only_training_fake_quantizes_the_rotated_weights(trained):
     model, data = trained
     base = {"steps": 2, "lr": 0.5, "samples": 1, "seq_len": 64}
     weights = {"format": "int2", "symmetric": True, "granularity": "channel"}
-    plain, fq = {}, {}
-    for steps, info in (({**base}, plain), ({**base, "quantize_weights": True}, fq)):
+    first_loss = []
+    for steps in ({**base}, {**base, "quantize_weights": True}):
         recipe = Recipe.from_dict({"steps": [{"method": "spinquant", **steps}, {"method": "rtn"}], "weights": weights})
-        lowbit.quantize(model, recipe, data, info=info)
-    assert fq["rotation"]["losses"][0] > 1.5 * plain["rotation"]["losses"][0]
+        _, session = lowbit.quantize_with_session(model, recipe, data)
+        first_loss.append(session.get(RotationResult).details["losses"][0])
+    assert first_loss[1] > 1.5 * first_loss[0]
 
 
 def test_spinquant_presets_validate():
@@ -180,8 +179,8 @@ def test_spinquant_presets_validate():
 def test_static_recipes_learn_through_dynamic_per_token_quantizers(calib):
     """A static recipe (per-tensor activations, per-head KV) learns its rotations with the same formats applied
     dynamically per token, then gets its static scales fitted once the rotations are folded in."""
+    from lowbit.methods.spinquant import training_recipe
     from lowbit.surgery.quantizer import ActQuantizer
-    from lowbit.surgery.spinquant_step import training_recipe
 
     static = Recipe.from_dict({
         "steps": [{"method": "spinquant", "steps": 2, "samples": 2, "seq_len": 32}, {"method": "rtn"}],
@@ -191,23 +190,22 @@ def test_static_recipes_learn_through_dynamic_per_token_quantizers(calib):
     learning = training_recipe(static)
     assert learning.activations.dynamic and learning.activations.granularity == "token" and learning.kv.dynamic
     assert learning.activations.format == "int4" and training_recipe(learning) is learning
-    info = {}
-    model = lowbit.quantize(tiny_model("llama"), static, calib, info=info)
+    model, session = lowbit.quantize_with_session(tiny_model("llama"), static, calib)
     quants = [m for m in model.modules() if isinstance(m, ActQuantizer)]
-    assert quants and all(q.static and q.calibrated for q in quants) and len(info["rotation"]["losses"]) == 2
+    assert quants and all(q.static and q.calibrated for q in quants) and len(session.get(RotationResult).details["losses"]) == 2
 
 
 def test_training_in_parts_with_stop_step_equals_one_run(trained):
     """``stop_step`` ends a call early and ``start_step`` continues the same cosine schedule: two calls, one run."""
     import copy
 
+    from lowbit.methods.spinquant import prepare_training
     from lowbit.surgery.spinquant import (
         TrainConfig,
         frozen_originals,
         rotation_loss,
         train_rotations,
     )
-    from lowbit.surgery.spinquant_step import prepare_training
 
     model, data = trained
     model = copy.deepcopy(model)
@@ -231,9 +229,9 @@ def test_scale_grad_adds_the_scales_gradient_and_restores_the_quantizers(trained
     detached straight-through one) and every quantizer's flag is back to off once the loss is computed."""
     import copy
 
+    from lowbit.methods.spinquant import prepare_training
     from lowbit.surgery.quantizer import ActQuantizer
     from lowbit.surgery.spinquant import frozen_originals, rotation_loss
-    from lowbit.surgery.spinquant_step import prepare_training
 
     model, data = trained
     model = copy.deepcopy(model)
@@ -256,11 +254,10 @@ def test_bf16_autocast_training_learns_and_keeps_float32_rotations(trained):
     model, data = trained
     recipe = _recipe({"steps": 10, "lr": 1.5, "samples": 1, "seq_len": 64, "autocast": "bf16"})
     recipe = recipe.updated(activations={**recipe.activations.model_dump(), "format": "int2"})
-    info: dict = {}
-    lowbit.quantize(model, recipe, data, info=info)
-    losses, rot = info["rotation"]["losses"], info["learned_rotations"]
+    _, session = lowbit.quantize_with_session(model, recipe, data)
+    losses, rot = session.get(RotationResult).details["losses"], session.get(RotationResult).learned
     assert len(losses) == 10 and losses[-1] < 0.85 * losses[0]
-    assert rot.r1.dtype == torch.float32 and info["rotation"]["max_orthogonality_error"] < 1e-5
+    assert rot.r1.dtype == torch.float32 and session.get(RotationResult).details["max_orthogonality_error"] < 1e-5
     from lowbit.errors import RecipeError
 
     with pytest.raises(RecipeError, match="autocast"):
@@ -273,9 +270,9 @@ def test_kl_loss_is_zero_without_quantizers_and_learns_with_them(trained):
     left on."""
     import copy
 
+    from lowbit.methods.spinquant import prepare_training
     from lowbit.surgery.quantizer import ActQuantizer
     from lowbit.surgery.spinquant import frozen_originals, rotation_loss
-    from lowbit.surgery.spinquant_step import prepare_training
 
     model, data = trained
     recipe = _recipe({"steps": 10, "lr": 1.5, "samples": 1, "seq_len": 64, "loss": "kl"})
@@ -295,9 +292,8 @@ def test_kl_loss_is_zero_without_quantizers_and_learns_with_them(trained):
     assert abs(float(off)) < 1e-5 and float(quantized) > 0.01
     with pytest.raises(ValueError, match="'ce' or 'kl'"):
         rotation_loss(prepared, spec, initial_rotations(prepared, spec, 0), originals, tokens, d, loss="mse")
-    info: dict = {}
-    lowbit.quantize(model, recipe, data, info=info)
-    losses = info["rotation"]["losses"]
+    _, session = lowbit.quantize_with_session(model, recipe, data)
+    losses = session.get(RotationResult).details["losses"]
     assert len(losses) == 10 and losses[-1] < 0.75 * losses[0]
 
 
@@ -312,18 +308,17 @@ def test_learned_clips_lower_the_loss_and_reach_the_final_quantizers(trained):
     from lowbit.surgery.quantizer import ActQuantizer
 
     model, data = trained
-    info: dict = {}
-    quantized = lowbit.quantize(model, _int2({"steps": 10, "learn": ["clips"], "clip_lr": 0.2}), data, info=info)
-    losses, rot = info["rotation"]["losses"], info["learned_rotations"]
+    quantized, session = lowbit.quantize_with_session(model, _int2({"steps": 10, "learn": ["clips"], "clip_lr": 0.2}), data)
+    losses, rot = session.get(RotationResult).details["losses"], session.get(RotationResult).learned
     assert len(losses) == 10 and losses[-1] < 0.9 * losses[0]
     assert torch.equal(rot.r1, initial_rotations(model, spec_for(model), 0).r1)  # rotations not learned
-    assert "not learned" in info["rotation"]["R1"]
+    assert "not learned" in session.get(RotationResult).details["R1"]
     learned = rot.clips.ratios()
     final = {q.name: q.scheme.clip_ratio for q in quantized.modules() if isinstance(q, ActQuantizer)}
     assert final == learned and len(final) == 2 * 7 + 2 * 2  # 7 linears and K, V in each of the 2 layers
     values = torch.tensor(list(learned.values()))
     assert (values > 0.5).all() and (values < 1).all() and (values - 0.9).abs().max() > 0.05
-    assert info["rotation"]["clip_ratios"]["learned"] == len(final)
+    assert session.get(RotationResult).details["clip_ratios"]["learned"] == len(final)
 
 
 def test_joint_learning_moves_both_and_a_static_recipe_refuses_clips(trained):
@@ -333,12 +328,11 @@ def test_joint_learning_moves_both_and_a_static_recipe_refuses_clips(trained):
     from lowbit.pipeline import rotation_invariance
 
     model, data = trained
-    info: dict = {}
     recipe = _int2({"steps": 6, "lr": 1.5, "learn": ["rotations", "clips"], "clip_lr": 0.2})
-    lowbit.quantize(model, recipe, data, info=info)
-    rot = info["learned_rotations"]
+    _, session = lowbit.quantize_with_session(model, recipe, data)
+    rot = session.get(RotationResult).learned
     assert not torch.allclose(rot.r1, initial_rotations(model, spec_for(model), 0).r1, atol=1e-3)
-    assert info["rotation"]["losses"][-1] < 0.9 * info["rotation"]["losses"][0]
+    assert session.get(RotationResult).details["losses"][-1] < 0.9 * session.get(RotationResult).details["losses"][0]
     assert min(rot.clips.ratios().values()) < 0.89 or max(rot.clips.ratios().values()) > 0.91
     assert rotation_invariance(model, recipe, data, rot)["max_abs_logit_diff_vs_fp"] < 1e-4
     with pytest.raises(RecipeError, match="dynamic"):
@@ -350,14 +344,12 @@ def test_clips_resume_exactly_and_load_from_the_rotations_file(calib, tmp_path, 
     same quantized model without training, and a file without clips is refused by a step that learns them."""
     ckpt = tmp_path / "rot.safetensors"
     steps = {"steps": 4, "lr": 1.0, "learn": ["rotations", "clips"], "clip_lr": 0.1, "checkpoint_every": 1}
-    whole_info: dict = {}
-    whole = lowbit.quantize(tiny_model("llama"), _recipe({**steps, "checkpoint": str(tmp_path / "w.safetensors")}),
-                            calib, info=whole_info)
+    whole, whole_info = lowbit.quantize_with_session(tiny_model("llama"), _recipe({**steps, "checkpoint": str(tmp_path / "w.safetensors")}),
+                            calib)
     _interrupted(monkeypatch, _recipe({**steps, "checkpoint": str(ckpt)}), calib)
-    info: dict = {}
-    resumed = lowbit.quantize(tiny_model("llama"), _recipe({**steps, "checkpoint": str(ckpt)}), calib, info=info)
-    assert len(info["rotation"]["losses"]) == 4
-    assert torch.allclose(info["learned_rotations"].clips.logits, whole_info["learned_rotations"].clips.logits,
+    resumed, session = lowbit.quantize_with_session(tiny_model("llama"), _recipe({**steps, "checkpoint": str(ckpt)}), calib)
+    assert len(session.get(RotationResult).details["losses"]) == 4
+    assert torch.allclose(session.get(RotationResult).learned.clips.logits, whole_info.get(RotationResult).learned.clips.logits,
                           atol=1e-6)
     assert torch.allclose(_logits(resumed, calib.eval_windows), _logits(whole, calib.eval_windows), atol=1e-5)
     loaded = lowbit.quantize(tiny_model("llama"), _recipe({"rotations": str(ckpt), "learn": ["rotations", "clips"]}),
@@ -376,7 +368,6 @@ def test_learned_clips_reach_the_quantizers_of_a_prefixed_model(calib):
     recipe = _recipe({"steps": 2, "learn": ["clips"]}).updated(
         steps=[{"method": "spinquant", "steps": 2, "samples": 4, "seq_len": 32, "learn": ["clips"]},
                {"method": "prefix", "tokens": [5]}])
-    info: dict = {}
-    model = lowbit.quantize(tiny_model("llama"), recipe, calib, info=info)
+    model, session = lowbit.quantize_with_session(tiny_model("llama"), recipe, calib)
     final = {q.name: q.scheme.clip_ratio for q in model.modules() if isinstance(q, ActQuantizer)}
-    assert type(model).__name__ == "PrefixedModel" and final == info["learned_rotations"].clips.ratios()
+    assert type(model).__name__ == "PrefixedModel" and final == session.get(RotationResult).learned.clips.ratios()

@@ -7,6 +7,7 @@ import torch.multiprocessing as mp
 
 import lowbit
 from lowbit.data import TokenData
+from lowbit.methods.quarot import RotationResult
 from lowbit.recipe import Recipe
 from tests.conftest import tiny_model
 
@@ -27,10 +28,9 @@ def _recipe(batch: int, steps: int) -> Recipe:
 
 def _learn(batch: int, steps: int = 3) -> tuple[torch.Tensor, list[float]]:
     """R1 and the clip logits side by side (one tensor), and the losses."""
-    info: dict = {}
-    lowbit.quantize(tiny_model("llama"), _recipe(batch, steps), _data(), info=info)
-    rot = info["learned_rotations"]
-    return torch.cat([rot.r1.detach().flatten(), rot.clips.logits.detach()]), info["rotation"]["losses"]
+    _, session = lowbit.quantize_with_session(tiny_model("llama"), _recipe(batch, steps), _data())
+    rot = session.get(RotationResult).learned
+    return torch.cat([rot.r1.detach().flatten(), rot.clips.logits.detach()]), session.get(RotationResult).details["losses"]
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:

@@ -6,7 +6,7 @@ import torch
 import lowbit
 from lowbit.models.arch import head_dim
 from lowbit.recipe import Recipe
-from lowbit.surgery.apply import act_quantizers, quant_linears
+from lowbit.surgery.attach import act_quantizers, quant_linears
 from lowbit.surgery.attention import KVQuantHook
 
 INT4_SYM_LEVELS = 15  # restricted symmetric int4: -7..7

@@ -1,19 +1,20 @@
 """lowbit: quantize LLM weights, activations and KV cache to 4 bits and below, measured against full precision.
 
 Layers, from the bottom: :mod:`lowbit.quant` (pure quantizer math), :mod:`lowbit.models` (architectures as data,
-offline loading), :mod:`lowbit.surgery` (the only code that mutates models), :mod:`lowbit.recipe` (what to do),
-:mod:`lowbit.pipeline` (load → quantize → evaluate → report) and :mod:`lowbit.cli` (a thin shell over it).
+offline loading), :mod:`lowbit.surgery` (the only code that mutates models), :mod:`lowbit.methods` (one module per method),
+:mod:`lowbit.recipe` (what to do), :mod:`lowbit.apply` (a recipe onto a model), :mod:`lowbit.pipeline`
+(load → quantize → evaluate → report) and :mod:`lowbit.cli` (a thin shell over it). ARCHITECTURE.md has the rule.
 """
 
-__version__ = "0.1.0"
-
 from . import kv
+from .apply import quantize, quantize_with_session
 from .data import DataConfig, prepare_data
 from .errors import LowbitError
 from .evaluate import evaluate
 from .models.loading import load_model
-from .pipeline import quantize, run
+from .pipeline import run
 from .recipe import Recipe, load_recipe, preset_names
+from .version import __version__  # noqa: F401 (public)
 
 __all__ = [
     "DataConfig",
@@ -26,5 +27,6 @@ __all__ = [
     "prepare_data",
     "preset_names",
     "quantize",
+    "quantize_with_session",
     "run",
 ]

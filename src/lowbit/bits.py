@@ -18,7 +18,7 @@ from torch import nn
 
 from .models.arch import ArchSpec, decoder_layers, get_module
 from .quant import IntFormat
-from .recipe import QuantScheme
+from .schemes import QuantScheme
 
 FP_BITS = 16.0
 SCALE_BITS = 16.0

@@ -5,77 +5,31 @@ Python use::
     import lowbit
     report = lowbit.run(model="default", recipe="w8a8-rtn", report_path="w8a8.json")
 
-or step by step with :func:`lowbit.load_model`, :func:`quantize` and :func:`lowbit.evaluate.evaluate`.
+or step by step with :func:`lowbit.load_model`, :func:`lowbit.quantize` and :func:`lowbit.evaluate.evaluate`.
 """
 
 from __future__ import annotations
 
-import copy
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import __version__
+from .apply import quantize, quantize_with_session
 from .bits import activation_bits, kv_bits, weight_bits
 from .data import DataConfig, TokenData, check_source, prepare_data
-from .errors import ModelError
 from .evaluate import evaluate
-from .models.arch import ArchSpec, head_dim, spec_for
+from .methods import Session
+from .methods.quarot import RotationResult
+from .methods.session import Progress
+from .models.arch import head_dim
 from .models.loading import load_model
 from .recipe import Recipe, load_recipe
 from .report import write_json_atomic
-from .surgery.apply import StepContext, apply_recipe
-from .surgery.offload import is_offloaded
-
-Progress = Callable[[str, int], Callable[..., None]]  # (description, total) -> tick(status=None)
-
-
-def quantize(
-    model: nn.Module,
-    recipe: Recipe | str,
-    data: TokenData | None = None,
-    progress: Progress | None = None,
-    inplace: bool = False,
-    info: dict | None = None,
-    seed: int | None = None,
-) -> nn.Module:
-    """Quantize ``model`` (a copy unless ``inplace``) as ``recipe`` says and return it.
-
-    A model offloaded by accelerate (``device_map`` with an offload folder, ``cpu_offload``, ``disk_offload``) is
-    quantized part by part, one decoder layer in memory at a time for GPTQ; it must be quantized ``inplace``.
-    ``data`` provides calibration text when the recipe has static scales (or a calibrated method). ``info``, when
-    given, receives timings and method statistics. ``seed`` (default: the data's seed, else 0) seeds rotations.
-    """
-    recipe = load_recipe(recipe)
-    spec: ArchSpec = spec_for(model)
-    if is_offloaded(model) and not inplace:
-        raise ModelError(
-            "this model's weights are offloaded by accelerate, and a copy would share its offload store: "
-            "quantize it in place with inplace=True"
-        )
-    target = model if inplace else copy.deepcopy(model)
-    calibration = sample = None
-    if data is not None:
-        cal = recipe.calibration
-        calibration = lambda: data.calibration(cal.samples, cal.seq_len)
-        sample = data.calibration
-    seed = seed if seed is not None else (data.seed if data is not None else 0)
-    ctx = StepContext(recipe=recipe, spec=spec, seed=seed, calibration=calibration, sample_calibration=sample,
-                      progress=progress, info=info or {})
-    with torch.no_grad():
-        apply_recipe(target, ctx)
-    if info is not None:
-        info.update(ctx.info)
-    if ctx.prefix is not None:
-        from .surgery.prefix import PrefixedModel
-
-        return PrefixedModel(target, *ctx.prefix)
-    return target
+from .version import __version__
 
 
 def run(
@@ -96,28 +50,23 @@ def run(
     data = data or DataConfig()
     for source in {data.calib, data.eval}:
         check_source(source)
-    torch.manual_seed(data.seed)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(model)
     tokens = prepare_data(data, loaded.tokenizer)
     seconds["load"] = time.perf_counter() - start
-    info: dict = {}
-    qmodel = quantize(loaded.model, recipe, tokens, progress=progress, info=info) if _quantizes(recipe) else loaded.model
-    seconds["calibrate"] = info.get("seconds", {}).get("calibrate", 0.0)
-    seconds["quantize"] = info.get("seconds", {}).get("quantize", 0.0)
+    qmodel, session = loaded.model, None
+    if _quantizes(recipe):
+        qmodel, session = quantize_with_session(loaded.model, recipe, tokens, progress=progress)
+    seconds["calibrate"] = session.seconds["calibrate"] if session else 0.0
+    seconds["quantize"] = session.seconds["quantize"] if session else 0.0
     start = time.perf_counter()
     result = evaluate(loaded.model, qmodel, tokens.eval_windows, progress=progress)
     seconds["eval"] = time.perf_counter() - start
-    report = build_report(loaded.source, recipe, data, tokens, result, qmodel, loaded.spec, seconds)
-    if "prefix" in info:
-        n, kv = len(info["prefix"]["tokens"]), report["bits"]["kv"]
-        report["prefix"] = {**info["prefix"], "kv_bits_with_prefix": (n * 16 + data.seq_len * kv) / (n + data.seq_len)}
-    if "gptq" in info:
-        report["gptq"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in info["gptq"].items()}
-    if "rotation" in info:
-        learned = info.get("learned_rotations")
-        report["rotation"] = {**info["rotation"], **rotation_invariance(loaded.model, recipe, tokens, learned)}
+    report = build_report(loaded.source, recipe, data, tokens, result, qmodel, loaded.spec, seconds, session)
+    rotation = session.get(RotationResult) if session is not None else None
+    if rotation is not None:
+        report["rotation"].update(rotation_invariance(loaded.model, recipe, tokens, rotation.learned))
     if tasks:
         from .integrations.harness import run_tasks
 
@@ -142,7 +91,7 @@ def rotation_invariance(fp_model: nn.Module, recipe: Recipe, tokens: TokenData, 
     rotations = recipe.rotations_only()
     with tempfile.TemporaryDirectory() as folder:
         if learned is not None:
-            from .surgery.spinquant_step import save_rotations
+            from .methods.spinquant import save_rotations
 
             path = Path(folder) / "rotations.safetensors"
             save_rotations(path, learned, {"recipe": recipe.name})
@@ -169,10 +118,10 @@ def _kv_bits(recipe: Recipe, qmodel: nn.Module, context: int) -> float:
     return kv_bits(recipe.kv, head_dim(qmodel.config))
 
 
-def build_report(source, recipe, data, tokens, result, qmodel, spec, seconds) -> dict:
-    """The report mapping (see the README for its keys)."""
+def build_report(source, recipe, data, tokens, result, qmodel, spec, seconds, session: Session | None = None) -> dict:
+    """The report mapping (see the README for its keys), with each method's section from ``session``."""
     wbits = weight_bits(qmodel, spec)
-    return {
+    report = {
         "lowbit_version": __version__,
         "model": source,
         "recipe": recipe.name,
@@ -201,3 +150,9 @@ def build_report(source, recipe, data, tokens, result, qmodel, spec, seconds) ->
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "data_config": asdict(data),
     }
+    if session is not None:
+        report.update(session.report())
+    if "prefix" in report:
+        n, kv = len(report["prefix"]["tokens"]), report["bits"]["kv"]
+        report["prefix"]["kv_bits_with_prefix"] = (n * 16 + data.seq_len * kv) / (n + data.seq_len)
+    return report

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..data import calibration_data, check_source
 from ..models.loading import load_model
-from ..pipeline import quantize
+from ..apply import quantize
 from ..recipe import Recipe
 from ..report import write_json_atomic
 from .outliers import analyze, plot_ratios, select_prefix

@@ -52,7 +52,7 @@ class LowbitLM(HFLM):
     ) -> None:
         from ..data import calibration_data
         from ..models.loading import load_model
-        from ..pipeline import quantize
+        from ..apply import quantize
 
         loaded = load_model(model)
         qmodel = quantize(loaded.model, recipe, calibration_data(calib_data, loaded.tokenizer, int(seed)), inplace=True)

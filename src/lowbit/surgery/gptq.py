@@ -1,4 +1,4 @@
-"""The GPTQ weight step: layer-streamed Hessians, then the GPTQ solver on every quantized linear of each layer.
+"""GPTQ on a model's layers: layer-streamed Hessians, then the GPTQ solver on every quantized linear of a layer.
 
 Per decoder layer, one pass of the calibration samples (through the already-quantized earlier layers) records the
 input Hessian of each targeted linear (after any online input rotation), the solver quantizes the linears, and the
@@ -7,19 +7,16 @@ layer's quantized outputs feed the next layer. Linears that read the same input 
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
-from ..errors import CalibrationError
 from ..gptq import GPTQConfig, HessianAccumulator, gptq_quantize
 from ..models.arch import get_module
 from ..quant import QParams
 from .linear import QuantLinear
 from .offload import onloaded
 from .quantizer import granularity_for, observer_kwargs
-from .sequential import capture_inputs, stream_layers
+from .sequential import capture_inputs
 
 
 def _input_groups(layer: nn.Module, spec) -> list[list[QuantLinear]]:
@@ -61,28 +58,6 @@ def gptq_config(step) -> GPTQConfig:
     """The solver settings of a recipe step with GPTQ fields."""
     return GPTQConfig(block_size=step.block_size, damp=step.damp, act_order=step.act_order,
                       static_groups=step.static_groups)
-
-
-@torch.no_grad()
-def gptq_step(model: nn.Module, step, ctx) -> None:
-    """Quantize every targeted decoder linear with GPTQ (``lm_head``, when targeted, falls back to RTN)."""
-    if ctx.calibration is None:
-        raise CalibrationError("GPTQ needs calibration text: pass calibration data (--calib-data)")
-    scheme, spec, config = ctx.recipe.weights, ctx.spec, gptq_config(step)
-    batches = ctx.calibration()
-    stats = {"layers": 0, "tokens": int(batches.numel()), "loss": 0.0}
-    start = time.perf_counter()
-
-    def on_layer(index: int, layer: nn.Module, run) -> None:
-        stats["loss"] += gptq_layer(layer, spec, run, scheme, config)
-        stats["layers"] += 1
-
-    # Samples run after the full-precision prefix cache, as every request will; its tokens never reach a Hessian.
-    prefix = ctx.prefix[1] if ctx.prefix is not None else None
-    stream_layers(model, spec, batches, on_layer, progress=ctx.progress, prefix=prefix)
-    quantize_head_rtn(model, spec, scheme)
-    stats["seconds"] = time.perf_counter() - start
-    ctx.info["gptq"] = stats
 
 
 def quantize_head_rtn(model: nn.Module, spec, scheme) -> None:

@@ -14,7 +14,7 @@ from ..quant import (
     observe_range,
     quantize,
 )
-from ..recipe import QuantScheme
+from ..schemes import QuantScheme
 from .quantizer import (
     ActQuantizer,
     granularity_for,

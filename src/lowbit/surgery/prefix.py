@@ -101,30 +101,3 @@ class PrefixedModel(nn.Module):
         out = self.model.generate(full, attention_mask=self._mask(attention_mask, input_ids),
                                   past_key_values=cache, **kwargs)
         return out[:, len(self.prefix):]
-
-
-def prefix_step(model: nn.Module, step, ctx) -> None:
-    """Choose the prefix (given, or detected on calibration text) and compute its full-precision cache.
-
-    Runs on the model as rotated so far and before any weight is quantized, so the cache is full precision. Later
-    steps see the prefix in ``ctx.prefix``; ``lowbit.quantize`` returns the model wrapped in a
-    :class:`PrefixedModel`.
-    """
-    from ..analysis.outliers import analyze, select_prefix
-
-    info: dict = {"eta": step.eta}
-    tokens = step.tokens
-    if tokens is None:
-        if ctx.sample_calibration is None:
-            from ..errors import CalibrationError
-
-            raise CalibrationError("detecting the prefix needs calibration text: pass calibration data")
-        batches = ctx.sample_calibration(step.samples, step.seq_len)
-        report = analyze(model, ctx.spec, batches, step.eta)
-        tokens = select_prefix(report, model.config.bos_token_id)
-        after = analyze(model, ctx.spec, batches, step.eta, prefix=tokens)
-        info["largest_ratio_without_prefix"] = report.largest_ratio()
-        info["largest_ratio_with_prefix"] = after.largest_ratio()
-    info["tokens"] = list(tokens)
-    ctx.prefix = (list(tokens), prefix_cache(model, list(tokens)))
-    ctx.info["prefix"] = info

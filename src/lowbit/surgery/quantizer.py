@@ -20,7 +20,7 @@ from ..quant import (
     observe_range,
 )
 from ..quant.clip import clip_from_logit
-from ..recipe import QuantScheme
+from ..schemes import QuantScheme
 
 
 def granularity_for(scheme: QuantScheme, kind: str) -> Granularity:

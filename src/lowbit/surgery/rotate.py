@@ -21,7 +21,7 @@ from torch import nn
 
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
 from ..rotations import RotationMatrix, random_hadamard
-from .apply import as_quant_linear, untie_lm_head
+from .attach import as_quant_linear, untie_lm_head
 from .attention import add_attention_hook
 from .offload import onloaded
 
@@ -214,20 +214,3 @@ def add_online_rotations(model: nn.Module, spec: ArchSpec, seeds: list[int], r3:
         add_online_input_rotation(model, spec, spec.down, rot4)
         info["R4"] = rot4.description + " (online)"
     return info
-
-
-@torch.no_grad()
-def quarot_step(model: nn.Module, step, ctx) -> None:
-    """Fold norms and apply the rotations a :class:`~lowbit.recipe.QuaRotStep` asks for; records them in ctx.info."""
-    spec = ctx.spec
-    seeds = rotation_seeds(model, spec, ctx.seed if step.seed is None else step.seed)
-    info: dict = {"untied_lm_head_bytes": fold_norms(model, spec)}
-    r1, r2 = random_r1_r2(model, seeds, step.fallback)
-    if step.r1:
-        rotate_residual(model, spec, r1.dense())
-        info["R1"] = r1.description
-    if step.r2:
-        rotate_heads(model, spec, [r.dense() for r in r2])
-        info["R2"] = r2[0].description + f" (one per layer, {len(r2)} seeds)"
-    info.update(add_online_rotations(model, spec, seeds, step.r3, step.r4, step.fallback, step.o_rotation))
-    ctx.info["rotation"] = info

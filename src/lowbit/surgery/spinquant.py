@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
 from ..quant.clip import clip_from_logit
 from ..rotations.cayley import CayleySGD
-from .apply import act_quantizers, quantizers_set
+from .attach import act_quantizers, quantizers_set
 from .rotate import rotate_bias_heads, rotate_input_heads, rotate_output_heads
 
 

@@ -1,4 +1,4 @@
-"""The ``blockwise`` recipe step: PrefixQuant's static quantization, one decoder layer at a time.
+"""Block-wise reconstruction: PrefixQuant's static quantization, one decoder layer at a time.
 
 Calibration samples run through the model layer by layer twice over: through the full-precision layers (the
 targets) and through the layers already quantized (the inputs each quantized layer will really see). For each layer:
@@ -20,28 +20,84 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from ..errors import CalibrationError
 from ..models.arch import decoder_layers, get_module
 from ..report import save_tensors_atomic
-from .apply import (
+from ..surgery.attach import (
     act_quantizers,
     attach_activation_quantizers,
     attach_kv_quantizers,
     calibrate_quantizers,
     quantizers_set,
 )
-from .block_finetune import FinetuneConfig, finetune_layer
-from .clip_search import grid_search_layer
-from .gptq import gptq_config, gptq_layer, quantize_head_rtn
-from .linear import QuantLinear
-from .offload import execution_device, on_device
-from .quantizer import ActQuantizer
-from .sequential import LayerInputs, embed_batches, layer_inputs, use_sdpa_masks
+from ..surgery.block_finetune import FinetuneConfig, finetune_layer
+from ..surgery.clip_search import grid_search_layer
+from ..surgery.gptq import gptq_config, gptq_layer, quantize_head_rtn
+from ..surgery.linear import QuantLinear
+from ..surgery.offload import execution_device, on_device
+from ..surgery.prefix import keep_prefix_exact
+from ..surgery.quantizer import ActQuantizer
+from ..surgery.sequential import LayerInputs, embed_batches, layer_inputs, use_sdpa_masks
+from .registry import MethodResult, StepConfig, register
+from .session import Session
+
+
+class BlockwiseStep(StepConfig):
+    """Block-wise reconstruction (PrefixQuant's static-scale search, then EfficientQAT's block fine-tuning).
+
+    One decoder layer at a time, on ``samples`` calibration sequences of ``seq_len`` tokens (after the prefix when
+    the recipe has one): the full-precision layer's output is the target; weights start from ``init`` (``rtn`` or
+    ``gptq``, with the GPTQ solver settings below); static activation/KV scales start from the calibration maxima;
+    with ``grid``, each static quantizer's clip factor is searched (0.25..0.95 coarse, then ±0.05 fine) on the first
+    ``grid_samples`` sequences to minimise the layer's output error (for keys: the error of the attention
+    probabilities); then ``epochs`` of AdamW with cosine decay train the layer's weights and all its quantizer scales
+    through straight-through rounding to minimise the MSE to the target, ``batch`` sequences per step (0 epochs: no
+    fine-tuning; a layer whose error would grow keeps its start). Learning rates are per step and scale-free:
+    ``lr_weight`` in units of each linear's quantization step, ``lr_scale`` relative to each scale. ``checkpoint``: a folder that receives each finished layer; a run
+    with the same settings resumes after the last one.
+    """
+
+    method: Literal["blockwise"] = "blockwise"
+    phase: ClassVar = "weights"
+    init: Literal["rtn", "gptq"] = "rtn"
+    grid: bool = True
+    grid_samples: int = Field(default=4, ge=1)
+    epochs: int = Field(default=2, ge=0)
+    samples: int = Field(default=32, ge=1)
+    seq_len: int = Field(default=512, ge=2)
+    batch: int = Field(default=2, ge=1)
+    lr_weight: float = Field(default=0.02, ge=0)
+    lr_scale: float = Field(default=0.005, ge=0)
+    seed: int | None = None
+    checkpoint: str | None = None
+    block_size: int = Field(default=128, ge=1)
+    damp: float = Field(default=0.01, gt=0)
+    act_order: bool = True
+    static_groups: bool = True
+
+    def needs_calibration(self) -> bool:
+        return True
+
+
+@dataclass
+class BlockwiseResult(MethodResult):
+    """Per-layer rows (output MSE after each stage, clip factors, epoch losses, fine-tuning seconds, whether the
+    fine-tuning was reverted), how many layers came from a checkpoint, and the wall time."""
+
+    key: ClassVar[str] = "blockwise"
+    layers: list[dict] = field(default_factory=list)
+    restored: int = 0
+    seconds: float = 0.0
+
+    def report(self) -> dict:
+        return {"layers": self.layers, "restored": self.restored, "seconds": round(self.seconds, 3)}
 
 
 def _run(inputs: LayerInputs, layer: nn.Module, index: int, hidden: Tensor, batch: int) -> Tensor:
@@ -103,47 +159,45 @@ def restore_state(layer: nn.Module, state: dict[str, Tensor], scheme) -> None:
             module.weight_scheme = scheme
 
 
-def _prepare(model: nn.Module, ctx) -> None:
+def _prepare(model: nn.Module, session: Session) -> None:
     """Attach the recipe's quantizers now (the layers need them) and keep prefix positions exact in KV hooks."""
-    recipe = ctx.recipe
+    recipe = session.recipe
     if recipe.activations is not None:
-        attach_activation_quantizers(model, recipe)
+        attach_activation_quantizers(model, recipe.activations)
     if recipe.kv is not None:
-        attach_kv_quantizers(model, ctx.spec, recipe)
-    if ctx.prefix is not None:
-        from .prefix import keep_prefix_exact
-
-        keep_prefix_exact(model, ctx.spec, len(ctx.prefix[0]))
+        attach_kv_quantizers(model, session.spec, recipe.kv)
+    if session.prefix is not None:
+        keep_prefix_exact(model, session.spec, len(session.prefix.tokens))
 
 
 def _mse(out: Tensor, target: Tensor) -> float:
     return float((out - target).square().mean())
 
 
-def _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats) -> tuple[Tensor, Tensor]:
+def _quantize_layer(layer, index, inputs, fp_in, q_in, step, session, rows, seed) -> tuple[Tensor, Tensor]:
     """Steps 1-5 for one layer; returns its full-precision target outputs and its quantized outputs."""
     run = lambda x: _run(inputs, layer, index, x, step.batch)
     latent: dict[QuantLinear, Tensor] = {}  # RTN: fine-tuning starts from the float weights, not the rounded ones
     with quantizers_set(layer, "enabled", False):
         target = run(fp_in)
         if step.init == "gptq":
-            gptq_layer(layer, ctx.spec, lambda: run(q_in), ctx.recipe.weights, gptq_config(step))
+            gptq_layer(layer, session.spec, lambda: run(q_in), session.recipe.weights, gptq_config(step))
         else:
             for linear in (m for m in layer.modules() if isinstance(m, QuantLinear)):
                 if step.epochs:
                     latent[linear] = linear.weight.detach().clone()
-                linear.quantize_weight_rtn(ctx.recipe.weights)
+                linear.quantize_weight_rtn(session.recipe.weights)
     calibrate_quantizers(list(act_quantizers(layer)), lambda: run(q_in))
     out = run(q_in)  # the quantized outputs as the layer stands after each stage
     row = {"layer": index, "mse_init": _mse(out, target)}
     if step.grid:
         n = min(step.grid_samples, len(q_in))
-        row["clip"] = grid_search_layer(layer, ctx.spec, lambda: run(q_in[:n]), target[:n])
+        row["clip"] = grid_search_layer(layer, session.spec, lambda: run(q_in[:n]), target[:n])
         out = run(q_in)
         row["mse_grid"] = _mse(out, target)
     if step.epochs:
         before = {k: v.clone() for k, v in quantized_state(layer).items()}  # a copy: training changes them in place
-        config = FinetuneConfig(step.epochs, step.batch, step.lr_weight, step.lr_scale, seed=stats["seed"] + index)
+        config = FinetuneConfig(step.epochs, step.batch, step.lr_weight, step.lr_scale, seed=seed + index)
         started = time.perf_counter()
         row["epoch_losses"] = finetune_layer(layer, lambda x: inputs.run(layer, index, x), q_in, target, config,
                                              latent=latent)
@@ -151,11 +205,11 @@ def _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats) -> tupl
         tuned = run(q_in)
         row["mse_finetuned"] = _mse(tuned, target)
         if row["mse_finetuned"] > row.get("mse_grid", row["mse_init"]):  # worse on its own samples: keep the start
-            restore_state(layer, before, ctx.recipe.weights)
+            restore_state(layer, before, session.recipe.weights)
             row["reverted"] = True
         else:
             out = tuned
-    stats["layers"].append(row)
+    rows.append(row)
     return target, out
 
 
@@ -166,41 +220,38 @@ def _status(row: dict) -> str:
     return f"layer {row['layer']} MSE {kept[0]:.3g} -> {kept[-1]:.3g}"
 
 
+@register(BlockwiseStep)
 @torch.no_grad()
-def blockwise_step(model: nn.Module, step, ctx) -> None:
-    """Quantize the model one decoder layer at a time (see the module docstring); stats go to ``ctx.info``."""
-    if ctx.sample_calibration is None:
-        raise CalibrationError("block-wise quantization needs calibration text: pass calibration data")
-    spec, start = ctx.spec, time.perf_counter()
-    seed = ctx.seed if step.seed is None else step.seed
-    _prepare(model, ctx)
+def apply(model: nn.Module, step: BlockwiseStep, session: Session) -> BlockwiseResult:
+    """Quantize the model one decoder layer at a time (see the module docstring)."""
+    spec, recipe, start = session.spec, session.recipe, time.perf_counter()
+    seed = session.seed if step.seed is None else step.seed
+    batches = session.calibration_text("block-wise quantization").sample(step.samples, step.seq_len)
+    _prepare(model, session)
     use_sdpa_masks(model)
     device = execution_device(get_module(model, spec.embed))
-    batches = ctx.sample_calibration(step.samples, step.seq_len)
     q_in = torch.cat(embed_batches(model, spec, batches, device, step.batch))
     fp_in = q_in.clone()
-    prefix = ctx.prefix[1] if ctx.prefix is not None else None
-    inputs = layer_inputs(model, spec, step.seq_len, device, prefix)
-    fingerprint = {"recipe": ctx.recipe.model_dump(mode="json"), "seed": seed,
-                   "prefix": ctx.prefix[0] if ctx.prefix else []}
+    prefix = session.prefix
+    inputs = layer_inputs(model, spec, step.seq_len, device, prefix.cache if prefix else None)
+    fingerprint = {"recipe": recipe.model_dump(mode="json"), "seed": seed, "prefix": prefix.tokens if prefix else []}
     checkpoint = LayerCheckpoint(step.checkpoint, fingerprint)
-    stats = {"layers": [], "seed": seed, "restored": 0}
+    result = BlockwiseResult()
     layers = decoder_layers(model, spec)
-    tick = ctx.progress("block-wise quantization", len(layers)) if ctx.progress else (lambda *_: None)
+    tick = session.tick("block-wise quantization", len(layers))
     for index, layer in enumerate(layers):
         with on_device(layer, device):
             saved = checkpoint.load(index)
             if saved is not None:
                 with quantizers_set(layer, "enabled", False):
                     fp_in = _run(inputs, layer, index, fp_in, step.batch)
-                restore_state(layer, saved, ctx.recipe.weights)
+                restore_state(layer, saved, recipe.weights)
                 q_in = _run(inputs, layer, index, q_in, step.batch)
-                stats["restored"] += 1
+                result.restored += 1
             else:
-                fp_in, q_in = _quantize_layer(layer, index, inputs, fp_in, q_in, step, ctx, stats)
+                fp_in, q_in = _quantize_layer(layer, index, inputs, fp_in, q_in, step, session, result.layers, seed)
                 checkpoint.save(index, layer)
-        tick(_status(stats["layers"][-1]) if saved is None else f"layer {index} from checkpoint")
-    quantize_head_rtn(model, spec, ctx.recipe.weights)
-    stats.pop("seed")
-    stats["seconds"] = time.perf_counter() - start
-    ctx.info["blockwise"] = stats
+        tick(_status(result.layers[-1]) if saved is None else f"layer {index} from checkpoint")
+    quantize_head_rtn(model, spec, recipe.weights)
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,4 +1,7 @@
-"""The ``spinquant`` recipe step: prepare, learn (or load) R1/R2, fold them in, checkpoint and resume.
+"""SpinQuant (Liu et al., 2024, arXiv 2405.16406): learn R1 and the per-layer R2 with Cayley SGD, then fold them in.
+
+The training itself (a differentiable rotated forward, the Cayley and Adam steps) is :mod:`lowbit.surgery.spinquant`;
+this module is the recipe step: prepare the model, learn (or load) the rotations, fold them, checkpoint and resume.
 
 Rotations are saved with safetensors (``r1``, ``r2.<layer>``, and when clips learn ``clip_logits`` with their
 Adam state) plus metadata (recipe name, seed, step, the loss curve, the clipped quantizers' names) so that training resumes from its last checkpoint after an interruption and a recipe can load learned
@@ -10,22 +13,24 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
 from ..models.arch import decoder_layers, get_module
 from ..quant.clip import logit_from_clip
 from ..report import save_tensors_atomic
-from .apply import (
+from ..surgery.attach import (
     act_quantizers,
     attach_activation_quantizers,
     attach_kv_quantizers,
     quant_linears,
     swap_linears,
 )
-from .attention import KVQuantHook, remove_attention_hooks
-from .rotate import (
+from ..surgery.attention import KVQuantHook, remove_attention_hooks
+from ..surgery.rotate import (
     add_online_rotations,
     fold_input_rotation,
     fold_norms,
@@ -35,7 +40,71 @@ from .rotate import (
     rotate_residual,
     rotation_seeds,
 )
-from .spinquant import LearnedClips, Rotations, TrainConfig, train_rotations
+from ..surgery.spinquant import LearnedClips, Rotations, TrainConfig, train_rotations
+from .quarot import RotationResult
+from .registry import StepConfig, register
+from .session import Session
+
+
+class SpinQuantStep(StepConfig):
+    """SpinQuant: learn R1 and the per-layer R2 with Cayley SGD for the recipe's activation/KV quantizers.
+
+    Training starts from QuaRot's seeded random Hadamards (R3/R4 stay fixed Hadamards) and minimises next-token
+    cross-entropy with fake-quantized activations and KV on ``samples`` calibration sequences of ``seq_len`` tokens,
+    ``batch`` per step, for ``steps`` steps at peak ``lr`` with cosine decay; each step is capped at ``1 / ||W||`` in
+    ``step_norm`` (``"one"``: the matrix 1-norm, as the reference; ``"fro"``: Frobenius). The default ``lr`` 0.05 keeps
+    steps proportional to the gradient; the reference's 1.5 makes nearly every step the capped one, which on the
+    default model undoes in 60 steps most of what 20 steps learn (``benchmarks/spinquant_sweep.py``). ``checkpoint``: a file
+    written every ``checkpoint_every`` steps; a run with the same settings resumes from it. ``rotations``: load learned rotations
+    from such a file instead of training. ``quantize_weights``: also RTN fake-quantize the linear weights with the
+    recipe's weight scheme while learning (for weight-only recipes, where nothing else is quantized).
+    ``scale_grad``: gradients also flow through the quantizers' dynamic scales, crediting a rotation for the smaller
+    rounding error of flatter tensors (without it, as in the reference, training on the default model raises the
+    held-out loss instead of lowering it). ``autocast``: ``bf16`` runs training under bfloat16 autocast (about 1.7×
+    faster on a CPU with bf16 instructions), ``off`` in float32; the rotations are always kept and folded in float32/64.
+    ``o_rotation``: a fixed seeded rotation of o_proj's input across heads (as the QuaRot step's), online, applied
+    after the learned R2 while learning and when folded. ``loss``: ``ce`` trains on next-token cross-entropy (the
+    reference), ``kl`` on the KL divergence from the full-precision model's next-token distribution.
+    ``learn``: what trains. ``rotations`` is SpinQuant's R1/R2; ``clips`` adds one clip ratio per activation/KV
+    quantizer (in (0.5, 1), started at the scheme's ``clip_ratio``, Adam at peak ``clip_lr`` with the same cosine
+    decay), as OmniQuant's and OSTQuant's learnable clipping; the recipe's final quantizers then use the learned
+    ratios. ``[clips]`` alone keeps QuaRot's Hadamards: QuaRot with learned clipping. Clips need dynamic activation
+    and KV schemes (static scales get theirs from calibration and the blockwise step's search).
+    """
+
+    method: Literal["spinquant"] = "spinquant"
+    phase: ClassVar = "rotation"
+    steps: int = Field(default=100, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    step_norm: Literal["one", "fro"] = "one"
+    samples: int = Field(default=100, ge=1)
+    seq_len: int = Field(default=512, ge=2)
+    batch: int = Field(default=1, ge=1)
+    r3: bool = True
+    r4: bool = True
+    seed: int | None = None
+    checkpoint: str | None = None
+    checkpoint_every: int = Field(default=10, ge=1)
+    rotations: str | None = None
+    quantize_weights: bool = False
+    scale_grad: bool = True
+    autocast: Literal["bf16", "off"] = "off"
+    o_rotation: bool = False
+    loss: Literal["ce", "kl"] = "ce"
+    learn: list[Literal["rotations", "clips"]] = Field(default=["rotations"], min_length=1)
+    clip_lr: float = Field(default=0.1, gt=0)
+
+    @field_validator("learn")
+    @classmethod
+    def _learn_once_each(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"learn names each of rotations, clips at most once, got {value}")
+        return value
+
+    def needs_calibration(self) -> bool:
+        return self.rotations is None  # a rotations file replaces learning
+
 
 _ADAM = "clip_adam."
 
@@ -100,9 +169,9 @@ def prepare_training(model: nn.Module, spec, recipe, seed: int, r3: bool, r4: bo
     training = training_recipe(recipe)
     if training.activations is not None:
         swap_linears(model, spec, recipe.targets)
-        attach_activation_quantizers(model, training)
+        attach_activation_quantizers(model, training.activations)
     if training.kv is not None:
-        attach_kv_quantizers(model, spec, training)
+        attach_kv_quantizers(model, spec, training.kv)
     return info
 
 
@@ -127,7 +196,9 @@ def _remove_training_quantizers(model: nn.Module, spec) -> None:
         linear.input_quant = None
     for layer in decoder_layers(model, spec):
         remove_attention_hooks(get_module(layer, spec.attn), lambda h: isinstance(h, KVQuantHook))
-    assert not any(True for _ in act_quantizers(model))
+    left = [q.name for q in act_quantizers(model)]
+    if left:
+        raise RuntimeError(f"training quantizers left attached after SpinQuant: {left[:3]}")
 
 
 def _resume(step, rot: Rotations, meta_base: dict) -> tuple[Rotations, int, list[float]]:
@@ -140,11 +211,12 @@ def _resume(step, rot: Rotations, meta_base: dict) -> tuple[Rotations, int, list
     return saved, int(meta["step"]) + 1, list(meta.get("losses", []))
 
 
-def spinquant_step(model: nn.Module, step, ctx) -> None:
-    """Learn (or load) R1/R2 (and clip ratios) for the recipe's quantizers, fold the rotations in; records them in
-    ``ctx.info`` and hands learned clip ratios to the recipe's final quantizers through ``ctx.clip_ratios``."""
-    seed = ctx.seed if step.seed is None else step.seed
-    spec, recipe = ctx.spec, ctx.recipe
+@register(SpinQuantStep)
+def apply(model: nn.Module, step: SpinQuantStep, session: Session) -> RotationResult:
+    """Learn (or load) R1/R2 (and clip ratios) for the recipe's quantizers and fold the rotations in; learned clip
+    ratios go to the recipe's final quantizers through ``session.clip_ratios``."""
+    seed = session.seed if step.seed is None else step.seed
+    spec, recipe = session.spec, session.recipe
     start = time.perf_counter()
     model.requires_grad_(False)
     info = prepare_training(model, spec, recipe, seed, step.r3, step.r4, step.o_rotation)
@@ -156,7 +228,7 @@ def spinquant_step(model: nn.Module, step, ctx) -> None:
         rot.o = o
         losses = list(meta.get("losses", []))
     else:
-        rot, losses = _learn(model, spec, step, ctx, seed, o)
+        rot, losses = _learn(model, spec, step, session, seed, o)
     if "clips" not in step.learn:
         rot.clips = None
     _remove_training_quantizers(model, spec)
@@ -168,10 +240,9 @@ def spinquant_step(model: nn.Module, step, ctx) -> None:
     info.update(_describe(rot, "rotations" in step.learn))
     info.update({"max_orthogonality_error": rot.max_orthogonality_error(), "losses": [round(x, 4) for x in losses],
                  "seconds": round(time.perf_counter() - start, 3)})
-    ctx.info["rotation"] = info
-    ctx.info["learned_rotations"] = rot
     if rot.clips is not None:
-        ctx.clip_ratios = rot.clips.ratios()
+        session.clip_ratios = rot.clips.ratios()
+    return RotationResult(info, learned=rot)
 
 
 def _describe(rot: Rotations, learned: bool) -> dict:
@@ -206,14 +277,11 @@ def _check_o_rotation(step, meta: dict) -> None:
                           f" but this step has o_rotation={step.o_rotation}: make them match or train again")
 
 
-def _learn(model: nn.Module, spec, step, ctx, seed: int, o: torch.Tensor | None) -> tuple[Rotations, list[float]]:
+def _learn(model: nn.Module, spec, step, session: Session, seed: int,
+           o: torch.Tensor | None) -> tuple[Rotations, list[float]]:
     """Train from the initial Hadamards (or the matching checkpoint), checkpointing as configured."""
-    if ctx.sample_calibration is None:
-        from ..errors import CalibrationError
-
-        raise CalibrationError("SpinQuant learns rotations on calibration text: pass calibration data")
-    batches = ctx.sample_calibration(step.samples, step.seq_len)
-    meta_base = {"recipe": ctx.recipe.name, "seed": seed, "steps": step.steps, "lr": step.lr,
+    batches = session.calibration_text("SpinQuant (learning rotations)").sample(step.samples, step.seq_len)
+    meta_base = {"recipe": session.recipe.name, "seed": seed, "steps": step.steps, "lr": step.lr,
                  "samples": step.samples, "seq_len": step.seq_len, "quantize_weights": step.quantize_weights,
                  "batch": step.batch, "step_norm": step.step_norm, "scale_grad": step.scale_grad, "autocast": step.autocast,
                  "o_rotation": step.o_rotation, "loss": step.loss, "learn": step.learn, "clip_lr": step.clip_lr}
@@ -222,7 +290,7 @@ def _learn(model: nn.Module, spec, step, ctx, seed: int, o: torch.Tensor | None)
         start.clips = initial_clips(model)
     rot, first, earlier = _resume(step, start, meta_base)
     rot.o = o
-    weights = ctx.recipe.weights if step.quantize_weights else None
+    weights = session.recipe.weights if step.quantize_weights else None
     config = TrainConfig(steps=step.steps, lr=step.lr, momentum=step.momentum, batch=step.batch, weights=weights,
                          norm=step.step_norm, scale_grad=step.scale_grad, autocast=step.autocast, loss=step.loss,
                          learn=tuple(step.learn), clip_lr=step.clip_lr)
@@ -231,5 +299,5 @@ def _learn(model: nn.Module, spec, step, ctx, seed: int, o: torch.Tensor | None)
         if step.checkpoint is not None and (i + 1 == step.steps or (i + 1) % step.checkpoint_every == 0):
             save_rotations(step.checkpoint, current, {**meta_base, "step": i, "losses": earlier + losses})
 
-    new = train_rotations(model, spec, rot, batches, config, ctx.progress, start_step=first, on_step=checkpoint)
+    new = train_rotations(model, spec, rot, batches, config, session.progress, start_step=first, on_step=checkpoint)
     return rot, earlier + new

@@ -1,37 +1,21 @@
-"""Apply a recipe's schemes to a model: swap linears, run weight steps, attach activation/KV quantizers, calibrate."""
+"""Attach a recipe's schemes to a model: swap linears for :class:`QuantLinear`, attach activation and KV quantizers,
+set learned clip ratios and calibrate static scales. Methods (:mod:`lowbit.methods`) build on these."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import CalibrationError, RecipeError
+from ..errors import RecipeError
 from ..models.arch import ArchSpec, decoder_layers, get_module, set_module
-from ..recipe import Recipe
+from ..schemes import QuantScheme
 from .attention import KVQuantHook, add_attention_hook, attention_hooks
 from .linear import QuantLinear
-from .offload import carry_hook, onloaded
+from .offload import carry_hook
 from .quantizer import ActQuantizer
-
-
-@dataclass
-class StepContext:
-    """What a step may use besides the model: the recipe, calibration batches, and a progress callback."""
-
-    recipe: Recipe
-    spec: ArchSpec
-    seed: int = 0
-    calibration: Callable[[], torch.Tensor] | None = None
-    sample_calibration: Callable[[int, int], torch.Tensor] | None = None  # (samples, seq_len) -> token batches
-    progress: Callable[[str, int], Callable[[], None]] | None = None
-    info: dict = field(default_factory=dict)
-    prefix: tuple[list[int], object] | None = None  # PrefixQuant: prefix token ids and their full-precision cache
-    clip_ratios: dict[str, float] = field(default_factory=dict)  # learned by a step, by quantizer name
 
 
 def untie_lm_head(model: nn.Module, spec: ArchSpec) -> int:
@@ -101,35 +85,14 @@ def quantizers_set(module: nn.Module, attribute: str, value: bool) -> Iterator[N
             setattr(q, attribute, was)
 
 
-def rtn_step(model: nn.Module, step, ctx: StepContext) -> None:
-    """Round-to-nearest on every quantized linear's weight."""
-    linears = list(quant_linears(model))
-    tick = ctx.progress("RTN weights", len(linears)) if ctx.progress else (lambda: None)
-    for _, linear in linears:
-        with onloaded(linear):
-            linear.quantize_weight_rtn(ctx.recipe.weights)
-        tick()
-
-
-def _step_handlers() -> dict[str, Callable[[nn.Module, object, StepContext], None]]:
-    from .blockwise import blockwise_step
-    from .gptq import gptq_step
-    from .prefix import prefix_step
-    from .rotate import quarot_step
-    from .spinquant_step import spinquant_step
-
-    return {"rtn": rtn_step, "gptq": gptq_step, "quarot": quarot_step, "spinquant": spinquant_step,
-            "prefix": prefix_step, "blockwise": blockwise_step}
-
-
-def attach_activation_quantizers(model: nn.Module, recipe: Recipe) -> None:
-    """Give every quantized linear without one an input quantizer with the recipe's activation scheme."""
+def attach_activation_quantizers(model: nn.Module, scheme: QuantScheme) -> None:
+    """Give every quantized linear without one an input quantizer with the activation ``scheme``."""
     for name, linear in quant_linears(model):
         if linear.input_quant is None:
-            linear.input_quant = ActQuantizer(recipe.activations, "activation", name=f"{name}.input")
+            linear.input_quant = ActQuantizer(scheme, "activation", name=f"{name}.input")
 
 
-def attach_kv_quantizers(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> None:
+def attach_kv_quantizers(model: nn.Module, spec: ArchSpec, scheme: QuantScheme) -> None:
     """Hook a key and a value quantizer (post-RoPE, per head) into every attention module."""
     for i, layer in enumerate(decoder_layers(model, spec)):
         attn = get_module(layer, spec.attn)
@@ -137,7 +100,7 @@ def attach_kv_quantizers(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> No
             continue
         prefix = f"{spec.layers}.{i}.{spec.attn}"
         hook = KVQuantHook(
-            ActQuantizer(recipe.kv, "kv", name=f"{prefix}.k"), ActQuantizer(recipe.kv, "kv", name=f"{prefix}.v")
+            ActQuantizer(scheme, "kv", name=f"{prefix}.k"), ActQuantizer(scheme, "kv", name=f"{prefix}.v")
         )
         add_attention_hook(model, attn, hook)
 
@@ -187,36 +150,3 @@ def calibrate_quantizers(quantizers: list[ActQuantizer], run: Callable[[], objec
             q.calibrating = False
     for q in static:
         q.finish_calibration()
-
-
-def apply_recipe(model: nn.Module, ctx: StepContext) -> None:
-    """Quantize ``model`` in place as ``ctx.recipe`` says: swap linears, run steps, attach quantizers, calibrate."""
-    recipe, seconds = ctx.recipe, ctx.info.setdefault("seconds", {"quantize": 0.0, "calibrate": 0.0})
-    start = time.perf_counter()
-    if recipe.weights is not None or recipe.activations is not None:
-        swap_linears(model, ctx.spec, recipe.targets)
-    handlers = _step_handlers()
-    for step in recipe.steps:
-        handlers[step.method](model, step, ctx)
-    if recipe.activations is not None:
-        attach_activation_quantizers(model, recipe)
-    if recipe.kv is not None:
-        attach_kv_quantizers(model, ctx.spec, recipe)
-    set_clip_ratios(model, ctx.clip_ratios)
-    forward = None
-    if ctx.prefix is not None:
-        from .prefix import PrefixedModel, keep_prefix_exact
-
-        keep_prefix_exact(model, ctx.spec, len(ctx.prefix[0]))
-        forward = PrefixedModel(model, *ctx.prefix)
-    if recipe.kv_cache is not None:
-        from .kvcache import apply_kv_cache
-
-        apply_kv_cache(model, ctx.spec, recipe.kv_cache, ctx.calibration)
-    seconds["quantize"] += time.perf_counter() - start
-    if recipe.needs_calibration:
-        if ctx.calibration is None:
-            raise CalibrationError("this recipe has static scales and needs calibration data: pass some")
-        start = time.perf_counter()
-        calibrate(model, ctx.calibration(), ctx.progress, forward)
-        seconds["calibrate"] += time.perf_counter() - start

@@ -1,0 +1,125 @@
+"""Quantize a model with a recipe: run its steps through the method registry, then attach and calibrate quantizers.
+
+Python use::
+
+    qmodel = lowbit.quantize(model, "w4a4kv4-quarot", data)               # a quantized copy
+    qmodel, session = lowbit.quantize_with_session(model, recipe, data)    # and what each method did
+
+:func:`apply_recipe` imports no method: each step is dispatched to the method registered for its type
+(:mod:`lowbit.methods`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from .data import TokenData
+from .errors import ModelError
+from .methods import Calibration, Session, method_for
+from .models.arch import ArchSpec, spec_for
+from .recipe import Recipe, load_recipe
+from .surgery.attach import (
+    attach_activation_quantizers,
+    attach_kv_quantizers,
+    calibrate,
+    set_clip_ratios,
+    swap_linears,
+)
+from .surgery.kvcache import apply_kv_cache
+from .surgery.offload import is_offloaded
+from .surgery.prefix import PrefixedModel, keep_prefix_exact
+
+
+def check_calibration(session: Session) -> None:
+    """Fail before any work when a step or a static scheme needs calibration text and none was given."""
+    for step in session.recipe.steps:
+        if step.needs_calibration():
+            session.calibration_text(f"the {step.method} step")
+    if session.recipe.needs_calibration and session.calibration is None:
+        from .errors import CalibrationError
+
+        raise CalibrationError("this recipe has static scales and needs calibration data: pass some")
+
+
+def apply_recipe(model: nn.Module, session: Session) -> None:
+    """Quantize ``model`` in place as ``session.recipe`` says: swap linears, run the steps, attach the activation
+    and KV quantizers (with learned clip ratios), attach a packed cache, calibrate static scales."""
+    recipe, start = session.recipe, time.perf_counter()
+    check_calibration(session)
+    if recipe.weights is not None or recipe.activations is not None:
+        swap_linears(model, session.spec, recipe.targets)
+    for step in recipe.steps:
+        result = method_for(step).apply(model, step, session)
+        if result is not None:
+            session.results.append(result)
+    if recipe.activations is not None:
+        attach_activation_quantizers(model, recipe.activations)
+    if recipe.kv is not None:
+        attach_kv_quantizers(model, session.spec, recipe.kv)
+    set_clip_ratios(model, session.clip_ratios)
+    forward = None
+    if session.prefix is not None:
+        keep_prefix_exact(model, session.spec, len(session.prefix.tokens))
+        forward = PrefixedModel(model, session.prefix.tokens, session.prefix.cache)
+    if recipe.kv_cache is not None:
+        default = session.calibration.default if session.calibration is not None else None
+        apply_kv_cache(model, session.spec, recipe.kv_cache, default)
+    session.seconds["quantize"] += time.perf_counter() - start
+    if recipe.needs_calibration:
+        start = time.perf_counter()
+        calibrate(model, session.calibration.default(), session.progress, forward)
+        session.seconds["calibrate"] += time.perf_counter() - start
+
+
+def quantize_with_session(
+    model: nn.Module,
+    recipe: Recipe | str,
+    data: TokenData | None = None,
+    progress=None,
+    inplace: bool = False,
+    seed: int | None = None,
+) -> tuple[nn.Module, Session]:
+    """:func:`quantize`, also returning the :class:`~lowbit.methods.Session`: each method's typed result
+    (``session.get(GPTQResult)``, ``session.report()``), the prefix, learned clip ratios and timings."""
+    recipe = load_recipe(recipe)
+    spec: ArchSpec = spec_for(model)
+    if is_offloaded(model) and not inplace:
+        raise ModelError(
+            "this model's weights are offloaded by accelerate, and a copy would share its offload store: "
+            "quantize it in place with inplace=True"
+        )
+    target = model if inplace else copy.deepcopy(model)
+    calibration = None
+    if data is not None:
+        cal = recipe.calibration
+        calibration = Calibration(default=lambda: data.calibration(cal.samples, cal.seq_len), sample=data.calibration)
+    seed = seed if seed is not None else (data.seed if data is not None else 0)
+    session = Session(recipe=recipe, spec=spec, seed=seed, calibration=calibration, progress=progress)
+    with torch.no_grad():
+        apply_recipe(target, session)
+    if session.prefix is not None:
+        return PrefixedModel(target, session.prefix.tokens, session.prefix.cache), session
+    return target, session
+
+
+def quantize(
+    model: nn.Module,
+    recipe: Recipe | str,
+    data: TokenData | None = None,
+    progress=None,
+    inplace: bool = False,
+    seed: int | None = None,
+) -> nn.Module:
+    """Quantize ``model`` (a copy unless ``inplace``) as ``recipe`` says and return it.
+
+    A model offloaded by accelerate (``device_map`` with an offload folder, ``cpu_offload``, ``disk_offload``) is
+    quantized part by part, one decoder layer in memory at a time for GPTQ; it must be quantized ``inplace``.
+    ``data`` provides calibration text when the recipe has static scales (or a calibrated method). ``seed``
+    (default: the data's seed, else 0) seeds rotations. A recipe with a prefix returns a
+    :class:`~lowbit.surgery.prefix.PrefixedModel`.
+    """
+    return quantize_with_session(model, recipe, data, progress, inplace, seed)[0]

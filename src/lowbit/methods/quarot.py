@@ -1,0 +1,78 @@
+"""QuaRot (Ashkboos et al., 2024): computational-invariance rotations with seeded random Hadamards.
+
+Norms are folded into their readers, then R1 (residual stream) and one R2 per layer (value/output heads) are folded
+into the weights offline; R3 (post-RoPE Q/K) and R4 (down_proj input) run online. The full-precision model's
+outputs are unchanged (see :mod:`lowbit.surgery.rotate` for the algebra).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ..surgery.rotate import (
+    add_online_rotations,
+    fold_norms,
+    random_r1_r2,
+    rotate_heads,
+    rotate_residual,
+    rotation_seeds,
+)
+from .registry import MethodResult, StepConfig, register
+from .session import Session
+
+
+class QuaRotStep(StepConfig):
+    """QuaRot's computational-invariance rotations with seeded random Hadamards (applied before weight steps).
+
+    ``r1``: residual stream; ``r2``: per head on values; ``r3``: online on post-RoPE Q and K (only useful when the
+    KV cache is quantized); ``r4``: online on the down_proj input; ``o_rotation``: online on the o_proj input
+    across heads (QuaRot's; R2 rotates only within a head, so heads of different scale stay unequal without it;
+    off by default until measured on every preset). ``seed`` defaults to the run's seed.
+    ``fallback`` (``block_diagonal`` or ``random_orthogonal``) is used only for a size with no Hadamard construction;
+    without it such a size is an error.
+    """
+
+    method: Literal["quarot"] = "quarot"
+    phase: ClassVar = "rotation"
+    r1: bool = True
+    r2: bool = True
+    r3: bool = True
+    r4: bool = True
+    o_rotation: bool = False
+    seed: int | None = None
+    fallback: Literal["block_diagonal", "random_orthogonal"] | None = None
+
+
+@dataclass
+class RotationResult(MethodResult):
+    """The rotations a rotation step applied: a description of each (and learning statistics), plus the learned
+    rotations themselves when a step learned them (:class:`~lowbit.surgery.spinquant.Rotations`)."""
+
+    key: ClassVar[str] = "rotation"
+    details: dict[str, Any] = field(default_factory=dict)
+    learned: Any = None
+
+    def report(self) -> dict[str, Any]:
+        return dict(self.details)
+
+
+@register(QuaRotStep)
+@torch.no_grad()
+def apply(model: nn.Module, step: QuaRotStep, session: Session) -> RotationResult:
+    """Fold norms and apply the rotations the step asks for."""
+    spec = session.spec
+    seeds = rotation_seeds(model, spec, session.seed if step.seed is None else step.seed)
+    details: dict[str, Any] = {"untied_lm_head_bytes": fold_norms(model, spec)}
+    r1, r2 = random_r1_r2(model, seeds, step.fallback)
+    if step.r1:
+        rotate_residual(model, spec, r1.dense())
+        details["R1"] = r1.description
+    if step.r2:
+        rotate_heads(model, spec, [r.dense() for r in r2])
+        details["R2"] = r2[0].description + f" (one per layer, {len(r2)} seeds)"
+    details.update(add_online_rotations(model, spec, seeds, step.r3, step.r4, step.fallback, step.o_rotation))
+    return RotationResult(details)

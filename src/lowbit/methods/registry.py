@@ -1,0 +1,94 @@
+"""What a method is: a typed step config, an ``apply`` registered for it, and a typed result.
+
+A method is one module under :mod:`lowbit.methods`. It defines a :class:`StepConfig` subclass (its recipe step, with
+a ``method`` literal naming it, the ``phase`` it belongs to and whether it needs calibration text) and registers
+``apply(model, step, session) -> MethodResult | None`` for it with :func:`register`. The recipe's step union and
+the order rule (phases in :data:`PHASES` order, at most one step per phase) are built from this registry, and
+:func:`lowbit.apply.apply_recipe` dispatches through it: neither imports any method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from torch import nn
+
+from ..schemes import StrictConfig
+
+if TYPE_CHECKING:
+    from .session import Session
+
+Phase = Literal["rotation", "prefix", "weights"]
+PHASES: tuple[Phase, ...] = ("rotation", "prefix", "weights")  # the order steps of different phases run in
+
+
+class StepConfig(StrictConfig):
+    """A recipe step: a method's typed settings. Subclasses set ``method: Literal[...]`` and ``phase``.
+
+    ``phase``: ``rotation`` steps change the basis (before anything is quantized), ``prefix`` steps fix the tokens
+    every sequence starts from, ``weights`` steps quantize the weights with the recipe's weight scheme (and need one).
+    """
+
+    phase: ClassVar[Phase]
+
+    @property
+    def name(self) -> str:
+        return self.method  # type: ignore[attr-defined]
+
+    def needs_calibration(self) -> bool:
+        """True when this step reads calibration text (checked before any work starts)."""
+        return False
+
+
+class MethodResult:
+    """What a method reports: ``key`` names its section in the report, :meth:`report` fills it (JSON values)."""
+
+    key: ClassVar[str]
+
+    def report(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+Apply = Callable[[nn.Module, Any, "Session"], MethodResult | None]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered method: its step config type and the function that applies such a step to a model."""
+
+    config: type[StepConfig]
+    apply: Apply
+
+    @property
+    def name(self) -> str:
+        return self.config.model_fields["method"].default
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(config: type[StepConfig]) -> Callable[[Apply], Apply]:
+    """Decorator: register ``apply`` as the method for steps of type ``config`` (one method per name)."""
+
+    def decorate(apply: Apply) -> Apply:
+        method = Method(config, apply)
+        if config.phase not in PHASES:
+            raise ValueError(f"method {method.name}: phase must be one of {PHASES}, got {config.phase!r}")
+        if method.name in _METHODS and _METHODS[method.name].config is not config:
+            raise ValueError(f"a method named {method.name!r} is already registered")
+        _METHODS[method.name] = method
+        return apply
+
+    return decorate
+
+
+def method_for(step: StepConfig) -> Method:
+    """The registered method that applies ``step``."""
+    return _METHODS[step.name]
+
+
+def registered() -> list[Method]:
+    """Every registered method, in registration order."""
+    return list(_METHODS.values())
