@@ -22,7 +22,7 @@ def test_round_trip_within_half_a_step(bits, symmetric, axis, group):
     packed = codec.encode(x)
     x_hat = codec.decode(packed, 64)
     assert x_hat.shape == x.shape
-    step = codec._grouped(x).abs().amax(3, keepdim=True) * 2 / (2**bits - 1 - (1 if symmetric else 0))
+    step = codec._grouped(x).abs().amax(-1, keepdim=True) * 2 / (2**bits - 1 - (1 if symmetric else 0))
     err = codec._grouped((x_hat - x).abs())
     assert bool((err <= step / 2 * 1.01 + 1e-3).all())
     assert torch.allclose(codec.scores(x[:, :, :5], packed, 64), x[:, :, :5] @ x_hat.transpose(-1, -2), atol=1e-3)
@@ -30,9 +30,9 @@ def test_round_trip_within_half_a_step(bits, symmetric, axis, group):
 
 def test_bytes_are_what_the_layout_says():
     x = _kv(t=64, d=64)
-    per_token = IntCodec(4).encode(x)  # 4 bits + fp16 scale and min per 64 channels
+    per_token = IntCodec(4).encode(x)  # 4 bits + fp16 scale and zero point per 64 channels
     assert per_token.nbytes == 2 * 3 * 64 * (64 * 4 // 8 + 2 + 2)
-    kivi_keys = IntCodec(2, axis="channel", group=32).encode(x)  # 2 bits + fp16 scale and min per channel per 32 tokens
+    kivi_keys = IntCodec(2, axis="channel", group=32).encode(x)  # 2 bits + fp16 scale, zero point / channel / 32 tokens
     assert kivi_keys.nbytes == 2 * 3 * (64 * 64 * 2 // 8 + 2 * 64 * 2 * 2)
     assert kivi_keys.fields["scale"].shape == (2, 3, 2, 64)
 

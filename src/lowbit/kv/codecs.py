@@ -6,7 +6,8 @@ back. Key codecs also score queries against the packed form (:meth:`KeyCodec.sco
 dequantized copy of the whole cache. Bits are counted from the tensors actually held (:attr:`Packed.nbytes`).
 
 * :class:`IntCodec`: affine integer codes, 1–8 bits, per token (groups of channels, the usual per-head cache) or
-  per channel over groups of tokens (KIVI's keys); float16 scale and minimum (asymmetric) or scale (symmetric).
+  per channel over groups of tokens (KIVI's keys), computed by the quantizer core (:mod:`lowbit.quant`); float16
+  scale and zero point (asymmetric) or scale (symmetric).
 * :class:`QJLKeyCodec`: QJL's 1-bit sketch of keys with exact outlier channels per token group (keys only).
 * :class:`TurboCodec`: random Hadamard rotation, then the optimal scalar codebook for a sphere coordinate on every
   channel, plus the norm; optionally a 1-bit QJL sketch of the residual for unbiased scores.
@@ -22,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..quant import IntFormat, PerRow, compute_qparams, dequantize_groups, minmax_range, quantize_groups
 from ..quant.packing import pack_bits, unpack_bits
 from ..rotations import random_hadamard
 from .codebook import sphere_codebook
@@ -73,13 +75,19 @@ def _check_bits(bits: int) -> None:
 
 @dataclass(frozen=True)
 class IntCodec:
-    """Affine ``bits``-bit integer codes with float16 metadata.
+    """Affine ``bits``-bit integer codes from the quantizer core, with float16 metadata.
 
     ``axis="token"``: each token's ``head_dim`` channels in groups of ``group`` (default: the whole head) share a
-    scale (and minimum). ``axis="channel"``: each channel shares a scale (and minimum) over ``group`` consecutive
-    tokens (KIVI's key quantization; runs must then be whole groups). Asymmetric: ``x = code * scale + min`` with
-    codes in ``[0, 2^bits)``; symmetric: ``x = (code - 2^(bits-1) + 1) * scale``, codes ``[0, 2^bits - 1)``.
-    ``clip_ratio`` shrinks each range about its centre (asymmetric) or zero (symmetric) before rounding.
+    scale (and zero point). ``axis="channel"``: each channel shares a scale (and zero point) over ``group``
+    consecutive tokens (KIVI's key quantization; runs must then be whole groups). Scales, zero points and codes are
+    :func:`~lowbit.quant.compute_qparams` and :func:`~lowbit.quant.quantize_groups` of the min/max range with
+    :class:`~lowbit.quant.IntFormat` ``(bits, symmetric)``: the convention of every other integer quantizer in
+    lowbit (asymmetric: range widened to include 0, integer zero point; ``clip_ratio`` scales the range about 0;
+    symmetric: codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``). The scale is rounded up to float16, the dtype it is
+    stored in, before the zero point and codes are computed, so decoding reproduces
+    ``fake_quantize(x, fmt, gran, scale_dtype=torch.float16)`` bit for bit; a fake-quantizer with float32 scales
+    (a recipe's ``kv``) differs only by that rounding of the scale (relative < 2^-10). Codes are stored as
+    ``code - qmin`` in ``[0, 2^bits)``.
     """
 
     bits: int
@@ -100,60 +108,56 @@ class IntCodec:
             raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
 
     @property
+    def format(self) -> IntFormat:
+        """The core integer grid these codes live on."""
+        return IntFormat(self.bits, self.symmetric)
+
+    @property
     def token_group(self) -> int:
         """Tokens encoded together (a run's length must be a multiple of this)."""
         return (self.group or 1) if self.axis == "channel" else 1
 
     def _grouped(self, x: Tensor) -> Tensor:
-        """View ``[B, H, T, d]`` as ``[B, H, n, members, granules...]`` with the reduced members on dim 3."""
+        """View ``[B, H, T, d]`` as ``[B, H, n, granules, members]``: the elements sharing a scale on the last dim.
+
+        ``axis="token"``: ``[B, H, T, d/g, g]``; ``axis="channel"``: ``[B, H, T/g, d, g]`` (a transposed view).
+        """
         b, h, t, d = x.shape
         if self.axis == "token":
             g = self.group or d
             if d % g:
                 raise ValueError(f"head_dim {d} is not a multiple of the channel group {g}")
-            return x.reshape(b, h, t, d // g, g).transpose(3, 4)  # [B, H, T, g, d/g]
+            return x.reshape(b, h, t, d // g, g)
         g = self.group or 1
         if t % g:
             raise ValueError(f"{t} tokens are not a whole number of {g}-token groups")
-        return x.reshape(b, h, t // g, g, d)  # [B, H, T/g, g, d]
+        return x.reshape(b, h, t // g, g, d).transpose(3, 4)
 
     def _ungroup(self, grouped: Tensor, shape: torch.Size) -> Tensor:
         if self.axis == "token":
-            return grouped.transpose(3, 4).reshape(shape)
-        return grouped.reshape(shape)
+            return grouped.reshape(shape)
+        return grouped.transpose(3, 4).reshape(shape)
 
     def encode(self, x: Tensor) -> Packed:
         """Pack ``x`` ``[B, H, T, d]`` (``T`` a multiple of :attr:`token_group`)."""
-        grouped = self._grouped(x.float())
-        levels = 2**self.bits - 1
-        if self.symmetric:
-            half = 2 ** (self.bits - 1) - 1
-            scale = (grouped.abs().amax(dim=3, keepdim=True) * self.clip_ratio / half).clamp_min(1e-8)
-            scale = scale.to(META_DTYPE).float()
-            codes = (grouped / scale).round().clamp(-half, half) + half
-            meta = {"scale": scale.squeeze(3).to(META_DTYPE)}
-        else:
-            lo, hi = grouped.amin(dim=3, keepdim=True), grouped.amax(dim=3, keepdim=True)
-            centre, half_range = (hi + lo) / 2, (hi - lo) / 2 * self.clip_ratio
-            lo = (centre - half_range).to(META_DTYPE).float()
-            scale = (2 * half_range / levels).clamp_min(1e-8).to(META_DTYPE).float()
-            codes = ((grouped - lo) / scale).round().clamp(0, levels)
-            meta = {"scale": scale.squeeze(3).to(META_DTYPE), "min": lo.squeeze(3).to(META_DTYPE)}
+        fmt, grouped = self.format, self._grouped(x.float())
+        lo, hi = minmax_range(grouped, PerRow())
+        qp = compute_qparams(lo, hi, fmt, self.clip_ratio, scale_dtype=META_DTYPE)
+        codes = quantize_groups(grouped, qp.scale, qp.zero_point, fmt) - fmt.qmin
+        meta = {"scale": qp.scale.squeeze(-1).to(META_DTYPE)}
+        if qp.zero_point is not None:
+            meta["zero_point"] = qp.zero_point.squeeze(-1).to(META_DTYPE)  # integers below 256: exact in float16
         codes = self._ungroup(codes, x.shape).to(torch.uint8)
         return Packed({"codes": pack_bits(codes, self.bits), **meta}, tokens=x.shape[2])
 
     def decode(self, packed: Packed, head_dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dequantized tensor ``[B, H, T, head_dim]``."""
-        f = packed.fields
+        f, fmt = packed.fields, self.format
         codes = unpack_bits(f["codes"], self.bits, head_dim).float()
-        shape = codes.shape
-        grouped = self._grouped(codes)
-        scale = f["scale"].float().unsqueeze(3)
-        if self.symmetric:
-            values = (grouped - (2 ** (self.bits - 1) - 1)) * scale
-        else:
-            values = grouped * scale + f["min"].float().unsqueeze(3)
-        return self._ungroup(values, shape).to(dtype)
+        codes = codes + fmt.qmin if fmt.qmin else codes
+        zero = f["zero_point"].float().unsqueeze(-1) if "zero_point" in f else None
+        values = dequantize_groups(self._grouped(codes), f["scale"].float().unsqueeze(-1), zero)
+        return self._ungroup(values, codes.shape).to(dtype)
 
     def scores(self, queries: Tensor, packed: Packed, head_dim: int) -> Tensor:
         """``queries [B, H, Tq, d] @ keys.T`` against the packed keys: ``[B, H, Tq, T]``."""

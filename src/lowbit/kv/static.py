@@ -1,6 +1,6 @@
 """Static KV quantization: integer codes whose scales are fixed per KV head from calibration text.
 
-A static cache stores codes only: the scale (and minimum) of each KV head — per group of channels, or per channel
+A static cache stores codes only: the scale (and zero point) of each KV head — per group of channels, or per channel
 (keys have outlier channels) — is measured once on calibration text and held by the codec, so a token costs exactly
 ``bits`` per element (PrefixQuant's static per-head KV). :class:`KVRangeHook` records the post-RoPE (and, with
 QuaRot, post-R3) key/value ranges during calibration forwards; :func:`static_codec` turns ranges into a codec.
@@ -13,22 +13,31 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import CalibrationError
+from ..quant import IntFormat, compute_qparams, dequantize_groups, quantize_groups
 from ..quant.packing import pack_bits, unpack_bits
 from .codecs import META_DTYPE, Packed
 
 
 @dataclass(frozen=True, eq=False)
 class StaticIntCodec:
-    """``bits``-bit codes with fixed ``scale`` (and ``minimum`` when asymmetric), each ``[kv_heads, C]``.
+    """``bits``-bit codes with fixed ``scale`` (and ``zero_point`` when asymmetric), each ``[kv_heads, C]`` float16.
 
     The ``head_dim`` channels of a head split into ``C`` equal groups that share a scale (``C = head_dim``: one per
-    channel). Asymmetric: ``x = code * scale + minimum``; symmetric: ``x = (code - 2^(bits-1) + 1) * scale``.
+    channel). Codes and values are the quantizer core's (:func:`~lowbit.quant.quantize_groups`,
+    :func:`~lowbit.quant.dequantize_groups`) with :class:`~lowbit.quant.IntFormat` ``(bits, symmetric)``, the same
+    rounding as :class:`~lowbit.kv.codecs.IntCodec`; codes are stored as ``code - qmin``.
     """
 
     bits: int
     symmetric: bool
     scale: Tensor
-    minimum: Tensor | None = None
+    zero_point: Tensor | None = None
+
+    @property
+    def format(self) -> IntFormat:
+        """The core integer grid these codes live on."""
+        return IntFormat(self.bits, self.symmetric)
 
     @property
     def token_group(self) -> int:
@@ -38,33 +47,30 @@ class StaticIntCodec:
     def nbytes(self) -> int:
         """Bytes of the fixed parameters (held once per layer)."""
         held = self.scale.numel() * self.scale.element_size()
-        return held + (0 if self.minimum is None else self.minimum.numel() * self.minimum.element_size())
+        return held + (0 if self.zero_point is None else self.zero_point.numel() * self.zero_point.element_size())
 
     def _params(self, device) -> tuple[Tensor, Tensor | None]:
-        scale = self.scale.to(device).float()[None, :, None, :, None]
-        lo = None if self.minimum is None else self.minimum.to(device).float()[None, :, None, :, None]
-        return scale, lo
+        """Scale and zero point as float32 ``[kv_heads, 1, C, 1]``, broadcasting against :meth:`_grouped`."""
+        scale = self.scale.to(device).float()[:, None, :, None]
+        zero = None if self.zero_point is None else self.zero_point.to(device).float()[:, None, :, None]
+        return scale, zero
 
     def _grouped(self, x: Tensor) -> Tensor:
+        """``[B, H, T, d]`` as ``[B, H, T, C, d/C]``: the channels sharing a scale on the last dim."""
         b, h, t, d = x.shape
         return x.reshape(b, h, t, self.scale.shape[1], d // self.scale.shape[1])
 
     def encode(self, x: Tensor) -> Packed:
         """Codes of ``x`` ``[B, H, T, d]`` with the fixed scales (values outside the range saturate)."""
-        scale, lo = self._params(x.device)
-        g = self._grouped(x.float())
-        if self.symmetric:
-            half = 2 ** (self.bits - 1) - 1
-            codes = (g / scale).round().clamp(-half, half) + half
-        else:
-            codes = ((g - lo) / scale).round().clamp(0, 2**self.bits - 1)
-        return Packed({"codes": pack_bits(codes.reshape(x.shape).to(torch.uint8), self.bits)}, tokens=x.shape[2])
+        fmt, (scale, zero) = self.format, self._params(x.device)
+        codes = quantize_groups(self._grouped(x.float()), scale, zero, fmt) - fmt.qmin
+        codes = codes.reshape(x.shape).to(torch.uint8)
+        return Packed({"codes": pack_bits(codes, self.bits)}, tokens=x.shape[2])
 
     def decode(self, packed: Packed, head_dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
         codes = unpack_bits(packed.fields["codes"], self.bits, head_dim).float()
-        scale, lo = self._params(codes.device)
-        g = self._grouped(codes)
-        values = (g - (2 ** (self.bits - 1) - 1)) * scale if self.symmetric else g * scale + lo
+        codes = codes + self.format.qmin if self.format.qmin else codes
+        values = dequantize_groups(self._grouped(codes), *self._params(codes.device))
         return values.reshape(codes.shape).to(dtype)
 
     def scores(self, queries: Tensor, packed: Packed, head_dim: int) -> Tensor:
@@ -75,38 +81,41 @@ class StaticIntCodec:
 
 
 def static_codec(lo: Tensor, hi: Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> StaticIntCodec:
-    """A static codec from per-head, per-granule ranges ``lo``/``hi`` ``[kv_heads, C]`` (clipped about the centre)."""
-    lo, hi = lo.float(), hi.float()
-    if symmetric:
-        half = 2 ** (bits - 1) - 1
-        scale = (torch.maximum(lo.abs(), hi.abs()) * clip_ratio / half).clamp_min(1e-8)
-        return StaticIntCodec(bits, True, scale.to(META_DTYPE))
-    centre, half_range = (hi + lo) / 2, (hi - lo) / 2 * clip_ratio
-    scale = (2 * half_range / (2**bits - 1)).clamp_min(1e-8)
-    return StaticIntCodec(bits, False, scale.to(META_DTYPE), (centre - half_range).to(META_DTYPE))
+    """A static codec from per-head, per-granule ranges ``lo``/``hi`` ``[kv_heads, C]``.
+
+    :func:`~lowbit.quant.compute_qparams` with the scale rounded to float16, the dtype it is held in.
+    """
+    qp = compute_qparams(lo, hi, IntFormat(bits, symmetric), clip_ratio, scale_dtype=META_DTYPE)
+    zero = None if qp.zero_point is None else qp.zero_point.to(META_DTYPE)
+    return StaticIntCodec(bits, symmetric, qp.scale.to(META_DTYPE), zero)
 
 
 class KVRangeHook(nn.Module):
     """Attention hook that records per-head min/max of keys and values over granules of ``channels_per_scale``.
 
     Passes its inputs through unchanged; ``ranges()`` gives ``{"keys": (lo, hi), "values": (lo, hi)}``, each
-    ``[kv_heads, head_dim / channels_per_scale]``. NaN or inf in calibration raises a clear error.
+    ``[kv_heads, head_dim / channels_per_scale]``. NaN or inf in calibration, or no calibration at all, raises a
+    :class:`~lowbit.errors.CalibrationError` naming ``name`` (the attention layer), as activation quantizers do.
     """
 
-    def __init__(self, key_channels: int, value_channels: int) -> None:
+    def __init__(self, key_channels: int, value_channels: int, name: str = "") -> None:
         super().__init__()
         self.channels = {"keys": key_channels, "values": value_channels}
+        self.name = name or "an attention layer"
         self.seen: dict[str, tuple[Tensor, Tensor]] = {}
 
-    def _record(self, name: str, x: Tensor) -> None:
+    def _record(self, kind: str, x: Tensor) -> None:
         if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"calibration {name} contain NaN or inf: check the model in full precision")
+            raise CalibrationError(
+                f"NaN or inf met in KV cache calibration at the {kind} of {self.name}: the model overflows in this "
+                "dtype or the input is broken; load the model in float32 or check the calibration text"
+            )
         b, h, t, d = x.shape
-        g = x.detach().float().reshape(b, h, t, d // self.channels[name], self.channels[name])
+        g = x.detach().float().reshape(b, h, t, d // self.channels[kind], self.channels[kind])
         lo, hi = g.amin(dim=(0, 2, 4)), g.amax(dim=(0, 2, 4))
-        if name in self.seen:
-            lo, hi = torch.minimum(lo, self.seen[name][0]), torch.maximum(hi, self.seen[name][1])
-        self.seen[name] = (lo, hi)
+        if kind in self.seen:
+            lo, hi = torch.minimum(lo, self.seen[kind][0]), torch.maximum(hi, self.seen[kind][1])
+        self.seen[kind] = (lo, hi)
 
     def forward(self, query, key, value):
         self._record("keys", key)
@@ -115,5 +124,8 @@ class KVRangeHook(nn.Module):
 
     def ranges(self) -> dict[str, tuple[Tensor, Tensor]]:
         if len(self.seen) != 2:
-            raise ValueError("no calibration text reached this attention layer")
+            raise CalibrationError(
+                f"the KV cache calibration of {self.name} saw no calibration data: the calibration text never "
+                "reached it"
+            )
         return dict(self.seen)

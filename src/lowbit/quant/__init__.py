@@ -3,13 +3,15 @@
 Three layers, each depending only on the ones before it (and on torch):
 
 1. **What to quantize to, and in which blocks.**
-   :mod:`~lowbit.quant.formats` holds the integer (``IntFormat``, int2..int8, symmetric or asymmetric) and
-   floating-point (``FloatFormat``: ``FP8_E4M3``, ``FP8_E5M2``, ``FP4_E2M1``) grids and ``parse_format``;
+   :mod:`~lowbit.quant.formats` holds the integer (``IntFormat``, int2..int8, symmetric or asymmetric, plus a 1-bit
+   asymmetric grid) and floating-point (``FloatFormat``: ``FP8_E4M3``, ``FP8_E5M2``, ``FP4_E2M1``) grids and
+   ``parse_format``;
    :mod:`~lowbit.quant.fp` rounds to a float grid exactly like torch's float8 casts;
    :mod:`~lowbit.quant.granularity` says which elements share a scale (``PerTensor``, ``PerRow``,
    ``PerGroup``, ``PerAxis``) and maps a tensor to/from its grouped view, with per-granule min/max.
 2. **Quantization parameters.** :mod:`~lowbit.quant.qparams` turns a range into a ``QParams``
-   (scale, zero point) with ``compute_qparams`` and applies ``quantize`` / ``dequantize``;
+   (scale, zero point) with ``compute_qparams`` (optionally rounding the scale to its storage dtype) and applies
+   ``quantize`` / ``dequantize`` (``quantize_groups`` / ``dequantize_groups`` on a caller's own grouped view);
    :mod:`~lowbit.quant.observers` picks the range from data (``minmax``, ``percentile``, ``mse`` clip search).
 3. **Fake quantization.** ``fake_quantize`` (in :mod:`~lowbit.quant.fake`) is ``dequantize(quantize(x))`` as one
    differentiable op with straight-through rounding and the LSQ scale gradient, in dynamic (observe ``x``) or
@@ -56,8 +58,11 @@ from lowbit.quant.qparams import (
     QParams,
     compute_qparams,
     dequantize,
+    dequantize_groups,
     fake_quantize_groups,
     quantize,
+    quantize_groups,
+    round_scale,
     round_ste,
 )
 
@@ -78,6 +83,7 @@ __all__ = [
     "QParams",
     "compute_qparams",
     "dequantize",
+    "dequantize_groups",
     "expand_to_elements",
     "fake_quantize",
     "fake_quantize_groups",
@@ -92,8 +98,10 @@ __all__ = [
     "parse_format",
     "percentile_range",
     "quantize",
+    "quantize_groups",
     "reduce_granules",
     "reduce_minmax",
+    "round_scale",
     "round_ste",
     "round_to_float_format",
     "to_groups",

@@ -33,6 +33,7 @@ def _resolve_qparams(
     clip_ratio: float,
     observer_kwargs: dict[str, Any],
     scale_grad: bool = False,
+    scale_dtype: torch.dtype | None = None,
 ) -> QParams:
     """Static mode: check and return the given qparams. Dynamic mode: observe ``x`` and compute them.
 
@@ -40,14 +41,15 @@ def _resolve_qparams(
     straight-through one; see :func:`fake_quantize` for what ``scale_grad`` adds.
     """
     if qparams is not None:
-        if observer != "minmax" or clip_ratio != 1.0 or observer_kwargs or scale_grad:
+        if observer != "minmax" or clip_ratio != 1.0 or observer_kwargs or scale_grad or scale_dtype is not None:
             raise ValueError(
-                "observer, clip_ratio, scale_grad and observer options apply to dynamic mode only (qparams=None)"
+                "observer, clip_ratio, scale_grad, scale_dtype and observer options apply to dynamic mode only "
+                "(qparams=None)"
             )
         check_qparams(qparams, fmt, granule_shape(x.shape, gran))
         return qparams
     xmin, xmax = _observers.observe_range(x if scale_grad else x.detach(), gran, fmt, observer, **observer_kwargs)
-    return _qparams.compute_qparams(xmin, xmax, fmt, clip_ratio=clip_ratio)
+    return _qparams.compute_qparams(xmin, xmax, fmt, clip_ratio=clip_ratio, scale_dtype=scale_dtype)
 
 
 def fake_quantize(
@@ -59,6 +61,7 @@ def fake_quantize(
     observer: str = "minmax",
     clip_ratio: float = 1.0,
     scale_grad: bool = False,
+    scale_dtype: torch.dtype | None = None,
     **observer_kwargs: Any,
 ) -> Tensor:
     """Quantize then dequantize ``x`` in one differentiable op (straight-through rounding, LSQ scale gradient).
@@ -73,13 +76,17 @@ def fake_quantize(
     an outlier) earns no credit for the smaller error. With it, ``d out / d s = e`` carries that credit to the
     largest elements: the reparameterisation gradient of the loss under additive noise of width ``s``, which is
     what learning rotations needs (SpinQuant).
+
+    ``scale_dtype`` (dynamic mode): round the scale up to this dtype first (see
+    :func:`~lowbit.quant.qparams.compute_qparams`); with float16 the output equals, bit for bit, what a packed
+    store that keeps float16 scales dequantizes (the packed KV cache's :class:`~lowbit.kv.codecs.IntCodec`).
     """
     if not x.is_floating_point():
         raise ValueError(f"fake_quantize needs a floating-point tensor, got {x.dtype}")
     if x.numel() == 0:
         return x.clone()
     x32 = x.to(torch.float32)
-    qp = _resolve_qparams(x32, fmt, gran, qparams, observer, clip_ratio, observer_kwargs, scale_grad)
+    qp = _resolve_qparams(x32, fmt, gran, qparams, observer, clip_ratio, observer_kwargs, scale_grad, scale_dtype)
     scale, zero = float32_qparams(qp)
     out = fake_quantize_groups(to_groups(x32, gran), scale, zero, fmt)
     return from_groups(out, gran, x.shape).to(x.dtype)

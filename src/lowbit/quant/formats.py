@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Final, TypeAlias
 
 _MIN_INT_BITS: Final = 2
+_MIN_ASYM_INT_BITS: Final = 1  # a 1-bit asymmetric grid {0, 1} is well defined (1-bit KV codes); no format name
 _MAX_INT_BITS: Final = 8
 _MAX_EXP_BITS: Final = 6  # keeps the smallest subnormal spacing (2^(2 - 2^(e-1) - m)) a normal float32
 _MAX_MAN_BITS: Final = 10
@@ -24,18 +25,21 @@ class IntFormat:
 
     Symmetric formats use the *restricted* range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (e.g. [-7, 7] for int4) so
     that the grid is mirror-symmetric and ``q(-x) == -q(x)`` holds exactly; the unused code -2^(b-1) is given
-    up for that. Asymmetric formats use the full unsigned range ``[0, 2^b - 1]`` with a zero point.
+    up for that. Asymmetric formats use the full unsigned range ``[0, 2^b - 1]`` with a zero point; they also exist
+    with 1 bit (codes {0, 1}, for 1-bit KV caches), where a symmetric grid would be the single code 0.
     """
 
     bits: int
     symmetric: bool
 
     def __post_init__(self) -> None:
-        """Reject bit widths outside 2..8, naming the bad value, because the grid would be degenerate or unsupported."""
+        """Reject bit widths outside 2..8 (1..8 asymmetric), naming the bad value: the grid would be degenerate."""
         valid = isinstance(self.bits, int) and not isinstance(self.bits, bool)
-        if not valid or not _MIN_INT_BITS <= self.bits <= _MAX_INT_BITS:
+        lowest = _MIN_INT_BITS if self.symmetric else _MIN_ASYM_INT_BITS
+        if not valid or not lowest <= self.bits <= _MAX_INT_BITS:
             raise ValueError(
-                f"IntFormat bits must be an integer in {_MIN_INT_BITS}..{_MAX_INT_BITS}, got {self.bits!r}"
+                f"IntFormat bits must be an integer in {_MIN_INT_BITS}..{_MAX_INT_BITS} "
+                f"(or {_MIN_ASYM_INT_BITS} when asymmetric), got {self.bits!r}"
             )
 
     @property

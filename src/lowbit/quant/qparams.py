@@ -67,8 +67,31 @@ def _check_clip_ratio(clip_ratio: float) -> None:
         raise ValueError(f"clip_ratio must be a finite number > 0 (1.0 = no clipping), got {clip_ratio}")
 
 
+def round_scale(scale: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``scale`` rounded *up* to the float ``dtype`` it will be stored in, as float32 (None: unchanged).
+
+    Up, not to nearest, so that the stored scale's grid still spans the whole range: with 255 levels a scale
+    rounded down by float16's relative 2^-11 would cut 12% of a step off the top of the range. Clamped first to
+    ``dtype``'s positive finite values, so a tiny range never stores a zero scale. The gradient passes straight
+    through (the rounding is a constant offset).
+    """
+    if dtype is None:
+        return scale
+    info = torch.finfo(dtype)
+    wanted = scale.clamp(min=info.tiny * info.eps, max=info.max)
+    stored = wanted.detach().to(dtype)
+    below = stored.to(torch.float32) < wanted
+    stored = torch.where(below, torch.nextafter(stored, stored.new_tensor(info.max)), stored).to(torch.float32)
+    return wanted + (stored - wanted).detach()  # exact: stored is within a factor 2 of wanted (Sterbenz)
+
+
 def compute_qparams(
-    xmin: Tensor, xmax: Tensor, fmt: Format, clip_ratio: float = 1.0, eps: float = DEFAULT_EPS
+    xmin: Tensor,
+    xmax: Tensor,
+    fmt: Format,
+    clip_ratio: float = 1.0,
+    eps: float = DEFAULT_EPS,
+    scale_dtype: torch.dtype | None = None,
 ) -> QParams:
     """Map a per-granule range ``[xmin, xmax]`` to a scale (and zero point), computed in float32.
 
@@ -78,17 +101,20 @@ def compute_qparams(
     * float: ``s = clip * max(|xmin|, |xmax|) / max_value``.
 
     ``s`` is floored at ``eps`` so a zero range gives a finite scale; gradients flow to ``xmin``/``xmax``.
+    ``scale_dtype`` (e.g. float16, for a packed store that keeps scales in half precision): ``s`` is rounded up to
+    it (:func:`round_scale`) before the zero point is computed, so codes computed with these qparams dequantize
+    exactly from the stored scale.
     """
     _check_clip_ratio(clip_ratio)
     lo, hi = xmin.to(torch.float32), xmax.to(torch.float32)
     if isinstance(fmt, IntFormat) and not fmt.symmetric:
         lo, hi = lo.clamp(max=0.0) * clip_ratio, hi.clamp(min=0.0) * clip_ratio
-        scale = ((hi - lo) / (fmt.qmax - fmt.qmin)).clamp(min=eps)
+        scale = round_scale(((hi - lo) / (fmt.qmax - fmt.qmin)).clamp(min=eps), scale_dtype)
         zero_point = (round_ste(fmt.qmin - lo / scale)).clamp(fmt.qmin, fmt.qmax)
         return QParams(scale=scale, zero_point=zero_point)
     absmax = torch.maximum(lo.abs(), hi.abs()) * clip_ratio
     top = fmt.qmax if isinstance(fmt, IntFormat) else fmt.max_value
-    return QParams(scale=(absmax / top).clamp(min=eps), zero_point=None)
+    return QParams(scale=round_scale((absmax / top).clamp(min=eps), scale_dtype), zero_point=None)
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
@@ -124,6 +150,24 @@ def float32_qparams(qp: QParams) -> tuple[Tensor, Tensor | None]:
     return qp.scale.to(torch.float32), zero
 
 
+def quantize_groups(g: Tensor, scale: Tensor, zero_point: Tensor | None, fmt: Format) -> Tensor:
+    """Codes of a grouped view ``g`` with per-granule ``scale``/``zero_point`` that broadcast against it (float32).
+
+    Int: ``clamp(round(g / s) + z, qmin, qmax)``; float: ``round_to_float_format(g / s)``. No shape checks: the
+    one rounding rule for every caller with its own grouped view (the packed KV codecs); see :func:`quantize`.
+    """
+    scaled = g / scale
+    if isinstance(fmt, FloatFormat):
+        return round_to_float_format(scaled, fmt)
+    rounded = torch.round(scaled)
+    return (rounded if zero_point is None else rounded + zero_point).clamp(fmt.qmin, fmt.qmax)
+
+
+def dequantize_groups(q: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
+    """Values ``(q - z) * s`` (or ``q * s`` without a zero point) of codes on a grouped view; no shape checks."""
+    return q * scale if zero_point is None else (q - zero_point) * scale
+
+
 def quantize(x: Tensor, qp: QParams, fmt: Format, gran: Granularity) -> Tensor:
     """Return the codes of ``x``, in ``x``'s shape, as float32 (not differentiable).
 
@@ -132,12 +176,7 @@ def quantize(x: Tensor, qp: QParams, fmt: Format, gran: Granularity) -> Tensor:
     """
     check_qparams(qp, fmt, granule_shape(x.shape, gran))
     scale, zero = float32_qparams(qp)
-    scaled = to_groups(x.to(torch.float32), gran) / scale
-    if isinstance(fmt, FloatFormat):
-        codes = round_to_float_format(scaled, fmt)
-    else:
-        shifted = torch.round(scaled) if zero is None else torch.round(scaled) + zero
-        codes = shifted.clamp(fmt.qmin, fmt.qmax)
+    codes = quantize_groups(to_groups(x.to(torch.float32), gran), scale, zero, fmt)
     return from_groups(codes, gran, x.shape)
 
 
@@ -157,8 +196,7 @@ def dequantize(
     shape = q.shape if shape is None else torch.Size(shape)
     check_qparams(qp, fmt, granule_shape(shape, gran))
     scale, zero = float32_qparams(qp)
-    codes = to_groups(q.reshape(shape).to(torch.float32), gran)
-    values = codes * scale if zero is None else (codes - zero) * scale
+    values = dequantize_groups(to_groups(q.reshape(shape).to(torch.float32), gran), scale, zero)
     return from_groups(values, gran, shape).to(dtype)
 
 
@@ -166,7 +204,8 @@ def fake_quantize_groups(g: Tensor, scale: Tensor, zero_point: Tensor | None, fm
     """Differentiable ``dequantize(quantize(g))`` on a grouped view ``g`` with per-granule ``scale``/``zero_point``.
 
     Int: ``s * (clamp(round_ste(g / s) + z, qmin, qmax) - z)``; float: ``s * round_fp(g / s)`` with a
-    straight-through, saturating rounding.
+    straight-through, saturating rounding. The forward value equals ``dequantize_groups(quantize_groups(g))``
+    exactly (the straight-through rounding adds and subtracts an exactly representable difference).
     No shape checks: callers pass stats that broadcast against ``g``.
     """
     scaled = g / scale

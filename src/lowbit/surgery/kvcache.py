@@ -21,7 +21,7 @@ def calibrate_kv_ranges(model: nn.Module, arch: ArchSpec, config: KVCacheConfig,
     d = head_dim(model.config)
     channels = [c.channels_per_scale(d) if getattr(c, "static", False) else d for c in (config.keys, config.values)]
     attns = [get_module(layer, arch.attn) for layer in decoder_layers(model, arch)]
-    hooks = [KVRangeHook(*channels) for _ in attns]
+    hooks = [KVRangeHook(*channels, name=f"layer {i}") for i in range(len(attns))]
     for attn, hook in zip(attns, hooks, strict=True):
         add_attention_hook(model, attn, hook)
     try:
