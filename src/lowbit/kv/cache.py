@@ -11,26 +11,17 @@ dequantized copy, and prefill attention over the new tokens is exact.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attend import packed_attention
+from .attention import PendingKV, use_lowbit_attention
 from .codecs import Packed
 from .spec import CacheSpec, packed_count
 
 SPEC_ATTR = "lowbit_kv_cache"  # the CacheSpec a quantized model's packed cache uses
-
-
-@dataclass(frozen=True, eq=False)
-class PendingKV:
-    """A step's new keys/values on their way from ``Cache.update`` to the attention function."""
-
-    layer: PackedLayer
-    key: Tensor
-    value: Tensor
 
 
 class PackedRun:
@@ -205,11 +196,7 @@ class PackedCache(Cache):
     """
 
     def __init__(self, model: nn.Module, spec: CacheSpec) -> None:
-        from ..surgery.attention import register_attention
-
-        name = register_attention()
-        if model.config._attn_implementation != name:
-            model.set_attn_implementation(name)
+        use_lowbit_attention(model)
         layers = model.config.get_text_config().num_hidden_layers
         super().__init__(layers=[PackedLayer(spec.for_layer(i)) for i in range(layers)])
 

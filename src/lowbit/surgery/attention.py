@@ -1,7 +1,8 @@
-"""The ``"lowbit"`` attention function: per-layer hooks on post-RoPE Q/K/V, then transformers' own kernel.
+"""Hooks on lowbit's attention function: per-layer modules on post-RoPE Q/K/V, attached and removed here.
 
-Registered once with transformers' ``AttentionInterface`` (and the matching mask function), so no modelling code is
-forked or patched. An attention module opts in by holding ``lowbit_hooks``, an ``nn.ModuleList`` of modules with
+The ``"lowbit"`` attention function itself (:mod:`lowbit.kv.attention`) is registered once with transformers'
+``AttentionInterface`` (and the matching mask function), so no modelling code is forked or patched. An attention
+module opts in by holding ``lowbit_hooks``, an ``nn.ModuleList`` of modules with
 ``forward(query, key, value) -> (query, key, value)`` on tensors shaped ``[batch, heads, tokens, head_dim]``; they
 run in order after RoPE and after the cache update (so ``key``/``value`` cover every cached position), before the
 scores are computed. KV fake-quantization is such a hook; QuaRot's online rotation of Q and K (R3) is another.
@@ -19,12 +20,30 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..kv.attention import (
+    ATTENTION_NAME,
+    HOOKS_ATTR,
+    PREFIX_ATTR,
+    SIMULATION_ATTR,
+    register_attention,
+    use_lowbit_attention,
+)
 from .quantizer import ActQuantizer
 
-ATTENTION_NAME = "lowbit"
-HOOKS_ATTR = "lowbit_hooks"
-SIMULATION_ATTR = "lowbit_decode_equivalent"  # a CacheSpec while a decode-equivalent evaluation runs
-PREFIX_ATTR = "lowbit_prefix_len"  # cached prefix positions a decode-equivalent forward may find before its tokens
+__all__ = [
+    "ATTENTION_NAME",
+    "HOOKS_ATTR",
+    "PREFIX_ATTR",
+    "SIMULATION_ATTR",
+    "KVQuantHook",
+    "add_attention_hook",
+    "attention_hooks",
+    "decode_equivalent",
+    "register_attention",
+    "remove_attention_hooks",
+    "set_decode_equivalent",
+    "use_lowbit_attention",
+]
 
 
 class KVQuantHook(nn.Module):
@@ -52,54 +71,12 @@ class KVQuantHook(nn.Module):
         return query, self.quantize_part(self.k_quant, key), self.quantize_part(self.v_quant, value)
 
 
-def _run_hooks(module: nn.Module, query, key, value, packed: bool):
-    """The module's hooks in order; KV fake-quantizers are skipped when a packed cache quantizes instead."""
-    for hook in getattr(module, HOOKS_ATTR, ()):
-        if not (packed and getattr(hook, "quantizes_kv", False)):
-            query, key, value = hook(query, key, value)
-    return query, key, value
-
-
-def _lowbit_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from ..kv.attend import decode_equivalent_attention
-    from ..kv.cache import PendingKV
-
-    scaling = kwargs.get("scaling") or module.scaling
-    if isinstance(key, PendingKV):  # a packed cache: hook the new tokens, then attend over the packed form
-        query, new_key, new_value = _run_hooks(module, query, key.key, key.value, packed=True)
-        return key.layer.attend(query, new_key, new_value, attention_mask, scaling), None
-    simulated = getattr(module, SIMULATION_ATTR, None)
-    query, key, value = _run_hooks(module, query, key, value, packed=simulated is not None)
-    if simulated is not None:
-        if query.shape[2] != key.shape[2] and not getattr(module, PREFIX_ATTR, 0) == key.shape[2] - query.shape[2]:
-            raise RuntimeError(
-                "this model quantizes its KV cache with a packed cache: decode with "
-                "past_key_values=lowbit.kv.PackedCache.for_model(model) (or use_cache=False)"
-            )
-        return decode_equivalent_attention(query, key, value, simulated, attention_mask, scaling), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def register_attention() -> str:
-    """Register the ``"lowbit"`` attention function and its (sdpa) mask with transformers; idempotent."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_NAME, _lowbit_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
-    return ATTENTION_NAME
-
-
 def add_attention_hook(model: nn.Module, attn: nn.Module, hook: nn.Module) -> None:
     """Append ``hook`` to one attention module's hooks and switch the model to the lowbit attention function."""
     if not hasattr(attn, HOOKS_ATTR):
         attn.register_module(HOOKS_ATTR, nn.ModuleList())
     getattr(attn, HOOKS_ATTR).append(hook)
-    name = register_attention()
-    if model.config._attn_implementation != name:
-        model.set_attn_implementation(name)
+    use_lowbit_attention(model)
 
 
 def remove_attention_hooks(attn: nn.Module, drop) -> None:
@@ -130,9 +107,7 @@ def set_decode_equivalent(model: nn.Module, spec) -> None:
         else:
             setattr(attn, SIMULATION_ATTR, spec.for_layer(i))
     if spec is not None:
-        name = register_attention()
-        if model.config._attn_implementation != name:
-            model.set_attn_implementation(name)
+        use_lowbit_attention(model)
 
 
 @contextmanager
