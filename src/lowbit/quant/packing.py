@@ -4,8 +4,8 @@ Codes are unsigned (``[0, 2**b)``): the codes of :func:`lowbit.quant.quantize` m
 the packed KV cache and meant for packed weights alike.
 
 Widths that divide 8 (1, 2, 4, 8) pack whole codes into each byte: code ``i`` of a byte occupies bits
-``[b*i, b*(i+1))`` (little-endian), so unpacking is one lookup per byte in a 256-entry table. Other widths are split into
-bit planes of those widths (3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1), low bits first, each plane packed as
+``[b*i, b*(i+1))`` (little-endian), so unpacking is one lookup per byte in a 256-entry table. Other widths are split
+into bit planes of those widths (3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1), low bits first, each plane packed as
 above and the planes concatenated along the last dimension: still exactly ``b`` bits per code (for a multiple of 8
 codes), and unpacking stays a table lookup per byte instead of multi-byte word arithmetic. A plane's last byte is
 padded with zero codes; unpacking needs ``n`` to drop the padding. With ``b = 4`` a byte holds two codes, the even
