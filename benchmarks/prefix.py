@@ -15,18 +15,13 @@ PREFIX markers in benchmarks/README.md; results in results/prefix.json.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
-from pathlib import Path
 
-from presets import replace_block
-from quarot import rows_to_run, run_rows, variant
+from harness import HERE, Results, add_flags, run_labelled, variant, write_block
 
 from lowbit.recipe import Recipe, load_preset
 
-HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "prefix.json"
-BEGIN, END = "<!-- PREFIX:BEGIN -->", "<!-- PREFIX:END -->"
 
 
 def _without(*methods: str) -> Callable[[dict], None]:
@@ -68,33 +63,27 @@ def _finetune_seconds(row: dict) -> str:
     return f"{sum(times):.0f}" if times else "-"
 
 
-def write_table(saved: dict) -> None:
-    meta = saved["meta"]
+def write_table(results: Results) -> None:
+    """The PREFIX table in benchmarks/README.md, rows in the order of ROWS."""
+    meta = results.meta
     lines = [f"Default model and text, {meta.get('windows')} windows × {meta.get('seq_len')} tokens, "
              f"{meta.get('threads')} CPU threads, {meta.get('date')}; `python benchmarks/prefix.py`.", "",
              "| row | what it adds | ratio | KL | top-1 | bits W / A / KV | prefix | quantize s | fine-tune s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for label, what, _ in ROWS:
-        r = saved["rows"].get(label)
+        r = results.rows.get(label)
         if r is not None:
             prefix = ", ".join(r.get("prefix_text", [])) or "-"
             lines.append(f"| {label} | {what} | {r['ratio']:.4g} | {r['kl']:.4f} | {r['top1']:.4f} | "
                          f"{r['bits_w']:.2f} / {r['bits_a']:.2f} / {r['bits_kv']:.2f} | {prefix} | "
                          f"{r['quantize_s']:.0f} | {_finetune_seconds(r)} |")
-    replace_block(HERE / "README.md", BEGIN, END, lines)
-    print("\n".join(lines))
+    write_block("PREFIX", lines, results.renders)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="*", default=None, help="labels of the rows to run (default: all)")
-    parser.add_argument("--force", action="store_true", help="re-measure rows already saved")
-    parser.add_argument("--tables-only", action="store_true")
-    args = parser.parse_args()
-    saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"meta": {}, "rows": {}}
-    if not args.tables_only:
-        run_rows(rows_to_run(parser, args, ROWS, saved), saved, RESULTS, "python benchmarks/prefix.py")
-    write_table(saved)
+    add_flags(parser, RESULTS)
+    write_table(run_labelled(parser, parser.parse_args(), ROWS, "python benchmarks/prefix.py"))
 
 
 if __name__ == "__main__":

@@ -14,30 +14,16 @@ doing: run it on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from presets import replace_block
+from harness import HERE, Results, add_flags, run_labelled, variant, write_block
 
 import lowbit
-from lowbit.bits import activation_bits, kv_bits, weight_bits
-from lowbit.evaluate import evaluate, reference_log_probs
-from lowbit.models.arch import head_dim
 from lowbit.recipe import Recipe, load_preset
 
-HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "quarot.json"
-BEGIN, END = "<!-- QUAROT:BEGIN -->", "<!-- QUAROT:END -->"
-
-
-def variant(preset: str, edit: Callable[[dict], None]) -> Recipe:
-    """``preset`` with ``edit`` applied to its plain-dict form (validated again)."""
-    data = load_preset(preset).model_dump()
-    edit(data)
-    return Recipe.from_dict(data, origin=f"variant of {preset}")
 
 
 def _step(data: dict, method: str) -> dict:
@@ -89,76 +75,19 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
 ]
 
 
-def measure(recipe: Recipe, loaded, data, reference) -> dict:
-    """Quantize with ``recipe`` and evaluate against the cached full-precision reference.
-
-    KV bits include a PrefixQuant prefix's full-precision keys/values amortised over the window.
-    """
-    start = time.perf_counter()
-    model, session = lowbit.quantize_with_session(loaded.model, recipe, data)
-    quantize_s = time.perf_counter() - start
-    result = evaluate(loaded.model, model, data.eval_windows, reference=reference)
-    seq_len, kv = int(data.eval_windows.shape[1]), kv_bits(recipe.kv, head_dim(loaded.model.config))
-    report = session.report()
-    prefix = report.get("prefix", {}).get("tokens", [])
-    row = {
-        "recipe": recipe.model_dump(mode="json"), "ppl": result.ppl, "fp_ppl": result.fp_ppl,
-        "ratio": result.ppl / result.fp_ppl, "kl": result.kl_vs_fp, "top1": result.top1_agreement,
-        "bits_w": weight_bits(model, loaded.spec)["weight"], "bits_a": activation_bits(model, loaded.spec),
-        "bits_kv": (len(prefix) * 16 + seq_len * kv) / (len(prefix) + seq_len), "quantize_s": quantize_s,
-        "calibration_tokens": recipe.calibration.samples * recipe.calibration.seq_len
-        if any(s.method == "gptq" for s in recipe.steps) else 0,
-    }
-    if prefix:
-        row["prefix"] = report["prefix"]
-        row["prefix_text"] = [loaded.tokenizer.decode([t]) for t in prefix]
-    if "blockwise" in report:
-        row["blockwise"] = report["blockwise"]
-    return row
-
-
-def run_rows(todo: list, saved: dict, results: Path = RESULTS, command: str = "python benchmarks/quarot.py") -> None:
-    """Measure each (label, what, recipe factory) row and save ``results`` after every one."""
-    if not todo:
-        return
-    loaded = lowbit.load_model("default")
-    data = lowbit.prepare_data(lowbit.DataConfig(), loaded.tokenizer)
-    reference = reference_log_probs(loaded.model, data.eval_windows)
-    saved["meta"] = {"command": command, "windows": len(data.eval_windows),
-                     "seq_len": int(data.eval_windows.shape[1]), "threads": torch.get_num_threads(),
-                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    for label, _, factory in todo:
-        saved["rows"][label] = measure(factory(), loaded, data, reference)
-        results.parent.mkdir(exist_ok=True)
-        results.write_text(json.dumps(saved, indent=2) + "\n")
-        row = saved["rows"][label]
-        print(f"{label}: ratio {row['ratio']:.4f} KL {row['kl']:.4f} quantize {row['quantize_s']:.0f} s", flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="*", default=None, help="labels of the rows to run (default: all)")
-    parser.add_argument("--force", action="store_true", help="re-measure rows already in results/quarot.json")
-    parser.add_argument("--tables-only", action="store_true", help="rewrite the table from results/quarot.json")
+    add_flags(parser, RESULTS)
     parser.add_argument("--wall-time", action="store_true",
                         help="time w4a4kv4-quarot end to end (calibration text prepared, rotations, GPTQ) alone")
     args = parser.parse_args()
-    saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"meta": {}, "rows": {}}
     if args.wall_time:
-        saved["wall_time"] = wall_time("w4a4kv4-quarot")
-        RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
-    elif not args.tables_only:
-        run_rows(rows_to_run(parser, args, ROWS, saved), saved)
-    write_table(saved)
-
-
-def rows_to_run(parser: argparse.ArgumentParser, args, rows: list, saved: dict) -> list:
-    """The rows ``--rows`` names (default: all) that are not saved yet, or all of them with ``--force``."""
-    labels = args.rows or [label for label, _, _ in rows]
-    unknown = set(labels) - {label for label, _, _ in rows}
-    if unknown:
-        parser.error(f"unknown rows {sorted(unknown)}; rows: {[label for label, _, _ in rows]}")
-    return [row for row in rows if row[0] in labels and (args.force or row[0] not in saved["rows"])]
+        results = Results(args.results, RESULTS)
+        results.saved["wall_time"] = wall_time("w4a4kv4-quarot")
+        results.save()
+    else:
+        results = run_labelled(parser, args, ROWS, "python benchmarks/quarot.py")
+    write_table(results)
 
 
 def wall_time(preset: str) -> dict:
@@ -175,9 +104,9 @@ def wall_time(preset: str) -> dict:
     return result
 
 
-def write_table(saved: dict) -> None:
+def write_table(results: Results) -> None:
     """The QUAROT table in benchmarks/README.md, rows in the order of ROWS."""
-    meta = saved["meta"]
+    meta, saved = results.meta, results.saved
     lines = [
         f"Default model and text, {meta.get('windows')} windows × {meta.get('seq_len')} tokens, "
         f"{meta.get('threads')} CPU threads, {meta.get('date')}; `python benchmarks/quarot.py`.",
@@ -186,7 +115,7 @@ def write_table(saved: dict) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, what, _ in ROWS:
-        r = saved["rows"].get(label)
+        r = results.rows.get(label)
         if r is None:
             continue
         lines.append(
@@ -200,8 +129,7 @@ def write_table(saved: dict) -> None:
                       f"{w['threads']} threads, {w['date']}): **{w['total_s']:.0f} s** from raw text to quantized model "
                       f"({w['data_s']:.1f} s tokenizing and sampling the calibration text, {w['quantize_s']:.0f} s "
                       "rotations and GPTQ). The `quantize s` column above ran while other jobs shared the cores."]
-    replace_block(HERE / "README.md", BEGIN, END, lines)
-    print("\n".join(lines))
+    write_block("QUAROT", lines, results.renders)
 
 
 if __name__ == "__main__":
