@@ -22,6 +22,7 @@ from .errors import ModelError
 from .methods import Calibration, Session, method_for
 from .models.arch import ArchSpec, spec_for
 from .recipe import Recipe, load_recipe
+from .state import ensure_state
 from .surgery.attach import (
     attach_activation_quantizers,
     attach_kv_quantizers,
@@ -31,7 +32,7 @@ from .surgery.attach import (
 )
 from .surgery.kvcache import apply_kv_cache
 from .surgery.offload import is_offloaded
-from .surgery.prefix import PrefixedModel, keep_prefix_exact
+from .surgery.prefix import attach_prefix
 
 
 def check_calibration(session: Session) -> None:
@@ -61,17 +62,16 @@ def apply_recipe(model: nn.Module, session: Session) -> None:
     if recipe.kv is not None:
         attach_kv_quantizers(model, session.spec, recipe.kv)
     set_clip_ratios(model, session.clip_ratios)
-    forward = None
+    ensure_state(model).recipe = recipe.model_dump(mode="json")
     if session.prefix is not None:
-        keep_prefix_exact(model, session.spec, len(session.prefix.tokens))
-        forward = PrefixedModel(model, session.prefix.tokens, session.prefix.cache)
+        attach_prefix(model, session.spec, session.prefix.tokens, session.prefix.cache)
     if recipe.kv_cache is not None:
         default = session.calibration.default if session.calibration is not None else None
         apply_kv_cache(model, session.spec, recipe.kv_cache, default)
     session.seconds["quantize"] += time.perf_counter() - start
     if recipe.needs_calibration:
         start = time.perf_counter()
-        calibrate(model, session.calibration.default(), session.progress, forward)
+        calibrate(model, session.calibration.default(), session.progress)
         session.seconds["calibrate"] += time.perf_counter() - start
 
 
@@ -101,8 +101,6 @@ def quantize_with_session(
     session = Session(recipe=recipe, spec=spec, seed=seed, calibration=calibration, progress=progress)
     with torch.no_grad():
         apply_recipe(target, session)
-    if session.prefix is not None:
-        return PrefixedModel(target, session.prefix.tokens, session.prefix.cache), session
     return target, session
 
 
@@ -119,7 +117,7 @@ def quantize(
     A model offloaded by accelerate (``device_map`` with an offload folder, ``cpu_offload``, ``disk_offload``) is
     quantized part by part, one decoder layer in memory at a time for GPTQ; it must be quantized ``inplace``.
     ``data`` provides calibration text when the recipe has static scales (or a calibrated method). ``seed``
-    (default: the data's seed, else 0) seeds rotations. A recipe with a prefix returns a
-    :class:`~lowbit.surgery.prefix.PrefixedModel`.
+    (default: the data's seed, else 0) seeds rotations. The result is the same transformers model type (a
+    PrefixQuant prefix is held in its state and prepended by a forward hook: :mod:`lowbit.surgery.prefix`).
     """
     return quantize_with_session(model, recipe, data, progress, inplace, seed)[0]

@@ -29,6 +29,7 @@ from .models.arch import head_dim
 from .models.loading import load_model
 from .recipe import Recipe, load_recipe
 from .report import write_json_atomic
+from .state import quant_state
 from .version import __version__
 
 
@@ -112,9 +113,9 @@ def _quantizes(recipe: Recipe) -> bool:
 def _kv_bits(recipe: Recipe, qmodel: nn.Module, context: int) -> float:
     """Bits per cached K/V element: the fake-quant scheme's, or the packed cache's at the evaluation context."""
     if recipe.kv_cache is not None:
-        from .kv.cache import SPEC_ATTR, cache_bits
+        from .kv.cache import cache_bits
 
-        return cache_bits(getattr(qmodel, SPEC_ATTR), head_dim(qmodel.config), context)
+        return cache_bits(quant_state(qmodel).cache_spec, head_dim(qmodel.config), context)
     return kv_bits(recipe.kv, head_dim(qmodel.config))
 
 

@@ -166,7 +166,7 @@ def test_chunked_scoring_changes_nothing(monkeypatch):
 def test_static_cache_is_calibrated_per_layer_and_decode_equivalent():
     import lowbit
     from lowbit.data import TokenData
-    from lowbit.kv.cache import SPEC_ATTR, cache_bits
+    from lowbit.kv.cache import cache_bits
     from lowbit.kv.static import StaticIntCodec
     from lowbit.recipe import Recipe
 
@@ -180,7 +180,7 @@ def test_static_cache_is_calibrated_per_layer_and_decode_equivalent():
                      calib_tokens=torch.randint(0, 320, (2000,), generator=gen), seed=0)
     model = _model()
     q = lowbit.quantize(model, recipe, data)
-    spec = getattr(q, SPEC_ATTR)
+    spec = q.lowbit.cache_spec  # the model's QuantState holds the packed cache's spec
     assert len(spec.layers) == 2 and isinstance(spec.for_layer(1).keys, StaticIntCodec)
     assert spec.for_layer(0).keys.scale.shape == (2, 32)  # per KV head, per channel (keys)
     assert spec.for_layer(0).values.scale.shape == (2, 1)  # per KV head (values)

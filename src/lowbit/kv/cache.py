@@ -16,12 +16,11 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..state import quant_state
 from .attend import packed_attention
 from .attention import PendingKV, use_lowbit_attention
 from .codecs import Packed
 from .spec import CacheSpec, packed_count
-
-SPEC_ATTR = "lowbit_kv_cache"  # the CacheSpec a quantized model's packed cache uses
 
 
 class PackedRun:
@@ -202,29 +201,23 @@ class PackedCache(Cache):
 
     @classmethod
     def for_model(cls, model: nn.Module) -> PackedCache:
-        """The packed cache a model quantized with a ``kv_cache`` recipe uses (its spec is kept on the model)."""
-        spec = getattr(model, SPEC_ATTR, None)
-        if spec is None:
+        """The packed cache a model quantized with a ``kv_cache`` recipe uses (its spec is in the model's state)."""
+        state = quant_state(model)
+        if state is None or state.cache_spec is None:
             raise ValueError("this model has no packed KV cache: quantize it with a recipe that has a kv_cache section")
-        return cls(model, spec)
+        return cls(model, state.cache_spec)
 
-    @classmethod
-    def with_prefix(cls, model: nn.Module, prefix) -> PackedCache:
-        """The model's packed cache starting from a prefix's exact keys/values (a transformers cache of them).
+    @torch.no_grad()
+    def start_from_prefix(self, keys: Tensor, values: Tensor) -> None:
+        """Make the exact keys/values ``[layers, B, kv_heads, P, d]`` of a prefix the start of every layer.
 
-        The prefix becomes part of every layer's exact sink (before the spec's own sink tokens), as the
-        decode-equivalent evaluation assumes.
+        The prefix becomes part of each layer's exact sink (before the spec's own sink tokens), as the
+        decode-equivalent evaluation assumes. The cache must be empty.
         """
-        spec = getattr(model, SPEC_ATTR, None)
-        if spec is None:
-            raise ValueError("this model has no packed KV cache: quantize it with a recipe that has a kv_cache section")
-        cache = cls(model, spec)
-        for i, layer in enumerate(cache.layers):
-            keys, values = prefix.layers[i].keys, prefix.layers[i].values
-            layer.spec = dataclasses.replace(layer.spec, sink=layer.spec.sink + keys.shape[2])
-            layer.lazy_initialization(keys, values)
-            layer.sink_keys, layer.sink_values = keys.clone(), values.clone()
-        return cache
+        for layer, k, v in zip(self.layers, keys, values, strict=True):
+            layer.spec = dataclasses.replace(layer.spec, sink=layer.spec.sink + k.shape[2])
+            layer.lazy_initialization(k, v)
+            layer.sink_keys, layer.sink_values = k.clone(), v.clone()
 
     @property
     def nbytes(self) -> int:

@@ -96,12 +96,14 @@ class KVRangeHook(nn.Module):
     Passes its inputs through unchanged; ``ranges()`` gives ``{"keys": (lo, hi), "values": (lo, hi)}``, each
     ``[kv_heads, head_dim / channels_per_scale]``. NaN or inf in calibration, or no calibration at all, raises a
     :class:`~lowbit.errors.CalibrationError` naming ``name`` (the attention layer), as activation quantizers do.
+    The first ``skip`` cached positions (a PrefixQuant prefix, stored exactly) are not recorded.
     """
 
-    def __init__(self, key_channels: int, value_channels: int, name: str = "") -> None:
+    def __init__(self, key_channels: int, value_channels: int, name: str = "", skip: int = 0) -> None:
         super().__init__()
         self.channels = {"keys": key_channels, "values": value_channels}
         self.name = name or "an attention layer"
+        self.skip = skip
         self.seen: dict[str, tuple[Tensor, Tensor]] = {}
 
     def _record(self, kind: str, x: Tensor) -> None:
@@ -118,8 +120,8 @@ class KVRangeHook(nn.Module):
         self.seen[kind] = (lo, hi)
 
     def forward(self, query, key, value):
-        self._record("keys", key)
-        self._record("values", value)
+        self._record("keys", key[:, :, self.skip:])
+        self._record("values", value[:, :, self.skip:])
         return query, key, value
 
     def ranges(self) -> dict[str, tuple[Tensor, Tensor]]:

@@ -63,6 +63,14 @@ def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
             yield name, module
 
 
+def quantization_parts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every module lowbit put into ``model`` with its dotted path: quantized linears, quantizers, online rotations,
+    attention hooks and the model's :class:`~lowbit.state.QuantState` (what a save writes and a load rebuilds)."""
+    for name, module in model.named_modules():
+        if module.__class__.__module__.startswith("lowbit."):
+            yield name, module
+
+
 def act_quantizers(model: nn.Module) -> Iterator[ActQuantizer]:
     """Every :class:`ActQuantizer` in the model (linear inputs and KV)."""
     for module in model.modules():
@@ -118,13 +126,9 @@ def set_clip_ratios(model: nn.Module, ratios: dict[str, float]) -> None:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: torch.Tensor, progress=None, forward: nn.Module | None = None) -> None:
-    """Run calibration token batches ``[n, seq_len]`` through the model to fit every static quantizer's scales.
-
-    ``forward`` runs the batches instead of ``model`` (a :class:`~lowbit.surgery.prefix.PrefixedModel` around it,
-    so that the prefix positions never reach the quantizers).
-    """
-    forward = forward or model
+def calibrate(model: nn.Module, batches: torch.Tensor, progress=None) -> None:
+    """Run calibration token batches ``[n, seq_len]`` through the model to fit every static quantizer's scales
+    (after the model's prefix, when it has one: the prefix positions never reach the quantizers)."""
     static = [q for q in act_quantizers(model) if q.static and not q.calibrated]  # a blockwise step did the rest
     if not static:
         return
@@ -132,7 +136,7 @@ def calibrate(model: nn.Module, batches: torch.Tensor, progress=None, forward: n
 
     def run() -> None:
         for row in batches:
-            forward(row.unsqueeze(0), use_cache=False)
+            model(row.unsqueeze(0), use_cache=False)
             tick()
 
     calibrate_quantizers(static, run)

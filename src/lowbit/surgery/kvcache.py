@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kv.cache import SPEC_ATTR
 from ..kv.config import KVCacheConfig
 from ..kv.static import KVRangeHook
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
+from ..state import ensure_state, quant_state
 from .attention import add_attention_hook, remove_attention_hooks, set_decode_equivalent
 
 
@@ -16,12 +16,15 @@ from .attention import add_attention_hook, remove_attention_hooks, set_decode_eq
 def calibrate_kv_ranges(model: nn.Module, arch: ArchSpec, config: KVCacheConfig, batches: torch.Tensor) -> list[dict]:
     """Per-layer key/value ranges over the calibration batches ``[n, L]``, seen where the cache would store them.
 
-    The recorders run last among each attention module's hooks, so keys are measured after any online rotation.
+    The recorders run last among each attention module's hooks, so keys are measured after any online rotation;
+    with a PrefixQuant prefix, requests run after it and its exactly stored positions are not recorded.
     """
     d = head_dim(model.config)
     channels = [c.channels_per_scale(d) if getattr(c, "static", False) else d for c in (config.keys, config.values)]
     attns = [get_module(layer, arch.attn) for layer in decoder_layers(model, arch)]
-    hooks = [KVRangeHook(*channels, name=f"layer {i}") for i in range(len(attns))]
+    state = quant_state(model)
+    skip = state.prefix_length if state is not None else 0
+    hooks = [KVRangeHook(*channels, name=f"layer {i}", skip=skip) for i in range(len(attns))]
     for attn, hook in zip(attns, hooks, strict=True):
         add_attention_hook(model, attn, hook)
     try:
@@ -35,8 +38,8 @@ def calibrate_kv_ranges(model: nn.Module, arch: ArchSpec, config: KVCacheConfig,
 
 def attach_packed_cache(model: nn.Module, spec) -> None:
     """Give the model a packed KV cache: one-pass forwards evaluate it decode-equivalently, and
-    ``PackedCache.for_model(model)`` builds the cache to decode with."""
-    setattr(model, SPEC_ATTR, spec)
+    ``PackedCache.for_model(model)`` builds the cache to decode with (the spec is kept in the model's state)."""
+    ensure_state(model).cache_spec = spec
     set_decode_equivalent(model, spec)
 
 

@@ -2,21 +2,23 @@
 
 The prefix (PrefixQuant's outlier tokens then BOS, see :func:`lowbit.analysis.select_prefix`) runs once through the
 rotated, *unquantized* model; its keys and values are kept in full precision and every request continues from them,
-so the tokens that would carry massive activations never reach a quantizer. :class:`PrefixedModel` wraps a quantized
-model with that cache: its forward returns logits for the caller's tokens only (perplexity on real tokens), and
-``generate`` continues after the prefix. KV fake-quantizers leave the prefix positions exact.
+so the tokens that would carry massive activations never reach a quantizer. :func:`attach_prefix` keeps them in the
+model's state: the model's forward then returns logits for the caller's tokens only (perplexity on real tokens), and
+``generate`` continues after the prefix and returns the prompts and new tokens only. KV fake-quantizers leave the
+prefix positions exact.
 """
 
 from __future__ import annotations
 
-import copy
+import inspect
+from functools import lru_cache
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..data import prepend_tokens
-from ..kv.cache import SPEC_ATTR, PackedCache
+from ..kv.cache import PackedCache
 from ..models.arch import ArchSpec, decoder_layers, get_module
+from ..state import ensure_state, quant_state
 from .attention import PREFIX_ATTR, attention_hooks
 
 
@@ -42,62 +44,86 @@ def keep_prefix_exact(model: nn.Module, spec: ArchSpec, length: int) -> None:
                 hook.exact_prefix = length
 
 
-class PrefixedModel(nn.Module):
-    """A model that starts every sequence from a full-precision prefix cache.
+def attach_prefix(model: nn.Module, spec: ArchSpec, tokens: list[int], cache) -> None:
+    """Make every forward of ``model`` start from ``tokens``' full-precision keys/values (a transformers cache).
 
-    ``forward(input_ids)`` returns the outputs for ``input_ids`` only, the prefix coming first in every row;
-    ``generate`` continues prompts after the prefix and returns the prompts and new tokens (no prefix).
+    The prefix is kept in the model's :class:`~lowbit.state.QuantState`; a forward pre-hook (PyTorch's own
+    extension point, so the model stays a plain transformers model) puts it in front of every request: see
+    :func:`_start_from_prefix`. KV fake-quantizers leave the prefix positions exact.
     """
+    state = ensure_state(model)
+    state.set_prefix(tokens, cache)
+    keep_prefix_exact(model, spec, len(tokens))
+    if not any(hook is _start_from_prefix for hook in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_start_from_prefix, with_kwargs=True)
 
-    def __init__(self, model: nn.Module, prefix: list[int], cache) -> None:
-        super().__init__()
-        self.model = model
-        self.prefix = list(prefix)
-        self._cache = cache
 
-    @property
-    def config(self):
-        return self.model.config
+def prefix_tokens(model: nn.Module) -> list[int]:
+    """The token ids every sequence of ``model`` starts from (empty without a prefix)."""
+    state = quant_state(model)
+    return state.prefix_tokens.tolist() if state is not None else []
 
-    @property
-    def device(self):
-        return self.model.device
 
-    def __getattr__(self, name: str):
-        if name == SPEC_ATTR:  # a packed KV cache's spec lives on the wrapped model (bit accounting, generate)
-            return getattr(self.model, SPEC_ATTR)
-        return super().__getattr__(name)
+@torch.no_grad()
+def fill_prefix(model: nn.Module, cache, batch: int):
+    """Put the prefix's keys/values (repeated for ``batch`` rows) into an empty ``cache`` and return it."""
+    state = quant_state(model)
+    keys = state.prefix_keys.expand(-1, batch, -1, -1, -1)
+    values = state.prefix_values.expand(-1, batch, -1, -1, -1)
+    if isinstance(cache, PackedCache):
+        cache.start_from_prefix(keys, values)
+    else:
+        for i in range(keys.shape[0]):
+            cache.update(keys[i].clone(), values[i].clone(), i)
+    setattr(cache, PREFIX_MARK, keys.shape[3])
+    return cache
 
-    def get_submodule(self, target: str) -> nn.Module:
-        """Paths resolve inside the wrapped model, so architecture specs (``model.layers``...) apply unchanged."""
-        return self.model.get_submodule(target) if target else self
 
-    def _cache_for(self, batch: int):
-        cache = copy.deepcopy(self._cache)
-        if batch > 1 and self.prefix:
-            cache.batch_repeat_interleave(batch)
-        return cache
+PREFIX_MARK = "lowbit_prefix_length"  # set on a cache that starts with the model's prefix
 
-    def _mask(self, attention_mask: Tensor | None, input_ids: Tensor) -> Tensor | None:
-        if attention_mask is None or not self.prefix:
-            return attention_mask
-        ones = attention_mask.new_ones(input_ids.shape[0], len(self.prefix))
-        return torch.cat([ones, attention_mask], dim=1)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs):
-        kwargs.pop("use_cache", None)
-        kwargs.pop("past_key_values", None)
-        return self.model(input_ids, attention_mask=self._mask(attention_mask, input_ids),
-                          past_key_values=self._cache_for(input_ids.shape[0]), use_cache=True, **kwargs)
+@lru_cache(maxsize=None)
+def _cache_argument(forward) -> str:
+    """The name the model's forward takes its cache under (``cache`` in newer transformers)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
-        """Greedy/sampled continuation of ``input_ids`` after the prefix (the prefix is not in the result)."""
-        if not self.prefix:
-            return self.model.generate(input_ids, attention_mask=attention_mask, **kwargs)
-        full = prepend_tokens(self.prefix, input_ids)
-        cache = self._cache_for(input_ids.shape[0])
-        if hasattr(self.model, SPEC_ATTR):  # a packed KV cache: the prefix is its exact sink
-            cache = PackedCache.with_prefix(self.model, cache)
-        out = self.model.generate(full, attention_mask=self._mask(attention_mask, input_ids),
-                                  past_key_values=cache, **kwargs)
-        return out[:, len(self.prefix):]
+
+def _start_from_prefix(model: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: run the request after the prefix, in the caller's coordinates.
+
+    Without a cache (a one-pass forward, as evaluation runs) the request starts from a fresh copy of the prefix
+    cache. An empty cache (what ``generate`` passes first) is filled with the prefix, becoming a packed cache when
+    the model has one. For a cache holding the prefix, the caller's positions and 2D attention mask, which count
+    only the caller's tokens, are shifted past the prefix. Logits are returned for the caller's tokens only.
+    """
+    state = quant_state(model)
+    if state is None or state.prefix_length == 0:
+        return None
+    ids = args[0] if args else kwargs.get("input_ids")
+    if ids is None:
+        ids = kwargs["inputs_embeds"]
+    batch, length = ids.shape[:2]
+    name = _cache_argument(type(model).forward)
+    other = "past_key_values" if name == "cache" else "cache"
+    cache = kwargs.pop(name, None)
+    cache = cache if cache is not None else kwargs.pop(other, None)
+    if cache is None:
+        from transformers import DynamicCache
+
+        cache = fill_prefix(model, DynamicCache(config=model.config), batch)
+        kwargs["use_cache"] = True
+    elif not getattr(cache, PREFIX_MARK, 0):
+        if cache.get_seq_length() != 0:
+            raise ValueError("a cache that does not start with the model's prefix: pass an empty cache or none")
+        if state.cache_spec is not None and not isinstance(cache, PackedCache):
+            cache = PackedCache.for_model(model)
+        cache = fill_prefix(model, cache, batch)
+    kwargs[name] = cache
+    shift = state.prefix_length
+    seen = cache.get_seq_length() - shift  # the caller's tokens already cached
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"] + shift
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and mask.shape[1] == seen + length:
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], shift), mask], dim=1)
+    return args, kwargs
