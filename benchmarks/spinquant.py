@@ -6,8 +6,9 @@ Run:  python benchmarks/spinquant.py          (about 30 minutes on 2 CPU cores: 
       python benchmarks/spinquant.py --eval-data other.txt   (the same quantization, evaluated on another text)
       python benchmarks/spinquant.py --text other.txt        (calibrate, learn and evaluate on another text)
 Writes results/spinquant.json, results/spinquant_loss.png (the training loss curve) and the table between the
-SPINQUANT markers in benchmarks/README.md. Learned rotations are checkpointed to results/<row>-rotations.safetensors
-so an interrupted run resumes its training.
+SPINQUANT markers in benchmarks/README.md. Every finished row is saved at once and rows already saved are skipped
+unless ``--force``; learned rotations are checkpointed to results/<row>-rotations.safetensors so an interrupted run
+resumes its training.
 
 Rows: ``w4a4kv4-quarot`` (random Hadamards) and ``w4a4kv4-spinquant`` (R1/R2 learned with Cayley SGD and one clip
 ratio per quantizer with Adam, for the same A4/KV4 quantizers, then the same GPTQ). Reported: ratio, KL, top-1, the share of QuaRot's gap to full
@@ -24,25 +25,24 @@ results/spinquant@<text>-calibrated.json and its learned rotations to results/<r
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-import torch
-from presets import replace_block
+from harness import (
+    HERE,
+    Bench,
+    Results,
+    add_flags,
+    data_config,
+    measure_rows,
+    run_meta,
+    write_block,
+)
 
-import lowbit
 from lowbit.analysis.plotting import pyplot
-from lowbit.evaluate import evaluate, reference_log_probs
-from lowbit.methods.quarot import RotationResult
-from lowbit.pipeline import rotation_invariance
-from lowbit.recipe import load_recipe
+from lowbit.recipe import Recipe, load_recipe
 
-HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "spinquant.json"
-BEGIN, END = "<!-- SPINQUANT:BEGIN -->", "<!-- SPINQUANT:END -->"
-
-
 MAIN_ROWS = ("w4a4kv4-quarot", "w4a4kv4-spinquant")
 
 
@@ -51,22 +51,13 @@ def row_name(name_or_path: str) -> str:
     return Path(name_or_path).stem if name_or_path.endswith((".yaml", ".yml")) else name_or_path
 
 
-def measure(name_or_path: str, loaded, data, reference, windows: torch.Tensor, tag: str = "") -> dict:
-    """Quantize with one recipe and evaluate on ``windows``; learned rotations checkpoint to <row><tag>-rotations."""
-    recipe, name = load_recipe(name_or_path), row_name(name_or_path)
-    if any(s.method == "spinquant" for s in recipe.steps):  # checkpoint the rotations so an interrupted run resumes
-        path = HERE / "results" / f"{name}{tag}-rotations.safetensors"
-        steps = [s.model_copy(update={"checkpoint": str(path)}) if s.method == "spinquant" else s for s in recipe.steps]
-        recipe = recipe.model_copy(update={"steps": steps})
-    start = time.perf_counter()
-    model, session = lowbit.quantize_with_session(loaded.model, recipe, data)
-    seconds = time.perf_counter() - start
-    result = evaluate(loaded.model, model, windows, reference=reference)
-    rotated = session.get(RotationResult)
-    rotation = dict(rotated.details) if rotated else {}
-    rotation.update(rotation_invariance(loaded.model, recipe, data, rotated.learned if rotated else None))
-    return {"ratio": result.ppl / result.fp_ppl, "kl": result.kl_vs_fp, "top1": result.top1_agreement,
-            "quantize_s": seconds, "rotation": rotation, "description": recipe.description}
+def checkpointed(name_or_path: str, tag: str) -> Recipe:
+    """The recipe, its SpinQuant steps checkpointing to results/<row><tag>-rotations.safetensors (so an interrupted
+    run resumes its training, and ``--eval-data`` reuses a finished one)."""
+    recipe = load_recipe(name_or_path)
+    path = HERE / "results" / f"{row_name(name_or_path)}{tag}-rotations.safetensors"
+    steps = [s.model_copy(update={"checkpoint": str(path)}) if s.method == "spinquant" else s for s in recipe.steps]
+    return recipe.model_copy(update={"steps": steps})
 
 
 def results_file(eval_data: str | None, tag: str) -> Path:
@@ -78,38 +69,27 @@ def results_file(eval_data: str | None, tag: str) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", default=list(MAIN_ROWS),
-                        help="presets or recipe files to measure (default: the two rows of the must-show table)")
-    parser.add_argument("--tables-only", action="store_true")
-    other = parser.add_mutually_exclusive_group()
-    other.add_argument("--eval-data", help="evaluate on windows of this text (file or dataset name) instead")
-    other.add_argument("--text", help="calibrate, learn and evaluate on this text (disjoint parts, as the default text)")
+    add_flags(parser, None, rows="--recipes", text=True, eval_data=True)
+    parser.add_argument("--results", type=Path, help="results file (default: chosen by --text / --eval-data)")
     args = parser.parse_args()
     tag = f"@{Path(args.text).stem}" if args.text else ""
-    results = results_file(args.eval_data, tag)
-    saved = json.loads(results.read_text()) if results.exists() else {"rows": {}}
-    if not args.tables_only:
-        loaded = lowbit.load_model("default")
-        text = args.text or "default"
-        data = lowbit.prepare_data(lowbit.DataConfig(calib=text, eval=text), loaded.tokenizer)
-        windows = data.eval_windows
-        if args.eval_data is not None:
-            windows = lowbit.prepare_data(lowbit.DataConfig(eval=args.eval_data), loaded.tokenizer).eval_windows
-        reference = reference_log_probs(loaded.model, windows)
-        for name_or_path in args.recipes:
-            name = row_name(name_or_path)
-            row = measure(name_or_path, loaded, data, reference, windows, tag)
-            saved["rows"][name] = {**row, "date": time.strftime("%Y-%m-%d")}
-            results.write_text(json.dumps(saved, indent=2) + "\n")
-            print(f"{name}: ratio {saved['rows'][name]['ratio']:.4f}", flush=True)
-        saved["meta"] = {"threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-                         "eval": args.eval_data or args.text, "calib": args.text}
-        results.write_text(json.dumps(saved, indent=2) + "\n")
-    if results == RESULTS:
-        write_table(saved)
-        plot(saved)
-    else:
-        print("\n".join(table_lines(saved)))
+    results = Results(args.results or results_file(args.eval_data, tag), RESULTS)
+    recipes = {row_name(r): r for r in args.recipes or MAIN_ROWS}
+    todo = results.todo(recipes, args.force)
+    if todo and not args.tables_only:
+        bench = Bench.load(args.model, data_config(args), args.eval_data)
+        results.check_setup(bench.setup())
+        results.meta.update(run_meta("python benchmarks/spinquant.py", bench), eval=args.eval_data or args.text,
+                            calib=args.text)
+
+        def measure(name: str) -> dict:
+            row = bench.measure(checkpointed(recipes[name], tag), invariance=True)
+            return {**row, "date": time.strftime("%Y-%m-%d")}
+
+        measure_rows(results, todo, measure)
+    write_block("SPINQUANT", table_lines({"meta": results.meta, "rows": results.rows}), results.renders)
+    if results.renders:
+        plot(results.rows)
 
 
 def reference_row(name: str) -> str:
@@ -125,7 +105,7 @@ def table_lines(saved: dict) -> list[str]:
     text = f"evaluated on `{meta['eval']}`" if meta.get("eval") else "default text"
     if meta.get("calib"):
         text = f"calibrated and evaluated on `{meta['calib']}` (disjoint parts)"
-    setup = (f"Default model, {text}, 6 windows × 2048 tokens, {meta.get('threads')} CPU threads, {meta.get('date')}; "
+    setup = (f"Default model, {text}, {meta.get('windows', 6)} windows × {meta.get('seq_len', 2048)} tokens, {meta.get('threads')} CPU threads, {meta.get('date')}; "
              "`python benchmarks/spinquant.py`.")
     lines = [setup, "", header, "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
@@ -146,19 +126,12 @@ def table_lines(saved: dict) -> list[str]:
     return lines
 
 
-def write_table(saved: dict) -> None:
-    lines = table_lines(saved)
-    replace_block(HERE / "README.md", BEGIN, END, lines)
-    print("\n".join(lines))
-
-
 LOSS_ROWS = {"w4a4kv4-spinquant": "rotations + clips (preset)", "w4a4kv4-spinquant-paper": "rotations only (paper)"}
 
 
-def plot(saved: dict) -> None:
+def plot(rows: dict) -> None:
     """Training loss per step and its running mean for the preset and the paper's rotations-only variant."""
-    curves = {label: saved["rows"][name]["rotation"].get("losses") for name, label in LOSS_ROWS.items()
-              if name in saved["rows"]}
+    curves = {label: rows[name]["rotation"].get("losses") for name, label in LOSS_ROWS.items() if name in rows}
     curves = {label: losses for label, losses in curves.items() if losses}
     plt = pyplot()
     if not curves or plt is None:
