@@ -53,10 +53,12 @@ def test_static_recipe_from_yaml(tiny_model_dir, text_file, tmp_path):
                      "activations: {format: int8, granularity: tensor, dynamic: false}\n"
                      "calibration: {samples: 2, seq_len: 32}\n")
     assert data["recipe"] == "static-a8" and data["seconds"]["calibrate"] > 0
+    # calibrated int8 per-tensor scales: every linear input quantized, close to full precision but not equal to it
+    assert data["bits"]["activation"] == 8 and 0 < data["quantized"]["kl_vs_fp"] < 0.05
 
 
 def test_prefix_recipe_reports_bits_of_the_wrapped_model(tiny_model_dir, text_file, tmp_path):
-    """A PrefixQuant recipe returns a prefixed wrapper; the report still counts the bits of the model inside."""
+    """A PrefixQuant recipe's report counts the bits of the quantized linears and names the prefix."""
     data = _run_yaml(tiny_model_dir, text_file, tmp_path,
                      "name: prefix-w4a8\n"
                      "steps: [{method: quarot}, {method: prefix, tokens: [5]}, {method: blockwise, grid: false, "
@@ -69,7 +71,7 @@ def test_prefix_recipe_reports_bits_of_the_wrapped_model(tiny_model_dir, text_fi
 
 
 def test_prefix_with_a_packed_kv_cache_reports_the_cache_bits(tiny_model_dir, text_file, tmp_path):
-    """A prefixed wrapper around a model with a packed KV cache: the report counts the packed cache's bits."""
+    """A prefixed model with a packed KV cache: the report counts the packed cache's bits."""
     data = _run_yaml(tiny_model_dir, text_file, tmp_path,
                      "name: prefix-kv4\n"
                      "steps: [{method: quarot}, {method: prefix, tokens: [5]}]\n"

@@ -310,7 +310,8 @@ def _initial_grid(w: Tensor, perm: Tensor, gran: Granularity, fitter: _Fitter, c
     if isinstance(gran, PerRow):
         qp = fitter.fit(w, gran)
         return _Grid(qp.scale, qp.zero_point, (0,) * n, {})
-    assert isinstance(gran, PerGroup)
+    if not isinstance(gran, PerGroup):
+        raise ValueError(f"GPTQ quantizes weights per row or per group, not {type(gran).__name__}")
     if config.static_groups:
         qp = fitter.fit(w, gran)
         zero = None if qp.zero_point is None else qp.zero_point.squeeze(-1)

@@ -117,7 +117,9 @@ def decoder_layers(model: nn.Module, spec: ArchSpec | None = None) -> nn.ModuleL
     """The model's list of decoder layers."""
     spec = spec or spec_for(model)
     layers = get_module(model, spec.layers)
-    assert isinstance(layers, nn.ModuleList)
+    if not isinstance(layers, nn.ModuleList):
+        raise ModelError(f"{spec.family} model: {spec.layers} is a {type(layers).__name__}, not the list of decoder "
+                         "layers this family has: load the model with transformers' own class for it")
     return layers
 
 

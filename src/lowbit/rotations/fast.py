@@ -62,8 +62,7 @@ def _fuse_tail(pieces: list[tuple[int, Tensor | None]]) -> list[tuple[int, Tenso
     """Replace the longest run of trailing dense pieces with order product <= _FUSE_MAX by their Kronecker product."""
     fused: Tensor | None = None
     while pieces and pieces[-1][1] is not None:
-        order, matrix = pieces[-1]
-        assert matrix is not None
+        order, matrix = pieces[-1]  # not None: the loop condition
         size = order * (1 if fused is None else fused.shape[0])
         if fused is not None and size > _FUSE_MAX:
             break

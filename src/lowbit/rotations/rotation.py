@@ -48,7 +48,8 @@ class RotationMatrix:
         """The dense float64 Q: the stored matrix, or built from the plan and signs (a fresh tensor each call)."""
         if self.matrix is not None:
             return self.matrix.clone()
-        assert self.plan is not None  # every constructor stores either a matrix or a plan
+        if self.plan is None:
+            raise ValueError("a rotation needs a matrix or a plan: build it with a constructor of this module")
         return dense_matrix(self.plan, self.signs)
 
     def apply(self, x: Tensor) -> Tensor:
