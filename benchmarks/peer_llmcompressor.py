@@ -19,11 +19,11 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,17 +31,17 @@ import torch
 from _peer_worker import (
     keep_layers,  # same truncation on both sides (the worker imports only torch at top level)
 )
+from harness import HERE, Bench, num, write_block
 
 import lowbit
 from lowbit.models.loading import hf_folder
 from lowbit.recipe import Recipe, load_preset
+from lowbit.report import write_json_atomic
 
-HERE = Path(__file__).parent
 REPO = HERE.parent
 WORKER = HERE / "_peer_worker.py"
 RESULTS = HERE / "results" / "peer_llmcompressor.json"
 SMOKE_RESULTS = HERE / "results" / "peer_llmcompressor-smoke.json"
-BEGIN, END = "<!-- PEER:BEGIN -->", "<!-- PEER:END -->"
 TOOLS = ("lowbit", "llmcompressor")
 
 DEFAULT_VENV = Path.home() / ".cache" / "lowbit" / "peer-llmcompressor-venv"
@@ -187,18 +187,16 @@ def _scores(result: dict) -> dict:
     }
 
 
-def run_lowbit(job: Job, loaded, data, settings: dict) -> dict:
-    """Quantize a copy with lowbit (timed end to end, like the peer's oneshot) and evaluate it."""
+def run_lowbit(job: Job, bench: Bench, settings: dict) -> dict:
+    """Quantize a copy with lowbit (timed end to end, like the peer's oneshot) and evaluate it, the harness's way."""
     recipe = job.recipe(settings["calib_samples"], settings["calib_seq_len"])
     config = recipe.model_dump(mode="json")
     try:
-        start = time.perf_counter()
-        model = lowbit.quantize(loaded.model, recipe, data)
-        seconds = time.perf_counter() - start
-        result = lowbit.evaluate(loaded.model, model, data.eval_windows).as_dict()
+        row = bench.measure(recipe)
     except Exception as exc:  # a failing configuration is a result, not a crash of the benchmark
         return _row(job, "lowbit", error=f"{type(exc).__name__}: {exc}".splitlines()[0], config=config)
-    return _row(job, "lowbit", quantize_s=seconds, **_scores(result), config=config)
+    scores = {k: row[k] for k in ("fp_ppl", "ppl", "ratio", "kl", "top1", "tokens", "eval_s")}
+    return _row(job, "lowbit", quantize_s=row["quantize_s"], **scores, config=config)
 
 
 def run_peer(job: Job, venv: Path, folder: Path, data_file: Path, settings: dict, args) -> dict:
@@ -230,30 +228,28 @@ def save_data(data, settings: dict, path: Path) -> None:
     torch.save({"windows": data.eval_windows, "calibration": calib}, path)
 
 
-def run_all(args, settings: dict, peer: dict | None) -> list[dict]:
-    """Every selected job on every selected tool, in order; prints each row as it lands."""
-    loaded = lowbit.load_model(args.model)
-    keep_layers(loaded.model, settings["layers"])
-    data = lowbit.prepare_data(
-        lowbit.DataConfig(seq_len=settings["seq_len"], windows=settings["windows"]), loaded.tokenizer
-    )
+def run_all(args, settings: dict, peer: dict | None, save: Callable[[list[dict]], None]) -> None:
+    """Every selected job on every selected tool, in order; prints each row as it lands and ``save``s the rows so
+    far after each one (an interrupted run keeps what it measured)."""
+    bench = Bench.load(args.model, lowbit.DataConfig(seq_len=settings["seq_len"], windows=settings["windows"]))
+    keep_layers(bench.model, settings["layers"])  # before the reference is computed, on first use
     rows = []
     with tempfile.TemporaryDirectory(prefix="lowbit-peer-data-") as tmp:
         data_file = Path(tmp) / "tokens.pt"
-        save_data(data, settings, data_file)
+        save_data(bench.data, settings, data_file)
         for name in args.jobs:
             job = JOBS[name]
             for tool in args.tools:
                 print(f"--- {name} / {tool}", flush=True)
                 if tool == "lowbit":
-                    row = run_lowbit(job, loaded, data, settings)
+                    row = run_lowbit(job, bench, settings)
                 else:
                     row = run_peer(job, peer["venv"], model_folder(args.model), data_file, settings, args)
                 rows.append(row)
+                save(rows)
                 print(_table_row(row), flush=True)
                 if "quantized" in row:
                     print(f"    llm-compressor left on the model: {row['quantized']}", flush=True)
-    return rows
 
 
 # --- results and tables -------------------------------------------------------------------------------------------
@@ -275,10 +271,6 @@ def merge(saved: dict | None, rows: list[dict], meta: dict) -> list[dict]:
     return sorted(keep.values(), key=lambda r: order.get((r["job"], r["tool"]), len(order)))
 
 
-def _num(x: float) -> str:
-    return f"{x:.4g}" if x < 1e4 else f"{x:.3g}"
-
-
 def _note(row: dict) -> str:
     """The note column: the failure message when the job failed, else the job's note for that tool."""
     note = f"failed: {row['error']}" if row.get("error") else row.get("note", "")
@@ -289,7 +281,7 @@ def _table_row(row: dict) -> str:
     if "ratio" not in row:
         return f"| {row['job']} | {row['tool']} | – | – | – | – | {_note(row)} |"
     return (
-        f"| {row['job']} | {row['tool']} | {_num(row['ratio'])} | {row['kl']:.4f} | {row['top1']:.4f} | "
+        f"| {row['job']} | {row['tool']} | {num(row['ratio'])} | {row['kl']:.4f} | {row['top1']:.4f} | "
         f"{row['quantize_s']:.1f} | {_note(row)} |"
     )
 
@@ -317,19 +309,7 @@ def table(rows: list[dict], meta: dict) -> list[str]:
 
 def write_table(rows: list[dict], meta: dict, readme: bool) -> None:
     """Print the table, and put it between the PEER markers of benchmarks/README.md when ``readme``."""
-    lines = table(rows, meta)
-    if readme:
-        replace_block(HERE / "README.md", BEGIN, END, lines)
-    print("\n".join(lines))
-
-
-def replace_block(path: Path, begin: str, end: str, lines: list[str]) -> None:
-    """Replace the text between two marker lines of a markdown file."""
-    text = path.read_text()
-    if begin not in text:
-        raise SystemExit(f"{path} has no {begin} marker: add the {begin} / {end} lines where the table goes")
-    block = f"{begin}\n" + "\n".join(lines) + f"\n{end}"
-    path.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.DOTALL))
+    write_block("PEER", table(rows, meta), readme)
 
 
 # --- command line -------------------------------------------------------------------------------------------------
@@ -385,7 +365,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = settings_from(args)
-    rows = run_all(args, settings, peer)
     saved = json.loads(results.read_text()) if results.is_file() else None
     meta = {
         "command": " ".join(["python", "benchmarks/peer_llmcompressor.py", *sys.argv[1:]]),
@@ -394,10 +373,14 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
         "peer_versions": peer["versions"] if peer else (saved or {}).get("meta", {}).get("peer_versions"),
     }
-    rows = merge(saved, rows, meta)
-    results.parent.mkdir(exist_ok=True)
-    results.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    write_table(rows, meta, readme=not args.smoke)
+    merged: list[dict] = []
+
+    def save(rows: list[dict]) -> None:
+        merged[:] = merge(saved, rows, meta)
+        write_json_atomic(results, {"meta": meta, "rows": merged})
+
+    run_all(args, settings, peer, save)
+    write_table(merged, meta, readme=not args.smoke)
 
 
 if __name__ == "__main__":
