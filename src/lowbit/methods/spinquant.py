@@ -3,14 +3,15 @@
 The training itself (a differentiable rotated forward, the Cayley and Adam steps) is :mod:`lowbit.surgery.spinquant`;
 this module is the recipe step: prepare the model, learn (or load) the rotations, fold them, checkpoint and resume.
 
-Rotations are saved with safetensors (``r1``, ``r2.<layer>``, and when clips learn ``clip_logits`` with their
-Adam state) plus metadata (recipe name, seed, step, the loss curve, the clipped quantizers' names) so that training resumes from its last checkpoint after an interruption and a recipe can load learned
-rotations instead of training again (``rotations: path``).
+Rotations are saved as checkpoints (:mod:`lowbit.surgery.checkpoint`): safetensors (``r1``, ``r2.<layer>``, and
+when clips learn ``clip_logits`` with their Adam state) plus metadata (the settings' fingerprint: recipe name, seed,
+training settings; then step, the loss curve, the clipped quantizers' names) so that training resumes from its last
+checkpoint after an interruption and a recipe can load learned rotations instead of training again
+(``rotations: path``).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -21,7 +22,6 @@ from torch import nn
 
 from ..models.arch import decoder_layers, get_module
 from ..quant.clip import logit_from_clip
-from ..report import save_tensors_atomic
 from ..surgery.attach import (
     act_quantizers,
     attach_activation_quantizers,
@@ -30,6 +30,7 @@ from ..surgery.attach import (
     swap_linears,
 )
 from ..surgery.attention import KVQuantHook, remove_attention_hooks
+from ..surgery.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from ..surgery.rotate import (
     add_online_rotations,
     fold_input_rotation,
@@ -121,26 +122,27 @@ def save_rotations(path: str | Path, rot: Rotations, meta: dict) -> None:
         tensors["clip_logits"] = rot.clips.logits
         tensors.update({_ADAM + k: v.reshape(-1) for k, v in rot.clips.adam.items()})
         meta["clip_names"] = rot.clips.names
-    save_tensors_atomic(path, tensors, meta)
+    save_checkpoint(path, tensors, meta)
 
 
 def load_rotations(path: str | Path) -> tuple[Rotations, dict]:
     """Rotations and metadata from :func:`save_rotations`; a clear error for a missing or foreign file."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         from ..errors import RecipeError
 
         raise RecipeError(f"rotations file {path} not found: train rotations first or fix the path")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("lowbit", "{}"))
-        keys = sorted((k for k in f.keys() if k.startswith("r2.")), key=lambda k: int(k.split(".")[1]))  # noqa: SIM118 (safe_open is not a dict)
-        rot = Rotations(nn.Parameter(f.get_tensor("r1")), [nn.Parameter(f.get_tensor(k)) for k in keys])
-        if "clip_logits" in f.keys():  # noqa: SIM118
-            adam = {k.removeprefix(_ADAM): f.get_tensor(k) for k in f.keys() if k.startswith(_ADAM)}  # noqa: SIM118
-            adam = {k: v.reshape(()) if k == "step" else v for k, v in adam.items()}
-            rot.clips = LearnedClips(list(meta["clip_names"]), nn.Parameter(f.get_tensor("clip_logits")), adam)
+    return _rotations(*read_checkpoint(path))
+
+
+def _rotations(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[Rotations, dict]:
+    """The :class:`Rotations` (with their learned clips and Adam state, when saved) of a rotations file's tensors."""
+    keys = sorted((k for k in tensors if k.startswith("r2.")), key=lambda k: int(k.split(".")[1]))
+    rot = Rotations(nn.Parameter(tensors["r1"]), [nn.Parameter(tensors[k]) for k in keys])
+    if "clip_logits" in tensors:
+        adam = {k.removeprefix(_ADAM): v for k, v in tensors.items() if k.startswith(_ADAM)}
+        adam = {k: v.reshape(()) if k == "step" else v for k, v in adam.items()}
+        rot.clips = LearnedClips(list(meta["clip_names"]), nn.Parameter(tensors["clip_logits"]), adam)
     return rot, meta
 
 
@@ -201,12 +203,13 @@ def _remove_training_quantizers(model: nn.Module, spec) -> None:
         raise RuntimeError(f"training quantizers left attached after SpinQuant: {left[:3]}")
 
 
-def _resume(step, rot: Rotations, meta_base: dict) -> tuple[Rotations, int, list[float]]:
+def _resume(step, rot: Rotations, fingerprint: dict) -> tuple[Rotations, int, list[float]]:
     """The checkpoint's rotations, next step and losses when it matches this run; else a fresh start."""
-    if step.checkpoint is None or not Path(step.checkpoint).is_file():
+    found = load_checkpoint(step.checkpoint, fingerprint)
+    if found is None:
         return rot, 0, []
-    saved, meta = load_rotations(step.checkpoint)
-    if {k: meta.get(k) for k in meta_base} != meta_base or len(saved.r2) != len(rot.r2):
+    saved, meta = _rotations(*found)
+    if len(saved.r2) != len(rot.r2):
         return rot, 0, []
     return saved, int(meta["step"]) + 1, list(meta.get("losses", []))
 
@@ -281,14 +284,15 @@ def _learn(model: nn.Module, spec, step, session: Session, seed: int,
            o: torch.Tensor | None) -> tuple[Rotations, list[float]]:
     """Train from the initial Hadamards (or the matching checkpoint), checkpointing as configured."""
     batches = session.calibration_text("SpinQuant (learning rotations)").sample(step.samples, step.seq_len)
-    meta_base = {"recipe": session.recipe.name, "seed": seed, "steps": step.steps, "lr": step.lr,
-                 "samples": step.samples, "seq_len": step.seq_len, "quantize_weights": step.quantize_weights,
-                 "batch": step.batch, "step_norm": step.step_norm, "scale_grad": step.scale_grad, "autocast": step.autocast,
-                 "o_rotation": step.o_rotation, "loss": step.loss, "learn": step.learn, "clip_lr": step.clip_lr}
+    fingerprint = {"recipe": session.recipe.name, "seed": seed, "steps": step.steps, "lr": step.lr,
+                   "samples": step.samples, "seq_len": step.seq_len, "quantize_weights": step.quantize_weights,
+                   "batch": step.batch, "step_norm": step.step_norm, "scale_grad": step.scale_grad,
+                   "autocast": step.autocast, "o_rotation": step.o_rotation, "loss": step.loss, "learn": step.learn,
+                   "clip_lr": step.clip_lr}
     start = initial_rotations(model, spec, seed)
     if "clips" in step.learn:
         start.clips = initial_clips(model)
-    rot, first, earlier = _resume(step, start, meta_base)
+    rot, first, earlier = _resume(step, start, fingerprint)
     rot.o = o
     weights = session.recipe.weights if step.quantize_weights else None
     config = TrainConfig(steps=step.steps, lr=step.lr, momentum=step.momentum, batch=step.batch, weights=weights,
@@ -297,7 +301,7 @@ def _learn(model: nn.Module, spec, step, session: Session, seed: int,
 
     def checkpoint(i: int, current: Rotations, losses: list[float]) -> None:
         if step.checkpoint is not None and (i + 1 == step.steps or (i + 1) % step.checkpoint_every == 0):
-            save_rotations(step.checkpoint, current, {**meta_base, "step": i, "losses": earlier + losses})
+            save_rotations(step.checkpoint, current, {**fingerprint, "step": i, "losses": earlier + losses})
 
     new = train_rotations(model, spec, rot, batches, config, session.progress, start_step=first, on_step=checkpoint)
     return rot, earlier + new

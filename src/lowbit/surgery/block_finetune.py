@@ -3,8 +3,9 @@
 Every quantized linear of the layer trains its latent weight and its per-channel weight scale through the quantizer
 (:meth:`QuantLinear.learn_weight`); every static activation/KV quantizer trains its scale
 (:meth:`ActQuantizer.learn_scale`). Rounding is straight-through and scales get the LSQ gradient. AdamW (no weight
-decay), a short linear warmup and a cosine learning-rate decay to zero; the layer's other parameters (norms) stay frozen. At the end the
-weights are rounded with their learned scales and everything is frozen again.
+decay), a short linear warmup and a cosine learning-rate decay to zero, in the shared loop of :mod:`.train`; the
+layer's other parameters (norms) stay frozen. At the end the weights are rounded with their learned scales and
+everything is frozen again.
 
 Learning rates are scale-free: Adam moves every parameter by about its learning rate per step, so each tensor gets
 its own rate, ``lr_weight`` in units of that linear's mean quantization step for weights and ``lr_scale`` relative
@@ -14,7 +15,6 @@ same settings suit any model.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .linear import QuantLinear
 from .quantizer import ActQuantizer
+from .train import Trainer, cosine
 
 
 @dataclass(frozen=True)
@@ -39,15 +40,10 @@ WARMUP = 0.1  # share of the steps over which the learning rate rises linearly b
 
 
 def warmup_cosine(step: int, steps: int) -> float:
-    """Learning-rate factor: a linear warmup over the first ``WARMUP`` share of ``steps``, then cosine to zero.
-
-    Adam's first updates move every parameter by about the full learning rate whatever its gradient; starting
-    from a good quantized state, the warmup keeps those first steps from undoing it.
-    """
-    warm = max(1, round(WARMUP * steps))
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+    """Learning-rate factor: :func:`~lowbit.surgery.train.cosine` with a linear warmup over the first ``WARMUP``
+    share of ``steps`` (at least one step): starting from a good quantized state, the warmup keeps Adam's first,
+    full-size updates from undoing it."""
+    return cosine(step, steps, warmup=max(1, round(WARMUP * steps)))
 
 
 def _trainable(layer: nn.Module) -> tuple[list[QuantLinear], list[ActQuantizer]]:
@@ -67,14 +63,45 @@ def finetune_layer(
 ) -> list[float]:
     """Train ``layer`` so that ``forward(inputs[i])`` matches ``targets[i]``; returns the mean loss of each epoch.
 
-    ``inputs``/``targets``: ``[n, T, hidden]`` samples; ``forward`` runs the layer on a batch of them. ``latent``:
-    the float weights before rounding, where known (RTN), to train from instead of the rounded ones.
+    ``inputs``/``targets``: ``[n, T, hidden]`` samples; ``forward`` runs the layer on a batch of them. ``on_step``
+    sees each step's loss. ``latent``: the float weights before rounding, where known (RTN), to train from instead
+    of the rounded ones.
     """
     linears, quants = _trainable(layer)
     if not linears and not quants or config.epochs == 0:
         return []
     frozen = {p: p.requires_grad for p in layer.parameters()}
     layer.requires_grad_(False)
+    groups, scales = _learn(linears, quants, config, latent)
+    order = _batches(len(inputs), config)
+
+    def loss_at(step: int) -> Tensor:
+        batch = order[step]
+        return (forward(inputs[batch]).float() - targets[batch].float()).square().mean()
+
+    trainer = Trainer([torch.optim.AdamW(groups, weight_decay=0.0)], len(order), warmup_cosine,
+                      after_step=partial(_keep_positive, scales))
+    try:
+        losses = trainer.run(loss_at, on_step=None if on_step is None else lambda _, seen: on_step(seen[-1]))
+    finally:
+        _freeze(linears, quants, frozen)
+    return _epoch_means(losses, order, len(inputs), config.epochs)
+
+
+def _freeze(linears: list[QuantLinear], quants: list[ActQuantizer], frozen: dict[nn.Parameter, bool]) -> None:
+    """Round the weights with their learned scales, fix every scale, and give the layer back its gradient flags."""
+    for linear in linears:
+        linear.freeze_weight()
+    for q in quants:
+        q.freeze_scale()
+    for p, flag in frozen.items():
+        p.requires_grad_(flag)
+
+
+def _learn(linears: list[QuantLinear], quants: list[ActQuantizer], config: FinetuneConfig,
+           latent: dict[QuantLinear, Tensor] | None) -> tuple[list[dict], list[Tensor]]:
+    """Make the weights and scales trainable; returns AdamW's parameter groups (each with its scale-free learning
+    rate) and the scales."""
     groups, scales = [], []
     for linear in linears:
         w, s = linear.learn_weight(None if latent is None else latent.get(linear))
@@ -85,34 +112,29 @@ def finetune_layer(
         s = q.learn_scale()
         groups.append({"params": [s], "lr": config.lr_scale * float(s.detach().abs().mean())})
         scales.append(s)
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    steps = config.epochs * math.ceil(len(inputs) / config.batch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_cosine, steps=steps))
+    return groups, scales
+
+
+def _batches(n: int, config: FinetuneConfig) -> list[Tensor]:
+    """The sample indices of every step: each epoch a seeded shuffle of the ``n`` samples, ``config.batch`` a step."""
     generator = torch.Generator().manual_seed(config.seed)
-    losses = []
-    try:
-        with torch.enable_grad():
-            for _ in range(config.epochs):
-                total = 0.0
-                for batch in torch.randperm(len(inputs), generator=generator).split(config.batch):
-                    loss = (forward(inputs[batch]).float() - targets[batch].float()).square().mean()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-                    with torch.no_grad():
-                        for s in scales:
-                            s.clamp_(min=1e-8)
-                    value = loss.item()
-                    total += value * len(batch)
-                    if on_step is not None:
-                        on_step(value)
-                losses.append(total / len(inputs))
-    finally:
-        for linear in linears:
-            linear.freeze_weight()
-        for q in quants:
-            q.freeze_scale()
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
-    return losses
+    return [batch for _ in range(config.epochs) for batch in torch.randperm(n, generator=generator).split(config.batch)]
+
+
+@torch.no_grad()
+def _keep_positive(scales: list[Tensor]) -> None:
+    """Clamp every trained scale to stay positive after a step."""
+    for s in scales:
+        s.clamp_(min=1e-8)
+
+
+def _epoch_means(losses: list[float], order: list[Tensor], n: int, epochs: int) -> list[float]:
+    """The sample-weighted mean loss of each epoch."""
+    per_epoch = len(order) // epochs
+    means = []
+    for e in range(epochs):
+        total = 0.0
+        for value, batch in zip(losses[e * per_epoch:(e + 1) * per_epoch], order[e * per_epoch:(e + 1) * per_epoch]):
+            total += value * len(batch)
+        means.append(total / n)
+    return means

@@ -21,8 +21,8 @@ scales detached treats that error as a constant (on the default model it then ra
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from ..quant.clip import clip_from_logit
 from ..rotations.cayley import CayleySGD
 from .attach import act_quantizers, quantizers_set
 from .rotate import rotate_bias_heads, rotate_input_heads, rotate_output_heads
+from .train import Trainer, cosine
 
 
 @dataclass
@@ -149,10 +150,6 @@ class TrainConfig:
     clip_lr: float = 0.1  # Adam's peak learning rate for the clip logits (held-out sweep: 0.1 ≈ 0.2 < 0.05 < 0.02)
 
 
-def _cosine(step: int, total: int, peak: float) -> float:
-    return peak * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
-
-
 def train_rotations(model: nn.Module, spec: ArchSpec, rot: Rotations, batches: Tensor, config: TrainConfig,
                     progress=None, start_step: int = 0, on_step=None, stop_step: int | None = None) -> list[float]:
     """Learn ``rot`` on calibration token ``batches`` ``[n, L]``; returns the loss per step.
@@ -160,49 +157,45 @@ def train_rotations(model: nn.Module, spec: ArchSpec, rot: Rotations, batches: T
     ``on_step(step, rot, losses)`` is called after every step with this run's losses so far (checkpointing);
     ``start_step`` resumes the schedule and ``stop_step`` (default ``config.steps``) ends this call early, the
     cosine decay still running over ``config.steps``. Every weight of ``model`` must already be frozen; batches
-    cycle in order.
+    cycle in order. The loop is :class:`~lowbit.surgery.train.Trainer`'s.
     """
-    stop_step = config.steps if stop_step is None else min(stop_step, config.steps)
     originals = frozen_originals(model, spec)
     d = head_dim(model.config)
     if rot.clips is not None:
         rot.clips.bind(model)
     optimizers = _optimizers(rot, config)
-    tick = progress("learning rotations", stop_step - start_step) if progress else (lambda *_: None)
-    losses = []
-    with torch.enable_grad():  # recipes run under no_grad; the rotations need gradients
-        for step in range(start_step, stop_step):
-            losses.append(_train_step(model, spec, rot, originals, batches, config, optimizers, step, d))
-            if on_step is not None:
-                on_step(step, rot, losses)
-            tick(f"loss {losses[-1]:.3f}")
-    return losses
+    trainer = Trainer(optimizers, config.steps, cosine, after_backward=partial(_average_gradients, optimizers),
+                      after_step=partial(_keep_adam_state, rot, config, optimizers))
+    return trainer.run(lambda step: _train_step(model, spec, rot, originals, batches, config, step, d),
+                       start_step, stop_step, None if on_step is None else lambda step, losses: on_step(step, rot, losses),
+                       progress, "learning rotations")
 
 
-def _optimizers(rot: Rotations, config: TrainConfig) -> list[tuple[torch.optim.Optimizer, float]]:
-    """Each optimizer ``config.learn`` asks for with its peak learning rate: Cayley SGD for the rotations, Adam for
-    the clip logits (its state restored from ``rot.clips.adam`` when resuming)."""
+def _optimizers(rot: Rotations, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    """The optimizers ``config.learn`` asks for, each at its peak learning rate: Cayley SGD for the rotations, Adam
+    for the clip logits (its state restored from ``rot.clips.adam`` when resuming)."""
     unknown = set(config.learn) - {"rotations", "clips"}
     if unknown or not config.learn:
         raise ValueError(f"learn must name 'rotations' and/or 'clips', got {list(config.learn)}")
-    optimizers: list[tuple[torch.optim.Optimizer, float]] = []
+    optimizers: list[torch.optim.Optimizer] = []
     for p in rot.parameters():  # fixed rotations need no gradient
         p.requires_grad_("rotations" in config.learn)
     if "rotations" in config.learn:
-        cayley = CayleySGD(rot.parameters(), lr=config.lr, momentum=config.momentum, norm=config.norm)
-        optimizers.append((cayley, config.lr))
+        optimizers.append(CayleySGD(rot.parameters(), lr=config.lr, momentum=config.momentum, norm=config.norm))
     if "clips" in config.learn:
         if rot.clips is None:
             raise ValueError("learning clips needs rot.clips (one logit per quantizer)")
         adam = torch.optim.Adam([rot.clips.logits], lr=config.clip_lr)
         if rot.clips.adam:
             adam.state[rot.clips.logits] = {k: v.clone() for k, v in rot.clips.adam.items()}
-        optimizers.append((adam, config.clip_lr))
+        optimizers.append(adam)
     return optimizers
 
 
-def _trainable(optimizers) -> list[nn.Parameter]:
-    return [p for optimizer, _ in optimizers for group in optimizer.param_groups for p in group["params"]]
+def _keep_adam_state(rot: Rotations, config: TrainConfig, optimizers: list[torch.optim.Optimizer]) -> None:
+    """After a step, copy the clip logits' Adam state into ``rot.clips`` so that a checkpoint resumes exactly."""
+    if rot.clips is not None and "clips" in config.learn:
+        rot.clips.adam = {k: v.detach().clone() for k, v in optimizers[-1].state[rot.clips.logits].items()}
 
 
 def _world() -> tuple[int, int]:
@@ -214,11 +207,15 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _average_gradients(params: list[nn.Parameter], loss: Tensor, world: int) -> Tensor:
-    """All-reduce the trained parameters' gradients and the loss to their mean over processes (gloo or NCCL)."""
+def _average_gradients(optimizers: list[torch.optim.Optimizer], loss: Tensor) -> Tensor:
+    """Under torch.distributed, all-reduce the trained parameters' gradients and the loss to their mean over
+    processes (gloo or NCCL), so that every process takes the same step; returns the loss to report."""
+    _, world = _world()
+    if world == 1:
+        return loss
     import torch.distributed as dist
 
-    for p in params:
+    for p in (p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]):
         dist.all_reduce(p.grad)
         p.grad /= world
     total = loss.detach().clone()
@@ -226,30 +223,18 @@ def _average_gradients(params: list[nn.Parameter], loss: Tensor, world: int) -> 
     return total / world
 
 
-def _train_step(model, spec, rot, originals, batches, config, optimizers, step: int, d: int) -> float:
-    """One step of every optimizer on the loss of the step's batch (batches cycle in order).
+def _train_step(model, spec, rot, originals, batches, config, step: int, d: int) -> Tensor:
+    """The loss of training step ``step`` on this process's share of the step's batch (batches cycle in order).
 
     Under torch.distributed each process takes its own ``batch`` samples of the step's global batch
-    (``batch * world`` samples) and the rotations' gradients are averaged, so every process takes the same step:
-    the same result as one process with a ``batch * world`` batch.
+    (``batch * world`` samples) and the rotations' gradients are averaged (:func:`_average_gradients`), so every
+    process takes the same step: the same result as one process with a ``batch * world`` batch.
     """
     rank, world = _world()
-    for optimizer, peak in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine(step, config.steps, peak)
-        optimizer.zero_grad(set_to_none=True)
     first = (step * world + rank) * config.batch
     tokens = batches[torch.arange(first, first + config.batch) % len(batches)]
     with _autocast(config.autocast, rot.r1.device):
-        loss = rotation_loss(model, spec, rot, originals, tokens, d, config.weights, config.scale_grad, config.loss)
-    loss.backward()
-    if world > 1:
-        loss = _average_gradients(_trainable(optimizers), loss, world)
-    for optimizer, _ in optimizers:
-        optimizer.step()
-    if rot.clips is not None and "clips" in config.learn:
-        rot.clips.adam = {k: v.detach().clone() for k, v in optimizers[-1][0].state[rot.clips.logits].items()}
-    return float(loss.detach())
+        return rotation_loss(model, spec, rot, originals, tokens, d, config.weights, config.scale_grad, config.loss)
 
 
 def rotation_loss(model, spec, rot: Rotations, originals, tokens: Tensor, d: int, weights=None,
