@@ -15,36 +15,28 @@ prefill with the rotations replaced by identity (which changes the outputs, so o
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
-from presets import replace_block
+from harness import (  # median_seconds: kv_speed.py imports it from here
+    HERE,
+    Bench,
+    Results,
+    add_flags,
+    median_seconds,
+    run_meta,
+    seconds,
+    write_block,
+)
 
 import lowbit
 from lowbit.rotations import random_hadamard
 from lowbit.surgery.rotate import OnlineRotation
 
-HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "hadamard.json"
-BEGIN, END = "<!-- HADAMARD:BEGIN -->", "<!-- HADAMARD:END -->"
 SIZES = (64, 576, 1536, 2048, 4864, 5632, 8192, 11008, 14336)
-
-
-def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
-    fn()
-    return statistics.median(_seconds(fn) for _ in range(repeats))
 
 
 def transform_row(n: int, rows: int, repeats: int) -> dict:
@@ -91,10 +83,9 @@ def identity_online_rotations() -> None:
 
 def prefill_share(seq_len: int, repeats: int) -> dict:
     """Share of online-rotation time in a ``seq_len`` prefill of the default model under w4a4kv4-quarot-rtn."""
-    loaded = lowbit.load_model("default")
-    data = lowbit.prepare_data(lowbit.DataConfig(seq_len=seq_len, windows=1), loaded.tokenizer)
-    model = lowbit.quantize(loaded.model, "w4a4kv4-quarot-rtn", data)
-    window = data.eval_windows[:1]
+    bench = Bench.load("default", lowbit.DataConfig(seq_len=seq_len, windows=1))
+    model = lowbit.quantize(bench.model, "w4a4kv4-quarot-rtn", bench.data)
+    window = bench.windows[:1]
 
     def prefill() -> None:
         with torch.no_grad():
@@ -107,8 +98,8 @@ def prefill_share(seq_len: int, repeats: int) -> dict:
     prefill()  # warm-up
     with_times, without_times = [], []
     for _ in range(repeats):  # alternated, so drift on the machine affects both alike
-        with_times.append(_seconds(prefill))
-        without_times.append(_seconds(prefill_identity))
+        with_times.append(seconds(prefill))
+        without_times.append(seconds(prefill_identity))
     with_rot, without_rot = statistics.median(with_times), statistics.median(without_times)
     inside = []
     for _ in range(repeats):
@@ -124,31 +115,29 @@ def prefill_share(seq_len: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_flags(parser, RESULTS, rows=None, data=False)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--tables-only", action="store_true", help="rewrite the table from results/hadamard.json")
     parser.add_argument("--prefill-only", action="store_true", help="re-measure only the prefill share")
     args = parser.parse_args()
-    if args.tables_only or args.prefill_only:
-        saved = json.loads(RESULTS.read_text())
-        if args.prefill_only:
-            saved["prefill"] = prefill_share(args.seq_len, repeats=args.repeats)
-            RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
-    else:
-        rows = []
+    results = Results(args.results, RESULTS)
+    if args.prefill_only:
+        results.saved["prefill"] = prefill_share(args.seq_len, repeats=args.repeats)
+        results.save()
+    elif not args.tables_only:
+        results.saved["meta"] = run_meta("python benchmarks/hadamard.py")
+        results.saved["transforms"] = []
         for n in SIZES:
-            rows.append(transform_row(n, rows=2048 if n <= 4096 else 256, repeats=args.repeats))
-            print(f"n={n}: {rows[-1]['speedup']:.1f}x", flush=True)
-        saved = {"meta": {"command": "python benchmarks/hadamard.py", "threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
-                 "transforms": rows, "prefill": prefill_share(args.seq_len, repeats=args.repeats)}
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
-    write_table(saved)
+            results.saved["transforms"].append(transform_row(n, rows=2048 if n <= 4096 else 256, repeats=args.repeats))
+            results.save()
+            print(f"n={n}: {results.saved['transforms'][-1]['speedup']:.1f}x", flush=True)
+        results.saved["prefill"] = prefill_share(args.seq_len, repeats=args.repeats)
+        results.save()
+    write_table(results.saved, results.renders)
 
 
-def write_table(saved: dict) -> None:
-    """The HADAMARD block of benchmarks/README.md."""
+def write_table(saved: dict, readme: bool = True) -> None:
+    """The HADAMARD block of benchmarks/README.md (printed only unless ``readme``)."""
     meta, p = saved["meta"], saved["prefill"]
     lines = [
         f"{meta['threads']} CPU threads, float32, median of repeated runs, {meta['date']}; "
@@ -168,8 +157,7 @@ def write_table(saved: dict) -> None:
         f"(**{p['share_timed']:.1%}**); the same prefill with the rotations replaced by identity takes "
         f"{p['prefill_without_rotations_s']:.2f} s ({p['share_by_difference']:.1%} less).",
     ]
-    replace_block(HERE / "README.md", BEGIN, END, lines)
-    print("\n".join(lines))
+    write_block("HADAMARD", lines, readme)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from presets import replace_block
+from harness import HERE, Bench, add_flags, write_block
 
-import lowbit
 from lowbit.data import TokenData
 from lowbit.methods.spinquant import (
     initial_clips,
@@ -32,6 +31,7 @@ from lowbit.methods.spinquant import (
 )
 from lowbit.models.arch import head_dim
 from lowbit.recipe import load_preset
+from lowbit.report import write_json_atomic
 from lowbit.rotations.cayley import skew_direction
 from lowbit.surgery.rotate import o_rotation_matrix, rotation_seeds
 from lowbit.surgery.spinquant import (
@@ -41,9 +41,7 @@ from lowbit.surgery.spinquant import (
     train_rotations,
 )
 
-HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "spinquant_sweep.json"
-BEGIN, END = "<!-- SPINSWEEP:BEGIN -->", "<!-- SPINSWEEP:END -->"
 HELDOUT = (4, 512)  # held-out sequences × tokens, cut from the end of the calibration stream
 
 # label -> TrainConfig fields (plus "o_rotation", the step's rotation across heads at o_proj's input); "detached": the
@@ -209,12 +207,12 @@ def main() -> None:
     parser.add_argument("--norms", action="store_true", help="only the first step's direction norms")
     parser.add_argument("--flatness", action="store_true", help="only max|x|/rms at the quantizers' inputs")
     parser.add_argument("--rotations", type=Path, help="with --flatness: also for these learned rotations")
-    parser.add_argument("--tables-only", action="store_true")
+    add_flags(parser, RESULTS, rows=None, data=False)
     args = parser.parse_args()
-    saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    saved = json.loads(args.results.read_text()) if args.results.exists() else {}
     if not args.tables_only:
-        loaded = lowbit.load_model("default")
-        data = lowbit.prepare_data(lowbit.DataConfig(), loaded.tokenizer)
+        bench = Bench.load()
+        loaded, data = bench.loaded, bench.data
         if args.norms:
             saved["direction_norms"] = direction_norms(loaded, data)
         if args.flatness:
@@ -223,13 +221,14 @@ def main() -> None:
             print(label, flush=True)
             run = run_setting(loaded, data, SETTINGS[label], args.steps, args.every)
             saved[f"{label}, {args.steps} steps"] = {**run, "date": time.strftime("%Y-%m-%d")}
-            RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
-        RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
-    write_table(saved)
+            write_json_atomic(args.results, saved)
+        write_json_atomic(args.results, saved)
+    write_table(saved, readme=args.results.resolve() == RESULTS.resolve())
 
 
-def write_table(saved: dict) -> None:
-    """The held-out curves as a table between the SPINSWEEP markers of benchmarks/README.md."""
+def write_table(saved: dict, readme: bool = True) -> None:
+    """The held-out curves as a table between the SPINSWEEP markers of benchmarks/README.md, and the plot (both
+    printed only unless ``readme``: a check's results file must not replace the committed ones)."""
     lines = ["| setting | steps | held-out cross-entropy at step 0 → … | best | s / step |", "|---|---|---|---|---|"]
     for key, run in saved.items():
         if key in ("direction_norms", "flatness"):
@@ -239,9 +238,9 @@ def write_table(saved: dict) -> None:
                      f"{run['seconds'] / run['steps']:.1f} |")
     if "flatness" in saved:
         lines += ["", *flatness_table(saved["flatness"])]
-    replace_block(HERE / "README.md", BEGIN, END, lines)
-    print("\n".join(lines))
-    plot(saved)
+    write_block("SPINSWEEP", lines, readme)
+    if readme:
+        plot(saved)
 
 
 def flatness_table(flat: dict) -> list[str]:
