@@ -32,9 +32,8 @@ import torch
 import lowbit
 from lowbit.data import DataConfig, TokenData
 from lowbit.evaluate import evaluate, reference_log_probs
-from lowbit.methods.quarot import RotationResult
 from lowbit.models.loading import LoadedModel
-from lowbit.pipeline import _quantizes, build_report, rotation_invariance
+from lowbit.pipeline import add_rotation_invariance, build_report, quantizes
 from lowbit.recipe import Recipe, load_preset, load_recipe
 from lowbit.report import write_json_atomic
 
@@ -88,7 +87,7 @@ class Bench:
 
     def quantize(self, recipe: Recipe) -> tuple[torch.nn.Module, object, float]:
         """(quantized model, session, wall seconds); a recipe that quantizes nothing gives the model itself."""
-        if not _quantizes(recipe):
+        if not quantizes(recipe):
             return self.model, None, 0.0
         start = time.perf_counter()
         model, session = lowbit.quantize_with_session(self.model, recipe, self.data)
@@ -110,9 +109,7 @@ class Bench:
         report = build_report(self.loaded.source, recipe, self.config, self.data, result, model, self.loaded.spec,
                               timings, session)
         if invariance:
-            rotated = session.get(RotationResult) if session is not None else None
-            learned = rotated.learned if rotated is not None else None
-            report.setdefault("rotation", {}).update(rotation_invariance(self.model, recipe, self.data, learned))
+            add_rotation_invariance(report, self.model, recipe, self.data, session)
         return {**row_from_report(report, self.loaded.tokenizer, seconds), **more}
 
 

@@ -57,7 +57,7 @@ def run(
     tokens = prepare_data(data, loaded.tokenizer)
     seconds["load"] = time.perf_counter() - start
     qmodel, session = loaded.model, None
-    if _quantizes(recipe):
+    if quantizes(recipe):
         qmodel, session = quantize_with_session(loaded.model, recipe, tokens, progress=progress)
     seconds["calibrate"] = session.seconds["calibrate"] if session else 0.0
     seconds["quantize"] = session.seconds["quantize"] if session else 0.0
@@ -65,9 +65,7 @@ def run(
     result = evaluate(loaded.model, qmodel, tokens.eval_windows, progress=progress)
     seconds["eval"] = time.perf_counter() - start
     report = build_report(loaded.source, recipe, data, tokens, result, qmodel, loaded.spec, seconds, session)
-    rotation = session.get(RotationResult) if session is not None else None
-    if rotation is not None:
-        report["rotation"].update(rotation_invariance(loaded.model, recipe, tokens, rotation.learned))
+    add_rotation_invariance(report, loaded.model, recipe, tokens, session)
     if tasks:
         from .integrations.harness import run_tasks
 
@@ -105,7 +103,16 @@ def rotation_invariance(fp_model: nn.Module, recipe: Recipe, tokens: TokenData, 
     return {"max_abs_logit_diff_vs_fp": diff.item(), "invariance_tokens": window.shape[1]}
 
 
-def _quantizes(recipe: Recipe) -> bool:
+def add_rotation_invariance(report: dict, fp_model: nn.Module, recipe: Recipe, tokens: TokenData,
+                            session: Session | None) -> None:
+    """Add :func:`rotation_invariance` to the report's ``rotation`` section when a step rotated the model."""
+    rotation = session.get(RotationResult) if session is not None else None
+    if rotation is not None:
+        report["rotation"].update(rotation_invariance(fp_model, recipe, tokens, rotation.learned))
+
+
+def quantizes(recipe: Recipe) -> bool:
+    """True when the recipe changes the model at all (``fp`` does not)."""
     schemes = (recipe.weights, recipe.activations, recipe.kv, recipe.kv_cache)
     return any(s is not None for s in schemes) or bool(recipe.steps)
 
