@@ -18,7 +18,6 @@ layer is written to a folder, and a rerun with the same settings restores those 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..models.arch import decoder_layers, get_module
-from ..report import save_tensors_atomic
+from ..models.arch import decoder_layers
 from ..surgery.attach import (
     act_quantizers,
     attach_activation_quantizers,
@@ -38,13 +36,13 @@ from ..surgery.attach import (
     quantizers_set,
 )
 from ..surgery.block_finetune import FinetuneConfig, finetune_layer
+from ..surgery.checkpoint import load_checkpoint, save_checkpoint
 from ..surgery.clip_search import grid_search_layer
 from ..surgery.gptq import gptq_config, gptq_layer, quantize_head_rtn
 from ..surgery.linear import QuantLinear
-from ..surgery.offload import execution_device, on_device
 from ..surgery.prefix import keep_prefix_exact
 from ..surgery.quantizer import ActQuantizer
-from ..surgery.sequential import LayerInputs, embed_batches, layer_inputs, use_sdpa_masks
+from ..surgery.sequential import LayerStream, StreamedLayer
 from .registry import MethodResult, StepConfig, register
 from .session import Session
 
@@ -100,11 +98,6 @@ class BlockwiseResult(MethodResult):
         return {"layers": self.layers, "restored": self.restored, "seconds": round(self.seconds, 3)}
 
 
-def _run(inputs: LayerInputs, layer: nn.Module, index: int, hidden: Tensor, batch: int) -> Tensor:
-    """The layer over ``hidden`` ``[n, T, d]``, ``batch`` samples at a time."""
-    return torch.cat([inputs.run(layer, index, h) for h in hidden.split(batch)])
-
-
 class LayerCheckpoint:
     """A folder of finished layers (``layer_<i>.safetensors``), valid for one set of step settings."""
 
@@ -117,18 +110,12 @@ class LayerCheckpoint:
 
     def load(self, index: int) -> dict[str, Tensor] | None:
         """The saved tensors of layer ``index`` when saved with the same settings, else None."""
-        if self.folder is None or not self.path(index).is_file():
-            return None
-        from safetensors import safe_open
-
-        with safe_open(str(self.path(index)), framework="pt") as f:
-            if json.loads((f.metadata() or {}).get("lowbit", "{}")) != self.fingerprint:
-                return None
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        found = load_checkpoint(self.path(index), self.fingerprint) if self.folder is not None else None
+        return None if found is None else found[0]
 
     def save(self, index: int, layer: nn.Module) -> None:
         if self.folder is not None:
-            save_tensors_atomic(self.path(index), quantized_state(layer), self.fingerprint)
+            save_checkpoint(self.path(index), quantized_state(layer), self.fingerprint)
 
 
 def quantized_state(layer: nn.Module) -> dict[str, Tensor]:
@@ -174,9 +161,11 @@ def _mse(out: Tensor, target: Tensor) -> float:
     return float((out - target).square().mean())
 
 
-def _quantize_layer(layer, index, inputs, fp_in, q_in, step, session, rows, seed) -> tuple[Tensor, Tensor]:
+def _quantize_layer(current: StreamedLayer, step: BlockwiseStep, session: Session, rows: list[dict],
+                    seed: int) -> list[Tensor]:
     """Steps 1-5 for one layer; returns its full-precision target outputs and its quantized outputs."""
-    run = lambda x: _run(inputs, layer, index, x, step.batch)
+    layer, index, run = current.layer, current.index, current.run
+    fp_in, q_in = current.inputs
     latent: dict[QuantLinear, Tensor] = {}  # RTN: fine-tuning starts from the float weights, not the rounded ones
     with quantizers_set(layer, "enabled", False):
         target = run(fp_in)
@@ -196,21 +185,28 @@ def _quantize_layer(layer, index, inputs, fp_in, q_in, step, session, rows, seed
         out = run(q_in)
         row["mse_grid"] = _mse(out, target)
     if step.epochs:
-        before = {k: v.clone() for k, v in quantized_state(layer).items()}  # a copy: training changes them in place
-        config = FinetuneConfig(step.epochs, step.batch, step.lr_weight, step.lr_scale, seed=seed + index)
-        started = time.perf_counter()
-        row["epoch_losses"] = finetune_layer(layer, lambda x: inputs.run(layer, index, x), q_in, target, config,
-                                             latent=latent)
-        row["finetune_s"] = time.perf_counter() - started
-        tuned = run(q_in)
-        row["mse_finetuned"] = _mse(tuned, target)
-        if row["mse_finetuned"] > row.get("mse_grid", row["mse_init"]):  # worse on its own samples: keep the start
-            restore_state(layer, before, session.recipe.weights)
-            row["reverted"] = True
-        else:
-            out = tuned
+        out = _finetune(current, target, out, step, session, row, seed, latent)
     rows.append(row)
-    return target, out
+    return [target, out]
+
+
+def _finetune(current: StreamedLayer, target: Tensor, out: Tensor, step: BlockwiseStep, session: Session,
+              row: dict, seed: int, latent: dict[QuantLinear, Tensor]) -> Tensor:
+    """Step 5: fine-tune the layer towards ``target``; keeps the result only when it lowers the layer's error on
+    its samples (else restores the layer exactly). Returns the layer's quantized outputs as it then stands."""
+    layer, q_in = current.layer, current.inputs[1]
+    before = {k: v.clone() for k, v in quantized_state(layer).items()}  # a copy: training changes them in place
+    config = FinetuneConfig(step.epochs, step.batch, step.lr_weight, step.lr_scale, seed=seed + current.index)
+    started = time.perf_counter()
+    row["epoch_losses"] = finetune_layer(layer, current.forward, q_in, target, config, latent=latent)
+    row["finetune_s"] = time.perf_counter() - started
+    tuned = current.run(q_in)
+    row["mse_finetuned"] = _mse(tuned, target)
+    if row["mse_finetuned"] > row.get("mse_grid", row["mse_init"]):  # worse on its own samples: keep the start
+        restore_state(layer, before, session.recipe.weights)
+        row["reverted"] = True
+        return out
+    return tuned
 
 
 def _status(row: dict) -> str:
@@ -228,30 +224,36 @@ def apply(model: nn.Module, step: BlockwiseStep, session: Session) -> BlockwiseR
     seed = session.seed if step.seed is None else step.seed
     batches = session.calibration_text("block-wise quantization").sample(step.samples, step.seq_len)
     _prepare(model, session)
-    use_sdpa_masks(model)
-    device = execution_device(get_module(model, spec.embed))
-    q_in = torch.cat(embed_batches(model, spec, batches, device, step.batch))
-    fp_in = q_in.clone()
     prefix = session.prefix
-    inputs = layer_inputs(model, spec, step.seq_len, device, prefix.cache if prefix else None)
+    stream = LayerStream(model, spec, batches, streams=2, batch_size=step.batch,
+                         prefix=prefix.cache if prefix else None)  # streams: full-precision, quantized
     fingerprint = {"recipe": recipe.model_dump(mode="json"), "seed": seed, "prefix": prefix.tokens if prefix else []}
     checkpoint = LayerCheckpoint(step.checkpoint, fingerprint)
     result = BlockwiseResult()
-    layers = decoder_layers(model, spec)
-    tick = session.tick("block-wise quantization", len(layers))
-    for index, layer in enumerate(layers):
-        with on_device(layer, device):
-            saved = checkpoint.load(index)
-            if saved is not None:
-                with quantizers_set(layer, "enabled", False):
-                    fp_in = _run(inputs, layer, index, fp_in, step.batch)
-                restore_state(layer, saved, recipe.weights)
-                q_in = _run(inputs, layer, index, q_in, step.batch)
-                result.restored += 1
-            else:
-                fp_in, q_in = _quantize_layer(layer, index, inputs, fp_in, q_in, step, session, result.layers, seed)
-                checkpoint.save(index, layer)
-        tick(_status(result.layers[-1]) if saved is None else f"layer {index} from checkpoint")
+    tick = session.tick("block-wise quantization", len(decoder_layers(model, spec)))
+
+    def on_layer(current: StreamedLayer) -> list[Tensor]:
+        saved = checkpoint.load(current.index)
+        if saved is None:
+            outputs = _quantize_layer(current, step, session, result.layers, seed)
+            checkpoint.save(current.index, current.layer)
+            tick(_status(result.layers[-1]))
+        else:
+            outputs = _restore_layer(current, saved, recipe.weights)
+            result.restored += 1
+            tick(f"layer {current.index} from checkpoint")
+        return outputs
+
+    stream.walk(on_layer)
     quantize_head_rtn(model, spec, recipe.weights)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _restore_layer(current: StreamedLayer, saved: dict[str, Tensor], scheme) -> list[Tensor]:
+    """A layer finished by an earlier run: its full-precision outputs, then its saved state and quantized outputs."""
+    fp_in, q_in = current.inputs
+    with quantizers_set(current.layer, "enabled", False):
+        target = current.run(fp_in)
+    restore_state(current.layer, saved, scheme)
+    return [target, current.run(q_in)]

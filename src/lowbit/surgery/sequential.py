@@ -1,12 +1,13 @@
 """Layer-streamed calibration: run calibration text through the decoder one layer at a time.
 
-Weight methods that need each layer's inputs (GPTQ) use :func:`stream_layers`: it embeds the calibration samples,
-then for each decoder layer in order moves that layer alone to the compute device, lets the caller observe the
-layer's linear inputs and quantize it, and computes the layer's outputs *with its quantized weights* as the next
-layer's inputs. So calibration inputs flow through the already-quantized earlier layers, and only one decoder layer
-(plus one layer's activations) needs to be on the compute device at a time; the rest of the model may live on the
-CPU, or be offloaded by accelerate (to CPU memory or disk: :mod:`lowbit.surgery.offload` brings each layer in and
-writes its quantized weights back).
+Weight methods that need each layer's inputs use :class:`LayerStream` (GPTQ through :func:`stream_layers`, its
+one-stream form; block-wise reconstruction with two streams, full-precision targets and quantized inputs). It embeds
+the calibration samples, then for each decoder layer in order moves that layer alone to the compute device, lets
+the caller observe the layer's linear inputs and quantize it, and computes the layer's outputs *with its quantized
+weights* as the next layer's inputs. So calibration inputs flow through the already-quantized earlier layers, and
+only one decoder layer (plus one layer's activations) needs to be on the compute device at a time; the rest of the
+model may live on the CPU, or be offloaded by accelerate (to CPU memory or disk: :mod:`lowbit.surgery.offload`
+brings each layer in and writes its quantized weights back).
 
 No forward pass is interrupted: the embeddings, rotary tables and layers are called directly through the
 architecture spec, with the causal mask implied by transformers' sdpa path (``attention_mask=None``).
@@ -100,11 +101,12 @@ def layer_inputs(model: nn.Module, spec: ArchSpec, length: int, device, prefix=N
     return LayerInputs(positions, cos_sin, mask, prefix if offset else None)
 
 
-def embed_batches(model: nn.Module, spec: ArchSpec, batches: torch.Tensor, device, batch_size: int) -> list:
-    """The token embeddings of ``batches`` ``[n, L]``, ``batch_size`` rows at a time, on ``device``."""
+def embed_batches(model: nn.Module, spec: ArchSpec, batches: torch.Tensor, device, batch_size: int) -> torch.Tensor:
+    """The token embeddings ``[n, L, hidden]`` of ``batches`` ``[n, L]``, embedded ``batch_size`` rows at a time, on
+    ``device``."""
     embed = get_module(model, spec.embed)
     home = execution_device(embed)
-    return [embed(chunk.to(home)).to(device) for chunk in batches.split(batch_size)]
+    return torch.cat([embed(chunk.to(home)).to(device) for chunk in batches.split(batch_size)])
 
 
 def use_sdpa_masks(model: nn.Module) -> None:
@@ -113,9 +115,76 @@ def use_sdpa_masks(model: nn.Module) -> None:
         model.set_attn_implementation("sdpa")
 
 
-def _forward_all(inputs: LayerInputs, layer: nn.Module, index: int, hidden: list[torch.Tensor]) -> list:
-    """One decoder layer over every batch of hidden states."""
-    return [inputs.run(layer, index, h) for h in hidden]
+@dataclass
+class StreamedLayer:
+    """One decoder layer, on the compute device, with the inputs ``[n, T, hidden]`` of each stream."""
+
+    index: int
+    layer: nn.Module
+    inputs: list[torch.Tensor]
+    context: LayerInputs
+    batch_size: int
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer on one batch of hidden states ``[b, T, hidden]`` (with gradients when enabled: training)."""
+        return self.context.run(self.layer, self.index, hidden)
+
+    def chunks(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """The layer's outputs on ``hidden`` ``[n, T, hidden]``, ``batch_size`` samples at a time."""
+        return [self.forward(h) for h in hidden.split(self.batch_size)]
+
+    def run(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer's outputs on ``hidden`` ``[n, T, hidden]`` as one tensor, ``batch_size`` samples at a time
+        (written into one buffer, so the stream never holds the outputs twice)."""
+        out = None
+        for start, h in zip(range(0, len(hidden), self.batch_size), hidden.split(self.batch_size)):
+            y = self.forward(h)
+            if out is None:
+                out = y.new_empty((len(hidden), *y.shape[1:]))
+            out[start:start + len(y)] = y
+        if out is None:
+            raise ValueError("no samples to run through the layer")
+        return out
+
+
+StreamCallback = Callable[[StreamedLayer], "list[torch.Tensor] | None"]
+
+
+class LayerStream:
+    """Calibration samples carried through the decoder one layer at a time, in one or more streams.
+
+    The samples are embedded once; every stream starts from those embeddings. :meth:`walk` brings each decoder
+    layer alone to the compute device and hands it, with each stream's inputs, to a callback that quantizes it and
+    returns each stream's outputs: the next layer's inputs. GPTQ keeps one stream (the samples through the layers
+    as quantized so far); block-wise reconstruction keeps two (the full-precision targets and the quantized inputs).
+    """
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, batches: torch.Tensor, streams: int = 1,
+                 device: torch.device | str | None = None, batch_size: int = 8, prefix=None) -> None:
+        """``batches`` ``[n, L]``: the token samples; ``device``: where each layer is computed (default: where the
+        embeddings are); ``batch_size``: samples per layer call; ``prefix``: a cache of prefix tokens every sample
+        continues (PrefixQuant)."""
+        use_sdpa_masks(model)
+        self.model, self.spec, self.batch_size = model, spec, batch_size
+        home = execution_device(get_module(model, spec.embed))
+        self.device = torch.device(device) if device is not None else home
+        embedded = embed_batches(model, spec, batches, self.device, batch_size)
+        self.hidden = [embedded] * streams  # the streams share the embeddings until a layer's outputs replace them
+        self.context = layer_inputs(model, spec, batches.shape[1], self.device, prefix)
+
+    def walk(self, on_layer: StreamCallback) -> None:
+        """Call ``on_layer(streamed)`` for each decoder layer in order, that layer alone on the compute device.
+
+        The callback returns each stream's outputs (the next layer's inputs), or None to run every stream through
+        the layer as the callback left it.
+        """
+        for i, layer in enumerate(decoder_layers(self.model, self.spec)):
+            with on_device(layer, self.device):
+                current = StreamedLayer(i, layer, list(self.hidden), self.context, self.batch_size)
+                outputs = on_layer(current)
+                self.hidden = [current.run(h) for h in self.hidden] if outputs is None else list(outputs)
+            if len(self.hidden) != len(current.inputs):
+                raise ValueError(f"layer {i}: {len(self.hidden)} outputs for {len(current.inputs)} streams")
 
 
 @torch.no_grad()
@@ -129,23 +198,20 @@ def stream_layers(
     batch_size: int = 8,
     prefix=None,
 ) -> None:
-    """Run token ``batches`` ``[n, L]`` layer by layer; ``on_layer(i, layer, run)`` quantizes layer ``i``.
+    """Run token ``batches`` ``[n, L]`` layer by layer in one stream; ``on_layer(i, layer, run)`` quantizes layer ``i``.
 
-    ``run()`` pushes every calibration sample through the current layer (with whatever hooks ``on_layer`` set), so
-    the callback can observe inputs as often as it needs; after the callback the layer's outputs become the next
-    inputs. ``device`` is where each layer is computed (default: where the embeddings are); samples go through a
-    layer ``batch_size`` at a time. ``prefix``: a cache of prefix tokens every sample continues (PrefixQuant).
+    ``run()`` pushes every calibration sample through the current layer (with whatever hooks ``on_layer`` set) and
+    returns the outputs batch by batch, so the callback can observe inputs as often as it needs; after the callback
+    the layer's outputs become the next inputs. Arguments as for :class:`LayerStream`.
     """
-    use_sdpa_masks(model)
-    home = execution_device(get_module(model, spec.embed))
-    device = torch.device(device) if device is not None else home
-    hidden = embed_batches(model, spec, batches, device, batch_size)  # [≤batch_size, L, hidden] each
-    inputs = layer_inputs(model, spec, batches.shape[1], device, prefix)
-    layers = decoder_layers(model, spec)
-    tick = progress("layer-streamed calibration", len(layers)) if progress else (lambda: None)
-    for i, layer in enumerate(layers):
-        run = partial(_forward_all, inputs, layer, i, hidden)
-        with on_device(layer, device):
-            on_layer(i, layer, run)
-            hidden = run()
+    stream = LayerStream(model, spec, batches, 1, device, batch_size, prefix)
+    tick = progress("layer-streamed calibration", len(decoder_layers(model, spec))) if progress else (lambda: None)
+
+    def step(current: StreamedLayer) -> list[torch.Tensor]:
+        hidden = current.inputs[0]
+        on_layer(current.index, current.layer, partial(current.chunks, hidden))
+        outputs = [current.run(hidden)]
         tick()
+        return outputs
+
+    stream.walk(step)

@@ -166,9 +166,9 @@ def train_rotations(model: nn.Module, spec: ArchSpec, rot: Rotations, batches: T
     optimizers = _optimizers(rot, config)
     trainer = Trainer(optimizers, config.steps, cosine, after_backward=partial(_average_gradients, optimizers),
                       after_step=partial(_keep_adam_state, rot, config, optimizers))
+    report = None if on_step is None else lambda step, losses: on_step(step, rot, losses)
     return trainer.run(lambda step: _train_step(model, spec, rot, originals, batches, config, step, d),
-                       start_step, stop_step, None if on_step is None else lambda step, losses: on_step(step, rot, losses),
-                       progress, "learning rotations")
+                       start_step, stop_step, report, progress, "learning rotations")
 
 
 def _optimizers(rot: Rotations, config: TrainConfig) -> list[torch.optim.Optimizer]:
