@@ -5,6 +5,7 @@ Run:  python benchmarks/kv.py                 (about 2 hours on 2 CPU cores, 3 m
                                               written to results/kv-peers.json, so it may run beside the rows)
       python benchmarks/kv.py --smoke         (1 window of 512 tokens, a few configurations; separate results file)
       python benchmarks/kv.py --tables-only
+      python benchmarks/kv.py --rows "int4 w64 +sink" --force   (re-measure single rows; they are marked in the table)
 
 Every configuration is a ``kv_cache`` recipe section; the model's weights and activations stay in full precision,
 so the rows measure the cache alone. Evaluation: the default text at 4096-token windows, one decode-equivalent
@@ -181,6 +182,8 @@ def main() -> None:
     parser.add_argument("--generation", action="store_true", help="greedy continuations against the FP cache")
     parser.add_argument("--no-rows", action="store_true", help="skip the configuration rows (peers/generation only)")
     parser.add_argument("--families", nargs="*", default=None, help=f"only these families of {list(CONFIGS)}")
+    parser.add_argument("--rows", nargs="*", default=None,
+                        help="only these rows, by label (e.g. 'int4 w64 +sink'); marked in the table with their date")
     args = parser.parse_args()
     if args.smoke:
         args.seq_len, args.windows = 512, 1
@@ -189,13 +192,22 @@ def main() -> None:
     if not (args.tables_only or args.no_rows):
         table = SMOKE if args.smoke else {k: v for k, v in CONFIGS.items() if not args.families or k in args.families}
         todo = [c for c in configurations(table) if args.force or c[1] not in saved["rows"]]
+        if args.rows is not None:  # in the order asked
+            todo = sorted((c for c in todo if c[1] in args.rows), key=lambda c: args.rows.index(c[1]))
+        if args.rows and len(todo) < len(args.rows) and not args.force:
+            print("rows already saved are skipped: pass --force to re-measure them", flush=True)
         if todo:
             loaded, data = model_and_data(args)
             reference = reference_log_probs(loaded.model, data.eval_windows)
-            saved["meta"] = {"command": "python benchmarks/kv.py", "seq_len": args.seq_len, "windows": args.windows,
-                             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+            run = {"command": "python benchmarks/kv.py", "seq_len": args.seq_len, "windows": args.windows,
+                   "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+            if args.rows is None or not saved["meta"]:
+                saved["meta"] = run
             for family, label, config in todo:
-                saved["rows"][label] = {"family": family, **measure(config, loaded, data, reference, args.seq_len)}
+                row = {"family": family, **measure(config, loaded, data, reference, args.seq_len)}
+                if args.rows is not None:  # a partial re-run: the row says when it was measured
+                    row["measured"] = {**run, "command": f"python benchmarks/kv.py --rows '{label}' --force"}
+                saved["rows"][label] = row
                 results.parent.mkdir(exist_ok=True)
                 results.write_text(json.dumps(saved, indent=2) + "\n")
                 row = saved["rows"][label]
@@ -226,8 +238,12 @@ def write_table(saved: dict) -> None:
              "`python benchmarks/kv.py`. Bits all-in at the window length (sink and window at 16 bits).", "",
              "| cache | bits all-in | ratio | KL | top-1 |", "|---|---|---|---|---|"]
     rows = sorted(saved["rows"].items(), key=lambda kv: (kv[1]["family"], kv[1]["bits"]))
-    lines += [f"| {label} | {r['bits']:.2f} | {r['ratio']:.4f} | {r['kl']:.4f} | {r['top1']:.4f} |"
-              for label, r in rows]
+    lines += [f"| {label}{' †' if 'measured' in r else ''} | {r['bits']:.2f} | {r['ratio']:.4f} | {r['kl']:.4f} "
+              f"| {r['top1']:.4f} |" for label, r in rows]
+    dates = sorted({r["measured"]["date"] for _, r in rows if "measured" in r})
+    if dates:
+        lines += ["", f"† re-measured alone ({', '.join(dates)}; `python benchmarks/kv.py --rows LABEL --force`), "
+                      "same model, text and settings."]
     if "peers" in saved:
         peers = saved["peers"]
         lines += ["", f"Against transformers' `QuantizedCache` on the first {peers['tokens']} tokens of the first "
