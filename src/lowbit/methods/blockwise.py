@@ -33,7 +33,7 @@ from ..surgery.attach import (
     attach_activation_quantizers,
     attach_kv_quantizers,
     calibrate_quantizers,
-    quantizers_set,
+    quantizers_off,
 )
 from ..surgery.block_finetune import FinetuneConfig, finetune_layer
 from ..surgery.checkpoint import load_checkpoint, save_checkpoint
@@ -167,7 +167,7 @@ def _quantize_layer(current: StreamedLayer, step: BlockwiseStep, session: Sessio
     layer, index, run = current.layer, current.index, current.run
     fp_in, q_in = current.inputs
     latent: dict[QuantLinear, Tensor] = {}  # RTN: fine-tuning starts from the float weights, not the rounded ones
-    with quantizers_set(layer, "enabled", False):
+    with quantizers_off(layer):
         target = run(fp_in)
         if step.init == "gptq":
             gptq_layer(layer, session.spec, lambda: run(q_in), session.recipe.weights, gptq_config(step))
@@ -253,7 +253,7 @@ def apply(model: nn.Module, step: BlockwiseStep, session: Session) -> BlockwiseR
 def _restore_layer(current: StreamedLayer, saved: dict[str, Tensor], scheme) -> list[Tensor]:
     """A layer finished by an earlier run: its full-precision outputs, then its saved state and quantized outputs."""
     fp_in, q_in = current.inputs
-    with quantizers_set(current.layer, "enabled", False):
+    with quantizers_off(current.layer):
         target = current.run(fp_in)
     restore_state(current.layer, saved, scheme)
     return [target, current.run(q_in)]

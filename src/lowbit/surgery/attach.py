@@ -79,18 +79,27 @@ def act_quantizers(model: nn.Module) -> Iterator[ActQuantizer]:
 
 
 @contextmanager
-def quantizers_set(module: nn.Module, attribute: str, value: bool) -> Iterator[None]:
-    """Set ``attribute`` (``enabled``: off runs the full-precision path; ``scale_grad``) on every activation/KV
-    quantizer in ``module`` for the duration, then restore each one's own value."""
+def _every_quantizer(module: nn.Module, flag: str, value: bool) -> Iterator[None]:
+    """Set one flag on every activation/KV quantizer in ``module`` for the duration, then restore each one's own."""
     quantizers = list(act_quantizers(module))
-    before = [getattr(q, attribute) for q in quantizers]
+    before = [getattr(q, flag) for q in quantizers]
     for q in quantizers:
-        setattr(q, attribute, value)
+        setattr(q, flag, value)
     try:
         yield
     finally:
         for q, was in zip(quantizers, before):
-            setattr(q, attribute, was)
+            setattr(q, flag, was)
+
+
+def quantizers_off(module: nn.Module):
+    """Context: every activation/KV quantizer in ``module`` passes its input through (the full-precision path)."""
+    return _every_quantizer(module, "enabled", False)
+
+
+def scale_gradients(module: nn.Module, on: bool = True):
+    """Context: dynamic quantizers in ``module`` pass gradient through their scales (``on``) or detach them."""
+    return _every_quantizer(module, "scale_grad", on)
 
 
 def attach_activation_quantizers(model: nn.Module, scheme: QuantScheme) -> None:

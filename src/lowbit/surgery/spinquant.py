@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
 from ..quant.clip import clip_from_logit
 from ..rotations.cayley import CayleySGD
-from .attach import act_quantizers, quantizers_set
+from .attach import act_quantizers, quantizers_off, scale_gradients
 from .rotate import rotate_bias_heads, rotate_input_heads, rotate_output_heads
 from .train import Trainer, cosine
 
@@ -256,7 +256,7 @@ def rotation_loss(model, spec, rot: Rotations, originals, tokens: Tensor, d: int
     teacher = _teacher_log_probs(model, params, tokens) if loss == "kl" else None
     if weights is not None:
         params = _fake_quantize_linears(params, spec, weights, scale_grad)
-    with quantizers_set(model, "scale_grad", scale_grad):
+    with scale_gradients(model, scale_grad):
         logits = torch.func.functional_call(model, params, (tokens,), {"use_cache": False}).logits
     if teacher is not None:
         student = F.log_softmax(logits.flatten(0, 1).float(), dim=-1)
@@ -267,7 +267,7 @@ def rotation_loss(model, spec, rot: Rotations, originals, tokens: Tensor, d: int
 def _teacher_log_probs(model: nn.Module, params: dict[str, Tensor], tokens: Tensor) -> Tensor:
     """Full-precision next-token log-probabilities ``[B·L, vocab]``: ``model`` with every quantizer off, no grad."""
     detached = {name: p.detach() for name, p in params.items()}
-    with quantizers_set(model, "enabled", False), torch.no_grad():
+    with quantizers_off(model), torch.no_grad():
         logits = torch.func.functional_call(model, detached, (tokens,), {"use_cache": False}).logits
     return F.log_softmax(logits.flatten(0, 1).float(), dim=-1)
 
