@@ -193,8 +193,11 @@ def test_composed_spin_prefix_qjl_preset_runs_end_to_end():
     data["kv_cache"]["keys"].update(m=32, group=8)
     data["kv_cache"]["values"].update(group=8)
     model, session = lowbit.quantize_with_session(tiny_model("llama"), Recipe.from_dict(data), _data())
-    assert prefix_tokens(model) == session.get(PrefixResult).tokens != [] and len(session.get(BlockwiseResult).layers) == 2
+    assert prefix_tokens(model) == session.get(PrefixResult).tokens != []
+    assert len(session.get(BlockwiseResult).layers) == 2
     with torch.no_grad():
         out = model.generate(torch.randint(0, 320, (1, 12)), max_new_tokens=5, do_sample=False, pad_token_id=0)
     result = evaluate(tiny_model("llama"), model, _data().eval_windows)
-    assert out.shape == (1, 17) and torch.isfinite(torch.tensor(result.ppl))
+    assert out.shape == (1, 17)
+    # close to full precision (a misplaced prefix or a broken packed cache moves these by orders of magnitude)
+    assert 0 < result.kl_vs_fp < 0.05 and result.top1_agreement > 0.8
