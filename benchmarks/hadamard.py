@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 
 import torch
-from harness import (  # median_seconds: kv_speed.py imports it from here
+from harness import (
     HERE,
     Bench,
     Results,

@@ -6,13 +6,17 @@ Run:  python benchmarks/kv.py                 (about 2 hours on 2 CPU cores, 3 m
       python benchmarks/kv.py --smoke         (1 window of 512 tokens, a few configurations; separate results file)
       python benchmarks/kv.py --tables-only
       python benchmarks/kv.py --rows "int4 w64 +sink" --force   (re-measure single rows; they are marked in the table)
+      python benchmarks/kv.py --rows "turbo3 w64 +sink" --seq-len 512 --windows 1 --results /tmp/kv.json
+                                              (a quick check: its table is printed, not written to the README)
 
 Every configuration is a ``kv_cache`` recipe section; the model's weights and activations stay in full precision,
 so the rows measure the cache alone. Evaluation: the default text at 4096-token windows, one decode-equivalent
 forward per window (each query sees its exact recent window and the packed older tokens, exactly as step-by-step
 decoding would), against full-precision log-probabilities computed once. Bits are counted from the tensors a cache
-holds at 4096 tokens (exact sink and window at 16 bits). Writes results/kv.json, the table between the KV markers
-in benchmarks/README.md and results/kv_pareto.png (KL against bits) when matplotlib is installed.
+holds at 4096 tokens (exact sink and window at 16 bits), as the pipeline's report counts them. Model, text and
+reference come from the benchmark harness (harness.Bench). Writes results/kv.json after every row (atomically; rows of
+another window size or count are refused), the table between the KV markers in benchmarks/README.md and
+results/kv_pareto.png (KL against bits) when matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -21,21 +25,21 @@ import argparse
 import json
 import time
 from functools import lru_cache
-from pathlib import Path
 
 import torch
-from presets import replace_block
+from harness import HERE, Bench, Results, add_flags, check_labels, markdown_table, run_meta, write_block
 
 import lowbit
 from lowbit.analysis.plotting import pyplot
-from lowbit.evaluate import evaluate, reference_log_probs
+from lowbit.data import DataConfig
 from lowbit.kv.cache import cache_bits
 from lowbit.kv.config import KVCacheConfig
-from lowbit.models.arch import head_dim
 from lowbit.recipe import Recipe, load_preset
+from lowbit.report import write_json_atomic
 
-HERE = Path(__file__).parent
-BEGIN, END = "<!-- KV:BEGIN -->", "<!-- KV:END -->"
+RESULTS = HERE / "results" / "kv.json"
+SMOKE_RESULTS = HERE / "results" / "kv-smoke.json"
+COMMAND = "python benchmarks/kv.py"
 
 INT = lambda bits, **kw: {"codec": "int", "bits": bits, **kw}
 KIVI_K = lambda bits, group=32: {"codec": "int", "bits": bits, "axis": "channel", "group": group}
@@ -71,14 +75,14 @@ def configurations(table: dict) -> list[tuple[str, str, KVCacheConfig]]:
     return out
 
 
-def measure(config: KVCacheConfig, loaded, data, reference, context: int) -> dict:
-    """Quantize (attach the cache) and evaluate one configuration."""
-    model = lowbit.quantize(loaded.model, Recipe(name="kv", kv_cache=config))
-    start = time.perf_counter()
-    result = evaluate(loaded.model, model, data.eval_windows, reference=reference)
-    return {"config": config.model_dump(mode="json"), "ratio": result.ppl / result.fp_ppl, "kl": result.kl_vs_fp,
-            "top1": result.top1_agreement, "bits": cache_bits(config.spec(), head_dim(model.config), context),
-            "eval_s": time.perf_counter() - start}
+def measure(bench: Bench, family: str, config: KVCacheConfig) -> dict:
+    """Attach one configuration's cache to the full-precision model and evaluate it against the reference.
+
+    Bits are the pipeline report's packed-cache bits at the evaluation window length (``bench.config.seq_len``).
+    """
+    row = bench.measure(Recipe(name="kv", kv_cache=config))
+    return {"family": family, "config": config.model_dump(mode="json"), "ratio": row["ratio"], "kl": row["kl"],
+            "top1": row["top1"], "bits": row["bits_kv"], "eval_s": row["eval_s"]}
 
 
 PEERS = [("quanto", 2), ("quanto", 4), ("hqq", 2), ("hqq", 4)]  # transformers' QuantizedCache backends and bits
@@ -100,7 +104,7 @@ def _compare(lp_fp: torch.Tensor, lp: torch.Tensor, targets: torch.Tensor) -> di
             "top1": float((lp.argmax(-1) == lp_fp.argmax(-1)).float().mean())}
 
 
-def peer_rows(loaded, data, tokens: int, done: dict | None = None) -> dict:
+def peer_rows(bench: Bench, tokens: int, done: dict | None = None) -> dict:
     """transformers' QuantizedCache (real step-by-step decode) and lowbit's presets on the same first tokens.
 
     Peer rows already in ``done`` (same tokens) are kept; lowbit's rows are always measured again (presets change).
@@ -109,32 +113,33 @@ def peer_rows(loaded, data, tokens: int, done: dict | None = None) -> dict:
 
     from lowbit.surgery.attention import decode_equivalent
 
-    window = data.eval_windows[0, :tokens]
+    model = bench.model
+    window = bench.windows[0, :tokens]
     targets = window[1:]
     with torch.no_grad():
-        lp_fp = torch.log_softmax(loaded.model(window[None], use_cache=False).logits[0, :-1].float(), -1)
+        lp_fp = torch.log_softmax(model(window[None], use_cache=False).logits[0, :-1].float(), -1)
     rows = {k: v for k, v in (done or {}).items() if k.startswith("transformers")}  # step-by-step peers are slow
     for backend, bits in PEERS:
         if f"transformers {backend} int{bits}" in rows:
             continue
-        cache = QuantizedCache(backend=backend, config=loaded.model.config, nbits=bits, q_group_size=64,
+        cache = QuantizedCache(backend=backend, config=model.config, nbits=bits, q_group_size=64,
                                residual_length=128)
         start = time.perf_counter()
         rows[f"transformers {backend} int{bits}"] = {
-            **_compare(lp_fp, teacher_forced_log_probs(loaded.model, window, cache), targets),
+            **_compare(lp_fp, teacher_forced_log_probs(model, window, cache), targets),
             "seconds": time.perf_counter() - start, "note": "QuantizedCache, group 64, 128 recent tokens exact"}
         print(f"{backend} int{bits}: {rows[f'transformers {backend} int{bits}']}", flush=True)
     for preset in PEER_PRESETS:
         spec = load_preset(preset).kv_cache.spec()
-        with torch.no_grad(), decode_equivalent(loaded.model, spec):
-            lp = torch.log_softmax(loaded.model(window[None], use_cache=False).logits[0, :-1].float(), -1)
+        with torch.no_grad(), decode_equivalent(model, spec):
+            lp = torch.log_softmax(model(window[None], use_cache=False).logits[0, :-1].float(), -1)
         rows[f"lowbit {preset}"] = {**_compare(lp_fp, lp, targets), "bits": cache_bits(spec, 64, tokens),
                                     "note": "decode-equivalent one pass"}
     return rows
 
 
 @torch.no_grad()
-def generation_rows(loaded, data, prompts: int = 4, prompt_len: int = 512, new_tokens: int = 48) -> dict:
+def generation_rows(bench: Bench, prompts: int = 4, prompt_len: int = 512, new_tokens: int = 48) -> dict:
     """Greedy continuations of a few evaluation-text prompts with each preset's packed cache against the FP cache.
 
     ``same``: share of generated positions where the token equals the full-precision one; ``prefix``: mean number
@@ -142,14 +147,14 @@ def generation_rows(loaded, data, prompts: int = 4, prompt_len: int = 512, new_t
     """
     from lowbit.kv.cache import PackedCache
 
-    starts = torch.linspace(0, data.eval_windows.numel() - prompt_len - 1, prompts).long()
-    flat = data.eval_windows.flatten()
+    starts = torch.linspace(0, bench.windows.numel() - prompt_len - 1, prompts).long()
+    flat = bench.windows.flatten()
     batch = torch.stack([flat[s:s + prompt_len] for s in starts])
     kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
-    reference = loaded.model.generate(batch, **kwargs)[:, prompt_len:]
+    reference = bench.model.generate(batch, **kwargs)[:, prompt_len:]
     rows = {}
     for preset in PEER_PRESETS:
-        model = lowbit.quantize(loaded.model, preset)
+        model = lowbit.quantize(bench.model, preset)
         out = model.generate(batch, past_key_values=PackedCache.for_model(model), **kwargs)[:, prompt_len:]
         same = out == reference
         prefix = torch.where(same.all(1), new_tokens, (~same).float().argmax(1)).float().mean()
@@ -159,23 +164,57 @@ def generation_rows(loaded, data, prompts: int = 4, prompt_len: int = 512, new_t
 
 
 @lru_cache(maxsize=1)
-def _model_and_data(seq_len: int, windows: int):
-    loaded = lowbit.load_model("default")
-    return loaded, lowbit.prepare_data(lowbit.DataConfig(seq_len=seq_len, windows=windows), loaded.tokenizer)
+def _bench(model: str, seq_len: int, windows: int) -> Bench:
+    return Bench.load(model, DataConfig(seq_len=seq_len, windows=windows))
 
 
-def model_and_data(args):
-    """The default model and text, loaded once per run whatever parts of the benchmark run."""
-    return _model_and_data(args.seq_len, args.windows)
+def bench_for(args: argparse.Namespace) -> Bench:
+    """The model, text and full-precision reference, loaded once per run whatever parts of the benchmark run."""
+    return _bench(args.model, args.seq_len, args.windows)
+
+
+def check_legacy_setup(results: Results, bench: Bench) -> None:
+    """Files written before results recorded their setup: refuse rows of another window size or count."""
+    meta = results.meta
+    if results.rows and "setup" not in meta and "seq_len" in meta:
+        saved = {"seq_len": meta["seq_len"], "windows": meta.get("windows")}
+        this = {"seq_len": int(bench.windows.shape[1]), "windows": len(bench.windows)}
+        if saved != this:
+            raise SystemExit(f"{results.path} holds rows measured with {saved}, this run is {this}: "
+                             "pass --results OTHER.json to keep them apart")
+
+
+def measure_configurations(parser: argparse.ArgumentParser, args: argparse.Namespace, results: Results) -> None:
+    """Measure the configurations asked for (``--families``, ``--rows``) that are not saved yet, saving after each."""
+    table = SMOKE if args.smoke else {k: v for k, v in CONFIGS.items() if not args.families or k in args.families}
+    known = {label: (family, config) for family, label, config in configurations(table)}
+    todo = results.todo(check_labels(parser, args.rows, list(known)), args.force)  # in the order asked
+    if args.rows and len(todo) < len(args.rows) and not args.force:
+        print("rows already saved are skipped: pass --force to re-measure them", flush=True)
+    if not todo:
+        return
+    bench = bench_for(args)
+    check_legacy_setup(results, bench)
+    fresh = args.rows is None or "date" not in results.meta  # a partial re-run keeps the file's description
+    results.check_setup(bench.setup())
+    run = run_meta(COMMAND, bench)
+    if fresh:
+        results.meta.update(run)
+    for label in todo:
+        row = measure(bench, *known[label])
+        if args.rows is not None:  # a partial re-run: the row says when it was measured
+            row["measured"] = {**run, "command": f"{COMMAND} --rows '{label}' --force"}
+        results.put(label, row)
+        print(f"{label}: {row['bits']:.2f} bits ratio {row['ratio']:.4f} KL {row['kl']:.4f}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--windows", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true")
+    add_flags(parser, RESULTS, rows=None)
+    parser.set_defaults(seq_len=4096, windows=3)
+    parser.add_argument("--smoke", action="store_true",
+                        help="1 window of 512 tokens, a few configurations (results/kv-smoke.json unless --results)")
     parser.add_argument("--force", action="store_true", help="re-measure rows already saved")
-    parser.add_argument("--tables-only", action="store_true")
     parser.add_argument("--peers", action="store_true",
                         help="also run transformers' QuantizedCache (pip install optimum-quanto hqq) step by step")
     parser.add_argument("--peer-tokens", type=int, default=2048)
@@ -187,59 +226,38 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.seq_len, args.windows = 512, 1
-    results = HERE / "results" / ("kv-smoke.json" if args.smoke else "kv.json")
-    saved = json.loads(results.read_text()) if results.exists() else {"meta": {}, "rows": {}}
+        if args.results == RESULTS:
+            args.results = SMOKE_RESULTS
+    results = Results(args.results, RESULTS)
     if not (args.tables_only or args.no_rows):
-        table = SMOKE if args.smoke else {k: v for k, v in CONFIGS.items() if not args.families or k in args.families}
-        todo = [c for c in configurations(table) if args.force or c[1] not in saved["rows"]]
-        if args.rows is not None:  # in the order asked
-            todo = sorted((c for c in todo if c[1] in args.rows), key=lambda c: args.rows.index(c[1]))
-        if args.rows and len(todo) < len(args.rows) and not args.force:
-            print("rows already saved are skipped: pass --force to re-measure them", flush=True)
-        if todo:
-            loaded, data = model_and_data(args)
-            reference = reference_log_probs(loaded.model, data.eval_windows)
-            run = {"command": "python benchmarks/kv.py", "seq_len": args.seq_len, "windows": args.windows,
-                   "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
-            if args.rows is None or not saved["meta"]:
-                saved["meta"] = run
-            for family, label, config in todo:
-                row = {"family": family, **measure(config, loaded, data, reference, args.seq_len)}
-                if args.rows is not None:  # a partial re-run: the row says when it was measured
-                    row["measured"] = {**run, "command": f"python benchmarks/kv.py --rows '{label}' --force"}
-                saved["rows"][label] = row
-                results.parent.mkdir(exist_ok=True)
-                results.write_text(json.dumps(saved, indent=2) + "\n")
-                row = saved["rows"][label]
-                print(f"{label}: {row['bits']:.2f} bits ratio {row['ratio']:.4f} KL {row['kl']:.4f}", flush=True)
-    extras_file = results.with_name(results.stem + "-peers.json")  # its own file: it may run beside the rows
+        measure_configurations(parser, args, results)
+    extras_file = results.path.with_name(results.path.stem + "-peers.json")  # its own file: may run beside the rows
     extras = json.loads(extras_file.read_text()) if extras_file.exists() else {}
     if args.peers:
-        loaded, data = model_and_data(args)
         done = extras.get("peers", {})
         done = done.get("rows") if done.get("tokens") == args.peer_tokens and not args.force else None
-        extras["peers"] = {"tokens": args.peer_tokens, "rows": peer_rows(loaded, data, args.peer_tokens, done)}
-        extras_file.write_text(json.dumps(extras, indent=2) + "\n")
+        extras["peers"] = {"tokens": args.peer_tokens, "rows": peer_rows(bench_for(args), args.peer_tokens, done)}
+        write_json_atomic(extras_file, extras)
     if args.generation:
-        loaded, data = model_and_data(args)
-        extras["generation"] = generation_rows(loaded, data)
-        extras_file.write_text(json.dumps(extras, indent=2) + "\n")
+        extras["generation"] = generation_rows(bench_for(args))
+        write_json_atomic(extras_file, extras)
     if not args.smoke:
-        saved = json.loads(results.read_text()) if results.exists() else saved  # rows another run may have added
-        write_table({**saved, **extras})
-        plot(saved)
+        results = Results(args.results, RESULTS)  # rows another run may have added meanwhile
+        write_table({"meta": results.meta, "rows": results.rows, **extras}, results.renders)
+        if results.renders:
+            plot(results.rows)
 
 
-def write_table(saved: dict) -> None:
-    """The KV table in benchmarks/README.md, sorted by bits within each family."""
+def write_table(saved: dict, readme: bool = True) -> None:
+    """The KV block of benchmarks/README.md, sorted by bits within each family (printed only unless ``readme``)."""
     meta = saved["meta"]
     lines = [f"Default model (weights and activations in full precision), default text, {meta.get('windows')} "
              f"windows × {meta.get('seq_len')} tokens, decode-equivalent evaluation, {meta.get('date')}; "
-             "`python benchmarks/kv.py`. Bits all-in at the window length (sink and window at 16 bits).", "",
-             "| cache | bits all-in | ratio | KL | top-1 |", "|---|---|---|---|---|"]
+             "`python benchmarks/kv.py`. Bits all-in at the window length (sink and window at 16 bits).", ""]
     rows = sorted(saved["rows"].items(), key=lambda kv: (kv[1]["family"], kv[1]["bits"]))
-    lines += [f"| {label}{' †' if 'measured' in r else ''} | {r['bits']:.2f} | {r['ratio']:.4f} | {r['kl']:.4f} "
-              f"| {r['top1']:.4f} |" for label, r in rows]
+    lines += markdown_table(["cache", "bits all-in", "ratio", "KL", "top-1"],
+                            [[f"{label}{' †' if 'measured' in r else ''}", f"{r['bits']:.2f}", f"{r['ratio']:.4f}",
+                              f"{r['kl']:.4f}", f"{r['top1']:.4f}"] for label, r in rows])
     dates = sorted({r["measured"]["date"] for _, r in rows if "measured" in r})
     if dates:
         lines += ["", f"† re-measured alone ({', '.join(dates)}; `python benchmarks/kv.py --rows LABEL --force`), "
@@ -247,29 +265,28 @@ def write_table(saved: dict) -> None:
     if "peers" in saved:
         peers = saved["peers"]
         lines += ["", f"Against transformers' `QuantizedCache` on the first {peers['tokens']} tokens of the first "
-                      "window (the peers decode step by step; lowbit's presets run decode-equivalent):", "",
-                  "| cache | ratio | KL | top-1 | note |", "|---|---|---|---|---|"]
-        lines += [f"| {label} | {r['ratio']:.4f} | {r['kl']:.4f} | {r['top1']:.4f} | {r['note']} |"
-                  for label, r in peers["rows"].items()]
+                      "window (the peers decode step by step; lowbit's presets run decode-equivalent):", ""]
+        lines += markdown_table(["cache", "ratio", "KL", "top-1", "note"],
+                                [[label, f"{r['ratio']:.4f}", f"{r['kl']:.4f}", f"{r['top1']:.4f}", r["note"]]
+                                 for label, r in peers["rows"].items()])
     if "generation" in saved:
         g = saved["generation"]
         lines += ["", f"Greedy continuations: {g['prompts']} prompts of {g['prompt_len']} evaluation-text tokens, "
-                      f"{g['new_tokens']} new tokens, each preset's packed cache against the full-precision cache:", "",
-                  "| cache | same token | tokens before the first difference |", "|---|---|---|"]
-        lines += [f"| {k} | {r['same']:.3f} | {r['prefix']:.1f} |" for k, r in g["rows"].items()]
-    replace_block(HERE / "README.md", BEGIN, END, lines)
-    print("\n".join(lines))
+                      f"{g['new_tokens']} new tokens, each preset's packed cache against the full-precision cache:", ""]
+        lines += markdown_table(["cache", "same token", "tokens before the first difference"],
+                                [[k, f"{r['same']:.3f}", f"{r['prefix']:.1f}"] for k, r in g["rows"].items()])
+    write_block("KV", lines, readme)
 
 
-def plot(saved: dict) -> None:
+def plot(rows: dict[str, dict]) -> None:
     """results/kv_pareto.png: KL against bits all-in, one series per family (skipped without matplotlib)."""
     plt = pyplot()
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for family in sorted({r["family"] for r in saved["rows"].values()}):
+    for family in sorted({r["family"] for r in rows.values()}):
         for sink, marker in ((False, "o"), (True, "^")):
-            pts = sorted((r["bits"], r["kl"]) for label, r in saved["rows"].items()
+            pts = sorted((r["bits"], r["kl"]) for label, r in rows.items()
                          if r["family"] == family and label.endswith("+sink") == sink)
             if pts:
                 ax.plot(*zip(*pts), marker=marker, label=f"{family}{' +sink' if sink else ''}")

@@ -1,7 +1,11 @@
 """Decode-step attention over a packed KV cache against a dense cache: bytes held and time per token.
 
 Run:  python benchmarks/kv_speed.py         (a few minutes on 2 CPU cores; run it on a quiet machine)
-Writes results/kv_speed.json and the table between the KVSPEED markers in benchmarks/README.md.
+      python benchmarks/kv_speed.py --tables-only
+      python benchmarks/kv_speed.py --contexts 2048 --repeats 3 --results /tmp/kv_speed.json   (a quick check: the
+                                              table is printed, not written to the README)
+Writes results/kv_speed.json (atomically, once every row is measured) and the table between the KVSPEED markers in
+benchmarks/README.md.
 
 One decoder layer of the default model's shape (9 query heads, 3 KV heads, head_dim 64) decodes one token against a
 cache of 2k, 8k and 32k random tokens: the dense cache in bfloat16 and float32 through torch's scaled-dot-product
@@ -14,21 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hadamard import median_seconds
-from presets import replace_block
+from harness import HERE, add_flags, markdown_table, median_seconds, run_meta, write_block
 
 from lowbit.kv.attend import packed_attention
 from lowbit.kv.cache import PackedLayer
 from lowbit.recipe import load_preset
+from lowbit.report import write_json_atomic
 
-HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "kv_speed.json"
-BEGIN, END = "<!-- KVSPEED:BEGIN -->", "<!-- KVSPEED:END -->"
 PRESETS = ("kv-int3", "kv-kivi", "kv-kivi3", "kv-qjl", "kv-turbo3")
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
@@ -64,37 +64,37 @@ def packed_row(preset: str, context: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_flags(parser, RESULTS, rows=None, data=False)
     parser.add_argument("--contexts", type=int, nargs="*", default=[2048, 8192, 32768])
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--tables-only", action="store_true")
     args = parser.parse_args()
+    readme = args.results.resolve() == RESULTS.resolve()  # a check's file is printed, not rendered
     if args.tables_only:
-        saved = json.loads(RESULTS.read_text())
+        saved = json.loads(args.results.read_text())
     else:
         rows = []
         for context in args.contexts:
             rows += [dense_row(context, torch.bfloat16, args.repeats), dense_row(context, torch.float32, args.repeats)]
             rows += [packed_row(p, context, args.repeats) for p in PRESETS]
             print(f"context {context}: " + ", ".join(f"{r['cache']} {r['ms']:.2f} ms" for r in rows[-7:]), flush=True)
-        saved = {"meta": {"threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-                          "command": "python benchmarks/kv_speed.py"}, "rows": rows}
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
-    write_table(saved)
+        saved = {"meta": run_meta("python benchmarks/kv_speed.py"), "rows": rows}  # one run: rows side by side
+        write_json_atomic(args.results, saved)
+    write_table(saved, readme)
 
 
-def write_table(saved: dict) -> None:
+def write_table(saved: dict, readme: bool = True) -> None:
+    """The KVSPEED block of benchmarks/README.md (printed only unless ``readme``)."""
     rows, meta = saved["rows"], saved["meta"]
     lines = [f"One layer (9 query heads, 3 KV heads, head_dim 64), one decode step, {meta['threads']} CPU threads, "
-             f"{meta['date']}; `python benchmarks/kv_speed.py`.", "",
-             "| context | cache | KV bytes | vs dense bf16 | ms per step | vs dense bf16 |", "|---|---|---|---|---|---|"]
+             f"{meta['date']}; `python benchmarks/kv_speed.py`.", ""]
+    cells = []
     for context in sorted({r["context"] for r in rows}):
         here = [r for r in rows if r["context"] == context]
         base = next(r for r in here if r["cache"] == "dense bfloat16")
-        lines += [f"| {context} | {r['cache']} | {r['bytes'] / 2**20:.2f} MiB | {r['bytes'] / base['bytes']:.3f}× | "
-                  f"{r['ms']:.2f} | {r['ms'] / base['ms']:.2f}× |" for r in here]
-    replace_block(HERE / "README.md", BEGIN, END, lines)
-    print("\n".join(lines))
+        cells += [[str(context), r["cache"], f"{r['bytes'] / 2**20:.2f} MiB", f"{r['bytes'] / base['bytes']:.3f}×",
+                   f"{r['ms']:.2f}", f"{r['ms'] / base['ms']:.2f}×"] for r in here]
+    lines += markdown_table(["context", "cache", "KV bytes", "vs dense bf16", "ms per step", "vs dense bf16"], cells)
+    write_block("KVSPEED", lines, readme)
 
 
 if __name__ == "__main__":

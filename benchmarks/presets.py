@@ -14,7 +14,7 @@ import argparse
 import statistics
 
 import torch
-from harness import (  # replace_block: kv.py and kv_speed.py import it from here
+from harness import (
     HERE,
     Bench,
     Results,
