@@ -7,7 +7,7 @@ dequantized copy of the whole cache. Bits are counted from the tensors actually 
 
 * :class:`IntCodec`: affine integer codes, 1–8 bits, per token (groups of channels, the usual per-head cache) or
   per channel over groups of tokens (KIVI's keys), computed by the quantizer core (:mod:`lowbit.quant`); float16
-  scale and zero point (asymmetric) or scale (symmetric).
+  scale and minimum (asymmetric) or scale (symmetric).
 * :class:`QJLKeyCodec`: QJL's 1-bit sketch of keys with exact outlier channels per token group (keys only).
 * :class:`TurboCodec`: random Hadamard rotation, then the optimal scalar codebook for a sphere coordinate on every
   channel, plus the norm; optionally a 1-bit QJL sketch of the residual for unbiased scores.
@@ -23,7 +23,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..quant import IntFormat, PerRow, compute_qparams, dequantize_groups, minmax_range, quantize_groups
+from ..quant import (
+    OFFSETS,
+    IntFormat,
+    Offset,
+    PerRow,
+    compute_qparams,
+    dequantize_groups,
+    minmax_range,
+    quantize_groups,
+)
 from ..quant.packing import pack_bits, unpack_bits
 from ..rotations import random_hadamard
 from .codebook import sphere_codebook
@@ -79,14 +88,15 @@ class IntCodec:
 
     ``axis="token"``: each token's ``head_dim`` channels in groups of ``group`` (default: the whole head) share a
     scale (and zero point). ``axis="channel"``: each channel shares a scale (and zero point) over ``group``
-    consecutive tokens (KIVI's key quantization; runs must then be whole groups). Scales, zero points and codes are
+    consecutive tokens (KIVI's key quantization; runs must then be whole groups). Scales, offsets and codes are
     :func:`~lowbit.quant.compute_qparams` and :func:`~lowbit.quant.quantize_groups` of the min/max range with
-    :class:`~lowbit.quant.IntFormat` ``(bits, symmetric)``: the convention of every other integer quantizer in
-    lowbit (asymmetric: range widened to include 0, integer zero point; ``clip_ratio`` scales the range about 0;
-    symmetric: codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``). The scale is rounded up to float16, the dtype it is
-    stored in, before the zero point and codes are computed, so decoding reproduces
-    ``fake_quantize(x, fmt, gran, scale_dtype=torch.float16)`` bit for bit; a fake-quantizer with float32 scales
-    (a recipe's ``kv``) differs only by that rounding of the scale (relative < 2^-10). Codes are stored as
+    :class:`~lowbit.quant.IntFormat` ``(bits, symmetric)`` and the core's ``offset`` convention (asymmetric codes
+    only): ``"float"`` (default) keeps each exact range, ``clip_ratio`` shrinking it about its centre, with a float
+    minimum (``x = code * scale + min``), so a range that does not contain 0 (KIVI's per-channel keys) keeps all its
+    levels; ``"int"`` is the recipe quantizers' grid (range widened to include 0, integer zero point, clip about 0).
+    Symmetric codes lie in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``. Metadata is rounded to float16, the dtype it is
+    stored in (scale up, minimum to nearest), before the codes are computed, so decoding reproduces
+    ``fake_quantize(x, fmt, gran, scale_dtype=torch.float16, offset=offset)`` bit for bit. Codes are stored as
     ``code - qmin`` in ``[0, 2^bits)``.
     """
 
@@ -95,9 +105,12 @@ class IntCodec:
     axis: Literal["token", "channel"] = "token"
     group: int | None = None
     clip_ratio: float = 1.0
+    offset: Offset = "float"
 
     def __post_init__(self) -> None:
         _check_bits(self.bits)
+        if self.offset not in OFFSETS:
+            raise ValueError(f"offset must be one of {OFFSETS}, got {self.offset!r}")
         if self.symmetric and self.bits == 1:
             raise ValueError("a symmetric integer KV codec needs at least 2 bits")
         if self.axis not in ("token", "channel"):
@@ -142,9 +155,11 @@ class IntCodec:
         """Pack ``x`` ``[B, H, T, d]`` (``T`` a multiple of :attr:`token_group`)."""
         fmt, grouped = self.format, self._grouped(x.float())
         lo, hi = minmax_range(grouped, PerRow())
-        qp = compute_qparams(lo, hi, fmt, self.clip_ratio, scale_dtype=META_DTYPE)
-        codes = quantize_groups(grouped, qp.scale, qp.zero_point, fmt) - fmt.qmin
+        qp = compute_qparams(lo, hi, fmt, self.clip_ratio, scale_dtype=META_DTYPE, offset=self.offset)
+        codes = quantize_groups(grouped, qp.scale, qp.zero_point, fmt, qp.minimum) - fmt.qmin
         meta = {"scale": qp.scale.squeeze(-1).to(META_DTYPE)}
+        if qp.minimum is not None:
+            meta["min"] = qp.minimum.squeeze(-1).to(META_DTYPE)  # already a float16 value: exact
         if qp.zero_point is not None:
             meta["zero_point"] = qp.zero_point.squeeze(-1).to(META_DTYPE)  # integers below 256: exact in float16
         codes = self._ungroup(codes, x.shape).to(torch.uint8)
@@ -155,8 +170,8 @@ class IntCodec:
         f, fmt = packed.fields, self.format
         codes = unpack_bits(f["codes"], self.bits, head_dim).float()
         codes = codes + fmt.qmin if fmt.qmin else codes
-        zero = f["zero_point"].float().unsqueeze(-1) if "zero_point" in f else None
-        values = dequantize_groups(self._grouped(codes), f["scale"].float().unsqueeze(-1), zero)
+        zero, minimum = (f[k].float().unsqueeze(-1) if k in f else None for k in ("zero_point", "min"))
+        values = dequantize_groups(self._grouped(codes), f["scale"].float().unsqueeze(-1), zero, minimum)
         return self._ungroup(values, codes.shape).to(dtype)
 
     def scores(self, queries: Tensor, packed: Packed, head_dim: int) -> Tensor:

@@ -1,6 +1,6 @@
 """Static KV quantization: integer codes whose scales are fixed per KV head from calibration text.
 
-A static cache stores codes only: the scale (and zero point) of each KV head — per group of channels, or per channel
+A static cache stores codes only: the scale (and minimum) of each KV head — per group of channels, or per channel
 (keys have outlier channels) — is measured once on calibration text and held by the codec, so a token costs exactly
 ``bits`` per element (PrefixQuant's static per-head KV). :class:`KVRangeHook` records the post-RoPE (and, with
 QuaRot, post-R3) key/value ranges during calibration forwards; :func:`static_codec` turns ranges into a codec.
@@ -14,14 +14,21 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CalibrationError
-from ..quant import IntFormat, compute_qparams, dequantize_groups, quantize_groups
+from ..quant import (
+    IntFormat,
+    Offset,
+    compute_qparams,
+    dequantize_groups,
+    quantize_groups,
+)
 from ..quant.packing import pack_bits, unpack_bits
 from .codecs import META_DTYPE, Packed
 
 
 @dataclass(frozen=True, eq=False)
 class StaticIntCodec:
-    """``bits``-bit codes with fixed ``scale`` (and ``zero_point`` when asymmetric), each ``[kv_heads, C]`` float16.
+    """``bits``-bit codes with fixed ``scale`` and, when asymmetric, ``minimum`` (float offset, the default of
+    :func:`static_codec`) or ``zero_point`` (integer offset), each ``[kv_heads, C]`` float16.
 
     The ``head_dim`` channels of a head split into ``C`` equal groups that share a scale (``C = head_dim``: one per
     channel). Codes and values are the quantizer core's (:func:`~lowbit.quant.quantize_groups`,
@@ -33,6 +40,7 @@ class StaticIntCodec:
     symmetric: bool
     scale: Tensor
     zero_point: Tensor | None = None
+    minimum: Tensor | None = None
 
     @property
     def format(self) -> IntFormat:
@@ -46,14 +54,15 @@ class StaticIntCodec:
     @property
     def nbytes(self) -> int:
         """Bytes of the fixed parameters (held once per layer)."""
-        held = self.scale.numel() * self.scale.element_size()
-        return held + (0 if self.zero_point is None else self.zero_point.numel() * self.zero_point.element_size())
+        held = (t for t in (self.scale, self.zero_point, self.minimum) if t is not None)
+        return sum(t.numel() * t.element_size() for t in held)
 
-    def _params(self, device) -> tuple[Tensor, Tensor | None]:
-        """Scale and zero point as float32 ``[kv_heads, 1, C, 1]``, broadcasting against :meth:`_grouped`."""
-        scale = self.scale.to(device).float()[:, None, :, None]
-        zero = None if self.zero_point is None else self.zero_point.to(device).float()[:, None, :, None]
-        return scale, zero
+    def _params(self, device) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Scale, zero point and minimum as float32 ``[kv_heads, 1, C, 1]``, broadcasting against :meth:`_grouped`."""
+        def place(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device).float()[:, None, :, None]
+
+        return place(self.scale), place(self.zero_point), place(self.minimum)
 
     def _grouped(self, x: Tensor) -> Tensor:
         """``[B, H, T, d]`` as ``[B, H, T, C, d/C]``: the channels sharing a scale on the last dim."""
@@ -62,8 +71,8 @@ class StaticIntCodec:
 
     def encode(self, x: Tensor) -> Packed:
         """Codes of ``x`` ``[B, H, T, d]`` with the fixed scales (values outside the range saturate)."""
-        fmt, (scale, zero) = self.format, self._params(x.device)
-        codes = quantize_groups(self._grouped(x.float()), scale, zero, fmt) - fmt.qmin
+        fmt, (scale, zero, minimum) = self.format, self._params(x.device)
+        codes = quantize_groups(self._grouped(x.float()), scale, zero, fmt, minimum) - fmt.qmin
         codes = codes.reshape(x.shape).to(torch.uint8)
         return Packed({"codes": pack_bits(codes, self.bits)}, tokens=x.shape[2])
 
@@ -80,14 +89,18 @@ class StaticIntCodec:
         return weights @ self.decode(packed, head_dim)
 
 
-def static_codec(lo: Tensor, hi: Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> StaticIntCodec:
+def static_codec(
+    lo: Tensor, hi: Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0, offset: Offset = "float"
+) -> StaticIntCodec:
     """A static codec from per-head, per-granule ranges ``lo``/``hi`` ``[kv_heads, C]``.
 
-    :func:`~lowbit.quant.compute_qparams` with the scale rounded to float16, the dtype it is held in.
+    :func:`~lowbit.quant.compute_qparams` with metadata rounded to float16, the dtype it is held in; asymmetric
+    codes use ``offset`` (default ``"float"``: the exact range about its centre with a float minimum, like
+    :class:`~lowbit.kv.codecs.IntCodec`).
     """
-    qp = compute_qparams(lo, hi, IntFormat(bits, symmetric), clip_ratio, scale_dtype=META_DTYPE)
-    zero = None if qp.zero_point is None else qp.zero_point.to(META_DTYPE)
-    return StaticIntCodec(bits, symmetric, qp.scale.to(META_DTYPE), zero)
+    qp = compute_qparams(lo, hi, IntFormat(bits, symmetric), clip_ratio, scale_dtype=META_DTYPE, offset=offset)
+    zero, minimum = (None if t is None else t.to(META_DTYPE) for t in (qp.zero_point, qp.minimum))
+    return StaticIntCodec(bits, symmetric, qp.scale.to(META_DTYPE), zero, minimum)
 
 
 class KVRangeHook(nn.Module):

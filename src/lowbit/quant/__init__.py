@@ -10,7 +10,8 @@ Three layers, each depending only on the ones before it (and on torch):
    :mod:`~lowbit.quant.granularity` says which elements share a scale (``PerTensor``, ``PerRow``,
    ``PerGroup``, ``PerAxis``) and maps a tensor to/from its grouped view, with per-granule min/max.
 2. **Quantization parameters.** :mod:`~lowbit.quant.qparams` turns a range into a ``QParams``
-   (scale, zero point) with ``compute_qparams`` (optionally rounding the scale to its storage dtype) and applies
+   (scale, and an integer zero point or, with ``offset="float"``, a float minimum) with ``compute_qparams``
+   (optionally rounding them to their storage dtype) and applies
    ``quantize`` / ``dequantize`` (``quantize_groups`` / ``dequantize_groups`` on a caller's own grouped view);
    :mod:`~lowbit.quant.observers` picks the range from data (``minmax``, ``percentile``, ``mse`` clip search).
 3. **Fake quantization.** ``fake_quantize`` (in :mod:`~lowbit.quant.fake`) is ``dequantize(quantize(x))`` as one
@@ -53,8 +54,16 @@ from lowbit.quant.observers import (
     observe_range,
     percentile_range,
 )
-from lowbit.quant.packing import pack_bits, pack_int32, packed_size, unpack_bits, unpack_int32
+from lowbit.quant.packing import (
+    pack_bits,
+    pack_int32,
+    packed_size,
+    unpack_bits,
+    unpack_int32,
+)
 from lowbit.quant.qparams import (
+    OFFSETS,
+    Offset,
     QParams,
     compute_qparams,
     dequantize,
@@ -62,6 +71,7 @@ from lowbit.quant.qparams import (
     fake_quantize_groups,
     quantize,
     quantize_groups,
+    round_minimum,
     round_scale,
     round_ste,
 )
@@ -72,10 +82,12 @@ __all__ = [
     "FP8_E4M3",
     "FP8_E5M2",
     "OBSERVERS",
+    "OFFSETS",
     "FloatFormat",
     "Format",
     "Granularity",
     "IntFormat",
+    "Offset",
     "PerAxis",
     "PerGroup",
     "PerRow",
@@ -101,6 +113,7 @@ __all__ = [
     "quantize_groups",
     "reduce_granules",
     "reduce_minmax",
+    "round_minimum",
     "round_scale",
     "round_ste",
     "round_to_float_format",

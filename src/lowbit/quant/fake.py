@@ -19,9 +19,15 @@ from torch import Tensor
 
 from lowbit.quant import observers as _observers
 from lowbit.quant import qparams as _qparams
-from lowbit.quant.formats import Format
+from lowbit.quant.formats import Format, IntFormat
 from lowbit.quant.granularity import Granularity, from_groups, granule_shape, to_groups
-from lowbit.quant.qparams import QParams, check_qparams, fake_quantize_groups, float32_qparams
+from lowbit.quant.qparams import (
+    Offset,
+    QParams,
+    check_qparams,
+    fake_quantize_groups,
+    float32_qparams,
+)
 
 
 def _resolve_qparams(
@@ -34,6 +40,7 @@ def _resolve_qparams(
     observer_kwargs: dict[str, Any],
     scale_grad: bool = False,
     scale_dtype: torch.dtype | None = None,
+    offset: Offset = "int",
 ) -> QParams:
     """Static mode: check and return the given qparams. Dynamic mode: observe ``x`` and compute them.
 
@@ -41,15 +48,18 @@ def _resolve_qparams(
     straight-through one; see :func:`fake_quantize` for what ``scale_grad`` adds.
     """
     if qparams is not None:
-        if observer != "minmax" or clip_ratio != 1.0 or observer_kwargs or scale_grad or scale_dtype is not None:
+        dynamic_only = observer != "minmax" or clip_ratio != 1.0 or observer_kwargs or scale_grad
+        if dynamic_only or scale_dtype is not None or offset != "int":
             raise ValueError(
-                "observer, clip_ratio, scale_grad, scale_dtype and observer options apply to dynamic mode only "
-                "(qparams=None)"
+                "observer, clip_ratio, scale_grad, scale_dtype, offset and observer options apply to dynamic mode "
+                "only (qparams=None; given qparams carry their own zero point or minimum)"
             )
         check_qparams(qparams, fmt, granule_shape(x.shape, gran))
         return qparams
+    if offset != "int" and observer == "mse" and isinstance(fmt, IntFormat) and not fmt.symmetric:
+        raise ValueError("the mse observer searches clip ratios for offset='int' grids; use minmax or percentile")
     xmin, xmax = _observers.observe_range(x if scale_grad else x.detach(), gran, fmt, observer, **observer_kwargs)
-    return _qparams.compute_qparams(xmin, xmax, fmt, clip_ratio=clip_ratio, scale_dtype=scale_dtype)
+    return _qparams.compute_qparams(xmin, xmax, fmt, clip_ratio=clip_ratio, scale_dtype=scale_dtype, offset=offset)
 
 
 def fake_quantize(
@@ -62,6 +72,7 @@ def fake_quantize(
     clip_ratio: float = 1.0,
     scale_grad: bool = False,
     scale_dtype: torch.dtype | None = None,
+    offset: Offset = "int",
     **observer_kwargs: Any,
 ) -> Tensor:
     """Quantize then dequantize ``x`` in one differentiable op (straight-through rounding, LSQ scale gradient).
@@ -80,13 +91,19 @@ def fake_quantize(
     ``scale_dtype`` (dynamic mode): round the scale up to this dtype first (see
     :func:`~lowbit.quant.qparams.compute_qparams`); with float16 the output equals, bit for bit, what a packed
     store that keeps float16 scales dequantizes (the packed KV cache's :class:`~lowbit.kv.codecs.IntCodec`).
+
+    ``offset`` (dynamic mode, asymmetric integer formats): ``"int"`` widens the range to include 0 and uses an
+    integer zero point; ``"float"`` keeps the exact range with a float minimum, the packed KV caches' convention
+    (see :data:`~lowbit.quant.qparams.Offset`). The ``mse`` observer supports ``"int"`` only.
     """
     if not x.is_floating_point():
         raise ValueError(f"fake_quantize needs a floating-point tensor, got {x.dtype}")
     if x.numel() == 0:
         return x.clone()
     x32 = x.to(torch.float32)
-    qp = _resolve_qparams(x32, fmt, gran, qparams, observer, clip_ratio, observer_kwargs, scale_grad, scale_dtype)
-    scale, zero = float32_qparams(qp)
-    out = fake_quantize_groups(to_groups(x32, gran), scale, zero, fmt)
+    qp = _resolve_qparams(
+        x32, fmt, gran, qparams, observer, clip_ratio, observer_kwargs, scale_grad, scale_dtype, offset
+    )
+    scale, zero, minimum = float32_qparams(qp)
+    out = fake_quantize_groups(to_groups(x32, gran), scale, zero, fmt, minimum)
     return from_groups(out, gran, x.shape).to(x.dtype)

@@ -4,6 +4,8 @@ Reference formulas (per granule, broadcast over the grouped view of :mod:`lowbit
 
 * integer formats: ``q = clamp(round(x / s) + z, qmin, qmax)`` and ``x_hat = (q - z) * s``
   (``z = 0`` when symmetric);
+* asymmetric integer formats with ``offset="float"`` (a float minimum ``m`` instead of an integer zero point):
+  ``q = clamp(round((x - m) / s), qmin, qmax)`` and ``x_hat = q * s + m``;
 * float formats: ``q = round_to_float_format(x / s)`` and ``x_hat = q * s``.
 
 ``round`` is round-half-to-even (``torch.round``). :func:`fake_quantize_groups` computes ``x_hat`` as one
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -30,17 +33,30 @@ from lowbit.quant.granularity import Granularity, from_groups, granule_shape, to
 DEFAULT_EPS = 1e-8
 """Smallest scale :func:`compute_qparams` returns, so that an all-zero or constant granule never divides by zero."""
 
+Offset = Literal["int", "float"]
+"""How an asymmetric integer grid is placed on a range (:func:`compute_qparams`).
+
+``"int"`` (the default, every recipe quantizer): the range is widened to include 0, clipped about 0, and shifted by
+an integer zero point, so 0 is exactly representable. ``"float"`` (the packed KV caches): the exact range, clipped
+about its centre, starting at a float minimum, so a range that does not contain 0 (KIVI's per-channel keys) keeps
+all its levels.
+"""
+
+OFFSETS: tuple[str, ...] = ("int", "float")
+
 
 @dataclass(frozen=True, eq=False)
 class QParams:
-    """Per-granule scale and zero point, each of shape ``granule_shape(x.shape, gran)`` (or broadcastable to it).
+    """Per-granule scale and offset, each of shape ``granule_shape(x.shape, gran)`` (or broadcastable to it).
 
-    ``zero_point`` is None for symmetric integer and float formats, and holds integer values in
-    ``[qmin, qmax]`` for asymmetric integer formats. ``eq=False``: tensors have no single truth value.
+    Symmetric integer and float formats have neither offset. An asymmetric integer format has exactly one:
+    ``zero_point``, integer values in ``[qmin, qmax]`` (``offset="int"``), or ``minimum``, the float value of code 0
+    (``offset="float"``). ``eq=False``: tensors have no single truth value.
     """
 
     scale: Tensor
     zero_point: Tensor | None = None
+    minimum: Tensor | None = None
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -85,6 +101,39 @@ def round_scale(scale: Tensor, dtype: torch.dtype | None) -> Tensor:
     return wanted + (stored - wanted).detach()  # exact: stored is within a factor 2 of wanted (Sterbenz)
 
 
+def round_minimum(minimum: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``minimum`` rounded to the *nearest* value of the float ``dtype`` it will be stored in, as float32.
+
+    Clamped first to ``dtype``'s finite range. The gradient passes straight through. None: unchanged.
+    """
+    if dtype is None:
+        return minimum
+    info = torch.finfo(dtype)
+    wanted = minimum.clamp(min=info.min, max=info.max)
+    return wanted + (wanted.detach().to(dtype).to(torch.float32) - wanted).detach()
+
+
+def _check_offset(offset: str) -> None:
+    """Reject an offset convention other than those of :data:`Offset`."""
+    if offset not in OFFSETS:
+        raise ValueError(f"offset must be one of {OFFSETS}, got {offset!r}")
+
+
+def _float_offset_qparams(
+    lo: Tensor, hi: Tensor, fmt: IntFormat, clip_ratio: float, eps: float, scale_dtype: torch.dtype | None
+) -> QParams:
+    """Asymmetric qparams with a float minimum: the exact range ``[lo, hi]``, shrunk by ``clip_ratio`` about its
+    centre, ``m = lo`` and ``s = (hi - m) / (qmax - qmin)``.
+
+    With ``scale_dtype``, ``m`` is rounded to nearest first and ``s`` computed from the rounded ``m``, then rounded
+    up, so ``m + (qmax - qmin) * s`` still reaches ``hi``.
+    """
+    centre, half = (hi + lo) / 2, (hi - lo) / 2 * clip_ratio
+    minimum = round_minimum(centre - half, scale_dtype)
+    scale = round_scale(((centre + half - minimum) / (fmt.qmax - fmt.qmin)).clamp(min=eps), scale_dtype)
+    return QParams(scale=scale, minimum=minimum)
+
+
 def compute_qparams(
     xmin: Tensor,
     xmax: Tensor,
@@ -92,21 +141,28 @@ def compute_qparams(
     clip_ratio: float = 1.0,
     eps: float = DEFAULT_EPS,
     scale_dtype: torch.dtype | None = None,
+    offset: Offset = "int",
 ) -> QParams:
-    """Map a per-granule range ``[xmin, xmax]`` to a scale (and zero point), computed in float32.
+    """Map a per-granule range ``[xmin, xmax]`` to a scale (and offset), computed in float32.
 
     * symmetric int: ``s = clip * max(|xmin|, |xmax|) / qmax``;
-    * asymmetric int: the range is first widened to include 0 (so 0 is exactly representable), scaled by
-      ``clip``, then ``s = (hi - lo) / (qmax - qmin)`` and ``z = clamp(round(qmin - lo / s), qmin, qmax)``;
+    * asymmetric int, ``offset="int"``: the range is first widened to include 0 (so 0 is exactly representable),
+      scaled by ``clip``, then ``s = (hi - lo) / (qmax - qmin)`` and ``z = clamp(round(qmin - lo / s), qmin, qmax)``;
+    * asymmetric int, ``offset="float"``: the exact range shrunk by ``clip`` about its centre, ``minimum = lo``
+      and ``s = (hi - lo) / (qmax - qmin)`` (see :data:`Offset`);
     * float: ``s = clip * max(|xmin|, |xmax|) / max_value``.
 
-    ``s`` is floored at ``eps`` so a zero range gives a finite scale; gradients flow to ``xmin``/``xmax``.
+    ``offset`` only matters for asymmetric integer formats (the others have no offset). ``s`` is floored at
+    ``eps`` so a zero range gives a finite scale; gradients flow to ``xmin``/``xmax``.
     ``scale_dtype`` (e.g. float16, for a packed store that keeps scales in half precision): ``s`` is rounded up to
-    it (:func:`round_scale`) before the zero point is computed, so codes computed with these qparams dequantize
-    exactly from the stored scale.
+    it (:func:`round_scale`) before the zero point is computed (a float minimum is rounded to nearest, before the
+    scale), so codes computed with these qparams dequantize exactly from the stored values.
     """
     _check_clip_ratio(clip_ratio)
+    _check_offset(offset)
     lo, hi = xmin.to(torch.float32), xmax.to(torch.float32)
+    if isinstance(fmt, IntFormat) and not fmt.symmetric and offset == "float":
+        return _float_offset_qparams(lo, hi, fmt, clip_ratio, eps, scale_dtype)
     if isinstance(fmt, IntFormat) and not fmt.symmetric:
         lo, hi = lo.clamp(max=0.0) * clip_ratio, hi.clamp(min=0.0) * clip_ratio
         scale = round_scale(((hi - lo) / (fmt.qmax - fmt.qmin)).clamp(min=eps), scale_dtype)
@@ -129,12 +185,15 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
 
 
 def check_qparams(qp: QParams, fmt: Format, stats_shape: torch.Size) -> None:
-    """Reject qparams whose shapes would broadcast wrongly, or whose zero point does not fit the format."""
-    needs_zero = isinstance(fmt, IntFormat) and not fmt.symmetric
-    if needs_zero != (qp.zero_point is not None):
-        kind = "an asymmetric integer" if needs_zero else "a symmetric or float"
-        raise ValueError(f"{kind} format {fmt} needs zero_point {'set' if needs_zero else 'None'}")
-    for name, t in (("scale", qp.scale), ("zero_point", qp.zero_point)):
+    """Reject qparams whose shapes would broadcast wrongly, or whose offset does not fit the format."""
+    needs_offset = isinstance(fmt, IntFormat) and not fmt.symmetric
+    offsets = (qp.zero_point is not None) + (qp.minimum is not None)
+    if offsets != int(needs_offset):
+        if not needs_offset:
+            raise ValueError(f"a symmetric or float format {fmt} needs zero_point None and minimum None")
+        need = "zero_point set (or minimum, for offset='float')" if offsets == 0 else "zero_point or minimum, not both"
+        raise ValueError(f"an asymmetric integer format {fmt} needs {need}")
+    for name, t in (("scale", qp.scale), ("zero_point", qp.zero_point), ("minimum", qp.minimum)):
         if t is None:
             continue
         if not _broadcasts_to(t.shape, stats_shape):
@@ -144,27 +203,36 @@ def check_qparams(qp: QParams, fmt: Format, stats_shape: torch.Size) -> None:
             )
 
 
-def float32_qparams(qp: QParams) -> tuple[Tensor, Tensor | None]:
-    """Scale and zero point as float32 (differentiably cast, so a learnable scale keeps its gradient)."""
+def float32_qparams(qp: QParams) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Scale, zero point and minimum as float32 (differentiably cast, so a learnable scale keeps its gradient)."""
     zero = None if qp.zero_point is None else qp.zero_point.to(torch.float32)
-    return qp.scale.to(torch.float32), zero
+    minimum = None if qp.minimum is None else qp.minimum.to(torch.float32)
+    return qp.scale.to(torch.float32), zero, minimum
 
 
-def quantize_groups(g: Tensor, scale: Tensor, zero_point: Tensor | None, fmt: Format) -> Tensor:
+def quantize_groups(
+    g: Tensor, scale: Tensor, zero_point: Tensor | None, fmt: Format, minimum: Tensor | None = None
+) -> Tensor:
     """Codes of a grouped view ``g`` with per-granule ``scale``/``zero_point`` that broadcast against it (float32).
 
-    Int: ``clamp(round(g / s) + z, qmin, qmax)``; float: ``round_to_float_format(g / s)``. No shape checks: the
-    one rounding rule for every caller with its own grouped view (the packed KV codecs); see :func:`quantize`.
+    Int: ``clamp(round(g / s) + z, qmin, qmax)``, or ``clamp(round((g - m) / s), qmin, qmax)`` with a float
+    ``minimum`` ``m``; float: ``round_to_float_format(g / s)``. No shape checks: the one rounding rule for every
+    caller with its own grouped view (the packed KV codecs); see :func:`quantize`.
     """
-    scaled = g / scale
+    scaled = g / scale if minimum is None else (g - minimum) / scale
     if isinstance(fmt, FloatFormat):
         return round_to_float_format(scaled, fmt)
     rounded = torch.round(scaled)
     return (rounded if zero_point is None else rounded + zero_point).clamp(fmt.qmin, fmt.qmax)
 
 
-def dequantize_groups(q: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
-    """Values ``(q - z) * s`` (or ``q * s`` without a zero point) of codes on a grouped view; no shape checks."""
+def dequantize_groups(q: Tensor, scale: Tensor, zero_point: Tensor | None, minimum: Tensor | None = None) -> Tensor:
+    """Values ``(q - z) * s``, ``q * s + m`` (float ``minimum``) or ``q * s`` of codes on a grouped view.
+
+    No shape checks.
+    """
+    if minimum is not None:
+        return q * scale + minimum
     return q * scale if zero_point is None else (q - zero_point) * scale
 
 
@@ -175,8 +243,8 @@ def quantize(x: Tensor, qp: QParams, fmt: Format, gran: Granularity) -> Tensor:
     ``round_to_float_format(x / s)`` (grid values). Codes keep the original layout so they can be packed directly.
     """
     check_qparams(qp, fmt, granule_shape(x.shape, gran))
-    scale, zero = float32_qparams(qp)
-    codes = quantize_groups(to_groups(x.to(torch.float32), gran), scale, zero, fmt)
+    scale, zero, minimum = float32_qparams(qp)
+    codes = quantize_groups(to_groups(x.to(torch.float32), gran), scale, zero, fmt, minimum)
     return from_groups(codes, gran, x.shape)
 
 
@@ -188,26 +256,31 @@ def dequantize(
     shape: Sequence[int] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Values ``(q - z) * s`` (int) or ``q * s`` (float) from codes ``q`` as returned by :func:`quantize`.
+    """Values ``(q - z) * s`` or ``q * s + m`` (int) or ``q * s`` (float) from codes ``q`` from :func:`quantize`.
 
     ``shape`` is the original tensor shape; codes stored flattened (e.g. after unpacking) are reshaped to it.
     Defaults to ``q.shape``. Computed in float32, returned as ``dtype``.
     """
     shape = q.shape if shape is None else torch.Size(shape)
     check_qparams(qp, fmt, granule_shape(shape, gran))
-    scale, zero = float32_qparams(qp)
-    values = dequantize_groups(to_groups(q.reshape(shape).to(torch.float32), gran), scale, zero)
+    scale, zero, minimum = float32_qparams(qp)
+    values = dequantize_groups(to_groups(q.reshape(shape).to(torch.float32), gran), scale, zero, minimum)
     return from_groups(values, gran, shape).to(dtype)
 
 
-def fake_quantize_groups(g: Tensor, scale: Tensor, zero_point: Tensor | None, fmt: Format) -> Tensor:
+def fake_quantize_groups(
+    g: Tensor, scale: Tensor, zero_point: Tensor | None, fmt: Format, minimum: Tensor | None = None
+) -> Tensor:
     """Differentiable ``dequantize(quantize(g))`` on a grouped view ``g`` with per-granule ``scale``/``zero_point``.
 
-    Int: ``s * (clamp(round_ste(g / s) + z, qmin, qmax) - z)``; float: ``s * round_fp(g / s)`` with a
+    Int: ``s * (clamp(round_ste(g / s) + z, qmin, qmax) - z)``, or ``clamp(round_ste((g - m) / s), qmin, qmax) * s
+    + m`` with a float ``minimum``; float: ``s * round_fp(g / s)`` with a
     straight-through, saturating rounding. The forward value equals ``dequantize_groups(quantize_groups(g))``
     exactly (the straight-through rounding adds and subtracts an exactly representable difference).
     No shape checks: callers pass stats that broadcast against ``g``.
     """
+    if minimum is not None:
+        return round_ste((g - minimum) / scale).clamp(fmt.qmin, fmt.qmax) * scale + minimum
     scaled = g / scale
     if isinstance(fmt, FloatFormat):
         return scale * _round_float_ste(scaled, fmt)
