@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .data import TokenData
-from .errors import ModelError
+from .errors import CalibrationError, ModelError
 from .methods import Calibration, Session, method_for
 from .models.arch import ArchSpec, spec_for
 from .recipe import Recipe, load_recipe
@@ -41,8 +41,6 @@ def check_calibration(session: Session) -> None:
         if step.needs_calibration():
             session.calibration_text(f"the {step.method} step")
     if session.recipe.needs_calibration and session.calibration is None:
-        from .errors import CalibrationError
-
         raise CalibrationError("this recipe has static scales and needs calibration data: pass some")
 
 
