@@ -11,10 +11,12 @@ codes), and unpacking stays a table lookup per byte instead of multi-byte word a
 padded with zero codes; unpacking needs ``n`` to drop the padding. With ``b = 4`` a byte holds two codes, the even
 index in the low nibble: the usual int4 layout for weights.
 
-:func:`pack_int32` packs ``32 // b`` codes per int32 word along the last dimension, code ``i`` of a word at bits
-``[b*i, b*(i+1))`` (lowest bits first): the order of compressed-tensors' ``pack_to_int32`` (``packed_dim=1``), e.g.
-8 int4 codes per word. On a little-endian machine, for ``n`` a multiple of ``32 // b``, these words are the bytes of
-:func:`pack_bits` viewed as int32.
+:func:`pack_int32` packs codes densely into int32 words along the last dimension: code ``i`` of a row occupies bits
+``[b*i, b*(i+1))`` of the row's bit stream, word ``j`` holding stream bits ``[32*j, 32*(j+1))`` (lowest bits first),
+so ``n`` codes take ``ceil(n * b / 32)`` words. That is the order of compressed-tensors' ``pack_to_int32``
+(``packed_dim=1``): for widths that divide 32 (e.g. 8 int4 codes per word) no code straddles two words; 3, 5, 6 and
+7-bit codes do. On a little-endian machine, for ``n`` a multiple of ``32 // b`` and ``b`` in 1, 2, 4, 8, these words
+are the bytes of :func:`pack_bits` viewed as int32.
 """
 
 from __future__ import annotations
@@ -114,28 +116,34 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
     return codes
 
 
-INT32_WIDTHS = (1, 2, 4, 8)
-"""Code widths :func:`pack_int32` takes: those that divide 32, so no code straddles two words."""
-
-
 def _check_int32_bits(bits: int) -> None:
-    if isinstance(bits, bool) or bits not in INT32_WIDTHS:
-        raise ValueError(f"int32 packing takes bit widths {INT32_WIDTHS} (codes never straddle words), got {bits!r}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"int32 packing takes bit widths 1 to 8, got {bits!r}")
+
+
+def _stream_positions(bits: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For the 32 codes of one ``bits``-word block: each code's word index and bit offset in that word."""
+    start = torch.arange(32, device=device) * bits
+    return start // 32, start % 32
 
 
 def pack_int32(codes: Tensor, bits: int) -> Tensor:
-    """Pack codes in ``[0, 2**bits)`` along the last dimension into int32 words, ``32 // bits`` per word.
+    """Pack codes in ``[0, 2**bits)`` along the last dimension densely into int32 words (see the module doc).
 
-    Code ``i`` of a word sits at bits ``[bits*i, bits*(i+1))``; the last word is padded with zero codes. This is
-    compressed-tensors' ``pack_to_int32`` order: it takes signed values ``v`` and packs ``v + 2**(bits-1)``, so
-    signed codes go in shifted by that offset. Output ``[..., ceil(n * bits / 32)]`` int32 (the word's bit pattern).
+    Every 32 codes fill exactly ``bits`` words; the last word is padded with zero bits. compressed-tensors'
+    ``pack_to_int32`` takes signed values ``v`` and packs ``v + 2**(bits-1)``, so signed codes go in shifted by that
+    offset. Output ``[..., ceil(n * bits / 32)]`` int32 (the word's bit pattern).
     """
     _check_int32_bits(bits)
     _check_codes(codes, bits, "pack_int32")
-    per_word, n = 32 // bits, codes.shape[-1]
-    padded = torch.nn.functional.pad(codes.to(torch.int64), (0, -n % per_word))
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=codes.device)
-    words = (padded.reshape(*codes.shape[:-1], -1, per_word) << shifts).sum(dim=-1)
+    n = codes.shape[-1]
+    padded = torch.nn.functional.pad(codes.to(torch.int64), (0, -n % 32)).reshape(*codes.shape[:-1], -1, 32)
+    word, offset = _stream_positions(bits, codes.device)
+    shifted = padded << offset  # up to 39 bits: the low 32 go to `word`, the rest to the next word
+    words = torch.zeros(*padded.shape[:-1], bits + 1, dtype=torch.int64, device=codes.device)
+    words.scatter_add_(-1, word.expand_as(padded), shifted & 0xFFFFFFFF)
+    words.scatter_add_(-1, (word + 1).expand_as(padded), shifted >> 32)  # bits never overlap: add is or
+    words = words[..., :bits].reshape(*codes.shape[:-1], -1)[..., : -(-n * bits // 32)]
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the uint32 pattern as int32
 
 
@@ -144,9 +152,16 @@ def unpack_int32(words: Tensor, bits: int, n: int) -> Tensor:
     _check_int32_bits(bits)
     if words.dtype != torch.int32:
         raise TypeError(f"unpack_int32 needs int32 words, got {words.dtype}")
-    per_word = 32 // bits
-    if words.shape[-1] != -(-n // per_word):
-        raise ValueError(f"{n} codes of {bits} bits need {-(-n // per_word)} int32 words, got {words.shape[-1]}")
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
-    codes = (words.unsqueeze(-1) >> shifts) & (2**bits - 1)  # the mask drops the sign bits an arithmetic shift adds
+    if words.shape[-1] != -(-n * bits // 32):
+        raise ValueError(f"{n} codes of {bits} bits need {-(-n * bits // 32)} int32 words, got {words.shape[-1]}")
+    if 32 % bits == 0:  # no code straddles two words: one shift per code
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+        codes = (words.unsqueeze(-1) >> shifts) & (2**bits - 1)  # the mask drops the sign bits an arithmetic shift adds
+        return codes.reshape(*words.shape[:-1], -1)[..., :n].to(torch.uint8)
+    unsigned = torch.nn.functional.pad(words.to(torch.int64) & 0xFFFFFFFF, (0, -words.shape[-1] % bits + 1))
+    blocks = unsigned[..., :-1].reshape(*words.shape[:-1], -1, bits)
+    after = torch.cat([blocks[..., 1:], unsigned[..., bits::bits].unsqueeze(-1)], dim=-1)  # each word's successor
+    word, offset = _stream_positions(bits, words.device)
+    pairs = blocks[..., word] | (after[..., word] << 32)  # a code's word and the next, as one 64-bit stream
+    codes = (pairs >> offset) & (2**bits - 1)
     return codes.reshape(*words.shape[:-1], -1)[..., :n].to(torch.uint8)
