@@ -114,7 +114,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (6, ("lowbit.methods",)),
     (7, ("lowbit.recipe",)),
     (8, ("lowbit.apply",)),
-    (9, ("lowbit.integrations", "lowbit.analysis.inspect")),
+    (9, ("lowbit.integrations", "lowbit.analysis.inspect", "lowbit.artifact")),
     (10, ("lowbit.pipeline",)),
     (11, ("lowbit.cli", "lowbit")),
 ]

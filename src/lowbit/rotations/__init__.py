@@ -30,6 +30,8 @@ from lowbit.rotations.rotation import (
     random_hadamard,
     random_orthogonal,
     random_signs,
+    rotation_from_record,
+    rotation_record,
 )
 
 __all__ = [
@@ -50,5 +52,7 @@ __all__ = [
     "random_hadamard",
     "random_orthogonal",
     "random_signs",
+    "rotation_from_record",
+    "rotation_record",
     "try_find_construction",
 ]

@@ -128,3 +128,26 @@ def random_hadamard(n: int, seed: int, fallback: str | None = None, *, materiali
         return _hadamard_rotation(block_diagonal_plan(n), seed, materialize, fallback)
     matrix, description = random_orthogonal(n, seed)
     return RotationMatrix(n, f"fallback {description}", None, None, matrix, fallback)
+
+
+def rotation_record(rotation: RotationMatrix) -> tuple[dict, dict[str, Tensor]]:
+    """What a saved model keeps of a rotation: its size, fallback and plan (JSON-able) and its signs (int8) or,
+    without a plan, its dense matrix. :func:`rotation_from_record` rebuilds the same rotation from both."""
+    meta = {"n": rotation.n, "fallback": rotation.fallback, "description": rotation.description,
+            "plan": rotation.plan.describe() if rotation.plan is not None else None}
+    if rotation.plan is None:
+        return meta, {"matrix": rotation.dense()}
+    return meta, ({} if rotation.signs is None else {"signs": rotation.signs.to(torch.int8)})
+
+
+def rotation_from_record(meta: dict, tensors: dict[str, Tensor]) -> RotationMatrix:
+    """The rotation a :func:`rotation_record` describes; the plan is rebuilt from ``n`` and must match the record."""
+    n, fallback = int(meta["n"]), meta.get("fallback")
+    if meta.get("plan") is None:
+        return RotationMatrix(n, meta["description"], None, None, tensors["matrix"].to(torch.float64), fallback)
+    plan = block_diagonal_plan(n) if fallback == "block_diagonal" else find_construction(n)
+    if plan.describe() != meta["plan"]:
+        raise ValueError(f"rotation of size {n} was saved as {meta['plan']} but this lowbit builds {plan.describe()}")
+    signs = tensors.get("signs")
+    return RotationMatrix(n, meta["description"], plan, None if signs is None else signs.to(torch.float64), None,
+                          fallback)

@@ -51,9 +51,14 @@ def attach_prefix(model: nn.Module, spec: ArchSpec, tokens: list[int], cache) ->
     extension point, so the model stays a plain transformers model) puts it in front of every request: see
     :func:`_start_from_prefix`. KV fake-quantizers leave the prefix positions exact.
     """
-    state = ensure_state(model)
-    state.set_prefix(tokens, cache)
-    keep_prefix_exact(model, spec, len(tokens))
+    ensure_state(model).set_prefix(tokens, cache)
+    restore_prefix(model, spec)
+
+
+def restore_prefix(model: nn.Module, spec: ArchSpec) -> None:
+    """Start every request from the prefix already held in the model's state (after :func:`attach_prefix`, or a
+    load that filled the state's buffers): KV quantizers leave it exact, and the forward pre-hook prepends it."""
+    keep_prefix_exact(model, spec, quant_state(model).prefix_length)
     if not any(hook is _start_from_prefix for hook in model._forward_pre_hooks.values()):
         model.register_forward_pre_hook(_start_from_prefix, with_kwargs=True)
 

@@ -1,0 +1,108 @@
+"""Saved quantized models: save -> load gives the same model (logits bit for bit when simulating), save -> load ->
+save gives the same bytes, and every bad folder ends in one clear error without leaving files behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.artifact import load, save
+from lowbit.data import TokenData
+from lowbit.errors import ArtifactError
+from lowbit.recipe import load_preset
+from lowbit.state import quant_state
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from equivalence import small  # noqa: E402  (the presets cut to tiny-model size)
+
+from tests.conftest import tiny_model  # noqa: E402
+
+PRESETS = ("w8a8-rtn", "w8a8-fp8", "w4a16-rtn-g64", "w4a4kv4-quarot", "w4a4kv4-spinquant", "w4a4kv4-prefix",
+           "kv-turbo3", "kv-kivi", "w4a4-spin-prefix-qjl")
+
+
+def _data() -> TokenData:
+    g = torch.Generator().manual_seed(3)
+    return TokenData(eval_windows=torch.randint(0, 320, (2, 40), generator=g),
+                     calib_tokens=torch.randint(0, 320, (4000,), generator=g), seed=0)
+
+
+def _quantized(family: str, preset: str):
+    torch.manual_seed(0)
+    return lowbit.quantize(tiny_model(family), small(load_preset(preset)), _data())
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_save_load_simulated_is_the_same_model_and_resaves_identically(tmp_path, family, preset):
+    model = _quantized(family, preset)
+    save(model, tmp_path / "a")
+    loaded = load(tmp_path / "a", simulate=True)
+    windows = _data().eval_windows
+    with torch.no_grad():
+        assert torch.equal(model(windows).logits, loaded(windows).logits)
+    save(loaded, tmp_path / "b")
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert quant_state(loaded).prefix_length == quant_state(model).prefix_length
+
+
+def test_loaded_prefix_model_generates_as_the_original(tmp_path):
+    model = _quantized("llama", "w4a4kv4-prefix")
+    assert quant_state(model).prefix_length > 0
+    save(model, tmp_path / "m")
+    loaded = load(tmp_path / "m", simulate=True)
+    prompt = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, **kw), loaded.generate(prompt, **kw))
+
+
+def test_packed_weights_are_small_and_sharding_keeps_the_model(tmp_path):
+    model = _quantized("qwen2", "w4a16-rtn-g64")
+    save(model, tmp_path / "one")
+    save(model, tmp_path / "sharded", shard_bytes=100_000)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    windows = _data().eval_windows
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "one", simulate=True)(windows).logits,
+                           load(tmp_path / "sharded", simulate=True)(windows).logits)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "one" / "model.safetensors", "pt") as f:
+        packed = f.get_tensor("model.layers.0.mlp.up_proj.weight_packed")
+        assert packed.dtype == torch.int32 and packed.shape == (160, 128 * 4 // 32)
+        assert "model.layers.0.mlp.up_proj.weight" not in f.keys()
+
+
+def test_bad_folders_are_one_clear_error(tmp_path):
+    model = _quantized("llama", "w8a8-rtn")
+    with pytest.raises(ArtifactError, match="not a lowbit model"):
+        load(tmp_path)
+    with pytest.raises(ArtifactError, match="not a folder"):
+        load(tmp_path / "missing")
+    save(model, tmp_path / "m")
+    with pytest.raises(ArtifactError, match="already exists"):
+        save(model, tmp_path / "m")
+    manifest = tmp_path / "m" / "lowbit.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "format_version": 99}))
+    with pytest.raises(ArtifactError, match="version 99"):
+        load(tmp_path / "m")
+    manifest.write_text(json.dumps(data))
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match="damaged"):
+        load(tmp_path / "m")
+    with pytest.raises(ArtifactError, match="not quantized"):
+        save(tiny_model("llama"), tmp_path / "fp")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # nothing half-written left behind
