@@ -26,3 +26,11 @@ class RecipeError(LowbitError):
 
 class CalibrationError(LowbitError):
     """Calibration met values it cannot quantize (NaN or inf)."""
+
+
+class ArtifactError(LowbitError):
+    """A saved quantized model cannot be written or read: not a lowbit folder, an unknown version, a damaged file."""
+
+
+class NoKernelError(LowbitError):
+    """A quantization scheme has no real low-bit kernel here; the fake-quant simulation (``simulate=True``) runs it."""
