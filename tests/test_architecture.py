@@ -110,7 +110,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (2, ("lowbit.gptq", "lowbit.schemes")),
     (3, ("lowbit.kv",)),
     (4, ("lowbit.surgery",)),
-    (5, ("lowbit.analysis", "lowbit.bits")),
+    (5, ("lowbit.analysis", "lowbit.bits", "lowbit.runtime")),
     (6, ("lowbit.methods",)),
     (7, ("lowbit.recipe",)),
     (8, ("lowbit.apply",)),

@@ -1,0 +1,22 @@
+"""Real low-bit execution of quantized linears (layer 5: imports surgery, quant, schemes, errors).
+
+- :mod:`.kernels` — pure tensor ops: codes in and out of their stored form, activation codes, PyTorch's CPU low-bit
+  matmuls with their constraints.
+- :mod:`.linear` — :class:`IntLinear`, :class:`WeightOnlyLinear`, :class:`Fp8Linear` (one per kind, chosen by the
+  schemes with :func:`kernel_class`); their ``state_dict`` is the on-disk format, :meth:`RuntimeLinear.prepare` builds
+  kernel layouts after loading; :func:`to_runtime` / :func:`convert` turn fake-quant layers into them.
+"""
+
+from .linear import (
+    Fp8Linear,
+    IntLinear,
+    RuntimeLinear,
+    WeightOnlyLinear,
+    convert,
+    kernel_class,
+    quant_linear_state,
+    to_runtime,
+)
+
+__all__ = ["Fp8Linear", "IntLinear", "RuntimeLinear", "WeightOnlyLinear", "convert", "kernel_class",
+           "quant_linear_state", "to_runtime"]

@@ -1,0 +1,165 @@
+"""Pure tensor ops behind :mod:`lowbit.runtime.linear`: integer codes in and out of their stored form, activations to
+integer or fp8 codes exactly as the fake quantizers round them, and the low-bit matmuls of PyTorch's CPU build.
+
+Code conventions. Weight and activation codes are *signed* int8 everywhere here: a symmetric b-bit code ``q`` in
+``[-(2^(b-1)-1), 2^(b-1)-1]`` as it is, an asymmetric one (unsigned ``u`` in ``[0, 2^b-1]`` with integer zero point
+``z``) as ``u - 2^(b-1)`` with zero point ``z - 2^(b-1)``, so ``u - z`` is unchanged and every code fits int8.
+
+The kernels and their constraints (PyTorch 2.13, x86 AVX-512; see /work/shared/reference/runtime.md section 4):
+``torch._int_mm`` (int8 x int8 -> int32, exact, no shape constraints on CPU);
+``aten._weight_int4pack_mm_for_cpu`` (x of any float dtype, fast with bf16 only; group in 32..256, K % group == 0,
+N % 16 == 0; its packed layout is ISA-specific, so it is built at load time, never stored);
+``aten._weight_int8pack_mm`` (per-channel scales in x's dtype; K % 16 == 0, else garbage or a crash).
+No model code here: :mod:`lowbit.runtime.linear` holds the modules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..quant import (
+    FloatFormat,
+    IntFormat,
+    PerRow,
+    PerTensor,
+    compute_qparams,
+    observe_range,
+    pack_int32,
+    unpack_int32,
+)
+
+INT4PACK_GROUPS = (256, 128, 64, 32)
+"""Group sizes ``_weight_int4pack_mm_for_cpu`` takes, largest first."""
+
+EPS = 1e-8  # compute_qparams' default floor of a scale; the fast path below must match it
+
+
+# --- codes in and out of their stored form ------------------------------------------------------------------------
+
+
+def offset(bits: int) -> int:
+    """``2^(b-1)``: what turns a signed code into compressed-tensors' unsigned one."""
+    return 1 << (bits - 1)
+
+
+def pack_codes(signed: Tensor, bits: int) -> Tensor:
+    """Signed codes ``[N, K]`` -> ``weight_packed`` int32 ``[N, ceil(K*b/32)]`` (``pack_int32(q + 2^(b-1), b)``)."""
+    return pack_int32(signed.to(torch.int16) + offset(bits), bits)
+
+
+def unpack_codes(words: Tensor, bits: int, k: int) -> Tensor:
+    """Inverse of :func:`pack_codes`: signed int8 codes ``[N, K]``. int4 takes a two-op fast path (per-call use)."""
+    if bits == 4:
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=words.device)
+        nibbles = ((words.unsqueeze(-1) >> shifts) & 15).to(torch.int8).reshape(*words.shape[:-1], -1)[..., :k]
+        return nibbles.sub_(8)
+    return (unpack_int32(words, bits, k).to(torch.int16) - offset(bits)).to(torch.int8)
+
+
+# --- activations to codes ------------------------------------------------------------------------------------------
+
+
+def act_qparams(x32: Tensor, fmt: IntFormat | FloatFormat, per_token: bool, observer: str, clip_ratio: float,
+                observer_kwargs: dict) -> tuple[Tensor, Tensor | None]:
+    """Dynamic scale (and unsigned zero point) of ``x32`` ``[M, K]``, per token ``[M, 1]`` or per tensor ``[1, 1]``.
+
+    The same numbers as :class:`~lowbit.surgery.quantizer.ActQuantizer`'s dynamic forward (observe_range then
+    compute_qparams); symmetric minmax takes a shortcut with the same float ops (``max|x| == max(|min|, |max|)``).
+    """
+    if observer == "minmax" and fmt.symmetric:
+        absmax = x32.abs().amax(dim=-1, keepdim=True) if per_token else x32.abs().amax().reshape(1, 1)
+        top = fmt.qmax if isinstance(fmt, IntFormat) else fmt.max_value
+        return (absmax * clip_ratio / top).clamp_(min=EPS), None
+    lo, hi = observe_range(x32, PerRow() if per_token else PerTensor(), fmt, observer, **observer_kwargs)
+    qp = compute_qparams(lo, hi, fmt, clip_ratio=clip_ratio)
+    return qp.scale, qp.zero_point
+
+
+def int_codes(x32: Tensor, scale: Tensor, zero: Tensor | None, fmt: IntFormat) -> Tensor:
+    """Signed int8 codes ``clamp(round(x / s) + z, qmin, qmax)`` (minus ``2^(b-1)`` when asymmetric)."""
+    q = torch.round(x32 / scale)
+    if zero is None:
+        return q.clamp_(fmt.qmin, fmt.qmax).to(torch.int8)
+    return q.add_(zero).clamp_(fmt.qmin, fmt.qmax).sub_(offset(fmt.bits)).to(torch.int8)
+
+
+def fp8_codes(x32: Tensor, scale: Tensor, fmt: FloatFormat, dtype: torch.dtype) -> Tensor:
+    """``x / s`` rounded to the fp8 ``dtype`` (saturating at ``fmt.max_value``): the fake quantizer's
+    ``round_to_float_format`` (the same values, tested), by torch's cast, which is twice as fast here."""
+    return (x32 / scale).clamp_(-fmt.max_value, fmt.max_value).to(dtype)
+
+
+# --- integer matmul --------------------------------------------------------------------------------------------------
+
+
+def int_linear(xq: Tensor, w8: Tensor, w_scale: Tensor, group: int, x_zero: Tensor | None = None,
+               w_zero: Tensor | None = None, w_colsum: Tensor | None = None) -> Tensor:
+    """``sum_g (xq_g - z_x)(w_g - z_w)^T * s_w[g]`` in float32 ``[M, N]``, each group's product exact in int32.
+
+    ``xq`` int8 ``[M, K]``; ``w8`` int8 ``[N, K]``; ``w_scale`` float32
+    ``[G, N]`` (``G = 1`` per channel or tensor); ``group`` the columns per group (the last may be shorter).
+    Zero points, signed int32: ``x_zero`` ``[M or 1, 1]``, ``w_zero`` ``[G, N]``; ``w_colsum`` ``[G, N]`` is
+    ``sum_k w - K_g * z_w`` per group (needed with ``x_zero``). The product expands to
+    ``xq @ w^T - z_w * rowsum(xq) - z_x * w_colsum``: one ``torch._int_mm`` per group plus rank-1 corrections.
+    """
+    out = None
+    for g in range(w_scale.shape[0]):
+        cols = slice(g * group, (g + 1) * group)
+        xg, wg = (xq, w8) if w_scale.shape[0] == 1 else (xq[:, cols], w8[:, cols])  # strided views: _int_mm takes any
+        acc = torch._int_mm(xg, wg.t())
+        if w_zero is not None:
+            acc -= xg.sum(dim=-1, keepdim=True, dtype=torch.int32) * w_zero[g]
+        if x_zero is not None:
+            acc -= x_zero * w_colsum[g]
+        part = acc.to(torch.float32).mul_(w_scale[g])
+        out = part if out is None else out.add_(part)
+    return out
+
+
+# --- weight-only kernels ---------------------------------------------------------------------------------------------
+
+
+def int4pack_group(k: int, group: int) -> int | None:
+    """The ``_weight_int4pack_mm_for_cpu`` group size that expresses scales shared by ``group`` columns of a ``K``-wide
+    weight (the largest allowed size dividing both, each scale repeated), or None when there is none."""
+    return next((t for t in INT4PACK_GROUPS if group % t == 0 and k % t == 0), None)
+
+
+def int4pack_weight(signed: Tensor) -> Tensor:
+    """Signed int4 codes ``[N, K]`` -> the CPU kernel's packed uint8 layout (ISA-specific: build it, never store it)."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu((signed.to(torch.int32) + 8), 1)
+
+
+def int4pack_scales_zeros(scale: Tensor, zero: Tensor | None, group: int, kernel_group: int,
+                          dtype: torch.dtype) -> Tensor:
+    """``[K/kernel_group, N, 2]`` (scale, float zero) in ``dtype`` for scales ``[N, G]`` shared by ``group`` columns.
+
+    The kernel computes ``w = (u - 8) * scale + zero`` with ``u = q + 8``; ours is ``(q - z) * s``, so ``zero = -z*s``.
+    """
+    reps = group // kernel_group
+    s = scale.repeat_interleave(reps, dim=1)
+    z = torch.zeros_like(s) if zero is None else -zero.to(torch.float32).repeat_interleave(reps, dim=1) * s
+    return torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+def int4pack_mm(x: Tensor, packed: Tensor, kernel_group: int, scales_zeros: Tensor) -> Tensor:
+    """``x @ W^T`` with the packed int4 weight; ``x`` ``[M, K]`` contiguous, in the dtype of ``scales_zeros``."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, kernel_group, scales_zeros)
+
+
+def int8pack_mm(x: Tensor, w8: Tensor, scales: Tensor) -> Tensor:
+    """``x @ (w8 * scales[:, None])^T``; ``scales`` ``[N]`` in ``x``'s dtype; only when ``K % 16 == 0``."""
+    return torch.ops.aten._weight_int8pack_mm(x.contiguous(), w8, scales)
+
+
+def dequantize_weight(signed: Tensor, scale: Tensor, zero: Tensor | None, group: int, dtype: torch.dtype) -> Tensor:
+    """``(q - z) * s`` ``[N, K]`` in ``dtype`` from signed codes and ``[N, G]`` scales/zeros shared by ``group`` columns
+    (computed in float32, as :func:`lowbit.quant.dequantize` does)."""
+    n, k = signed.shape
+    g = scale.shape[1]
+    q = torch.nn.functional.pad(signed.to(torch.float32), (0, g * group - k)).reshape(n, g, group) if g > 1 else \
+        signed.to(torch.float32).reshape(n, 1, k)
+    if zero is not None:
+        q = q - zero.to(torch.float32).unsqueeze(-1)
+    return (q * scale.unsqueeze(-1)).reshape(n, -1)[:, :k].to(dtype)

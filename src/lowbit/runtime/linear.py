@@ -1,0 +1,406 @@
+"""Real low-bit linears: the function of a fake-quant :class:`~lowbit.surgery.linear.QuantLinear`, run by low-bit
+kernels, with a ``state_dict`` that IS the on-disk format (compressed-tensors names).
+
+Persistent tensors (all buffers): ``weight_packed`` int32 ``[N, ceil(K*b/32)]`` + ``weight_shape`` int64 ``[2]``
+(int weights below 8 bits: ``pack_int32(q + 2^(b-1), b)``, asymmetric codes unsigned as they are), or ``weight``
+int8 ``[N, K]`` (int8: signed codes, asymmetric ``q - 128``) or float8 ``[N, K]`` (fp8: ``w / s``);
+``weight_scale`` float32 ``[N, 1]`` / ``[N, ceil(K/g)]`` / ``[1]`` (channel / group / tensor);
+``weight_zero_point`` int32, same shape, asymmetric only, signed (``z - 2^(b-1)``); ``bias`` in the model dtype;
+``input_scale`` float32 ``[1]`` (+ ``input_zero_point`` int32 ``[1]``, signed, asymmetric) for a static activation
+quantizer. An online input rotation stays the ``input_transform`` child; it is not serialized here.
+Kernel layouts derived from these are non-persistent buffers that :meth:`RuntimeLinear.prepare` builds after loading.
+
+Kinds, chosen by the schemes (:func:`kernel_class`): :class:`IntLinear` (int weights x int activations,
+``torch._int_mm``), :class:`WeightOnlyLinear` (int weights, float activations), :class:`Fp8Linear` (fp8 weights,
+optionally fp8 activations). Anything else raises :class:`~lowbit.errors.NoKernelError`: keep the fake-quant layer.
+The defaults of each kind's flags are measured by ``benchmarks/kernels.py`` (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import CalibrationError, NoKernelError
+from ..quant import FloatFormat, IntFormat, QParams, dequantize, quantize
+from ..schemes import QuantScheme
+from ..surgery.linear import QuantLinear
+from ..surgery.offload import carry_hook
+from ..surgery.quantizer import granularity_for, observer_kwargs
+from . import kernels as K
+
+FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FALLBACK = "keep the fake-quant QuantLinear (load with simulate=True)"
+
+
+def _no_kernel(weight: QuantScheme, act: QuantScheme | None, why: str) -> NoKernelError:
+    a = act.describe() if act else "float"
+    return NoKernelError(f"no real low-bit kernel for weights {weight.describe()} x activations {a}: {why}; {FALLBACK}")
+
+
+def _check_act(weight: QuantScheme, act: QuantScheme) -> None:
+    """Activation scales must factor out of the matmul: dynamic per token or per tensor, or static per tensor."""
+    ok = act.granularity == "tensor" or (act.granularity == "token" and act.dynamic)
+    if not ok:
+        raise _no_kernel(weight, act, f"{act.granularity} activation scales ({'dynamic' if act.dynamic else 'static'})"
+                                      " do not factor out of a matmul (kernels take per-token or per-tensor scales)")
+
+
+def kernel_class(weight: QuantScheme, act: QuantScheme | None) -> type[RuntimeLinear]:
+    """The runtime module kind for a weight and activation scheme, or :class:`NoKernelError` naming the fallback."""
+    wf, af = weight.number_format(), act.number_format() if act else None
+    if isinstance(wf, IntFormat) and af is None:
+        return WeightOnlyLinear
+    if isinstance(wf, IntFormat) and isinstance(af, IntFormat):
+        _check_act(weight, act)
+        if weight.granularity == "group" and not IntLinear.GROUPS:
+            raise _no_kernel(weight, act, "group-wise weights with integer activations")
+        return IntLinear
+    if weight.format in FP8_DTYPES and (af is None or act.format in FP8_DTYPES):
+        if act is not None:
+            _check_act(weight, act)
+        return Fp8Linear
+    raise _no_kernel(weight, act, "this format pair has no kernel on this CPU")
+
+
+class RuntimeLinear(nn.Module):
+    """Base of the runtime linears: shapes, schemes, the persistent tensors, the rotation child and the forward frame.
+
+    Build one with :meth:`empty` (on ``meta``, for a loader: ``load_state_dict(sd, assign=True)`` then
+    :meth:`prepare`) or :meth:`from_quant_linear`. Subclasses implement :meth:`prepare` and ``_matmul``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, weight_scheme: QuantScheme,
+                 input_scheme: QuantScheme | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "meta") -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        self.weight_scheme, self.input_scheme = weight_scheme, input_scheme
+        self.input_transform: nn.Module | None = None
+        self.prepared = False
+        n, k, wf = out_features, in_features, weight_scheme.number_format()
+        self.bits = wf.bits
+        self.group = weight_scheme.group_size if weight_scheme.granularity == "group" else k
+        qshape = {"channel": (n, 1), "group": (n, math.ceil(k / self.group)), "tensor": (1,)}[weight_scheme.granularity]
+
+        def new(shape: tuple[int, ...], dt: torch.dtype) -> Tensor:
+            return torch.empty(shape, dtype=dt, device=device)
+
+        if isinstance(wf, FloatFormat):
+            self.register_buffer("weight", new((n, k), FP8_DTYPES[weight_scheme.format]))
+        elif wf.bits == 8:
+            self.register_buffer("weight", new((n, k), torch.int8))
+        else:
+            self.register_buffer("weight_packed", new((n, math.ceil(k * wf.bits / 32)), torch.int32))
+            self.register_buffer("weight_shape", new((2,), torch.int64))
+        self.register_buffer("weight_scale", new(qshape, torch.float32))
+        if not wf.symmetric:
+            self.register_buffer("weight_zero_point", new(qshape, torch.int32))
+        self.register_buffer("bias", new((n,), dtype) if bias else None)
+        if input_scheme is not None and not input_scheme.dynamic:
+            self.register_buffer("input_scale", new((1,), torch.float32))
+            if not input_scheme.number_format().symmetric:
+                self.register_buffer("input_zero_point", new((1,), torch.int32))
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, weight_scheme: QuantScheme,
+              input_scheme: QuantScheme | None = None, dtype: torch.dtype = torch.float32) -> RuntimeLinear:
+        """An unfilled module of the right kind and shapes on ``meta`` (called on the base class, the kind is chosen
+        from the schemes; raises :class:`NoKernelError` when there is none)."""
+        kind = kernel_class(weight_scheme, input_scheme)
+        if cls is not RuntimeLinear and kind is not cls:
+            raise _no_kernel(weight_scheme, input_scheme, f"{cls.__name__} does not run it ({kind.__name__} does)")
+        return kind(in_features, out_features, bias, weight_scheme, input_scheme, dtype)
+
+    @classmethod
+    def from_quant_linear(cls, layer: QuantLinear) -> RuntimeLinear:
+        """The runtime module computing what the fake-quant ``layer`` computes, prepared (see :func:`to_runtime`)."""
+        return to_runtime(layer)
+
+    def extra_repr(self) -> str:
+        a = self.input_scheme.describe() if self.input_scheme else "float"
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, " \
+               f"weight={self.weight_scheme.describe()}, input={a}"
+
+    # --- persistent tensors -> kernel views ---
+
+    def signed_codes(self) -> Tensor:
+        """The weight's signed int8 codes ``[N, K]`` (int formats), unpacked from the stored form."""
+        if self.bits == 8:
+            return self.weight
+        return K.unpack_codes(self.weight_packed, self.bits, self.in_features)
+
+    def scale_rows(self) -> Tensor:
+        """``weight_scale`` as ``[G, N]`` float32 (``[1, 1]`` per tensor)."""
+        s = self.weight_scale
+        return s.reshape(1, 1) if s.dim() == 1 else s.t().contiguous()
+
+    def zero_rows(self) -> Tensor | None:
+        """``weight_zero_point`` as ``[G, N]`` int32, signed, or None when symmetric."""
+        z = getattr(self, "weight_zero_point", None)
+        return None if z is None else (z.reshape(1, 1) if z.dim() == 1 else z.t().contiguous())
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``(q - z) * s`` ``[N, K]`` in ``dtype`` (default: the model dtype), computed in float32."""
+        s = self.weight_scale.reshape(1, 1) if self.weight_scale.dim() == 1 else self.weight_scale
+        z = getattr(self, "weight_zero_point", None)
+        z = None if z is None else (z.reshape(1, 1) if z.dim() == 1 else z)
+        fp8 = isinstance(self.weight_scheme.number_format(), FloatFormat)
+        return K.dequantize_weight(self.weight if fp8 else self.signed_codes(), s, z, self.group, dtype or self.dtype)
+
+    # --- forward ---
+
+    def prepare(self) -> RuntimeLinear:
+        """Build the kernel layouts from the persistent tensors (after loading); returns self."""
+        raise NotImplementedError
+
+    def _matmul(self, x2: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.prepared:
+            raise RuntimeError(f"{type(self).__name__}.prepare() must run after its tensors are loaded")
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        y = self._matmul(x.reshape(-1, self.in_features))
+        y = y.to(torch.promote_types(y.dtype, x.dtype))  # a bf16 kernel's output, added to an fp32 bias in fp32
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class IntLinear(RuntimeLinear):
+    """Int weights x int activations: activations to int8 codes exactly as ``ActQuantizer`` rounds them (same scale
+    formula, clip ratio and round-half-to-even), one ``torch._int_mm`` (int32 accumulate) per weight group, then
+    ``* s_x * s_w``. Zero points (asymmetric weights or activations) enter as exact integer rank-1 corrections.
+
+    ``int8_copy``: keep the weight's codes as an int8 copy (``[N, K]`` bytes, beside the packed words) instead of
+    unpacking them on every call; the default is measured (benchmarks/kernels.py).
+    """
+
+    INT8_COPY = True
+    GROUPS = True  # group-wise weights by per-group partial products (measured: see benchmarks/README.md)
+
+    def prepare(self, int8_copy: bool | None = None) -> IntLinear:
+        self.int8_copy = self.INT8_COPY if int8_copy is None else int8_copy
+        fmt = self.input_scheme.number_format()
+        ws, wz = self.scale_rows(), self.zero_rows()
+        w8 = self.signed_codes() if (self.int8_copy or self.bits == 8) else None
+        self.register_buffer("_w8", w8, persistent=False)
+        self.register_buffer("_ws", ws, persistent=False)
+        self.register_buffer("_wz", wz, persistent=False)
+        colsum = None
+        if not fmt.symmetric:
+            w = self.signed_codes().to(torch.int32)
+            sizes = [c.shape[1] for c in w.split(self.group, 1)]
+            colsum = torch.stack([c.sum(1) for c in w.split(self.group, 1)])  # [G, N]
+            if wz is not None:
+                colsum = colsum - torch.tensor(sizes, dtype=torch.int32).unsqueeze(1) * wz
+        self.register_buffer("_wcolsum", colsum, persistent=False)
+        if not self.input_scheme.dynamic:
+            z = getattr(self, "input_zero_point", None)
+            self.register_buffer("_xz", None if z is None else z.reshape(1, 1).to(torch.int32), persistent=False)
+        self._fmt, self.prepared = fmt, True
+        return self
+
+    def _weight_codes(self) -> Tensor:
+        return self._w8 if self._w8 is not None else self.signed_codes()
+
+    def _matmul(self, x2: Tensor) -> Tensor:
+        fmt, scheme = self._fmt, self.input_scheme
+        x32 = x2.to(torch.float32)
+        if scheme.dynamic:
+            s_x, z_u = K.act_qparams(x32, fmt, scheme.granularity == "token", scheme.observer, scheme.clip_ratio,
+                                     observer_kwargs(scheme))
+            z_x = None if z_u is None else (z_u - K.offset(fmt.bits)).to(torch.int32)
+        else:
+            s_x, z_x = self.input_scale.reshape(1, 1), self._xz
+            z_u = None if z_x is None else z_x.to(torch.float32) + K.offset(fmt.bits)
+        xq = K.int_codes(x32, s_x, z_u, fmt)
+        y = K.int_linear(xq, self._weight_codes(), self._ws, self.group, z_x, self._wz, self._wcolsum)
+        return y.mul_(s_x)
+
+
+class WeightOnlyLinear(RuntimeLinear):
+    """Int weights, float activations: ``_weight_int4pack_mm_for_cpu`` (int4, bf16 activations; group 32..256 or a
+    group size they divide, K % group == 0, N % 16 == 0), else ``_weight_int8pack_mm`` (symmetric per channel/tensor,
+    any bits, K % 16 == 0), else the weight dequantized on every call and ``F.linear``.
+
+    Both kernels are fast with bf16 activations only; ``bf16_cast`` (for float32/float16 models): cast ``x`` to bf16
+    around the kernel (costs bf16 rounding of ``x``, of the scales and of the output, ~2^-8 relative) instead of
+    dequantizing in the model dtype; the default is measured (benchmarks/kernels.py).
+    """
+
+    BF16_CAST = True
+    KERNELS = ("int4pack", "int8pack", "dequant")
+
+    def possible_kernels(self) -> list[str]:
+        """The kernels whose constraints this layer meets, fastest first."""
+        s, n, k = self.weight_scheme, self.out_features, self.in_features
+        found = []
+        if self.bits == 4 and n % 16 == 0 and K.int4pack_group(k, self.group) and (k % self.group == 0):
+            found.append("int4pack")
+        if s.symmetric and s.granularity != "group" and k % 16 == 0:
+            found.append("int8pack")
+        return [*found, "dequant"]
+
+    def prepare(self, kernel: str | None = None, bf16_cast: bool | None = None) -> WeightOnlyLinear:
+        possible = self.possible_kernels()
+        if kernel is not None and kernel not in possible:
+            raise ValueError(f"kernel {kernel!r} does not fit this layer (possible: {possible})")
+        self.kernel = kernel or possible[0]
+        self.bf16_cast = self.BF16_CAST if bf16_cast is None else bf16_cast
+        for name in ("_int4", "_int4_sz", "_w8", "_w8_scale"):
+            self.register_buffer(name, None, persistent=False)
+        if self.kernel == "int4pack":
+            self.kernel_group = K.int4pack_group(self.in_features, self.group)
+            self._int4 = K.int4pack_weight(self.signed_codes())
+            s = self.scale_rows().t().expand(self.out_features, -1)
+            z = self.zero_rows()
+            z = None if z is None else z.t().expand(self.out_features, -1)
+            reps = (self.group if self.weight_scheme.granularity == "group" else self.in_features)
+            self._int4_sz = K.int4pack_scales_zeros(s, z, reps, self.kernel_group, torch.bfloat16)
+        elif self.kernel == "int8pack":
+            self._w8 = self.signed_codes()
+            self._w8_scale = self.weight_scale.reshape(-1).expand(self.out_features).to(torch.bfloat16).contiguous()
+        self.prepared = True
+        return self
+
+    def _matmul(self, x2: Tensor) -> Tensor:
+        if self.kernel == "dequant" or (x2.dtype != torch.bfloat16 and not self.bf16_cast):
+            return F.linear(x2, self.dequantized_weight(x2.dtype))
+        xb = x2.to(torch.bfloat16)
+        if self.kernel == "int4pack":
+            return K.int4pack_mm(xb, self._int4, self.kernel_group, self._int4_sz)
+        return K.int8pack_mm(xb, self._w8, self._w8_scale)
+
+
+class Fp8Linear(RuntimeLinear):
+    """fp8 weights (e4m3 / e5m2), float or fp8 activations (dynamic per token or tensor, static per tensor).
+
+    This CPU has no fast fp8 GEMM: ``torch._scaled_mm`` runs a reference path and fp8 -> float casts are scalar (both
+    measured in benchmarks/kernels.py), so ``mode="cached"`` (the default) dequantizes the weight once in
+    :meth:`prepare` (RAM as the float model; fp8 saves disk only); ``"per_call"`` upcasts on every call (RAM of fp8);
+    ``"scaled_mm"`` runs ``torch._scaled_mm`` (fp8 activations, per-channel or per-tensor weights).
+    Activations are rounded to the fp8 grid exactly as the fake quantizer rounds them.
+    """
+
+    MODE = "cached"
+
+    def prepare(self, mode: str | None = None) -> Fp8Linear:
+        mode = mode or self.MODE
+        if mode not in ("cached", "per_call", "scaled_mm"):
+            raise ValueError(f"unknown fp8 mode {mode!r} (cached, per_call, scaled_mm)")
+        if mode == "scaled_mm" and (self.input_scheme is None or self.weight_scheme.granularity == "group"):
+            raise ValueError("scaled_mm needs fp8 activations and per-channel or per-tensor weight scales")
+        self.mode = mode
+        self.register_buffer("_w", self.dequantized_weight() if mode == "cached" else None, persistent=False)
+        rows = mode == "scaled_mm"  # its weight scales as [1, N]
+        self.register_buffer("_ws", self.scale_rows().expand(1, self.out_features).contiguous() if rows else None,
+                             persistent=False)
+        self.prepared = True
+        return self
+
+    def _matmul(self, x2: Tensor) -> Tensor:
+        scheme = self.input_scheme
+        if scheme is not None:
+            fmt, x32 = scheme.number_format(), x2.to(torch.float32)
+            if scheme.dynamic:
+                s_x, _ = K.act_qparams(x32, fmt, scheme.granularity == "token", scheme.observer, scheme.clip_ratio,
+                                       observer_kwargs(scheme))
+            else:
+                s_x = self.input_scale.reshape(1, 1)
+            xf = K.fp8_codes(x32, s_x, fmt, FP8_DTYPES[scheme.format])
+            if self.mode == "scaled_mm":
+                s_a = s_x.expand(x2.shape[0], 1).contiguous() if s_x.numel() == 1 else s_x
+                return torch._scaled_mm(xf, self.weight.t(), scale_a=s_a, scale_b=self._ws, out_dtype=torch.float32)
+            x2 = (xf.to(torch.float32) * s_x).to(x2.dtype)
+        w = self._w if self._w is not None else self.dequantized_weight(x2.dtype)
+        return F.linear(x2, w.to(x2.dtype))
+
+
+# --- from the fake-quant layer --------------------------------------------------------------------------------------
+
+
+def _weight_codes(layer: QuantLinear) -> Tensor:
+    """Codes of the on-grid fake-quant weight, recovered exactly; a weight off its grid is an error."""
+    scheme, w = layer.weight_scheme, layer.weight.detach()
+    fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
+    qp = QParams(layer.weight_scale, layer.weight_zero)
+    codes = quantize(w.to(torch.float32), qp, fmt, gran)
+    back = dequantize(codes, qp, fmt, gran, w.shape, dtype=w.dtype)
+    step = qp.scale.to(torch.float32).amax().item()
+    if not torch.allclose(back.to(torch.float32), w.to(torch.float32), rtol=0, atol=1e-3 * step):
+        raise ValueError(f"{layer.extra_repr()}: the weight is not on its quantization grid (trained, not frozen?)")
+    return codes
+
+
+def _scale_tensor(t: Tensor, granularity: str) -> Tensor:
+    """A QuantLinear qparam (``[N,1]``, ``[N,G,1]`` or ``[1,1]``) in the on-disk shape."""
+    return {"channel": lambda: t.reshape(-1, 1), "group": lambda: t.reshape(t.shape[0], -1),
+            "tensor": lambda: t.reshape(1)}[granularity]()
+
+
+def quant_linear_state(layer: QuantLinear) -> dict[str, Tensor]:
+    """The persistent tensors (on-disk format) of the runtime module for ``layer``."""
+    scheme, fmt = layer.weight_scheme, layer.weight_scheme.number_format()
+    codes, out = _weight_codes(layer), {}
+    if isinstance(fmt, FloatFormat):
+        out["weight"] = codes.to(FP8_DTYPES[scheme.format])
+    else:
+        signed = codes if fmt.symmetric else codes - K.offset(fmt.bits)
+        if fmt.bits == 8:
+            out["weight"] = signed.to(torch.int8)
+        else:
+            out["weight_packed"] = K.pack_codes(signed.to(torch.int8), fmt.bits)
+            out["weight_shape"] = torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)
+    out["weight_scale"] = _scale_tensor(layer.weight_scale.detach().to(torch.float32), scheme.granularity)
+    if isinstance(fmt, IntFormat) and not fmt.symmetric:
+        z = _scale_tensor(layer.weight_zero.detach(), scheme.granularity)
+        out["weight_zero_point"] = (z - K.offset(fmt.bits)).to(torch.int32)
+    if layer.bias is not None:
+        out["bias"] = layer.bias.detach().clone()
+    q = layer.input_quant
+    if q is not None and q.static:
+        if q.scale is None:
+            raise CalibrationError(f"static quantizer {q.name or q.kind} was never calibrated")
+        out["input_scale"] = q.scale.detach().to(torch.float32).reshape(1)
+        if q.zero_point is not None:
+            out["input_zero_point"] = (q.zero_point.reshape(1) - K.offset(q.fmt.bits)).to(torch.int32)
+    return out
+
+
+def to_runtime(layer: QuantLinear) -> RuntimeLinear:
+    """A prepared runtime module computing what the fake-quant ``layer`` computes (same online rotation object).
+
+    Built the way a loader builds one: :meth:`RuntimeLinear.empty`, ``load_state_dict(assign=True)``, ``prepare()``.
+    Raises :class:`NoKernelError` for schemes without a kernel, ValueError for a layer still training.
+    """
+    if layer.weight_scheme is None:
+        raise NoKernelError(f"{layer.extra_repr()}: float weights have no low-bit kernel; {FALLBACK}")
+    q = layer.input_quant
+    if layer.learning or (q is not None and (not q.enabled or q.calibrating or q.learned_clip is not None)):
+        raise ValueError(f"{layer.extra_repr()}: finish training or calibration before converting to the runtime")
+    module = RuntimeLinear.empty(layer.in_features, layer.out_features, layer.bias is not None, layer.weight_scheme,
+                                 q.scheme if q is not None else None, layer.weight.dtype)
+    module.load_state_dict(quant_linear_state(layer), assign=True)
+    module.input_transform = layer.input_transform
+    return module.prepare()
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace every fake-quant :class:`QuantLinear` of ``model`` by its runtime module, in place; returns ``model``.
+
+    All layers are converted before any is swapped, so a :class:`NoKernelError` leaves the model untouched.
+    """
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    runtime = [(name, to_runtime(m)) for name, m in found]
+    for name, module in runtime:
+        parent, _, child = name.rpartition(".")
+        old = model.get_submodule(name)
+        carry_hook(old, module)
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+    return model
