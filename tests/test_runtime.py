@@ -86,10 +86,16 @@ def assert_matches(layer: QuantLinear, module: nn.Module, x: torch.Tensor, rel: 
     assert ((got - expected).abs() <= rel * bound + 1e-30).all(), float(((got - expected).abs() / bound).max())
 
 
+@pytest.fixture
+def int_groups(monkeypatch):
+    """Group-wise weights with int activations: off by default (measured not cheap), on for these tests."""
+    monkeypatch.setattr(IntLinear, "GROUPS", True)
+
+
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("w,a", INT_CASES, ids=lambda s: s.describe() if s else "none")
 @pytest.mark.parametrize("bias", [True, False])
-def test_int_weights_int_activations(k, n, w, a, bias):
+def test_int_weights_int_activations(k, n, w, a, bias, int_groups):
     layer = fake(k, n, bias, w, a)
     module = to_runtime(layer)
     assert isinstance(module, IntLinear)
@@ -106,7 +112,7 @@ def test_weight_only_every_possible_kernel(k, n, w):
     for kernel in module.possible_kernels():
         for cast in (True, False):
             module.prepare(kernel=kernel, bf16_cast=cast)
-            exact = kernel == "dequant" or not cast
+            exact = kernel == "dequant" or not cast  # bf16_cast=False: float32 inputs dequantize instead
             assert_matches(layer, module, inputs(k), 1e-5 if exact else 2**-7)
 
 
@@ -117,6 +123,16 @@ def test_weight_only_kernels_are_chosen_by_their_constraints():
     group48 = to_runtime(fake(96, 64, False, S(format="int4", granularity="group", group_size=48)))
     assert group48.kernel == "dequant"  # no int4pack group size divides 48
     assert to_runtime(fake(512, 64, False, S(format="int4", granularity="group", group_size=512))).kernel_group == 256
+
+
+def test_float32_inputs_cast_to_bf16_only_up_to_the_measured_row_count():
+    module = to_runtime(fake(96, 64, False, S(format="int4")))
+    assert module.kernel == "int4pack" and module.bf16_cast_max_m == WeightOnlyLinear.BF16_CAST_MAX_M["int4pack"]
+    small, large = torch.randn(2, 96), torch.randn(module.bf16_cast_max_m + 1, 96)
+    cast, dequant = to_runtime(fake(96, 64, False, S(format="int4"))), to_runtime(fake(96, 64, False, S(format="int4")))
+    cast.prepare(bf16_cast=True)
+    dequant.prepare(kernel="dequant")
+    assert torch.equal(module(small), cast(small)) and torch.equal(module(large), dequant(large))
 
 
 @pytest.mark.parametrize("k,n", SHAPES)
@@ -160,7 +176,7 @@ def test_activation_codes_are_the_act_quantizers():
         assert torch.equal((codes - (0 if z is None else z)) * s, ActQuantizer(a, "activation")(x))
 
 
-def test_state_dict_is_the_on_disk_contract():
+def test_state_dict_is_the_on_disk_contract(int_groups):
     n, k = 24, 40
     layer = fake(k, n, True, S(format="int4"), S(format="int8", granularity="tensor", dynamic=False))
     sd = to_runtime(layer).state_dict()
@@ -194,7 +210,7 @@ def test_state_dict_is_the_on_disk_contract():
 
 @pytest.mark.parametrize("w,a", [INT_CASES[2], INT_CASES[4], (WEIGHT_ONLY[0], None), FP8_CASES[2]],
                          ids=["int8-asym", "int3-group", "w-only", "fp8"])
-def test_meta_module_loads_and_prepares_to_the_converted_one(w, a):
+def test_meta_module_loads_and_prepares_to_the_converted_one(w, a, int_groups):
     layer = fake(96, 64, True, w, a, dtype=torch.bfloat16)
     converted = to_runtime(layer)
     empty = RuntimeLinear.empty(96, 64, True, w, a, torch.bfloat16)
@@ -218,6 +234,8 @@ def test_forward_before_prepare_is_an_error():
     (S(format="fp8_e4m3"), S(format="int8", granularity="token"), "format pair"),
     (S(format="int8"), S(format="int8", granularity="channel", dynamic=False), "channel activation scales"),
     (S(format="int8"), S(format="int8", granularity="group", group_size=32), "group activation scales"),
+    (S(format="int4", granularity="group", group_size=32), S(format="int8", granularity="token"),
+     "group-wise weights with integer activations"),
 ])
 def test_schemes_without_a_kernel_name_the_fallback(w, a, why):
     with pytest.raises(NoKernelError, match=f"{why}.*simulate=True"):

@@ -19,6 +19,8 @@ The defaults of each kind's flags are measured by ``benchmarks/kernels.py`` (see
 from __future__ import annotations
 
 import math
+import sys
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +59,8 @@ def kernel_class(weight: QuantScheme, act: QuantScheme | None) -> type[RuntimeLi
     if isinstance(wf, IntFormat) and isinstance(af, IntFormat):
         _check_act(weight, act)
         if weight.granularity == "group" and not IntLinear.GROUPS:
-            raise _no_kernel(weight, act, "group-wise weights with integer activations")
+            raise _no_kernel(weight, act, "group-wise weights with integer activations (per-group partial products "
+                                          "measured 1.5-3x the per-channel kernel; IntLinear.GROUPS = True runs them)")
         return IntLinear
     if weight.format in FP8_DTYPES and (af is None or act.format in FP8_DTYPES):
         if act is not None:
@@ -178,11 +181,13 @@ class IntLinear(RuntimeLinear):
     ``* s_x * s_w``. Zero points (asymmetric weights or activations) enter as exact integer rank-1 corrections.
 
     ``int8_copy``: keep the weight's codes as an int8 copy (``[N, K]`` bytes, beside the packed words) instead of
-    unpacking them on every call; the default is measured (benchmarks/kernels.py).
+    unpacking them on every call (measured 3x faster at decode). ``GROUPS``: group-wise weights run one
+    ``_int_mm`` per group (measured 1.5-3x the per-channel kernel at decode), so they are refused unless set.
+    Measurements: benchmarks/kernels.py.
     """
 
     INT8_COPY = True
-    GROUPS = True  # group-wise weights by per-group partial products (measured: see benchmarks/README.md)
+    GROUPS = False  # group-wise weights by per-group partial products: correct, but measured not cheap (off)
 
     def prepare(self, int8_copy: bool | None = None) -> IntLinear:
         self.int8_copy = self.INT8_COPY if int8_copy is None else int8_copy
@@ -229,13 +234,14 @@ class WeightOnlyLinear(RuntimeLinear):
     group size they divide, K % group == 0, N % 16 == 0), else ``_weight_int8pack_mm`` (symmetric per channel/tensor,
     any bits, K % 16 == 0), else the weight dequantized on every call and ``F.linear``.
 
-    Both kernels are fast with bf16 activations only; ``bf16_cast`` (for float32/float16 models): cast ``x`` to bf16
-    around the kernel (costs bf16 rounding of ``x``, of the scales and of the output, ~2^-8 relative) instead of
-    dequantizing in the model dtype; the default is measured (benchmarks/kernels.py).
+    Both kernels are fast with bf16 activations only. For float32/float16 models, inputs of at most
+    ``bf16_cast_max_m`` rows are cast to bf16 around the kernel (costs bf16 rounding of ``x``, of the scales and of
+    the output, ~2^-8 relative); larger ones dequantize the weight in the model dtype instead. The default
+    thresholds are measured (benchmarks/kernels.py): at M=1 the cast is 9x (int8) to 30x (int4) faster than
+    dequantizing, at M=256 dequantizing is faster (int4 from ~M=200, int8 from ~M=50).
     """
 
-    BF16_CAST = True
-    KERNELS = ("int4pack", "int8pack", "dequant")
+    BF16_CAST_MAX_M: ClassVar[dict[str, int]] = {"int4pack": 128, "int8pack": 32}
 
     def possible_kernels(self) -> list[str]:
         """The kernels whose constraints this layer meets, fastest first."""
@@ -248,11 +254,14 @@ class WeightOnlyLinear(RuntimeLinear):
         return [*found, "dequant"]
 
     def prepare(self, kernel: str | None = None, bf16_cast: bool | None = None) -> WeightOnlyLinear:
+        """Pick ``kernel`` (default: the first of :meth:`possible_kernels`) and build its layout. ``bf16_cast``:
+        True / False cast non-bf16 inputs of any size / never; None: up to ``BF16_CAST_MAX_M[kernel]`` rows."""
         possible = self.possible_kernels()
         if kernel is not None and kernel not in possible:
             raise ValueError(f"kernel {kernel!r} does not fit this layer (possible: {possible})")
         self.kernel = kernel or possible[0]
-        self.bf16_cast = self.BF16_CAST if bf16_cast is None else bf16_cast
+        default = self.BF16_CAST_MAX_M.get(self.kernel, 0)
+        self.bf16_cast_max_m = default if bf16_cast is None else (sys.maxsize if bf16_cast else 0)
         for name in ("_int4", "_int4_sz", "_w8", "_w8_scale"):
             self.register_buffer(name, None, persistent=False)
         if self.kernel == "int4pack":
@@ -261,8 +270,7 @@ class WeightOnlyLinear(RuntimeLinear):
             s = self.scale_rows().t().expand(self.out_features, -1)
             z = self.zero_rows()
             z = None if z is None else z.t().expand(self.out_features, -1)
-            reps = (self.group if self.weight_scheme.granularity == "group" else self.in_features)
-            self._int4_sz = K.int4pack_scales_zeros(s, z, reps, self.kernel_group, torch.bfloat16)
+            self._int4_sz = K.int4pack_scales_zeros(s, z, self.group, self.kernel_group, torch.bfloat16)
         elif self.kernel == "int8pack":
             self._w8 = self.signed_codes()
             self._w8_scale = self.weight_scale.reshape(-1).expand(self.out_features).to(torch.bfloat16).contiguous()
@@ -270,7 +278,7 @@ class WeightOnlyLinear(RuntimeLinear):
         return self
 
     def _matmul(self, x2: Tensor) -> Tensor:
-        if self.kernel == "dequant" or (x2.dtype != torch.bfloat16 and not self.bf16_cast):
+        if self.kernel == "dequant" or (x2.dtype != torch.bfloat16 and x2.shape[0] > self.bf16_cast_max_m):
             return F.linear(x2, self.dequantized_weight(x2.dtype))
         xb = x2.to(torch.bfloat16)
         if self.kernel == "int4pack":
