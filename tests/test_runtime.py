@@ -43,7 +43,8 @@ INT_CASES = [
     (S(format="int2", granularity="group", group_size=16), S(format="int4", granularity="tensor", observer="percentile")),
 ]
 WEIGHT_ONLY = [S(format="int4", granularity="group", group_size=32, symmetric=False), S(format="int4"),
-               S(format="int8"), S(format="int5", symmetric=False, granularity="tensor"), S(format="int2")]
+               S(format="int8"), S(format="int5", symmetric=False, granularity="tensor"), S(format="int2"),
+               S(format="int3", symmetric=False, granularity="group", group_size=64)]
 FP8_CASES = [(S(format="fp8_e4m3"), S(format="fp8_e4m3", granularity="token")), (S(format="fp8_e4m3"), None),
              (S(format="fp8_e5m2", granularity="tensor"), S(format="fp8_e5m2", granularity="tensor", dynamic=False)),
              (S(format="fp8_e4m3", granularity="group", group_size=32), None)]
@@ -119,6 +120,7 @@ def test_weight_only_every_possible_kernel(k, n, w):
 def test_weight_only_kernels_are_chosen_by_their_constraints():
     assert to_runtime(fake(96, 64, False, S(format="int4", granularity="group", group_size=32))).kernel == "int4pack"
     assert to_runtime(fake(96, 24, False, S(format="int4"))).kernel == "int8pack"  # N % 16 != 0
+    assert to_runtime(fake(96, 64, False, S(format="int3", symmetric=False))).kernel == "int4pack"  # int3 codes fit
     assert to_runtime(fake(40, 64, False, S(format="int8"))).kernel == "dequant"  # K % 16 != 0: int8pack breaks
     group48 = to_runtime(fake(96, 64, False, S(format="int4", granularity="group", group_size=48)))
     assert group48.kernel == "dequant"  # no int4pack group size divides 48
@@ -252,6 +254,8 @@ def test_convert_swaps_every_quant_linear_or_none():
         convert(model)
         assert isinstance(model[0], IntLinear) and isinstance(model[2], WeightOnlyLinear)
         assert (model(x) - expected).norm() <= 1e-2 * expected.norm()  # layer 2 runs in bf16
+    rotation_only = QuantLinear(nn.Linear(32, 32))
+    assert convert(nn.Sequential(rotation_only))[0] is rotation_only  # float weights and inputs: nothing to run
     mixed = nn.Sequential(fake(32, 32, False, S(format="int4")), fake(32, 32, False, S(format="fp4_e2m1")))
     with pytest.raises(NoKernelError):
         convert(mixed)

@@ -115,7 +115,7 @@ class RuntimeLinear(nn.Module):
         from the schemes; raises :class:`NoKernelError` when there is none)."""
         kind = kernel_class(weight_scheme, input_scheme)
         if cls is not RuntimeLinear and kind is not cls:
-            raise _no_kernel(weight_scheme, input_scheme, f"{cls.__name__} does not run it ({kind.__name__} does)")
+            raise ValueError(f"{cls.__name__} does not run {weight_scheme.describe()} weights ({kind.__name__} does)")
         return kind(in_features, out_features, bias, weight_scheme, input_scheme, dtype)
 
     @classmethod
@@ -230,7 +230,8 @@ class IntLinear(RuntimeLinear):
 
 
 class WeightOnlyLinear(RuntimeLinear):
-    """Int weights, float activations: ``_weight_int4pack_mm_for_cpu`` (int4, bf16 activations; group 32..256 or a
+    """Int weights, float activations: ``_weight_int4pack_mm_for_cpu`` (int2-int4, whose signed codes are int4 codes;
+    bf16 activations; group 32..256 or a
     group size they divide, K % group == 0, N % 16 == 0), else ``_weight_int8pack_mm`` (symmetric per channel/tensor,
     any bits, K % 16 == 0), else the weight dequantized on every call and ``F.linear``.
 
@@ -247,7 +248,7 @@ class WeightOnlyLinear(RuntimeLinear):
         """The kernels whose constraints this layer meets, fastest first."""
         s, n, k = self.weight_scheme, self.out_features, self.in_features
         found = []
-        if self.bits == 4 and n % 16 == 0 and K.int4pack_group(k, self.group) and (k % self.group == 0):
+        if self.bits <= 4 and n % 16 == 0 and K.int4pack_group(k, self.group) and (k % self.group == 0):
             found.append("int4pack")
         if s.symmetric and s.granularity != "group" and k % 16 == 0:
             found.append("int8pack")
@@ -402,9 +403,11 @@ def to_runtime(layer: QuantLinear) -> RuntimeLinear:
 def convert(model: nn.Module) -> nn.Module:
     """Replace every fake-quant :class:`QuantLinear` of ``model`` by its runtime module, in place; returns ``model``.
 
-    All layers are converted before any is swapped, so a :class:`NoKernelError` leaves the model untouched.
+    Layers with float weights and inputs (an online rotation only) stay as they are. All layers are converted before
+    any is swapped, so a :class:`NoKernelError` leaves the model untouched.
     """
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, QuantLinear) and (m.weight_scheme is not None or m.input_quant is not None)]
     runtime = [(name, to_runtime(m)) for name, m in found]
     for name, module in runtime:
         parent, _, child = name.rpartition(".")
