@@ -43,7 +43,7 @@ def runtime_bits_per_element(scheme: QuantScheme | None, row_width: int) -> floa
 
 def _linear_weight_bits(module: nn.Module) -> tuple[float, int]:
     """(total bits, element count) stored for one linear's weight."""
-    numel = module.weight.numel()
+    numel = module.in_features * module.out_features  # a real low-bit module holds packed codes, not ``weight``
     scheme = getattr(module, "weight_scheme", None)
     if scheme is None:
         return FP_BITS * numel, numel
@@ -58,11 +58,12 @@ def weight_bits(model: nn.Module, spec: ArchSpec) -> dict[str, float]:
     """Average stored bits per weight over the decoder linears, and over every parameter of the model."""
     linears = _decoder_linears(model, spec)
     total, count = map(sum, zip(*(_linear_weight_bits(m) for m in linears)))
-    quantized = {id(m.weight): m for m in model.modules() if getattr(m, "weight_scheme", None) is not None}
-    all_bits, all_count = 0.0, 0
+    quantized = [m for m in model.modules() if getattr(m, "weight_scheme", None) is not None]
+    all_bits, all_count = map(sum, zip((0.0, 0), *(_linear_weight_bits(m) for m in quantized)))
+    inside = {id(t) for m in quantized for t in (getattr(m, "weight", None),) if t is not None}
     for p in {id(p): p for p in model.parameters()}.values():
-        bits, n = _linear_weight_bits(quantized[id(p)]) if id(p) in quantized else (FP_BITS * p.numel(), p.numel())
-        all_bits, all_count = all_bits + bits, all_count + n
+        if id(p) not in inside:
+            all_bits, all_count = all_bits + FP_BITS * p.numel(), all_count + p.numel()
     return {"weight": total / count, "weight_all": all_bits / all_count}
 
 
@@ -71,7 +72,8 @@ def activation_bits(model: nn.Module, spec: ArchSpec) -> float:
     total = count = 0.0
     for m in _decoder_linears(model, spec):
         quant = getattr(m, "input_quant", None)
-        total += runtime_bits_per_element(quant.scheme if quant else None, m.in_features) * m.in_features
+        scheme = quant.scheme if quant is not None else getattr(m, "input_scheme", None)
+        total += runtime_bits_per_element(scheme, m.in_features) * m.in_features
         count += m.in_features
     return total / count
 

@@ -72,6 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks to score (needs lowbit[lm-eval])")
     q.add_argument("--task-limit", type=_positive_int, default=None, help="examples per lm-eval task")
     q.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    q.add_argument("--save", default=None, metavar="DIR", help="also write the quantized model into this new folder")
+    g = sub.add_parser("generate", help="continue a prompt with a saved quantized model (streams the text)")
+    g.add_argument("--model", required=True, metavar="DIR", help="a folder written by `lowbit quantize --save`")
+    g.add_argument("--prompt", required=True, help="the text to continue (in the chat template when there is one)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (the default) decodes greedily")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--simulate", action="store_true", help="run the fake-quant model instead of real kernels")
+    g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    e = sub.add_parser("eval", help="perplexity of a saved quantized model, against its full-precision source")
+    e.add_argument("--model", required=True, metavar="DIR", help="a folder written by `lowbit quantize --save`")
+    e.add_argument("--reference", default="saved",
+                   help="full-precision model to compare with: 'saved' (its source), 'none', or a model source")
+    e.add_argument("--eval-data", default="default", help="'default', a text file, or wikitext2 / c4 / pile")
+    e.add_argument("--seq-len", type=_positive_int, default=2048, help="evaluation window length in tokens")
+    e.add_argument("--windows", type=_positive_int, default=6, help="number of evaluation windows")
+    e.add_argument("--all-windows", action="store_true", help="evaluate every full window of the evaluation text")
+    e.add_argument("--simulate", action="store_true", help="run the fake-quant model instead of real kernels")
+    e.add_argument("--report", default="lowbit-eval.json", help="where to write the JSON report")
+    e.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
     r = sub.add_parser("recipes", help="list the preset recipes, or print one as YAML")
     r.add_argument("name", nargs="?", help="print this preset's full YAML")
     i = sub.add_parser("inspect", help="outlier tokens before/after rotation and with PrefixQuant's prefix")
@@ -114,14 +135,11 @@ def _cmd_recipes(args, console: Console) -> int:
 
 
 def _cmd_quantize(args, console: Console) -> int:
-    import torch
-
     from .pipeline import run
     from .recipe import load_recipe
     from .report import render_table
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _threads(args)
     recipe = load_recipe(args.recipe)
     data = DataConfig(
         calib=args.calib_data,
@@ -139,10 +157,45 @@ def _cmd_quantize(args, console: Console) -> int:
             progress=progress,
             tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
             task_limit=args.task_limit,
+            save_path=args.save,
         )
+    render_table(report, console)
+    console.print(f"report written to {args.report}" + (f"; quantized model saved to {args.save}" if args.save else ""))
+    return 0
+
+
+def _cmd_eval(args, console: Console) -> int:
+    from .report import render_table, write_json_atomic
+    from .saved import evaluate_saved
+
+    _threads(args)
+    data = DataConfig(eval=args.eval_data, seq_len=args.seq_len, windows=None if args.all_windows else args.windows)
+    reference = None if args.reference == "none" else args.reference
+    with rich_progress(console) as progress:
+        report = evaluate_saved(args.model, data, reference, args.simulate, progress)
+    write_json_atomic(args.report, report)
     render_table(report, console)
     console.print(f"report written to {args.report}")
     return 0
+
+
+def _cmd_generate(args, console: Console) -> int:
+    from .artifact import load, load_tokenizer
+    from .saved import generate
+
+    _threads(args)
+    model, tokenizer = load(args.model, simulate=args.simulate), load_tokenizer(args.model)
+    generate(model, tokenizer, args.prompt, args.max_new_tokens, chat=not args.raw, temperature=args.temperature,
+             seed=args.seed, on_text=lambda text: print(text, end="", flush=True))
+    print()
+    return 0
+
+
+def _threads(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=False)
     try:
-        commands = {"recipes": _cmd_recipes, "quantize": _cmd_quantize, "inspect": _cmd_inspect}
+        commands = {"recipes": _cmd_recipes, "quantize": _cmd_quantize, "inspect": _cmd_inspect,
+                    "eval": _cmd_eval, "generate": _cmd_generate}
         return commands[args.command](args, console)
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from .apply import quantize, quantize_with_session
+from .artifact import check_new_folder, save
 from .bits import activation_bits, kv_bits, weight_bits
 from .data import DataConfig, TokenData, check_source, prepare_data
+from .errors import ArtifactError
 from .evaluate import evaluate
 from .methods import Session
 from .methods.quarot import RotationResult
@@ -41,9 +43,11 @@ def run(
     progress: Progress | None = None,
     tasks: list[str] | None = None,
     task_limit: int | None = None,
+    save_path: str | Path | None = None,
 ) -> dict:
     """Load, quantize, evaluate against full precision in the same run, and return (and optionally write) the report.
 
+    ``save_path``: also write the quantized model there (:func:`lowbit.save`; checked before anything runs).
     ``tasks`` (lm-eval task names, needs the ``lm-eval`` extra) adds zero-shot scores of the quantized model under
     the report's ``tasks`` key; ``task_limit`` caps the examples per task.
     """
@@ -51,6 +55,10 @@ def run(
     data = data or DataConfig()
     for source in {data.calib, data.eval}:
         check_source(source)
+    if save_path is not None:
+        if not quantizes(recipe):
+            raise ArtifactError(f"recipe '{recipe.name}' quantizes nothing, so there is no model to save: drop --save")
+        check_new_folder(Path(save_path))
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load_model(model)
@@ -61,11 +69,17 @@ def run(
         qmodel, session = quantize_with_session(loaded.model, recipe, tokens, progress=progress)
     seconds["calibrate"] = session.seconds["calibrate"] if session else 0.0
     seconds["quantize"] = session.seconds["quantize"] if session else 0.0
+    if save_path is not None:
+        start = time.perf_counter()
+        save(qmodel, save_path, loaded.tokenizer, source=loaded.source)
+        seconds["save"] = time.perf_counter() - start
     start = time.perf_counter()
     result = evaluate(loaded.model, qmodel, tokens.eval_windows, progress=progress)
     seconds["eval"] = time.perf_counter() - start
     report = build_report(loaded.source, recipe, data, tokens, result, qmodel, loaded.spec, seconds, session)
     add_rotation_invariance(report, loaded.model, recipe, tokens, session)
+    if save_path is not None:
+        report["saved"] = str(save_path)
     if tasks:
         from .integrations.harness import run_tasks
 

@@ -45,7 +45,9 @@ def save_tensors_atomic(path: str | Path, tensors: dict, meta: dict) -> Path:
     return path
 
 
-def _fmt(value: float, digits: int = 3) -> str:
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
     return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.3g}"
 
 
@@ -63,7 +65,7 @@ def render_table(report: dict, console: Console | None = None) -> None:
         ("ppl ratio", _fmt(q["ppl_ratio"], 4)),
         ("KL vs fp", _fmt(q["kl_vs_fp"], 4)),
         ("top-1 agreement", _fmt(q["top1_agreement"], 4)),
-        ("bits W / A / KV", f"{bits['weight']:.2f} / {bits['activation']:.2f} / {bits['kv']:.2f}"),
+        ("bits W / A / KV", f"{bits['weight']:.2f} / {bits['activation']:.2f} / {bits['kv']:.2f}" if bits else "-"),
         ("seconds", " · ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items())),
     ]
     for task, metrics in report.get("tasks", {}).items():

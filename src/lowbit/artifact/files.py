@@ -32,17 +32,32 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _readable(folder: Path) -> None:
+    """Give the folder and its files the permissions the user's umask allows (mkdtemp makes them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def check_new_folder(target: Path) -> None:
+    """Refuse a save target that exists and is not an empty folder (checked before any long job starts too)."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ArtifactError(f"{target} already exists: save into a new folder (lowbit never overwrites a model)")
+
+
 @contextmanager
 def new_folder(target: Path) -> Iterator[Path]:
     """A temporary folder beside ``target`` that becomes ``target`` when the block ends without error (else it is
     removed). ``target`` must not exist or be an empty folder: a save never overwrites a model."""
     target = Path(target)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ArtifactError(f"{target} already exists: save into a new folder (lowbit never overwrites a model)")
+    check_new_folder(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        _readable(tmp)
         if target.exists():
             target.rmdir()
         os.replace(tmp, target)

@@ -15,17 +15,18 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..errors import ArtifactError, LowbitError
+from ..errors import ArtifactError
 from ..models.arch import spec_for_model_type
+from ..quant import QParams, granule_shape
 from ..rotations import RotationMatrix
+from ..runtime import RuntimeLinear
 from ..schemes import QuantScheme
 from ..surgery.linear import QuantLinear
-from ..surgery.quantizer import ActQuantizer
+from ..surgery.quantizer import ActQuantizer, granularity_for
 from ..surgery.rotate import OnlineRotation
 from .files import check_files, read_tensors
 from .parts import finish, rebuild
 from .save import FORMAT, FORMAT_VERSION, MANIFEST
-from .weights import decode_weight
 
 
 def read_manifest(folder: Path) -> dict:
@@ -60,27 +61,63 @@ def _config(folder: Path):
         raise ArtifactError(f"{folder / 'config.json'} cannot be read ({exc}); save the model again") from None
 
 
-def simulated_linear(entry: dict, rotation: RotationMatrix | None, own: dict[str, Tensor]) -> QuantLinear:
-    """The fake-quant :class:`QuantLinear` of one saved linear (what ``lowbit quantize`` evaluated)."""
-    scheme = QuantScheme(**entry["weight"])
-    shape = (entry["out"], entry["in"])
-    bias = own.pop("bias", None)
+def _stored(entry: dict, own: dict[str, Tensor], dtype: torch.dtype) -> RuntimeLinear:
+    """One saved linear's tensors in the runtime module that holds them (the base class: storage, no kernel)."""
+    weight = QuantScheme(**entry["weight"])
+    act = QuantScheme(**entry["input"]["scheme"]) if entry["input"] else None
+    stored = RuntimeLinear(entry["in"], entry["out"], entry["bias"], weight, act, dtype)
+    for name in ("input_scale", "input_zero_point"):  # static input qparams keep their saved shape (per channel)
+        if name in own:
+            stored.register_buffer(name, torch.empty_like(own[name], device="meta"))
+    try:
+        stored.load_state_dict(own, assign=True, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"a saved linear's tensors do not match its scheme ({str(exc).splitlines()[0]}); "
+                            "save the model again") from None
+    return stored
+
+
+def simulated_linear(entry: dict, rotation: RotationMatrix | None, own: dict[str, Tensor],
+                     dtype: torch.dtype = torch.float32) -> QuantLinear:
+    """The fake-quant :class:`QuantLinear` of one saved linear: exactly what ``lowbit quantize`` evaluated."""
+    stored = _stored(entry, own, dtype)
+    scheme = stored.weight_scheme
     with torch.device("meta"):
         linear = QuantLinear(nn.Linear(entry["in"], entry["out"], bias=entry["bias"]))
-    dtype = bias.dtype if bias is not None else torch.float32
-    w_hat, qparams = decode_weight(own, scheme, shape, dtype)
+    granules = granule_shape((entry["out"], entry["in"]), granularity_for(scheme, "weight"))
+    zero = getattr(stored, "weight_zero_point", None)
+    zero = None if zero is None else (zero.float() + 2 ** (scheme.bits - 1)).reshape(granules)
+    w_hat = stored.dequantized_weight(dtype)
     linear.weight = nn.Parameter(w_hat, requires_grad=False)
-    linear.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-    linear.set_quantized_weight(w_hat, qparams, scheme)
+    linear.bias = None if stored.bias is None else nn.Parameter(stored.bias, requires_grad=False)
+    linear.set_quantized_weight(w_hat, QParams(stored.weight_scale.reshape(granules), zero), scheme)
     if rotation is not None:
         linear.input_transform = OnlineRotation(rotation)
     if entry["input"] is not None:
         q = entry["input"]
-        linear.input_quant = ActQuantizer(QuantScheme(**q["scheme"]), q["kind"], name=q["name"])
+        linear.input_quant = ActQuantizer(stored.input_scheme, q["kind"], name=q["name"])
         if "input_scale" in own:
-            linear.input_quant.scale = own["input_scale"]
-            linear.input_quant.zero_point = own.get("input_zero_point")
+            scale = stored.input_scale
+            linear.input_quant.scale = scale.reshape(1, 1) if scale.numel() == 1 else scale
+            zp = getattr(stored, "input_zero_point", None)
+            linear.input_quant.zero_point = None if zp is None else (zp.float() + 2 ** (stored.input_scheme.bits - 1)).reshape(linear.input_quant.scale.shape)
     return linear
+
+
+def runtime_linear(entry: dict, rotation: RotationMatrix | None, own: dict[str, Tensor],
+                   dtype: torch.dtype = torch.float32) -> RuntimeLinear:
+    """The real low-bit module of one saved linear, prepared (:class:`~lowbit.errors.NoKernelError` when its schemes
+    have no kernel: the message names ``simulate=True``)."""
+    weight = QuantScheme(**entry["weight"])
+    act = QuantScheme(**entry["input"]["scheme"]) if entry["input"] else None
+    module = RuntimeLinear.empty(entry["in"], entry["out"], entry["bias"], weight, act, dtype)
+    try:
+        module.load_state_dict(own, assign=True, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"a saved linear's tensors do not match its scheme ({str(exc).splitlines()[0]}); "
+                            "save the model again") from None
+    module.input_transform = None if rotation is None else OnlineRotation(rotation)
+    return module.prepare()
 
 
 def _assign(model: nn.Module, tensors: dict[str, Tensor]) -> None:
@@ -124,7 +161,13 @@ def load(folder: str | Path, simulate: bool = False) -> nn.Module:
     tensors = read_tensors(folder, manifest["files"])
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
-    make_linear = simulated_linear if simulate else _runtime_linear
+    dtype = getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    make = simulated_linear if simulate else runtime_linear
+
+    def make_linear(entry, rotation, own):
+        return make(entry, rotation, own, dtype)
+
     try:
         rebuild(model, arch, manifest, tensors, make_linear)
     except KeyError as exc:
@@ -137,11 +180,14 @@ def load(folder: str | Path, simulate: bool = False) -> nn.Module:
     return model.eval()
 
 
-def _runtime_linear(entry: dict, rotation: RotationMatrix | None, own: dict[str, Tensor]) -> nn.Module:
-    """The real low-bit module of one saved linear (:mod:`lowbit.runtime`)."""
-    from ..runtime import runtime_linear
+def load_tokenizer(folder: str | Path):
+    """The tokenizer saved beside the model (one clear error when the folder has none)."""
+    from transformers import AutoTokenizer
 
+    folder = Path(folder).expanduser()
+    read_manifest(folder)
     try:
-        return runtime_linear(entry, rotation, own)
-    except LowbitError:
-        raise
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{folder} has no usable tokenizer ({str(exc).splitlines()[0]}); save the model with "
+                            "its tokenizer (lowbit.save(model, folder, tokenizer))") from None

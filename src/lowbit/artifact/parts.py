@@ -14,13 +14,13 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, CalibrationError
 from ..kv.config import KVCacheConfig
 from ..kv.spec import CacheSpec
 from ..kv.static import StaticIntCodec
 from ..models.arch import ArchSpec, get_module, set_module
-from ..quant import QParams
 from ..rotations import RotationMatrix, rotation_from_record, rotation_record
+from ..runtime import RuntimeLinear, quant_linear_state
 from ..schemes import QuantScheme
 from ..state import STATE_NAME, ensure_state, quant_state
 from ..surgery.attention import HOOKS_ATTR, KVQuantHook, add_attention_hook
@@ -29,7 +29,6 @@ from ..surgery.linear import QuantLinear
 from ..surgery.prefix import restore_prefix
 from ..surgery.quantizer import ActQuantizer
 from ..surgery.rotate import OnlineRotation, QKRotationHook
-from .weights import encode_weight
 
 
 class _Rotations:
@@ -53,28 +52,28 @@ def _quantizer_entry(q: ActQuantizer) -> dict:
     return {"scheme": q.scheme.model_dump(mode="json"), "kind": q.kind, "name": q.name}
 
 
-def _linear(path: str, linear: QuantLinear, rotations: _Rotations) -> tuple[dict, dict[str, Tensor]]:
-    """One quantized linear's manifest entry and its tensors (:mod:`lowbit.artifact.weights` names)."""
-    if linear.weight_scheme is None or linear.learning:
-        raise ArtifactError(f"{path} has no frozen quantized weight: finish quantizing before saving")
+def _linear(path: str, linear: QuantLinear | RuntimeLinear, rotations: _Rotations) -> tuple[dict, dict[str, Tensor]]:
+    """One quantized linear's manifest entry and its tensors: the runtime module's ``state_dict``, which is the
+    on-disk format (:func:`lowbit.runtime.quant_linear_state` for a fake-quant layer)."""
     transform = linear.input_transform
     if transform is not None and not isinstance(transform, OnlineRotation):
         raise ArtifactError(f"{path} has an input transform lowbit cannot save ({type(transform).__name__})")
+    if isinstance(linear, RuntimeLinear):
+        scheme, tensors = linear.input_scheme, dict(linear.state_dict())
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("input_transform.")}
+        quantizer = None if scheme is None else {"scheme": scheme.model_dump(mode="json"), "kind": "activation",
+                                                 "name": f"{path}.input"}
+    else:
+        if linear.weight_scheme is None or linear.learning:
+            raise ArtifactError(f"{path} has no frozen quantized weight: finish quantizing before saving")
+        try:
+            tensors = quant_linear_state(linear)
+        except (ValueError, CalibrationError) as exc:
+            raise ArtifactError(f"{path}: {exc}") from None
+        quantizer = None if linear.input_quant is None else _quantizer_entry(linear.input_quant)
     entry = {"in": linear.in_features, "out": linear.out_features, "bias": linear.bias is not None,
-             "weight": linear.weight_scheme.model_dump(mode="json"),
-             "input": None if linear.input_quant is None else _quantizer_entry(linear.input_quant),
+             "weight": linear.weight_scheme.model_dump(mode="json"), "input": quantizer,
              "input_transform": None if transform is None else rotations.add(transform.rotation)}
-    qparams = QParams(linear.weight_scale, linear.weight_zero)
-    tensors = encode_weight(linear.weight.detach(), qparams, linear.weight_scheme)
-    if linear.bias is not None:
-        tensors["bias"] = linear.bias.detach()
-    quant = linear.input_quant
-    if quant is not None and quant.static:
-        if not quant.calibrated:
-            raise ArtifactError(f"{path}: static input quantizer was never calibrated; calibrate before saving")
-        tensors["input_scale"] = quant.scale.detach().float()
-        if quant.zero_point is not None:
-            tensors["input_zero_point"] = quant.zero_point.detach().float()
     return entry, {f"{path}.{k}": v for k, v in tensors.items()}
 
 
@@ -107,7 +106,7 @@ def describe(model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
     (packed weights replace the float ones; rotations; a static packed cache's scales)."""
     rotations, linears, attention, tensors = _Rotations(), {}, {}, {}
     for path, module in model.named_modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, (QuantLinear, RuntimeLinear)):
             linears[path], part = _linear(path, module, rotations)
             tensors.update(part)
         hooks = getattr(module, HOOKS_ATTR, None)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import ArtifactError
 from ..state import quant_state
+from ..surgery.attention import HOOKS_ATTR
 from ..version import __version__
 from .files import new_folder, write_tensors
 from .parts import describe
@@ -48,9 +49,28 @@ def _model_tensors(model: nn.Module, replaced: set[str], extra: dict[str, Tensor
     yield from extra.items()
 
 
-def save(model: nn.Module, folder: str | Path, tokenizer=None, shard_bytes: int = SHARD_BYTES) -> Path:
+def stored_bits(model: nn.Module) -> dict[str, float]:
+    """The model's bits per weight, activation and KV element (:mod:`lowbit.bits`), recorded with it."""
+    from ..bits import activation_bits, kv_bits, weight_bits
+    from ..models.arch import head_dim, spec_for
+
+    spec, state = spec_for(model), quant_state(model)
+    weights = weight_bits(model, spec)
+    if state.cache_spec is not None:
+        from ..kv.cache import cache_bits
+
+        kv = cache_bits(state.cache_spec, head_dim(model.config), model.config.max_position_embeddings)
+    else:
+        hook = next((h for m in model.modules() for h in getattr(m, HOOKS_ATTR, ()) if hasattr(h, "k_quant")), None)
+        kv = kv_bits(hook.k_quant.scheme if hook else None, head_dim(model.config))
+    return {**weights, "activation": activation_bits(model, spec), "kv": kv}
+
+
+def save(model: nn.Module, folder: str | Path, tokenizer=None, shard_bytes: int = SHARD_BYTES,
+         source: str | None = None) -> Path:
     """Write the quantized ``model`` (and its ``tokenizer``) into the new folder ``folder``; returns its path.
 
+    ``source`` names the full-precision model it came from (``lowbit eval`` compares against it by default).
     Raises :class:`~lowbit.errors.ArtifactError` for a model lowbit did not quantize, a folder that already holds
     something, or a part that cannot be saved. Nothing is left behind when it fails.
     """
@@ -65,7 +85,8 @@ def save(model: nn.Module, folder: str | Path, tokenizer=None, shard_bytes: int 
         config["quantization_config"] = quantization_config(manifest, __version__)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         header = {"format": FORMAT, "format_version": FORMAT_VERSION, "lowbit_version": __version__,
-                  "model_type": model.config.model_type, "files": files}
+                  "model_type": model.config.model_type, "source": source, "files": files,
+                  "bits": stored_bits(model)}
         (tmp / MANIFEST).write_text(json.dumps({**header, **manifest}, indent=1, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

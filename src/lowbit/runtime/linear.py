@@ -35,7 +35,7 @@ from ..surgery.quantizer import granularity_for, observer_kwargs
 from . import kernels as K
 
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-FALLBACK = "keep the fake-quant QuantLinear (load with simulate=True)"
+FALLBACK = "run the fake-quant simulation instead (lowbit.load(..., simulate=True); CLI: --simulate)"
 
 
 def _no_kernel(weight: QuantScheme, act: QuantScheme | None, why: str) -> NoKernelError:
@@ -376,9 +376,10 @@ def quant_linear_state(layer: QuantLinear) -> dict[str, Tensor]:
     if q is not None and q.static:
         if q.scale is None:
             raise CalibrationError(f"static quantizer {q.name or q.kind} was never calibrated")
-        out["input_scale"] = q.scale.detach().to(torch.float32).reshape(1)
+        shape = (1,) if q.scale.numel() == 1 else q.scale.shape  # per channel (no kernel): kept for simulate=True
+        out["input_scale"] = q.scale.detach().to(torch.float32).reshape(shape)
         if q.zero_point is not None:
-            out["input_zero_point"] = (q.zero_point.reshape(1) - K.offset(q.fmt.bits)).to(torch.int32)
+            out["input_zero_point"] = (q.zero_point.reshape(shape) - K.offset(q.fmt.bits)).to(torch.int32)
     return out
 
 

@@ -88,7 +88,7 @@ PREFIX_MARK = "lowbit_prefix_length"  # set on a cache that starts with the mode
 
 
 @lru_cache(maxsize=None)
-def _cache_argument(forward) -> str:
+def cache_argument(forward) -> str:
     """The name the model's forward takes its cache under (``cache`` in newer transformers)."""
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
@@ -108,7 +108,7 @@ def _start_from_prefix(model: nn.Module, args: tuple, kwargs: dict):
     if ids is None:
         ids = kwargs["inputs_embeds"]
     batch, length = ids.shape[:2]
-    name = _cache_argument(type(model).forward)
+    name = cache_argument(type(model).forward)
     other = "past_key_values" if name == "cache" else "cache"
     cache = kwargs.pop(name, None)
     cache = cache if cache is not None else kwargs.pop(other, None)
