@@ -5,8 +5,8 @@ import torch
 
 import lowbit
 from lowbit.data import TokenData
-from lowbit.recipe import Recipe
 from lowbit.methods.gptq import GPTQResult
+from lowbit.recipe import Recipe
 from lowbit.surgery.attach import quant_linears
 from lowbit.surgery.sequential import stream_layers
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..apply import quantize
 from ..data import calibration_data, check_source
 from ..models.loading import load_model
-from ..apply import quantize
 from ..recipe import Recipe
 from ..report import write_json_atomic
 from .outliers import analyze, plot_ratios, select_prefix

@@ -50,9 +50,9 @@ class LowbitLM(HFLM):
         max_length: int | None = None,
         **_: object,
     ) -> None:
+        from ..apply import quantize
         from ..data import calibration_data
         from ..models.loading import load_model
-        from ..apply import quantize
 
         loaded = load_model(model)
         qmodel = quantize(loaded.model, recipe, calibration_data(calib_data, loaded.tokenizer, int(seed)), inplace=True)
