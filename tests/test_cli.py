@@ -123,3 +123,33 @@ def test_console_script_has_no_traceback_on_error():
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("lowbit: error: unknown recipe 'nope'")
     assert "Traceback" not in proc.stderr
+
+
+def test_save_then_eval_generate_and_bench_the_saved_model(tiny_model_dir, text_file, tmp_path, capsys):
+    """quantize --save, then eval reproduces the quantize report's perplexity (real kernels within 0.5%, simulated
+    exactly), generate streams text, bench writes its tables; a second --save onto the folder is refused."""
+    saved, report = tmp_path / "w4a4", tmp_path / "q.json"
+    assert main(_args(tiny_model_dir, text_file, report, "--recipe", "w4a4kv4-quarot-rtn", "--save", str(saved))) == 0
+    quantized = json.loads(report.read_text())
+    assert quantized["saved"] == str(saved) and (saved / "lowbit.json").is_file()
+    for extra in ([], ["--simulate"]):
+        out = tmp_path / f"eval{len(extra)}.json"
+        args = ["eval", "--model", str(saved), "--eval-data", str(text_file), "--seq-len", "64", "--windows", "2",
+                "--report", str(out), *extra]
+        assert main(args) == 0
+        ev = json.loads(out.read_text())
+        assert ev["eval"]["tokens"] == quantized["eval"]["tokens"]
+        assert ev["fp"]["ppl"] == pytest.approx(quantized["fp"]["ppl"], rel=1e-6)
+        tolerance = 1e-6 if extra else 5e-3
+        assert ev["quantized"]["ppl"] == pytest.approx(quantized["quantized"]["ppl"], rel=tolerance)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(saved), "--prompt", "The committee", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip()
+    bench = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(saved), "--prefill", "32", "--prompt", "8", "--new-tokens", "4",
+                 "--batches", "1,2", "--repeats", "1", "--report", str(bench)]) == 0
+    rows = json.loads(bench.read_text())["rows"]
+    assert set(rows) == {"quantized", "fp32", "bf16"} and rows["quantized"]["prefill_tokens_per_s"] > 0
+    assert rows["quantized"]["resident_bytes"]["quantized linears"] > 0
+    assert main(_args(tiny_model_dir, text_file, report, "--recipe", "w8a8-rtn", "--save", str(saved))) == 2
+    assert "already exists" in capsys.readouterr().err

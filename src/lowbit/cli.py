@@ -93,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--simulate", action="store_true", help="run the fake-quant model instead of real kernels")
     e.add_argument("--report", default="lowbit-eval.json", help="where to write the JSON report")
     e.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    b = sub.add_parser("bench", help="prefill/decode speed, memory and file size of a saved model vs fp32 and bf16")
+    b.add_argument("--model", required=True, metavar="DIR", help="a folder written by `lowbit quantize --save`")
+    b.add_argument("--reference", default="saved",
+                   help="full-precision model to compare with: 'saved' (its source), 'none', or a model source")
+    b.add_argument("--prefill", type=_positive_int, default=2048, help="prefill length in tokens (batch 1)")
+    b.add_argument("--prompt", type=_positive_int, default=512, help="prompt length before decoding")
+    b.add_argument("--new-tokens", type=_positive_int, default=128, help="decoded tokens")
+    b.add_argument("--batches", default="1,8", help="comma-separated decode batch sizes")
+    b.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per measurement (median)")
+    b.add_argument("--report", default="lowbit-bench.json", help="where to write the JSON result")
+    b.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
     r = sub.add_parser("recipes", help="list the preset recipes, or print one as YAML")
     r.add_argument("name", nargs="?", help="print this preset's full YAML")
     i = sub.add_parser("inspect", help="outlier tokens before/after rotation and with PrefixQuant's prefix")
@@ -191,6 +202,26 @@ def _cmd_generate(args, console: Console) -> int:
     return 0
 
 
+def _cmd_bench(args, console: Console) -> int:
+    from .bench import bench, render, write
+
+    _threads(args)
+    try:
+        batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
+    except ValueError:
+        raise LowbitError(f"--batches takes comma-separated positive integers, got {args.batches!r}") from None
+    if not batches or min(batches) < 1:
+        raise LowbitError(f"--batches takes comma-separated positive integers, got {args.batches!r}")
+    reference = None if args.reference == "none" else args.reference
+    with rich_progress(console) as progress:
+        result = bench(args.model, reference, args.prefill, args.prompt, args.new_tokens, batches, args.repeats,
+                       progress=progress)
+    write(result, args.report)
+    render(result, console)
+    console.print(f"result written to {args.report}")
+    return 0
+
+
 def _threads(args) -> None:
     if args.threads:
         import torch
@@ -206,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=False)
     try:
         commands = {"recipes": _cmd_recipes, "quantize": _cmd_quantize, "inspect": _cmd_inspect,
-                    "eval": _cmd_eval, "generate": _cmd_generate}
+                    "eval": _cmd_eval, "generate": _cmd_generate, "bench": _cmd_bench}
         return commands[args.command](args, console)
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)

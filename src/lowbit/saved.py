@@ -18,7 +18,7 @@ from .artifact import load, load_tokenizer, read_manifest
 from .data import DataConfig, check_source, prepare_data
 from .evaluate import evaluate
 from .models.loading import load_model
-from .state import quant_state
+from .surgery.kvcache import decode_cache
 from .surgery.prefix import cache_argument
 from .version import __version__
 
@@ -65,16 +65,6 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
                                              add_generation_prompt=True)
         return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     return tokenizer(prompt, return_tensors="pt").input_ids
-
-
-def decode_cache(model: nn.Module):
-    """The cache a model decodes with: its packed KV cache when it has one, else None (transformers' default)."""
-    state = quant_state(model)
-    if state is None or state.cache_spec is None:
-        return None
-    from .kv.cache import PackedCache
-
-    return PackedCache.for_model(model)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Saved quantized models: :func:`save` writes a folder, :func:`load` rebuilds the model from it (see ``save.py``)."""
 
 from .files import check_new_folder
-from .load import load, load_tokenizer, read_manifest
+from .load import load, load_tokenizer, read_config, read_manifest
 from .save import save
 
-__all__ = ["check_new_folder", "load", "load_tokenizer", "read_manifest", "save"]
+__all__ = ["check_new_folder", "load", "load_tokenizer", "read_config", "read_manifest", "save"]

@@ -50,7 +50,8 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def _config(folder: Path):
+def read_config(folder: Path):
+    """The saved model's transformers config (its quantization_config left out: lowbit's manifest rebuilds the parts)."""
     from transformers import AutoConfig
 
     try:
@@ -156,7 +157,7 @@ def load(folder: str | Path, simulate: bool = False) -> nn.Module:
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
     check_files(folder, manifest["files"])
-    config = _config(folder)
+    config = read_config(folder)
     arch = spec_for_model_type(config.model_type)
     tensors = read_tensors(folder, manifest["files"])
     with init_empty_weights(include_buffers=False):

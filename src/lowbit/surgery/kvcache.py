@@ -53,3 +53,13 @@ def apply_kv_cache(model: nn.Module, arch: ArchSpec, config: KVCacheConfig, cali
 
         raise CalibrationError("this kv_cache has static scales and needs calibration data: pass some")
     attach_packed_cache(model, config.spec(calibrate_kv_ranges(model, arch, config, calibration())))
+
+
+def decode_cache(model: nn.Module):
+    """The cache a model decodes with: its packed KV cache when it has one, else None (transformers' default)."""
+    state = quant_state(model)
+    if state is None or state.cache_spec is None:
+        return None
+    from ..kv.cache import PackedCache
+
+    return PackedCache.for_model(model)
