@@ -8,6 +8,7 @@ offline loading), :mod:`lowbit.surgery` (the only code that mutates models), :mo
 
 from . import kv
 from .apply import quantize, quantize_with_session
+from .artifact import load, save
 from .data import DataConfig, prepare_data
 from .errors import LowbitError
 from .evaluate import evaluate
@@ -22,6 +23,7 @@ __all__ = [
     "Recipe",
     "evaluate",
     "kv",
+    "load",
     "load_model",
     "load_recipe",
     "prepare_data",
@@ -29,4 +31,5 @@ __all__ = [
     "quantize",
     "quantize_with_session",
     "run",
+    "save",
 ]

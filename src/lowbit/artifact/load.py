@@ -29,8 +29,9 @@ from .parts import finish, rebuild
 from .save import FORMAT, FORMAT_VERSION, MANIFEST
 
 
-def read_manifest(folder: Path) -> dict:
+def read_manifest(folder: str | Path) -> dict:
     """The folder's ``lowbit.json``, checked to be a lowbit model of a version this lowbit reads."""
+    folder = Path(folder).expanduser()
     path = folder / MANIFEST
     if not folder.is_dir():
         raise ArtifactError(f"{folder} is not a folder: pass the folder `lowbit quantize --save` wrote")
@@ -50,10 +51,11 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def read_config(folder: Path):
+def read_config(folder: str | Path):
     """The saved model's transformers config (its quantization_config left out: lowbit's manifest rebuilds the parts)."""
     from transformers import AutoConfig
 
+    folder = Path(folder).expanduser()
     try:
         data = json.loads((folder / "config.json").read_text())
         data.pop("quantization_config", None)
