@@ -132,3 +132,23 @@ def test_bad_folders_are_one_clear_error(tmp_path):
     with pytest.raises(ArtifactError, match="not quantized"):
         save(tiny_model("llama"), tmp_path / "fp")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # nothing half-written left behind
+
+
+@pytest.mark.parametrize("how", ["cpu", "disk"])
+def test_an_offloaded_model_saves_part_by_part_to_the_same_files(tmp_path, how):
+    """Quantized in place while offloaded by accelerate, the model saves one part in memory at a time, to the bytes
+    the in-memory model writes."""
+    from accelerate import cpu_offload, disk_offload
+
+    recipe = small(load_preset("w4a4kv4-quarot"))
+    torch.manual_seed(0)
+    in_memory = lowbit.quantize(tiny_model("qwen2"), recipe, _data())
+    model = tiny_model("qwen2")
+    model = (cpu_offload(model, execution_device="cpu") if how == "cpu"
+             else disk_offload(model, str(tmp_path / "store"), execution_device="cpu"))
+    torch.manual_seed(0)
+    lowbit.quantize(model, recipe, _data(), inplace=True)
+    assert model.model.layers[0].mlp.down_proj.weight.device.type == "meta"
+    save(in_memory, tmp_path / "a")
+    save(model, tmp_path / "b")
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")

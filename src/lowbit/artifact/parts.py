@@ -52,29 +52,39 @@ def _quantizer_entry(q: ActQuantizer) -> dict:
     return {"scheme": q.scheme.model_dump(mode="json"), "kind": q.kind, "name": q.name}
 
 
-def _linear(path: str, linear: QuantLinear | RuntimeLinear, rotations: _Rotations) -> tuple[dict, dict[str, Tensor]]:
-    """One quantized linear's manifest entry and its tensors: the runtime module's ``state_dict``, which is the
-    on-disk format (:func:`lowbit.runtime.quant_linear_state` for a fake-quant layer)."""
+def _linear(path: str, linear: QuantLinear | RuntimeLinear, rotations: _Rotations) -> dict:
+    """One quantized linear's manifest entry (its tensors come from :func:`linear_tensors`)."""
     transform = linear.input_transform
     if transform is not None and not isinstance(transform, OnlineRotation):
         raise ArtifactError(f"{path} has an input transform lowbit cannot save ({type(transform).__name__})")
     if isinstance(linear, RuntimeLinear):
-        scheme, tensors = linear.input_scheme, dict(linear.state_dict())
-        tensors = {k: v for k, v in tensors.items() if not k.startswith("input_transform.")}
+        scheme = linear.input_scheme
         quantizer = None if scheme is None else {"scheme": scheme.model_dump(mode="json"), "kind": "activation",
                                                  "name": f"{path}.input"}
     else:
         if linear.weight_scheme is None or linear.learning:
             raise ArtifactError(f"{path} has no frozen quantized weight: finish quantizing before saving")
+        quantizer = None if linear.input_quant is None else _quantizer_entry(linear.input_quant)
+    return {"in": linear.in_features, "out": linear.out_features, "bias": linear.bias is not None,
+            "weight": linear.weight_scheme.model_dump(mode="json"), "input": quantizer,
+            "input_transform": None if transform is None else rotations.add(transform.rotation)}
+
+
+def linear_tensors(path: str, linear: QuantLinear | RuntimeLinear) -> dict[str, Tensor]:
+    """One quantized linear's tensors, named from the model root: the runtime module's ``state_dict``, which is the
+    on-disk format (:func:`lowbit.runtime.quant_linear_state` for a fake-quant layer, whose weight must be in memory)."""
+    if isinstance(linear, RuntimeLinear):
+        tensors = {k: v for k, v in linear.state_dict().items() if not k.startswith("input_transform.")}
+    else:
         try:
             tensors = quant_linear_state(linear)
         except (ValueError, CalibrationError) as exc:
             raise ArtifactError(f"{path}: {exc}") from None
-        quantizer = None if linear.input_quant is None else _quantizer_entry(linear.input_quant)
-    entry = {"in": linear.in_features, "out": linear.out_features, "bias": linear.bias is not None,
-             "weight": linear.weight_scheme.model_dump(mode="json"), "input": quantizer,
-             "input_transform": None if transform is None else rotations.add(transform.rotation)}
-    return entry, {f"{path}.{k}": v for k, v in tensors.items()}
+    return {f"{path}.{k}": v for k, v in tensors.items()}
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    return isinstance(module, (QuantLinear, RuntimeLinear))
 
 
 def _hook(hook: nn.Module, rotations: _Rotations) -> dict:
@@ -102,13 +112,13 @@ def _cache_tensors(spec: CacheSpec | None) -> dict[str, Tensor]:
 
 
 def describe(model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
-    """The manifest of every lowbit part of ``model`` and the tensors that are not in its own ``state_dict`` form
-    (packed weights replace the float ones; rotations; a static packed cache's scales)."""
+    """The manifest of every lowbit part of ``model`` and the model-level tensors outside its ``state_dict``
+    (rotations; a static packed cache's scales). The quantized linears' tensors come from :func:`linear_tensors`,
+    part by part as the model is written."""
     rotations, linears, attention, tensors = _Rotations(), {}, {}, {}
     for path, module in model.named_modules():
-        if isinstance(module, (QuantLinear, RuntimeLinear)):
-            linears[path], part = _linear(path, module, rotations)
-            tensors.update(part)
+        if is_quantized_linear(module):
+            linears[path] = _linear(path, module, rotations)
         hooks = getattr(module, HOOKS_ATTR, None)
         if hooks:
             attention[path] = [_hook(h, rotations) for h in hooks]

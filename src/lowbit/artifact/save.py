@@ -16,11 +16,13 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from ..errors import ArtifactError
+from ..models.arch import decoder_layers, spec_for
 from ..state import quant_state
 from ..surgery.attention import HOOKS_ATTR
+from ..surgery.offload import onloaded
 from ..version import __version__
 from .files import new_folder, write_tensors
-from .parts import describe
+from .parts import describe, is_quantized_linear, linear_tensors
 from .summary import quantization_config
 
 FORMAT = "lowbit"
@@ -29,23 +31,54 @@ MANIFEST = "lowbit.json"
 SHARD_BYTES = 2 * 1024**3
 
 
-def _model_tensors(model: nn.Module, replaced: set[str], extra: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
-    """The model's own tensors in module order (skipping the quantized linears', which ``extra`` replaces, and a
-    lm_head tied to the embeddings), then ``extra``; each storage is written once."""
-    tied = getattr(model.config, "tie_word_embeddings", False)
+def _units(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """The parts written one after another, as ``(path, module, recursive)``: each decoder layer whole, then every
+    other module that holds tensors of its own. An offloaded model has one part in memory at a time."""
+    arch = spec_for(model)
+    layers = [(f"{arch.layers}.{i}", layer, True) for i, layer in enumerate(decoder_layers(model, arch))]
+    inside = {id(m) for _, layer, _ in layers for m in layer.modules()}
+    others = [(path, m, False) for path, m in model.named_modules()
+              if id(m) not in inside and (m._parameters or m._buffers) and not is_quantized_linear(m)]
+    linears = [(path, m, True) for path, m in model.named_modules() if id(m) not in inside and is_quantized_linear(m)]
+    return layers + others + linears
+
+
+def _unit_tensors(path: str, unit: nn.Module, recursive: bool, skip: set[str]) -> Iterator[tuple[str, Tensor]]:
+    """One part's tensors as saved: quantized linears in their on-disk form, everything else as in ``state_dict``."""
+    stem = f"{path}." if path else ""
+    if is_quantized_linear(unit):
+        yield from linear_tensors(path, unit).items()
+        return
+    if not recursive:
+        own = {**unit._parameters, **{k: v for k, v in unit._buffers.items()
+                                      if k not in unit._non_persistent_buffers_set}}
+        yield from ((stem + k, v.detach()) for k, v in own.items() if v is not None and stem + k not in skip)
+        return
+    linears = [(f"{stem}{n}", m) for n, m in unit.named_modules() if n and is_quantized_linear(m)]
+    for name, linear in linears:
+        yield from linear_tensors(name, linear).items()
+    replaced = tuple(f"{name}." for name, _ in linears)
+    for name, tensor in unit.state_dict(prefix=stem, keep_vars=True).items():
+        if not name.startswith(replaced) and name not in skip:
+            yield name, tensor.detach()
+
+
+def _model_tensors(model: nn.Module, extra: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """Every tensor to write, part by part (each part onloaded while it is read when the model is offloaded), then
+    ``extra``; a lm_head tied to the embeddings is written once, as the embeddings."""
     head = model.get_output_embeddings()
-    head_weight = head.weight if tied and head is not None else None
+    tied = getattr(model.config, "tie_word_embeddings", False) and not is_quantized_linear(head)
+    skip = {name for name, m in model.named_modules() if m is head} if tied else set()
+    skip = {f"{name}.weight" for name in skip}
     seen = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if any(name.startswith(p) for p in replaced):
-            continue
-        if head_weight is not None and tensor is head_weight and name.endswith("lm_head.weight"):
-            continue
-        if tensor.device.type == "meta":
-            raise ArtifactError(f"{name} is not in memory (an offloaded model): onload it before saving")
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
-        yield name, tensor.detach().clone() if key in seen else tensor.detach()
-        seen.add(key)
+    for path, unit, recursive in _units(model):
+        with onloaded(unit):
+            for name, tensor in _unit_tensors(path, unit, recursive, skip):
+                if tensor.device.type == "meta":
+                    raise ArtifactError(f"{name} is not in memory and not in an offload store: it cannot be saved")
+                key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+                yield name, tensor.clone() if key in seen else tensor
+                seen.add(key)
     yield from extra.items()
 
 
@@ -77,9 +110,8 @@ def save(model: nn.Module, folder: str | Path, tokenizer=None, shard_bytes: int 
     if quant_state(model) is None:
         raise ArtifactError("this model was not quantized by lowbit: quantize it first (lowbit.quantize)")
     manifest, extra = describe(model)
-    replaced = {f"{path}." for path in manifest["linears"]}
     with new_folder(Path(folder)) as tmp:
-        files = write_tensors(tmp, _model_tensors(model, replaced, extra), shard_bytes)
+        files = write_tensors(tmp, _model_tensors(model, extra), shard_bytes)
         config = model.config.to_dict()
         config.pop("_attn_implementation_autoset", None)
         config["quantization_config"] = quantization_config(manifest, __version__)
