@@ -43,7 +43,7 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_save_load_simulated_is_the_same_model_and_resaves_identically(tmp_path, family, preset):
     model = _quantized(family, preset)
     save(model, tmp_path / "a")
@@ -152,3 +152,23 @@ def test_an_offloaded_model_saves_part_by_part_to_the_same_files(tmp_path, how):
     save(in_memory, tmp_path / "a")
     save(model, tmp_path / "b")
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+
+
+def test_a_scheme_without_a_kernel_loads_only_simulated(tmp_path):
+    """Static per-channel activation scales do not factor out of a matmul: the real load names the fallback, the
+    simulated load is the quantized model."""
+    from lowbit.errors import NoKernelError
+    from lowbit.recipe import Recipe
+
+    recipe = Recipe.from_dict({"name": "channel-a8", "steps": [{"method": "rtn"}],
+                               "weights": {"format": "int4", "granularity": "channel"},
+                               "activations": {"format": "int8", "granularity": "channel", "dynamic": False,
+                                               "symmetric": False},
+                               "calibration": {"samples": 4, "seq_len": 32}})
+    model = lowbit.quantize(tiny_model("qwen2"), recipe, _data())
+    save(model, tmp_path / "m")
+    with pytest.raises(NoKernelError, match="simulate"):
+        load(tmp_path / "m")
+    windows = _data().eval_windows
+    with torch.no_grad():
+        assert torch.equal(model(windows).logits, load(tmp_path / "m", simulate=True)(windows).logits)
