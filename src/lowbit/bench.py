@@ -124,7 +124,7 @@ def decode_profile(model: nn.Module, prompt: int = 64, top: int = 6) -> list[dic
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
     name = cache_argument(type(model).forward)
     cache = decode_cache(model)
-    out = model(ids, use_cache=True, **({name: cache} if cache is not None else {}))
+    out = model(ids, use_cache=True, **{name: cache})
     step = out.logits[:, -1:].argmax(-1)
     kwargs = {name: out.past_key_values}
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -29,7 +29,7 @@ def prefix_cache(model: nn.Module, prefix: list[int]):
 
     cache = DynamicCache(config=model.config)
     if prefix:
-        model(torch.tensor([prefix]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([prefix]), use_cache=True, **{cache_argument(type(model).forward): cache})
     return cache
 
 

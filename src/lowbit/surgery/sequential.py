@@ -29,6 +29,7 @@ from torch import nn
 
 from ..models.arch import ArchSpec, decoder_layers, get_module
 from .offload import execution_device, on_device
+from .prefix import cache_argument
 
 LayerCallback = Callable[[int, nn.Module, Callable[[], object]], None]
 
@@ -82,8 +83,9 @@ class LayerInputs:
 
     def run(self, layer: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """``layer`` (decoder layer ``index``) on hidden states ``[b, T, hidden]``."""
+        cache = {cache_argument(type(layer).forward): self.prefix_kv(index, hidden.device)}
         out = layer(hidden, attention_mask=self.mask, position_ids=self.positions, position_embeddings=self.cos_sin,
-                    past_key_values=self.prefix_kv(index, hidden.device))
+                    **cache)
         return out[0] if isinstance(out, tuple) else out
 
 
