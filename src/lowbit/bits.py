@@ -4,7 +4,8 @@ Conventions (stated so the numbers can be checked by hand):
 - Unquantized tensors count 16 bits per element (a bf16/fp16 deployment), whatever dtype they are evaluated in.
 - Every scale costs 16 bits; an asymmetric integer zero-point costs as many bits as the format.
 - ``weight``: over every linear weight inside the decoder layers (quantized or not).
-  ``weight_all``: over every parameter of the model (embeddings, norms and lm_head included; tied weights once).
+  ``weight_all``: over every parameter of the model (embeddings, norms and lm_head included; tied weights once); a
+  quantized embedding table counts its codes and scales as a quantized linear weight does.
 - ``activation``: over the inputs of every linear inside the decoder layers, weighted by their width. A dynamic
   per-token scale is paid once per token and group; static scales are fixed per model and count as zero per element.
 - ``kv``: per key/value element of the cache; per-token-per-head scales are paid once per token, head and group.
@@ -42,8 +43,11 @@ def runtime_bits_per_element(scheme: QuantScheme | None, row_width: int) -> floa
 
 
 def _linear_weight_bits(module: nn.Module) -> tuple[float, int]:
-    """(total bits, element count) stored for one linear's weight."""
-    numel = module.in_features * module.out_features  # a real low-bit module holds packed codes, not ``weight``
+    """(total bits, element count) stored for one linear's weight (or a quantized embedding table's)."""
+    if hasattr(module, "num_embeddings"):
+        numel = module.num_embeddings * module.embedding_dim
+    else:
+        numel = module.in_features * module.out_features  # a real low-bit module holds packed codes, not ``weight``
     scheme = getattr(module, "weight_scheme", None)
     if scheme is None:
         return FP_BITS * numel, numel

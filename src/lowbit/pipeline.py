@@ -127,7 +127,7 @@ def add_rotation_invariance(report: dict, fp_model: nn.Module, recipe: Recipe, t
 
 def quantizes(recipe: Recipe) -> bool:
     """True when the recipe changes the model at all (``fp`` does not)."""
-    schemes = (recipe.weights, recipe.activations, recipe.kv, recipe.kv_cache)
+    schemes = (recipe.weights, recipe.activations, recipe.kv, recipe.kv_cache, recipe.embeddings, recipe.lm_head)
     return any(s is not None for s in schemes) or bool(recipe.steps)
 
 

@@ -1,9 +1,10 @@
 """Recipes: one typed object for the CLI, YAML files and Python.
 
 A :class:`Recipe` is an ordered list of steps (what to do to the model) plus the quantization schemes for weights,
-linear-layer input activations and the KV cache (what number formats to land on). The same object is built from a
-preset name, a YAML/JSON file or Python keyword arguments, and it round-trips to YAML. Every field is validated;
-an invalid one raises :class:`~lowbit.errors.RecipeError` naming the field.
+linear-layer input activations and the KV cache (what number formats to land on), and optionally for the token
+embedding table and lm_head (each rounded to nearest with its own scheme after the steps). The same object is built
+from a preset name, a YAML/JSON file or Python keyword arguments, and it round-trips to YAML. Every field is
+validated; an invalid one raises :class:`~lowbit.errors.RecipeError` naming the field.
 
 Example (YAML)::
 
@@ -11,6 +12,7 @@ Example (YAML)::
     steps: [{method: rtn}]
     weights: {format: int4, granularity: channel}
     activations: {format: int8, granularity: token}
+    embeddings: {format: int8, granularity: channel}      # optional: the token embedding table, a scale per row
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ Step = Annotated[Union[tuple(m.config for m in registered())], Field(discriminat
 
 
 class Recipe(StrictConfig):
-    """What lowbit does to a model: ordered steps plus weight / activation / KV schemes (``None`` = full precision)."""
+    """What lowbit does to a model: ordered steps plus weight / activation / KV schemes (``None`` = full precision).
+
+    ``embeddings`` and ``lm_head`` are weight schemes for the token embedding table and the output projection,
+    applied by round to nearest after the steps (so rotations folded into them are included); a tied lm_head is
+    untied when the two are quantized. ``lm_head`` gives it its own scheme; ``targets: [..., lm_head]`` instead
+    quantizes it with ``weights`` in the weight step (GPTQ rounds it to nearest).
+    """
 
     name: str = "custom"
     description: str = ""
@@ -45,6 +53,8 @@ class Recipe(StrictConfig):
     activations: QuantScheme | None = None
     kv: QuantScheme | None = None
     kv_cache: KVCacheConfig | None = None
+    embeddings: QuantScheme | None = None
+    lm_head: QuantScheme | None = None
     targets: list[str] = Field(default_factory=lambda: list(LINEAR_ROLES))
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
@@ -64,8 +74,13 @@ class Recipe(StrictConfig):
             raise ValueError("a weights scheme needs a weight step: add `{method: rtn}` to steps")
         if weight_steps and self.weights is None:
             raise ValueError(f"step '{weight_steps[0].method}' needs a weights scheme")
-        if self.weights is not None and self.weights.granularity in ("token", "head"):
-            raise ValueError(f"weights granularity must be tensor, channel or group, not '{self.weights.granularity}'")
+        for role in ("weights", "embeddings", "lm_head"):
+            scheme = getattr(self, role)
+            if scheme is not None and scheme.granularity in ("token", "head"):
+                raise ValueError(f"{role} granularity must be tensor, channel or group, not '{scheme.granularity}'")
+        if self.lm_head is not None and "lm_head" in self.targets:
+            raise ValueError("lm_head is both a target (quantized with `weights`) and has its own scheme: drop it "
+                             "from targets, or drop the lm_head scheme")
         if self.activations is not None and self.activations.granularity == "head":
             raise ValueError("activations granularity 'head' is for the KV cache: use token, tensor, group or channel")
         if self.activations is not None and self.activations.granularity == "channel" and self.activations.dynamic:
@@ -178,14 +193,15 @@ def load_preset(name: str) -> Recipe:
 
 
 def combine(first: Recipe, second: Recipe) -> Recipe:
-    """``first`` with ``second``'s steps appended and its schemes (weights, activations, kv, kv_cache) where set.
+    """``first`` with ``second``'s steps appended and its schemes (weights, activations, kv, kv_cache, embeddings,
+    lm_head) where set.
 
     This is how a KV-cache preset joins a weight/activation preset, e.g. ``w4a16-gptq+kv-kivi``.
     """
     data = first.model_dump()
     extra = second.model_dump(exclude_unset=True)
     data["steps"] = [*data["steps"], *extra.pop("steps", [])]
-    for field in ("weights", "activations", "kv", "kv_cache"):
+    for field in ("weights", "activations", "kv", "kv_cache", "embeddings", "lm_head"):
         if second.model_dump()[field] is not None:
             data[field] = second.model_dump()[field]
     if "calibration" in extra:

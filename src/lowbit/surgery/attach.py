@@ -1,5 +1,6 @@
 """Attach a recipe's schemes to a model: swap linears for :class:`QuantLinear`, attach activation and KV quantizers,
-set learned clip ratios and calibrate static scales. Methods (:mod:`lowbit.methods`) build on these."""
+quantize the embedding table and lm_head with their own schemes, set learned clip ratios and calibrate static scales.
+Methods (:mod:`lowbit.methods`) build on these."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from ..errors import RecipeError
 from ..models.arch import ArchSpec, decoder_layers, get_module, set_module
 from ..schemes import QuantScheme
 from .attention import KVQuantHook, add_attention_hook, attention_hooks
+from .embedding import QuantEmbedding
 from .linear import QuantLinear
-from .offload import carry_hook
+from .offload import carry_hook, onloaded
 from .quantizer import ActQuantizer
 
 
@@ -54,6 +56,30 @@ def swap_linears(model: nn.Module, spec: ArchSpec, targets: list[str]) -> list[Q
     if "lm_head" in targets:
         untie_lm_head(model, spec)
     return [as_quant_linear(model, path) for path in target_paths(model, spec, targets)]
+
+
+def quantize_embeddings(model: nn.Module, spec: ArchSpec, scheme: QuantScheme) -> int:
+    """Swap the token embedding table for a :class:`QuantEmbedding` rounded to nearest with ``scheme``; returns the
+    bytes that untying a tied lm_head added (the lm_head keeps its own full-precision copy unless it is quantized)."""
+    untied = untie_lm_head(model, spec)
+    embed = get_module(model, spec.embed)
+    if not isinstance(embed, QuantEmbedding):
+        swapped = QuantEmbedding(embed)
+        carry_hook(embed, swapped)
+        set_module(model, spec.embed, swapped)
+        embed = swapped
+    with onloaded(embed):
+        embed.quantize_weight_rtn(scheme)
+    return untied
+
+
+def quantize_lm_head(model: nn.Module, spec: ArchSpec, scheme: QuantScheme) -> int:
+    """Round ``lm_head`` to nearest with its own ``scheme`` (a :class:`QuantLinear`); returns the untied bytes."""
+    untied = untie_lm_head(model, spec)
+    head = as_quant_linear(model, spec.lm_head)
+    with onloaded(head):
+        head.quantize_weight_rtn(scheme)
+    return untied
 
 
 def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:

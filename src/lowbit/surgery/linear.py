@@ -95,11 +95,7 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def quantize_weight_rtn(self, scheme: QuantScheme) -> None:
         """Round the weight to nearest on the scheme's grid (scales from its observer and clip ratio), in float32."""
-        fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
-        w = self.weight.detach().float()
-        xmin, xmax = observe_range(w, gran, fmt, scheme.observer, **observer_kwargs(scheme))
-        qp = compute_qparams(xmin, xmax, fmt, clip_ratio=scheme.clip_ratio)
-        self.set_quantized_weight(dequantize(quantize(w, qp, fmt, gran), qp, fmt, gran, w.shape), qp, scheme)
+        self.set_quantized_weight(*round_to_nearest(self.weight, scheme), scheme)
 
     @torch.no_grad()
     def set_quantized_weight(self, w_hat: torch.Tensor, qparams, scheme: QuantScheme) -> None:
@@ -107,3 +103,14 @@ class QuantLinear(nn.Module):
         self.weight.data.copy_(w_hat.to(self.weight.dtype))
         self.weight_scale, self.weight_zero = qparams.scale, qparams.zero_point
         self.weight_scheme = scheme
+
+
+@torch.no_grad()
+def round_to_nearest(weight: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, QParams]:
+    """``weight`` ``[rows, columns]`` rounded to nearest on the scheme's grid, in float32 (scales per row, group or
+    tensor from its observer and clip ratio): the dequantized weight and its quantization parameters."""
+    fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
+    w = weight.detach().float()
+    xmin, xmax = observe_range(w, gran, fmt, scheme.observer, **observer_kwargs(scheme))
+    qp = compute_qparams(xmin, xmax, fmt, clip_ratio=scheme.clip_ratio)
+    return dequantize(quantize(w, qp, fmt, gran), qp, fmt, gran, w.shape), qp
