@@ -5,8 +5,17 @@
 - :mod:`.linear` — :class:`IntLinear`, :class:`WeightOnlyLinear`, :class:`Fp8Linear` (one per kind, chosen by the
   schemes with :func:`kernel_class`); their ``state_dict`` is the on-disk format, :meth:`RuntimeLinear.prepare` builds
   kernel layouts after loading; :func:`to_runtime` / :func:`convert` turn fake-quant layers into them.
+- :mod:`.embedding` — :class:`RuntimeEmbedding`, a quantized token embedding table kept as codes and scales (the same
+  on-disk names as a linear's weight); a lookup dequantizes the requested rows only.
 """
 
+from .embedding import (
+    RuntimeEmbedding,
+    convert_embeddings,
+    quant_embedding_state,
+    to_quant_embedding,
+    to_runtime_embedding,
+)
 from .linear import (
     Fp8Linear,
     IntLinear,
@@ -18,5 +27,6 @@ from .linear import (
     to_runtime,
 )
 
-__all__ = ["Fp8Linear", "IntLinear", "RuntimeLinear", "WeightOnlyLinear", "convert", "kernel_class",
-           "quant_linear_state", "to_runtime"]
+__all__ = ["Fp8Linear", "IntLinear", "RuntimeEmbedding", "RuntimeLinear", "WeightOnlyLinear", "convert",
+           "convert_embeddings", "kernel_class", "quant_embedding_state", "quant_linear_state", "to_quant_embedding",
+           "to_runtime", "to_runtime_embedding"]

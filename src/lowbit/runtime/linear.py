@@ -69,6 +69,31 @@ def kernel_class(weight: QuantScheme, act: QuantScheme | None) -> type[RuntimeLi
     raise _no_kernel(weight, act, "this format pair has no kernel on this CPU")
 
 
+def weight_buffers(rows: int, columns: int, scheme: QuantScheme,
+                   device: torch.device | str = "meta") -> dict[str, Tensor]:
+    """The persistent tensors of a quantized weight ``[rows, columns]`` (see the module docstring), empty, in the
+    order they are registered: codes (``weight`` or ``weight_packed`` + ``weight_shape``), ``weight_scale``,
+    ``weight_zero_point`` when asymmetric."""
+    wf, out = scheme.number_format(), {}
+    group = scheme.group_size if scheme.granularity == "group" else columns
+    qshape = {"channel": (rows, 1), "group": (rows, math.ceil(columns / group)), "tensor": (1,)}[scheme.granularity]
+
+    def new(shape: tuple[int, ...], dt: torch.dtype) -> Tensor:
+        return torch.empty(shape, dtype=dt, device=device)
+
+    if isinstance(wf, FloatFormat):
+        out["weight"] = new((rows, columns), FP8_DTYPES[scheme.format])
+    elif wf.bits == 8:
+        out["weight"] = new((rows, columns), torch.int8)
+    else:
+        out["weight_packed"] = new((rows, math.ceil(columns * wf.bits / 32)), torch.int32)
+        out["weight_shape"] = new((2,), torch.int64)
+    out["weight_scale"] = new(qshape, torch.float32)
+    if not wf.symmetric:
+        out["weight_zero_point"] = new(qshape, torch.int32)
+    return out
+
+
 class RuntimeLinear(nn.Module):
     """Base of the runtime linears: shapes, schemes, the persistent tensors, the rotation child and the forward frame.
 
@@ -84,24 +109,15 @@ class RuntimeLinear(nn.Module):
         self.weight_scheme, self.input_scheme = weight_scheme, input_scheme
         self.input_transform: nn.Module | None = None
         self.prepared = False
-        n, k, wf = out_features, in_features, weight_scheme.number_format()
-        self.bits = wf.bits
+        n, k = out_features, in_features
+        self.bits = weight_scheme.number_format().bits
         self.group = weight_scheme.group_size if weight_scheme.granularity == "group" else k
-        qshape = {"channel": (n, 1), "group": (n, math.ceil(k / self.group)), "tensor": (1,)}[weight_scheme.granularity]
+        for name, tensor in weight_buffers(n, k, weight_scheme, device).items():
+            self.register_buffer(name, tensor)
 
         def new(shape: tuple[int, ...], dt: torch.dtype) -> Tensor:
             return torch.empty(shape, dtype=dt, device=device)
 
-        if isinstance(wf, FloatFormat):
-            self.register_buffer("weight", new((n, k), FP8_DTYPES[weight_scheme.format]))
-        elif wf.bits == 8:
-            self.register_buffer("weight", new((n, k), torch.int8))
-        else:
-            self.register_buffer("weight_packed", new((n, math.ceil(k * wf.bits / 32)), torch.int32))
-            self.register_buffer("weight_shape", new((2,), torch.int64))
-        self.register_buffer("weight_scale", new(qshape, torch.float32))
-        if not wf.symmetric:
-            self.register_buffer("weight_zero_point", new(qshape, torch.int32))
         self.register_buffer("bias", new((n,), dtype) if bias else None)
         if input_scheme is not None and not input_scheme.dynamic:
             self.register_buffer("input_scale", new((1,), torch.float32))
@@ -334,8 +350,9 @@ class Fp8Linear(RuntimeLinear):
 # --- from the fake-quant layer --------------------------------------------------------------------------------------
 
 
-def _weight_codes(layer: QuantLinear) -> Tensor:
-    """Codes of the on-grid fake-quant weight, recovered exactly; a weight off its grid is an error."""
+def _weight_codes(layer: nn.Module) -> Tensor:
+    """Codes of the on-grid fake-quant weight (of a :class:`QuantLinear` or
+    :class:`~lowbit.surgery.embedding.QuantEmbedding`), recovered exactly; a weight off its grid is an error."""
     scheme, w = layer.weight_scheme, layer.weight.detach()
     fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
     qp = QParams(layer.weight_scale, layer.weight_zero)
@@ -353,8 +370,9 @@ def _scale_tensor(t: Tensor, granularity: str) -> Tensor:
             "tensor": lambda: t.reshape(1)}[granularity]()
 
 
-def quant_linear_state(layer: QuantLinear) -> dict[str, Tensor]:
-    """The persistent tensors (on-disk format) of the runtime module for ``layer``."""
+def weight_state(layer: nn.Module) -> dict[str, Tensor]:
+    """The persistent tensors of a fake-quant module's quantized weight (:func:`weight_buffers`: codes, scale, zero
+    point), from a :class:`QuantLinear` or a :class:`~lowbit.surgery.embedding.QuantEmbedding`."""
     scheme, fmt = layer.weight_scheme, layer.weight_scheme.number_format()
     codes, out = _weight_codes(layer), {}
     if isinstance(fmt, FloatFormat):
@@ -365,11 +383,17 @@ def quant_linear_state(layer: QuantLinear) -> dict[str, Tensor]:
             out["weight"] = signed.to(torch.int8)
         else:
             out["weight_packed"] = K.pack_codes(signed.to(torch.int8), fmt.bits)
-            out["weight_shape"] = torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)
+            out["weight_shape"] = torch.tensor(list(codes.shape), dtype=torch.int64)
     out["weight_scale"] = _scale_tensor(layer.weight_scale.detach().to(torch.float32), scheme.granularity)
     if isinstance(fmt, IntFormat) and not fmt.symmetric:
         z = _scale_tensor(layer.weight_zero.detach(), scheme.granularity)
         out["weight_zero_point"] = (z - K.offset(fmt.bits)).to(torch.int32)
+    return out
+
+
+def quant_linear_state(layer: QuantLinear) -> dict[str, Tensor]:
+    """The persistent tensors (on-disk format) of the runtime module for ``layer``."""
+    out = weight_state(layer)
     if layer.bias is not None:
         out["bias"] = layer.bias.detach().clone()
     q = layer.input_quant
