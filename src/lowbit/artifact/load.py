@@ -3,8 +3,8 @@
 The model is built from ``config.json`` with its parameters on the ``meta`` device (accelerate's
 ``init_empty_weights``; buffers such as RoPE frequencies are computed as usual), lowbit's parts are put in from the
 manifest, and every tensor of the safetensors files is assigned in place (no copy, no float weight for a quantized
-linear). Quantized linears become real low-bit modules (:mod:`lowbit.runtime`); ``simulate=True`` gives the
-fake-quant modules instead, exactly the model ``lowbit quantize`` evaluated.
+linear). Quantized linears and embedding tables become real low-bit modules (:mod:`lowbit.runtime`); ``simulate=True``
+gives the fake-quant modules instead, exactly the model ``lowbit quantize`` evaluated.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from ..errors import ArtifactError
 from ..models.arch import spec_for_model_type
 from ..quant import QParams, granule_shape
 from ..rotations import RotationMatrix
-from ..runtime import RuntimeLinear
+from ..runtime import RuntimeEmbedding, RuntimeLinear, to_quant_embedding
 from ..schemes import QuantScheme
+from ..surgery.embedding import QuantEmbedding
 from ..surgery.linear import QuantLinear
 from ..surgery.quantizer import ActQuantizer, granularity_for
 from ..surgery.rotate import OnlineRotation
@@ -123,6 +124,23 @@ def runtime_linear(entry: dict, rotation: RotationMatrix | None, own: dict[str, 
     return module.prepare()
 
 
+def runtime_embedding(entry: dict, own: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> RuntimeEmbedding:
+    """The runtime table of one saved quantized embedding table, prepared."""
+    module = RuntimeEmbedding.empty(entry["num"], entry["dim"], QuantScheme(**entry["weight"]), dtype,
+                                    entry["padding_idx"])
+    try:
+        module.load_state_dict(own, assign=True, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"a saved embedding table's tensors do not match its scheme ({str(exc).splitlines()[0]}); "
+                            "save the model again") from None
+    return module.prepare()
+
+
+def simulated_embedding(entry: dict, own: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> QuantEmbedding:
+    """The fake-quant :class:`QuantEmbedding` of one saved table: exactly what ``lowbit quantize`` evaluated."""
+    return to_quant_embedding(runtime_embedding(entry, own, dtype))
+
+
 def _assign(model: nn.Module, tensors: dict[str, Tensor]) -> None:
     """Put every tensor in place (parameters and buffers, including buffers registered as None); an unknown name
     means the file does not belong to this model."""
@@ -167,12 +185,16 @@ def load(folder: str | Path, simulate: bool = False) -> nn.Module:
     dtype = getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     make = simulated_linear if simulate else runtime_linear
+    make_table = simulated_embedding if simulate else runtime_embedding
 
     def make_linear(entry, rotation, own):
         return make(entry, rotation, own, dtype)
 
+    def make_embedding(entry, own):
+        return make_table(entry, own, dtype)
+
     try:
-        rebuild(model, arch, manifest, tensors, make_linear)
+        rebuild(model, arch, manifest, tensors, make_linear, make_embedding)
     except KeyError as exc:
         raise ArtifactError(f"the saved model lacks the tensor {exc}: a file is damaged; save it again") from None
     _assign(model, tensors)

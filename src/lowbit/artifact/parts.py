@@ -1,7 +1,7 @@
 """Every part lowbit attached to a model, as a JSON manifest plus named tensors, and back onto a bare model.
 
 :func:`describe` walks a quantized model: quantized linears (weight scheme, input quantizer, online input rotation),
-each attention module's hooks (online Q/K rotation, KV fake-quantizers), shared rotations (once each, by identity:
+quantized embedding tables (shape and weight scheme), each attention module's hooks (online Q/K rotation, KV fake-quantizers), shared rotations (once each, by identity:
 R3 and R4 are one matrix for every layer) and the model's :class:`~lowbit.state.QuantState` (recipe, prefix,
 packed-cache spec). :func:`rebuild` puts the same parts, empty, onto a freshly built model of the same config; the
 loader then assigns the tensors. A part lowbit does not know how to save is an error, never skipped.
@@ -20,10 +20,11 @@ from ..kv.spec import CacheSpec
 from ..kv.static import StaticIntCodec
 from ..models.arch import ArchSpec, get_module, set_module
 from ..rotations import RotationMatrix, rotation_from_record, rotation_record
-from ..runtime import RuntimeLinear, quant_linear_state
+from ..runtime import RuntimeEmbedding, RuntimeLinear, quant_embedding_state, quant_linear_state
 from ..schemes import QuantScheme
 from ..state import STATE_NAME, ensure_state, quant_state
 from ..surgery.attention import HOOKS_ATTR, KVQuantHook, add_attention_hook
+from ..surgery.embedding import QuantEmbedding
 from ..surgery.kvcache import attach_packed_cache
 from ..surgery.linear import QuantLinear
 from ..surgery.prefix import restore_prefix
@@ -87,6 +88,32 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return isinstance(module, (QuantLinear, RuntimeLinear))
 
 
+def _embedding(path: str, table: QuantEmbedding | RuntimeEmbedding) -> dict:
+    """One quantized embedding table's manifest entry (its tensors come from :func:`packed_tensors`)."""
+    if table.weight_scheme is None:
+        raise ArtifactError(f"{path} has no quantized table: finish quantizing before saving")
+    return {"num": table.num_embeddings, "dim": table.embedding_dim, "padding_idx": table.padding_idx,
+            "weight": table.weight_scheme.model_dump(mode="json")}
+
+
+def is_packed(module: nn.Module) -> bool:
+    """A quantized linear or embedding table: written in its runtime module's on-disk form, never as a float weight."""
+    return isinstance(module, (QuantLinear, RuntimeLinear, QuantEmbedding, RuntimeEmbedding))
+
+
+def packed_tensors(path: str, module: nn.Module) -> dict[str, Tensor]:
+    """A packed part's tensors, named from the model root (:func:`linear_tensors` for a linear; a table's runtime
+    ``state_dict``, :func:`lowbit.runtime.quant_embedding_state` for a fake-quant table)."""
+    if isinstance(module, RuntimeEmbedding):
+        return {f"{path}.{k}": v for k, v in module.state_dict().items()}
+    if isinstance(module, QuantEmbedding):
+        try:
+            return {f"{path}.{k}": v for k, v in quant_embedding_state(module).items()}
+        except ValueError as exc:
+            raise ArtifactError(f"{path}: {exc}") from None
+    return linear_tensors(path, module)
+
+
 def _hook(hook: nn.Module, rotations: _Rotations) -> dict:
     if isinstance(hook, QKRotationHook):
         return {"kind": "qk_rotation", "rotation": rotations.add(hook.rotate.rotation)}
@@ -113,18 +140,20 @@ def _cache_tensors(spec: CacheSpec | None) -> dict[str, Tensor]:
 
 def describe(model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
     """The manifest of every lowbit part of ``model`` and the model-level tensors outside its ``state_dict``
-    (rotations; a static packed cache's scales). The quantized linears' tensors come from :func:`linear_tensors`,
-    part by part as the model is written."""
-    rotations, linears, attention, tensors = _Rotations(), {}, {}, {}
+    (rotations; a static packed cache's scales). The quantized linears' and tables' tensors come from
+    :func:`packed_tensors`, part by part as the model is written."""
+    rotations, linears, embeddings, attention, tensors = _Rotations(), {}, {}, {}, {}
     for path, module in model.named_modules():
         if is_quantized_linear(module):
             linears[path] = _linear(path, module, rotations)
+        elif is_packed(module):
+            embeddings[path] = _embedding(path, module)
         hooks = getattr(module, HOOKS_ATTR, None)
         if hooks:
             attention[path] = [_hook(h, rotations) for h in hooks]
     state = quant_state(model)
     recipe = state.recipe if state is not None else None
-    manifest = {"linears": linears, "attention": attention, "rotations": rotations.meta,
+    manifest = {"linears": linears, "embeddings": embeddings, "attention": attention, "rotations": rotations.meta,
                 "recipe": recipe, "prefix_length": state.prefix_length if state is not None else 0,
                 "packed_kv_cache": state is not None and state.cache_spec is not None}
     tensors.update(rotations.tensors)
@@ -170,18 +199,21 @@ def _rebuild_cache(manifest: dict, tensors: dict[str, Tensor], layers: int) -> C
     return CacheSpec(specs[0].keys, specs[0].values, config.window, config.sink, layers=tuple(specs))
 
 
-def rebuild(model: nn.Module, arch: ArchSpec, manifest: dict, tensors: dict[str, Tensor], make_linear) -> None:
+def rebuild(model: nn.Module, arch: ArchSpec, manifest: dict, tensors: dict[str, Tensor], make_linear,
+            make_embedding) -> None:
     """Put the manifest's parts onto ``model`` (built from the saved config, weights still unset).
 
     ``make_linear(entry, rotation, own)`` returns the module for one quantized linear, built from its own tensors
-    ``own`` (names without the path): a real-kernel module, or a fake-quant :class:`QuantLinear` when simulating.
-    The linears' tensors, rotations and a static cache's scales are taken out of ``tensors``; the loader assigns
-    the rest.
+    ``own`` (names without the path): a real-kernel module, or a fake-quant :class:`QuantLinear` when simulating;
+    ``make_embedding(entry, own)`` likewise for a quantized embedding table. The linears' and tables' tensors,
+    rotations and a static cache's scales are taken out of ``tensors``; the loader assigns the rest.
     """
     rotations = _rebuild_rotations(manifest, tensors)
     for path, entry in manifest["linears"].items():
         rotation = rotations[entry["input_transform"]] if entry["input_transform"] else None
         set_module(model, path, make_linear(entry, rotation, _take(tensors, f"{path}.")))
+    for path, entry in manifest.get("embeddings", {}).items():
+        set_module(model, path, make_embedding(entry, _take(tensors, f"{path}.")))
     for path, hooks in manifest["attention"].items():
         attn = get_module(model, path)
         for hook in hooks:

@@ -22,7 +22,7 @@ from ..surgery.attention import HOOKS_ATTR
 from ..surgery.offload import onloaded
 from ..version import __version__
 from .files import new_folder, write_tensors
-from .parts import describe, is_quantized_linear, linear_tensors
+from .parts import describe, is_packed, packed_tensors
 from .summary import quantization_config
 
 FORMAT = "lowbit"
@@ -38,25 +38,26 @@ def _units(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
     layers = [(f"{arch.layers}.{i}", layer, True) for i, layer in enumerate(decoder_layers(model, arch))]
     inside = {id(m) for _, layer, _ in layers for m in layer.modules()}
     others = [(path, m, False) for path, m in model.named_modules()
-              if id(m) not in inside and (m._parameters or m._buffers) and not is_quantized_linear(m)]
-    linears = [(path, m, True) for path, m in model.named_modules() if id(m) not in inside and is_quantized_linear(m)]
+              if id(m) not in inside and (m._parameters or m._buffers) and not is_packed(m)]
+    linears = [(path, m, True) for path, m in model.named_modules() if id(m) not in inside and is_packed(m)]
     return layers + others + linears
 
 
 def _unit_tensors(path: str, unit: nn.Module, recursive: bool, skip: set[str]) -> Iterator[tuple[str, Tensor]]:
-    """One part's tensors as saved: quantized linears in their on-disk form, everything else as in ``state_dict``."""
+    """One part's tensors as saved: quantized linears and tables in their on-disk form, everything else as in
+    ``state_dict``."""
     stem = f"{path}." if path else ""
-    if is_quantized_linear(unit):
-        yield from linear_tensors(path, unit).items()
+    if is_packed(unit):
+        yield from packed_tensors(path, unit).items()
         return
     if not recursive:
         own = {**unit._parameters, **{k: v for k, v in unit._buffers.items()
                                       if k not in unit._non_persistent_buffers_set}}
         yield from ((stem + k, v.detach()) for k, v in own.items() if v is not None and stem + k not in skip)
         return
-    linears = [(f"{stem}{n}", m) for n, m in unit.named_modules() if n and is_quantized_linear(m)]
+    linears = [(f"{stem}{n}", m) for n, m in unit.named_modules() if n and is_packed(m)]
     for name, linear in linears:
-        yield from linear_tensors(name, linear).items()
+        yield from packed_tensors(name, linear).items()
     replaced = tuple(f"{name}." for name, _ in linears)
     for name, tensor in unit.state_dict(prefix=stem, keep_vars=True).items():
         if not name.startswith(replaced) and name not in skip:
@@ -67,7 +68,7 @@ def _model_tensors(model: nn.Module, extra: dict[str, Tensor]) -> Iterator[tuple
     """Every tensor to write, part by part (each part onloaded while it is read when the model is offloaded), then
     ``extra``; a lm_head tied to the embeddings is written once, as the embeddings."""
     head = model.get_output_embeddings()
-    tied = getattr(model.config, "tie_word_embeddings", False) and not is_quantized_linear(head)
+    tied = getattr(model.config, "tie_word_embeddings", False) and not is_packed(head)
     skip = {name for name, m in model.named_modules() if m is head} if tied else set()
     skip = {f"{name}.weight" for name in skip}
     seen = set()

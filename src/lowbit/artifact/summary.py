@@ -65,8 +65,9 @@ def quantization_config(manifest: dict, version: str) -> dict:
     kv = next((h["k"]["scheme"] for hooks in manifest["attention"].values() for h in hooks
                if h["kind"] == "kv_quant"), None)
     recipe = manifest["recipe"] or {}
+    tables = {path: {"weight": e["weight"], "input": None} for path, e in manifest.get("embeddings", {}).items()}
     return {"quant_method": "lowbit", "version": version, "quantization_status": "compressed",
-            "format": "mixed-precision", "config_groups": _groups(manifest["linears"]), "ignore": [],
+            "format": "mixed-precision", "config_groups": _groups({**manifest["linears"], **tables}), "ignore": [],
             "kv_cache_scheme": kv and quantization_args(kv), "transform_config": _transforms(manifest),
             "lowbit": {"recipe": recipe.get("name"), "prefix_tokens": manifest["prefix_length"],
                        "packed_kv_cache": recipe.get("kv_cache")}}
