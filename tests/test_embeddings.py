@@ -124,10 +124,11 @@ def test_tables_are_rounded_after_the_steps_rotations_included():
 @pytest.mark.parametrize("preset,embeddings,lm_head", [
     ("w4a16-rtn-g64", INT8, None),
     ("w4a16-rtn-g64", G32, INT8),
-    ("w4a4kv4-quarot", {"format": "int4", "symmetric": False, "granularity": "group", "group_size": 48}, INT8),
+    ("w4a4kv4-quarot", {"format": "int4", "symmetric": False, "granularity": "group", "group_size": 48}, G32),
 ])
 def test_save_load_round_trip(tmp_path, family, preset, embeddings, lm_head):
     model = _quantized(family, _recipe(preset, embeddings, lm_head))
+    assert lm_head is None or model.lm_head.input_quant is None  # its own scheme: weight only, never a target
     save(model, tmp_path / "a")
     manifest = read_manifest(tmp_path / "a")
     assert manifest["embeddings"]["model.embed_tokens"]["weight"]["format"] == embeddings["format"]
@@ -161,3 +162,13 @@ def test_quantized_tables_make_the_file_smaller(tmp_path, family):
     else:
         assert base - table == pytest.approx(table_fp32 - table_int8, abs=2048)
         assert base - both == pytest.approx(2 * (table_fp32 - table_int8), abs=2048)
+
+
+def test_loaded_tables_generate(tmp_path):
+    model = _quantized("llama", _recipe("w4a16-rtn-g64", G32, INT8))
+    save(model, tmp_path / "m")
+    prompt = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = model.generate(prompt, **kw)
+    assert torch.equal(load(tmp_path / "m", simulate=True).generate(prompt, **kw), want)
+    assert load(tmp_path / "m").generate(prompt, **kw).shape == want.shape

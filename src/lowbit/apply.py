@@ -48,8 +48,9 @@ def check_calibration(session: Session) -> None:
 
 def apply_recipe(model: nn.Module, session: Session) -> None:
     """Quantize ``model`` in place as ``session.recipe`` says: swap linears, run the steps, round the embedding table
-    and lm_head with their own schemes (after the steps: rotations folded into them are included), attach the
-    activation and KV quantizers (with learned clip ratios), attach a packed cache, calibrate static scales."""
+    and lm_head with their own schemes (after the steps: rotations folded into them are included; lm_head weight
+    only), attach the activation and KV quantizers (with learned clip ratios), attach a packed cache, calibrate static
+    scales."""
     recipe, start = session.recipe, time.perf_counter()
     check_calibration(session)
     if recipe.weights is not None or recipe.activations is not None:
@@ -60,10 +61,10 @@ def apply_recipe(model: nn.Module, session: Session) -> None:
             session.results.append(result)
     if recipe.embeddings is not None:
         quantize_embeddings(model, session.spec, recipe.embeddings)
-    if recipe.lm_head is not None:
-        quantize_lm_head(model, session.spec, recipe.lm_head)
     if recipe.activations is not None:
         attach_activation_quantizers(model, recipe.activations)
+    if recipe.lm_head is not None:  # after the input quantizers: not a target, its input stays full precision
+        quantize_lm_head(model, session.spec, recipe.lm_head)
     if recipe.kv is not None:
         attach_kv_quantizers(model, session.spec, recipe.kv)
     set_clip_ratios(model, session.clip_ratios)

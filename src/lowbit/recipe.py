@@ -42,8 +42,9 @@ class Recipe(StrictConfig):
 
     ``embeddings`` and ``lm_head`` are weight schemes for the token embedding table and the output projection,
     applied by round to nearest after the steps (so rotations folded into them are included); a tied lm_head is
-    untied when the two are quantized. ``lm_head`` gives it its own scheme; ``targets: [..., lm_head]`` instead
-    quantizes it with ``weights`` in the weight step (GPTQ rounds it to nearest).
+    untied when either is quantized. ``lm_head`` gives it its own weight scheme (weight only: its input is not
+    quantized); ``targets: [..., lm_head]`` instead quantizes it with ``weights`` in the weight step (GPTQ rounds it
+    to nearest) and its input with ``activations``.
     """
 
     name: str = "custom"
