@@ -56,6 +56,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _saved_model(parser: argparse.ArgumentParser, reference: bool = True, simulate: bool = True) -> None:
+    """The flags every command on a saved model takes: the folder, threads, and where it applies a reference model
+    and the simulation."""
+    parser.add_argument("--model", required=True, metavar="DIR", help="a folder written by `lowbit quantize --save`")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    if reference:
+        parser.add_argument("--reference", default="saved",
+                            help="full-precision model to compare with: 'saved' (its source), 'none', or a model source")
+    if simulate:
+        parser.add_argument("--simulate", action="store_true", help="run the fake-quant model instead of real kernels")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,36 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
     q.add_argument("--save", default=None, metavar="DIR", help="also write the quantized model into this new folder")
     g = sub.add_parser("generate", help="continue a prompt with a saved quantized model (streams the text)")
-    g.add_argument("--model", required=True, metavar="DIR", help="a folder written by `lowbit quantize --save`")
+    _saved_model(g, reference=False)
     g.add_argument("--prompt", required=True, help="the text to continue (in the chat template when there is one)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 (the default) decodes greedily")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--simulate", action="store_true", help="run the fake-quant model instead of real kernels")
-    g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
     e = sub.add_parser("eval", help="perplexity of a saved quantized model, against its full-precision source")
-    e.add_argument("--model", required=True, metavar="DIR", help="a folder written by `lowbit quantize --save`")
-    e.add_argument("--reference", default="saved",
-                   help="full-precision model to compare with: 'saved' (its source), 'none', or a model source")
+    _saved_model(e)
     e.add_argument("--eval-data", default="default", help="'default', a text file, or wikitext2 / c4 / pile")
     e.add_argument("--seq-len", type=_positive_int, default=2048, help="evaluation window length in tokens")
     e.add_argument("--windows", type=_positive_int, default=6, help="number of evaluation windows")
     e.add_argument("--all-windows", action="store_true", help="evaluate every full window of the evaluation text")
-    e.add_argument("--simulate", action="store_true", help="run the fake-quant model instead of real kernels")
     e.add_argument("--report", default="lowbit-eval.json", help="where to write the JSON report")
-    e.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
     b = sub.add_parser("bench", help="prefill/decode speed, memory and file size of a saved model vs fp32 and bf16")
-    b.add_argument("--model", required=True, metavar="DIR", help="a folder written by `lowbit quantize --save`")
-    b.add_argument("--reference", default="saved",
-                   help="full-precision model to compare with: 'saved' (its source), 'none', or a model source")
+    _saved_model(b, simulate=False)
     b.add_argument("--prefill", type=_positive_int, default=2048, help="prefill length in tokens (batch 1)")
     b.add_argument("--prompt", type=_positive_int, default=512, help="prompt length before decoding")
     b.add_argument("--new-tokens", type=_positive_int, default=128, help="decoded tokens")
     b.add_argument("--batches", default="1,8", help="comma-separated decode batch sizes")
     b.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per measurement (median)")
     b.add_argument("--report", default="lowbit-bench.json", help="where to write the JSON result")
-    b.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
     r = sub.add_parser("recipes", help="list the preset recipes, or print one as YAML")
     r.add_argument("name", nargs="?", help="print this preset's full YAML")
     i = sub.add_parser("inspect", help="outlier tokens before/after rotation and with PrefixQuant's prefix")
@@ -194,6 +197,8 @@ def _cmd_generate(args, console: Console) -> int:
     from .artifact import load, load_tokenizer
     from .saved import generate
 
+    if not args.temperature >= 0:
+        raise LowbitError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
     _threads(args)
     model, tokenizer = load(args.model, simulate=args.simulate), load_tokenizer(args.model)
     generate(model, tokenizer, args.prompt, args.max_new_tokens, chat=not args.raw, temperature=args.temperature,
