@@ -10,6 +10,9 @@ output to bf16 (2^-9 relative each), so ``|diff| <= 2^-7 * B`` (measured <= 3.1e
 
 from __future__ import annotations
 
+import copy
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -100,8 +103,127 @@ def test_int_weights_int_activations(k, n, w, a, bias, int_groups):
     layer = fake(k, n, bias, w, a)
     module = to_runtime(layer)
     assert isinstance(module, IntLinear)
-    for copy in (True, False):
-        assert_matches(layer, module.prepare(int8_copy=copy), inputs(k), 1e-5)
+    for int8_copy in (True, False):
+        assert_matches(layer, module.prepare(int8_copy=int8_copy, backend="int_mm"), inputs(k), 1e-5)
+    for backend, macs in backend_variants(module):
+        assert_matches(layer, module.prepare(backend=backend, onednn_min_macs=macs), inputs(k), 1e-5)
+
+
+def backend_variants(module: IntLinear) -> list[tuple[str, int | None]]:
+    """Every backend of the layer; u8s8 with each kernel alone (oneDNN from 0 multiply-adds, fbgemm to the end)."""
+    found = []
+    for backend in module.possible_backends():
+        found += [(backend, 0), (backend, sys.maxsize)] if backend == "u8s8" else [(backend, None)]
+    return found
+
+
+# u8s8 layers: weight codes (zero point subtracted) up to 64, activations shifted into uint8 by one zero point
+U8S8_CASES = [
+    (S(format="int4"), S(format="int8", granularity="token")),
+    (S(format="int4"), S(format="int4", granularity="token", clip_ratio=0.9)),
+    (S(format="int4"), S(format="int8", granularity="tensor", dynamic=False)),
+    (S(format="int7"), S(format="int8", granularity="token")),  # |w| <= 63
+    (S(format="int6", symmetric=False), S(format="int8", symmetric=False, granularity="tensor", dynamic=False)),
+    (S(format="int4", symmetric=False, granularity="tensor"), S(format="int7", symmetric=False, granularity="token")),
+    (S(format="int4", granularity="tensor"), S(format="int8", symmetric=False, granularity="tensor")),
+]
+
+
+@pytest.mark.parametrize("k,n", [(1, 1), (7, 3), (33, 17), (576, 64)])
+@pytest.mark.parametrize("w,a", U8S8_CASES, ids=lambda s: s.describe())
+def test_every_backend_gives_the_int_mm_result(k, n, w, a):
+    """u8s8 (both kernels) and float compute the same integer sums as _int_mm and scale them the same way
+    (``float(acc) * s_w * s_x``): equal outputs, any shape, M of 1 and 300."""
+    layer = fake(k, n, True, w, a)
+    module = to_runtime(layer)
+    assert "u8s8" in module.possible_backends()
+    for x in (inputs(k)[:1, :1], torch.randn(300, k, generator=torch.Generator().manual_seed(3)) * 3):
+        expected = module.prepare(backend="int_mm")(x)
+        for backend, macs in backend_variants(module):
+            got = module.prepare(backend=backend, onednn_min_macs=macs)(x)
+            assert torch.equal(got, expected), (backend, macs, float((got - expected).abs().max()))
+        assert_matches(layer, module, x, 1e-5)
+
+
+@pytest.mark.parametrize("kernel", kernels.u8s8_kernels())
+def test_u8s8_kernels_are_exact_at_extreme_codes(kernel):
+    """Codes at the ends of both ranges (u = v + 128 in {0, 255}, |w| = 64): every int16 pair sum at its largest."""
+    k, n = 4096, 8
+    gen = torch.Generator().manual_seed(0)
+    w = torch.full((n, k), 64, dtype=torch.int8)
+    w[1::2] = -64
+    w[4:] = torch.where(torch.rand(4, k, generator=gen) < 0.5, 64, -64).to(torch.int8)
+    w[3] = torch.randint(-64, 65, (k,), generator=gen).to(torch.int8)
+    v = torch.full((5, k), 127.0)
+    v[1] = -128
+    v[2, ::2] = -128
+    v[3] = torch.where(torch.rand(k, generator=gen) < 0.5, 127.0, -128.0)
+    v[4] = torch.randint(-128, 128, (k,), generator=gen).float()
+    exact = (v.to(torch.int64) @ w.to(torch.int64).t()).to(torch.float32)  # rounded once, as int32 -> float32
+    one = torch.ones(n)
+    got = kernels.fbgemm_mm(v, kernels.fbgemm_pack(w, one), 128) if kernel == "fbgemm" else \
+        kernels.onednn_mm(v, kernels.onednn_pack(w), one, torch.zeros(n, dtype=torch.int32), 128)
+    assert torch.equal(got, exact)
+
+
+@pytest.mark.skipif(kernels.has_int8_dot(), reason="with int8 dot-product instructions nothing saturates")
+@pytest.mark.parametrize("kernel", kernels.u8s8_kernels())
+def test_u8s8_kernels_saturate_past_the_bound(kernel):
+    """Why U8S8_MAX_W is 64: int8 weight codes (127) against u = 255 overflow the int16 pair sums."""
+    k, n = 64, 4
+    w, v, one = torch.full((n, k), 127, dtype=torch.int8), torch.full((2, k), 127.0), torch.ones(n)
+    got = kernels.fbgemm_mm(v, kernels.fbgemm_pack(w, one), 128) if kernel == "fbgemm" else \
+        kernels.onednn_mm(v, kernels.onednn_pack(w), one, torch.zeros(n, dtype=torch.int32), 128)
+    assert not torch.equal(got, v @ w.float().t())
+
+
+def test_float_backend_sums_in_exact_blocks():
+    """W8A8 at K = 1100: 1100 * 127 * 127 > 2^24, so the float32 GEMM runs in two blocks, each sum an exact integer."""
+    k, n = 1100, 6
+    lin = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.where(torch.rand(n, k, generator=torch.Generator().manual_seed(0)) < 0.5, 1.0, -1.0))
+        lin.weight[0] = 1.0  # one output at the largest sum, 1100 * 127 * 127
+    layer = QuantLinear(lin)
+    layer.quantize_weight_rtn(S(format="int8"))
+    layer.input_quant = ActQuantizer(S(format="int8", granularity="token"), "activation")
+    module = to_runtime(layer).prepare(backend="float")
+    assert [(start, end) for start, end, _ in module._blocks] == [(0, 1040), (1040, 1100)]
+    x = torch.ones(3, k)
+    x[1, ::3] = -1
+    expected = module.prepare(backend="int_mm")(x)
+    assert torch.equal(module.prepare(backend="float")(x), expected)
+    assert_matches(layer, module, x, 1e-5)
+
+
+def test_backend_is_chosen_by_the_cpu_and_the_layer(monkeypatch):
+    """int_mm with int8 dot-product instructions; without them u8s8 where the codes fit, else float; forced by
+    prepare(backend=...) or IntLinear.BACKEND; u8s8 builds only the packings some row count uses."""
+    w4a8 = to_runtime(fake(96, 64, False, S(format="int4"), S(format="int8", granularity="token")))
+    w8a8 = to_runtime(fake(96, 64, False, S(format="int8"), S(format="int8", granularity="token")))
+    monkeypatch.setattr(kernels, "has_int8_dot", lambda: True)
+    assert w4a8.prepare().backend == "int_mm" and w8a8.prepare().backend == "int_mm"
+    monkeypatch.setattr(kernels, "has_int8_dot", lambda: False)
+    assert w4a8.possible_backends() == ["u8s8", "float", "int_mm"] and w8a8.possible_backends() == ["float", "int_mm"]
+    assert w4a8.prepare().backend == "u8s8" and w8a8.prepare().backend == "float"
+    with pytest.raises(ValueError, match="possible"):
+        w8a8.prepare(backend="u8s8")
+    monkeypatch.setattr(IntLinear, "BACKEND", "float")
+    assert w4a8.prepare().backend == "float"
+    monkeypatch.setattr(IntLinear, "BACKEND", "auto")
+    if set(kernels.u8s8_kernels()) == {"fbgemm", "onednn"}:
+        assert set(w4a8.prepare(onednn_min_macs=0)._packed) == {"onednn"}
+        assert set(w4a8.prepare(onednn_min_macs=sys.maxsize)._packed) == {"fbgemm"}
+        assert set(w4a8.prepare(onednn_min_macs=96 * 64)._packed) == {"onednn"}  # even M = 1 reaches it
+        assert set(w4a8.prepare(onednn_min_macs=2**25)._packed) == {"fbgemm", "onednn"}
+        assert set(w4a8.prepare()._packed) == {"fbgemm"}  # IntLinear.ONEDNN_MIN_MACS: fbgemm only
+    assert w4a8.prepare(backend="float")._packed == {} and w4a8._wc is not None
+
+
+def test_u8s8_module_deep_copies():
+    module = to_runtime(fake(96, 64, True, *U8S8_CASES[0])).prepare(backend="u8s8")
+    x = inputs(96)
+    assert torch.equal(copy.deepcopy(module)(x), module(x))
 
 
 @pytest.mark.parametrize("k,n", SHAPES)

@@ -10,12 +10,21 @@ The kernels and their constraints (PyTorch 2.13, x86 AVX-512; see /work/shared/r
 ``aten._weight_int4pack_mm_for_cpu`` (x of any float dtype, fast with bf16 only; group in 32..256, K % group == 0,
 N % 16 == 0; its packed layout is ISA-specific, so it is built at load time, never stored);
 ``aten._weight_int8pack_mm`` (per-channel scales in x's dtype; K % 16 == 0, else garbage or a crash).
+``torch._int_mm`` is fast only where the CPU has int8 dot-product instructions (AVX512-VNNI, AMX: :func:`has_int8_dot`);
+elsewhere it runs a scalar loop (measured 0.01-0.2x fp32 ``F.linear``). There the u8 x s8 GEMMs of fbgemm
+(``quantized.linear_with_input_q_dq_qweight_dq_output_fp32``) and oneDNN (``onednn.qlinear_pointwise``, the x86
+inductor op) run, exactly for weight codes up to :data:`U8S8_MAX_W` (int16 pair sums, see there), and float32
+``F.linear`` on the codes is exact in blocks of at most :func:`exact_block` columns (every partial sum an integer
+below 2^24). Measurements: benchmarks/kernels.py.
 No model code here: :mod:`lowbit.runtime.linear` holds the modules.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..quant import (
@@ -70,7 +79,8 @@ def act_qparams(x32: Tensor, fmt: IntFormat | FloatFormat, per_token: bool, obse
     if observer == "minmax" and fmt.symmetric:
         absmax = x32.abs().amax(dim=-1, keepdim=True) if per_token else x32.abs().amax().reshape(1, 1)
         top = fmt.qmax if isinstance(fmt, IntFormat) else fmt.max_value
-        return (absmax * clip_ratio / top).clamp_(min=EPS), None
+        clipped = absmax if clip_ratio == 1.0 else absmax * clip_ratio  # * 1.0 is exact: one op fewer per call
+        return (clipped / top).clamp_(min=EPS), None
     lo, hi = observe_range(x32, PerRow() if per_token else PerTensor(), fmt, observer, **observer_kwargs)
     qp = compute_qparams(lo, hi, fmt, clip_ratio=clip_ratio)
     return qp.scale, qp.zero_point
@@ -115,6 +125,110 @@ def int_linear(xq: Tensor, w8: Tensor, w_scale: Tensor, group: int, x_zero: Tens
         part = acc.to(torch.float32).mul_(w_scale[g])
         out = part if out is None else out.add_(part)
     return out
+
+
+def int_values(x32: Tensor, scale: Tensor, zero: Tensor | None, fmt: IntFormat, clamp: bool = True) -> Tensor:
+    """``clamp(round(x / s) + z, qmin, qmax) - z`` as integer-valued float32 (the codes minus their zero point: what
+    the matmul multiplies), the same numbers as :func:`int_codes`. ``clamp=False`` skips the clamp of symmetric codes
+    where it provably does nothing (:func:`clamp_needed`)."""
+    v = torch.div(x32, scale).round_()
+    if zero is None:
+        return v.clamp_(fmt.qmin, fmt.qmax) if clamp else v
+    return v.add_(zero).clamp_(fmt.qmin, fmt.qmax).sub_(zero)
+
+
+def clamp_needed(fmt: IntFormat, dynamic: bool, observer: str, clip_ratio: float) -> bool:
+    """False when ``round(x / s)`` cannot leave the symmetric grid: a dynamic minmax scale without clipping
+    (``s >= max|x| / qmax`` up to one rounding, so ``|x / s| <= qmax * (1 + 2^-23)``, which rounds to at most qmax)."""
+    return not (fmt.symmetric and dynamic and observer == "minmax" and clip_ratio >= 1.0)
+
+
+# --- int8 dot products without VNNI: u8 x s8 GEMMs, float32 on codes --------------------------------------------------
+
+U8S8_MAX_W = 64
+"""Largest |weight code| (zero point subtracted) the u8 x s8 kernels multiply exactly on any x86 CPU. Without VNNI
+they use ``vpmaddubsw``, which adds two u8 x s8 products into int16 with saturation: ``255 * (64 + 64) = 32640``
+fits, int8 codes do not (measured: codes of +-127 on both sides give wrong sums in fbgemm and oneDNN)."""
+
+U8S8_ZERO = 128
+"""Activation zero point handed to the u8 x s8 kernels: ``u = v + 128`` holds every ``v`` in ``[-128, 127]``."""
+
+
+def has_int8_dot() -> bool:
+    """Whether the CPU has int8 dot-product instructions (AVX512-VNNI or AMX), where ``torch._int_mm`` is fast."""
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_vnni_supported", lambda: False)() or
+                getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def u8s8_kernels() -> tuple[str, ...]:
+    """The u8 x s8 GEMMs this PyTorch build has: ``"fbgemm"`` (quantized engine), ``"onednn"`` (x86 inductor ops)."""
+    found = []
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        found.append("fbgemm")
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        found.append("onednn")
+    return tuple(found)
+
+
+def fbgemm_pack(w8: Tensor, scale: Tensor) -> torch.ScriptObject:
+    """int8 codes ``[N, K]`` (|w| <= :data:`U8S8_MAX_W`) and float32 scales ``[N]`` -> fbgemm's packed weight (an
+    opaque object; measured ~1.3x ``N*K`` bytes at 576x1536)."""
+    zeros = torch.zeros(w8.shape[0], dtype=torch.long)
+    engine = torch.backends.quantized.engine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors are deprecated; the packed weight is not one
+        try:
+            torch.backends.quantized.engine = "fbgemm"
+            q = torch._make_per_channel_quantized_tensor(w8.contiguous(), scale.to(torch.float64), zeros, 0)
+            return torch.ops.quantized.linear_prepack(q, None)
+        finally:
+            torch.backends.quantized.engine = engine
+
+
+def fbgemm_mm(v: Tensor, packed: torch.ScriptObject, zero: int) -> Tensor:
+    """``(v @ w^T) * scale`` float32 ``[M, N]``: ``v`` integer-valued float32 with ``v + zero`` in ``[0, 255]`` (the
+    kernel quantizes it with scale 1: exact), int32 accumulation, then ``float(acc) * scale[n]``."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(v, 1.0, zero, packed)
+
+
+def onednn_pack(w8: Tensor) -> Tensor:
+    """int8 codes ``[N, K]`` (|w| <= :data:`U8S8_MAX_W`) -> oneDNN's packed weight (an mkldnn tensor, ~1.1x ``N*K``)."""
+    return torch.ops.onednn.qlinear_prepack(w8.contiguous(), None)
+
+
+def onednn_mm(v: Tensor, packed: Tensor, scale: Tensor, w_zero: Tensor, zero: int) -> Tensor:
+    """As :func:`fbgemm_mm` through ``onednn.qlinear_pointwise`` (``v + zero`` cast to uint8; ``w_zero`` int32 zeros)."""
+    u = (v + zero).to(torch.uint8)
+    return torch.ops.onednn.qlinear_pointwise(u, 1.0, zero, packed, scale, w_zero, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+def exact_block(v_max: float, w_max: float) -> int:
+    """Columns a float32 dot product of integers ``|v| <= v_max``, ``|w| <= w_max`` may sum and stay exact in any
+    order: every partial sum is an integer of magnitude at most ``K * v_max * w_max <= 2^24``."""
+    return max(1, int(2**24 // (v_max * w_max)))
+
+
+def column_blocks(k: int, group: int, block: int) -> list[tuple[int, int, int]]:
+    """``(start, end, g)``: the columns of each weight group ``g`` of ``group`` columns, cut into at most ``block``."""
+    return [(s, min(s + block, start + group, k), g) for g, start in enumerate(range(0, k, group))
+            for s in range(start, min(start + group, k), block)]
+
+
+def float_linear(v: Tensor, wc: Tensor, w_scale: Tensor | None, blocks: list[tuple[int, int, int]]) -> Tensor:
+    """``sum_g (v_g @ wc_g^T) * s_w[g]`` float32 ``[M, N]`` for integer-valued float32 ``v`` ``[M, K]`` and weight
+    codes ``wc`` ``[N, K]`` (zero points subtracted); each block's float32 GEMM is exact (:func:`exact_block`), so
+    the result is :func:`int_linear`'s up to the rounding of the block sums. ``w_scale`` None: ``wc`` is scaled."""
+    if w_scale is None:
+        return F.linear(v, wc)
+    out, grouped = None, w_scale.shape[0] > 1
+    for start, end, g in blocks:
+        part = F.linear(v, wc) if len(blocks) == 1 else F.linear(v[:, start:end], wc[:, start:end])
+        if grouped:
+            part.mul_(w_scale[g])
+        out = part if out is None else out.add_(part)
+    return out if grouped else out.mul_(w_scale[0])
 
 
 # --- weight-only kernels ---------------------------------------------------------------------------------------------

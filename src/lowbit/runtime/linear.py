@@ -11,8 +11,8 @@ quantizer. An online input rotation stays the ``input_transform`` child; it is n
 Kernel layouts derived from these are non-persistent buffers that :meth:`RuntimeLinear.prepare` builds after loading.
 
 Kinds, chosen by the schemes (:func:`kernel_class`): :class:`IntLinear` (int weights x int activations,
-``torch._int_mm``), :class:`WeightOnlyLinear` (int weights, float activations), :class:`Fp8Linear` (fp8 weights,
-optionally fp8 activations). Anything else raises :class:`~lowbit.errors.NoKernelError`: keep the fake-quant layer.
+``torch._int_mm`` with VNNI/AMX, else fbgemm's u8 x s8 GEMM or float32 on the codes), :class:`WeightOnlyLinear`
+(int weights, float activations), :class:`Fp8Linear` (fp8 weights, optionally fp8 activations). Anything else raises :class:`~lowbit.errors.NoKernelError`: keep the fake-quant layer.
 The defaults of each kind's flags are measured by ``benchmarks/kernels.py`` (see benchmarks/README.md).
 """
 
@@ -67,6 +67,14 @@ def kernel_class(weight: QuantScheme, act: QuantScheme | None) -> type[RuntimeLi
             _check_act(weight, act)
         return Fp8Linear
     raise _no_kernel(weight, act, "this format pair has no kernel on this CPU")
+
+
+class _Packed(dict):
+    """Opaque kernel layouts (fbgemm's packed weight object, oneDNN's mkldnn tensor) by kernel name: not module
+    tensors (never moved, cast or saved), read-only, so a deep copy shares them (mkldnn tensors cannot be copied)."""
+
+    def __deepcopy__(self, memo: dict) -> _Packed:
+        return self
 
 
 def weight_buffers(rows: int, columns: int, scheme: QuantScheme,
@@ -192,40 +200,121 @@ class RuntimeLinear(nn.Module):
 
 
 class IntLinear(RuntimeLinear):
-    """Int weights x int activations: activations to int8 codes exactly as ``ActQuantizer`` rounds them (same scale
-    formula, clip ratio and round-half-to-even), one ``torch._int_mm`` (int32 accumulate) per weight group, then
-    ``* s_x * s_w``. Zero points (asymmetric weights or activations) enter as exact integer rank-1 corrections.
+    """Int weights x int activations: activations to integer codes exactly as ``ActQuantizer`` rounds them (same
+    scale formula, clip ratio and round-half-to-even), an exact integer matmul, then ``* s_x * s_w``. Zero points
+    (asymmetric weights or activations) enter exactly (subtracted from the codes, or integer rank-1 corrections).
 
-    ``int8_copy``: keep the weight's codes as an int8 copy (``[N, K]`` bytes, beside the packed words) instead of
-    unpacking them on every call (measured 3x faster at decode). ``GROUPS``: group-wise weights run one
-    ``_int_mm`` per group (measured 1.5-3x the per-channel kernel at decode), so they are refused unless set.
-    Measurements: benchmarks/kernels.py.
+    Backends (:meth:`possible_backends`; ``prepare(backend=...)`` or ``BACKEND`` forces one):
+    ``"int_mm"``: one ``torch._int_mm`` per weight group; fast only with int8 dot-product instructions (AVX512-VNNI,
+    AMX), so the default there. ``"u8s8"``: the u8 x s8 GEMMs of fbgemm and oneDNN (codes shifted to unsigned, fp32
+    output), for weights whose codes fit :data:`~lowbit.runtime.kernels.U8S8_MAX_W` (int2-int7 symmetric, int2-int6
+    asymmetric; per channel or tensor): fbgemm below ``ONEDNN_MIN_MACS`` multiply-adds per call (``M*N*K``), oneDNN
+    from there; each packing is built only when some row count uses it. The default is fbgemm alone: oneDNN costs
+    ~250 us per call (2-3x fbgemm at decode) and gained nothing measurable in the layer at prefill (13-37% kernel-only;
+    crossover ~2^25 multiply-adds), for another ``N*K`` bytes. ``"float"``: float32 ``F.linear`` on the codes in exact column blocks (any weights;
+    holds ``4*N*K`` bytes). Without VNNI the default is ``"u8s8"`` where it fits, else ``"float"``. All are exact:
+    integer sums, then the same float32 scaling as ``"int_mm"``; except ``"float"`` with group-wise weights, one GEMM
+    on the dequantized weight (float32 sums, as the fake-quant layer's).
+
+    ``int8_copy`` (``"int_mm"`` only): keep the weight's codes as an int8 copy (``[N, K]`` bytes, beside the packed
+    words) instead of unpacking them on every call (measured 3x faster at decode). ``GROUPS``: group-wise weights
+    run per-group partial products (measured 1.5-3x the per-channel kernel at decode), so they are refused unless
+    set. Measurements: benchmarks/kernels.py.
     """
 
     INT8_COPY = True
     GROUPS = False  # group-wise weights by per-group partial products: correct, but measured not cheap (off)
+    BACKEND: ClassVar[str] = "auto"
+    ONEDNN_MIN_MACS: ClassVar[int] = sys.maxsize  # fbgemm only; 2**25: oneDNN from the measured crossover
 
-    def prepare(self, int8_copy: bool | None = None) -> IntLinear:
-        self.int8_copy = self.INT8_COPY if int8_copy is None else int8_copy
-        fmt = self.input_scheme.number_format()
+    def possible_backends(self) -> list[str]:
+        """The backends that run this layer, fastest first on this CPU; the first is the ``"auto"`` choice."""
+        if self.weight_scale.device.type != "cpu":
+            return ["int_mm", "float"]  # fbgemm and oneDNN are CPU libraries
+        found = ["int_mm"] if K.has_int8_dot() else []
+        wf, af = self.weight_scheme.number_format(), self.input_scheme.number_format()
+        w_max = 2 ** (wf.bits - 1) - 1 if wf.symmetric else 2**wf.bits - 1
+        per_tensor_zero = self.input_scheme.granularity == "tensor"
+        acts_fit = af.symmetric or af.bits < 8 or per_tensor_zero  # one zero point shifts every code into uint8
+        if self.weight_scheme.granularity != "group" and w_max <= K.U8S8_MAX_W and acts_fit and K.u8s8_kernels():
+            found.append("u8s8")
+        return [*found, "float"] + ([] if "int_mm" in found else ["int_mm"])
+
+    def prepare(self, int8_copy: bool | None = None, backend: str | None = None,
+                onednn_min_macs: int | None = None) -> IntLinear:
+        """Build ``backend``'s layout (default ``BACKEND``; ``"auto"``: the first of :meth:`possible_backends`).
+        ``onednn_min_macs`` (u8s8): oneDNN from this many ``M*N*K`` per call, fbgemm below (default
+        ``ONEDNN_MIN_MACS``; 0: oneDNN only; ``sys.maxsize``: fbgemm only)."""
+        possible = self.possible_backends()
+        backend = backend or self.BACKEND
+        backend = possible[0] if backend == "auto" else backend
+        if backend not in possible:
+            raise ValueError(f"backend {backend!r} does not run this layer (possible: {possible})")
+        self.backend, self.int8_copy = backend, self.INT8_COPY if int8_copy is None else int8_copy
+        fmt, scheme = self.input_scheme.number_format(), self.input_scheme
         ws, wz = self.scale_rows(), self.zero_rows()
-        w8 = self.signed_codes() if (self.int8_copy or self.bits == 8) else None
-        self.register_buffer("_w8", w8, persistent=False)
+        for name in ("_w8", "_wcolsum", "_wc", "_float_ws", "_u8s8_scale", "_u8s8_wzero"):
+            self.register_buffer(name, None, persistent=False)
+        self._packed, self._blocks = _Packed(), []
         self.register_buffer("_ws", ws, persistent=False)
         self.register_buffer("_wz", wz, persistent=False)
-        colsum = None
+        if backend == "int_mm":
+            self._prepare_int_mm(fmt, ws, wz)
+        elif backend == "u8s8":
+            self._prepare_u8s8(ws, wz, self.ONEDNN_MIN_MACS if onednn_min_macs is None else onednn_min_macs)
+        else:
+            self._prepare_float(fmt, ws)
+        z = getattr(self, "input_zero_point", None)
+        z = None if scheme.dynamic or z is None else z.reshape(1, 1).to(torch.int32)
+        self.register_buffer("_xz", z, persistent=False)
+        self.register_buffer("_xzu", None if z is None else z.to(torch.float32) + K.offset(fmt.bits), persistent=False)
+        self._clamp = K.clamp_needed(fmt, scheme.dynamic, scheme.observer, scheme.clip_ratio)
+        # u8s8 activation zero point: 128 holds every code minus its zero point, except 8-bit asymmetric ones
+        self._zero_is_code = not fmt.symmetric and fmt.bits == 8
+        self._fmt, self.prepared = fmt, True
+        return self
+
+    def _prepare_int_mm(self, fmt: IntFormat, ws: Tensor, wz: Tensor | None) -> None:
+        self._w8 = self.signed_codes() if (self.int8_copy or self.bits == 8) else None
         if not fmt.symmetric:
             w = self.signed_codes().to(torch.int32)
             sizes = [c.shape[1] for c in w.split(self.group, 1)]
             colsum = torch.stack([c.sum(1) for c in w.split(self.group, 1)])  # [G, N]
             if wz is not None:
                 colsum = colsum - torch.tensor(sizes, dtype=torch.int32).unsqueeze(1) * wz
-        self.register_buffer("_wcolsum", colsum, persistent=False)
-        if not self.input_scheme.dynamic:
-            z = getattr(self, "input_zero_point", None)
-            self.register_buffer("_xz", None if z is None else z.reshape(1, 1).to(torch.int32), persistent=False)
-        self._fmt, self.prepared = fmt, True
-        return self
+            self._wcolsum = colsum
+
+    def _weight_minus_zero(self) -> Tensor:
+        """Signed codes minus their zero point, ``[N, K]`` int16."""
+        w, wz = self.signed_codes().to(torch.int16), self.zero_rows()
+        if wz is None:
+            return w
+        return w - wz.repeat_interleave(self.group, dim=0)[: self.in_features].t().to(torch.int16)
+
+    def _prepare_u8s8(self, ws: Tensor, wz: Tensor | None, onednn_min_macs: int) -> None:
+        n, k = self.out_features, self.in_features
+        w8 = self._weight_minus_zero().to(torch.int8)
+        scale = ws.reshape(-1).expand(n).contiguous()
+        kernels = K.u8s8_kernels()
+        use_fbgemm = "fbgemm" in kernels and (n * k < onednn_min_macs or "onednn" not in kernels)
+        use_onednn = "onednn" in kernels and (onednn_min_macs < sys.maxsize or "fbgemm" not in kernels)
+        self._onednn_min_macs = onednn_min_macs if use_fbgemm and use_onednn else (0 if use_onednn else sys.maxsize)
+        if use_fbgemm:
+            self._packed["fbgemm"] = K.fbgemm_pack(w8, scale)
+        if use_onednn:
+            self._packed["onednn"] = K.onednn_pack(w8)
+            self._u8s8_scale, self._u8s8_wzero = scale, torch.zeros(n, dtype=torch.int32)
+
+    def _prepare_float(self, fmt: IntFormat, ws: Tensor) -> None:
+        if self.weight_scheme.granularity == "group":  # one GEMM on the dequantized weight (per-group products: slow)
+            self._wc = self.dequantized_weight(torch.float32)
+            self._blocks = [(0, self.in_features, 0)]
+            return
+        wf = self.weight_scheme.number_format()
+        self._wc, self._float_ws = self._weight_minus_zero().to(torch.float32), ws
+        v_max = 2 ** (fmt.bits - 1) - 1 if fmt.symmetric else 2**fmt.bits - 1
+        w_max = 2 ** (wf.bits - 1) - 1 if wf.symmetric else 2**wf.bits - 1
+        self._blocks = K.column_blocks(self.in_features, self.group, K.exact_block(v_max, w_max))
 
     def _weight_codes(self) -> Tensor:
         return self._w8 if self._w8 is not None else self.signed_codes()
@@ -236,12 +325,21 @@ class IntLinear(RuntimeLinear):
         if scheme.dynamic:
             s_x, z_u = K.act_qparams(x32, fmt, scheme.granularity == "token", scheme.observer, scheme.clip_ratio,
                                      observer_kwargs(scheme))
-            z_x = None if z_u is None else (z_u - K.offset(fmt.bits)).to(torch.int32)
         else:
-            s_x, z_x = self.input_scale.reshape(1, 1), self._xz
-            z_u = None if z_x is None else z_x.to(torch.float32) + K.offset(fmt.bits)
-        xq = K.int_codes(x32, s_x, z_u, fmt)
-        y = K.int_linear(xq, self._weight_codes(), self._ws, self.group, z_x, self._wz, self._wcolsum)
+            s_x, z_u = self.input_scale.reshape(1, 1), self._xzu
+        if self.backend == "int_mm":
+            z_x = None if z_u is None else (z_u - K.offset(fmt.bits)).to(torch.int32)
+            xq = K.int_codes(x32, s_x, z_u, fmt)
+            y = K.int_linear(xq, self._weight_codes(), self._ws, self.group, z_x, self._wz, self._wcolsum)
+            return y.mul_(s_x)
+        v = K.int_values(x32, s_x, z_u, fmt, clamp=self._clamp)
+        if self.backend == "float":
+            return K.float_linear(v, self._wc, self._float_ws, self._blocks).mul_(s_x)
+        zero = int(z_u.item()) if self._zero_is_code else K.U8S8_ZERO  # v + zero: the unsigned code itself
+        if v.shape[0] * self.out_features * self.in_features >= self._onednn_min_macs:
+            y = K.onednn_mm(v, self._packed["onednn"], self._u8s8_scale, self._u8s8_wzero, zero)
+        else:
+            y = K.fbgemm_mm(v, self._packed["fbgemm"], zero)
         return y.mul_(s_x)
 
 
