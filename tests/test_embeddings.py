@@ -17,7 +17,7 @@ from lowbit.bits import weight_bits
 from lowbit.data import TokenData
 from lowbit.errors import RecipeError
 from lowbit.models.arch import spec_for
-from lowbit.recipe import Recipe, combine, load_preset
+from lowbit.recipe import Recipe, combine, load_preset, load_recipe
 from lowbit.runtime import RuntimeEmbedding, to_quant_embedding, to_runtime_embedding
 from lowbit.surgery.embedding import QuantEmbedding
 
@@ -68,6 +68,9 @@ def test_recipe_fields_are_validated_and_combine():
     tables = Recipe.from_dict({"name": "tables", "embeddings": INT8, "lm_head": INT8})
     both = combine(load_preset("w4a16-rtn-g64"), tables)
     assert both.embeddings == tables.embeddings and both.lm_head == tables.lm_head and both.weights is not None
+    preset = load_recipe("w4a16-rtn-g64+emb-int8")  # the shipped tables preset, combined
+    assert preset.embeddings == preset.lm_head == Recipe.from_dict({"weights": INT8, "steps": [{"method": "rtn"}]}).weights
+    assert preset.weights == load_preset("w4a16-rtn-g64").weights
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s['format']}-{s['granularity']}")
