@@ -39,7 +39,7 @@ def _part(name: str, module: nn.Module, model: nn.Module) -> str:
         return "lm_head"
     if name.startswith(STATE_NAME) or ".lowbit_hooks." in f".{name}.":
         return "prefix" if name.startswith(STATE_NAME) else "other"
-    if isinstance(module, nn.Embedding):
+    if module is model.get_input_embeddings():  # a quantized table is not an nn.Embedding
         return "embeddings"
     if "norm" in type(module).__name__.lower():
         return "norms"

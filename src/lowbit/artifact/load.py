@@ -65,20 +65,28 @@ def read_config(folder: str | Path):
         raise ArtifactError(f"{folder / 'config.json'} cannot be read ({exc}); save the model again") from None
 
 
+def _fill(module: nn.Module, own: dict[str, Tensor], what: str) -> nn.Module:
+    """``module`` with its saved tensors assigned in place; a mismatch with its scheme is one clear error."""
+    try:
+        module.load_state_dict(own, assign=True, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"a saved {what}'s tensors do not match its scheme ({str(exc).splitlines()[0]}); "
+                            "save the model again") from None
+    return module
+
+
+def _linear_schemes(entry: dict) -> tuple[QuantScheme, QuantScheme | None]:
+    """A saved linear's weight and input schemes."""
+    return QuantScheme(**entry["weight"]), QuantScheme(**entry["input"]["scheme"]) if entry["input"] else None
+
+
 def _stored(entry: dict, own: dict[str, Tensor], dtype: torch.dtype) -> RuntimeLinear:
     """One saved linear's tensors in the runtime module that holds them (the base class: storage, no kernel)."""
-    weight = QuantScheme(**entry["weight"])
-    act = QuantScheme(**entry["input"]["scheme"]) if entry["input"] else None
-    stored = RuntimeLinear(entry["in"], entry["out"], entry["bias"], weight, act, dtype)
+    stored = RuntimeLinear(entry["in"], entry["out"], entry["bias"], *_linear_schemes(entry), dtype)
     for name in ("input_scale", "input_zero_point"):  # static input qparams keep their saved shape (per channel)
         if name in own:
             stored.register_buffer(name, torch.empty_like(own[name], device="meta"))
-    try:
-        stored.load_state_dict(own, assign=True, strict=True)
-    except RuntimeError as exc:
-        raise ArtifactError(f"a saved linear's tensors do not match its scheme ({str(exc).splitlines()[0]}); "
-                            "save the model again") from None
-    return stored
+    return _fill(stored, own, "linear")
 
 
 def simulated_linear(entry: dict, rotation: RotationMatrix | None, own: dict[str, Tensor],
@@ -112,14 +120,8 @@ def runtime_linear(entry: dict, rotation: RotationMatrix | None, own: dict[str, 
                    dtype: torch.dtype = torch.float32) -> RuntimeLinear:
     """The real low-bit module of one saved linear, prepared (:class:`~lowbit.errors.NoKernelError` when its schemes
     have no kernel: the message names ``simulate=True``)."""
-    weight = QuantScheme(**entry["weight"])
-    act = QuantScheme(**entry["input"]["scheme"]) if entry["input"] else None
-    module = RuntimeLinear.empty(entry["in"], entry["out"], entry["bias"], weight, act, dtype)
-    try:
-        module.load_state_dict(own, assign=True, strict=True)
-    except RuntimeError as exc:
-        raise ArtifactError(f"a saved linear's tensors do not match its scheme ({str(exc).splitlines()[0]}); "
-                            "save the model again") from None
+    module = _fill(RuntimeLinear.empty(entry["in"], entry["out"], entry["bias"], *_linear_schemes(entry), dtype),
+                   own, "linear")
     module.input_transform = None if rotation is None else OnlineRotation(rotation)
     return module.prepare()
 
@@ -128,12 +130,7 @@ def runtime_embedding(entry: dict, own: dict[str, Tensor], dtype: torch.dtype = 
     """The runtime table of one saved quantized embedding table, prepared."""
     module = RuntimeEmbedding.empty(entry["num"], entry["dim"], QuantScheme(**entry["weight"]), dtype,
                                     entry["padding_idx"])
-    try:
-        module.load_state_dict(own, assign=True, strict=True)
-    except RuntimeError as exc:
-        raise ArtifactError(f"a saved embedding table's tensors do not match its scheme ({str(exc).splitlines()[0]}); "
-                            "save the model again") from None
-    return module.prepare()
+    return _fill(module, own, "embedding table").prepare()
 
 
 def simulated_embedding(entry: dict, own: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> QuantEmbedding:
