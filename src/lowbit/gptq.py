@@ -201,17 +201,20 @@ class _Grid:
 
 @dataclass(frozen=True)
 class _Fitter:
-    """How to turn weights into quantization parameters: format, observer and its options, clip ratio."""
+    """How to turn weights into quantization parameters: format, observer and its options, clip ratio, and the
+    dtype scales are stored in (None: float32, unrounded)."""
 
     fmt: Format
     observer: str
     clip_ratio: float
     observer_kwargs: Mapping[str, Any]
+    scale_dtype: torch.dtype | None = None
 
     def fit(self, x: Tensor, gran: Granularity) -> QParams:
         """Observe the range of ``x`` per granule and compute its QParams (``lowbit.quant`` does both)."""
-        lo, hi = observe_range(x, gran, self.fmt, self.observer, **dict(self.observer_kwargs))
-        return compute_qparams(lo, hi, self.fmt, clip_ratio=self.clip_ratio)
+        lo, hi = observe_range(x, gran, self.fmt, self.observer, scale_dtype=self.scale_dtype,
+                               **dict(self.observer_kwargs))
+        return compute_qparams(lo, hi, self.fmt, clip_ratio=self.clip_ratio, scale_dtype=self.scale_dtype)
 
 
 def _check_inputs(weight: Tensor, hessian: Tensor, gran: Granularity, config: GPTQConfig) -> None:
@@ -423,6 +426,7 @@ def gptq_quantize(
     observer: str = "minmax",
     clip_ratio: float = 1.0,
     config: GPTQConfig = GPTQConfig(),
+    scale_dtype: torch.dtype | None = None,
     **observer_kwargs: Any,
 ) -> GPTQResult:
     """Quantize ``weight [out, in]`` with GPTQ against the input Hessian ``hessian [in, in]`` (arXiv 2210.17323).
@@ -434,12 +438,15 @@ def gptq_quantize(
     ``H`` is damped and inverted through Cholesky (retrying with 10x damping); columns are quantized in blocks,
     in natural order or, with ``config.act_order``, by descending ``diag(H)``, and returned in the original order.
 
+    ``scale_dtype`` (e.g. float16 for GGUF blocks): every scale is rounded up to it before its codes are chosen
+    (:func:`~lowbit.quant.compute_qparams`), so the result is exactly what a file with such scales holds.
+
     ``act_order`` with PerGroup requires ``static_groups=True`` (ValueError otherwise): groups formed in the
     permuted order could not be described by PerGroup scales on the original column order. Inputs are not
     modified; the computation is float32 on the weight's device. See :class:`GPTQResult` for the outputs.
     """
     _check_inputs(weight, hessian, granularity, config)
-    fitter = _Fitter(fmt, observer, clip_ratio, dict(observer_kwargs))
+    fitter = _Fitter(fmt, observer, clip_ratio, dict(observer_kwargs), scale_dtype)
     w, h = _fix_dead_columns(weight, hessian)
     perm = _column_order(h, config.act_order)
     grid = _initial_grid(w, perm, granularity, fitter, config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .quant import parse_format
@@ -29,6 +30,13 @@ class QuantScheme(StrictConfig):
     activations: per input channel, static only); ``group`` (``group_size`` consecutive elements of the last
     dimension); ``token`` (activations and KV: per token, and per head for KV); ``head`` (KV only: per head, static
     over tokens when ``dynamic`` is false, else per token and head).
+
+    ``int_range`` (symmetric integer formats): ``restricted`` (the default) is the mirror-symmetric grid
+    ``[-(2^(b-1) - 1), 2^(b-1) - 1]``; ``full`` is ``[-2^(b-1), 2^(b-1) - 1]`` with a signed scale mapping each
+    granule's largest-magnitude value onto ``-2^(b-1)``, llama.cpp's Q4_0 grid (see
+    :class:`~lowbit.quant.IntFormat`). ``scale_dtype``: the float type the scales are stored in (``float16`` for
+    GGUF blocks); scales are rounded up to it before the codes are chosen, so the fake-quantized weight is exactly
+    what a file holding float16 scales dequantizes to. ``None`` keeps float32 scales.
     """
 
     format: str = "int8"
@@ -39,6 +47,8 @@ class QuantScheme(StrictConfig):
     observer: Literal["minmax", "percentile", "mse"] = "minmax"
     percentile: float = Field(default=99.9, gt=0, le=100)
     clip_ratio: float = Field(default=1.0, gt=0, le=1)
+    int_range: Literal["restricted", "full"] = "restricted"
+    scale_dtype: Literal["float16", "bfloat16"] | None = None
 
     @field_validator("format")
     @classmethod
@@ -55,23 +65,32 @@ class QuantScheme(StrictConfig):
             raise ValueError("granularity 'group' needs a positive group_size (e.g. group_size: 64)")
         if self.granularity != "group" and self.group_size is not None:
             raise ValueError(f"group_size is only used with granularity 'group', not '{self.granularity}'")
+        if self.int_range == "full" and (not self.symmetric or not self.format.startswith("int")):
+            raise ValueError("int_range 'full' is for symmetric integer formats: set symmetric: true and an int format")
         return self
 
     @property
     def bits(self) -> int:
-        return parse_format(self.format, self.symmetric).bits
+        return self.number_format().bits
+
+    @property
+    def scale_torch_dtype(self) -> torch.dtype | None:
+        """``scale_dtype`` as a torch dtype (None: float32 scales, not rounded)."""
+        return None if self.scale_dtype is None else getattr(torch, self.scale_dtype)
 
     def number_format(self):
         """The quantizer-core format object of this scheme."""
-        return parse_format(self.format, self.symmetric)
+        return parse_format(self.format, self.symmetric, full_range=self.int_range == "full")
 
     def describe(self) -> str:
         """Short human form, e.g. ``int4 sym g64`` or ``int8 sym token dyn``."""
         gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
         sym = "" if self.format.startswith("fp") else (" sym" if self.symmetric else " asym")
+        sym += "-full" if self.int_range == "full" else ""
         clip = f" clip{self.clip_ratio:g}" if self.clip_ratio < 1 else ""
         mode = " dyn" if self.dynamic else " static"
-        return f"{self.format}{sym} {gran}{mode}{clip}"
+        scale = f" scale-{self.scale_dtype}" if self.scale_dtype else ""
+        return f"{self.format}{sym} {gran}{mode}{clip}{scale}"
 
 
 class CalibrationConfig(StrictConfig):

@@ -58,7 +58,8 @@ def _resolve_qparams(
         return qparams
     if offset != "int" and observer == "mse" and isinstance(fmt, IntFormat) and not fmt.symmetric:
         raise ValueError("the mse observer searches clip ratios for offset='int' grids; use minmax or percentile")
-    xmin, xmax = _observers.observe_range(x if scale_grad else x.detach(), gran, fmt, observer, **observer_kwargs)
+    xmin, xmax = _observers.observe_range(x if scale_grad else x.detach(), gran, fmt, observer,
+                                          scale_dtype=scale_dtype, **observer_kwargs)
     return _qparams.compute_qparams(xmin, xmax, fmt, clip_ratio=clip_ratio, scale_dtype=scale_dtype, offset=offset)
 
 

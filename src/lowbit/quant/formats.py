@@ -27,10 +27,15 @@ class IntFormat:
     that the grid is mirror-symmetric and ``q(-x) == -q(x)`` holds exactly; the unused code -2^(b-1) is given
     up for that. Asymmetric formats use the full unsigned range ``[0, 2^b - 1]`` with a zero point; they also exist
     with 1 bit (codes {0, 1}, for 1-bit KV caches), where a symmetric grid would be the single code 0.
+
+    ``full_range`` (symmetric only): the *full* signed range ``[-2^(b-1), 2^(b-1) - 1]`` (e.g. [-8, 7] for int4),
+    used with a *signed* scale that maps each granule's value of largest magnitude onto ``-2^(b-1)``: llama.cpp's
+    Q4_0 (``d = v_max / -8``), so the extra level always lies on the side of the granule's extreme value.
     """
 
     bits: int
     symmetric: bool
+    full_range: bool = False
 
     def __post_init__(self) -> None:
         """Reject bit widths outside 2..8 (1..8 asymmetric), naming the bad value: the grid would be degenerate."""
@@ -41,10 +46,14 @@ class IntFormat:
                 f"IntFormat bits must be an integer in {_MIN_INT_BITS}..{_MAX_INT_BITS} "
                 f"(or {_MIN_ASYM_INT_BITS} when asymmetric), got {self.bits!r}"
             )
+        if self.full_range and not self.symmetric:
+            raise ValueError("IntFormat full_range applies to symmetric formats (asymmetric ones use every code)")
 
     @property
     def qmin(self) -> float:
-        """Smallest code: ``-(2^(b-1) - 1)`` when symmetric, else 0."""
+        """Smallest code: ``-(2^(b-1) - 1)`` when symmetric (``-2^(b-1)`` with ``full_range``), else 0."""
+        if self.full_range:
+            return float(-(2 ** (self.bits - 1)))
         return float(-(2 ** (self.bits - 1) - 1)) if self.symmetric else 0.0
 
     @property
@@ -130,14 +139,15 @@ _INT_NAMES: Final = tuple(f"int{b}" for b in range(_MIN_INT_BITS, _MAX_INT_BITS 
 FORMAT_NAMES: Final = (*_INT_NAMES, *_FLOAT_FORMATS)
 
 
-def parse_format(name: str, symmetric: bool = True) -> Format:
+def parse_format(name: str, symmetric: bool = True, full_range: bool = False) -> Format:
     """Turn a format name ("int2".."int8", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1") into a format object.
 
-    ``symmetric`` applies to integer formats only; float formats are always symmetric.
+    ``symmetric`` and ``full_range`` (see :class:`IntFormat`) apply to integer formats only; float formats are
+    always symmetric.
     """
     key = name.strip().lower()
     if key in _FLOAT_FORMATS:
         return _FLOAT_FORMATS[key]
     if key in _INT_NAMES:
-        return IntFormat(bits=int(key[3:]), symmetric=symmetric)
+        return IntFormat(bits=int(key[3:]), symmetric=symmetric, full_range=full_range)
     raise ValueError(f"unknown quantization format {name!r}; valid names: {', '.join(FORMAT_NAMES)}")

@@ -79,9 +79,11 @@ def _check_mse_args(grid: int, max_shrink: float, norm: float, stride: int) -> N
         raise ValueError(f"mse observer stride must be >= 1, got {stride}")
 
 
-def _clip_error(chunk: Tensor, lo: Tensor, hi: Tensor, fmt: Format, norm: float) -> Tensor:
+def _clip_error(
+    chunk: Tensor, lo: Tensor, hi: Tensor, fmt: Format, norm: float, scale_dtype: torch.dtype | None = None
+) -> Tensor:
     """Per-row ``sum |x - fq(x)|^norm`` with qparams from ``[lo, hi]``, computed exactly as fake_quantize does."""
-    qp = compute_qparams(lo, hi, fmt)
+    qp = compute_qparams(lo, hi, fmt, scale_dtype=scale_dtype)
     if isinstance(fmt, IntFormat):  # the same arithmetic as fake_quantize_groups, in place and without the STE
         err = torch.round(chunk / qp.scale)
         if qp.zero_point is not None:
@@ -97,9 +99,12 @@ def _clip_error(chunk: Tensor, lo: Tensor, hi: Tensor, fmt: Format, norm: float)
 class _BestRange:
     """The best grid index found so far for each row of a chunk, and the range it gives."""
 
-    def __init__(self, chunk: Tensor, factors: Tensor, fmt: Format, norm: float) -> None:
+    def __init__(
+        self, chunk: Tensor, factors: Tensor, fmt: Format, norm: float, scale_dtype: torch.dtype | None = None
+    ) -> None:
         """Start from no candidate (infinite error) for every row of ``chunk``."""
         self.chunk, self.factors, self.fmt, self.norm = chunk, factors.to(chunk.device), fmt, norm
+        self.scale_dtype = scale_dtype
         self.lo, self.hi = torch.aminmax(chunk, dim=-1, keepdim=True)
         self.index = torch.zeros_like(self.lo, dtype=torch.long)
         self.err = torch.full_like(self.lo, float("inf"))
@@ -108,7 +113,7 @@ class _BestRange:
         """Try grid index ``index`` (one for all rows, or one per row); keep it where strictly better."""
         index = torch.as_tensor(index, device=self.chunk.device).expand_as(self.index)
         alpha = self.factors[index]
-        err = _clip_error(self.chunk, self.lo * alpha, self.hi * alpha, self.fmt, self.norm)
+        err = _clip_error(self.chunk, self.lo * alpha, self.hi * alpha, self.fmt, self.norm, self.scale_dtype)
         better = err < self.err
         self.err = torch.where(better, err, self.err)
         self.index = torch.where(better, index, self.index)
@@ -127,6 +132,7 @@ def mse_range(
     max_shrink: float = 0.8,
     norm: float = 2.4,
     stride: int = 5,
+    scale_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-granule range ``alpha * (min, max)`` whose fake-quantization error ``sum |x - fq(x)|^norm`` is smallest.
 
@@ -136,7 +142,8 @@ def mse_range(
     grid). With the default 100 points and stride 5 that is 28 error evaluations instead of 100, at a result within
     a fraction of a percent of the exhaustive optimum (the error is smooth in ``alpha`` at this resolution).
     Vectorised over granules, one candidate at a time, so memory stays a few copies of ``x``. ``alpha = 1`` is
-    tried first and only beaten strictly, so the error never exceeds min/max's.
+    tried first and only beaten strictly, so the error never exceeds min/max's. ``scale_dtype``: candidates are
+    scored with their scales rounded to it, as they will be stored (see :func:`compute_qparams`).
     """
     _check_mse_args(grid, max_shrink, norm, stride)
     factors = _shrink_factors(grid, max_shrink)
@@ -144,7 +151,7 @@ def mse_range(
     @torch.no_grad()
     def search(chunk: Tensor) -> tuple[Tensor, Tensor]:
         """Best clipped range for each row of one chunk ``(..., n)``."""
-        best = _BestRange(chunk, factors, fmt, norm)
+        best = _BestRange(chunk, factors, fmt, norm, scale_dtype)
         for index in range(0, grid, stride):
             best.offer(index)
         if stride > 1:
@@ -156,10 +163,14 @@ def mse_range(
     return reduce_granules(x.to(torch.float32), gran, search)
 
 
-def observe_range(x: Tensor, gran: Granularity, fmt: Format, observer: str, **kw: Any) -> tuple[Tensor, Tensor]:
+def observe_range(
+    x: Tensor, gran: Granularity, fmt: Format, observer: str, scale_dtype: torch.dtype | None = None, **kw: Any
+) -> tuple[Tensor, Tensor]:
     """Dispatch to the observer named ``observer`` ("minmax", "percentile" or "mse") with its options ``kw``.
 
     The percentile observer uses ``|x|`` for symmetric formats unless ``symmetric`` is passed explicitly.
+    ``scale_dtype``: the dtype the scales will be stored in; only the mse search depends on it (it scores each
+    candidate with its stored scale).
     """
     if observer == "minmax":
         if kw:
@@ -169,5 +180,5 @@ def observe_range(x: Tensor, gran: Granularity, fmt: Format, observer: str, **kw
         kw.setdefault("symmetric", fmt.symmetric)
         return percentile_range(x, gran, **kw)
     if observer == "mse":
-        return mse_range(x, gran, fmt, **kw)
+        return mse_range(x, gran, fmt, scale_dtype=scale_dtype, **kw)
     raise ValueError(f"unknown observer {observer!r}; valid observers: {', '.join(OBSERVERS)}")

@@ -134,6 +134,21 @@ def _float_offset_qparams(
     return QParams(scale=scale, minimum=minimum)
 
 
+def _full_range_qparams(
+    lo: Tensor, hi: Tensor, fmt: IntFormat, clip_ratio: float, eps: float, scale_dtype: torch.dtype | None
+) -> QParams:
+    """Signed scale of a full-range symmetric grid: ``s = clip * v / qmin``, ``v`` the signed value of largest
+    magnitude (the positive one on a tie), so ``v`` maps onto code ``qmin`` exactly (llama.cpp's Q4_0,
+    ``d = v / -8``).
+
+    The magnitude is floored at ``eps`` and rounded up to ``scale_dtype`` (:func:`round_scale`) before the sign is
+    applied, so the stored scale still reaches ``v``; a zero granule gets ``+eps``.
+    """
+    extreme = torch.where(hi >= -lo, hi, lo) * clip_ratio
+    magnitude = round_scale((extreme.abs() / -fmt.qmin).clamp(min=eps), scale_dtype)
+    return QParams(scale=torch.where(extreme > 0, -magnitude, magnitude), zero_point=None)
+
+
 def compute_qparams(
     xmin: Tensor,
     xmax: Tensor,
@@ -146,6 +161,8 @@ def compute_qparams(
     """Map a per-granule range ``[xmin, xmax]`` to a scale (and offset), computed in float32.
 
     * symmetric int: ``s = clip * max(|xmin|, |xmax|) / qmax``;
+    * full-range symmetric int (:class:`IntFormat` ``full_range``): a signed ``s = clip * v / qmin`` with ``v`` the
+      one of ``xmin``/``xmax`` of larger magnitude (llama.cpp's Q4_0 scale);
     * asymmetric int, ``offset="int"``: the range is first widened to include 0 (so 0 is exactly representable),
       scaled by ``clip``, then ``s = (hi - lo) / (qmax - qmin)`` and ``z = clamp(round(qmin - lo / s), qmin, qmax)``;
     * asymmetric int, ``offset="float"``: the exact range shrunk by ``clip`` about its centre, ``minimum = lo``
@@ -161,6 +178,8 @@ def compute_qparams(
     _check_clip_ratio(clip_ratio)
     _check_offset(offset)
     lo, hi = xmin.to(torch.float32), xmax.to(torch.float32)
+    if isinstance(fmt, IntFormat) and fmt.full_range:
+        return _full_range_qparams(lo, hi, fmt, clip_ratio, eps, scale_dtype)
     if isinstance(fmt, IntFormat) and not fmt.symmetric and offset == "float":
         return _float_offset_qparams(lo, hi, fmt, clip_ratio, eps, scale_dtype)
     if isinstance(fmt, IntFormat) and not fmt.symmetric:

@@ -48,7 +48,7 @@ def gptq_layer(layer: nn.Module, spec, run, scheme, config: GPTQConfig) -> float
         for linear in group:
             result = gptq_quantize(linear.weight.data, hessians[str(i)].hessian, fmt, gran,
                                    observer=scheme.observer, clip_ratio=scheme.clip_ratio, config=config,
-                                   **observer_kwargs(scheme))
+                                   scale_dtype=scheme.scale_torch_dtype, **observer_kwargs(scheme))
             linear.set_quantized_weight(result.weight, QParams(result.scale, result.zero_point), scheme)
             loss += float(result.loss)
     return loss

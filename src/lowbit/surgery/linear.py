@@ -108,9 +108,11 @@ class QuantLinear(nn.Module):
 @torch.no_grad()
 def round_to_nearest(weight: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, QParams]:
     """``weight`` ``[rows, columns]`` rounded to nearest on the scheme's grid, in float32 (scales per row, group or
-    tensor from its observer and clip ratio): the dequantized weight and its quantization parameters."""
+    tensor from its observer and clip ratio, rounded to the scheme's ``scale_dtype``): the dequantized weight and its
+    quantization parameters."""
     fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
     w = weight.detach().float()
-    xmin, xmax = observe_range(w, gran, fmt, scheme.observer, **observer_kwargs(scheme))
-    qp = compute_qparams(xmin, xmax, fmt, clip_ratio=scheme.clip_ratio)
+    xmin, xmax = observe_range(w, gran, fmt, scheme.observer, scale_dtype=scheme.scale_torch_dtype,
+                               **observer_kwargs(scheme))
+    qp = compute_qparams(xmin, xmax, fmt, clip_ratio=scheme.clip_ratio, scale_dtype=scheme.scale_torch_dtype)
     return dequantize(quantize(w, qp, fmt, gran), qp, fmt, gran, w.shape), qp

@@ -146,7 +146,8 @@ class ActQuantizer(nn.Module):
         """Scales from the calibrated range shrunk by ``factor`` (in (0, 1]): the knob of a clip-factor search."""
         if self.range_min is None:
             raise CalibrationError(f"quantizer {self.name or self.kind} has no calibrated range to clip")
-        qp = compute_qparams(self.range_min, self.range_max, self.fmt, clip_ratio=factor)
+        qp = compute_qparams(self.range_min, self.range_max, self.fmt, clip_ratio=factor,
+                             scale_dtype=self.scheme.scale_torch_dtype)
         if isinstance(self.scale, nn.Parameter):
             self.scale.copy_(qp.scale)
         else:
@@ -170,7 +171,8 @@ class ActQuantizer(nn.Module):
                 f"NaN or inf met in calibration at {self.name or self.kind}: the model overflows in this dtype "
                 "or the input is broken; load the model in float32 or check the calibration text"
             )
-        xmin, xmax = observe_range(x.float(), self.granularity, self.fmt, self.scheme.observer, **observer_kwargs(self.scheme))
+        xmin, xmax = observe_range(x.float(), self.granularity, self.fmt, self.scheme.observer,
+                                   scale_dtype=self.scheme.scale_torch_dtype, **observer_kwargs(self.scheme))
         s = self._stats
         if s.xmin is None:
             s.xmin, s.xmax = xmin, xmax
@@ -197,5 +199,6 @@ class ActQuantizer(nn.Module):
             observer=self.scheme.observer,
             clip_ratio=self.clip_ratio,
             scale_grad=self.scale_grad,
+            scale_dtype=self.scheme.scale_torch_dtype,
             **observer_kwargs(self.scheme),
         )
