@@ -115,7 +115,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (7, ("lowbit.recipe",)),
     (8, ("lowbit.apply",)),
     (9, ("lowbit.integrations", "lowbit.analysis.inspect", "lowbit.artifact")),
-    (10, ("lowbit.pipeline", "lowbit.saved", "lowbit.bench")),
+    (10, ("lowbit.pipeline", "lowbit.saved", "lowbit.bench", "lowbit.export")),
     (11, ("lowbit.cli", "lowbit")),
 ]
 

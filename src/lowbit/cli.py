@@ -107,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", default="1,8", help="comma-separated decode batch sizes")
     b.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per measurement (median)")
     b.add_argument("--report", default="lowbit-bench.json", help="where to write the JSON result")
+    x = sub.add_parser("export", help="write a quantized model as a GGUF file (llama.cpp) or compressed-tensors folder")
+    x.add_argument("--model", default="default",
+                   help="'default', a HF model folder, a .gguf file (quantized with --recipe first) or a lowbit folder")
+    x.add_argument("--format", required=True, choices=("gguf", "compressed-tensors"), help="the file format")
+    x.add_argument("--type", default=None, help="GGUF block type of the linears: Q4_0 (default) or Q8_0")
+    x.add_argument("--recipe", default=None,
+                   help="recipe applied first (default for gguf: gguf-q4_0 / gguf-q8_0, matching --type)")
+    x.add_argument("--out", required=True, help="the new file (gguf) or folder (compressed-tensors) to write")
+    x.add_argument("--float-type", default="F16", choices=("F16", "F32"),
+                   help="GGUF type of matrices the recipe leaves unquantized (norms and biases are always F32)")
+    x.add_argument("--calib-data", default="default", help="'default', a text file, or wikitext2 / c4 / pile")
+    x.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random rotations")
+    x.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
     r = sub.add_parser("recipes", help="list the preset recipes, or print one as YAML")
     r.add_argument("name", nargs="?", help="print this preset's full YAML")
     i = sub.add_parser("inspect", help="outlier tokens before/after rotation and with PrefixQuant's prefix")
@@ -227,6 +240,57 @@ def _cmd_bench(args, console: Console) -> int:
     return 0
 
 
+def _cmd_export(args, console: Console) -> int:
+    _threads(args)
+    if args.format == "compressed-tensors":
+        return _export_compressed(args, console)
+    from .export.gguf_job import export_gguf
+
+    with rich_progress(console) as progress:
+        summary = export_gguf(args.model, args.out, args.type or "Q4_0", recipe=args.recipe,
+                              float_type=args.float_type, calib=args.calib_data, seed=args.seed, progress=progress)
+    console.print(f"wrote {summary['file']} ({summary['bytes'] / 1e6:.1f} MB, linears {summary['type']}, recipe "
+                  f"{summary['recipe']}, tokenizer {summary['tokenizer']}) in {summary['seconds']} s")
+    return 0
+
+
+def _export_compressed(args, console: Console) -> int:
+    """``--format compressed-tensors``: quantize with ``--recipe`` (or load a lowbit folder), then write the folder."""
+    if args.type is not None:
+        raise LowbitError("--type is for --format gguf; compressed-tensors takes its scheme from --recipe")
+    try:
+        from .export.compressed import write_compressed_tensors
+    except ImportError:
+        raise LowbitError("--format compressed-tensors is not available in this lowbit yet: use --format gguf") from None
+    from pathlib import Path
+
+    from .artifact import load, load_tokenizer
+    from .artifact.save import MANIFEST
+
+    if Path(args.out).exists():
+        raise LowbitError(f"{args.out} already exists: pass a new folder to --out (lowbit never overwrites)")
+    if (Path(args.model).expanduser() / MANIFEST).is_file():
+        if args.recipe is not None:
+            raise LowbitError(f"{args.model} is already quantized (a lowbit folder): drop --recipe")
+        model, tokenizer = load(args.model, simulate=True), load_tokenizer(args.model)
+    else:
+        if args.recipe is None:
+            raise LowbitError("--format compressed-tensors needs --recipe (e.g. w4a16-gptq) or a lowbit folder")
+        from .apply import quantize
+        from .data import prepare_data
+        from .models.loading import load_model
+        from .recipe import load_recipe
+
+        recipe, loaded = load_recipe(args.recipe), load_model(args.model)
+        tokens = prepare_data(DataConfig(calib=args.calib_data, seed=args.seed), loaded.tokenizer)
+        with rich_progress(console) as progress:
+            model = quantize(loaded.model, recipe, tokens, progress=progress, inplace=True)
+        tokenizer = loaded.tokenizer
+    path = write_compressed_tensors(model, args.out, tokenizer=tokenizer)
+    console.print(f"wrote {path}")
+    return 0
+
+
 def _threads(args) -> None:
     if args.threads:
         import torch
@@ -242,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=False)
     try:
         commands = {"recipes": _cmd_recipes, "quantize": _cmd_quantize, "inspect": _cmd_inspect,
-                    "eval": _cmd_eval, "generate": _cmd_generate, "bench": _cmd_bench}
+                    "eval": _cmd_eval, "generate": _cmd_generate, "bench": _cmd_bench, "export": _cmd_export}
         return commands[args.command](args, console)
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)
