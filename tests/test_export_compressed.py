@@ -28,7 +28,7 @@ import lowbit  # noqa: E402
 from lowbit.artifact import load, save  # noqa: E402
 from lowbit.data import TokenData  # noqa: E402
 from lowbit.errors import ArtifactError  # noqa: E402
-from lowbit.export.compressed import write_compressed_tensors  # noqa: E402
+from lowbit.export.compressed import check_recipe, write_compressed_tensors  # noqa: E402
 from lowbit.recipe import Recipe  # noqa: E402
 from lowbit.surgery.linear import QuantLinear  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
@@ -54,6 +54,12 @@ CASES = {
                                                    "scale_dtype": "float16"}}, "pack-quantized"),
     "w3a16-g32": ("qwen2", {"weights": _w("int3", True, 32)}, "pack-quantized"),
     "w8a8-int": ("qwen2", {"weights": _w("int8"), "activations": INT8_TOKEN}, "int-quantized"),
+    "w8a8-static-asym": ("llama", {"weights": _w("int8"), "activations": {"format": "int8", "symmetric": False,
+                                                                          "granularity": "tensor", "dynamic": False}},
+                         "int-quantized"),
+    "fp8-static": ("qwen2", {"weights": {"format": "fp8_e4m3", "granularity": "channel"},
+                             "activations": {"format": "fp8_e4m3", "granularity": "tensor", "dynamic": False}},
+                   "float-quantized"),
     "w4a8-int": ("llama", {"weights": _w("int4"), "activations": INT8_TOKEN}, "int-quantized"),
     "w4a4-int": ("qwen2", {"weights": _w("int4", True, 32),
                            "activations": {**INT8_TOKEN, "format": "int4"}}, "pack-quantized"),
@@ -194,15 +200,15 @@ def test_default_load_of_weight_only_exports_is_bit_exact(exported, name):
     assert torch.equal(loaded[name]["A"], refs[name]["logits"])
 
 
-@pytest.mark.parametrize("name", ["w8a8-int", "w4a8-int", "w4a4-int", "fp8-dynamic"])
+@pytest.mark.parametrize("name", ["w8a8-int", "w8a8-static-asym", "w4a8-int", "w4a4-int", "fp8-dynamic", "fp8-static"])
 def test_default_load_keeps_activation_quantization(exported, name):
-    """Path A fake-quantizes activations (its logits differ from path B's, which drops that) with compressed-tensors'
-    scales: fp8 as lowbit (same logits); int with absmax/(qmax + 0.5) instead of lowbit's absmax/qmax, a difference of
-    the order of the activation quantization error itself (measured 1.2-1.4x path B's)."""
+    """Path A fake-quantizes activations (its logits differ from path B's, which drops that): static scales (stored)
+    and dynamic fp8 as lowbit (same logits); dynamic int with absmax/(qmax + 0.5) instead of lowbit's absmax/qmax, a
+    difference of the order of the activation quantization error itself (measured 1.2-1.4x path B's)."""
     _, refs, loaded = exported
     want, a, b = refs[name]["logits"], loaded[name]["A"], loaded[name]["B"]
     assert (a - b).abs().max() > 1e-3
-    if name == "fp8-dynamic":
+    if name.startswith("fp8") or name == "w8a8-static-asym":
         torch.testing.assert_close(a, want, rtol=0, atol=1e-5)
     else:
         assert (a - want).abs().max() < 2 * (b - want).abs().max()
@@ -283,10 +289,24 @@ def test_unexpressible_recipes_are_refused_and_nothing_is_written(tmp_path, case
     _assert_refused(_quantized("qwen2", fields), tmp_path / "out", match)
 
 
+PREFIX = {"steps": [{"method": "prefix", "tokens": [1, 2], "samples": 2, "seq_len": 16}, {"method": "rtn"}],
+          "weights": _w("int4", True, 32), "activations": {"format": "int8", "granularity": "tensor", "dynamic": False}}
+
+
 def test_a_prefixquant_prefix_is_refused(tmp_path):
-    fields = {"steps": [{"method": "prefix", "tokens": [1, 2], "samples": 2, "seq_len": 16}, {"method": "rtn"}], "weights": _w("int4", True, 32),
-              "activations": {"format": "int8", "granularity": "tensor", "dynamic": False}}
-    _assert_refused(_quantized("llama", fields), tmp_path / "out", "prefix")
+    _assert_refused(_quantized("llama", PREFIX), tmp_path / "out", "prefix")
+
+
+@pytest.mark.parametrize("case", [c for c in REFUSED if c != "group-not-dividing"] + ["prefix"])
+def test_a_recipe_is_refused_before_anything_is_quantized(case):
+    fields, match = REFUSED[case] if case != "prefix" else (PREFIX, "prefix")
+    with pytest.raises(ArtifactError, match=match):
+        check_recipe(_recipe(fields))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_recipes_that_export_pass_the_recipe_check(name):
+    check_recipe(_recipe(CASES[name][1]))
 
 
 def test_a_model_lowbit_did_not_quantize_is_refused(tmp_path):

@@ -54,35 +54,67 @@ class _Plan:
     linears: dict[str, _Linear] = field(default_factory=dict)
 
 
+_NO_EQUIVALENT = "has no compressed-tensors/vLLM equivalent"
+_VLLM_KV = "(vLLM quantizes its own cache: --kv-cache-dtype fp8)"
+REFUSALS = {
+    "prefix": f"a PrefixQuant prefix {_NO_EQUIVALENT}: use the recipe without the prefix step",
+    "kv_cache": f"a packed KV cache {_NO_EQUIVALENT}: drop kv_cache from the recipe {_VLLM_KV}",
+    "kv": f"KV-cache quantization {_NO_EQUIVALENT}: drop kv from the recipe {_VLLM_KV}",
+    "r3": f"the online q/k rotation after RoPE (R3) {_NO_EQUIVALENT}: use the same recipe with r3: false",
+    "embeddings": f"a quantized embedding table {_NO_EQUIVALENT}: drop embeddings from the recipe",
+    "lm_head": "vLLM's compressed-tensors loader keeps lm_head in full precision: drop lm_head from the recipe (and from "
+               "targets)",
+}
+
+
+_NOTHING = ("the model has no quantized linear layer: compressed-tensors stores quantized weights; quantize the weights "
+            "(e.g. recipe w4a16-gptq)")
+
+
+def _refused(key: str, where: str = "") -> ArtifactError:
+    return ArtifactError(f"{where}{': ' if where else ''}{REFUSALS[key]}, {FALLBACK}")
+
+
+def check_recipe(recipe) -> None:
+    """Refuse, before anything is quantized, a :class:`~lowbit.recipe.Recipe` whose result compressed-tensors cannot
+    describe (the same lines :func:`plan` gives for the quantized model; group sizes are checked there, per layer)."""
+    for step in recipe.steps:
+        if step.method == "prefix":
+            raise _refused("prefix")
+        if getattr(step, "r3", False):
+            raise _refused("r3", f"step {step.method}")
+    for key in ("kv_cache", "kv", "embeddings", "lm_head"):
+        if getattr(recipe, key) is not None:
+            raise _refused(key)
+    if "lm_head" in recipe.targets and recipe.weights is not None:
+        raise _refused("lm_head")
+    if recipe.weights is None:
+        raise ArtifactError(_NOTHING)
+    ct_scheme("recipe", recipe.weights, recipe.activations, None)
+
+
 def _refuse_model_parts(model: nn.Module) -> None:
     """The model-level parts compressed-tensors cannot describe: one line each, naming what to use instead."""
     state = quant_state(model)
     if state is None:
         raise ArtifactError("this model was not quantized by lowbit: quantize it first (lowbit.quantize)")
     if state.prefix_length:
-        raise ArtifactError("a PrefixQuant prefix has no compressed-tensors/vLLM equivalent: use the recipe without "
-                            f"the prefix step, {FALLBACK}")
+        raise _refused("prefix")
     if state.cache_spec is not None:
-        raise ArtifactError("a packed KV cache has no compressed-tensors/vLLM equivalent: drop kv_cache from the recipe "
-                            f"(vLLM quantizes its own cache: --kv-cache-dtype fp8), {FALLBACK}")
+        raise _refused("kv_cache")
 
 
 def _refuse_module(path: str, module: nn.Module, head: nn.Module | None) -> None:
     for hook in getattr(module, HOOKS_ATTR, ()):
         if isinstance(hook, QKRotationHook):
-            raise ArtifactError(f"{path}: the online q/k rotation after RoPE (R3) has no compressed-tensors/vLLM "
-                                f"equivalent: use the same recipe with r3: false, {FALLBACK}")
+            raise _refused("r3", path)
         if isinstance(hook, KVQuantHook):
-            raise ArtifactError(f"{path}: KV-cache quantization {hook.k_quant.scheme.describe()} has no "
-                                "compressed-tensors/vLLM equivalent: drop kv from the recipe (vLLM quantizes its own "
-                                f"cache: --kv-cache-dtype fp8), {FALLBACK}")
+            raise _refused("kv", path)
         raise ArtifactError(f"{path}: attention hook {type(hook).__name__} cannot be exported")
     if isinstance(module, (QuantEmbedding, RuntimeEmbedding)):
-        raise ArtifactError(f"{path}: a quantized embedding table has no compressed-tensors/vLLM equivalent: drop "
-                            f"embeddings from the recipe, {FALLBACK}")
+        raise _refused("embeddings", path)
     if module is head and getattr(module, "weight_scheme", None) is not None:
-        raise ArtifactError(f"{path}: vLLM's compressed-tensors loader keeps lm_head in full precision: drop lm_head "
-                            f"from the recipe, {FALLBACK}")
+        raise _refused("lm_head", path)
 
 
 def _schemes(linear: nn.Module):
@@ -133,8 +165,7 @@ def plan(model: nn.Module) -> _Plan:
             w, a = _schemes(module)
             out.linears[path] = _Linear(module, ct_scheme(path, w, a, module.in_features), _rotation(path, module))
     if not any(e.scheme for e in out.linears.values()):
-        raise ArtifactError("the model has no quantized linear layer: compressed-tensors stores quantized weights; "
-                            "quantize the weights (e.g. recipe w4a16-rtn-g64)")
+        raise ArtifactError(_NOTHING)
     _check_fused(out.linears)
     return out
 

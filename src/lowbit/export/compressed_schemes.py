@@ -50,14 +50,14 @@ def _args(scheme: QuantScheme, weight: bool) -> dict:
     return args
 
 
-def _check_weight(path: str, w: QuantScheme, in_features: int) -> None:
+def _check_weight(path: str, w: QuantScheme, in_features: int | None) -> None:
     if w.format.startswith("fp"):
         if w.format != "fp8_e4m3" or w.granularity not in ("channel", "tensor"):
             raise _refuse(path, f"weights {w.describe()}", "use fp8_e4m3 weights per channel or per tensor")
         return
     if w.granularity not in ("channel", "group"):
         raise _refuse(path, f"weights {w.describe()}", "use int weights per channel or in groups")
-    if w.granularity == "group" and in_features % w.group_size:
+    if w.granularity == "group" and in_features is not None and in_features % w.group_size:
         raise _refuse(path, f"groups of {w.group_size} over {in_features} inputs (not a divisor)",
                       "use a group size that divides every layer's input size")
 
@@ -82,9 +82,10 @@ def _check_activation(path: str, w: QuantScheme, a: QuantScheme) -> str:
                   "or FP8")
 
 
-def ct_scheme(path: str, w: QuantScheme | None, a: QuantScheme | None, in_features: int) -> dict | None:
+def ct_scheme(path: str, w: QuantScheme | None, a: QuantScheme | None, in_features: int | None) -> dict | None:
     """The compressed-tensors scheme fields (``weights``, ``input_activations``, ``format``) of one linear, None for
-    a full-precision linear; :class:`ArtifactError` when the pair has no equivalent."""
+    a full-precision linear; :class:`ArtifactError` when the pair has no equivalent (``in_features`` None: a recipe's
+    schemes, checked before a model exists; group sizes are then checked per layer later)."""
     if w is None:
         if a is not None:
             raise _refuse(path, "activation quantization of a full-precision weight", "quantize the weights too")
