@@ -52,6 +52,9 @@ def check_type(gguf_type: str) -> str:
     name = gguf_type.strip().upper()
     if name in TYPES:
         return name
+    if name == "Q4_1":
+        raise LowbitError("--type Q4_1 is not written by lowbit yet (its per-block float minimum has no lowbit weight "
+                          "scheme); use --type Q4_0, which llama.cpp also runs faster")
     if name.startswith(K_QUANTS):
         raise LowbitError(f"--type {gguf_type}: K-quants pack super-blocks of 256 weights along each row, and rows "
                           "must be a multiple of 256 (the default model's 576-wide rows are not); use --type Q4_0")
