@@ -82,6 +82,22 @@ def test_real_kernels_match_the_fake_quant_model(tmp_path, family, preset):
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
 
 
+@pytest.mark.parametrize("preset", ["w4a4kv4-quarot", "w8a8-fp8"])
+def test_a_lean_load_frees_the_stored_codes_computes_the_same_and_refuses_to_save(tmp_path, preset):
+    from lowbit.bench import resident_bytes
+    from lowbit.errors import ModelError
+
+    save(_quantized("llama", preset), tmp_path / "a")
+    full, lean = load(tmp_path / "a"), load(tmp_path / "a", lean=True)
+    windows = _data().eval_windows
+    with torch.no_grad():
+        assert torch.equal(full(windows).logits, lean(windows).logits)
+    assert resident_bytes(lean)["quantized linears"] < resident_bytes(full)["quantized linears"]
+    with pytest.raises(ModelError, match="lean"):
+        save(lean, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
 def test_loaded_prefix_model_generates_as_the_original(tmp_path):
     model = _quantized("llama", "w4a4kv4-prefix")
     assert quant_state(model).prefix_length > 0

@@ -49,8 +49,8 @@ def _part(name: str, module: nn.Module, model: nn.Module) -> str:
 
 
 def resident_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of every tensor the model holds (parameters and buffers, persistent or not; each storage once), by
-    part."""
+    """Bytes of every tensor the model holds (parameters and buffers, persistent or not; each storage once) and of
+    the kernel layouts held outside tensors, by part."""
     out, seen = dict.fromkeys(PARTS, 0), set()
     for name, module in model.named_modules():
         for tensor in list(module._parameters.values()) + list(module._buffers.values()):
@@ -58,6 +58,8 @@ def resident_bytes(model: nn.Module) -> dict[str, int]:
                 continue
             seen.add(tensor.untyped_storage().data_ptr())
             out[_part(name, module, model)] += tensor.untyped_storage().nbytes()
+        if hasattr(module, "opaque_bytes"):  # kernel layouts held outside tensors (fbgemm's packed weights)
+            out[_part(name, module, model)] += module.opaque_bytes()
     return out
 
 
@@ -135,9 +137,9 @@ def decode_profile(model: nn.Module, prompt: int = 64, top: int = 6) -> list[dic
             for e in events[:top]]
 
 
-def load_memory(folder: Path, simulate: bool = False) -> dict:
+def load_memory(folder: Path, simulate: bool = False, lean: bool = True) -> dict:
     """Peak and final resident memory of a fresh process loading the model (MiB), over its footprint after
-    importing lowbit: the child does nothing else."""
+    importing lowbit: the child does nothing else. ``lean``: as :func:`lowbit.load` (what ``bench`` runs)."""
     code = ("import pathlib, resource, sys, lowbit.artifact as a\n"
             "from accelerate import init_empty_weights\n"
             "from transformers import AutoModelForCausalLM\n"
@@ -146,7 +148,7 @@ def load_memory(folder: Path, simulate: bool = False) -> dict:
             "with init_empty_weights():\n"  # import the model's code first: only the model is measured
             "    AutoModelForCausalLM.from_config(a.read_config(pathlib.Path(sys.argv[1])))\n"
             "base = rss()\n"
-            f"m = a.load(sys.argv[1], simulate={simulate!r})\n"
+            f"m = a.load(sys.argv[1], simulate={simulate!r}, lean={lean!r})\n"
             "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "print(base, rss(), peak)\n")
     out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
@@ -161,7 +163,7 @@ def bench(folder: str | Path, reference: str | None = "saved", prefill: int = 20
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
     source = manifest.get("source") if reference == "saved" else reference
-    models: dict[str, nn.Module] = {"quantized": load(folder)}
+    models: dict[str, nn.Module] = {"quantized": load(folder, lean=True)}
     if source:
         fp32 = load_model(source).model
         models["fp32"], models["bf16"] = fp32, load_model(source, dtype=torch.bfloat16).model

@@ -35,7 +35,7 @@ def evaluate_saved(folder: str | Path, data: DataConfig | None = None, reference
     manifest = read_manifest(folder)
     source = manifest.get("source") if reference == "saved" else reference
     seconds, start = {}, time.perf_counter()
-    model, tokenizer = load(folder, simulate=simulate), load_tokenizer(folder)
+    model, tokenizer = load(folder, simulate=simulate, lean=True), load_tokenizer(folder)
     seconds["load"] = time.perf_counter() - start
     fp = load_model(source).model if source else model
     tokens = prepare_data(DataConfig(calib=data.eval, eval=data.eval, seq_len=data.seq_len, windows=data.windows,

@@ -162,8 +162,26 @@ def _check_complete(model: nn.Module) -> None:
             raise ArtifactError(f"the saved model has no tensor for {name}: a file is missing or damaged; save it again")
 
 
-def load(folder: str | Path, simulate: bool = False) -> nn.Module:
+def _return_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc ``malloc_trim``): the kernel layouts are built from
+    temporaries of every layer, and without it their freed space stays resident (measured in benchmarks/README.md)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def load(folder: str | Path, simulate: bool = False, lean: bool = False) -> nn.Module:
     """The quantized model saved in ``folder``, in eval mode, ready for ``generate``; see the module docstring.
+
+    ``lean=True`` frees each real low-bit linear's stored weight codes where its kernel layout no longer reads them
+    (:meth:`~lowbit.runtime.RuntimeLinear.drop_stored_codes`): less resident memory, and the model cannot be saved
+    again (``lowbit eval``, ``generate`` and ``bench`` load lean).
 
     Raises :class:`~lowbit.errors.ArtifactError` (one line) for a folder that is not a lowbit model, a format
     version newer than this lowbit, or a damaged or missing file.
@@ -185,7 +203,9 @@ def load(folder: str | Path, simulate: bool = False) -> nn.Module:
     make_table = simulated_embedding if simulate else runtime_embedding
 
     def make_linear(entry, rotation, own):
-        return make(entry, rotation, own, dtype)
+        module = make(entry, rotation, own, dtype)
+        _return_freed_memory()  # each layer's unpacking temporaries: else the peak grows with the model
+        return module
 
     def make_embedding(entry, own):
         return make_table(entry, own, dtype)
@@ -195,10 +215,16 @@ def load(folder: str | Path, simulate: bool = False) -> nn.Module:
     except KeyError as exc:
         raise ArtifactError(f"the saved model lacks the tensor {exc}: a file is damaged; save it again") from None
     _assign(model, tensors)
+    del tensors
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     _check_complete(model)
     finish(model, arch)
+    if lean:
+        for module in model.modules():
+            if isinstance(module, RuntimeLinear):
+                module.drop_stored_codes()
+    _return_freed_memory()
     return model.eval()
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import CalibrationError, NoKernelError
+from ..errors import CalibrationError, ModelError, NoKernelError
 from ..quant import FloatFormat, IntFormat, QParams, dequantize, quantize
 from ..schemes import QuantScheme
 from ..surgery.linear import QuantLinear
@@ -187,6 +187,28 @@ class RuntimeLinear(nn.Module):
     def _matmul(self, x2: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _reads_stored_codes(self) -> bool:
+        """Whether the prepared kernel still reads the stored weight codes (else :meth:`drop_stored_codes` frees
+        them)."""
+        return True
+
+    def drop_stored_codes(self) -> int:
+        """Free the stored weight codes when the prepared kernel layout no longer reads them (a lean load: the
+        kernel layout alone stays resident); the module then refuses to be saved. Returns the bytes freed."""
+        name = "weight_packed" if self.bits < 8 and "weight_packed" in self._buffers else "weight"
+        stored = self._buffers.get(name)
+        if not self.prepared or stored is None or stored.device.type == "meta" or self._reads_stored_codes():
+            return 0
+        self._buffers[name] = torch.empty_like(stored, device="meta")
+        self.lean = True
+        return stored.untyped_storage().nbytes()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if getattr(self, "lean", False):
+            raise ModelError(f"{prefix.rstrip('.') or type(self).__name__}: its stored weight codes were freed by a "
+                             "lean load (lowbit.load(..., lean=True)); load the folder again without lean to save it")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.prepared:
             raise RuntimeError(f"{type(self).__name__}.prepare() must run after its tensors are loaded")
@@ -319,6 +341,14 @@ class IntLinear(RuntimeLinear):
     def _weight_codes(self) -> Tensor:
         return self._w8 if self._w8 is not None else self.signed_codes()
 
+    def _reads_stored_codes(self) -> bool:
+        return self.backend == "int_mm" and (self._w8 is None or self.bits == 8)
+
+    def opaque_bytes(self) -> int:
+        """Bytes of the kernel layouts that are not module tensors (fbgemm's and oneDNN's packed weights): their
+        int8 weight, ``N*K`` each (block padding and fbgemm's ``4*N`` column offsets not counted)."""
+        return len(self._packed) * self.out_features * self.in_features if self.prepared else 0
+
     def _matmul(self, x2: Tensor) -> Tensor:
         fmt, scheme = self._fmt, self.input_scheme
         x32 = x2.to(torch.float32)
@@ -392,6 +422,11 @@ class WeightOnlyLinear(RuntimeLinear):
         self.prepared = True
         return self
 
+    def _reads_stored_codes(self) -> bool:
+        """The dequantize path (kernel ``"dequant"``, or inputs above ``bf16_cast_max_m`` rows) reads them; int8
+        codes are the int8pack kernel's own weight."""
+        return self.kernel == "dequant" or self.bf16_cast_max_m < sys.maxsize or self.bits == 8
+
     def _matmul(self, x2: Tensor) -> Tensor:
         if self.kernel == "dequant" or (x2.dtype != torch.bfloat16 and x2.shape[0] > self.bf16_cast_max_m):
             return F.linear(x2, self.dequantized_weight(x2.dtype))
@@ -426,6 +461,9 @@ class Fp8Linear(RuntimeLinear):
                              persistent=False)
         self.prepared = True
         return self
+
+    def _reads_stored_codes(self) -> bool:
+        return self.mode != "cached"
 
     def _matmul(self, x2: Tensor) -> Tensor:
         scheme = self.input_scheme
