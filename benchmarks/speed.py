@@ -5,14 +5,15 @@ Run:  python benchmarks/speed.py                 (default model, 2 threads; resu
       python benchmarks/speed.py --tables-only
 
 Each quantized row quantizes the default model (calibrated on the default text), saves it with ``lowbit.save`` and
-loads it back with ``lowbit.load`` (real low-bit kernels), as a user would; the float rows load the source model. Every
-model is measured with the functions of ``lowbit bench`` (:mod:`lowbit.bench`): prefill of ``--prefill`` tokens at
-batch 1 (one forward: online Hadamards, activation quantization and a PrefixQuant prefix included), decode of
-``--new-tokens`` greedy tokens after a ``--prompt``-token prompt at batch 1 and 8, resident bytes per part after
-loading, file size, and the peak resident memory of a fresh process while it loads. Rows whose speed does not depend
-on how the weights were chosen use the RTN variant of a preset (the same modules and kernels: GPTQ or fine-tuning
-only change the codes); the label says which preset's structure it measures. The share of prefill time in online
-Hadamards is measured by timing the same forward with the rotations replaced by identity. Results in
+loads it back with ``lowbit.load(..., lean=True)`` (real low-bit kernels, as ``lowbit bench`` runs them); the float
+rows load the source model. Every model is measured with the functions of ``lowbit bench`` (:mod:`lowbit.bench`):
+prefill of ``--prefill`` tokens at batch 1 (one forward: online Hadamards, activation quantization and a PrefixQuant
+prefix included), decode of ``--new-tokens`` greedy tokens after a ``--prompt``-token prompt at batch 1 and 8,
+resident bytes per part after loading (kernel layouts included), file size, and the peak resident memory of a fresh
+process while it loads. Rows whose speed does not depend on how the weights were chosen use the RTN variant of a
+preset (the same modules and kernels: GPTQ or fine-tuning only change the codes); the label says which preset's
+structure it measures. The share of prefill time in online Hadamards is measured by timing the same forward with the
+rotations replaced by identity. Results in
 results/speed.json; the table goes between the SPEED markers of benchmarks/README.md.
 """
 
@@ -115,7 +116,7 @@ def run(args, results: Results, labels: list[str]) -> None:
             row = measure(load_model(args.model, dtype=dtype).model, args, None)
         else:
             folder = saved_model(label, factory(), args.model)
-            row = measure(load(folder), args, folder)
+            row = measure(load(folder, lean=True), args, folder)
         results.put(label, {"label": label, **row})
         print(f"{label}: prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode b1 "
               f"{row['decode_b1_tokens_per_s']:.1f} tok/s", flush=True)
@@ -128,6 +129,9 @@ def _mib(n: float) -> str:
 def table(results: Results) -> list[str]:
     rows = results.rows
     fp32, bf16 = results.rows.get("fp32"), results.rows.get("bf16")
+
+    def linears(row: dict) -> int:
+        return row["resident_bytes"].get("quantized linears", 0) + row["resident_bytes"].get("other linears", 0)
 
     def speed(row: dict, key: str) -> str:
         ratios = " / ".join(f"{row[key] / r[key]:.2f}x" for r in (fp32, bf16) if r is not None)
@@ -144,12 +148,12 @@ def table(results: Results) -> list[str]:
         body.append([label, speed(r, "prefill_tokens_per_s"), speed(r, "decode_b1_tokens_per_s"),
                      speed(r, "decode_b8_tokens_per_s"),
                      f"{r['hadamard_share']:.0%}" if "hadamard_share" in r else "-",
-                     _mib(parts.get("quantized linears", 0) + parts.get("other linears", 0)),
+                     _mib(linears(r)) + (f" ({linears(r) / linears(bf16):.2f}x)" if bf16 else ""),
                      _mib(sum(parts.values())), _mib(r["file_bytes"]) if "file_bytes" in r else "-",
                      f"{r['load_memory']['peak_load_mib']:.0f}" if "load_memory" in r else "-",
                      ", ".join(f"{p['op'].removeprefix('aten::')} {p['share']:.0%}" for p in r["profile"][:3])])
     header = ["row", "prefill tok/s", "decode b1 tok/s", "decode b8 tok/s", "Hadamard share of prefill",
-              "linears MiB", "resident MiB", "file MiB", "load peak MiB", "decode step: top ops"]
+              "linears MiB (vs bf16)", "resident MiB", "file MiB", "load peak MiB", "decode step: top ops"]
     return lines + [""] + markdown_table(header, body)
 
 
