@@ -1,22 +1,23 @@
 """lowbit's quantization schemes as compressed-tensors schemes, and one quantized linear's tensors in their layout.
 
-A scheme maps only when a compressed-tensors format stores it exactly and vLLM has a kernel that reads it:
+A scheme maps when a compressed-tensors format stores it exactly and a vLLM scheme reads that format:
 
 ==========================================  ===================  ===========================================
 lowbit weights x activations                format               vLLM scheme
 ==========================================  ===================  ===========================================
 int2..int8 channel/group x float            ``pack-quantized``   WNA16 (kernels for 4 and 8 bits)
-int8 channel/tensor sym x int8 token dyn    ``int-quantized``    W8A8Int8 (also static per-tensor input)
+int8 channel sym x int8 token dyn           ``int-quantized``    W8A8Int8 (also static per-tensor input)
 int4 channel/group sym x int8 token dyn     ``int-quantized``    W4A8Int
-int channel/group x int4 sym token dyn      ``pack-quantized``   WNA4Int (W4A4, the Humming kernel)
-fp8_e4m3 channel/tensor x float/fp8         ``float-quantized``  W8A8Fp8 / W8A16Fp8
+int channel/group x int4 sym token dyn      ``pack-quantized``   WNA4Int (W4A4, recent vLLM's Humming kernel)
+fp8_e4m3 channel/tensor x none or fp8 (*)   ``float-quantized``  W8A8Fp8 / W8A16Fp8
 ==========================================  ===================  ===========================================
 
-Anything else raises :class:`~lowbit.errors.ArtifactError` naming the nearest scheme that maps. Conventions:
-compressed-tensors decodes ``(q - zero_point) * scale`` with signed ``q`` and ``zero_point``, which is lowbit's
-``(c - z) * s`` with both shifted by ``2^(b-1)``, so every weight decodes to exactly lowbit's quantized weight (scales
-are stored in the model's dtype, as the package expects: exact for float32 models). Dynamic activation scales are
-computed by the runtime (vLLM: absmax/127 per token, as lowbit; transformers' CPU fake-quant: absmax/127.5).
+(*) fp8 activations dynamic per token or static symmetric per tensor. Anything else raises
+:class:`~lowbit.errors.ArtifactError` naming the nearest scheme that maps. Conventions: compressed-tensors decodes
+``(q - zero_point) * scale`` with signed ``q`` and ``zero_point``, which is lowbit's ``(c - z) * s`` with both shifted
+by ``2^(b-1)``, so every weight decodes to exactly lowbit's quantized weight (scales are stored in the model's dtype,
+as the package expects: exact for float32 models). Dynamic activation scales are computed by the runtime (vLLM:
+int8 absmax/127 per token, as lowbit; transformers' CPU fake-quant: absmax/127.5).
 """
 
 from __future__ import annotations
