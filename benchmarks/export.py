@@ -3,6 +3,7 @@
 Run:  python benchmarks/export.py                      (w4a16-rtn-g64; a few minutes on 2 CPU cores)
       python benchmarks/export.py --rows ct:w4a16-gptq  (GPTQ: about 8 more minutes)
       python benchmarks/export.py --tables-only
+      python benchmarks/export.py --keep DIR --force     (keep the folders; then benchmarks/vllm_check.py on a GPU)
 Writes benchmarks/results/export.json and the table between the EXPORT_CT markers in benchmarks/README.md.
 
 Each row quantizes the default model with a recipe (scored by lowbit against full precision, as every table here),
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,11 +67,16 @@ def _score_export(model: torch.nn.Module, bench: Bench, tmp: Path) -> dict:
             "bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors"))}
 
 
-def measure(bench: Bench, recipe_name: str) -> dict:
-    recipe = load_recipe(recipe_name)
+def measure(bench: Bench, label: str, keep: Path | None) -> dict:
+    recipe = load_recipe(ROWS[label])
     check_recipe(recipe)
     with tempfile.TemporaryDirectory(prefix="lowbit-ct-") as tmp:
-        return bench.measure(recipe, extra=lambda model: {"export": _score_export(model, bench, Path(tmp))})
+        row = bench.measure(recipe, extra=lambda model: {"export": _score_export(model, bench, Path(tmp))})
+        if keep is not None:  # the folder and windows for vllm_check.py on a GPU machine
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.move(Path(tmp) / "export", keep / label.replace(":", "-"))
+            shutil.copy(Path(tmp) / "windows.pt", keep / "windows.pt")
+    return row
 
 
 def _versions() -> dict:
@@ -100,6 +107,8 @@ def table(results: Results) -> list[str]:
 
 def main() -> None:
     parser = add_flags(argparse.ArgumentParser(description=__doc__.split("\n")[0]), RESULTS)
+    parser.add_argument("--keep", type=Path, help="keep each export (and the windows) in this folder, e.g. for "
+                        "vllm_check.py on a GPU machine")
     args = parser.parse_args()
     results = Results(args.results, parser.get_default("results"))
     labels = args.rows or DEFAULT_ROWS
@@ -112,7 +121,7 @@ def main() -> None:
         results.check_setup(bench.setup())
         results.meta.update(run_meta("python benchmarks/export.py " + " ".join(sys.argv[1:]), bench), **_versions())
         for label in todo:
-            row = measure(bench, ROWS[label])
+            row = measure(bench, label, args.keep)
             results.put(label, row)
             print(f"{label}: lowbit ppl {row['ppl']:.4f}, transformers ppl {row['export']['transformers_ppl']:.4f}, "
                   f"max NLL diff {row['export']['max_nll_diff']:.2g}", flush=True)
