@@ -68,9 +68,12 @@ CASES = {
                               "activations": {"format": "fp8_e4m3", "granularity": "token", "dynamic": True}},
                     "float-quantized"),
     "fp8-weights": ("qwen2", {"weights": {"format": "fp8_e4m3", "granularity": "channel"}}, "float-quantized"),
+    "quarot-r4-o-w8a8": ("qwen2", {"steps": [{"method": "quarot", "r3": False, "o_rotation": True}, {"method": "rtn"}],
+                                   "weights": _w("int8"), "activations": INT8_TOKEN}, "int-quantized"),
     "quarot-r4-w4a16": ("llama", {"steps": [{"method": "quarot", "r3": False}, {"method": "rtn"}],
                                   "weights": _w("int4", True, 32)}, "pack-quantized"),
 }
+ONLINE = {"quarot-r4-w4a16", "quarot-r4-o-w8a8"}  # online rotations: transformers ignores transform_config
 ASYM_PACKED = {"w4a16-g32-asym", "w4a16-channel-asym", "w8a16-g32-asym"}
 
 
@@ -189,13 +192,13 @@ def test_weights_decompress_to_exactly_lowbits_quantized_weights(exported, name)
         assert torch.equal(got[path], weight), path
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n != "quarot-r4-w4a16"])
+@pytest.mark.parametrize("name", [n for n in CASES if n not in ONLINE])
 def test_dequantized_load_gives_lowbits_logits_without_activation_quantization(exported, name):
     _, refs, loaded = exported
     torch.testing.assert_close(loaded[name]["B"], refs[name]["no_act"], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if "a16" in n and n not in ASYM_PACKED | {"quarot-r4-w4a16"}])
+@pytest.mark.parametrize("name", [n for n in CASES if "a16" in n and n not in ASYM_PACKED | ONLINE])
 def test_default_load_of_weight_only_exports_is_bit_exact(exported, name):
     _, refs, loaded = exported
     assert torch.equal(loaded[name]["A"], refs[name]["logits"])
@@ -215,16 +218,22 @@ def test_default_load_keeps_activation_quantization(exported, name):
         assert (a - want).abs().max() < 2 * (b - want).abs().max()
 
 
-def test_online_r4_runs_as_vllm_applies_transform_config(exported):
-    """transformers ignores transform_config (logits off); the stored matrix applied as vLLM does gives lowbit's."""
+def test_online_rotations_run_as_vllm_applies_transform_config(exported):
+    """transformers ignores transform_config (logits off); the stored matrices applied as vLLM does give lowbit's
+    logits (activation quantization off: transformers' dequantized load drops it)."""
     root, refs, loaded = exported
-    res, want = loaded["quarot-r4-w4a16"], refs["quarot-r4-w4a16"]["logits"]
-    assert (res["B"] - want).abs().max() > 1e-2
-    torch.testing.assert_close(res["vllm_transforms"], want, rtol=0, atol=1e-4)
-    config = json.loads((root / "quarot-r4-w4a16" / "config.json").read_text())
-    scheme = config["quantization_config"]["transform_config"]["config_groups"]["R4"]
-    assert scheme["type"] == "random-hadamard" and scheme["apply"][0]["location"] == "input"
-    assert scheme["apply"][0]["targets"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    for name, want_key, groups in (("quarot-r4-w4a16", "logits", {"R4": "mlp.down_proj"}),
+                                   ("quarot-r4-o-w8a8", "no_act", {"R4": "mlp.down_proj",
+                                                                   "online_o_proj": "self_attn.o_proj"})):
+        res, want = loaded[name], refs[name][want_key]
+        assert (res["B"] - want).abs().max() > 1e-2
+        torch.testing.assert_close(res["vllm_transforms"], want, rtol=0, atol=1e-4)
+        config = json.loads((root / name / "config.json").read_text())["quantization_config"]["transform_config"]
+        assert set(config["config_groups"]) == set(groups)
+        for group, leaf in groups.items():
+            scheme = config["config_groups"][group]
+            assert scheme["type"] == "random-hadamard" and scheme["apply"][0]["location"] == "input"
+            assert scheme["apply"][0]["targets"] == [f"model.layers.{i}.{leaf}" for i in range(2)]
 
 
 def test_tied_lm_head_is_written_once_and_an_untied_one_on_its_own(exported):
