@@ -161,6 +161,19 @@ def test_q8_0_export_and_the_tokenizer_built_from_hugging_face(tokenizer, text_f
     assert from_gguf(text)["input_ids"][-8:] == tokenizer(text)["input_ids"][-8:]
 
 
+def test_a_q4_0_model_saved_by_lowbit_runs_in_its_real_kernels(tokenizer, text_file, tmp_path):
+    """Signed scales and code -8 survive lowbit's own save / load with real kernels (bf16 weight-only matmuls)."""
+    from lowbit import load, save
+
+    model = _quantized("llama", tokenizer, text_file)
+    save(model, tmp_path / "q")
+    loaded = load(tmp_path / "q")
+    ids = torch.randint(0, len(tokenizer), (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want, got = model(ids).logits, loaded(ids).logits
+    assert (want - got).abs().max() < 0.1 and (want.argmax(-1) == got.argmax(-1)).float().mean() >= 0.95
+
+
 # --- bad input: one clear line, nothing written ----------------------------------------------------------------------
 
 def _export(model_dir, out, *extra):
@@ -170,6 +183,7 @@ def _export(model_dir, out, *extra):
 @pytest.mark.parametrize(("extra", "message"), [
     (["--type", "Q3_X"], "unknown GGUF --type"),
     (["--type", "Q4_K_M"], "multiple of 256"),
+    (["--type", "Q4_1"], "use --type Q4_0"),
     (["--recipe", "w4a8-rtn"], "quantizes activations"),
     (["--recipe", "w4a16-quarot"], "rotates online"),
     (["--recipe", "w4a16-rtn-g64"], "not on the Q4_0 grid"),
@@ -235,3 +249,29 @@ def test_export_command_with_the_default_recipe_and_from_a_saved_folder(tiny_mod
     assert main(_export(saved, tmp_path / "s.gguf", "--type", "Q8_0")) == 0
     assert main(_export(saved, tmp_path / "t.gguf", "--type", "Q4_0")) == 2
     assert "not on the Q4_0 grid" in capsys.readouterr().err and not (tmp_path / "t.gguf").exists()
+
+
+# --- the real default model --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_default_model_exports_with_its_own_tokenizer_and_loads_in_transformers(tmp_path):
+    """RTN onto Q4_0 (no calibration, to stay quick): the source GGUF's tokenizer is copied key for key, and
+    transformers' GGUF loader computes lowbit's logits on the default text."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.data import load_text, tokenize
+    from lowbit.models.loading import default_gguf_path, load_model
+
+    loaded = load_model("default")
+    model = quantize(loaded.model, load_recipe("gguf-q4_0").updated(steps=[{"method": "rtn"}]))
+    path = write_gguf(model, tmp_path / "m.gguf", "Q4_0", vocab_gguf=default_gguf_path())
+    ours, source = gguf.GGUFReader(path), gguf.GGUFReader(default_gguf_path())
+    for name, field in source.fields.items():
+        if name.startswith("tokenizer."):
+            assert ours.fields[name].contents() == field.contents(), name
+    kinds = {t.name: t.tensor_type.name for t in ours.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q4_0" and kinds["token_embd.weight"] == "Q8_0"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = tokenize(load_text("default"), loaded.tokenizer)[:64].unsqueeze(0)
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max().item() <= 1e-3
