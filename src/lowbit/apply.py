@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .data import TokenData
-from .errors import CalibrationError, ModelError
+from .errors import CalibrationError, DataError, ModelError
 from .methods import Calibration, Session, method_for
 from .models.arch import ArchSpec, spec_for
 from .recipe import Recipe, load_recipe
@@ -27,6 +27,7 @@ from .surgery.attach import (
     attach_activation_quantizers,
     attach_kv_quantizers,
     calibrate,
+    quantization_parts,
     quantize_embeddings,
     quantize_lm_head,
     set_clip_ratios,
@@ -92,7 +93,13 @@ def quantize_with_session(
     """:func:`quantize`, also returning the :class:`~lowbit.methods.Session`: each method's typed result
     (``session.get(GPTQResult)``, ``session.report()``), the prefix, learned clip ratios and timings."""
     recipe = load_recipe(recipe)
+    if data is not None and not isinstance(data, TokenData):
+        raise DataError(f"data must be token data from lowbit.prepare_data(DataConfig(...), tokenizer), got "
+                        f"{type(data).__name__}: tokenize the text first")
     spec: ArchSpec = spec_for(model)
+    if next(quantization_parts(model), None) is not None:
+        raise ModelError("this model is already quantized by lowbit (quantizing it again would stack schemes on the "
+                         "old quantizers): quantize the full-precision model instead")
     if is_offloaded(model) and not inplace:
         raise ModelError(
             "this model's weights are offloaded by accelerate, and a copy would share its offload store: "
