@@ -34,3 +34,12 @@ class ArtifactError(LowbitError):
 
 class NoKernelError(LowbitError):
     """A quantization scheme has no real low-bit kernel here; the fake-quant simulation (``simulate=True``) runs it."""
+
+
+class OutputError(LowbitError):
+    """An output path cannot receive a file: a folder, a device, a link, an unwritable place, an existing model."""
+
+
+class LowbitWarning(UserWarning):
+    """Something the user should know that does not stop the run (a checkpoint of another run ignored); the CLI
+    prints it as one ``lowbit: warning: ...`` line."""

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from ..apply import quantize
 from ..data import calibration_data, check_source
+from ..errors import OutputError
 from ..models.loading import load_model
 from ..recipe import Recipe
-from ..report import write_json_atomic
+from ..report import check_output_file, write_json_atomic
 from .outliers import analyze, plot_ratios, select_prefix
 
 
@@ -20,6 +21,11 @@ def inspect_outliers(model: str = "default", calib: str = "default", samples: in
     ``outliers.png`` into ``out_dir``; returns the JSON summary.
     """
     check_source(calib)
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, and inspect writes a folder: pass a new or existing folder")
+    check_output_file(out / "outliers.json")
+    check_output_file(out / "outliers.png")
     loaded = load_model(model)
     batches = calibration_data(calib, loaded.tokenizer, seed).calibration(samples, seq_len)
     rotated = quantize(loaded.model, Recipe(name="quarot-rotations", steps=[{"method": "quarot", "r3": False}]),
@@ -35,7 +41,6 @@ def inspect_outliers(model: str = "default", calib: str = "default", samples: in
         "largest_ratio": {name: r.as_dict()["largest_ratio"] for name, r in reports.items()},
         "reports": {name: r.as_dict() for name, r in reports.items()},
     }
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "outliers.json", summary)
     summary["plot"] = str(out / "outliers.png") if plot_ratios(reports, out / "outliers.png") else None
