@@ -63,14 +63,49 @@ def _text_path(source: str) -> Path:
     return default_text_path() if source == DEFAULT_TEXT else Path(source).expanduser()
 
 
+MAX_INVALID_SHARE = 0.01
+
+
+def _read_text_file(path: Path, source: str) -> str:
+    """A file's text as UTF-8, refusing binary files and other encodings rather than evaluating replacement
+    characters (a rare invalid byte in otherwise valid UTF-8 is replaced, as before)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read text '{source}': {exc.strerror}: check the file's permissions") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or raw[:2000].count(b"\x00") > 0:
+        found = "UTF-16 text" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "NUL bytes (binary or UTF-16)"
+        raise DataError(f"text '{source}' is not UTF-8: it holds {found}: convert it to UTF-8 text")
+    text = raw.decode("utf-8", errors="replace")
+    invalid = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if invalid > MAX_INVALID_SHARE * max(len(text), 1):
+        raise DataError(f"text '{source}' is not UTF-8: {invalid} of its {len(text)} characters are invalid bytes "
+                        "(binary data or another encoding): convert it to UTF-8 text")
+    return text
+
+
+def same_text(a: str, b: str) -> bool:
+    """Whether two text sources are the same text: the same named dataset, or the same file however it is spelled
+    (``./news.txt`` and ``news.txt``, a link, or the default text's own path against ``default``)."""
+    if a in NAMED_DATASETS or b in NAMED_DATASETS:
+        return a == b
+    pa, pb = _text_path(a), _text_path(b)
+    try:
+        return pa.resolve() == pb.resolve() or pa.samefile(pb)
+    except OSError:
+        return a == b
+
+
 def check_source(source: str) -> None:
     """Fail fast, before any model is loaded, when a text source cannot exist (missing file or package)."""
     if source in NAMED_DATASETS:
         if importlib.util.find_spec("datasets") is None:
             raise DataError(f"dataset '{source}' needs the datasets package: run `{DATASETS_INSTALL}`")
         return
-    if not _text_path(source).is_file():
-        named = ", ".join(NAMED_DATASETS)
+    path, named = _text_path(source), ", ".join(NAMED_DATASETS)
+    if path.is_dir():
+        raise DataError(f"text '{source}' is a folder: pass a text file, 'default', or one of {named}")
+    if not path.is_file():
         raise DataError(f"text '{source}' not found: pass 'default', a local text file, or one of {named}")
 
 
@@ -80,7 +115,7 @@ def load_text(source: str, role: str = "eval") -> str:
     if source in NAMED_DATASETS:
         text = _load_named(source, role)
     else:
-        text = _text_path(source).read_text(encoding="utf-8", errors="replace")
+        text = _read_text_file(_text_path(source), source)
     if not text.strip():
         raise DataError(f"text source '{source}' is empty: pass a file with text in it")
     return text
@@ -114,6 +149,9 @@ class TokenData:
     def calibration(self, samples: int, seq_len: int, seed: int | None = None) -> torch.Tensor:
         """``samples`` random windows of ``seq_len`` tokens from the calibration stream, ``[samples, seq_len]``."""
         n = self.calib_tokens.numel()
+        if samples < 1 or seq_len < 1:
+            raise DataError(f"calibration needs at least 1 sample of at least 1 token, got {samples} x {seq_len}: "
+                            "pass positive numbers")
         if n < seq_len:
             raise DataError(
                 f"calibration text has {n} tokens, fewer than one calibration sample of {seq_len}: "
@@ -159,7 +197,7 @@ def prepare_data(config: DataConfig, tokenizer) -> TokenData:
     if config.windows is not None and config.windows < 1:
         raise DataError(f"windows must be at least 1, got {config.windows}")
     eval_tokens = tokenize(load_text(config.eval, "eval"), tokenizer)
-    shared = config.calib == config.eval and config.calib not in NAMED_DATASETS
+    shared = same_text(config.calib, config.eval) and config.calib not in NAMED_DATASETS
     if not shared:
         windows = _cut_windows(eval_tokens, config.seq_len, config.windows, config.eval)
         calib_tokens = tokenize(load_text(config.calib, "calib"), tokenizer)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import DataError
+
 
 @dataclass
 class EvalResult:
@@ -72,6 +74,10 @@ def evaluate_many(
     """
     if reference is not None and len(reference) != len(windows):
         raise ValueError(f"reference has {len(reference)} windows, expected {len(windows)}")
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+        shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
+        raise DataError(f"evaluation needs token windows [n >= 1, L >= 2], got {shape}: pass "
+                        "prepare_data(...).eval_windows")
     sums = {name: _Sums() for name in models}
     tick = progress("evaluating", len(windows) * (1 + len(models))) if progress else (lambda: None)
     for i, window in enumerate(windows):
