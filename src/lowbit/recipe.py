@@ -71,6 +71,9 @@ class Recipe(StrictConfig):
     def _consistent(self) -> Recipe:
         self._check_step_order()
         weight_steps = [s for s in self.steps if s.phase == "weights"]
+        if not self.targets and (self.weights is not None or self.activations is not None):
+            raise ValueError("targets is empty, so weights/activations would quantize nothing: list linears to "
+                             f"quantize (from {list(TARGETABLE)}) or drop the schemes")
         if self.weights is not None and not weight_steps:
             raise ValueError("a weights scheme needs a weight step: add `{method: rtn}` to steps")
         if weight_steps and self.weights is None:
@@ -135,6 +138,13 @@ class Recipe(StrictConfig):
 
     # --- construction -------------------------------------------------------------------------------------------
 
+    def __init__(self, **data) -> None:
+        """``Recipe(weights=..., ...)`` from Python: an invalid field is a :class:`RecipeError`, as from a file."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise RecipeError(f"recipe: {_describe_errors(exc)}") from None
+
     @classmethod
     def from_dict(cls, data: dict, origin: str = "recipe") -> Recipe:
         """Validate a plain mapping, turning pydantic errors into one :class:`RecipeError` line per bad field."""
@@ -149,12 +159,14 @@ class Recipe(StrictConfig):
     def from_file(cls, path: str | Path) -> Recipe:
         """Read a YAML or JSON recipe file."""
         path = Path(path)
+        if path.is_dir():
+            raise RecipeError(f"recipe {path} is a folder: pass a preset name (see `lowbit recipes`) or a YAML file")
         if not path.is_file():
             raise RecipeError(f"recipe file {path} not found: pass a preset name (see `lowbit recipes`) or a file")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"recipe file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        data = _read_yaml(path)
+        if isinstance(data, dict) and data and not set(map(str, data)) & set(cls.model_fields):
+            raise RecipeError(f"{path} is not a lowbit recipe (none of its keys is a recipe field): pass a recipe "
+                              "file (see `lowbit recipes NAME` for examples)")
         return cls.from_dict(data, origin=str(path))
 
     def to_yaml(self) -> str:
@@ -163,6 +175,21 @@ class Recipe(StrictConfig):
     def updated(self, **changes) -> Recipe:
         """A validated copy with some fields replaced."""
         return Recipe.from_dict({**self.model_dump(), **changes}, origin=self.name)
+
+
+def _read_yaml(path: Path):
+    """A YAML file's content; an unreadable or invalid file is a :class:`RecipeError` that never quotes the file."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe file {path}: {exc.strerror}: check its permissions") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe file {path} is not UTF-8 text: pass a YAML or JSON recipe") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise RecipeError(f"recipe file {path} is not valid YAML{where}: {problem}: fix the file") from None
 
 
 def _describe_errors(exc: ValidationError) -> str:
@@ -211,11 +238,19 @@ def combine(first: Recipe, second: Recipe) -> Recipe:
     return Recipe.from_dict(data, origin=data["name"])
 
 
-def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
-    """A :class:`Recipe` from a preset name, a YAML/JSON path, ``A+B`` (see :func:`combine`), or a recipe as is."""
+def load_recipe(name_or_path: str | Path | dict | Recipe) -> Recipe:
+    """A :class:`Recipe` from a preset name, a YAML/JSON path, a mapping of fields, ``A+B`` (see :func:`combine`),
+    or a recipe as is."""
     if isinstance(name_or_path, Recipe):
         return name_or_path
+    if isinstance(name_or_path, dict):
+        return Recipe.from_dict(name_or_path)
+    if not isinstance(name_or_path, (str, Path)):
+        raise RecipeError(f"a recipe is a preset name, a file path, a dict or a Recipe, got "
+                          f"{type(name_or_path).__name__}")
     text = str(name_or_path)
+    if Path(text).expanduser().is_dir():
+        raise RecipeError(f"recipe {text} is a folder: pass a preset name (see `lowbit recipes`) or a YAML file")
     if text.endswith((".yaml", ".yml", ".json")) or Path(text).is_file():
         return Recipe.from_file(text)
     if "+" in text:

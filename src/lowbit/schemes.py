@@ -18,9 +18,10 @@ TARGETABLE = (*LINEAR_ROLES, "lm_head")
 
 
 class StrictConfig(BaseModel):
-    """Base of every typed config: unknown fields are errors and instances are immutable."""
+    """Base of every typed config: unknown fields are errors, numbers are finite (NaN passes no bound check, so it
+    would otherwise be misreported), and instances are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class QuantScheme(StrictConfig):
