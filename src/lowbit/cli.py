@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
+import signal
 import sys
+import threading
+import warnings
 from collections.abc import Iterator
 
 from rich.console import Console
@@ -22,7 +26,7 @@ from rich.progress import (
 )
 
 from .data import DataConfig
-from .errors import LowbitError
+from .errors import LowbitError, LowbitWarning
 
 DEFAULT_RECIPE = "w8a8-rtn"
 
@@ -49,6 +53,18 @@ def rich_progress(console: Console) -> Iterator:
         yield progress
 
 
+MAX_SEED = 2**62
+THREADS_PER_CORE = 4
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with lowbit's one-line error format (``lowbit: error: ...``, exit 2) instead of a usage block."""
+
+    def error(self, message: str):
+        print(f"lowbit: error: {message}: see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -56,11 +72,35 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed every generator lowbit seeds accepts (also after adding a layer's index)."""
+    value = int(text)
+    if not 0 <= value < MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2^62, got {text}")
+    return value
+
+
+def _threads_count(text: str) -> int:
+    """A thread count this machine can run (far more than its cores crashes the CPU backends)."""
+    value, cores = _positive_int(text), os.cpu_count() or 1
+    if value > THREADS_PER_CORE * cores:
+        raise argparse.ArgumentTypeError(f"{value} is far more than this machine's {cores} cores: "
+                                         f"pass at most {THREADS_PER_CORE * cores}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def _saved_model(parser: argparse.ArgumentParser, reference: bool = True, simulate: bool = True) -> None:
     """The flags every command on a saved model takes: the folder, threads, and where it applies a reference model
     and the simulation."""
     parser.add_argument("--model", required=True, metavar="DIR", help="a folder written by `lowbit quantize --save`")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--threads", type=_threads_count, default=None, help="torch CPU threads (default: all cores)")
     if reference:
         parser.add_argument("--reference", default="saved",
                             help="full-precision model to compare with: 'saved' (its source), 'none', or a model source")
@@ -69,7 +109,7 @@ def _saved_model(parser: argparse.ArgumentParser, reference: bool = True, simula
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowbit", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="lowbit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a model with a recipe and evaluate it against full precision")
     q.add_argument("--model", default="default", help="'default' (SmolLM2-135M), a HF model folder or a .gguf file")
@@ -80,17 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--windows", type=_positive_int, default=6, help="number of evaluation windows")
     q.add_argument("--all-windows", action="store_true", help="evaluate every full window of the evaluation text")
     q.add_argument("--report", default="lowbit-report.json", help="where to write the JSON report")
-    q.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random rotations")
+    q.add_argument("--seed", type=_seed, default=0, help="seed for calibration sampling and random rotations")
     q.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks to score (needs lowbit[lm-eval])")
     q.add_argument("--task-limit", type=_positive_int, default=None, help="examples per lm-eval task")
-    q.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    q.add_argument("--threads", type=_threads_count, default=None, help="torch CPU threads (default: all cores)")
     q.add_argument("--save", default=None, metavar="DIR", help="also write the quantized model into this new folder")
     g = sub.add_parser("generate", help="continue a prompt with a saved quantized model (streams the text)")
     _saved_model(g, reference=False)
     g.add_argument("--prompt", required=True, help="the text to continue (in the chat template when there is one)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 (the default) decodes greedily")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--temperature", type=_finite_float, default=0.0, help="0 (the default) decodes greedily")
+    g.add_argument("--seed", type=_seed, default=0, help="sampling seed")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the tokenizer's chat template")
     e = sub.add_parser("eval", help="perplexity of a saved quantized model, against its full-precision source")
     _saved_model(e)
@@ -118,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--float-type", default="F16", choices=("F16", "F32"),
                    help="GGUF type of matrices the recipe leaves unquantized (norms and biases are always F32)")
     x.add_argument("--calib-data", default="default", help="'default', a text file, or wikitext2 / c4 / pile")
-    x.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random rotations")
-    x.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    x.add_argument("--seed", type=_seed, default=0, help="seed for calibration sampling and random rotations")
+    x.add_argument("--threads", type=_threads_count, default=None, help="torch CPU threads (default: all cores)")
     r = sub.add_parser("recipes", help="list the preset recipes, or print one as YAML")
     r.add_argument("name", nargs="?", help="print this preset's full YAML")
     i = sub.add_parser("inspect", help="outlier tokens before/after rotation and with PrefixQuant's prefix")
@@ -127,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--calib-data", default="default", help="'default', a text file, or wikitext2 / c4 / pile")
     i.add_argument("--samples", type=_positive_int, default=16, help="calibration samples")
     i.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sample")
-    i.add_argument("--eta", type=float, default=64.0, help="outlier threshold on max|x| / median")
-    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--eta", type=_finite_float, default=64.0, help="outlier threshold on max|x| / median")
+    i.add_argument("--seed", type=_seed, default=0)
     i.add_argument("--out", default="outliers", help="folder for outliers.json and outliers.png")
     return parser
 
@@ -192,10 +232,11 @@ def _cmd_quantize(args, console: Console) -> int:
 
 
 def _cmd_eval(args, console: Console) -> int:
-    from .report import render_table, write_json_atomic
+    from .report import check_output_file, render_table, write_json_atomic
     from .saved import evaluate_saved
 
     _threads(args)
+    check_output_file(args.report)
     data = DataConfig(eval=args.eval_data, seq_len=args.seq_len, windows=None if args.all_windows else args.windows)
     reference = None if args.reference == "none" else args.reference
     with rich_progress(console) as progress:
@@ -222,8 +263,10 @@ def _cmd_generate(args, console: Console) -> int:
 
 def _cmd_bench(args, console: Console) -> int:
     from .bench import bench, render, write
+    from .report import check_output_file
 
     _threads(args)
+    check_output_file(args.report)
     try:
         batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
     except ValueError:
@@ -298,8 +341,29 @@ def _threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt so that every cleanup an interrupt runs (temporaries, atomic writes) runs."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """lowbit's own warnings as one line; others as Python prints them."""
+    if issubclass(category, LowbitWarning):
+        return f"lowbit: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lowbit`` console script."""
+    warnings.formatwarning = _format_warning
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
@@ -311,9 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lowbit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print("lowbit: terminated" if isinstance(exc, Terminated) else "lowbit: interrupted", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":

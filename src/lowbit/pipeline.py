@@ -22,15 +22,15 @@ from .apply import quantize, quantize_with_session
 from .artifact import check_new_folder, save
 from .bits import activation_bits, kv_bits, weight_bits
 from .data import DataConfig, TokenData, check_source, prepare_data
-from .errors import ArtifactError
+from .errors import ArtifactError, DataError
 from .evaluate import evaluate
 from .methods import Session
 from .methods.quarot import RotationResult
 from .methods.session import Progress
 from .models.arch import head_dim
-from .models.loading import load_model
+from .models.loading import check_context, load_model
 from .recipe import Recipe, load_recipe
-from .report import write_json_atomic
+from .report import check_output_file, write_json_atomic
 from .state import quant_state
 from .version import __version__
 
@@ -53,8 +53,16 @@ def run(
     """
     recipe = load_recipe(recipe)
     data = data or DataConfig()
+    if not isinstance(data, DataConfig):
+        raise DataError(f"data must be a lowbit.DataConfig(calib=..., eval=...), got {type(data).__name__}")
     for source in {data.calib, data.eval}:
         check_source(source)
+    if report_path is not None:
+        check_output_file(report_path)
+    if tasks:
+        from .integrations.harness import check_tasks
+
+        check_tasks(tasks)
     if save_path is not None:
         if not quantizes(recipe):
             raise ArtifactError(f"recipe '{recipe.name}' quantizes nothing, so there is no model to save: drop --save")
@@ -63,6 +71,7 @@ def run(
     start = time.perf_counter()
     loaded = load_model(model)
     tokens = prepare_data(data, loaded.tokenizer)
+    check_context(loaded.model.config, data.seq_len)
     seconds["load"] = time.perf_counter() - start
     qmodel, session = loaded.model, None
     if quantizes(recipe):

@@ -17,7 +17,7 @@ from torch import nn
 from .artifact import load, load_tokenizer, read_manifest
 from .data import DataConfig, check_source, prepare_data
 from .evaluate import evaluate
-from .models.loading import load_model
+from .models.loading import check_context, load_model
 from .surgery.kvcache import decode_cache
 from .surgery.prefix import cache_argument
 from .version import __version__
@@ -40,6 +40,7 @@ def evaluate_saved(folder: str | Path, data: DataConfig | None = None, reference
     fp = load_model(source).model if source else model
     tokens = prepare_data(DataConfig(calib=data.eval, eval=data.eval, seq_len=data.seq_len, windows=data.windows,
                                      seed=data.seed), tokenizer)
+    check_context(model.config, data.seq_len)
     start = time.perf_counter()
     result = evaluate(fp, model, tokens.eval_windows, progress=progress)
     seconds["eval"] = time.perf_counter() - start

@@ -60,6 +60,22 @@ class LowbitLM(HFLM):
                          max_length=max_length)
 
 
+def check_tasks(tasks: list[str]) -> None:
+    """Fail before any model is loaded when a task is unknown or its data is not in the local datasets cache (the
+    check builds the tasks, as the run will, so an offline miss is found in seconds, not after quantizing)."""
+    from lm_eval import tasks as lm_tasks
+
+    try:
+        manager = lm_tasks.TaskManager()
+        manager.load(tasks) if hasattr(manager, "load") else lm_tasks.get_task_dict(tasks, manager)
+    except Exception as exc:  # lm-eval raises many types for unknown tasks or datasets missing offline
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise LowbitError(
+            f"lm-eval cannot build tasks {tasks}: {first}; task data must be in your local datasets cache "
+            "(lowbit runs offline) and the names must be lm-eval task names"
+        ) from None
+
+
 def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 1) -> dict:
     """Score ``model`` on lm-eval ``tasks``; returns ``{task: {metric: value}}`` with every numeric metric."""
     try:
