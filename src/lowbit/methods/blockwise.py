@@ -36,7 +36,7 @@ from ..surgery.attach import (
     quantizers_off,
 )
 from ..surgery.block_finetune import FinetuneConfig, finetune_layer
-from ..surgery.checkpoint import load_checkpoint, save_checkpoint
+from ..surgery.checkpoint import load_checkpoint, model_digest, save_checkpoint, tensor_digest
 from ..surgery.clip_search import grid_search_layer
 from ..surgery.gptq import gptq_config, gptq_layer, quantize_head_rtn
 from ..surgery.linear import QuantLinear
@@ -228,6 +228,8 @@ def apply(model: nn.Module, step: BlockwiseStep, session: Session) -> BlockwiseR
     stream = LayerStream(model, spec, batches, streams=2, batch_size=step.batch,
                          prefix=prefix.cache if prefix else None)  # streams: full-precision, quantized
     fingerprint = {"recipe": recipe.model_dump(mode="json"), "seed": seed, "prefix": prefix.tokens if prefix else []}
+    if step.checkpoint is not None:  # bound to this model and these samples: another's layers are never restored
+        fingerprint.update(model=model_digest(model), calibration=tensor_digest(batches))
     checkpoint = LayerCheckpoint(step.checkpoint, fingerprint)
     result = BlockwiseResult()
     tick = session.tick("block-wise quantization", len(decoder_layers(model, spec)))
