@@ -96,6 +96,11 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# argparse names a type by its __name__ in "invalid <name> value: 'x'"
+_positive_int.__name__, _seed.__name__, _threads_count.__name__, _finite_float.__name__ = (
+    "positive integer", "seed", "thread count", "number")
+
+
 def _saved_model(parser: argparse.ArgumentParser, reference: bool = True, simulate: bool = True) -> None:
     """The flags every command on a saved model takes: the folder, threads, and where it applies a reference model
     and the simulation."""
