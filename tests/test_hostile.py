@@ -539,3 +539,27 @@ def test_a_damaged_cache_entry_is_converted_again(tiny_model_dir, tmp_path, monk
     loaded = loading.load_model(str(gguf))
     assert len(conversions) == 2 and loaded.model.config.model_type == "llama"
     assert not list((tmp_path / "cache").rglob(".tmp-*"))
+
+
+def test_checkpoint_paths_are_checked_before_training(model_and_data, tmp_path):
+    """A SpinQuant checkpoint path that is a folder, or a block-wise checkpoint folder that is a file, fails before
+    any training step, in one line."""
+    from lowbit.errors import OutputError
+
+    _, data = model_and_data
+    spin = lowbit.load_recipe({"steps": [{"method": "spinquant", "steps": 2, "samples": 1, "seq_len": 16,
+                                          "checkpoint": str(tmp_path)}],
+                               "activations": {"format": "int4", "granularity": "token"}})
+    with pytest.raises(OutputError, match="not a regular file"):
+        lowbit.quantize(tiny_model("llama"), spin, data)
+    with pytest.raises(OutputError, match="is a file"):
+        lowbit.quantize(tiny_model("llama"), _blockwise_recipe(_file(tmp_path, "blocks", b"x")), data)
+
+
+def test_a_device_is_never_a_report():
+    """``--report /dev/null`` is refused before anything runs (as root, a rename would replace the device)."""
+    from lowbit.errors import OutputError
+    from lowbit.report import check_output_file
+
+    with pytest.raises(OutputError, match="not a regular file"):
+        check_output_file("/dev/null")

@@ -36,7 +36,13 @@ from ..surgery.attach import (
     quantizers_off,
 )
 from ..surgery.block_finetune import FinetuneConfig, finetune_layer
-from ..surgery.checkpoint import load_checkpoint, model_digest, save_checkpoint, tensor_digest
+from ..surgery.checkpoint import (
+    check_checkpoint_path,
+    load_checkpoint,
+    model_digest,
+    save_checkpoint,
+    tensor_digest,
+)
 from ..surgery.clip_search import grid_search_layer
 from ..surgery.gptq import gptq_config, gptq_layer, quantize_head_rtn
 from ..surgery.linear import QuantLinear
@@ -102,8 +108,10 @@ class LayerCheckpoint:
     """A folder of finished layers (``layer_<i>.safetensors``), valid for one set of step settings."""
 
     def __init__(self, folder: str | None, fingerprint: dict) -> None:
-        self.folder = Path(folder) if folder else None
+        self.folder = Path(folder).expanduser() if folder else None
         self.fingerprint = fingerprint
+        if self.folder is not None:
+            check_checkpoint_path(self.path(0))  # a file in the folder's place, or an unwritable place: say so now
 
     def path(self, index: int) -> Path:
         return self.folder / f"layer_{index}.safetensors"

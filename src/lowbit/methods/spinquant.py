@@ -30,7 +30,14 @@ from ..surgery.attach import (
     swap_linears,
 )
 from ..surgery.attention import KVQuantHook, remove_attention_hooks
-from ..surgery.checkpoint import load_checkpoint, model_digest, read_checkpoint, save_checkpoint, tensor_digest
+from ..surgery.checkpoint import (
+    check_checkpoint_path,
+    load_checkpoint,
+    model_digest,
+    read_checkpoint,
+    save_checkpoint,
+    tensor_digest,
+)
 from ..surgery.rotate import (
     add_online_rotations,
     fold_input_rotation,
@@ -288,8 +295,10 @@ def _learn(model: nn.Module, spec, step, session: Session, seed: int,
                    "samples": step.samples, "seq_len": step.seq_len, "quantize_weights": step.quantize_weights,
                    "batch": step.batch, "step_norm": step.step_norm, "scale_grad": step.scale_grad,
                    "autocast": step.autocast, "o_rotation": step.o_rotation, "loss": step.loss, "learn": step.learn,
-                   "clip_lr": step.clip_lr, "schemes": session.recipe.model_dump(mode="json", exclude={"name", "description", "steps"})}
+                   "clip_lr": step.clip_lr,
+                   "schemes": session.recipe.model_dump(mode="json", exclude={"name", "description", "steps"})}
     if step.checkpoint is not None:  # bound to this model and these samples: another's rotations are never resumed
+        check_checkpoint_path(step.checkpoint)
         fingerprint.update(model=model_digest(model), calibration=tensor_digest(batches))
     start = initial_rotations(model, spec, seed)
     if "clips" in step.learn:

@@ -23,12 +23,18 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LowbitWarning
-from ..report import save_tensors_atomic
+from ..report import check_output_file, save_tensors_atomic
 
 
 def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], meta: dict) -> Path:
     """Write ``tensors`` with ``meta`` (the fingerprint and any progress, JSON) atomically to ``path``."""
     return save_tensors_atomic(path, tensors, meta)
+
+
+def check_checkpoint_path(path: str | Path) -> None:
+    """Refuse, before a step's work starts, a checkpoint path no file can be written to (a folder, a device, a link,
+    a read-only place), so a long run never fails at its first save."""
+    check_output_file(path)
 
 
 def read_metadata(path: str | Path) -> dict:
