@@ -156,6 +156,7 @@ QUANTIZE_CASES = [
     ("report-is-fifo", lambda m, t, d: ["--report", _fifo(d)], "not a regular file"),
     ("report-is-symlink", lambda m, t, d: ["--report", _symlink(d)], "symbolic link"),
     ("report-under-a-file", lambda m, t, d: ["--report", str(_file(d, "plain", b"x") / "r.json")], "is a file"),
+    ("save-under-a-file", lambda m, t, d: ["--save", str(_file(d, "plain", b"x") / "model")], "is a file"),
 ]
 
 

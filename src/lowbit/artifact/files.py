@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import Tensor
 
 from ..errors import ArtifactError
+from ..report import check_output_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -42,9 +43,11 @@ def _readable(folder: Path) -> None:
 
 
 def check_new_folder(target: Path) -> None:
-    """Refuse a save target that exists and is not an empty folder (checked before any long job starts too)."""
+    """Refuse a save target that exists and is not an empty folder, or that cannot be created (under a file, in a
+    read-only place): checked before any long job starts too."""
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ArtifactError(f"{target} already exists: save into a new folder (lowbit never overwrites a model)")
+    check_output_file(target / "lowbit.json")  # under a file, or in a place that cannot be written: say so now
 
 
 @contextmanager
