@@ -377,9 +377,10 @@ def test_a_blockwise_checkpoint_is_bound_to_its_model_and_data(model_and_data, t
     lowbit.quantize_with_session(tiny_model("llama", seed=0), recipe, data)
     _, again = lowbit.quantize_with_session(tiny_model("llama", seed=0), recipe, data)
     assert again.get(BlockwiseResult).restored == 2
-    with pytest.warns(LowbitWarning, match="model"):
+    with pytest.warns(LowbitWarning, match="model") as record:
         _, other = lowbit.quantize_with_session(tiny_model("llama", seed=1), recipe, data)
     assert other.get(BlockwiseResult).restored == 0
+    assert sum(issubclass(w.category, LowbitWarning) for w in record) == 1  # one line per run, not one per layer
     shifted = TokenData(eval_windows=data.eval_windows, calib_tokens=data.calib_tokens.roll(7), seed=0)
     with pytest.warns(LowbitWarning, match="calibration"):
         _, moved = lowbit.quantize_with_session(tiny_model("llama", seed=0), recipe, shifted)
@@ -423,6 +424,8 @@ FAULT_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     import lowbit.cli, lowbit.models.loading as loading
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with SIGINT ignored
 
     def write(gguf, folder):
         (Path(folder) / "part.safetensors").write_bytes(b"x" * 1000)
@@ -470,6 +473,8 @@ def test_sigterm_is_an_interrupt_in_the_cli(tmp_path):
 RUN_FAULT_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import lowbit.cli, lowbit.methods.gptq as gptq, lowbit.surgery.spinquant as sq
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with SIGINT ignored
 
     where, sig, after = sys.argv[1], getattr(signal, sys.argv[2]), int(sys.argv[3])
     module, name = (gptq, "gptq_layer") if where == "gptq" else (sq, "_train_step")

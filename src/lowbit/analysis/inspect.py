@@ -7,7 +7,7 @@ from pathlib import Path
 from ..apply import quantize
 from ..data import calibration_data, check_source
 from ..errors import OutputError
-from ..models.loading import load_model
+from ..models.loading import check_context, load_model
 from ..recipe import Recipe
 from ..report import check_output_file, write_json_atomic
 from .outliers import analyze, plot_ratios, select_prefix
@@ -27,6 +27,7 @@ def inspect_outliers(model: str = "default", calib: str = "default", samples: in
     check_output_file(out / "outliers.json")
     check_output_file(out / "outliers.png")
     loaded = load_model(model)
+    check_context(loaded.model.config, seq_len)
     batches = calibration_data(calib, loaded.tokenizer, seed).calibration(samples, seq_len)
     rotated = quantize(loaded.model, Recipe(name="quarot-rotations", steps=[{"method": "quarot", "r3": False}]),
                        seed=seed)

@@ -110,6 +110,7 @@ class LayerCheckpoint:
     def __init__(self, folder: str | None, fingerprint: dict) -> None:
         self.folder = Path(folder).expanduser() if folder else None
         self.fingerprint = fingerprint
+        self.warned = False
         if self.folder is not None:
             check_checkpoint_path(self.path(0))  # a file in the folder's place, or an unwritable place: say so now
 
@@ -118,7 +119,10 @@ class LayerCheckpoint:
 
     def load(self, index: int) -> dict[str, Tensor] | None:
         """The saved tensors of layer ``index`` when saved with the same settings, else None."""
-        found = load_checkpoint(self.path(index), self.fingerprint) if self.folder is not None else None
+        if self.folder is None:
+            return None
+        found = load_checkpoint(self.path(index), self.fingerprint, warn=not self.warned)
+        self.warned |= found is None and self.path(index).is_file()  # one warning per run, not one per layer
         return None if found is None else found[0]
 
     def save(self, index: int, layer: nn.Module) -> None:

@@ -86,15 +86,17 @@ def fingerprint_matches(meta: dict, fingerprint: dict) -> bool:
     return not differing(meta, fingerprint)
 
 
-def load_checkpoint(path: str | Path | None, fingerprint: dict) -> tuple[dict[str, Tensor], dict] | None:
+def load_checkpoint(path: str | Path | None, fingerprint: dict,
+                    warn: bool = True) -> tuple[dict[str, Tensor], dict] | None:
     """The tensors and metadata at ``path`` when it exists and was written with ``fingerprint``, else None (the
     metadata is checked before any tensor is read). A checkpoint written by another run is left unread, with a
-    warning naming what differs (it is overwritten as the new run saves)."""
+    warning naming what differs unless ``warn`` is false (it is overwritten as the new run saves)."""
     if path is None or not Path(path).is_file():
         return None
     changed = differing(read_metadata(path), fingerprint)
-    if changed:
+    if changed and warn:
         warnings.warn(f"checkpoint {path} was written by another run (different {', '.join(changed)}): starting "
                       "afresh", LowbitWarning, stacklevel=2)
+    if changed:
         return None
     return read_checkpoint(path)
