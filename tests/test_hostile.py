@@ -283,6 +283,7 @@ def test_python_api_misuse_raises_lowbit_errors(model_and_data):
         (lambda: lowbit.quantize(model, "w8a8-rtn", "news.txt"), DataError, "tokenize the text first"),
         (lambda: lowbit.run(model="x", data="news.txt"), DataError, "DataConfig"),
         (lambda: data.calibration(0, 16), DataError, "at least 1 sample"),
+        (lambda: prepare_data(DataConfig(seed=2**64), None), DataError, "seed must be"),
         (lambda: evaluate(model, model, data.eval_windows[:0]), DataError, "token windows"),
     ]
     for call, kind, fragment in cases:

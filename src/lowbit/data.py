@@ -196,6 +196,8 @@ def prepare_data(config: DataConfig, tokenizer) -> TokenData:
         raise DataError(f"seq_len must be at least 2, got {config.seq_len}")
     if config.windows is not None and config.windows < 1:
         raise DataError(f"windows must be at least 1, got {config.windows}")
+    if not isinstance(config.seed, int) or not -(2**62) < config.seed < 2**62:
+        raise DataError(f"seed must be an integer of magnitude below 2^62, got {config.seed!r}")
     eval_tokens = tokenize(load_text(config.eval, "eval"), tokenizer)
     shared = same_text(config.calib, config.eval) and config.calib not in NAMED_DATASETS
     if not shared:
