@@ -428,26 +428,36 @@ FAULT_SCRIPT = textwrap.dedent("""
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with SIGINT ignored
 
-    def write(gguf, folder):
-        (Path(folder) / "part.safetensors").write_bytes(b"x" * 1000)
+    def signal_now(*args):
         os.kill(os.getpid(), getattr(signal, sys.argv[2]))
 
+    def write(gguf, folder):  # where: "start" (nothing written yet), "mid" (a partial file), "rename" (all written)
+        if sys.argv[3] == "start":
+            signal_now()
+        (Path(folder) / "part.safetensors").write_bytes(b"x" * 1000)
+        if sys.argv[3] == "mid":
+            signal_now()
+        (Path(folder) / "config.json").write_text("{}")
+
     loading._write_conversion = write
+    loading.os.replace = signal_now  # "rename": the signal arrives as the finished folder is moved into place
     gguf = Path(sys.argv[1])
     sys.exit(lowbit.cli.main(["quantize", "--model", str(gguf), "--report", str(gguf.parent / "r.json")]))
 """)
 
 
+@pytest.mark.parametrize("where", ["start", "mid", "rename"])
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_an_interrupted_gguf_conversion_leaves_no_temporary(tmp_path, sig):
+def test_an_interrupted_gguf_conversion_leaves_no_temporary(tmp_path, sig, where):
     cache = tmp_path / "cache"
     gguf = _file(tmp_path, "m.gguf", b"GGUF")
     env = {**os.environ, "LOWBIT_CACHE": str(cache)}
-    proc = subprocess.run([sys.executable, "-c", FAULT_SCRIPT, str(gguf), sig], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", FAULT_SCRIPT, str(gguf), sig, where], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == (130 if sig == "SIGINT" else 143), proc.stderr
     assert "Traceback" not in proc.stderr
     assert cache.is_dir() and not list(cache.rglob(".tmp-*")) and not (tmp_path / "r.json").exists()
+    assert not [p for p in cache.rglob("config.json")]  # nothing half-converted is left to be taken as a model
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):

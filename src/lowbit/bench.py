@@ -140,16 +140,16 @@ def decode_profile(model: nn.Module, prompt: int = 64, top: int = 6) -> list[dic
 def load_memory(folder: Path, simulate: bool = False, lean: bool = True) -> dict:
     """Peak and final resident memory of a fresh process loading the model (MiB), over its footprint after
     importing lowbit: the child does nothing else. ``lean``: as :func:`lowbit.load` (what ``bench`` runs)."""
-    code = ("import pathlib, resource, sys, lowbit.artifact as a\n"
+    code = ("import pathlib, sys, lowbit.artifact as a\n"
             "from accelerate import init_empty_weights\n"
             "from transformers import AutoModelForCausalLM\n"
-            "def rss():\n"
-            "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])\n"
+            "def rss(key='VmRSS'):\n"
+            "    return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1])\n"
             "with init_empty_weights():\n"  # import the model's code first: only the model is measured
             "    AutoModelForCausalLM.from_config(a.read_config(pathlib.Path(sys.argv[1])))\n"
             "base = rss()\n"
             f"m = a.load(sys.argv[1], simulate={simulate!r}, lean={lean!r})\n"
-            "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "peak = rss('VmHWM')\n"  # not ru_maxrss: Linux carries the parent's peak across fork and exec
             "print(base, rss(), peak)\n")
     out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
     base, after, peak = map(int, out.stdout.split()[-3:])

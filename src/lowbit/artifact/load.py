@@ -156,6 +156,17 @@ def _assign(model: nn.Module, tensors: dict[str, Tensor]) -> None:
             raise ArtifactError(f"the saved tensor {name} has no place in this model; save the model again")
 
 
+def _check_finite(tensors: dict[str, Tensor]) -> None:
+    """Refuse saved float tensors (scales, biases, tables, norms, fp8 weights) holding NaN or infinity, naming the
+    first: a damaged file would otherwise load and compute NaN silently."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            values = tensor if tensor.element_size() > 1 else tensor.to(torch.float32)  # fp8 has no isfinite
+            if not torch.isfinite(values).all():
+                raise ArtifactError(f"the saved tensor {name} holds NaN or infinite values: the model is damaged; "
+                                    "quantize and save it again")
+
+
 def _check_complete(model: nn.Module) -> None:
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if tensor.device.type == "meta":
@@ -195,6 +206,7 @@ def load(folder: str | Path, simulate: bool = False, lean: bool = False) -> nn.M
     config = read_config(folder)
     arch = spec_for_model_type(config.model_type)
     tensors = read_tensors(folder, manifest["files"])
+    _check_finite(tensors)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     dtype = getattr(config, "dtype", None) or torch.float32
