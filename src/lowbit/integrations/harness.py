@@ -69,11 +69,14 @@ def check_tasks(tasks: list[str]) -> None:
         manager = lm_tasks.TaskManager()
         manager.load(tasks) if hasattr(manager, "load") else lm_tasks.get_task_dict(tasks, manager)
     except Exception as exc:  # lm-eval raises many types for unknown tasks or datasets missing offline
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise LowbitError(
-            f"lm-eval cannot build tasks {tasks}: {first}; task data must be in your local datasets cache "
-            "(lowbit runs offline) and the names must be lm-eval task names"
-        ) from None
+        raise _tasks_error("cannot build", tasks, exc) from None
+
+
+def _tasks_error(what: str, tasks: list[str], exc: Exception) -> LowbitError:
+    """One line for an lm-eval failure: its first line and the offline/task-name fix."""
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return LowbitError(f"lm-eval {what} tasks {tasks}: {first}; task data must be in your local datasets cache "
+                       "(lowbit runs offline) and the names must be lm-eval task names")
 
 
 def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 1) -> dict:
@@ -81,11 +84,7 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batc
     try:
         out = lm_eval.simple_evaluate(model=harness_model(model, tokenizer, batch_size), tasks=tasks, limit=limit)
     except Exception as exc:  # lm-eval raises many types for unknown tasks or datasets missing offline
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise LowbitError(
-            f"lm-eval could not run tasks {tasks}: {first}; task data must be in your local datasets cache "
-            "(lowbit runs offline) and the names must be lm-eval task names"
-        ) from exc
+        raise _tasks_error("could not run", tasks, exc) from exc
     return {
         task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for task, metrics in out["results"].items()
