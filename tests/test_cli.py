@@ -118,6 +118,26 @@ def test_recipes_lists_every_preset(capsys):
     assert "group_size: 64" in capsys.readouterr().out
 
 
+def test_recipes_printed_to_a_file_round_trip(tmp_path, capsys):
+    """`lowbit recipes NAME > x.yaml` (stdout not a terminal) writes YAML that loads back to the very preset."""
+    from lowbit.recipe import Recipe, load_preset, preset_names
+
+    for name in preset_names():
+        assert main(["recipes", name]) == 0
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(capsys.readouterr().out)
+        assert Recipe.from_file(path) == load_preset(name), name
+
+
+def test_a_redirected_preset_runs(tiny_model_dir, text_file, tmp_path):
+    """The README's "copy a preset to make your own": the printed w4a4kv4-quarot (calibration shrunk) runs."""
+    proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "recipes", "w4a4kv4-quarot"], capture_output=True,
+                          text=True, check=True)
+    text = proc.stdout.replace("samples: 32", "samples: 2").replace("seq_len: 512", "seq_len: 32")
+    data = _run_yaml(tiny_model_dir, text_file, tmp_path, text)
+    assert data["recipe"] == "w4a4kv4-quarot" and data["bits"]["kv"] < 5
+
+
 def test_console_script_has_no_traceback_on_error():
     proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "recipes", "nope"], capture_output=True, text=True)
     assert proc.returncode == 2

@@ -196,7 +196,7 @@ def _cmd_recipes(args, console: Console) -> int:
     from .recipe import load_preset, preset_names
 
     if args.name:
-        console.print(load_preset(args.name).to_yaml(), markup=False, highlight=False)
+        sys.stdout.write(load_preset(args.name).to_yaml())  # plain text: the console would wrap long lines
         return 0
     names = preset_names()
     width = max(map(len, names))

@@ -17,6 +17,7 @@ Example (YAML)::
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -170,7 +171,8 @@ class Recipe(StrictConfig):
         return cls.from_dict(data, origin=str(path))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=False), sort_keys=False,
+                              width=sys.maxsize)  # one line per value: a copy-pasted or redirected file round-trips
 
     def updated(self, **changes) -> Recipe:
         """A validated copy with some fields replaced."""
