@@ -233,7 +233,8 @@ def cache_bits(spec: CacheSpec, head_dim: int, context: int, exact_dtype: torch.
     elements cached: codes, scales, norms, sketches, outlier values and indices, sink and window all count.
     """
     layer = PackedLayer(spec)
-    heads = next((c.scale.shape[0] for c in (spec.keys, spec.values) if hasattr(c, "scale")), 1)  # static: all
+    heads = next((c.scale.shape[0] for c in (spec.keys, spec.values)
+                  if isinstance(getattr(c, "scale", None), Tensor)), 1)  # static (per-head scales): every head
     gen = torch.Generator().manual_seed(0)
     kv = torch.randn(2, 1, heads, context, head_dim, generator=gen).to(exact_dtype)
     layer.store(kv[0], kv[1])

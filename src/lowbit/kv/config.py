@@ -9,7 +9,10 @@ Example (YAML)::
       sink: 1                                                   # first tokens kept exact
 
 Key codecs: ``int``, ``qjl`` (1-bit sketch, ``m`` bits per key, exact outlier channels), ``turbo`` (rotated sphere
-codebook, optional 1-bit residual sketch). Value codecs: ``int`` and ``turbo``.
+codebook, optional 1-bit residual sketch). Value codecs: ``int`` and ``turbo``. Any non-static codec takes
+``centre: G`` (and ``scale: true``): the per-channel mean (and root-mean-square) of every ``G`` tokens is stored in
+float16 and removed before quantizing (:class:`~lowbit.kv.centre.CentredCodec`), for keys with a large shared
+offset (Qwen2's k_proj bias).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .centre import CentredCodec
 from .codecs import IntCodec, QJLKeyCodec, TurboCodec
 from .spec import CacheSpec, reseed
 from .static import static_codec
@@ -27,7 +31,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class IntCodecConfig(_Strict):
+class _Centrable(_Strict):
+    """``centre: G`` stores each channel's mean over every ``G`` tokens and removes it before quantizing;
+    ``scale: true`` also divides each centred channel by its root-mean-square over the group (see
+    :mod:`lowbit.kv.centre`). Each costs 16 bits per channel and group (``16 / G`` bits per element)."""
+
+    centre: int | None = Field(default=None, ge=1)
+    scale: bool = False
+
+    @model_validator(mode="after")
+    def _scale_needs_centre(self):
+        if self.scale and self.centre is None:
+            raise ValueError("scale: true needs a centre group (centre: G tokens)")
+        if self.centre is not None and getattr(self, "static", False):
+            raise ValueError("a static int KV codec cannot take a centre (its fixed scales already place the range)")
+        return self
+
+    def _centred(self, codec):
+        """``codec`` behind the centring this config asks for, or as it is."""
+        return codec if self.centre is None else CentredCodec(codec, self.centre, self.scale)
+
+
+class IntCodecConfig(_Centrable):
     """Affine integer codes: per token (``axis: token``, channels in groups of ``group``, default the whole head) or
     per channel over ``group`` tokens (``axis: channel``, KIVI keys). ``static: true`` fixes the scales per KV head
     from calibration text instead (per channel group, or per channel with ``axis: channel``): codes only."""
@@ -47,13 +72,13 @@ class IntCodecConfig(_Strict):
     def build(self, seed: int) -> IntCodec:
         if self.static:
             raise ValueError("a static KV codec is built from calibration ranges (see KVCacheConfig.spec)")
-        return IntCodec(self.bits, self.symmetric, self.axis, self.group, self.clip_ratio)
+        return self._centred(IntCodec(self.bits, self.symmetric, self.axis, self.group, self.clip_ratio))
 
     def build_static(self, lo, hi):
         return static_codec(lo, hi, self.bits, self.symmetric, self.clip_ratio)
 
 
-class QJLCodecConfig(_Strict):
+class QJLCodecConfig(_Centrable):
     """QJL key sketch: ``m`` sign bits per key plus its norm; ``outliers`` exact channels per ``group`` tokens."""
 
     codec: Literal["qjl"] = "qjl"
@@ -61,11 +86,11 @@ class QJLCodecConfig(_Strict):
     outliers: int = Field(default=8, ge=0)
     group: int = Field(default=32, ge=1)
 
-    def build(self, seed: int) -> QJLKeyCodec:
-        return QJLKeyCodec(self.m, self.outliers, self.group, seed)
+    def build(self, seed: int):
+        return self._centred(QJLKeyCodec(self.m, self.outliers, self.group, seed))
 
 
-class TurboCodecConfig(_Strict):
+class TurboCodecConfig(_Centrable):
     """Rotated sphere codebook with ``bits`` per channel plus the norm; ``residual_qjl`` adds a 1-bit residual
     sketch for unbiased scores (keys)."""
 
@@ -73,8 +98,8 @@ class TurboCodecConfig(_Strict):
     bits: int = Field(default=3, ge=1, le=8)
     residual_qjl: bool = False
 
-    def build(self, seed: int) -> TurboCodec:
-        return TurboCodec(self.bits, self.residual_qjl, seed)
+    def build(self, seed: int):
+        return self._centred(TurboCodec(self.bits, self.residual_qjl, seed))
 
 
 KeyCodecConfig = Annotated[IntCodecConfig | QJLCodecConfig | TurboCodecConfig, Field(discriminator="codec")]

@@ -78,7 +78,10 @@ class CacheSpec:
 
 
 def reseed(codec, layer_idx: int):
-    """A seeded codec (QJL, rotated codebook) with its seed offset for one layer; other codecs as they are."""
+    """A seeded codec (QJL, rotated codebook) with its seed offset for one layer; other codecs as they are. A
+    wrapping codec (a centred one) has its inner codec reseeded."""
+    if dataclasses.is_dataclass(codec) and hasattr(codec, "inner"):
+        return dataclasses.replace(codec, inner=reseed(codec.inner, layer_idx))
     if dataclasses.is_dataclass(codec) and hasattr(codec, "seed"):
         return dataclasses.replace(codec, seed=codec.seed + 7919 * layer_idx)
     return codec
