@@ -8,6 +8,9 @@ Run:  python benchmarks/kv.py                 (about 2 hours on 2 CPU cores, 3 m
       python benchmarks/kv.py --rows "int4 w64 +sink" --force   (re-measure single rows; they are marked in the table)
       python benchmarks/kv.py --rows "turbo3 w64 +sink" --seq-len 512 --windows 1 --results /tmp/kv.json
                                               (a quick check: its table is printed, not written to the README)
+      python benchmarks/kv.py --presets kv-turbo3 kv-kivi3 --model qwen2.5-coder-0.5b --windows 1
+                                              (the KV presets on a model: results/kv-presets-<model>.json, one file
+                                              per model, rendered side by side between the KVPRESETS markers)
 
 Every configuration is a ``kv_cache`` recipe section; the model's weights and activations stay in full precision,
 so the rows measure the cache alone. Evaluation: the default text at 4096-token windows, one decode-equivalent
@@ -83,6 +86,54 @@ def measure(bench: Bench, family: str, config: KVCacheConfig) -> dict:
     row = bench.measure(Recipe(name="kv", kv_cache=config))
     return {"family": family, "config": config.model_dump(mode="json"), "ratio": row["ratio"], "kl": row["kl"],
             "top1": row["top1"], "bits": row["bits_kv"], "eval_s": row["eval_s"]}
+
+
+KV_PRESETS = ("kv-int3", "kv-int3-centred", "kv-kivi", "kv-kivi3", "kv-kivi3-turbo", "kv-qjl", "kv-qjl-centred",
+              "kv-turbo3", "kv-turbo3-centred")
+PRESET_MODELS = ("default", "qwen2.5-coder-0.5b")  # the models whose preset files the KVPRESETS table shows
+
+
+def presets_file(model: str):
+    """The presets results file of one model (its name made safe for a file name)."""
+    return HERE / "results" / f"kv-presets-{''.join(c if c.isalnum() or c in '.-' else '_' for c in model)}.json"
+
+
+def measure_presets(args: argparse.Namespace) -> None:
+    """Measure the KV presets asked for on ``--model`` (saved after each row; rows already saved are skipped
+    unless ``--force``), then render the KVPRESETS table from every model's file."""
+    results = Results(args.results if args.results != RESULTS else presets_file(args.model), presets_file(args.model))
+    todo = results.todo(args.presets or KV_PRESETS, args.force)
+    if todo:
+        bench = bench_for(args)
+        results.check_setup(bench.setup())
+        results.meta.update(run_meta(f"{COMMAND} --presets --model {args.model}", bench))
+        for preset in todo:
+            row = bench.measure(preset)
+            results.put(preset, {k: row[k] for k in ("ratio", "kl", "top1", "bits_kv", "eval_s", "recipe_config")})
+            print(f"{preset}: {row['bits_kv']:.2f} bits ratio {row['ratio']:.4f} KL {row['kl']:.4f}", flush=True)
+    write_presets_table(results.renders)
+
+
+def write_presets_table(readme: bool = True) -> None:
+    """The KVPRESETS block: every KV preset, bits and quality on each model that has a presets file."""
+    files = {m: Results(presets_file(m)) for m in PRESET_MODELS if presets_file(m).is_file()}
+    if not files:
+        return
+    lines = []
+    for model, res in files.items():
+        meta = res.meta
+        lines.append(f"- `{model}`: {meta.get('windows')} windows × {meta.get('seq_len')} tokens of the default text, "
+                     f"{meta.get('date')}, `{meta.get('command')}`")
+    header = ["preset", "bits all-in"] + [f"{m}: {col}" for m in files for col in ("ratio", "KL")]
+    rows = []
+    for preset in KV_PRESETS:
+        found = [res.rows.get(preset) for res in files.values()]
+        if not any(found):
+            continue
+        bits = next(r["bits_kv"] for r in found if r)
+        rows.append([preset, f"{bits:.2f}"] + [c for r in found for c in
+                                               ((f"{r['ratio']:.4f}", f"{r['kl']:.4f}") if r else ("-", "-"))])
+    write_block("KVPRESETS", [*lines, "", *markdown_table(header, rows)], readme)
 
 
 PEERS = [("quanto", 2), ("quanto", 4), ("hqq", 2), ("hqq", 4)]  # transformers' QuantizedCache backends and bits
@@ -223,7 +274,15 @@ def main() -> None:
     parser.add_argument("--families", nargs="*", default=None, help=f"only these families of {list(CONFIGS)}")
     parser.add_argument("--rows", nargs="*", default=None,
                         help="only these rows, by label (e.g. 'int4 w64 +sink'); marked in the table with their date")
+    parser.add_argument("--presets", nargs="*", default=None,
+                        help=f"measure these KV presets on --model instead (none named: {', '.join(KV_PRESETS)})")
     args = parser.parse_args()
+    if args.presets is not None:
+        unknown = sorted(set(args.presets) - set(KV_PRESETS))
+        if unknown:
+            parser.error(f"unknown KV preset(s) {', '.join(unknown)}: choose from {', '.join(KV_PRESETS)}")
+        measure_presets(args)
+        return
     if args.smoke:
         args.seq_len, args.windows = 512, 1
         if args.results == RESULTS:
