@@ -106,6 +106,20 @@ def _two_ggufs(tmp: Path) -> Path:
     return folder
 
 
+def _gguf_of_family(tmp: Path, arch: str) -> Path:
+    """A GGUF with metadata only (no tensors) that says it holds a model of ``arch``."""
+    from gguf import GGUFWriter
+
+    path = tmp / f"{arch}.gguf"
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def _recipe_file(tmp: Path, text: str, name: str = "r.yaml") -> Path:
     return _file(tmp, name, text.encode())
 
@@ -126,6 +140,8 @@ QUANTIZE_CASES = [
     ("gguf-truncated", lambda m, t, d: ["--model", str(_file(d, "t.gguf", b"GGUF\x03\x00\x00\x00" + b"\x00" * 9))],
      "not a complete GGUF file"),
     ("two-ggufs", lambda m, t, d: ["--model", str(_two_ggufs(d))], "holds 2 .gguf files"),
+    ("gguf-unsupported-family", lambda m, t, d: ["--model", str(_gguf_of_family(d, "gemma3"))],
+     "unsupported architecture 'gemma3_text'"),
     ("model-plain-file", lambda m, t, d: ["--model", str(_file(d, "weights.txt", b"hello"))], "not a .gguf file"),
     ("safetensors-truncated", lambda m, t, d: ["--model", str(_truncated_safetensors(m, d))], "damaged"),
     ("safetensors-missing-tensor", lambda m, t, d: ["--model", str(_edit_weights(m, d, _drop_weight))],
@@ -209,6 +225,8 @@ def test_quantize_refuses_hostile_input(tiny_model_dir, text_file, tmp_path, cac
     assert not report.exists() and not (tmp_path / "out").exists()
     assert _snapshot(work) == before  # nothing written, replaced or left beside the inputs
     assert not cache.exists() or not list(cache.rglob(".tmp-*"))
+    if case == "gguf-unsupported-family":  # refused from the header: no conversion was started
+        assert not (cache / "gguf").exists()
 
 
 @pytest.mark.parametrize("contents", ["file", "read-only folder"])

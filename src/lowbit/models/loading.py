@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,7 @@ def _convert_gguf(gguf: Path) -> Path:
     target = _gguf_cache_folder(gguf)
     if (target / "config.json").is_file():
         return target
+    check_gguf_architecture(gguf)
     _writable_cache(target.parent)
     remove_stale_temporaries(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=target.parent))
@@ -157,6 +159,48 @@ def _convert_gguf(gguf: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+# GGUF ``general.architecture`` names whose transformers ``model_type`` differs
+GGUF_MODEL_TYPES = {"gemma3": "gemma3_text", "gemma2": "gemma2", "qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe"}
+
+
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+_GGUF_STRING = 8
+
+
+def gguf_architecture(path: Path, max_keys: int = 64) -> str | None:
+    """``general.architecture`` from a GGUF header, reading only the metadata before it (writers put it first);
+    None when the file is not a GGUF (v2/v3) or the key is not among the first scalar/string keys."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+        if len(head) < 24 or head[:4] != b"GGUF" or struct.unpack("<I", head[4:8])[0] not in (2, 3):
+            return None
+        for _ in range(min(struct.unpack("<Q", head[16:24])[0], max_keys)):
+            (n,) = struct.unpack("<Q", f.read(8))
+            key = f.read(n)
+            (kind,) = struct.unpack("<I", f.read(4))
+            if kind == _GGUF_STRING:
+                (n,) = struct.unpack("<Q", f.read(8))
+                value = f.read(n)
+                if key == b"general.architecture":
+                    return value.decode("utf-8", "replace")
+            elif kind in _GGUF_SCALARS:
+                f.read(_GGUF_SCALARS[kind])
+            else:  # an array before the key: give up (the conversion checks the family itself)
+                return None
+    return None
+
+
+def check_gguf_architecture(gguf: Path) -> None:
+    """Refuse a GGUF of an unsupported family from its header alone, before any conversion (which takes minutes and
+    a cache folder); a header that cannot be read is left to the conversion's own error."""
+    try:
+        arch = gguf_architecture(gguf)
+    except (OSError, struct.error):
+        return
+    if arch is not None:
+        spec_for_model_type(GGUF_MODEL_TYPES.get(arch, arch))
 
 
 def _write_conversion(gguf: Path, folder: Path) -> None:
