@@ -46,9 +46,11 @@ class CentredCodec:
             raise ValueError(f"a centre group must be a positive number of tokens, got {self.group!r}")
         g = self.inner.token_group
         if max(g, self.group) % min(g, self.group):
-            raise ValueError(f"the centre group ({self.group}) and the codec's token group ({g}) must divide one another")
+            raise ValueError(f"the centre group ({self.group}) and the codec's token group ({g}) must divide one "
+                             "another")
         if self.scale and not hasattr(self.inner, "decode") and self.group % g:
-            raise ValueError(f"a scaled centre group ({self.group}) must be a multiple of the codec's token group ({g})")
+            raise ValueError(f"a scaled centre group ({self.group}) must be a multiple of the codec's token group "
+                             f"({g})")
 
     @property
     def token_group(self) -> int:
