@@ -102,6 +102,30 @@ def test_a_lean_load_frees_the_stored_codes_computes_the_same_and_refuses_to_sav
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("preset", ["w4a4kv4-quarot", "w8a8-rtn", "w4a16-rtn-g64", "w8a8-fp8"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_siblings_fused_at_load_compute_the_same_in_the_same_memory(tmp_path, family, preset):
+    """q/k/v and gate/up run as one module each (lowbit.runtime.fused): the same logits and generated tokens (int
+    kernels: bit for bit, rows are independent; float GEMMs: summation order may change with the width), the same
+    resident bytes, and a lean load still frees the codes."""
+    from lowbit.bench import resident_bytes
+
+    save(_quantized(family, preset), tmp_path / "a")
+    plain, fused, lean = load(tmp_path / "a", fuse=False), load(tmp_path / "a"), load(tmp_path / "a", lean=True)
+    runs = {id(m.shared) for m in fused.modules() if getattr(m, "shared", None) is not None}
+    assert len(runs) == 2 * fused.config.num_hidden_layers
+    windows, prompt = _data().eval_windows, _data().eval_windows[:1, :8]
+    with torch.no_grad():
+        want, got, got_lean = plain(windows).logits, fused(windows).logits, lean(windows).logits
+        tokens = [m.generate(prompt, max_new_tokens=4, do_sample=False) for m in (plain, fused)]
+    exact = preset in ("w4a4kv4-quarot", "w8a8-rtn")
+    assert torch.equal(want, got) if exact else torch.allclose(want, got, rtol=0, atol=1e-4)
+    assert torch.equal(got, got_lean) and torch.equal(*tokens)
+    plain_bytes, fused_bytes = (resident_bytes(m)["quantized linears"] for m in (plain, fused))
+    assert 0 <= fused_bytes - plain_bytes <= 16 * len(runs)  # each combined module's weight_shape (int64 [2])
+    assert resident_bytes(lean)["quantized linears"] <= fused_bytes
+
+
 def test_loaded_prefix_model_generates_as_the_original(tmp_path):
     model = _quantized("llama", "w4a4kv4-prefix")
     assert quant_state(model).prefix_length > 0

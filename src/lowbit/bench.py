@@ -51,15 +51,20 @@ def _part(name: str, module: nn.Module, model: nn.Module) -> str:
 def resident_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of every tensor the model holds (parameters and buffers, persistent or not; each storage once) and of
     the kernel layouts held outside tensors, by part."""
-    out, seen = dict.fromkeys(PARTS, 0), set()
+    out, seen, runs = dict.fromkeys(PARTS, 0), set(), set()
     for name, module in model.named_modules():
-        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+        shared = getattr(module, "shared", None)  # a fused linear: the combined module's tensors and layouts
+        held = shared.tensors() if shared is not None else []
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()) + held:
             if tensor is None or tensor.device.type == "meta" or tensor.untyped_storage().data_ptr() in seen:
                 continue
             seen.add(tensor.untyped_storage().data_ptr())
             out[_part(name, module, model)] += tensor.untyped_storage().nbytes()
         if hasattr(module, "opaque_bytes"):  # kernel layouts held outside tensors (fbgemm's packed weights)
             out[_part(name, module, model)] += module.opaque_bytes()
+        if shared is not None and id(shared) not in runs:
+            runs.add(id(shared))
+            out[_part(name, module, model)] += shared.opaque_bytes()
     return out
 
 

@@ -76,7 +76,10 @@ def _shards(items: Iterable[tuple[str, Tensor]], shard_bytes: int) -> Iterator[d
         if shard and size + nbytes > shard_bytes:
             yield shard
             shard, size = {}, 0
-        shard[name] = tensor.contiguous()
+        tensor = tensor.contiguous()
+        if tensor.untyped_storage().nbytes() != nbytes:  # a view (a fused linear's rows): safetensors wants owners
+            tensor = tensor.clone()
+        shard[name] = tensor
         size += nbytes
     if shard:
         yield shard

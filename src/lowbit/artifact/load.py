@@ -19,7 +19,7 @@ from ..errors import ArtifactError
 from ..models.arch import spec_for_model_type
 from ..quant import QParams, granule_shape
 from ..rotations import RotationMatrix
-from ..runtime import RuntimeEmbedding, RuntimeLinear, to_quant_embedding
+from ..runtime import RuntimeEmbedding, RuntimeLinear, fuse_groups, to_quant_embedding
 from ..schemes import QuantScheme
 from ..surgery.embedding import QuantEmbedding
 from ..surgery.linear import QuantLinear
@@ -187,12 +187,21 @@ def _return_freed_memory() -> None:
             pass
 
 
-def load(folder: str | Path, simulate: bool = False, lean: bool = False) -> nn.Module:
+def shared_input_groups(model: nn.Module, arch) -> list[list[nn.Module]]:
+    """Per decoder layer, the linears that read one input (q/k/v, gate/up: ``ArchSpec.input_groups``)."""
+    roles = arch.linear_roles
+    return [[layer.get_submodule(roles[r]) for r in group] for layer in model.get_submodule(arch.layers)
+            for group in arch.input_groups if len(group) > 1]
+
+
+def load(folder: str | Path, simulate: bool = False, lean: bool = False, fuse: bool = True) -> nn.Module:
     """The quantized model saved in ``folder``, in eval mode, ready for ``generate``; see the module docstring.
 
     ``lean=True`` frees each real low-bit linear's stored weight codes where its kernel layout no longer reads them
     (:meth:`~lowbit.runtime.RuntimeLinear.drop_stored_codes`): less resident memory, and the model cannot be saved
-    again (``lowbit eval``, ``generate`` and ``bench`` load lean).
+    again (``lowbit eval``, ``generate`` and ``bench`` load lean). ``fuse=True`` runs the real low-bit linears that
+    read one input (q/k/v, gate/up) as one (:mod:`lowbit.runtime.fused`: the same outputs and bytes on disk, one
+    activation quantization and one GEMM per group).
 
     Raises :class:`~lowbit.errors.ArtifactError` (one line) for a folder that is not a lowbit model, a format
     version newer than this lowbit, or a damaged or missing file.
@@ -232,6 +241,8 @@ def load(folder: str | Path, simulate: bool = False, lean: bool = False) -> nn.M
         model.tie_weights()
     _check_complete(model)
     finish(model, arch)
+    if fuse and not simulate:
+        fuse_groups(shared_input_groups(model, arch))
     if lean:
         for module in model.modules():
             if isinstance(module, RuntimeLinear):

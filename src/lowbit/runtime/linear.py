@@ -116,6 +116,7 @@ class RuntimeLinear(nn.Module):
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         self.weight_scheme, self.input_scheme = weight_scheme, input_scheme
         self.input_transform: nn.Module | None = None
+        self.shared = None  # a runtime.fused.SharedRun when fused with siblings that read the same input
         self.prepared = False
         n, k = out_features, in_features
         self.bits = weight_scheme.number_format().bits
@@ -197,11 +198,12 @@ class RuntimeLinear(nn.Module):
         kernel layout alone stays resident); the module then refuses to be saved. Returns the bytes freed."""
         name = "weight_packed" if self.bits < 8 and "weight_packed" in self._buffers else "weight"
         stored = self._buffers.get(name)
-        if not self.prepared or stored is None or stored.device.type == "meta" or self._reads_stored_codes():
+        owner = self.shared.combined if self.shared is not None else self  # a fused member's codes are its rows
+        if not self.prepared or stored is None or stored.device.type == "meta" or owner._reads_stored_codes():
             return 0
         self._buffers[name] = torch.empty_like(stored, device="meta")
         self.lean = True
-        return stored.untyped_storage().nbytes()
+        return owner.drop_stored_codes() if owner is not self else stored.untyped_storage().nbytes()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if getattr(self, "lean", False):
@@ -214,7 +216,10 @@ class RuntimeLinear(nn.Module):
             raise RuntimeError(f"{type(self).__name__}.prepare() must run after its tensors are loaded")
         if self.input_transform is not None:
             x = self.input_transform(x)
-        y = self._matmul(x.reshape(-1, self.in_features))
+        if self.shared is not None:
+            y = self.shared.output(self, x)
+        else:
+            y = self._matmul(x.reshape(-1, self.in_features))
         y = y.to(torch.promote_types(y.dtype, x.dtype))  # a bf16 kernel's output, added to an fp32 bias in fp32
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
