@@ -62,8 +62,12 @@ class QParams:
 def round_ste(x: Tensor) -> Tensor:
     """``round(x)`` (half to even) in the forward pass, identity gradient in the backward pass (straight-through).
 
-    Written as ``x + (round(x) - x).detach()``; the forward value equals ``round(x)`` exactly.
+    Written as ``x + (round(x) - x).detach()``; the forward value equals ``round(x)`` exactly (``round(x) - x`` is
+    exact: Sterbenz's lemma, or ``-x`` where ``round(x) == 0``), so where no gradient is recorded it is ``round(x)``
+    alone (two ops fewer per call: inference, the runtime's KV quantizers).
     """
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return torch.round(x)
     return x + (torch.round(x) - x).detach()
 
 
