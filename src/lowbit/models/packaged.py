@@ -118,7 +118,8 @@ def join_parts(parts: list[Path], target: Path, size: int, sha256: str | None = 
     return target
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (the owner of a temporary file or folder in the cache)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -135,7 +136,7 @@ def packaged_gguf(name: str, folder: Path) -> Path:
     paths = part_paths(split)
     for stale in folder.glob(f".tmp-*-{split.filename}"):
         pid = stale.name.split("-")[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             stale.unlink(missing_ok=True)
     target = folder / split.filename
     if not target.is_file() and shutil.disk_usage(folder).free < split.size:
