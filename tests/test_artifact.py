@@ -126,6 +126,29 @@ def test_siblings_fused_at_load_compute_the_same_in_the_same_memory(tmp_path, fa
     assert resident_bytes(lean)["quantized linears"] <= fused_bytes
 
 
+@pytest.mark.parametrize("family, preset, hooked", [("llama", "w4a4kv4-quarot", True), ("qwen2", "w4a4kv4-quarot", True),
+                                                     ("llama", "w4a4kv4-prefix", False), ("llama", "w8a8-rtn", False)])
+def test_decoding_hooks_each_token_once_with_the_same_result(family, preset, hooked):
+    """decode_cache gives a HookedCache when every attention hook works token by token (R3, per-token KV scales)
+    and no prefix is cached: it decodes the same tokens with the same scores (within float32 summation order) as
+    transformers' cache, which hands the hooks the whole cache at every step."""
+    from lowbit.kv.hooked import HookedCache
+    from lowbit.surgery.kvcache import decode_cache
+
+    model = _quantized(family, preset)
+    assert isinstance(decode_cache(model), HookedCache) == hooked
+    if not hooked:
+        return
+    prompt = _data().eval_windows[:, :12]
+    with torch.no_grad():
+        runs = [model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                               pad_token_id=0, output_scores=True, return_dict_in_generate=True, **kwargs)
+                for kwargs in ({"past_key_values": decode_cache(model)}, {})]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for ours, theirs in zip(runs[0].scores, runs[1].scores, strict=True):
+        assert torch.allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
 def test_loaded_prefix_model_generates_as_the_original(tmp_path):
     model = _quantized("llama", "w4a4kv4-prefix")
     assert quant_state(model).prefix_length > 0

@@ -56,6 +56,10 @@ def _lowbit_attention(module: nn.Module, query, key, value, attention_mask, **kw
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     scaling = kwargs.get("scaling") or module.scaling
+    if isinstance(key, PendingKV) and getattr(key.layer, "stores_hooked", False):  # kv.hooked: hook, store, attend
+        query, new_key, new_value = _run_hooks(module, query, key.key, key.value, packed=False)
+        key, value = key.layer.store(new_key, new_value)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if isinstance(key, PendingKV):  # a packed cache: hook the new tokens, then attend over the packed form
         query, new_key, new_value = _run_hooks(module, query, key.key, key.value, packed=True)
         return key.layer.attend(query, new_key, new_value, attention_mask, scaling), None

@@ -9,7 +9,13 @@ from ..kv.config import KVCacheConfig
 from ..kv.static import KVRangeHook
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
 from ..state import ensure_state, quant_state
-from .attention import add_attention_hook, remove_attention_hooks, set_decode_equivalent
+from .attention import (
+    KVQuantHook,
+    add_attention_hook,
+    attention_hooks,
+    remove_attention_hooks,
+    set_decode_equivalent,
+)
 
 
 @torch.no_grad()
@@ -55,10 +61,33 @@ def apply_kv_cache(model: nn.Module, arch: ArchSpec, config: KVCacheConfig, cali
     attach_packed_cache(model, config.spec(calibrate_kv_ranges(model, arch, config, calibration())))
 
 
+def hooks_work_per_token(model: nn.Module) -> bool:
+    """Whether every attention hook of ``model`` treats each token on its own (KV fake quantizers with per-token or
+    static scales, R3 rotations) and there is at least one: then hooking each token once, as it enters the cache,
+    gives what hooking the whole cache at every step gives (:class:`~lowbit.kv.hooked.HookedCache`)."""
+    from .rotate import QKRotationHook
+
+    def per_token(hook: nn.Module) -> bool:
+        if isinstance(hook, QKRotationHook):
+            return True
+        if type(hook) is not KVQuantHook or hook.exact_prefix:
+            return False
+        return all(q.static or q.scheme.granularity != "tensor" for q in (hook.k_quant, hook.v_quant))
+
+    hooks = [h for m in model.modules() for h in attention_hooks(m)]
+    return bool(hooks) and all(per_token(h) for h in hooks)
+
+
 def decode_cache(model: nn.Module):
-    """The cache a model decodes with: its packed KV cache when it has one, else None (transformers' default)."""
+    """The cache a model decodes with: its packed KV cache when it has one; a :class:`~lowbit.kv.hooked.HookedCache`
+    when its attention hooks work token by token (the same keys and values, hooked once instead of at every step);
+    else None (transformers' default)."""
     state = quant_state(model)
     if state is None or state.cache_spec is None:
+        if (state is None or not state.prefix_length) and hooks_work_per_token(model):
+            from ..kv.hooked import HookedCache
+
+            return HookedCache(model)
         return None
     from ..kv.cache import PackedCache
 
