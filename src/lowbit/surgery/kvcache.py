@@ -16,6 +16,7 @@ from .attention import (
     remove_attention_hooks,
     set_decode_equivalent,
 )
+from .rotate import QKRotationHook
 
 
 @torch.no_grad()
@@ -65,7 +66,6 @@ def hooks_work_per_token(model: nn.Module) -> bool:
     """Whether every attention hook of ``model`` treats each token on its own (KV fake quantizers with per-token or
     static scales, R3 rotations) and there is at least one: then hooking each token once, as it enters the cache,
     gives what hooking the whole cache at every step gives (:class:`~lowbit.kv.hooked.HookedCache`)."""
-    from .rotate import QKRotationHook
 
     def per_token(hook: nn.Module) -> bool:
         if isinstance(hook, QKRotationHook):
