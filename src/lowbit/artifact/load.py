@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ArtifactError
-from ..models.arch import spec_for_model_type
+from ..models.arch import decoder_layers, get_module, spec_for_model_type
 from ..quant import QParams, granule_shape
 from ..rotations import RotationMatrix
 from ..runtime import RuntimeEmbedding, RuntimeLinear, fuse_groups, to_quant_embedding
@@ -190,7 +190,7 @@ def _return_freed_memory() -> None:
 def shared_input_groups(model: nn.Module, arch) -> list[list[nn.Module]]:
     """Per decoder layer, the linears that read one input (q/k/v, gate/up: ``ArchSpec.input_groups``)."""
     roles = arch.linear_roles
-    return [[layer.get_submodule(roles[r]) for r in group] for layer in model.get_submodule(arch.layers)
+    return [[get_module(layer, roles[r]) for r in group] for layer in decoder_layers(model, arch)
             for group in arch.input_groups if len(group) > 1]
 
 
