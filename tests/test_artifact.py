@@ -127,11 +127,13 @@ def test_siblings_fused_at_load_compute_the_same_in_the_same_memory(tmp_path, fa
 
 
 @pytest.mark.parametrize("family, preset, hooked", [("llama", "w4a4kv4-quarot", True), ("qwen2", "w4a4kv4-quarot", True),
-                                                     ("llama", "w4a4kv4-prefix", False), ("llama", "w8a8-rtn", False)])
+                                                     ("llama", "w4a4kv4-prefix", True), ("qwen2", "w4a4kv4-prefix", True),
+                                                     ("llama", "w8a8-rtn", False)])
 def test_decoding_hooks_each_token_once_with_the_same_result(family, preset, hooked):
-    """decode_cache gives a HookedCache when every attention hook works token by token (R3, per-token KV scales)
-    and no prefix is cached: it decodes the same tokens with the same scores (within float32 summation order) as
-    transformers' cache, which hands the hooks the whole cache at every step."""
+    """decode_cache gives a HookedCache when every attention hook works token by token (R3, per-token or static KV
+    scales, an exact prefix): it decodes the same tokens with the same scores (within float32 summation order) as
+    transformers' cache, which hands the hooks the whole cache at every step (the prefix model: its prefix rotated
+    once and kept exact, the new tokens quantized)."""
     from lowbit.kv.hooked import HookedCache
     from lowbit.surgery.kvcache import decode_cache
 

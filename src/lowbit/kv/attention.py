@@ -43,11 +43,14 @@ class PendingKV:
     value: Tensor
 
 
-def _run_hooks(module: nn.Module, query, key, value, packed: bool):
-    """The module's hooks in order; KV fake-quantizers are skipped when a packed cache quantizes instead."""
+def run_hooks(module: nn.Module, query, key, value, packed: bool, start: int = 0):
+    """The module's hooks in order; KV fake-quantizers are skipped when a packed cache quantizes instead, and are
+    told the cache position ``start`` of the first token handed over (they keep a prefix exact)."""
     for hook in getattr(module, HOOKS_ATTR, ()):
-        if not (packed and getattr(hook, "quantizes_kv", False)):
+        if not getattr(hook, "quantizes_kv", False):
             query, key, value = hook(query, key, value)
+        elif not packed:
+            query, key, value = hook(query, key, value, start=start)
     return query, key, value
 
 
@@ -57,14 +60,15 @@ def _lowbit_attention(module: nn.Module, query, key, value, attention_mask, **kw
 
     scaling = kwargs.get("scaling") or module.scaling
     if isinstance(key, PendingKV) and getattr(key.layer, "stores_hooked", False):  # kv.hooked: hook, store, attend
-        query, new_key, new_value = _run_hooks(module, query, key.key, key.value, packed=False)
+        start = key.layer.get_seq_length()
+        query, new_key, new_value = run_hooks(module, query, key.key, key.value, packed=False, start=start)
         key, value = key.layer.store(new_key, new_value)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if isinstance(key, PendingKV):  # a packed cache: hook the new tokens, then attend over the packed form
-        query, new_key, new_value = _run_hooks(module, query, key.key, key.value, packed=True)
+        query, new_key, new_value = run_hooks(module, query, key.key, key.value, packed=True)
         return key.layer.attend(query, new_key, new_value, attention_mask, scaling), None
     simulated = getattr(module, SIMULATION_ATTR, None)
-    query, key, value = _run_hooks(module, query, key, value, packed=simulated is not None)
+    query, key, value = run_hooks(module, query, key, value, packed=simulated is not None)
     if simulated is not None:
         if query.shape[2] != key.shape[2] and not getattr(module, PREFIX_ATTR, 0) == key.shape[2] - query.shape[2]:
             raise RuntimeError(

@@ -6,7 +6,8 @@ every decode step: O(context) per step, more than the weight GEMMs at batch 8 or
 hook works token by token (per-token or static KV scales, per-token rotations), hooking the new tokens once and
 storing the result gives the same keys and values: :class:`HookedCache` does that. Its layers hand the new states to
 the attention function as :class:`~lowbit.kv.attention.PendingKV` (like the packed caches), which runs the hooks
-on them, stores them with :meth:`HookedLayer.store` and attends over everything stored.
+on them, stores them with :meth:`HookedLayer.store` and attends over everything stored. A PrefixQuant prefix is
+hooked once when the cache starts from it (rotated, never quantized: :meth:`HookedCache.start_from_prefix`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .attention import PendingKV, use_lowbit_attention
+from ..models.arch import decoder_layers, get_module, spec_for
+from .attention import PendingKV, run_hooks, use_lowbit_attention
 
 
 class HookedLayer(DynamicLayer):
@@ -40,5 +42,15 @@ class HookedCache(Cache):
 
     def __init__(self, model: nn.Module) -> None:
         use_lowbit_attention(model)
-        layers = model.config.get_text_config().num_hidden_layers
-        super().__init__(layers=[HookedLayer() for _ in range(layers)])
+        spec = spec_for(model)
+        self.attention = [get_module(layer, spec.attn) for layer in decoder_layers(model, spec)]
+        super().__init__(layers=[HookedLayer() for _ in self.attention])
+
+    @torch.no_grad()
+    def start_from_prefix(self, keys: Tensor, values: Tensor) -> None:
+        """Start every layer from a prefix's exact keys/values ``[layers, B, kv_heads, P, d]``, as the attention hooks
+        leave them (rotated, not quantized: the KV quantizers keep the prefix exact). The cache must be empty."""
+        for layer, attn, k, v in zip(self.layers, self.attention, keys, values, strict=True):
+            _, k, v = run_hooks(attn, k, k, v, packed=True)
+            layer.lazy_initialization(k, v)
+            layer.store(k.clone(), v.clone())

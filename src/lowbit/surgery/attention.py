@@ -60,15 +60,17 @@ class KVQuantHook(nn.Module):
         self.k_quant, self.v_quant = k_quant, v_quant
         self.exact_prefix = 0
 
-    def quantize_part(self, quant: ActQuantizer, x):
-        """``quant(x)`` on the cached positions after the exact prefix."""
-        p = min(self.exact_prefix, x.shape[2])
+    def quantize_part(self, quant: ActQuantizer, x, start: int = 0):
+        """``quant(x)`` on the cached positions after the exact prefix; ``x`` holds positions ``start`` onwards."""
+        p = min(max(self.exact_prefix - start, 0), x.shape[2])
         if p == 0:
             return quant(x)
         return torch.cat([x[:, :, :p], quant(x[:, :, p:])], dim=2) if x.shape[2] > p else x
 
-    def forward(self, query, key, value):
-        return query, self.quantize_part(self.k_quant, key), self.quantize_part(self.v_quant, value)
+    def forward(self, query, key, value, start: int = 0):
+        """``start``: the cache position of the first token handed over (a cache that hooks each token once hands
+        over only the new ones)."""
+        return query, self.quantize_part(self.k_quant, key, start), self.quantize_part(self.v_quant, value, start)
 
 
 def add_attention_hook(model: nn.Module, attn: nn.Module, hook: nn.Module) -> None:

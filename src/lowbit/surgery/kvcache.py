@@ -64,13 +64,14 @@ def apply_kv_cache(model: nn.Module, arch: ArchSpec, config: KVCacheConfig, cali
 
 def hooks_work_per_token(model: nn.Module) -> bool:
     """Whether every attention hook of ``model`` treats each token on its own (KV fake quantizers with per-token or
-    static scales, R3 rotations) and there is at least one: then hooking each token once, as it enters the cache,
-    gives what hooking the whole cache at every step gives (:class:`~lowbit.kv.hooked.HookedCache`)."""
+    static scales, an exact prefix included; R3 rotations) and there is at least one: then hooking each token once,
+    as it enters the cache, gives what hooking the whole cache at every step gives
+    (:class:`~lowbit.kv.hooked.HookedCache`)."""
 
     def per_token(hook: nn.Module) -> bool:
         if isinstance(hook, QKRotationHook):
             return True
-        if type(hook) is not KVQuantHook or hook.exact_prefix:
+        if type(hook) is not KVQuantHook:
             return False
         return all(q.static or q.scheme.granularity != "tensor" for q in (hook.k_quant, hook.v_quant))
 
@@ -80,11 +81,12 @@ def hooks_work_per_token(model: nn.Module) -> bool:
 
 def decode_cache(model: nn.Module):
     """The cache a model decodes with: its packed KV cache when it has one; a :class:`~lowbit.kv.hooked.HookedCache`
-    when its attention hooks work token by token (the same keys and values, hooked once instead of at every step);
-    else None (transformers' default)."""
+    when its attention hooks work token by token (the same keys and values, hooked once instead of at every step;
+    a prefix is put in front when the model's forward first meets the empty cache); else None (transformers'
+    default)."""
     state = quant_state(model)
     if state is None or state.cache_spec is None:
-        if (state is None or not state.prefix_length) and hooks_work_per_token(model):
+        if hooks_work_per_token(model):
             from ..kv.hooked import HookedCache
 
             return HookedCache(model)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..kv.cache import PackedCache
+from ..kv.hooked import HookedCache
 from ..models.arch import ArchSpec, decoder_layers, get_module
 from ..state import ensure_state, quant_state
 from .attention import PREFIX_ATTR, attention_hooks
@@ -75,7 +76,7 @@ def fill_prefix(model: nn.Module, cache, batch: int):
     state = quant_state(model)
     keys = state.prefix_keys.expand(-1, batch, -1, -1, -1)
     values = state.prefix_values.expand(-1, batch, -1, -1, -1)
-    if isinstance(cache, PackedCache):
+    if isinstance(cache, (PackedCache, HookedCache)):
         cache.start_from_prefix(keys, values)
     else:
         for i in range(keys.shape[0]):
