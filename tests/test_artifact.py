@@ -134,8 +134,11 @@ def test_decoding_hooks_each_token_once_with_the_same_result(family, preset, hoo
     scales, an exact prefix): it decodes the same tokens with the same scores (within float32 summation order) as
     transformers' cache, which hands the hooks the whole cache at every step (the prefix model: its prefix rotated
     once and kept exact, the new tokens quantized)."""
+    from transformers import DynamicCache
+
     from lowbit.kv.hooked import HookedCache
     from lowbit.surgery.kvcache import decode_cache
+
 
     model = _quantized(family, preset)
     assert isinstance(decode_cache(model), HookedCache) == hooked
@@ -145,10 +148,36 @@ def test_decoding_hooks_each_token_once_with_the_same_result(family, preset, hoo
     with torch.no_grad():
         runs = [model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
                                pad_token_id=0, output_scores=True, return_dict_in_generate=True, **kwargs)
-                for kwargs in ({"past_key_values": decode_cache(model)}, {})]
+                for kwargs in ({"past_key_values": decode_cache(model)}, {"past_key_values": DynamicCache()}, {})]
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     for ours, theirs in zip(runs[0].scores, runs[1].scores, strict=True):
         assert torch.allclose(ours, theirs, rtol=0, atol=1e-4)
+    # plain generate, given no cache, decodes with lowbit's (the same scores bit for bit); a given cache is kept
+    assert isinstance(runs[2].past_key_values, HookedCache) and type(runs[1].past_key_values) is DynamicCache
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].scores, runs[2].scores, strict=True))
+
+
+def test_plain_generate_decodes_with_the_packed_cache(tmp_path):
+    """A packed-KV model's (and its loaded copy's) plain ``generate`` decodes with its packed cache, as ``lowbit
+    generate`` does (it raised before: a transformers cache would hold the KV in full precision); the model keeps its
+    class name and type."""
+    from transformers import DynamicCache, LlamaForCausalLM
+
+    from lowbit.kv.cache import PackedCache
+
+    model = _quantized("llama", "kv-turbo3")
+    save(model, tmp_path / "m")
+    prompt = _data().eval_windows[:1, :10]
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        for m in (model, load(tmp_path / "m")):
+            assert isinstance(m, LlamaForCausalLM) and type(m).__name__ == "LlamaForCausalLM"
+            plain, packed = (m.generate(prompt, **kw, **extra) for extra in
+                             ({}, {"past_key_values": PackedCache.for_model(m)}))
+            assert isinstance(plain.past_key_values, PackedCache)
+            assert all(torch.equal(a, b) for a, b in zip(plain.scores, packed.scores, strict=True))
+            with pytest.raises(RuntimeError, match="packed cache"):  # a full-precision cache given: refused
+                m.generate(prompt, **kw, past_key_values=DynamicCache())
 
 
 def test_loaded_prefix_model_generates_as_the_original(tmp_path):

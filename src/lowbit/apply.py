@@ -33,7 +33,7 @@ from .surgery.attach import (
     set_clip_ratios,
     swap_linears,
 )
-from .surgery.kvcache import apply_kv_cache
+from .surgery.kvcache import apply_kv_cache, use_decode_cache
 from .surgery.offload import is_offloaded
 from .surgery.prefix import attach_prefix
 
@@ -75,6 +75,7 @@ def apply_recipe(model: nn.Module, session: Session) -> None:
     if recipe.kv_cache is not None:
         default = session.calibration.default if session.calibration is not None else None
         apply_kv_cache(model, session.spec, recipe.kv_cache, default)
+    use_decode_cache(model)
     session.seconds["quantize"] += time.perf_counter() - start
     if recipe.needs_calibration:
         start = time.perf_counter()

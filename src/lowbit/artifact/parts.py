@@ -25,7 +25,7 @@ from ..schemes import QuantScheme
 from ..state import STATE_NAME, ensure_state, quant_state
 from ..surgery.attention import HOOKS_ATTR, KVQuantHook, add_attention_hook
 from ..surgery.embedding import QuantEmbedding
-from ..surgery.kvcache import attach_packed_cache
+from ..surgery.kvcache import attach_packed_cache, use_decode_cache
 from ..surgery.linear import QuantLinear
 from ..surgery.prefix import restore_prefix
 from ..surgery.quantizer import ActQuantizer
@@ -235,6 +235,8 @@ def rebuild(model: nn.Module, arch: ArchSpec, manifest: dict, tensors: dict[str,
 
 
 def finish(model: nn.Module, arch: ArchSpec) -> None:
-    """After the tensors are assigned: start requests from the prefix when the model has one."""
+    """After the tensors are assigned: start requests from the prefix when the model has one; ``generate`` decodes
+    with lowbit's cache (:func:`~lowbit.surgery.kvcache.use_decode_cache`)."""
     if quant_state(model).prefix_length:
         restore_prefix(model, arch)
+    use_decode_cache(model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import nn
 
@@ -16,6 +18,7 @@ from .attention import (
     remove_attention_hooks,
     set_decode_equivalent,
 )
+from .prefix import cache_argument
 from .rotate import QKRotationHook
 
 
@@ -94,3 +97,30 @@ def decode_cache(model: nn.Module):
     from ..kv.cache import PackedCache
 
     return PackedCache.for_model(model)
+
+
+class DecodesWithLowbitCache:
+    """Mixin of a quantized model's class: ``generate`` given no cache decodes with :func:`decode_cache`'s (what
+    ``lowbit generate`` uses): a packed KV cache where the recipe has one (else the KV cache would stay full
+    precision), a :class:`~lowbit.kv.hooked.HookedCache` where the hooks work token by token. A cache the caller
+    passes, or ``use_cache=False``, is left as it is; ``forward`` is unchanged."""
+
+    def generate(self, *args, **kwargs):
+        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+            cache = decode_cache(self)
+            if cache is not None:
+                kwargs[cache_argument(type(self).forward)] = cache
+        return super().generate(*args, **kwargs)
+
+
+@lru_cache(maxsize=None)
+def _decoding_class(cls: type) -> type:
+    return type(cls.__name__, (DecodesWithLowbitCache, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
+def use_decode_cache(model: nn.Module) -> None:
+    """Make ``model.generate`` use :func:`decode_cache`'s cache (:class:`DecodesWithLowbitCache`); idempotent. The
+    model's class becomes a subclass of the same name, so ``isinstance``, ``save_pretrained``'s architecture name
+    and every method stay as they were."""
+    if not isinstance(model, DecodesWithLowbitCache):
+        model.__class__ = _decoding_class(type(model))
