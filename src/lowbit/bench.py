@@ -69,8 +69,9 @@ def resident_bytes(model: nn.Module) -> dict[str, int]:
 
 
 def cache_bytes(cache) -> int:
-    """Bytes of every tensor a transformers or packed cache holds."""
-    seen, total = set(), 0
+    """Bytes of every tensor a transformers or packed cache holds (space allocated ahead included; each storage
+    once)."""
+    seen, storages, total = set(), set(), 0
     stack = [cache]
     while stack:
         obj = stack.pop()
@@ -78,7 +79,10 @@ def cache_bytes(cache) -> int:
             continue
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
-            total += obj.untyped_storage().nbytes()
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in storages or storage.nbytes() == 0:  # views of one buffer count once
+                storages.add(storage.data_ptr())
+                total += storage.nbytes()
         elif isinstance(obj, (list, tuple)):
             stack.extend(obj)
         elif isinstance(obj, dict):

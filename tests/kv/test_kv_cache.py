@@ -213,3 +213,28 @@ def test_packed_run_grows_in_place_and_matches_one_shot_packing():
         assert all(torch.equal(a.fields[k], b.fields[k]) for k in a.fields)
     assert len(buffers) <= 6  # capacity grows by a quarter (at least 64 slots): 1, 65, 145, 245, 370
     assert one_shot.nbytes <= stepped.nbytes <= 1.25 * one_shot.nbytes + 2 * 64 * 2 * 2 * 4
+
+
+def test_hooked_layer_writes_in_place_and_follows_reordering_and_cropping():
+    """HookedLayer keeps its keys/values in buffers allocated ahead; what it returns is always every stored token in
+    order, also after transformers reorders (beam search) or crops the layer between steps."""
+    from lowbit.kv.hooked import HookedLayer
+
+    g = torch.Generator().manual_seed(0)
+    layer, want = HookedLayer(), None
+    layer.AHEAD = 2
+    for step, n in enumerate((5, 1, 1, 1, 3, 1)):
+        k = torch.randn(2, 3, n, 4, generator=g)
+        layer.update(k, 2 * k)
+        keys, values = layer.store(k, 2 * k)
+        want = k if want is None else torch.cat([want, k], dim=-2)
+        assert torch.equal(keys, want) and torch.equal(values, 2 * want) and layer.get_seq_length() == want.shape[-2]
+        if step == 1:  # room left in the buffer: the next token must not land in the old order
+            layer.reorder_cache(torch.tensor([1, 0]))
+            want = want.flip(0)
+        if step == 4:
+            layer.crop(-2)
+            want = want[..., :-2, :]
+    ptr = layer.keys.untyped_storage().data_ptr()
+    layer.store(torch.zeros(2, 3, 1, 4), torch.zeros(2, 3, 1, 4))
+    assert layer.keys.untyped_storage().data_ptr() == ptr  # the next token lands in the buffer: no copy of the cache

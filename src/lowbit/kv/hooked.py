@@ -21,19 +21,40 @@ from .attention import PendingKV, run_hooks, use_lowbit_attention
 
 
 class HookedLayer(DynamicLayer):
-    """A dynamic cache layer whose stored keys/values are the hooked ones (see the module docstring)."""
+    """A dynamic cache layer whose stored keys/values are the hooked ones (see the module docstring).
+
+    They live in buffers allocated ahead (half again the tokens stored, at least ``AHEAD`` more), so a decode step
+    writes its token in place instead of copying the whole cache (``torch.cat``); ``keys``/``values`` are views of
+    the stored part. Where transformers replaces them (beam reordering, cropping), the next store starts from them.
+    """
 
     stores_hooked = True
+    AHEAD = 256
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[PendingKV, None]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+            self._ahead = None
         return PendingKV(self, key_states, value_states), None
 
     def store(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Append the step's hooked keys/values; returns every stored key and value."""
-        self.keys = torch.cat([self.keys, key], dim=-2)
-        self.values = torch.cat([self.values, value], dim=-2)
+        held = self.keys.shape[-2] if self.keys.numel() else 0
+        buffers = getattr(self, "_ahead", None)
+        fits = buffers is not None and self.keys is buffers[2] and held + key.shape[-2] <= buffers[0].shape[-2] \
+            and buffers[0].shape[:2] == key.shape[:2]
+        if not fits:
+            size = max(held + key.shape[-2] + self.AHEAD, (held + key.shape[-2]) * 3 // 2)
+            buffers = [key.new_empty(*key.shape[:2], size, key.shape[-1]),
+                       value.new_empty(*value.shape[:2], size, value.shape[-1])]
+            if held:
+                buffers[0][..., :held, :].copy_(self.keys)
+                buffers[1][..., :held, :].copy_(self.values)
+        end = held + key.shape[-2]
+        buffers[0][..., held:end, :].copy_(key)
+        buffers[1][..., held:end, :].copy_(value)
+        self.keys, self.values = buffers[0][..., :end, :], buffers[1][..., :end, :]
+        self._ahead = (buffers[0], buffers[1], self.keys)
         return self.keys, self.values
 
 
