@@ -220,10 +220,12 @@ class RuntimeLinear(nn.Module):
             y = self.shared.output(self, x)
         else:
             y = self._matmul(x.reshape(-1, self.in_features))
-        y = y.to(torch.promote_types(y.dtype, x.dtype))  # a bf16 kernel's output, added to an fp32 bias in fp32
+        # a bf16 kernel's output is added to an fp32 bias in fp32; the dtype checks skip no-op casts (decode cost)
+        if y.dtype != x.dtype:
+            y = y.to(torch.promote_types(y.dtype, x.dtype))
         if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            y = y + (self.bias if self.bias.dtype == y.dtype else self.bias.to(y.dtype))
+        return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
 
 
 class IntLinear(RuntimeLinear):
