@@ -110,7 +110,8 @@ def test_generate_with_padding_batches_and_bytes():
 
 def test_recipe_kv_cache_quantizes_evaluates_and_generates():
     """A kv_cache recipe (combined with a weight preset) gives a model whose one-pass forward is decode-equivalent
-    and that decodes with PackedCache.for_model; a plain cache is refused with the fix in the message."""
+    and that decodes with PackedCache.for_model (which plain generate picks); a transformers cache given is refused
+    with the fix in the message."""
     import lowbit
     from lowbit.recipe import load_recipe
 
@@ -125,10 +126,13 @@ def test_recipe_kv_cache_quantizes_evaluates_and_generates():
         cache = PackedCache.for_model(q)
         stepwise = torch.cat([q(tokens[:, i:i + 1], past_key_values=cache).logits for i in range(70)], dim=1)
     assert torch.allclose(one_pass, stepwise, atol=2e-4)
+    from transformers import DynamicCache
+
     with pytest.raises(RuntimeError, match="PackedCache.for_model"):
-        q.generate(tokens[:, :8], max_new_tokens=2, do_sample=False)
+        q.generate(tokens[:, :8], max_new_tokens=2, do_sample=False, past_key_values=DynamicCache())
     out = q.generate(tokens[:, :8], max_new_tokens=3, do_sample=False, past_key_values=PackedCache.for_model(q))
-    assert out.shape == (1, 11)
+    plain = q.generate(tokens[:, :8], max_new_tokens=3, do_sample=False)  # given no cache: it picks its packed one
+    assert out.shape == (1, 11) and torch.equal(out, plain)
 
 
 def test_cache_bits_count_everything():
