@@ -80,7 +80,7 @@ def cache_bytes(cache) -> int:
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
             storage = obj.untyped_storage()
-            if storage.data_ptr() not in storages or storage.nbytes() == 0:  # views of one buffer count once
+            if storage.data_ptr() not in storages:  # views of one buffer count once
                 storages.add(storage.data_ptr())
                 total += storage.nbytes()
         elif isinstance(obj, (list, tuple)):

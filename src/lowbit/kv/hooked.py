@@ -30,17 +30,17 @@ class HookedLayer(DynamicLayer):
 
     stores_hooked = True
     AHEAD = 256
+    _ahead: tuple[Tensor, Tensor, Tensor] | None = None  # key buffer, value buffer, the keys view last handed out
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[PendingKV, None]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            self._ahead = None
         return PendingKV(self, key_states, value_states), None
 
     def store(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Append the step's hooked keys/values; returns every stored key and value."""
         held = self.keys.shape[-2] if self.keys.numel() else 0
-        buffers = getattr(self, "_ahead", None)
+        buffers = self._ahead
         fits = buffers is not None and self.keys is buffers[2] and held + key.shape[-2] <= buffers[0].shape[-2] \
             and buffers[0].shape[:2] == key.shape[:2]
         if not fits:
