@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from harness import HERE, add_flags, markdown_table, run_meta, write_block
 from torch import nn
 
+from lowbit.quant import integer
 from lowbit.report import write_json_atomic
 from lowbit.runtime import IntLinear, kernels, to_runtime
 from lowbit.schemes import QuantScheme
@@ -214,8 +215,8 @@ def int_rows(k: int, n: int) -> list[tuple[str, object, int]]:
     fmt, zeros = A8.number_format(), torch.zeros(n, dtype=torch.int32)
 
     def codes(x):
-        s, _ = kernels.act_qparams(x, fmt, True, "minmax", 1.0, {})
-        return kernels.int_values(x, s, None, fmt, clamp=False), s
+        s, _ = integer.act_qparams(x, fmt, True, "minmax", 1.0, {})
+        return integer.int_values(x, s, None, fmt, clamp=False), s
 
     def int_mm(w, x):
         v, s = codes(x)

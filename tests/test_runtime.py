@@ -1,9 +1,11 @@
 """lowbit.runtime: real low-bit linears compute what the fake-quant QuantLinear computes, and their state_dict is the
 on-disk contract.
 
-Tolerances, relative to ``B = |q(x)| @ |W|^T`` (the sum of the absolute products, per output): the integer and fp8
-paths form the same exact products as the fake-quant float32 matmul and differ only in float32 summation order and
-where the scales multiply, so ``|diff| <= 1e-5 * B`` (float32 error of a K-term sum is at most ``K * 2^-24 * B``,
+At inference a fake-quant layer with int weights per channel or tensor and per-token or per-tensor int activations
+computes the kernels' integer product itself (:mod:`lowbit.quant.integer`): the outputs are equal bit for bit.
+Elsewhere, tolerances relative to ``B = |q(x)| @ |W|^T`` (the sum of the absolute products, per output): the integer
+and fp8 paths form the same exact products as the fake-quant float32 matmul and differ only in float32 summation order
+and where the scales multiply, so ``|diff| <= 1e-5 * B`` (float32 error of a K-term sum is at most ``K * 2^-24 * B``,
 typically ``sqrt(K) * 2^-24 * B``; measured <= 2e-7). The bf16 weight-only kernels round ``x``, the scales and the
 output to bf16 (2^-9 relative each), so ``|diff| <= 2^-7 * B`` (measured <= 3.1e-3).
 """
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import NoKernelError
-from lowbit.quant import pack_int32
+from lowbit.quant import integer, pack_int32
 from lowbit.rotations import random_hadamard
 from lowbit.runtime import (
     Fp8Linear,
@@ -115,6 +117,34 @@ def backend_variants(module: IntLinear) -> list[tuple[str, int | None]]:
     for backend in module.possible_backends():
         found += [(backend, 0), (backend, sys.maxsize)] if backend == "u8s8" else [(backend, None)]
     return found
+
+
+EXACT_CASES = [(w, a) for w, a in INT_CASES if w.granularity != "group"] + [
+    (S(format="int4"), S(format="int4", granularity="tensor", dynamic=False)),  # PrefixQuant's static W4A4
+    (S(format="int4"), S(format="int4", granularity="token", clip_ratio=0.9)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("w,a", EXACT_CASES, ids=lambda s: s.describe())
+def test_simulation_at_inference_is_the_kernels_integer_product(w, a, dtype):
+    """A fake-quant layer with int weights per channel or tensor and per-token or per-tensor int activations
+    computes, at inference, the integer product the kernels compute: every backend gives its bits exactly; with
+    gradients it stays the differentiable fake-quant matmul (the same values up to float32 rounding)."""
+    layer = fake(576, 64, True, w, a, dtype=dtype, rotate=True)
+    assert layer.integer_product()
+    module, x = to_runtime(layer), inputs(576, dtype)
+    with torch.no_grad():
+        expected = layer(x)
+        for backend, macs in backend_variants(module):
+            assert torch.equal(module.prepare(backend=backend, onednn_min_macs=macs)(x), expected), backend
+    x.requires_grad_(True)
+    differentiable = layer(x)
+    differentiable.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    if dtype == torch.float32:
+        assert_matches(layer, module, x.detach(), 1e-5)
+        assert not torch.equal(differentiable.detach(), expected)  # two roundings of one product: they do differ
 
 
 # u8s8 layers: weight codes (zero point subtracted) up to 64, activations shifted into uint8 by one zero point
@@ -294,7 +324,7 @@ def test_activation_codes_are_the_act_quantizers():
               S(format="int8", symmetric=False, granularity="token"), S(format="int6", granularity="tensor"),
               S(format="int8", granularity="token", observer="percentile", percentile=99.0)):
         fmt = a.number_format()
-        s, z = kernels.act_qparams(x, fmt, a.granularity == "token", a.observer, a.clip_ratio,
+        s, z = integer.act_qparams(x, fmt, a.granularity == "token", a.observer, a.clip_ratio,
                                    {"percentile": a.percentile} if a.observer == "percentile" else {})
         codes = kernels.int_codes(x, s, z, fmt).float() + (0 if z is None else kernels.offset(fmt.bits))
         assert torch.equal((codes - (0 if z is None else z)) * s, ActQuantizer(a, "activation")(x))

@@ -14,8 +14,7 @@ N % 16 == 0; its packed layout is ISA-specific, so it is built at load time, nev
 elsewhere it runs a scalar loop (measured 0.01-0.2x fp32 ``F.linear``). There the u8 x s8 GEMMs of fbgemm
 (``quantized.linear_with_input_q_dq_qweight_dq_output_fp32``) and oneDNN (``onednn.qlinear_pointwise``, the x86
 inductor op) run, exactly for weight codes up to :data:`U8S8_MAX_W` (int16 pair sums, see there), and float32
-``F.linear`` on the codes is exact in blocks of at most :func:`exact_block` columns (every partial sum an integer
-below 2^24). Measurements: benchmarks/kernels.py.
+``F.linear`` on the codes is exact in blocks (:func:`lowbit.quant.integer.exact_block`). Measurements: benchmarks/kernels.py.
 No model code here: :mod:`lowbit.runtime.linear` holds the modules.
 """
 
@@ -24,24 +23,12 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..quant import (
-    FloatFormat,
-    IntFormat,
-    PerRow,
-    PerTensor,
-    compute_qparams,
-    observe_range,
-    pack_int32,
-    unpack_int32,
-)
+from ..quant import FloatFormat, IntFormat, pack_int32, unpack_int32
 
 INT4PACK_GROUPS = (256, 128, 64, 32)
 """Group sizes ``_weight_int4pack_mm_for_cpu`` takes, largest first."""
-
-EPS = 1e-8  # compute_qparams' default floor of a scale; the fast path below must match it
 
 
 # --- codes in and out of their stored form ------------------------------------------------------------------------
@@ -67,23 +54,6 @@ def unpack_codes(words: Tensor, bits: int, k: int) -> Tensor:
 
 
 # --- activations to codes ------------------------------------------------------------------------------------------
-
-
-def act_qparams(x32: Tensor, fmt: IntFormat | FloatFormat, per_token: bool, observer: str, clip_ratio: float,
-                observer_kwargs: dict) -> tuple[Tensor, Tensor | None]:
-    """Dynamic scale (and unsigned zero point) of ``x32`` ``[M, K]``, per token ``[M, 1]`` or per tensor ``[1, 1]``.
-
-    The same numbers as :class:`~lowbit.surgery.quantizer.ActQuantizer`'s dynamic forward (observe_range then
-    compute_qparams); symmetric minmax takes a shortcut with the same float ops (``max|x| == max(|min|, |max|)``).
-    """
-    if observer == "minmax" and fmt.symmetric:
-        absmax = x32.abs().amax(dim=-1, keepdim=True) if per_token else x32.abs().amax().reshape(1, 1)
-        top = fmt.qmax if isinstance(fmt, IntFormat) else fmt.max_value
-        clipped = absmax if clip_ratio == 1.0 else absmax * clip_ratio  # * 1.0 is exact: one op fewer per call
-        return (clipped / top).clamp_(min=EPS), None
-    lo, hi = observe_range(x32, PerRow() if per_token else PerTensor(), fmt, observer, **observer_kwargs)
-    qp = compute_qparams(lo, hi, fmt, clip_ratio=clip_ratio)
-    return qp.scale, qp.zero_point
 
 
 def int_codes(x32: Tensor, scale: Tensor, zero: Tensor | None, fmt: IntFormat) -> Tensor:
@@ -125,22 +95,6 @@ def int_linear(xq: Tensor, w8: Tensor, w_scale: Tensor, group: int, x_zero: Tens
         part = acc.to(torch.float32).mul_(w_scale[g])
         out = part if out is None else out.add_(part)
     return out
-
-
-def int_values(x32: Tensor, scale: Tensor, zero: Tensor | None, fmt: IntFormat, clamp: bool = True) -> Tensor:
-    """``clamp(round(x / s) + z, qmin, qmax) - z`` as integer-valued float32 (the codes minus their zero point: what
-    the matmul multiplies), the same numbers as :func:`int_codes`. ``clamp=False`` skips the clamp of symmetric codes
-    where it provably does nothing (:func:`clamp_needed`)."""
-    v = torch.div(x32, scale).round_()
-    if zero is None:
-        return v.clamp_(fmt.qmin, fmt.qmax) if clamp else v
-    return v.add_(zero).clamp_(fmt.qmin, fmt.qmax).sub_(zero)
-
-
-def clamp_needed(fmt: IntFormat, dynamic: bool, observer: str, clip_ratio: float) -> bool:
-    """False when ``round(x / s)`` cannot leave the symmetric grid: a dynamic minmax scale without clipping
-    (``s >= max|x| / qmax`` up to one rounding, so ``|x / s| <= qmax * (1 + 2^-23)``, which rounds to at most qmax)."""
-    return not (fmt.symmetric and dynamic and observer == "minmax" and clip_ratio >= 1.0)
 
 
 # --- int8 dot products without VNNI: u8 x s8 GEMMs, float32 on codes --------------------------------------------------
@@ -202,33 +156,6 @@ def onednn_mm(v: Tensor, packed: Tensor, scale: Tensor, w_zero: Tensor, zero: in
     u = (v + zero).to(torch.uint8)
     return torch.ops.onednn.qlinear_pointwise(u, 1.0, zero, packed, scale, w_zero, None, 1.0, 0, torch.float32,
                                               "none", [], "")
-
-
-def exact_block(v_max: float, w_max: float) -> int:
-    """Columns a float32 dot product of integers ``|v| <= v_max``, ``|w| <= w_max`` may sum and stay exact in any
-    order: every partial sum is an integer of magnitude at most ``K * v_max * w_max <= 2^24``."""
-    return max(1, int(2**24 // (v_max * w_max)))
-
-
-def column_blocks(k: int, group: int, block: int) -> list[tuple[int, int, int]]:
-    """``(start, end, g)``: the columns of each weight group ``g`` of ``group`` columns, cut into at most ``block``."""
-    return [(s, min(s + block, start + group, k), g) for g, start in enumerate(range(0, k, group))
-            for s in range(start, min(start + group, k), block)]
-
-
-def float_linear(v: Tensor, wc: Tensor, w_scale: Tensor | None, blocks: list[tuple[int, int, int]]) -> Tensor:
-    """``sum_g (v_g @ wc_g^T) * s_w[g]`` float32 ``[M, N]`` for integer-valued float32 ``v`` ``[M, K]`` and weight
-    codes ``wc`` ``[N, K]`` (zero points subtracted); each block's float32 GEMM is exact (:func:`exact_block`), so
-    the result is :func:`int_linear`'s up to the rounding of the block sums. ``w_scale`` None: ``wc`` is scaled."""
-    if w_scale is None:
-        return F.linear(v, wc)
-    out, grouped = None, w_scale.shape[0] > 1
-    for start, end, g in blocks:
-        part = F.linear(v, wc) if len(blocks) == 1 else F.linear(v[:, start:end], wc[:, start:end])
-        if grouped:
-            part.mul_(w_scale[g])
-        out = part if out is None else out.add_(part)
-    return out if grouped else out.mul_(w_scale[0])
 
 
 # --- weight-only kernels ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import CalibrationError, ModelError, NoKernelError
 from ..quant import FloatFormat, IntFormat, QParams, dequantize, quantize
+from ..quant.integer import act_qparams, clamp_needed, column_blocks, exact_block, float_linear, int_values
 from ..schemes import QuantScheme
 from ..surgery.linear import QuantLinear
 from ..surgery.offload import carry_hook
@@ -297,7 +298,7 @@ class IntLinear(RuntimeLinear):
         z = None if scheme.dynamic or z is None else z.reshape(1, 1).to(torch.int32)
         self.register_buffer("_xz", z, persistent=False)
         self.register_buffer("_xzu", None if z is None else z.to(torch.float32) + K.offset(fmt.bits), persistent=False)
-        self._clamp = K.clamp_needed(fmt, scheme.dynamic, scheme.observer, scheme.clip_ratio)
+        self._clamp = clamp_needed(fmt, scheme.dynamic, scheme.observer, scheme.clip_ratio)
         # u8s8 activation zero point: 128 holds every code minus its zero point, except 8-bit asymmetric ones
         self._zero_is_code = not fmt.symmetric and fmt.bits == 8
         self._fmt, self.prepared = fmt, True
@@ -343,7 +344,7 @@ class IntLinear(RuntimeLinear):
         self._wc, self._float_ws = self._weight_minus_zero().to(torch.float32), ws
         v_max = 2 ** (fmt.bits - 1) - 1 if fmt.symmetric else 2**fmt.bits - 1
         w_max = 2 ** (wf.bits - 1) - 1 if wf.symmetric else 2**wf.bits - 1
-        self._blocks = K.column_blocks(self.in_features, self.group, K.exact_block(v_max, w_max))
+        self._blocks = column_blocks(self.in_features, self.group, exact_block(v_max, w_max))
 
     def _weight_codes(self) -> Tensor:
         return self._w8 if self._w8 is not None else self.signed_codes()
@@ -360,8 +361,8 @@ class IntLinear(RuntimeLinear):
         fmt, scheme = self._fmt, self.input_scheme
         x32 = x2.to(torch.float32)
         if scheme.dynamic:
-            s_x, z_u = K.act_qparams(x32, fmt, scheme.granularity == "token", scheme.observer, scheme.clip_ratio,
-                                     observer_kwargs(scheme))
+            s_x, z_u = act_qparams(x32, fmt, scheme.granularity == "token", scheme.observer, scheme.clip_ratio,
+                                   observer_kwargs(scheme))
         else:
             s_x, z_u = self.input_scale.reshape(1, 1), self._xzu
         if self.backend == "int_mm":
@@ -369,9 +370,9 @@ class IntLinear(RuntimeLinear):
             xq = K.int_codes(x32, s_x, z_u, fmt)
             y = K.int_linear(xq, self._weight_codes(), self._ws, self.group, z_x, self._wz, self._wcolsum)
             return y.mul_(s_x)
-        v = K.int_values(x32, s_x, z_u, fmt, clamp=self._clamp)
+        v = int_values(x32, s_x, z_u, fmt, clamp=self._clamp)
         if self.backend == "float":
-            return K.float_linear(v, self._wc, self._float_ws, self._blocks).mul_(s_x)
+            return float_linear(v, self._wc, self._float_ws, self._blocks).mul_(s_x)
         zero = int(z_u.item()) if self._zero_is_code else K.U8S8_ZERO  # v + zero: the unsigned code itself
         if v.shape[0] * self.out_features * self.in_features >= self._onednn_min_macs:
             y = K.onednn_mm(v, self._packed["onednn"], self._u8s8_scale, self._u8s8_wzero, zero)
@@ -477,8 +478,8 @@ class Fp8Linear(RuntimeLinear):
         if scheme is not None:
             fmt, x32 = scheme.number_format(), x2.to(torch.float32)
             if scheme.dynamic:
-                s_x, _ = K.act_qparams(x32, fmt, scheme.granularity == "token", scheme.observer, scheme.clip_ratio,
-                                       observer_kwargs(scheme))
+                s_x, _ = act_qparams(x32, fmt, scheme.granularity == "token", scheme.observer, scheme.clip_ratio,
+                                     observer_kwargs(scheme))
             else:
                 s_x = self.input_scale.reshape(1, 1)
             xf = K.fp8_codes(x32, s_x, fmt, FP8_DTYPES[scheme.format])

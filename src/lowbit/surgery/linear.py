@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import (
+    IntFormat,
     QParams,
     compute_qparams,
     dequantize,
@@ -14,6 +15,7 @@ from ..quant import (
     observe_range,
     quantize,
 )
+from ..quant.integer import act_qparams, column_blocks, exact_block, float_linear, int_values
 from ..schemes import QuantScheme
 from .quantizer import (
     ActQuantizer,
@@ -56,9 +58,58 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:  # an online rotation (R4) runs before the input is quantized
             x = self.input_transform(x)
+        if self.integer_product() and not self._needs_grad(x):
+            return self._integer_forward(x)
         if self.input_quant is not None:
             x = self.input_quant(x)
         return F.linear(x, self.quantized_weight() if self.learning else self.weight, self.bias)
+
+    def integer_product(self) -> bool:
+        """Whether inference computes ``(v_x @ v_w^T) * s_w * s_x`` on integer values, as the deployed integer kernels
+        do (:mod:`lowbit.quant.integer`): frozen int weights per channel or tensor, and int activations whose scales
+        factor out of the matmul (dynamic per token, or per tensor) with the scheme's own clip and scale dtype."""
+        q, w = self.input_quant, self.weight_scheme
+        if q is None or w is None or self.learning or not q.enabled or q.calibrating or q.learned_clip is not None:
+            return False
+        a = q.scheme
+        return (isinstance(q.fmt, IntFormat) and isinstance(w.number_format(), IntFormat)
+                and w.granularity in ("channel", "tensor") and a.scale_torch_dtype is None
+                and (a.granularity == "tensor" or (a.granularity == "token" and a.dynamic))
+                and (a.dynamic or q.scale is not None))
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        scale = self.input_quant.scale if self.input_quant is not None else None
+        return torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                            or (scale is not None and scale.requires_grad))
+
+    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer product (:meth:`integer_product`): the same values as the fake-quant matmul up to float32
+        rounding, summed exactly instead, so that the real low-bit linear computes the same bits."""
+        q, a = self.input_quant, self.input_quant.scheme
+        x32 = x.reshape(-1, self.in_features).to(torch.float32)
+        if a.dynamic:
+            s_x, z_x = act_qparams(x32, q.fmt, a.granularity == "token", a.observer, a.clip_ratio, observer_kwargs(a))
+        else:
+            s_x = q.scale.reshape(1, 1).to(torch.float32)
+            z_x = None if q.zero_point is None else q.zero_point.reshape(1, 1).to(torch.float32)
+        v, (w, s_w, blocks) = int_values(x32, s_x, z_x, q.fmt), self._integer_weight(q.fmt)
+        y = float_linear(v, w, s_w, blocks).mul_(s_x)
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _integer_weight(self, act: IntFormat) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+        """The weight's codes minus zero points (integer-valued float32 ``[N, K]``), its scales ``[1, N]`` or ``[1, 1]``
+        and the exact column blocks for activations of format ``act``."""
+        scheme = self.weight_scheme
+        fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
+        codes = quantize(self.weight.detach().to(torch.float32), QParams(self.weight_scale, self.weight_zero), fmt, gran)
+        if self.weight_zero is not None:
+            codes = codes - self.weight_zero.reshape(-1, 1).to(torch.float32)
+        scale = self.weight_scale.detach().to(torch.float32).reshape(1, -1)
+        v_max = act.qmax if act.symmetric else 2**act.bits - 1
+        w_max = fmt.qmax if fmt.symmetric else 2**fmt.bits - 1
+        return codes, scale, column_blocks(self.in_features, self.in_features, exact_block(v_max, w_max))
 
     def quantized_weight(self) -> torch.Tensor:
         """``weight`` fake-quantized with the current ``weight_scale`` / ``weight_zero`` (differentiable)."""
