@@ -86,6 +86,26 @@ def test_real_kernels_match_the_fake_quant_model(tmp_path, family, preset):
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
 
 
+def test_a_packed_load_holds_int4_codes_two_per_byte_and_computes_the_same(tmp_path, monkeypatch):
+    """``packed=True``: int4 x int4 linears keep their codes in nibbles (half the int8 copy's bytes) and unpack them
+    per call; the logits do not change (int_mm forced: CPUs without VNNI default to fbgemm's int8 layout)."""
+    from lowbit.bench import resident_bytes
+    from lowbit.runtime import IntLinear
+
+    monkeypatch.setattr(IntLinear, "BACKEND", "int_mm")
+    save(_quantized("qwen2", "w4a4kv4-quarot"), tmp_path / "a")
+    fast, small = load(tmp_path / "a", lean=True), load(tmp_path / "a", lean=True, packed=True)
+    windows = _data().eval_windows
+    with torch.no_grad():
+        assert torch.equal(fast(windows).logits, small(windows).logits)
+    owners = [m.shared.combined if m.shared is not None else m for m in small.modules() if isinstance(m, IntLinear)]
+    layers = list({id(m): m for m in owners}.values())  # fused siblings run their combined module
+    assert len(layers) < len(owners) and all(m._w8 is None and m._nibbles is not None for m in layers)
+    codes = sum(m.out_features * m.in_features for m in layers)
+    held = resident_bytes(fast)["quantized linears"] - resident_bytes(small)["quantized linears"]
+    assert held == codes - sum(m._nibbles.numel() for m in layers)  # int8 copy -> nibbles: half the code bytes
+
+
 @pytest.mark.parametrize("preset", ["w4a4kv4-quarot", "w8a8-fp8", "w4a16-rtn-g64"])
 def test_a_lean_load_frees_the_stored_codes_computes_the_same_and_refuses_to_save(tmp_path, preset, monkeypatch):
     """Weight-only layers read their codes for inputs above ``BF16_CAST_MAX_M`` rows: they are freed only when the

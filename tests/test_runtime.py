@@ -207,6 +207,14 @@ def test_u8s8_kernels_saturate_past_the_bound(kernel):
     assert not torch.equal(got, v @ w.float().t())
 
 
+@pytest.mark.parametrize("k", [1, 7, 64, 577])
+def test_nibble_layout_round_trips_every_code(k):
+    codes = torch.randint(-8, 8, (5, k), dtype=torch.int8, generator=torch.Generator().manual_seed(k))
+    packed = kernels.nibble_pack(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, (k + 1) // 2)
+    assert torch.equal(kernels.nibble_unpack(packed, k), codes)
+
+
 def test_float_backend_sums_in_exact_blocks():
     """W8A8 at K = 1100: 1100 * 127 * 127 > 2^24, so the float32 GEMM runs in two blocks, each sum an exact integer."""
     k, n = 1100, 6

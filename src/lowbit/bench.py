@@ -146,9 +146,9 @@ def decode_profile(model: nn.Module, prompt: int = 64, top: int = 6) -> list[dic
             for e in events[:top]]
 
 
-def load_memory(folder: Path, simulate: bool = False, lean: bool = True) -> dict:
+def load_memory(folder: Path, simulate: bool = False, lean: bool = True, packed: bool = False) -> dict:
     """Peak and final resident memory of a fresh process loading the model (MiB), over its footprint after
-    importing lowbit: the child does nothing else. ``lean``: as :func:`lowbit.load` (what ``bench`` runs)."""
+    importing lowbit: the child does nothing else. ``lean``, ``packed``: as :func:`lowbit.load`."""
     code = ("import pathlib, sys, lowbit.artifact as a\n"
             "from accelerate import init_empty_weights\n"
             "from transformers import AutoModelForCausalLM\n"
@@ -157,7 +157,7 @@ def load_memory(folder: Path, simulate: bool = False, lean: bool = True) -> dict
             "with init_empty_weights():\n"  # import the model's code first: only the model is measured
             "    AutoModelForCausalLM.from_config(a.read_config(pathlib.Path(sys.argv[1])))\n"
             "base = rss()\n"
-            f"m = a.load(sys.argv[1], simulate={simulate!r}, lean={lean!r})\n"
+            f"m = a.load(sys.argv[1], simulate={simulate!r}, lean={lean!r}, packed={packed!r})\n"
             "peak = rss('VmHWM')\n"  # not ru_maxrss: Linux carries the parent's peak across fork and exec
             "print(base, rss(), peak)\n")
     out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
@@ -167,12 +167,13 @@ def load_memory(folder: Path, simulate: bool = False, lean: bool = True) -> dict
 
 def bench(folder: str | Path, reference: str | None = "saved", prefill: int = 2048, prompt: int = 512,
           new_tokens: int = 128, batches: tuple[int, ...] = (1, 8), repeats: int = 3, profile: bool = True,
-          progress=None) -> dict:
-    """Speed, memory and size of the saved model and of its full-precision source in float32 and bfloat16."""
+          progress=None, packed: bool = False) -> dict:
+    """Speed, memory and size of the saved model (loaded lean; ``packed`` as :func:`lowbit.load`) and of its
+    full-precision source in float32 and bfloat16."""
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
     source = manifest.get("source") if reference == "saved" else reference
-    models: dict[str, nn.Module] = {"quantized": load(folder, lean=True)}
+    models: dict[str, nn.Module] = {"quantized": load(folder, lean=True, packed=packed)}
     if source:
         fp32 = load_model(source).model
         models["fp32"], models["bf16"] = fp32, load_model(source, dtype=torch.bfloat16).model
@@ -194,7 +195,8 @@ def bench(folder: str | Path, reference: str | None = "saved", prefill: int = 20
     return {"model": str(folder), "recipe": (manifest["recipe"] or {}).get("name"), "reference": source,
             "threads": torch.get_num_threads(), "prefill_tokens": prefill, "prompt_tokens": prompt,
             "new_tokens": new_tokens, "batches": list(batches), "repeats": repeats,
-            "file_bytes": sum(files.values()), "load_memory": load_memory(folder), "rows": rows}
+            "packed": packed, "file_bytes": sum(files.values()), "load_memory": load_memory(folder, packed=packed),
+            "rows": rows}
 
 
 def render(result: dict, console=None) -> None:

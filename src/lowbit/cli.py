@@ -113,6 +113,8 @@ def _saved_model(parser: argparse.ArgumentParser, reference: bool = True, simula
                             help="full-precision model to compare with: 'saved' (its source), 'none', or a model source")
     if simulate:
         parser.add_argument("--simulate", action="store_true", help="run the fake-quant model instead of real kernels")
+    parser.add_argument("--packed", action="store_true",
+                        help="keep int4 weights of int x int layers packed in memory (half the bytes, slower decode)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,7 +249,7 @@ def _cmd_eval(args, console: Console) -> int:
     data = DataConfig(eval=args.eval_data, seq_len=args.seq_len, windows=None if args.all_windows else args.windows)
     reference = None if args.reference == "none" else args.reference
     with rich_progress(console) as progress:
-        report = evaluate_saved(args.model, data, reference, args.simulate, progress)
+        report = evaluate_saved(args.model, data, reference, args.simulate, progress, packed=args.packed)
     write_json_atomic(args.report, report)
     render_table(report, console)
     console.print(f"report written to {args.report}")
@@ -261,7 +263,7 @@ def _cmd_generate(args, console: Console) -> int:
     if not args.temperature >= 0:
         raise LowbitError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
     _threads(args)
-    model, tokenizer = load(args.model, simulate=args.simulate, lean=True), load_tokenizer(args.model)
+    model, tokenizer = load(args.model, simulate=args.simulate, lean=True, packed=args.packed), load_tokenizer(args.model)
     generate(model, tokenizer, args.prompt, args.max_new_tokens, chat=not args.raw, temperature=args.temperature,
              seed=args.seed, on_text=lambda text: print(text, end="", flush=True))
     print()
@@ -283,7 +285,7 @@ def _cmd_bench(args, console: Console) -> int:
     reference = None if args.reference == "none" else args.reference
     with rich_progress(console) as progress:
         result = bench(args.model, reference, args.prefill, args.prompt, args.new_tokens, batches, args.repeats,
-                       progress=progress)
+                       progress=progress, packed=args.packed)
     write(result, args.report)
     render(result, console)
     console.print(f"result written to {args.report}")

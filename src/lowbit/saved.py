@@ -24,18 +24,19 @@ from .version import __version__
 
 
 def evaluate_saved(folder: str | Path, data: DataConfig | None = None, reference: str | None = "saved",
-                   simulate: bool = False, progress=None) -> dict:
+                   simulate: bool = False, progress=None, packed: bool = False) -> dict:
     """Perplexity of the saved model on ``data.eval`` windows, in ``lowbit quantize``'s report format.
 
     ``reference``: the full-precision model to compare against (KL, top-1 agreement, ppl ratio): ``"saved"`` (the
-    default) is the source recorded at save time; ``None`` evaluates the quantized model alone.
+    default) is the source recorded at save time; ``None`` evaluates the quantized model alone. ``packed``: as
+    :func:`lowbit.load`.
     """
     folder, data = Path(folder).expanduser(), data or DataConfig()
     check_source(data.eval)
     manifest = read_manifest(folder)
     source = manifest.get("source") if reference == "saved" else reference
     seconds, start = {}, time.perf_counter()
-    model, tokenizer = load(folder, simulate=simulate, lean=True), load_tokenizer(folder)
+    model, tokenizer = load(folder, simulate=simulate, lean=True, packed=packed), load_tokenizer(folder)
     seconds["load"] = time.perf_counter() - start
     fp = load_model(source).model if source else model
     tokens = prepare_data(DataConfig(calib=data.eval, eval=data.eval, seq_len=data.seq_len, windows=data.windows,

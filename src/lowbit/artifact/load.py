@@ -19,7 +19,7 @@ from ..errors import ArtifactError
 from ..models.arch import decoder_layers, get_module, spec_for_model_type
 from ..quant import QParams, granule_shape
 from ..rotations import RotationMatrix
-from ..runtime import RuntimeEmbedding, RuntimeLinear, fuse_groups, to_quant_embedding
+from ..runtime import IntLinear, RuntimeEmbedding, RuntimeLinear, fuse_groups, to_quant_embedding
 from ..schemes import QuantScheme
 from ..surgery.embedding import QuantEmbedding
 from ..surgery.linear import QuantLinear
@@ -194,14 +194,18 @@ def shared_input_groups(model: nn.Module, arch) -> list[list[nn.Module]]:
             for group in arch.input_groups if len(group) > 1]
 
 
-def load(folder: str | Path, simulate: bool = False, lean: bool = False, fuse: bool = True) -> nn.Module:
+def load(folder: str | Path, simulate: bool = False, lean: bool = False, fuse: bool = True,
+         packed: bool = False) -> nn.Module:
     """The quantized model saved in ``folder``, in eval mode, ready for ``generate``; see the module docstring.
 
     ``lean=True`` frees each real low-bit linear's stored weight codes where its kernel layout no longer reads them
     (:meth:`~lowbit.runtime.RuntimeLinear.drop_stored_codes`): less resident memory, and the model cannot be saved
     again (``lowbit eval``, ``generate`` and ``bench`` load lean). ``fuse=True`` runs the real low-bit linears that
     read one input (q/k/v, gate/up) as one (:mod:`lowbit.runtime.fused`: the same outputs and bytes on disk, one
-    activation quantization and one GEMM per group).
+    activation quantization and one GEMM per group). ``packed=True`` keeps the int2-int4 weights of int x int
+    linears packed two per byte and unpacks them on every call (``IntLinear.prepare(int8_copy=False)``): half the
+    resident bytes of the default int8 copy, slower decode; it changes nothing on CPUs without int8 dot products,
+    whose fbgemm layout is int8 (``benchmarks/README.md``).
 
     Raises :class:`~lowbit.errors.ArtifactError` (one line) for a folder that is not a lowbit model, a format
     version newer than this lowbit, or a damaged or missing file.
@@ -241,6 +245,10 @@ def load(folder: str | Path, simulate: bool = False, lean: bool = False, fuse: b
         model.tie_weights()
     _check_complete(model)
     finish(model, arch)
+    if packed and not simulate:
+        for module in model.modules():
+            if isinstance(module, IntLinear) and module.bits < 8 and module.backend == "int_mm":
+                module.prepare(int8_copy=False, backend="int_mm")
     if fuse and not simulate:
         fuse_groups(shared_input_groups(model, arch))
     if lean:

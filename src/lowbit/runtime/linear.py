@@ -246,8 +246,10 @@ class IntLinear(RuntimeLinear):
     integer sums, then the same float32 scaling as ``"int_mm"``; except ``"float"`` with group-wise weights, one GEMM
     on the dequantized weight (float32 sums, as the fake-quant layer's).
 
-    ``int8_copy`` (``"int_mm"`` only): keep the weight's codes as an int8 copy (``[N, K]`` bytes, beside the packed
-    words) instead of unpacking them on every call (measured 3x faster at decode). ``GROUPS``: group-wise weights
+    ``int8_copy`` (``"int_mm"`` only): keep the weight's codes as an int8 copy (``[N, K]`` bytes) instead of
+    unpacking them on every call; without it int2-int4 codes stay packed two per byte (``N*K/2`` bytes, in the layout
+    of :func:`~lowbit.runtime.kernels.nibble_pack`, which replaces the stored words in a lean load) and are unpacked
+    per call: half the memory, slower decode (benchmarks/README.md). ``GROUPS``: group-wise weights
     run per-group partial products (measured 1.5-3x the per-channel kernel at decode), so they are refused unless
     set. Measurements: benchmarks/kernels.py.
     """
@@ -283,7 +285,7 @@ class IntLinear(RuntimeLinear):
         self.backend, self.int8_copy = backend, self.INT8_COPY if int8_copy is None else int8_copy
         fmt, scheme = self.input_scheme.number_format(), self.input_scheme
         ws, wz = self.scale_rows(), self.zero_rows()
-        for name in ("_w8", "_wcolsum", "_wc", "_float_ws", "_u8s8_scale", "_u8s8_wzero"):
+        for name in ("_w8", "_nibbles", "_wcolsum", "_wc", "_float_ws", "_u8s8_scale", "_u8s8_wzero"):
             self.register_buffer(name, None, persistent=False)
         self._packed, self._blocks = _Packed(), []
         self.register_buffer("_ws", ws, persistent=False)
@@ -306,6 +308,7 @@ class IntLinear(RuntimeLinear):
 
     def _prepare_int_mm(self, fmt: IntFormat, ws: Tensor, wz: Tensor | None) -> None:
         self._w8 = self.signed_codes() if (self.int8_copy or self.bits == 8) else None
+        self._nibbles = K.nibble_pack(self.signed_codes()) if self._w8 is None and self.bits <= 4 else None
         if not fmt.symmetric:
             w = self.signed_codes().to(torch.int32)
             sizes = [c.shape[1] for c in w.split(self.group, 1)]
@@ -347,10 +350,12 @@ class IntLinear(RuntimeLinear):
         self._blocks = column_blocks(self.in_features, self.group, exact_block(v_max, w_max))
 
     def _weight_codes(self) -> Tensor:
-        return self._w8 if self._w8 is not None else self.signed_codes()
+        if self._w8 is not None:
+            return self._w8
+        return K.nibble_unpack(self._nibbles, self.in_features) if self._nibbles is not None else self.signed_codes()
 
     def _reads_stored_codes(self) -> bool:
-        return self.backend == "int_mm" and (self._w8 is None or self.bits == 8)
+        return self.backend == "int_mm" and ((self._w8 is None and self._nibbles is None) or self.bits == 8)
 
     def opaque_bytes(self) -> int:
         """Bytes of the kernel layouts that are not module tensors (fbgemm's and oneDNN's packed weights): their
