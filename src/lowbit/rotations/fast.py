@@ -18,7 +18,7 @@ Everything is plain reshapes, matmuls and stacks, so autograd differentiates it 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Final
 
@@ -44,6 +44,7 @@ class _Stage:
     order: int
     trailing: int
     matrix: Tensor | None  # None: Walsh–Hadamard butterflies
+    cast: dict = field(default_factory=dict, compare=False, repr=False)  # the matrix by (device, dtype), built once
 
 
 def _pieces(plan: HadamardPlan) -> list[tuple[int, Tensor | None]]:
@@ -129,10 +130,14 @@ def _apply_butterflies(y: Tensor, order: int, trailing: int) -> Tensor:
 
 
 def _apply_stage(y: Tensor, stage: _Stage) -> Tensor:
-    """Apply one unnormalized stage on its axis, casting its ±1 matrix to y's dtype and device."""
+    """Apply one unnormalized stage on its axis, with its ±1 matrix in y's dtype and device (cast once, cached)."""
     if stage.matrix is None:
         return _apply_butterflies(y, stage.order, stage.trailing)
-    return _apply_dense(y, stage.matrix.to(device=y.device, dtype=y.dtype), stage.trailing)
+    key = (y.device, y.dtype)
+    matrix = stage.cast.get(key)
+    if matrix is None:
+        matrix = stage.cast[key] = stage.matrix.to(device=y.device, dtype=y.dtype)
+    return _apply_dense(y, matrix, stage.trailing)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -142,13 +147,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def hadamard_transform(x: Tensor, plan: HadamardPlan, signs: Tensor | None = None) -> Tensor:
+def hadamard_transform(x: Tensor, plan: HadamardPlan, signs: Tensor | None = None,
+                       out_scale: Tensor | None = None) -> Tensor:
     """``x @ dense_matrix(plan, signs)`` over the last dimension, without building the n×n matrix.
 
     Exact dense equivalent: ``(x.double() @ blockdiag(H_b) @ diag(signs) / sqrt(b)).to(x.dtype)`` where ``H_b`` is
     the ±1 matrix of one block (``hadamard_matrix(plan.n)`` for a true Hadamard plan) and ``b`` its order; signs
     scale the output columns. Any leading shape; float16/bfloat16 are computed in float32 and cast back, so the
     result always has x's dtype and shape. x is never modified; gradients flow through the reshapes and matmuls.
+    ``out_scale``: :func:`output_scale` of the same plan and signs, precomputed (a caller applying one rotation many
+    times keeps it); by default built on each call.
     """
     n = plan.n
     if x.ndim == 0 or x.shape[-1] != n:
@@ -157,13 +165,14 @@ def hadamard_transform(x: Tensor, plan: HadamardPlan, signs: Tensor | None = Non
     y = x.to(_compute_dtype(x.dtype)).reshape(-1, n)
     for stage in _stages(plan):
         y = _apply_stage(y, stage)
-    scale = _output_scale(plan.block_size, n, signs, y.dtype, y.device)
+    scale = output_scale(plan, signs, y.dtype, y.device) if out_scale is None else out_scale
     y = y.reshape(-1, n)
     y = y * scale if y.data_ptr() == x.data_ptr() else y.mul_(scale)  # in place on the last stage's fresh output
     return y.reshape(x.shape).to(x.dtype)
 
 
-def _output_scale(block: int, n: int, signs: Tensor | None, dtype: torch.dtype, device) -> Tensor:
-    """``signs / sqrt(block)`` (or the constant) as an ``n``-vector of the compute dtype."""
-    scale = torch.full((n,), 1.0 / math.sqrt(block), dtype=dtype, device=device)
+def output_scale(plan: HadamardPlan, signs: Tensor | None, dtype: torch.dtype, device) -> Tensor:
+    """``signs / sqrt(block)`` (or the constant) as a ``plan.n``-vector of ``dtype`` (the compute dtype of
+    :func:`hadamard_transform`: float32, or float64 for float64 inputs)."""
+    scale = torch.full((plan.n,), 1.0 / math.sqrt(plan.block_size), dtype=dtype, device=device)
     return scale if signs is None else scale * signs.to(dtype=dtype, device=device)

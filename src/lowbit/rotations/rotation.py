@@ -15,7 +15,7 @@ from typing import Final
 import torch
 from torch import Tensor
 
-from lowbit.rotations.fast import dense_matrix, hadamard_transform
+from lowbit.rotations.fast import dense_matrix, hadamard_transform, output_scale
 from lowbit.rotations.hadamard import (
     FALLBACKS,
     HadamardPlan,
@@ -43,6 +43,7 @@ class RotationMatrix:
     matrix: Tensor | None = None
     fallback: str | None = None
     _dense_cache: dict = field(default_factory=dict, init=False, repr=False)
+    _scale_cache: dict = field(default_factory=dict, init=False, repr=False)  # the factored path's output scale
 
     def dense(self) -> Tensor:
         """The dense float64 Q: the stored matrix, or built from the plan and signs (a fresh tensor each call)."""
@@ -59,10 +60,13 @@ class RotationMatrix:
         one product with Q, cached per device and compute dtype (float64 for float64 inputs, else float32), since a
         single small GEMM beats the factored stages' overhead there (``benchmarks/hadamard.py``).
         """
-        if self.plan is not None and self.n > DENSE_UP_TO:
-            return hadamard_transform(x, self.plan, self.signs)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         key = (x.device, dtype)
+        if self.plan is not None and self.n > DENSE_UP_TO:
+            scale = self._scale_cache.get(key)
+            if scale is None:
+                scale = self._scale_cache[key] = output_scale(self.plan, self.signs, dtype, x.device)
+            return hadamard_transform(x, self.plan, self.signs, scale)
         if key not in self._dense_cache:
             self._dense_cache[key] = self.dense().to(device=x.device, dtype=dtype)
         return (x.to(dtype) @ self._dense_cache[key]).to(x.dtype)
