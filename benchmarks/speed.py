@@ -54,10 +54,16 @@ ROWS: list[tuple[str, str, Callable[[], Recipe] | None]] = [
     ("w4a16 g64", "w4a16-rtn-g64 (w4a16-gptq's kernel): int4 weights in groups of 64", lambda: load_preset("w4a16-rtn-g64")),
     ("w4a4kv4 dynamic", "w4a4kv4-quarot-rtn (w4a4kv4-quarot's modules): R1-R4, per-token A4, KV4",
      lambda: load_preset("w4a4kv4-quarot-rtn")),
+    ("w4a4kv4 dynamic packed", "the same saved model loaded with packed=True: int4 codes two per byte, unpacked per call",
+     lambda: load_preset("w4a4kv4-quarot-rtn")),
     ("w4a4kv4 static prefix", "w4a4kv4-prefix's modules: R1-R4, prefix, static per-tensor A4, static KV4",
      _static_prefix),
     ("kv-turbo3", "kv-turbo3: float weights, packed 3-bit KV cache", lambda: load_preset("kv-turbo3")),
 ]
+
+
+PACKED = {"w4a4kv4 dynamic packed": "w4a4kv4 dynamic"}
+"""Rows that load another row's saved model with ``lowbit.load(..., packed=True)``."""
 
 
 def saved_model(label: str, recipe: Recipe, source: str) -> str:
@@ -88,7 +94,7 @@ def rotations_off(model: torch.nn.Module):
             m.forward = forward
 
 
-def measure(model: torch.nn.Module, args, folder: str | None) -> dict:
+def measure(model: torch.nn.Module, args, folder: str | None, packed: bool = False) -> dict:
     prefill_s = B.prefill_seconds(model, args.prefill, args.repeats)
     row = {"prefill_tokens_per_s": args.prefill / prefill_s}
     with rotations_off(model) as n:
@@ -102,7 +108,7 @@ def measure(model: torch.nn.Module, args, folder: str | None) -> dict:
     if folder is not None:
         manifest = read_manifest(folder)
         row["file_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
-        row["load_memory"] = B.load_memory(folder)
+        row["load_memory"] = B.load_memory(folder, packed=packed)
         row["bits"] = manifest["bits"]
     return row
 
@@ -115,8 +121,9 @@ def run(args, results: Results, labels: list[str]) -> None:
             dtype = torch.float32 if label == "fp32" else torch.bfloat16
             row = measure(load_model(args.model, dtype=dtype).model, args, None)
         else:
-            folder = saved_model(label, factory(), args.model)
-            row = measure(load(folder, lean=True), args, folder)
+            packed = label in PACKED
+            folder = saved_model(PACKED.get(label, label), factory(), args.model)
+            row = measure(load(folder, lean=True, packed=packed), args, folder, packed)
         results.put(label, {"label": label, **row})
         print(f"{label}: prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode b1 "
               f"{row['decode_b1_tokens_per_s']:.1f} tok/s", flush=True)
