@@ -332,3 +332,30 @@ def test_learnable_clip_logit_round_trips_and_stays_in_range():
     for bad in (0.5, 0.2, 1.5):
         with pytest.raises(ValueError, match="clip ratio"):
             logit_from_clip(bad)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("clip", [1.0, 0.95])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_shortcut_is_the_general_path_bit_for_bit(bits, symmetric, clip, dtype):
+    """fake_quantize_rows == fake_quantize(PerRow, dynamic minmax), zero and constant rows included; the dynamic
+    per-token ActQuantizer takes it at inference and the general path under autograd."""
+    from lowbit.quant.fake import fake_quantize_rows
+    from lowbit.schemes import QuantScheme
+    from lowbit.surgery.quantizer import ActQuantizer
+
+    g = torch.Generator().manual_seed(bits)
+    scheme = QuantScheme(format=f"int{bits}", symmetric=symmetric, granularity="token", clip_ratio=clip)
+    fmt = scheme.number_format()
+    x = (torch.randn(2, 3, 17, 64, generator=g) * torch.rand(2, 3, 17, 1, generator=g) * 10).to(dtype)
+    x[0, 0, 0], x[0, 0, 1], x[1, 2, 3] = 0.0, 3.0, -2.5
+    want = fake_quantize(x, fmt, PerRow(), clip_ratio=clip)
+    assert torch.equal(fake_quantize_rows(x, fmt, clip), want)
+    quant = ActQuantizer(scheme, "kv")
+    assert quant._rows_shortcut
+    with torch.no_grad():
+        assert torch.equal(quant(x), want)
+    xg = x.float().requires_grad_(True)
+    quant(xg).sum().backward()  # the straight-through gradient of the general path (0 where clipped)
+    assert xg.grad is not None and xg.grad.sum() > 0.5 * xg.numel()

@@ -10,6 +10,7 @@ from torch import nn
 from ..errors import CalibrationError
 from ..quant import (
     Granularity,
+    IntFormat,
     PerAxis,
     PerGroup,
     PerRow,
@@ -20,6 +21,7 @@ from ..quant import (
     observe_range,
 )
 from ..quant.clip import clip_from_logit
+from ..quant.fake import fake_quantize_rows
 from ..schemes import QuantScheme
 
 
@@ -95,6 +97,10 @@ class ActQuantizer(nn.Module):
         self.name = name
         self.fmt = scheme.number_format()
         self.granularity = granularity_for(scheme, kind)
+        # dynamic minmax scales per row on a restricted integer grid: the same values through fewer ops at inference
+        self._rows_shortcut = (scheme.dynamic and isinstance(self.granularity, PerRow) and scheme.observer == "minmax"
+                               and isinstance(self.fmt, IntFormat) and not self.fmt.full_range
+                               and scheme.scale_torch_dtype is None)
         self.calibrating = False
         self.enabled = True
         self.scale_grad = False
@@ -192,6 +198,8 @@ class ActQuantizer(nn.Module):
             if self.scale is None:
                 raise CalibrationError(f"static quantizer {self.name or self.kind} was never calibrated")
             return fake_quantize(x, self.fmt, self.granularity, qparams=QParams(self.scale, self.zero_point))
+        if self._rows_shortcut and self.learned_clip is None and not (torch.is_grad_enabled() and x.requires_grad):
+            return fake_quantize_rows(x, self.fmt, self.scheme.clip_ratio)
         return fake_quantize(
             x,
             self.fmt,
