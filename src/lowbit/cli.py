@@ -263,7 +263,8 @@ def _cmd_generate(args, console: Console) -> int:
     if not args.temperature >= 0:
         raise LowbitError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
     _threads(args)
-    model, tokenizer = load(args.model, simulate=args.simulate, lean=True, packed=args.packed), load_tokenizer(args.model)
+    model = load(args.model, simulate=args.simulate, lean=True, packed=args.packed)
+    tokenizer = load_tokenizer(args.model)
     generate(model, tokenizer, args.prompt, args.max_new_tokens, chat=not args.raw, temperature=args.temperature,
              seed=args.seed, on_text=lambda text: print(text, end="", flush=True))
     print()

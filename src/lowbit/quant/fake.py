@@ -21,6 +21,7 @@ from lowbit.quant import observers as _observers
 from lowbit.quant import qparams as _qparams
 from lowbit.quant.formats import Format, IntFormat
 from lowbit.quant.granularity import Granularity, from_groups, granule_shape, to_groups
+from lowbit.quant.integer import act_qparams, int_values
 from lowbit.quant.qparams import (
     Offset,
     QParams,
@@ -114,18 +115,12 @@ def fake_quantize_rows(x: Tensor, fmt: IntFormat, clip_ratio: float = 1.0) -> Te
     """``fake_quantize(x, fmt, PerRow(), clip_ratio=clip_ratio)`` (dynamic minmax scales per row of the last
     dimension, integer grid), the same values bit for bit, as a dozen tensor ops without the general path's views and
     checks: the inference-time quantizer of every dynamic KV cache and per-token activation runs it once per decode
-    step and layer. No gradient: callers use :func:`fake_quantize` when one is recorded."""
+    step and layer. No gradient: callers use :func:`fake_quantize` when one is recorded. The scales and values are
+    the integer kernels' own (:func:`~lowbit.quant.integer.act_qparams`, :func:`~lowbit.quant.integer.int_values`)."""
     if fmt.full_range:
         raise ValueError("fake_quantize_rows takes restricted-range integer formats")
     if x.numel() == 0:
         return x.clone()
     x32 = x.to(torch.float32)
-    lo, hi = torch.aminmax(x32, dim=-1, keepdim=True)
-    eps = _qparams.DEFAULT_EPS
-    if fmt.symmetric:
-        scale = (torch.maximum(lo.abs(), hi.abs()).mul_(clip_ratio) / fmt.qmax).clamp_(min=eps)
-        return (scale * torch.round(x32 / scale).clamp_(fmt.qmin, fmt.qmax)).to(x.dtype)
-    lo, hi = lo.clamp_(max=0.0).mul_(clip_ratio), hi.clamp_(min=0.0).mul_(clip_ratio)
-    scale = ((hi - lo) / (fmt.qmax - fmt.qmin)).clamp_(min=eps)
-    zero = torch.round(fmt.qmin - lo / scale).clamp_(fmt.qmin, fmt.qmax)
-    return (scale * ((torch.round(x32 / scale) + zero).clamp_(fmt.qmin, fmt.qmax) - zero)).to(x.dtype)
+    scale, zero = act_qparams(x32, fmt, True, "minmax", clip_ratio, {})
+    return (scale * int_values(x32, scale, zero, fmt)).to(x.dtype)

@@ -17,9 +17,7 @@ from torch import Tensor
 from .formats import FloatFormat, IntFormat
 from .granularity import PerRow, PerTensor
 from .observers import observe_range
-from .qparams import compute_qparams
-
-EPS = 1e-8  # compute_qparams' default floor of a scale; the fast path below must match it
+from .qparams import DEFAULT_EPS, compute_qparams
 
 
 def act_qparams(x32: Tensor, fmt: IntFormat | FloatFormat, per_token: bool, observer: str, clip_ratio: float,
@@ -27,17 +25,28 @@ def act_qparams(x32: Tensor, fmt: IntFormat | FloatFormat, per_token: bool, obse
     """Dynamic scale (and unsigned zero point) of ``x32`` ``[M, K]``, per token ``[M, 1]`` or per tensor ``[1, 1]``.
 
     The same numbers as :class:`~lowbit.surgery.quantizer.ActQuantizer`'s dynamic forward (observe_range then
-    compute_qparams); symmetric minmax takes a shortcut with the same float ops (``max|x| == max(|min|, |max|)``).
+    compute_qparams); minmax takes a shortcut with the same float ops (symmetric: ``max|x| == max(|min|, |max|)``;
+    asymmetric: compute_qparams' formula on ``aminmax``). ``per_token``: one scale per row of the last dimension,
+    whatever the leading dimensions.
     """
     if observer == "minmax" and fmt.symmetric:
         absmax = x32.abs().amax(dim=-1, keepdim=True) if per_token else x32.abs().amax().reshape(1, 1)
         top = fmt.qmax if isinstance(fmt, IntFormat) else fmt.max_value
         clipped = absmax if clip_ratio == 1.0 else absmax * clip_ratio  # * 1.0 is exact: one op fewer per call
-        return (clipped / top).clamp_(min=EPS), None
+        return (clipped / top).clamp_(min=DEFAULT_EPS), None
+    if observer == "minmax" and isinstance(fmt, IntFormat) and not fmt.full_range:
+        lo, hi = torch.aminmax(x32, dim=-1, keepdim=True) if per_token else (t.reshape(1, 1) for t in x32.aminmax())
+        lo, hi = lo.clamp(max=0.0).mul_(clip_ratio), hi.clamp(min=0.0).mul_(clip_ratio)
+        scale = ((hi - lo) / (fmt.qmax - fmt.qmin)).clamp_(min=DEFAULT_EPS)
+        return scale, torch.round(fmt.qmin - lo / scale).clamp_(fmt.qmin, fmt.qmax)
     lo, hi = observe_range(x32, PerRow() if per_token else PerTensor(), fmt, observer, **observer_kwargs)
     qp = compute_qparams(lo, hi, fmt, clip_ratio=clip_ratio)
     return qp.scale, qp.zero_point
 
+
+def magnitude(fmt: IntFormat) -> int:
+    """The largest ``|code - zero point|`` of ``fmt``: ``qmax`` symmetric, ``2^b - 1`` asymmetric."""
+    return int(fmt.qmax) if fmt.symmetric else 2**fmt.bits - 1
 
 
 def int_values(x32: Tensor, scale: Tensor, zero: Tensor | None, fmt: IntFormat, clamp: bool = True) -> Tensor:

@@ -14,7 +14,8 @@ N % 16 == 0; its packed layout is ISA-specific, so it is built at load time, nev
 elsewhere it runs a scalar loop (measured 0.01-0.2x fp32 ``F.linear``). There the u8 x s8 GEMMs of fbgemm
 (``quantized.linear_with_input_q_dq_qweight_dq_output_fp32``) and oneDNN (``onednn.qlinear_pointwise``, the x86
 inductor op) run, exactly for weight codes up to :data:`U8S8_MAX_W` (int16 pair sums, see there), and float32
-``F.linear`` on the codes is exact in blocks (:func:`lowbit.quant.integer.exact_block`). Measurements: benchmarks/kernels.py.
+``F.linear`` on the codes is exact in blocks (:func:`lowbit.quant.integer.exact_block`).
+Measurements: benchmarks/kernels.py.
 No model code here: :mod:`lowbit.runtime.linear` holds the modules.
 """
 

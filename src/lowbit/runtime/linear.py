@@ -28,7 +28,15 @@ from torch import Tensor, nn
 
 from ..errors import CalibrationError, ModelError, NoKernelError
 from ..quant import FloatFormat, IntFormat, QParams, dequantize, quantize
-from ..quant.integer import act_qparams, clamp_needed, column_blocks, exact_block, float_linear, int_values
+from ..quant.integer import (
+    act_qparams,
+    clamp_needed,
+    column_blocks,
+    exact_block,
+    float_linear,
+    int_values,
+    magnitude,
+)
 from ..schemes import QuantScheme
 from ..surgery.linear import QuantLinear
 from ..surgery.offload import carry_hook
@@ -345,9 +353,7 @@ class IntLinear(RuntimeLinear):
             return
         wf = self.weight_scheme.number_format()
         self._wc, self._float_ws = self._weight_minus_zero().to(torch.float32), ws
-        v_max = 2 ** (fmt.bits - 1) - 1 if fmt.symmetric else 2**fmt.bits - 1
-        w_max = 2 ** (wf.bits - 1) - 1 if wf.symmetric else 2**wf.bits - 1
-        self._blocks = column_blocks(self.in_features, self.group, exact_block(v_max, w_max))
+        self._blocks = column_blocks(self.in_features, self.group, exact_block(magnitude(fmt), magnitude(wf)))
 
     def _weight_codes(self) -> Tensor:
         if self._w8 is not None:

@@ -15,7 +15,7 @@ from ..quant import (
     observe_range,
     quantize,
 )
-from ..quant.integer import act_qparams, column_blocks, exact_block, float_linear, int_values
+from ..quant.integer import act_qparams, column_blocks, exact_block, float_linear, int_values, magnitude
 from ..schemes import QuantScheme
 from .quantizer import (
     ActQuantizer,
@@ -103,13 +103,13 @@ class QuantLinear(nn.Module):
         and the exact column blocks for activations of format ``act``."""
         scheme = self.weight_scheme
         fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
-        codes = quantize(self.weight.detach().to(torch.float32), QParams(self.weight_scale, self.weight_zero), fmt, gran)
+        qp = QParams(self.weight_scale, self.weight_zero)
+        codes = quantize(self.weight.detach().to(torch.float32), qp, fmt, gran)
         if self.weight_zero is not None:
             codes = codes - self.weight_zero.reshape(-1, 1).to(torch.float32)
         scale = self.weight_scale.detach().to(torch.float32).reshape(1, -1)
-        v_max = act.qmax if act.symmetric else 2**act.bits - 1
-        w_max = fmt.qmax if fmt.symmetric else 2**fmt.bits - 1
-        return codes, scale, column_blocks(self.in_features, self.in_features, exact_block(v_max, w_max))
+        block = exact_block(magnitude(act), magnitude(fmt))
+        return codes, scale, column_blocks(self.in_features, self.in_features, block)
 
     def quantized_weight(self) -> torch.Tensor:
         """``weight`` fake-quantized with the current ``weight_scale`` / ``weight_zero`` (differentiable)."""
