@@ -10,6 +10,7 @@ gives the fake-quant modules instead, exactly the model ``lowbit quantize`` eval
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -117,13 +118,14 @@ def simulated_linear(entry: dict, rotation: RotationMatrix | None, own: dict[str
 
 
 def runtime_linear(entry: dict, rotation: RotationMatrix | None, own: dict[str, Tensor],
-                   dtype: torch.dtype = torch.float32) -> RuntimeLinear:
+                   dtype: torch.dtype = torch.float32, packed: bool = False) -> RuntimeLinear:
     """The real low-bit module of one saved linear, prepared (:class:`~lowbit.errors.NoKernelError` when its schemes
-    have no kernel: the message names ``simulate=True``)."""
+    have no kernel: the message names ``simulate=True``). ``packed``: an :class:`IntLinear` keeps no int8 copy of
+    its codes (see :func:`load`)."""
     module = _fill(RuntimeLinear.empty(entry["in"], entry["out"], entry["bias"], *_linear_schemes(entry), dtype),
                    own, "linear")
     module.input_transform = None if rotation is None else OnlineRotation(rotation)
-    return module.prepare()
+    return module.prepare(int8_copy=False) if packed and isinstance(module, IntLinear) else module.prepare()
 
 
 def runtime_embedding(entry: dict, own: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> RuntimeEmbedding:
@@ -224,7 +226,7 @@ def load(folder: str | Path, simulate: bool = False, lean: bool = False, fuse: b
         model = AutoModelForCausalLM.from_config(config)
     dtype = getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    make = simulated_linear if simulate else runtime_linear
+    make = simulated_linear if simulate else partial(runtime_linear, packed=packed)
     make_table = simulated_embedding if simulate else runtime_embedding
 
     def make_linear(entry, rotation, own):
@@ -245,10 +247,6 @@ def load(folder: str | Path, simulate: bool = False, lean: bool = False, fuse: b
         model.tie_weights()
     _check_complete(model)
     finish(model, arch)
-    if packed and not simulate:
-        for module in model.modules():
-            if isinstance(module, IntLinear) and module.bits < 8 and module.backend == "int_mm":
-                module.prepare(int8_copy=False, backend="int_mm")
     if fuse and not simulate:
         fuse_groups(shared_input_groups(model, arch))
     if lean:
