@@ -161,6 +161,27 @@ def test_q8_0_export_and_the_tokenizer_built_from_hugging_face(tokenizer, text_f
     assert from_gguf(text)["input_ids"][-8:] == tokenizer(text)["input_ids"][-8:]
 
 
+@pytest.mark.parametrize(("family", "kind"), [("llama", "F32"), ("qwen2", "F16")])
+def test_full_precision_export_holds_the_model_as_it_computes(family, kind, tokenizer, tmp_path):
+    """``F32`` / ``F16``: every matrix as floats (llama.cpp's reference and its quantizer's input), no recipe."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    path = write_gguf(model, tmp_path / "m.gguf", kind, tokenizer=tokenizer)
+    stored, expected = _gguf_weights(path), _expected(model)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight  # then llama.cpp reuses token_embd
+    assert set(stored) == set(expected) - ({"output.weight"} if tied else set())
+    for name, (got, values) in stored.items():
+        assert got == (kind if values.ndim == 2 else "F32"), name
+        want = expected[name].numpy()
+        assert np.array_equal(values, want if got == "F32" else want.astype(np.float16).astype(np.float32)), name
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, loaded(ids).logits
+    assert (ours - theirs).abs().max().item() <= (LOGIT_ATOL if kind == "F32" else 0.05)
+
+
 def test_a_q4_0_model_saved_by_lowbit_runs_in_its_real_kernels(tokenizer, text_file, tmp_path):
     """Signed scales and code -8 survive lowbit's own save / load with real kernels (bf16 weight-only matmuls)."""
     from lowbit import load, save
@@ -189,6 +210,8 @@ def _export(model_dir, out, *extra):
     (["--recipe", "w4a16-rtn-g64"], "not on the Q4_0 grid"),
     (["--recipe", "w4a4kv4-prefix"], "quantizes activations"),
     (["--type", "Q4_0", "--recipe", "gguf-q8_0"], "not on the Q4_0 grid"),
+    (["--type", "F32", "--recipe", "w4a8-rtn"], "quantizes activations"),
+    (["--type", "F16", "--recipe", "w4a16-quarot"], "rotates online"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_model_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "m.gguf"
@@ -247,6 +270,9 @@ def test_export_command_with_the_default_recipe_and_from_a_saved_folder(tiny_mod
                  "--calib-data", str(text_file), "--seq-len", "64", "--windows", "1", "--report", str(report),
                  "--save", str(saved)]) == 0
     assert main(_export(saved, tmp_path / "s.gguf", "--type", "Q8_0")) == 0
+    assert main(_export(saved, tmp_path / "f.gguf", "--type", "F32")) == 0  # a quantized model's values as floats
+    assert main(_export(tiny_model_dir, tmp_path / "fp.gguf", "--type", "f16")) == 0
+    assert "recipe none (full precision)" in " ".join(capsys.readouterr().out.split())
     assert main(_export(saved, tmp_path / "t.gguf", "--type", "Q4_0")) == 2
     assert "not on the Q4_0 grid" in capsys.readouterr().err and not (tmp_path / "t.gguf").exists()
 

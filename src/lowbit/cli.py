@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--model", default="default",
                    help="'default', a HF model folder, a .gguf file (quantized with --recipe first) or a lowbit folder")
     x.add_argument("--format", required=True, choices=("gguf", "compressed-tensors"), help="the file format")
-    x.add_argument("--type", default=None, help="GGUF block type of the linears: Q4_0 (default) or Q8_0")
+    x.add_argument("--type", default=None, help="GGUF block type of the linears: Q4_0 (default) or Q8_0; F32 / F16 "
+                   "write the model unquantized (llama.cpp's own reference and quantizer input)")
     x.add_argument("--recipe", default=None,
                    help="recipe applied first (default for gguf: gguf-q4_0 / gguf-q8_0, matching --type)")
     x.add_argument("--out", required=True, help="the new file (gguf) or folder (compressed-tensors) to write")

@@ -34,16 +34,19 @@ from ..surgery.linear import QuantLinear
 from .gguf_tensors import FLOAT_TYPES, fits, model_tensors
 from .gguf_vocab import build_vocab, copy_vocab
 
-TYPES = ("Q4_0", "Q8_0")
+BLOCK_TYPES = ("Q4_0", "Q8_0")
+FULL_PRECISION = ("F32", "F16")  # every matrix as floats: the source llama.cpp's own quantizer starts from
+TYPES = BLOCK_TYPES + FULL_PRECISION
 K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-FILE_TYPES = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+FILE_TYPES = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+              "F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16}
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # llama.cpp's converter writes Mistral as llama
 PERMUTES_QK = {"llama": True, "qwen2": False}  # qwen2 runs NEOX-style RoPE on HF's row order
 
 
 def preset_for(gguf_type: str) -> str:
-    """The preset recipe that quantizes onto ``gguf_type``'s grid (``gguf-q4_0``)."""
-    return f"gguf-{gguf_type.lower()}"
+    """The preset recipe that quantizes onto ``gguf_type``'s grid (``gguf-q4_0``; Q4_0's for a float type)."""
+    return f"gguf-{(gguf_type if gguf_type in BLOCK_TYPES else 'Q4_0').lower()}"
 
 
 def check_type(gguf_type: str) -> str:
@@ -58,7 +61,8 @@ def check_type(gguf_type: str) -> str:
     if name.startswith(K_QUANTS):
         raise LowbitError(f"--type {gguf_type}: K-quants pack super-blocks of 256 weights along each row, and rows "
                           "must be a multiple of 256 (the default model's 576-wide rows are not); use --type Q4_0")
-    raise LowbitError(f"unknown GGUF --type {gguf_type!r}: lowbit writes {', '.join(TYPES)}")
+    raise LowbitError(f"unknown GGUF --type {gguf_type!r}: lowbit writes {', '.join(TYPES)} (F32 / F16: the model "
+                      "in full precision, e.g. for llama.cpp's own quantizer)")
 
 
 def check_new_file(path: Path) -> None:
@@ -114,6 +118,8 @@ def check_runs_in_llama_cpp(model: nn.Module, spec: ArchSpec, gguf_type: str) ->
         raise RecipeError(f"'{recipe}' packs the KV cache, which llama.cpp does not read: {use}")
     for name, what in _online_parts(model, spec):
         raise RecipeError(f"'{recipe}' {what} ({name}), which llama.cpp cannot run: {use}")
+    if gguf_type in FULL_PRECISION:  # floats hold any weight; only the online parts above cannot be written
+        return
     for i, layer in enumerate(decoder_layers(model, spec)):
         for role, path in spec.linear_roles.items():
             linear = get_module(layer, path)
@@ -177,7 +183,8 @@ def _write(path: Path, model: nn.Module, arch: str, spec: ArchSpec, gguf_type: s
         if tokens != rows:
             raise ModelError(f"the tokenizer has {tokens} tokens but the embedding table {rows} rows: "
                              "pass the tokenizer (or source GGUF) of this model")
-        for t in model_tensors(model, spec, gguf_type, float_type, PERMUTES_QK[arch]):
+        block = gguf_type if gguf_type in BLOCK_TYPES else None
+        for t in model_tensors(model, spec, block, float_type, PERMUTES_QK[arch]):
             writer.add_tensor(t.name, t.data, raw_dtype=t.raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -191,7 +198,8 @@ def write_gguf(model: nn.Module, path: str | Path, gguf_type: str = "Q4_0", *, t
     """Write the quantized ``model`` (a lowbit fake-quant model, in memory) as a GGUF file at ``path``; returns it.
 
     ``gguf_type``: the block type of the decoder linears (``Q4_0`` or ``Q8_0``); the weights must already lie on its
-    grid (see the module docstring). The embedding table and an untied lm_head go in the smallest block type
+    grid (see the module docstring). ``F32`` / ``F16`` write every matrix as floats (the model as it computes,
+    quantized weights as their dequantized values): llama.cpp's full-precision reference. The embedding table and an untied lm_head go in the smallest block type
     their own schemes fit, else as ``float_type`` (``F16``, llama.cpp's converter default, or ``F32``). The
     tokenizer is copied from ``vocab_gguf`` (the source GGUF) when given, else built from the Hugging Face
     ``tokenizer``. ``path`` must not exist; nothing is left behind on failure.
@@ -200,6 +208,8 @@ def write_gguf(model: nn.Module, path: str | Path, gguf_type: str = "Q4_0", *, t
     gguf_type = check_type(gguf_type)
     if float_type not in FLOAT_TYPES:
         raise LowbitError(f"float type {float_type!r} is not one of {', '.join(FLOAT_TYPES)}")
+    if gguf_type in FULL_PRECISION:
+        float_type = gguf_type
     check_new_file(path)
     arch, spec = gguf_arch(model)
     check_runs_in_llama_cpp(model, spec, gguf_type)

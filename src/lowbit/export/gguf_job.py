@@ -18,7 +18,7 @@ from ..errors import LowbitError, RecipeError
 from ..models.loading import load_model, resolve_source
 from ..recipe import Recipe, load_recipe
 from ..schemes import LINEAR_ROLES
-from .gguf import check_new_file, check_type, gguf_arch, preset_for, write_gguf
+from .gguf import FULL_PRECISION, check_new_file, check_type, gguf_arch, preset_for, write_gguf
 from .gguf_tensors import fits
 
 
@@ -35,9 +35,13 @@ def check_recipe(recipe: Recipe, gguf_type: str) -> None:
         if online:
             raise RecipeError(f"recipe '{recipe.name}' rotates online ({step.method} {', '.join(online)}), which "
                               f"llama.cpp cannot run: {use}")
+        if gguf_type in FULL_PRECISION:
+            continue
         if step.method in ("prefix", "blockwise"):
             raise RecipeError(f"recipe '{recipe.name}' has a {step.method} step (a prefix or trained scales, not on "
                               f"the float16 block grid): {use}")
+    if gguf_type in FULL_PRECISION:  # floats hold whatever weights the recipe leaves
+        return
     missing = [role for role in LINEAR_ROLES if role not in recipe.targets]
     if missing:
         raise RecipeError(f"recipe '{recipe.name}' leaves the {', '.join(missing)} linears in full precision, and "
@@ -74,7 +78,7 @@ def export_gguf(model: str = "default", out: str | Path = "model.gguf", gguf_typ
 
     ``model``: a folder lowbit saved (exported as is; its weights must be on the grid), or any model lowbit loads,
     quantized first with ``recipe`` (default: the ``gguf-<type>`` preset, calibrated on ``calib`` as ``lowbit
-    quantize`` does). See :func:`~lowbit.export.gguf.write_gguf` for the file.
+    quantize`` does; for ``F32`` / ``F16``: none, the model is written as it is). See :func:`~lowbit.export.gguf.write_gguf` for the file.
     """
     start = time.perf_counter()
     gguf_type, out = check_type(gguf_type), Path(out).expanduser()
@@ -84,13 +88,18 @@ def export_gguf(model: str = "default", out: str | Path = "model.gguf", gguf_typ
         qmodel, tokenizer, vocab = _saved(folder, recipe)
         name = "saved"
     else:
-        chosen = load_recipe(recipe or preset_for(gguf_type))
-        check_recipe(chosen, gguf_type)
+        full = gguf_type in FULL_PRECISION and recipe is None
+        chosen = None if full else load_recipe(recipe or preset_for(gguf_type))
+        if chosen is not None:
+            check_recipe(chosen, gguf_type)
         loaded = load_model(model)
         gguf_arch(loaded.model)
-        tokens = prepare_data(DataConfig(calib=calib, seed=seed), loaded.tokenizer)
-        qmodel, _ = quantize_with_session(loaded.model, chosen, tokens, progress=progress, inplace=True)
-        tokenizer, vocab, name = loaded.tokenizer, _source_gguf(model), chosen.name
+        qmodel, name = loaded.model, "none (full precision)"
+        if chosen is not None:
+            tokens = prepare_data(DataConfig(calib=calib, seed=seed), loaded.tokenizer)
+            qmodel, _ = quantize_with_session(loaded.model, chosen, tokens, progress=progress, inplace=True)
+            name = chosen.name
+        tokenizer, vocab = loaded.tokenizer, _source_gguf(model)
     write_gguf(qmodel, out, gguf_type, tokenizer=tokenizer, vocab_gguf=vocab, float_type=float_type)
     return {"file": str(out), "bytes": out.stat().st_size, "type": gguf_type, "recipe": name,
             "tokenizer": "copied from " + str(vocab) if vocab else "built from the Hugging Face tokenizer",

@@ -100,15 +100,17 @@ def _is_tied(model: nn.Module, spec: ArchSpec) -> bool:
     return get_module(model, spec.lm_head).weight is get_module(model, spec.embed).weight
 
 
-def model_tensors(model: nn.Module, spec: ArchSpec, block: str, float_type: str,
+def model_tensors(model: nn.Module, spec: ArchSpec, block: str | None, float_type: str,
                   permute_qk: bool) -> Iterator[GGUFTensor]:
-    """Every tensor of the GGUF in llama.cpp's names: the decoder linears as ``block``, the embedding table and an
-    untied lm_head in the smallest block type their own schemes fit (else floats), norms and biases F32."""
+    """Every tensor of the GGUF in llama.cpp's names: the decoder linears as ``block`` (None: all matrices as
+    ``float_type``), the embedding table and an untied lm_head in the smallest block type their own schemes fit
+    (else floats), norms and biases F32."""
+    fit = smallest_block if block is not None else (lambda scheme: None)
     config = model.config
     heads = {"q": config.num_attention_heads, "k": config.num_key_value_heads} if permute_qk else {}
     embed = get_module(model, spec.embed)
     yield matrix(gguf.TENSOR_NAMES[T.TOKEN_EMBD] + ".weight", embed,
-                 smallest_block(getattr(embed, "weight_scheme", None)), float_type)
+                 fit(getattr(embed, "weight_scheme", None)), float_type)
     for i, layer in enumerate(decoder_layers(model, spec)):
         blk = {t: gguf.TENSOR_NAMES[t].format(bid=i) for t in (*ROLE_TENSORS.values(), T.ATTN_NORM, T.FFN_NORM)}
         yield _float(blk[T.ATTN_NORM] + ".weight", get_module(layer, spec.input_norm).weight, float_type)
@@ -124,4 +126,4 @@ def model_tensors(model: nn.Module, spec: ArchSpec, block: str, float_type: str,
     if not _is_tied(model, spec):
         head = get_module(model, spec.lm_head)
         yield matrix(gguf.TENSOR_NAMES[T.OUTPUT] + ".weight", head,
-                     smallest_block(getattr(head, "weight_scheme", None)), float_type)
+                     fit(getattr(head, "weight_scheme", None)), float_type)
