@@ -4,6 +4,9 @@ clear line, and no file, for every input that cannot be exported."""
 
 from __future__ import annotations
 
+import os
+import stat
+
 import gguf
 import numpy as np
 import pytest
@@ -168,6 +171,9 @@ def test_full_precision_export_holds_the_model_as_it_computes(family, kind, toke
 
     model = tiny_model(family, vocab_size=len(tokenizer))
     path = write_gguf(model, tmp_path / "m.gguf", kind, tokenizer=tokenizer)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not the temporary file's private 600
     stored, expected = _gguf_weights(path), _expected(model)
     tied = model.lm_head.weight is model.model.embed_tokens.weight  # then llama.cpp reuses token_embd
     assert set(stored) == set(expected) - ({"output.weight"} if tied else set())

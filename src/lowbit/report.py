@@ -37,7 +37,7 @@ def check_output_file(path: str | Path) -> Path:
     return path
 
 
-def _file_mode(path: Path) -> int:
+def file_mode(path: Path) -> int:
     """The permissions a replaced file keeps, or those the user's umask gives a new one (mkstemp's are 600)."""
     if path.is_file():
         return stat.S_IMODE(path.stat().st_mode)
@@ -62,7 +62,7 @@ def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """A temporary file beside ``path`` that replaces it, with ``path``'s permissions, when the block ends without
     error (else it is removed): no partial or clobbered file is ever visible, and no device or link is replaced."""
     path = check_output_file(path)
-    mode = _file_mode(path)
+    mode = file_mode(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)

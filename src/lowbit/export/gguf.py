@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import ArtifactError, LowbitError, ModelError, RecipeError
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim, spec_for
+from ..report import file_mode
 from ..state import quant_state
 from ..surgery.attach import quant_linears
 from ..surgery.attention import attention_hooks
@@ -223,6 +224,7 @@ def write_gguf(model: nn.Module, path: str | Path, gguf_type: str = "Q4_0", *, t
                None if vocab_gguf is None else Path(vocab_gguf), Path(str(name)).name)
         if path.exists():
             raise ArtifactError(f"{path} appeared while exporting: pass a new file name to --out")
+        os.chmod(tmp, file_mode(path))  # the user's umask, not mkstemp's private 600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

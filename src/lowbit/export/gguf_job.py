@@ -52,7 +52,7 @@ def check_recipe(recipe: Recipe, gguf_type: str) -> None:
                           f"of 32, float16 scales): {use}")
 
 
-def _source_gguf(source: str | None) -> Path | None:
+def source_gguf(source: str | None) -> Path | None:
     """The GGUF file a model was loaded from (its tokenizer is copied), or None."""
     if not source:
         return None
@@ -68,7 +68,7 @@ def _saved(folder: Path, recipe: str | Recipe | None):
     if recipe is not None:
         raise RecipeError(f"{folder} is already quantized (a lowbit folder): drop --recipe, or export its source "
                           "model with the recipe")
-    return load(folder, simulate=True), load_tokenizer(folder), _source_gguf(read_manifest(folder).get("source"))
+    return load(folder, simulate=True), load_tokenizer(folder), source_gguf(read_manifest(folder).get("source"))
 
 
 def export_gguf(model: str = "default", out: str | Path = "model.gguf", gguf_type: str = "Q4_0",
@@ -99,7 +99,7 @@ def export_gguf(model: str = "default", out: str | Path = "model.gguf", gguf_typ
             tokens = prepare_data(DataConfig(calib=calib, seed=seed), loaded.tokenizer)
             qmodel, _ = quantize_with_session(loaded.model, chosen, tokens, progress=progress, inplace=True)
             name = chosen.name
-        tokenizer, vocab = loaded.tokenizer, _source_gguf(model)
+        tokenizer, vocab = loaded.tokenizer, source_gguf(model)
     write_gguf(qmodel, out, gguf_type, tokenizer=tokenizer, vocab_gguf=vocab, float_type=float_type)
     return {"file": str(out), "bytes": out.stat().st_size, "type": gguf_type, "recipe": name,
             "tokenizer": "copied from " + str(vocab) if vocab else "built from the Hugging Face tokenizer",
