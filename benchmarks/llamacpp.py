@@ -39,10 +39,10 @@ from lowbit.recipe import load_recipe
 WORKER = HERE / "_llamacpp_worker.py"
 VENV = Path("/work/venvs/llamacpp")
 PEERS = {"llama.cpp Q8_0": "Q8_0", "llama.cpp Q4_0": "Q4_0", "llama.cpp Q4_1": "Q4_1", "llama.cpp Q4_K_M": "Q4_K_M"}
-LOWBIT = {  # label: (preset, recipe changes, GGUF type)
-    "lowbit Q8_0 (QuaRot R1/R2 + GPTQ)": ("gguf-q8_0", {}, "Q8_0"),
-    "lowbit Q4_0 (GPTQ, no rotation)": ("gguf-q4_0", {"steps": [{"method": "gptq"}]}, "Q4_0"),
-    "lowbit Q4_0 (QuaRot R1/R2 + GPTQ)": ("gguf-q4_0", {}, "Q4_0"),
+LOWBIT = {  # label: (--lowbit name, preset, recipe changes, GGUF type)
+    "lowbit Q8_0 (QuaRot R1/R2 + GPTQ)": ("q8_0", "gguf-q8_0", {}, "Q8_0"),
+    "lowbit Q4_0 (GPTQ, no rotation)": ("q4_0", "gguf-q4_0", {"steps": [{"method": "gptq"}]}, "Q4_0"),
+    "lowbit Q4_0 (QuaRot R1/R2 + GPTQ)": ("q4_0-quarot", "gguf-q4_0", {}, "Q4_0"),
 }
 REFERENCE = "F32 (lowbit, unquantized)"
 ROWS = [REFERENCE, *PEERS, *LOWBIT]
@@ -65,36 +65,41 @@ def runtime_speed(model, seq_len: int) -> dict:
             "runtime_decode_tok_s": decode(model, 512, 128, 1, 1)["tokens_per_s"]}
 
 
-def _export_and_run(model, path: Path, kind: str, tokenizer, vocab: Path | None, folder: Path, seq_len: int) -> dict:
+def _export_and_run(model, path: Path, kind: str, tokenizer, vocab: Path | None, folder: Path, seq_len: int,
+                    speed) -> dict:
     """Write the GGUF; save the model with lowbit and time its real kernels (lean load) on the same work."""
     info = {"bytes": write_gguf(model, path, kind, tokenizer=tokenizer, vocab_gguf=vocab).stat().st_size}
     saved = folder / (path.stem + "-lowbit")
     lowbit.save(model, saved, tokenizer=tokenizer)
-    return {**info, **runtime_speed(lowbit.load(saved, lean=True), seq_len)}
+    return {**info, **speed(lowbit.load(saved, lean=True), seq_len)}
 
 
-def make_files(bench: Bench, folder: Path, python: Path, threads: int,
-               rtn: bool = False) -> tuple[dict[str, Path], dict[str, dict]]:
-    """Every row's GGUF file in ``folder`` and lowbit's own scores of its quantized models (``rtn``: RTN in place
-    of GPTQ, to check the pipeline quickly)."""
+def make_files(bench: Bench, folder: Path, python: Path, args: argparse.Namespace) -> tuple[dict[str, Path], dict]:
+    """Every row's GGUF file in ``folder`` and lowbit's own scores of its quantized models (``args.rtn``: RTN in
+    place of GPTQ, to check the pipeline quickly; ``args.lowbit``: which of lowbit's rows; ``args.no_runtime``: skip
+    lowbit's runtime speed)."""
+    threads = args.threads
+    speed = (lambda model, seq_len: {}) if args.no_runtime else runtime_speed
     vocab = source_gguf(bench.loaded.source)
     tokenizer = bench.loaded.tokenizer
     files = {REFERENCE: write_gguf(bench.model, folder / "f32.gguf", "F32", tokenizer=tokenizer, vocab_gguf=vocab)}
     seq_len = int(bench.windows.shape[1])
     bf16 = lowbit.load_model(bench.loaded.source, dtype=torch.bfloat16).model
-    own = {REFERENCE: {**runtime_speed(bench.model, seq_len), "bf16": runtime_speed(bf16, seq_len)}}
+    own = {REFERENCE: {**speed(bench.model, seq_len), "bf16": speed(bf16, seq_len)}}
     for label, kind in PEERS.items():
         files[label] = folder / f"llamacpp-{kind}.gguf"
         _worker(python, folder / "llamacpp.log", "quantize", str(files[REFERENCE]), str(files[label]), kind,
                 str(threads))
-    for i, (label, (preset, changes, kind)) in enumerate(LOWBIT.items()):
+    for i, (label, (name, preset, changes, kind)) in enumerate(LOWBIT.items()):
+        if name not in args.lowbit:
+            continue
         recipe = load_recipe(preset).updated(**changes) if changes else load_recipe(preset)
-        if rtn:
+        if args.rtn:
             recipe = recipe.updated(steps=[s.model_dump() if s.method != "gptq" else {"method": "rtn"}
                                            for s in recipe.steps])
         files[label] = folder / f"lowbit-{i}-{kind}.gguf"
         own[label] = bench.measure(recipe, extra=lambda model, path=files[label], kind=kind: _export_and_run(
-            model, path, kind, tokenizer, vocab, folder, seq_len))
+            model, path, kind, tokenizer, vocab, folder, seq_len, speed))
         print(f"{label}: lowbit ppl {own[label]['ppl']:.4f} in {own[label]['quantize_s']:.0f} s", flush=True)
         own[REFERENCE]["ppl"] = own[label]["fp_ppl"]  # lowbit's own full-precision perplexity on these windows
     return files, own
@@ -105,10 +110,10 @@ def score(files: dict[str, Path], bench: Bench, folder: Path, python: Path, thre
     np.save(folder / "windows.npy", bench.windows.numpy().astype(np.int32))
     out = folder / "scored.json"
     _worker(python, folder / "llamacpp.log", "score", str(out), str(folder / "windows.npy"), str(threads),
-            *(str(files[r]) for r in ROWS))
+            *(str(files[r]) for r in ROWS if r in files))
     got = json.loads(out.read_text())
     rows = {}
-    for label in ROWS:
+    for label in (r for r in ROWS if r in files):
         g = got[str(files[label])]
         nll = np.asarray(g["nll"], dtype=np.float64)
         rows[label] = {"ppl": math.exp(nll.mean()), "kl": float(np.mean(g["kl_vs_ref"])),
@@ -161,6 +166,9 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep the GGUF files and windows in this (new) folder")
     parser.add_argument("--rtn", action="store_true", help="RTN instead of GPTQ in lowbit's rows: a quick check of "
                         "the pipeline (pass --results elsewhere; not a result)")
+    names = [name for name, *_ in LOWBIT.values()]
+    parser.add_argument("--lowbit", nargs="*", choices=names, default=names, help="lowbit's rows (default: all)")
+    parser.add_argument("--no-runtime", action="store_true", help="skip lowbit's runtime speed columns")
     parser.add_argument("--results", type=Path, help="results file (default benchmarks/results/llamacpp-MODEL.json; "
                         "another file is printed, not written to the README)")
     args = parser.parse_args()
@@ -176,7 +184,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="lowbit-llamacpp-") as tmp:
             folder = args.keep or Path(tmp)
             folder.mkdir(parents=True, exist_ok=True)
-            files, own = make_files(bench, folder, python, args.threads, args.rtn)
+            files, own = make_files(bench, folder, python, args)
             for label, row in score(files, bench, folder, python, args.threads).items():
                 mine = own.get(label, {})
                 row.update({k: v for k, v in mine.items() if k.startswith("runtime_") or k == "bf16"})

@@ -96,7 +96,10 @@ def tokenizer(tiny_tokenizer_dir):
 def _quantized(family, tokenizer, text_file, preset="gguf-q4_0", **changes):
     recipe = load_recipe(preset).updated(**{**FAST, **changes})
     data = calibration_data(str(text_file), tokenizer)
-    return quantize(tiny_model(family, vocab_size=len(tokenizer)), recipe, data)
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    with torch.no_grad():  # a trained final norm (not ones): folding it into a rotated head unties the head
+        model.model.norm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(7))
+    return quantize(model, recipe, data)
 
 
 def _gguf_weights(path) -> dict[str, tuple[str, np.ndarray]]:
@@ -162,6 +165,22 @@ def test_q8_0_export_and_the_tokenizer_built_from_hugging_face(tokenizer, text_f
     text = "The committee met on Tuesday to discuss the budget."
     from_gguf = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     assert from_gguf(text)["input_ids"][-8:] == tokenizer(text)["input_ids"][-8:]
+
+
+def test_a_tied_head_quantized_like_its_table_is_written_once(tokenizer, text_file, tmp_path):
+    """No rotation: table and head quantized apart onto Q8_0 hold equal values, so the file keeps one matrix (as
+    llama.cpp's own quantizer does) and transformers still computes lowbit's logits from it."""
+    from transformers import AutoModelForCausalLM
+
+    model = _quantized("llama", tokenizer, text_file, steps=[{"method": "rtn"}])
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    path = write_gguf(model, tmp_path / "m.gguf", "Q4_0", tokenizer=tokenizer)
+    stored = _gguf_weights(path)
+    assert "output.weight" not in stored and stored["token_embd.weight"][0] == "Q8_0"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (model(ids).logits - loaded(ids).logits).abs().max().item() <= LOGIT_ATOL
 
 
 @pytest.mark.parametrize(("family", "kind"), [("llama", "F32"), ("qwen2", "F16")])
@@ -267,7 +286,7 @@ def test_export_command_with_the_default_recipe_and_from_a_saved_folder(tiny_mod
     assert main(_export(tiny_model_dir, out, "--calib-data", str(text_file))) == 0
     assert "gguf-q4_0" in capsys.readouterr().out
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
-    assert loaded.config.tie_word_embeddings is False  # QuaRot untied the head
+    assert loaded.config.num_hidden_layers == 2
     saved = tmp_path / "saved"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(load_recipe("gguf-q8_0").updated(steps=[{"method": "rtn"}]).to_yaml())

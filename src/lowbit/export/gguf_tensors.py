@@ -96,8 +96,11 @@ def matrix(name: str, module: nn.Module, block: str | None, float_type: str, hea
 
 
 def _is_tied(model: nn.Module, spec: ArchSpec) -> bool:
-    """Whether lm_head reads the embedding table itself (then llama.cpp reuses ``token_embd``)."""
-    return get_module(model, spec.lm_head).weight is get_module(model, spec.embed).weight
+    """Whether lm_head computes with the embedding table's values: the same tensor, or (a tied model whose table
+    and head were quantized apart with one scheme) an equal one. llama.cpp then reuses ``token_embd`` and the
+    file holds the matrix once."""
+    head, embed = get_module(model, spec.lm_head).weight, get_module(model, spec.embed).weight
+    return head is embed or (head.shape == embed.shape and torch.equal(head.detach(), embed.detach()))
 
 
 def model_tensors(model: nn.Module, spec: ArchSpec, block: str | None, float_type: str,
