@@ -49,7 +49,9 @@ INT_CASES = [
 ]
 WEIGHT_ONLY = [S(format="int4", granularity="group", group_size=32, symmetric=False), S(format="int4"),
                S(format="int8"), S(format="int5", symmetric=False, granularity="tensor"), S(format="int2"),
-               S(format="int3", symmetric=False, granularity="group", group_size=64)]
+               S(format="int3", symmetric=False, granularity="group", group_size=64),
+               S(format="int8", granularity="group", group_size=32, scale_dtype="float16"),  # GGUF Q8_0
+               S(format="int4", int_range="full", granularity="group", group_size=32, scale_dtype="float16")]  # Q4_0
 FP8_CASES = [(S(format="fp8_e4m3"), S(format="fp8_e4m3", granularity="token")), (S(format="fp8_e4m3"), None),
              (S(format="fp8_e5m2", granularity="tensor"), S(format="fp8_e5m2", granularity="tensor", dynamic=False)),
              (S(format="fp8_e4m3", granularity="group", group_size=32), None)]
@@ -283,7 +285,11 @@ def test_weight_only_kernels_are_chosen_by_their_constraints():
     assert to_runtime(fake(96, 64, False, S(format="int3", symmetric=False))).kernel == "int4pack"  # int3 codes fit
     assert to_runtime(fake(40, 64, False, S(format="int8"))).kernel == "dequant"  # K % 16 != 0: int8pack breaks
     group48 = to_runtime(fake(96, 64, False, S(format="int4", granularity="group", group_size=48)))
-    assert group48.kernel == "dequant"  # no int4pack group size divides 48
+    assert group48.kernel == "int8group"  # no int4pack group size divides 48; one int8 call per group does
+    q8_0 = S(format="int8", granularity="group", group_size=32, scale_dtype="float16")
+    assert to_runtime(fake(96, 64, False, q8_0)).kernel == "int8group"
+    assert to_runtime(fake(96, 64, False, S(format="int8", granularity="group", group_size=24))).kernel == "dequant"
+    assert to_runtime(fake(96, 64, False, q8_0.model_copy(update={"symmetric": False}))).kernel == "dequant"
     assert to_runtime(fake(512, 64, False, S(format="int4", granularity="group", group_size=512))).kernel_group == 256
 
 

@@ -214,6 +214,20 @@ def int8pack_mm(x: Tensor, w8: Tensor, scales: Tensor) -> Tensor:
     return torch.ops.aten._weight_int8pack_mm(x.contiguous(), w8, scales)
 
 
+def int8group_mm(x: Tensor, w8: Tensor, scales: Tensor) -> Tensor:
+    """``x @ W^T`` (float32) for int8 codes with one scale per row and group of ``g`` columns: ``w8`` ``[G, N, g]``
+    holds group ``i``'s columns ``i*g .. i*g+g-1``, ``scales`` ``[G, N]`` in ``x``'s dtype (bf16). One
+    ``_weight_int8pack_mm`` per group (its per-row scale is the group's), partial products summed in float32; only
+    when ``g % 16 == 0``. PyTorch has no group-wise int8 kernel on CPU; at one row this reads the codes once instead
+    of dequantizing the whole weight."""
+    g = w8.shape[2]
+    out = None
+    for i in range(w8.shape[0]):
+        y = torch.ops.aten._weight_int8pack_mm(x[:, i * g:(i + 1) * g].contiguous(), w8[i], scales[i])
+        out = y.float() if out is None else out.add_(y)
+    return out
+
+
 def dequantize_weight(signed: Tensor, scale: Tensor, zero: Tensor | None, group: int, dtype: torch.dtype) -> Tensor:
     """``(q - z) * s`` ``[N, K]`` in ``dtype`` from signed codes and ``[N, G]`` scales/zeros shared by ``group`` columns
     (computed in float32, as :func:`lowbit.quant.dequantize` does)."""

@@ -396,16 +396,19 @@ class WeightOnlyLinear(RuntimeLinear):
     """Int weights, float activations: ``_weight_int4pack_mm_for_cpu`` (int2-int4, whose signed codes are int4 codes;
     bf16 activations; group 32..256 or a
     group size they divide, K % group == 0, N % 16 == 0), else ``_weight_int8pack_mm`` (symmetric per channel/tensor,
-    any bits, K % 16 == 0), else the weight dequantized on every call and ``F.linear``.
+    any bits, K % 16 == 0; symmetric groups of a multiple of 16 columns: one call per group, ``int8group``, e.g.
+    GGUF Q8_0 tables and heads), else the weight dequantized on every call and ``F.linear``.
 
     Both kernels are fast with bf16 activations only. For float32/float16 models, inputs of at most
     ``bf16_cast_max_m`` rows are cast to bf16 around the kernel (costs bf16 rounding of ``x``, of the scales and of
     the output, ~2^-8 relative); larger ones dequantize the weight in the model dtype instead. The default
     thresholds are measured (benchmarks/kernels.py): at M=1 the cast is 9x (int8) to 30x (int4) faster than
-    dequantizing, at M=256 dequantizing is faster (int4 from ~M=200, int8 from ~M=50).
+    dequantizing, at M=256 dequantizing is faster (int4 from ~M=200, int8 from ~M=50); ``int8group`` runs a
+    K=32-wide kernel per group, which wins up to M=8 only (a 49152 x 576 head: 35 vs 200 ms at M=1, 98 vs 241 at
+    M=8, 286 vs 211 at M=32, two shared cores).
     """
 
-    BF16_CAST_MAX_M: ClassVar[dict[str, int]] = {"int4pack": 128, "int8pack": 32}
+    BF16_CAST_MAX_M: ClassVar[dict[str, int]] = {"int4pack": 128, "int8pack": 32, "int8group": 8}
 
     def possible_kernels(self) -> list[str]:
         """The kernels whose constraints this layer meets, fastest first."""
@@ -415,6 +418,8 @@ class WeightOnlyLinear(RuntimeLinear):
             found.append("int4pack")
         if s.symmetric and s.granularity != "group" and k % 16 == 0:
             found.append("int8pack")
+        if s.symmetric and s.granularity == "group" and self.group % 16 == 0 and k % self.group == 0:
+            found.append("int8group")
         return [*found, "dequant"]
 
     def prepare(self, kernel: str | None = None, bf16_cast: bool | None = None) -> WeightOnlyLinear:
@@ -438,21 +443,36 @@ class WeightOnlyLinear(RuntimeLinear):
         elif self.kernel == "int8pack":
             self._w8 = self.signed_codes()
             self._w8_scale = self.weight_scale.reshape(-1).expand(self.out_features).to(torch.bfloat16).contiguous()
+        elif self.kernel == "int8group":  # [G, N, g]: each group's columns contiguous, as the kernel reads them
+            n, k, g = self.out_features, self.in_features, self.group
+            self._w8 = self.signed_codes().reshape(n, k // g, g).transpose(0, 1).contiguous()
+            self._w8_scale = self.scale_rows().to(torch.bfloat16).contiguous()
         self.prepared = True
         return self
 
     def _reads_stored_codes(self) -> bool:
         """The dequantize path (kernel ``"dequant"``, or inputs above ``bf16_cast_max_m`` rows) reads them; int8
-        codes are the int8pack kernel's own weight."""
+        codes are the int8pack kernel's own weight. ``int8group`` dequantizes from its own copy."""
+        if self.kernel == "int8group":
+            return False
         return self.kernel == "dequant" or self.bf16_cast_max_m < sys.maxsize or self.bits == 8
 
     def _matmul(self, x2: Tensor) -> Tensor:
         if self.kernel == "dequant" or (x2.dtype != torch.bfloat16 and x2.shape[0] > self.bf16_cast_max_m):
-            return F.linear(x2, self.dequantized_weight(x2.dtype))
+            return F.linear(x2, self._dequantized(x2.dtype))
         xb = x2.to(torch.bfloat16)
         if self.kernel == "int4pack":
             return K.int4pack_mm(xb, self._int4, self.kernel_group, self._int4_sz)
+        if self.kernel == "int8group":
+            return K.int8group_mm(xb, self._w8, self._w8_scale)
         return K.int8pack_mm(xb, self._w8, self._w8_scale)
+
+    def _dequantized(self, dtype: torch.dtype) -> Tensor:
+        """The dequantized weight, from the stored codes or (``int8group``, whose lean load frees them) its copy."""
+        if self.kernel != "int8group":
+            return self.dequantized_weight(dtype)
+        codes = self._w8.transpose(0, 1).reshape(self.out_features, self.in_features)
+        return K.dequantize_weight(codes, self.weight_scale, None, self.group, dtype)
 
 
 class Fp8Linear(RuntimeLinear):
