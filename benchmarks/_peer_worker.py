@@ -139,6 +139,9 @@ def run(args: argparse.Namespace) -> dict:
     )
     result["quantize_s"] = time.perf_counter() - start
     result["quantized"] = quantized_summary(model)
+    if args.save:  # llm-compressor's own export, as its users write it
+        model.save_pretrained(args.save, save_compressed=True)
+        tokenizer.save_pretrained(args.save)
     result["eval"] = evaluate(fp_model, model.eval(), data["windows"]).as_dict()
     return result
 
@@ -152,6 +155,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
     parser.add_argument("--out", required=True, help="where to write the JSON result")
+    parser.add_argument("--save", help="also save the quantized model here (save_compressed=True)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

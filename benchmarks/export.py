@@ -2,6 +2,7 @@
 
 Run:  python benchmarks/export.py                      (w4a16-rtn-g64; a few minutes on 2 CPU cores)
       python benchmarks/export.py --rows ct:w4a16-gptq  (GPTQ: about 8 more minutes)
+      python benchmarks/export.py --rows llmcompressor:w4a16-g64  (llm-compressor's export of the same job)
       python benchmarks/export.py --tables-only
       python benchmarks/export.py --keep DIR --force     (keep the folders; then benchmarks/vllm_check.py on a GPU)
 Writes benchmarks/results/export.json and the table between the EXPORT_CT markers in benchmarks/README.md.
@@ -11,8 +12,9 @@ writes it with :func:`lowbit.export.compressed.write_compressed_tensors`, and sc
 that cannot import lowbit (``_ct_loader.py``: transformers + compressed-tensors only) on the same windows: its
 perplexity, the largest difference of a token's negative log-likelihood from lowbit's fake-quant model and the
 arg-max agreement with it, the checkpoint size and transformers' load time. llm-compressor's export of the same
-scheme (its ``GPTQModifier`` W4A16 saved with ``save_compressed=True``) needs the peer environment of
-``peer_llmcompressor.py``; that row is not measured yet.
+scheme (row ``llmcompressor:w4a16-g64``: its ``GPTQModifier`` W4A16, groups of 64, on the calibration tokens of
+lowbit's ``w4a16-gptq``, saved with ``save_compressed=True``) is made in the peer environment of
+``peer_llmcompressor.py`` (created on first use) and scored the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from harness import HERE, Bench, Results, add_flags, data_config, markdown_table, num, run_meta, write_block
@@ -35,6 +38,7 @@ from lowbit.recipe import load_recipe
 RESULTS = HERE / "results" / "export.json"
 LOADER = HERE / "_ct_loader.py"
 ROWS = {"ct:w4a16-rtn-g64": "w4a16-rtn-g64", "ct:w4a16-gptq": "w4a16-gptq"}
+PEER_ROW, PEER_LOWBIT = "llmcompressor:w4a16-g64", "w4a16-gptq"  # llm-compressor's export of lowbit's w4a16-gptq job
 DEFAULT_ROWS = ["ct:w4a16-rtn-g64"]
 
 
@@ -49,9 +53,9 @@ def _token_nll(model: torch.nn.Module, windows: torch.Tensor) -> tuple[torch.Ten
     return torch.stack(nll), torch.stack(top1)
 
 
-def _score_export(model: torch.nn.Module, bench: Bench, tmp: Path) -> dict:
-    """Export ``model``, score the folder with transformers (no lowbit) and compare with lowbit's own tokens."""
-    folder = write_compressed_tensors(model, tmp / "export", tokenizer=bench.loaded.tokenizer)
+def _score_folder(folder: Path, bench: Bench, tmp: Path) -> tuple[dict, dict]:
+    """Score a compressed-tensors folder with transformers in a process that cannot import lowbit: the row's
+    fields and the raw per-token NLLs / arg-maxes."""
     torch.save(bench.windows, tmp / "windows.pt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     subprocess.run([sys.executable, str(LOADER), str(folder), str(tmp / "windows.pt"), str(tmp / "scored.pt")],
@@ -59,12 +63,40 @@ def _score_export(model: torch.nn.Module, bench: Bench, tmp: Path) -> dict:
     got = torch.load(tmp / "scored.pt")
     if got["lowbit_imported"]:
         raise SystemExit("the transformers loader imported lowbit: its score would not be independent")
+    return {"transformers_ppl": math.exp(got["nll"].mean().item()), "dequantize": got["dequantize"],
+            "load_s": got["load_s"], "transformers_eval_s": got["eval_s"],
+            "bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors"))}, got
+
+
+def _score_export(model: torch.nn.Module, bench: Bench, tmp: Path) -> dict:
+    """Export ``model``, score the folder with transformers (no lowbit) and compare with lowbit's own tokens."""
+    folder = write_compressed_tensors(model, tmp / "export", tokenizer=bench.loaded.tokenizer)
+    row, got = _score_folder(folder, bench, tmp)
     nll, top1 = _token_nll(model, bench.windows)
-    return {"transformers_ppl": math.exp(got["nll"].mean().item()), "lowbit_token_ppl": math.exp(nll.mean().item()),
+    return {**row, "lowbit_token_ppl": math.exp(nll.mean().item()),
             "max_nll_diff": (got["nll"] - nll).abs().max().item(),
-            "top1_agreement": (got["top1"] == top1).float().mean().item(),
-            "dequantize": got["dequantize"], "load_s": got["load_s"], "transformers_eval_s": got["eval_s"],
-            "bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors"))}
+            "top1_agreement": (got["top1"] == top1).float().mean().item()}
+
+
+def measure_peer(bench: Bench) -> dict:
+    """llm-compressor's W4A16 export (GPTQModifier, groups of 64, ``save_compressed=True``) made in the peer venv
+    on the calibration tokens lowbit's ``w4a16-gptq`` row gets, scored the same way as lowbit's folders."""
+    import peer_llmcompressor as peer
+
+    calibration = load_recipe(PEER_LOWBIT).calibration
+    settings = {"calib_samples": calibration.samples, "calib_seq_len": calibration.seq_len, "layers": None}
+    versions = peer.ensure_venv(peer.DEFAULT_VENV)
+    with tempfile.TemporaryDirectory(prefix="lowbit-ct-peer-") as tmp:
+        tmp = Path(tmp)
+        peer.save_data(bench.data, settings, tmp / "data.pt")
+        folder = tmp / "peer-export"
+        run = SimpleNamespace(peer_actorder="static", verbose=False)
+        row = peer.run_peer(peer.JOBS["w4a16-g64"], peer.DEFAULT_VENV, peer.model_folder(bench.loaded.source),
+                            tmp / "data.pt", settings, run, extra=("--save", str(folder)))
+        if "error" in row:
+            raise SystemExit(f"llm-compressor's job failed: {row['error']}")
+        row["export"], _ = _score_folder(folder, bench, tmp)
+    return {**row, "peer_versions": versions}
 
 
 def measure(bench: Bench, label: str, keep: Path | None) -> dict:
@@ -95,13 +127,20 @@ def table(results: Results) -> list[str]:
     rows = []
     for label, r in results.rows.items():
         e = r["export"]
+        if label == PEER_ROW:
+            v = r.get("peer_versions", {})
+            rows.append([f"llm-compressor {v.get('llmcompressor', '')} W4A16 g64 (GPTQModifier, save_compressed)",
+                         num(r["fp_ppl"]), f"{num(r['ppl'])} (in memory)", num(e["transformers_ppl"]), "-", "-",
+                         f"{e['bytes'] / 1e6:.1f}", f"{e['load_s']:.1f}"])
+            continue
         rows.append([f"lowbit `{ROWS[label]}` -> compressed-tensors", num(r["fp_ppl"]), num(r["ppl"]),
                      num(e["transformers_ppl"]), f"{e['max_nll_diff']:.2g}", f"{e['top1_agreement']:.4f}",
                      f"{e['bytes'] / 1e6:.1f}", f"{e['load_s']:.1f}"])
-    rows.append(["llm-compressor W4A16 (GPTQModifier, save_compressed)", "-", "-", "not measured yet (needs the "
-                 "peer venv of peer_llmcompressor.py)", "-", "-", "-", "-"])
-    header = ["export", "fp ppl", "ppl (lowbit)", "ppl (transformers, from the folder)", "max abs NLL diff",
-              "top-1 = lowbit", "safetensors MB", "load s"]
+    if PEER_ROW not in results.rows:
+        rows.append(["llm-compressor W4A16 (GPTQModifier, save_compressed)", "-", "-", "not measured yet (needs the "
+                     "peer venv of peer_llmcompressor.py)", "-", "-", "-", "-"])
+    header = ["export", "fp ppl", "ppl (the tool's model)", "ppl (transformers, from the folder)",
+              "max abs NLL diff", "top-1 = lowbit", "safetensors MB", "load s"]
     return [intro, "", *markdown_table(header, rows)]
 
 
@@ -112,19 +151,19 @@ def main() -> None:
     args = parser.parse_args()
     results = Results(args.results, parser.get_default("results"))
     labels = args.rows or DEFAULT_ROWS
-    unknown = set(labels) - set(ROWS)
+    unknown = set(labels) - set(ROWS) - {PEER_ROW}
     if unknown:
-        parser.error(f"unknown rows {sorted(unknown)}; rows: {list(ROWS)}")
+        parser.error(f"unknown rows {sorted(unknown)}; rows: {[*ROWS, PEER_ROW]}")
     todo = results.todo(labels, args.force)
     if todo and not args.tables_only:
         bench = Bench.load(args.model, data_config(args))
         results.check_setup(bench.setup())
         results.meta.update(run_meta("python benchmarks/export.py " + " ".join(sys.argv[1:]), bench), **_versions())
         for label in todo:
-            row = measure(bench, label, args.keep)
+            row = measure_peer(bench) if label == PEER_ROW else measure(bench, label, args.keep)
             results.put(label, row)
-            print(f"{label}: lowbit ppl {row['ppl']:.4f}, transformers ppl {row['export']['transformers_ppl']:.4f}, "
-                  f"max NLL diff {row['export']['max_nll_diff']:.2g}", flush=True)
+            print(f"{label}: ppl {row['ppl']:.4f}, transformers ppl {row['export']['transformers_ppl']:.4f}",
+                  flush=True)
     write_block("EXPORT_CT", table(results), write=results.renders and bool(results.rows))
 
 

@@ -199,15 +199,16 @@ def run_lowbit(job: Job, bench: Bench, settings: dict) -> dict:
     return _row(job, "lowbit", quantize_s=row["quantize_s"], **scores, config=config)
 
 
-def run_peer(job: Job, venv: Path, folder: Path, data_file: Path, settings: dict, args) -> dict:
-    """Run the worker for one job in the peer venv and turn its JSON answer into a row."""
+def run_peer(job: Job, venv: Path, folder: Path, data_file: Path, settings: dict, args, extra: tuple = ()) -> dict:
+    """Run the worker for one job in the peer venv and turn its JSON answer into a row (``extra``: more worker
+    arguments, e.g. ``--save DIR``)."""
     with tempfile.TemporaryDirectory(prefix="lowbit-peer-") as tmp:
         out, log = Path(tmp) / "result.json", Path(tmp) / "worker.log"
         cmd = [
             str(venv_python(venv)), str(WORKER), "--data", str(data_file), "--model-dir", str(folder),
             "--job", json.dumps(job.peer), "--actorder", args.peer_actorder,
             "--threads", str(torch.get_num_threads()), "--out", str(out),
-        ] + (["--layers", str(settings["layers"])] if settings["layers"] is not None else [])
+        ] + (["--layers", str(settings["layers"])] if settings["layers"] is not None else []) + list(extra)
         env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "false"}
         with log.open("w") as sink:
             done = subprocess.run(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=tmp)
