@@ -39,10 +39,16 @@ from lowbit.recipe import load_recipe
 WORKER = HERE / "_llamacpp_worker.py"
 VENV = Path("/work/venvs/llamacpp")
 PEERS = {"llama.cpp Q8_0": "Q8_0", "llama.cpp Q4_0": "Q4_0", "llama.cpp Q4_1": "Q4_1", "llama.cpp Q4_K_M": "Q4_K_M"}
+Q4_0_GRID = {"format": "int4", "symmetric": True, "int_range": "full", "granularity": "group", "group_size": 32,
+             "scale_dtype": "float16", "observer": "mse"}
+Q8_0_GRID = {"format": "int8", "symmetric": True, "granularity": "group", "group_size": 32, "scale_dtype": "float16"}
 LOWBIT = {  # label: (--lowbit name, preset, recipe changes, GGUF type)
     "lowbit Q8_0 (QuaRot R1/R2 + GPTQ)": ("q8_0", "gguf-q8_0", {}, "Q8_0"),
     "lowbit Q4_0 (GPTQ, no rotation)": ("q4_0", "gguf-q4_0", {"steps": [{"method": "gptq"}]}, "Q4_0"),
-    "lowbit Q4_0 (QuaRot R1/R2 + GPTQ)": ("q4_0-quarot", "gguf-q4_0", {}, "Q4_0"),
+    "lowbit Q4_0 (QuaRot R1/R2 + GPTQ, Q8_0 table)": ("q4_0-quarot-q8table", "gguf-q4_0", {"embeddings": Q8_0_GRID},
+                                                      "Q4_0"),
+    "lowbit Q4_0 (QuaRot R1/R2 + GPTQ, Q4_0 table)": ("q4_0-quarot-q4table", "gguf-q4_0", {"embeddings": Q4_0_GRID},
+                                                      "Q4_0"),
 }
 REFERENCE = "F32 (lowbit, unquantized)"
 ROWS = [REFERENCE, *PEERS, *LOWBIT]
@@ -87,6 +93,8 @@ def make_files(bench: Bench, folder: Path, python: Path, args: argparse.Namespac
     bf16 = lowbit.load_model(bench.loaded.source, dtype=torch.bfloat16).model
     own = {REFERENCE: {**speed(bench.model, seq_len), "bf16": speed(bf16, seq_len)}}
     for label, kind in PEERS.items():
+        if kind not in args.peers:
+            continue
         files[label] = folder / f"llamacpp-{kind}.gguf"
         _worker(python, folder / "llamacpp.log", "quantize", str(files[REFERENCE]), str(files[label]), kind,
                 str(threads))
@@ -168,6 +176,8 @@ def main() -> None:
                         "the pipeline (pass --results elsewhere; not a result)")
     names = [name for name, *_ in LOWBIT.values()]
     parser.add_argument("--lowbit", nargs="*", choices=names, default=names, help="lowbit's rows (default: all)")
+    parser.add_argument("--peers", nargs="*", choices=list(PEERS.values()), default=list(PEERS.values()),
+                        help="llama.cpp's own quantizations to make and score (default: all)")
     parser.add_argument("--no-runtime", action="store_true", help="skip lowbit's runtime speed columns")
     parser.add_argument("--results", type=Path, help="results file (default benchmarks/results/llamacpp-MODEL.json; "
                         "another file is printed, not written to the README)")
