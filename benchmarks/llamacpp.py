@@ -39,14 +39,11 @@ from lowbit.recipe import load_recipe
 WORKER = HERE / "_llamacpp_worker.py"
 VENV = Path("/work/venvs/llamacpp")
 PEERS = {"llama.cpp Q8_0": "Q8_0", "llama.cpp Q4_0": "Q4_0", "llama.cpp Q4_1": "Q4_1", "llama.cpp Q4_K_M": "Q4_K_M"}
-Q4_0_GRID = {"format": "int4", "symmetric": True, "int_range": "full", "granularity": "group", "group_size": 32,
-             "scale_dtype": "float16", "observer": "mse"}
-Q8_0_GRID = {"format": "int8", "symmetric": True, "granularity": "group", "group_size": 32, "scale_dtype": "float16"}
+Q4_0_GRID = load_recipe("gguf-q4_0").weights.model_dump()  # the preset's own Q4_0 scheme, for a Q4_0 table
 LOWBIT = {  # label: (--lowbit name, preset, recipe changes, GGUF type)
     "lowbit Q8_0 (QuaRot R1/R2 + GPTQ)": ("q8_0", "gguf-q8_0", {}, "Q8_0"),
     "lowbit Q4_0 (GPTQ, no rotation)": ("q4_0", "gguf-q4_0", {"steps": [{"method": "gptq"}]}, "Q4_0"),
-    "lowbit Q4_0 (QuaRot R1/R2 + GPTQ, Q8_0 table)": ("q4_0-quarot-q8table", "gguf-q4_0", {"embeddings": Q8_0_GRID},
-                                                      "Q4_0"),
+    "lowbit Q4_0 (QuaRot R1/R2 + GPTQ, Q8_0 table)": ("q4_0-quarot-q8table", "gguf-q4_0", {}, "Q4_0"),
     "lowbit Q4_0 (QuaRot R1/R2 + GPTQ, Q4_0 table)": ("q4_0-quarot-q4table", "gguf-q4_0", {"embeddings": Q4_0_GRID},
                                                       "Q4_0"),
 }
