@@ -72,3 +72,30 @@ def test_streaming_reproduces_the_full_forward(model, calib):
         ref = model(batches, output_hidden_states=True).hidden_states[-1]  # after the final norm
         streamed = model.model.norm(torch.cat(outputs[-2:]))
     assert torch.allclose(streamed, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", [{"format": "int4", "granularity": "channel", "observer": "mse"},
+                                     {"format": "int4", "granularity": "group", "group_size": 16, "symmetric": False}])
+def test_group_solved_together_equals_each_linear_alone(weights):
+    """q/k/v (or gate/up) stacked into one solve give each linear what its own solve with the shared Hessian gives."""
+    from lowbit.gptq import GPTQConfig, gptq_quantize
+    from lowbit.schemes import QuantScheme
+    from lowbit.surgery.gptq import _solve_group
+    from lowbit.surgery.linear import QuantLinear
+    from lowbit.surgery.quantizer import granularity_for, observer_kwargs
+
+    torch.manual_seed(0)
+    scheme, config = QuantScheme(**weights), GPTQConfig(act_order=True, static_groups=True)
+    fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
+    x = torch.randn(512, 64) * torch.linspace(0.1, 3.0, 64)
+    hessian = 2 * x.T @ x / len(x)
+    group = [QuantLinear(torch.nn.Linear(64, out, bias=False)) for out in (64, 16, 16)]
+    alone = [gptq_quantize(linear.weight.data.clone(), hessian, fmt, gran, observer=scheme.observer, config=config,
+                           **observer_kwargs(scheme)) for linear in group]
+    loss = _solve_group(group, hessian, scheme, fmt, gran, config)
+    assert loss == pytest.approx(sum(r.loss for r in alone), rel=1e-4)
+    for linear, ref in zip(group, alone):
+        assert linear.weight_scale.shape == ref.scale.shape
+        assert torch.allclose(linear.weight_scale, ref.scale, rtol=1e-5)
+        assert torch.allclose(linear.weight.data, ref.weight, atol=1e-5)
+        assert linear.weight_scale.untyped_storage().size() == ref.scale.untyped_storage().size()  # not a view
