@@ -133,3 +133,20 @@ def test_observer_argument_errors() -> None:
         mse_range(x, PerRow(), FP8_E4M3, grid=0)
     with pytest.raises(ValueError, match=r"max_shrink must be in \[0, 1\)"):
         mse_range(x, PerRow(), FP8_E4M3, max_shrink=1.0)
+
+
+@pytest.mark.parametrize("gran", [PerRow(), PerGroup(16), PerGroup(24), PerTensor(), PerAxis(0)],
+                         ids=["row", "g16", "g24-tail", "tensor", "axis0"])
+def test_mse_search_in_pieces_equals_one_piece(monkeypatch, gran: Granularity) -> None:
+    """The MSE search run on small pieces of rows gives exactly the ranges of one pass over the whole tensor."""
+    import lowbit.quant.observers as observers
+
+    x = torch.randn(3, 40, 80, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.2, 4.0, 80)
+    fmt = IntFormat(bits=4, symmetric=False)
+    monkeypatch.setattr(observers, "_PIECE_ELEMENTS", 1 << 30)
+    whole = mse_range(x, gran, fmt)
+    monkeypatch.setattr(observers, "_PIECE_ELEMENTS", 100)  # a row or two per piece
+    pieces = mse_range(x, gran, fmt)
+    for a, b in zip(whole, pieces):
+        assert a.shape == b.shape == granule_shape(x.shape, gran)
+        assert torch.equal(a, b)

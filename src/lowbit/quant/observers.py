@@ -60,6 +60,9 @@ def percentile_range(
     return reduce_granules(x.to(torch.float32), gran, clip_range)
 
 
+_PIECE_ELEMENTS = 1 << 18  # elements per piece of the MSE search (1 MiB of float32: fits a core's L2 cache)
+
+
 def _shrink_factors(grid: int, max_shrink: float) -> Tensor:
     """``grid`` factors evenly spaced from 1.0 down to ``1 - max_shrink`` (1.0 first, so it wins ties)."""
     if grid == 1:
@@ -160,7 +163,16 @@ def mse_range(
                 best.offer((coarse + step).clamp(0, grid - 1))
         return best.range()
 
-    return reduce_granules(x.to(torch.float32), gran, search)
+    def search_in_pieces(chunk: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`search` on pieces of about ``_PIECE_ELEMENTS`` elements (whole rows), so that the candidates'
+        passes run in cache instead of streaming the whole tensor from memory for each one; rows are independent,
+        so the result is the same."""
+        rows = chunk.reshape(-1, chunk.shape[-1])
+        pieces = [search(piece) for piece in rows.split(max(1, _PIECE_ELEMENTS // max(1, rows.shape[-1])))]
+        shape = (*chunk.shape[:-1], 1)
+        return torch.cat([lo for lo, _ in pieces]).reshape(shape), torch.cat([hi for _, hi in pieces]).reshape(shape)
+
+    return reduce_granules(x.to(torch.float32), gran, search_in_pieces)
 
 
 def observe_range(
