@@ -39,6 +39,23 @@ from lowbit.report import write_json_atomic
 
 HERE = Path(__file__).parent
 README = HERE / "README.md"
+SECOND_MODEL = "qwen2.5-coder-0.5b"  # the real Qwen2-family model whose columns the quality tables add
+SECOND_MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct"
+
+
+def model_results(canonical: Path, model: str) -> Path:
+    """A script's results file for ``model``: ``canonical`` for the default model, ``<stem>-<model>.json`` else
+    (the model's name made safe for a file name)."""
+    if model == "default":
+        return canonical
+    safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in Path(model).name)
+    return canonical.with_name(f"{canonical.stem}-{safe}.json")
+
+
+def results_paths(args: argparse.Namespace, canonical: Path) -> tuple[Path, Path]:
+    """(the file this run writes, the file of its model that renders): ``--results`` when given, else the model's."""
+    own = model_results(canonical, args.model)
+    return (own if args.results == canonical else args.results), own
 
 
 # --- loading once, measuring a recipe -----------------------------------------------------------------------------
@@ -213,16 +230,24 @@ def measure_rows(results: Results, labels: list[str], measure: Callable[[str], d
         print(f"{label}: ratio {row['ratio']:.4f} KL {row['kl']:.4f} quantize {row['quantize_s']:.0f} s", flush=True)
 
 
+def command_line(command: str, args: argparse.Namespace) -> str:
+    """``command`` with the data flags of this run that differ from their defaults (``--model``, ``--windows``, ...)."""
+    flags = {"--model": ("model", "default"), "--seq-len": ("seq_len", 2048), "--windows": ("windows", 6)}
+    extra = [f"{flag} {getattr(args, name)}" for flag, (name, default) in flags.items()
+             if getattr(args, name, default) != default]
+    return " ".join([command, *extra])
+
+
 def run_labelled(parser: argparse.ArgumentParser, args: argparse.Namespace, rows: list, command: str) -> Results:
     """Measure the ``(label, what, recipe factory)`` rows that ``--rows`` names (default: all) and that are not saved
     yet (all of them with ``--force``), saving ``--results`` after every row; returns the results for the table."""
-    results = Results(args.results, parser.get_default("results"))
+    results = Results(*results_paths(args, parser.get_default("results")))
     todo = results.todo(check_labels(parser, args.rows, [label for label, _, _ in rows]), args.force)
     if todo and not args.tables_only:
         factories = {label: factory for label, _, factory in rows}
         bench = Bench.load(args.model, data_config(args))
         results.check_setup(bench.setup())
-        results.meta.update(run_meta(command, bench))
+        results.meta.update(run_meta(command_line(command, args), bench))
         measure_rows(results, todo, lambda label: bench.measure(factories[label]()))
     return results
 

@@ -16,14 +16,19 @@ import statistics
 import torch
 from harness import (
     HERE,
+    SECOND_MODEL,
+    SECOND_MODEL_NAME,
     Bench,
     Results,
     add_flags,
     check_labels,
+    command_line,
     data_config,
     measure_rows,
+    model_results,
     num,
     replace_block,
+    results_paths,
     run_meta,
     seconds,
     write_block,
@@ -69,17 +74,27 @@ def main() -> None:
     parser.add_argument("--timing-only", action="store_true",
                         help="re-measure only the forward-vs-FP column of results/presets.json (on a quiet machine)")
     args = parser.parse_args()
-    results = Results(args.results, RESULTS, list_key="recipe")
+    results = Results(*results_paths(args, RESULTS), list_key="recipe")
     if args.timing_only:
         retime(results, args.timing_repeats)
     elif not args.tables_only:
         names = check_labels(parser, args.presets, preset_names())
         bench = Bench.load(args.model, data_config(args))
         results.check_setup(bench.setup())
-        results.meta.update(run_meta("python benchmarks/presets.py", bench))
+        results.meta.update(run_meta(command_line("python benchmarks/presets.py", args), bench))
         measure_rows(results, results.todo(names, args.force), lambda name: measure(bench, name, args.timing_repeats))
         summarize(results)
-    write_tables(list(results.rows.values()), results.meta, results.renders)
+    render(results)
+
+
+def render(results: Results) -> None:
+    """The tables from the saved files of both models (a check's own results file: its table printed alone)."""
+    if not results.renders:
+        write_tables(list(results.rows.values()), results.meta, None, readme=False)
+        return
+    main = Results(RESULTS, list_key="recipe")
+    second = Results(model_results(RESULTS, SECOND_MODEL), list_key="recipe")
+    write_tables(list(main.rows.values()), main.meta, second if second.rows else None)
 
 
 def summarize(results: Results) -> None:
@@ -103,22 +118,34 @@ def retime(results: Results, repeats: int) -> None:
     summarize(results)
 
 
-def write_tables(rows: list[dict], meta: dict, readme: bool = True) -> None:
-    """The full table in benchmarks/README.md and a short one in the project README (printed only unless ``readme``)."""
+def write_tables(rows: list[dict], meta: dict, second: Results | None, readme: bool = True) -> None:
+    """The full table in benchmarks/README.md, with the second model's columns when ``second`` has rows, and a short
+    one of the default model in the project README (printed only unless ``readme``)."""
     lines = [
         f"Default model (SmolLM2-135M-Instruct, fp32), default text, {meta['windows']} windows × {meta['seq_len']} "
         f"tokens ({meta['tokens']} predicted tokens), {meta['threads']} CPU threads, {meta['date']}. "
         f"Full-precision forward of one window: {meta['fp_forward_s']:.2f} s (median).",
-        "",
-        "| recipe | FP ppl | ppl | ratio | KL | top-1 | bits W | bits A | bits KV | quantize s | eval s | forward vs FP |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    head = "| recipe | FP ppl | ppl | ratio | KL | top-1 | bits W | bits A | bits KV | quantize s | eval s | forward vs FP |"
+    rule = "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    if second is not None:
+        m = second.meta
+        lines.append(f"{SECOND_MODEL_NAME} columns (Q:): the same text, {m['windows']} windows × {m['seq_len']} tokens "
+                     f"({m['tokens']} predicted tokens), {m['threads']} CPU threads, {m['date']}; `{m['command']}`.")
+        head += " Q: ratio | Q: KL | Q: top-1 | Q: quantize s |"
+        rule += "---|---|---|---|"
+    lines += ["", head, rule]
     for r in rows:
-        lines.append(
+        line = (
             f"| {r['recipe']} | {r['fp_ppl']:.3f} | {num(r['ppl'])} | {num(r['ratio'])} | {r['kl']:.4f} | "
             f"{r['top1']:.4f} | {r['bits_w']:.2f} | {r['bits_a']:.2f} | {r['bits_kv']:.2f} | {r['quantize_s']:.1f} | "
             f"{r['eval_s']:.1f} | {r['forward_vs_fp']:.2f}× |"
         )
+        if second is not None:
+            q = second.rows.get(r["recipe"])
+            line += (f" {num(q['ratio'])} | {q['kl']:.4f} | {q['top1']:.4f} | {q['quantize_s']:.1f} |" if q
+                     else " – | – | – | – |")
+        lines.append(line)
     short = ["| recipe | ppl ratio | KL | top-1 | bits W / A / KV |", "|---|---|---|---|---|"]
     short += [
         f"| {r['recipe']} | {num(r['ratio'])} | {r['kl']:.4f} | {r['top1']:.4f} | "

@@ -18,9 +18,21 @@ import time
 from collections.abc import Callable
 
 import torch
-from harness import HERE, Results, add_flags, run_labelled, variant, write_block
+from harness import (
+    HERE,
+    SECOND_MODEL,
+    SECOND_MODEL_NAME,
+    Results,
+    add_flags,
+    model_results,
+    results_paths,
+    run_labelled,
+    variant,
+    write_block,
+)
 
 import lowbit
+from lowbit.models.arch import decoder_layers
 from lowbit.recipe import Recipe, load_preset
 
 RESULTS = HERE / "results" / "quarot.json"
@@ -82,54 +94,82 @@ def main() -> None:
                         help="time w4a4kv4-quarot end to end (calibration text prepared, rotations, GPTQ) alone")
     args = parser.parse_args()
     if args.wall_time:
-        results = Results(args.results, RESULTS)
-        results.saved["wall_time"] = wall_time("w4a4kv4-quarot")
+        results = Results(*results_paths(args, RESULTS))
+        results.saved["wall_time"] = wall_time("w4a4kv4-quarot", args.model)
         results.save()
     else:
         results = run_labelled(parser, args, ROWS, "python benchmarks/quarot.py")
     write_table(results)
 
 
-def wall_time(preset: str) -> dict:
-    """Seconds from raw text to quantized model for ``preset``: tokenize and sample calibration text, quantize."""
-    loaded = lowbit.load_model("default")
+def wall_time(preset: str, model: str = "default") -> dict:
+    """Seconds from raw text to quantized model for ``preset``: tokenize and sample calibration text, quantize; and
+    the quantize time per billion parameters of the decoder linears it quantizes."""
+    loaded = lowbit.load_model(model)
+    layers = decoder_layers(loaded.model)
+    linears = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
     start = time.perf_counter()
     data = lowbit.prepare_data(lowbit.DataConfig(), loaded.tokenizer)
     prepared = time.perf_counter()
     lowbit.quantize(loaded.model, preset, data)
     done = time.perf_counter()
-    result = {"recipe": preset, "data_s": prepared - start, "quantize_s": done - prepared, "total_s": done - start,
+    result = {"recipe": preset, "model": model, "data_s": prepared - start, "quantize_s": done - prepared,
+              "total_s": done - start, "linear_params": linears, "s_per_billion": (done - prepared) / linears * 1e9,
               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")}
     print(f"{preset}: {result['total_s']:.0f} s end to end ({result['data_s']:.1f} s of it preparing text)")
     return result
 
 
 def write_table(results: Results) -> None:
-    """The QUAROT table in benchmarks/README.md, rows in the order of ROWS."""
-    meta, saved = results.meta, results.saved
+    """The QUAROT table in benchmarks/README.md, rows in the order of ROWS, with the second model's columns when
+    its results file exists (a check's own results file is printed alone)."""
+    if results.renders:
+        results = Results(RESULTS)
+    second = Results(model_results(RESULTS, SECOND_MODEL)) if results.renders else None
+    second = second if second is not None and second.rows else None
+    meta = results.meta
     lines = [
         f"Default model and text, {meta.get('windows')} windows × {meta.get('seq_len')} tokens, "
         f"{meta.get('threads')} CPU threads, {meta.get('date')}; `python benchmarks/quarot.py`.",
-        "",
-        "| row | what it shows | ratio | KL | top-1 | bits W / A / KV | calib tokens | quantize s |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    head = "| row | what it shows | ratio | KL | top-1 | bits W / A / KV | calib tokens | quantize s |"
+    rule = "|---|---|---|---|---|---|---|---|"
+    if second is not None:
+        m = second.meta
+        lines.append(f"{SECOND_MODEL_NAME} columns (Q:): the same text, {m.get('windows')} windows × "
+                     f"{m.get('seq_len')} tokens, {m.get('threads')} CPU threads, {m.get('date')}; `{m.get('command')}`"
+                     " (a row not measured yet reads –).")
+        head += " Q: ratio | Q: KL | Q: top-1 | Q: quantize s |"
+        rule += "---|---|---|---|"
+    lines += ["", head, rule]
     for label, what, _ in ROWS:
         r = results.rows.get(label)
         if r is None:
             continue
-        lines.append(
-            f"| {label} | {what} | {r['ratio']:.4g} | {r['kl']:.4f} | {r['top1']:.4f} | "
-            f"{r['bits_w']:.2f} / {r['bits_a']:.2f} / {r['bits_kv']:.2f} | {r['calibration_tokens']} | "
-            f"{r['quantize_s']:.0f} |"
-        )
-    if "wall_time" in saved:
-        w = saved["wall_time"]
-        lines += ["", f"Wall time of `{w['recipe']}` measured alone (`python benchmarks/quarot.py --wall-time`, "
-                      f"{w['threads']} threads, {w['date']}): **{w['total_s']:.0f} s** from raw text to quantized model "
-                      f"({w['data_s']:.1f} s tokenizing and sampling the calibration text, {w['quantize_s']:.0f} s "
-                      "rotations and GPTQ). The `quantize s` column above ran while other jobs shared the cores."]
+        line = (f"| {label} | {what} | {r['ratio']:.4g} | {r['kl']:.4f} | {r['top1']:.4f} | "
+                f"{r['bits_w']:.2f} / {r['bits_a']:.2f} / {r['bits_kv']:.2f} | {r['calibration_tokens']} | "
+                f"{r['quantize_s']:.0f} |")
+        if second is not None:
+            q = second.rows.get(label)
+            line += (f" {q['ratio']:.4g} | {q['kl']:.4f} | {q['top1']:.4f} | {q['quantize_s']:.0f} |" if q
+                     else " – | – | – | – |")
+        lines.append(line)
+    for res in (results, second):
+        if res is not None and "wall_time" in res.saved:
+            lines += ["", wall_time_line(res.saved["wall_time"])]
     write_block("QUAROT", lines, results.renders)
+
+
+def wall_time_line(w: dict) -> str:
+    """The sentence for one ``--wall-time`` measurement."""
+    model = SECOND_MODEL_NAME if w.get("model") == SECOND_MODEL else "the default model"
+    flag = f" --model {w['model']}" if w.get("model", "default") != "default" else ""
+    per_billion = (f", {w['s_per_billion']:.0f} s per billion parameters of decoder linears "
+                   f"({w['linear_params'] / 1e6:.0f} M)") if "s_per_billion" in w else ""
+    return (f"Wall time of `{w['recipe']}` on {model}, measured alone (`python benchmarks/quarot.py --wall-time{flag}`, "
+            f"{w['threads']} threads, {w['date']}): **{w['total_s']:.0f} s** from raw text to quantized model "
+            f"({w['data_s']:.1f} s tokenizing and sampling the calibration text, {w['quantize_s']:.0f} s rotations "
+            f"and GPTQ{per_billion}). The `quantize s` columns above ran while other jobs shared the cores.")
 
 
 if __name__ == "__main__":
