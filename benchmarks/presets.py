@@ -64,13 +64,14 @@ def measure(bench: Bench, name: str, repeats: int) -> dict:
         overhead, fp_time = overhead_vs_fp(bench.model, model, bench.windows[0], repeats)
         return {"forward_vs_fp": overhead, "fp_forward_s": fp_time}
 
-    return bench.measure(name, extra=forward)
+    return bench.measure(name, extra=forward if repeats > 0 else None)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_flags(parser, RESULTS, rows="--presets")
-    parser.add_argument("--timing-repeats", type=int, default=3)
+    parser.add_argument("--timing-repeats", type=int, default=3,
+                        help="forward passes timed per preset for the forward-vs-FP column (0: not timed)")
     parser.add_argument("--timing-only", action="store_true",
                         help="re-measure only the forward-vs-FP column of results/presets.json (on a quiet machine)")
     args = parser.parse_args()

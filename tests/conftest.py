@@ -11,7 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-FAMILIES = ("llama", "qwen2", "mistral")
+FAMILIES = ("llama", "qwen2", "mistral", "qwen2-real")  # qwen2-real: Qwen2 with a real model's awkward sizes
 
 SENTENCES = (
     "The committee met on Tuesday to discuss the new budget for the city schools. ",
@@ -33,6 +33,11 @@ def make_text(n_sentences: int, seed: int = 0) -> str:
 def tiny_config(family: str, vocab_size: int = 320):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
+    if family == "qwen2-real":  # Qwen2.5-0.5B's quirks, scaled down in width only: 14 query / 2 KV heads, the
+        # 4864-wide MLP (R4's Hadamard 4864 = 76 x 64), hidden 224 (R1's 224 = 28 x 8), untied lm_head
+        return Qwen2Config(vocab_size=vocab_size, hidden_size=224, intermediate_size=4864, num_hidden_layers=2,
+                           num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=512,
+                           tie_word_embeddings=False)
     common = dict(
         vocab_size=vocab_size,
         hidden_size=128,
@@ -52,10 +57,13 @@ def tiny_model(family: str, seed: int = 0, vocab_size: int = 320):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size)).eval()
-    if family == "qwen2":  # give the q/k/v biases real values so dropping them would show
+    if family.startswith("qwen2"):  # give the q/k/v biases real values so dropping them would show
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 torch.nn.init.normal_(proj.bias, std=0.5)
+    if family == "qwen2-real":  # and keys with the real model's shared offset: a k_proj bias far above the keys'
+        for layer in model.model.layers:  # per-token variation (std 0.02 weights give keys of std ~0.3)
+            torch.nn.init.normal_(layer.self_attn.k_proj.bias, std=8.0)
     return model
 
 

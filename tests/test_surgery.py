@@ -34,9 +34,10 @@ def test_rtn_puts_every_targeted_weight_on_the_grid(model):
 def test_group_weights_have_a_scale_per_group(model):
     scheme = {"format": "int4", "granularity": "group", "group_size": 32}
     q = lowbit.quantize(model, _recipe(steps=[{"method": "rtn"}], weights=scheme))
-    down = q.model.layers[0].mlp.down_proj  # in_features 160 = 5 groups of 32
-    assert down.weight_scale.numel() == down.out_features * 5
-    groups = down.weight.reshape(down.out_features, 5, 32)
+    down = q.model.layers[0].mlp.down_proj  # in_features 160 = 5 groups of 32 (4864 = 152 in qwen2-real)
+    n_groups = down.in_features // 32
+    assert down.weight_scale.numel() == down.out_features * n_groups
+    groups = down.weight.reshape(down.out_features, n_groups, 32)
     assert _max_distinct_per_row(groups) <= INT4_SYM_LEVELS
 
 
@@ -97,7 +98,8 @@ def test_kv_quantization_is_real_and_after_rope(model, tokens):
     assert key.shape[1] == model.config.num_key_value_heads and key.shape[2] == tokens.shape[1]
     assert torch.equal(q_out, query)
     assert _max_distinct_per_row(k_out) <= 16 and _max_distinct_per_row(v_out) <= 16  # asym int4
-    assert _max_distinct_per_row(key) > 16
+    assert not torch.allclose(k_out, key)
+    assert _max_distinct_per_row(key) > 16 or key.shape[-1] <= 16  # rows of 16 channels hold at most 16 values
     # post-RoPE: the key the hook sees equals rope(k_proj(x)) for the first layer's input
     layer = model.model.layers[0]
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
