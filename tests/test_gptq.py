@@ -397,3 +397,18 @@ def test_inputs_untouched_and_dtype_kept(dtype: torch.dtype) -> None:
     assert res.weight.dtype == dtype and res.weight.shape == w.shape
     assert res.scale.dtype == torch.float32
     _assert_on_grid(res, INT4_ASYM, PerGroup(16))
+
+
+def test_hessian_accumulated_in_lower_blocks_equals_the_full_product(monkeypatch) -> None:
+    """The block-lower-triangular accumulation, mirrored on reading, equals ``2/N X^T X`` and is symmetric."""
+    import lowbit.gptq as gptq
+
+    monkeypatch.setattr(gptq, "_GRAM_BLOCK", 7)  # 3 blocks of 7 and a partial one of 2 over 23 inputs
+    x = torch.randn(3, 50, 23, generator=_gen(11))
+    acc = HessianAccumulator(23)
+    for batch in x:
+        acc.add(batch)
+    h = acc.hessian
+    rows = x.reshape(-1, 23)
+    torch.testing.assert_close(h, 2 * rows.T @ rows / len(rows), rtol=1e-5, atol=1e-5)
+    assert torch.equal(h, h.T)

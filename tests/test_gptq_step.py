@@ -99,3 +99,19 @@ def test_group_solved_together_equals_each_linear_alone(weights):
         assert torch.allclose(linear.weight_scale, ref.scale, rtol=1e-5)
         assert torch.allclose(linear.weight.data, ref.weight, atol=1e-5)
         assert linear.weight_scale.untyped_storage().size() == ref.scale.untyped_storage().size()  # not a view
+
+
+def test_run_until_stops_each_batch_at_the_module_after_its_pre_hooks(model, calib):
+    """``run(until=m)``: every batch reaches m's pre-hooks (the inputs GPTQ records), m itself never runs."""
+    batches = calib.calibration(4, 32)
+    seen = {"pre": 0, "forward": 0}
+
+    def on_layer(i, layer, run):
+        down = layer.mlp.down_proj
+        pre = down.register_forward_pre_hook(lambda m, a: seen.__setitem__("pre", seen["pre"] + 1))
+        post = down.register_forward_hook(lambda m, a, o: seen.__setitem__("forward", seen["forward"] + 1))
+        assert run(until=down) is None
+        pre.remove(), post.remove()
+
+    stream_layers(model, lowbit.models.arch.spec_for(model), batches, on_layer, batch_size=2)
+    assert seen == {"pre": 2 * model.config.num_hidden_layers, "forward": 0}

@@ -155,7 +155,7 @@ class HessianAccumulator:
                 f"no calibration tokens reached this layer ({self.in_features} inputs), so it has no Hessian: "
                 "check that the calibration data runs through the layer"
             )
-        return self._h.clone()
+        return _mirror_lower_blocks(self._h.clone())
 
     def _buffer(self, like: Tensor) -> Tensor:
         """The running H, allocated on first use on ``device`` or, if None, on the device of ``like``."""
@@ -182,8 +182,32 @@ class HessianAccumulator:
                 "check the model in full precision on the calibration text"
             )
         total = self._tokens + int(rows.shape[0])
-        h.mul_(self._tokens / total).addmm_(rows.T, rows, alpha=2.0 / total)
+        _add_lower_blocks(h.mul_(self._tokens / total), rows, 2.0 / total)
         self._tokens = total
+
+
+_GRAM_BLOCK = 1024  # column block of the Hessian's block-lower-triangular accumulation
+
+
+def _add_lower_blocks(h: Tensor, rows: Tensor, alpha: float) -> None:
+    """``h += alpha * rows^T rows`` on the block-lower triangle of ``h`` only (blocks of ``_GRAM_BLOCK`` columns).
+
+    ``X^T X`` is symmetric, so the blocks above the diagonal are mirrors: with ``b`` blocks this computes
+    ``b(b+1)/2`` of the ``b^2`` block products (60% of the work at 4864 inputs, 5 blocks). The blocks above the
+    diagonal are left stale; :func:`_mirror_lower_blocks` fills them when the Hessian is read.
+    """
+    n = rows.shape[1]
+    for start in range(0, n, _GRAM_BLOCK):
+        stop = min(start + _GRAM_BLOCK, n)
+        h[start:stop, :stop].addmm_(rows[:, start:stop].T, rows[:, :stop], alpha=alpha)
+
+
+def _mirror_lower_blocks(h: Tensor) -> Tensor:
+    """``h`` with each block above the diagonal set to the transpose of its mirror below (see _add_lower_blocks)."""
+    n = h.shape[0]
+    for start in range(_GRAM_BLOCK, n, _GRAM_BLOCK):
+        h[:start, start : start + _GRAM_BLOCK] = h[start : start + _GRAM_BLOCK, :start].T
+    return h
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -182,7 +183,7 @@ def _quantize_layer(current: StreamedLayer, step: BlockwiseStep, session: Sessio
     with quantizers_off(layer):
         target = run(fp_in)
         if step.init == "gptq":
-            gptq_layer(layer, session.spec, lambda: run(q_in), session.recipe.weights, gptq_config(step))
+            gptq_layer(layer, session.spec, partial(current.chunks, q_in), session.recipe.weights, gptq_config(step))
         else:
             for linear in (m for m in layer.modules() if isinstance(m, QuantLinear)):
                 if step.epochs:

@@ -32,8 +32,9 @@ def _input_groups(layer: nn.Module, spec) -> list[list[QuantLinear]]:
 
 @torch.no_grad()
 def gptq_layer(layer: nn.Module, spec, run, scheme, config: GPTQConfig) -> float:
-    """GPTQ on one decoder layer's quantized linears: one ``run()`` of the calibration samples records each input
-    group's Hessian, then the solver quantizes each linear. Returns the summed GPTQ loss."""
+    """GPTQ on one decoder layer's quantized linears: one ``run()`` of the calibration samples, stopped at the last
+    group's input, records each input group's Hessian, then the solver quantizes each group. Returns the summed GPTQ
+    loss."""
     fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
     groups = _input_groups(layer, spec)
     hessians: dict[str, HessianAccumulator] = {}
@@ -42,7 +43,7 @@ def gptq_layer(layer: nn.Module, spec, run, scheme, config: GPTQConfig) -> float
         hessians.setdefault(name, HessianAccumulator(x.shape[-1])).add(x)
 
     with capture_inputs({str(i): group[0] for i, group in enumerate(groups)}, sink):
-        run()
+        run(until=groups[-1][0])  # the last group's input is the last one needed: the rest of the layer is skipped
     loss = 0.0
     for i, group in enumerate(groups):
         loss += _solve_group(group, hessians[str(i)].hessian, scheme, fmt, gran, config)

@@ -31,7 +31,15 @@ from ..models.arch import ArchSpec, decoder_layers, get_module
 from .offload import execution_device, on_device
 from .prefix import cache_argument
 
-LayerCallback = Callable[[int, nn.Module, Callable[[], object]], None]
+LayerCallback = Callable[[int, nn.Module, Callable[..., object]], None]
+
+
+class _StopForward(Exception):
+    """Ends a layer's forward at a module whose input was all a caller needed (see StreamedLayer.chunks)."""
+
+
+def _stop_forward(module: nn.Module, args: tuple) -> None:
+    raise _StopForward
 
 
 @contextmanager
@@ -131,9 +139,25 @@ class StreamedLayer:
         """The layer on one batch of hidden states ``[b, T, hidden]`` (with gradients when enabled: training)."""
         return self.context.run(self.layer, self.index, hidden)
 
-    def chunks(self, hidden: torch.Tensor) -> list[torch.Tensor]:
-        """The layer's outputs on ``hidden`` ``[n, T, hidden]``, ``batch_size`` samples at a time."""
-        return [self.forward(h) for h in hidden.split(self.batch_size)]
+    def chunks(self, hidden: torch.Tensor, until: nn.Module | None = None) -> list[torch.Tensor] | None:
+        """The layer's outputs on ``hidden`` ``[n, T, hidden]``, ``batch_size`` samples at a time.
+
+        ``until``: a submodule of the layer at which each batch's forward stops, once that module's forward
+        pre-hooks registered before this call have run (a caller that only observes inputs, up to that module's,
+        skips the rest of the layer); returns None then.
+        """
+        if until is None:
+            return [self.forward(h) for h in hidden.split(self.batch_size)]
+        handle = until.register_forward_pre_hook(_stop_forward)
+        try:
+            for h in hidden.split(self.batch_size):
+                try:
+                    self.forward(h)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+        return None
 
     def run(self, hidden: torch.Tensor) -> torch.Tensor:
         """The layer's outputs on ``hidden`` ``[n, T, hidden]`` as one tensor, ``batch_size`` samples at a time
@@ -203,8 +227,9 @@ def stream_layers(
     """Run token ``batches`` ``[n, L]`` layer by layer in one stream; ``on_layer(i, layer, run)`` quantizes layer ``i``.
 
     ``run()`` pushes every calibration sample through the current layer (with whatever hooks ``on_layer`` set) and
-    returns the outputs batch by batch, so the callback can observe inputs as often as it needs; after the callback
-    the layer's outputs become the next inputs. Arguments as for :class:`LayerStream`.
+    returns the outputs batch by batch, so the callback can observe inputs as often as it needs; ``run(until=m)``
+    stops each batch at submodule ``m`` (after its pre-hooks) and returns None. After the callback the layer's
+    outputs become the next inputs. Arguments as for :class:`LayerStream`.
     """
     stream = LayerStream(model, spec, batches, 1, device, batch_size, prefix)
     tick = progress("layer-streamed calibration", len(decoder_layers(model, spec))) if progress else (lambda: None)
