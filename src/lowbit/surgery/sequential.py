@@ -9,8 +9,9 @@ only one decoder layer (plus one layer's activations) needs to be on the compute
 model may live on the CPU, or be offloaded by accelerate (to CPU memory or disk: :mod:`lowbit.surgery.offload`
 brings each layer in and writes its quantized weights back).
 
-No forward pass is interrupted: the embeddings, rotary tables and layers are called directly through the
-architecture spec, with the causal mask implied by transformers' sdpa path (``attention_mask=None``).
+The embeddings, rotary tables and layers are called directly through the architecture spec, with the causal mask
+implied by transformers' sdpa path (``attention_mask=None``); a caller that only records inputs may stop each
+layer's forward at the last module it needs (``run(until=...)``).
 
 With a PrefixQuant prefix (a full-precision cache of the prefix tokens), every sample runs *after* the prefix, as
 every request will: each layer attends to that layer's cached prefix keys/values (exact, from the full-precision
