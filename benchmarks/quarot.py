@@ -125,8 +125,8 @@ def write_table(results: Results) -> None:
     its results file exists (a check's own results file is printed alone)."""
     if results.renders:
         results = Results(RESULTS)
-    second = Results(model_results(RESULTS, SECOND_MODEL)) if results.renders else None
-    second = second if second is not None and second.rows else None
+    other = Results(model_results(RESULTS, SECOND_MODEL)) if results.renders else None
+    second = other if other is not None and other.rows else None  # its columns, once it has rows
     meta = results.meta
     lines = [
         f"Default model and text, {meta.get('windows')} windows × {meta.get('seq_len')} tokens, "
@@ -154,7 +154,7 @@ def write_table(results: Results) -> None:
             line += (f" {q['ratio']:.4g} | {q['kl']:.4f} | {q['top1']:.4f} | {q['quantize_s']:.0f} |" if q
                      else " – | – | – | – |")
         lines.append(line)
-    for res in (results, second):
+    for res in (results, other):
         if res is not None and "wall_time" in res.saved:
             lines += ["", wall_time_line(res.saved["wall_time"])]
     write_block("QUAROT", lines, results.renders)
