@@ -15,6 +15,7 @@ from torch import nn
 
 from ..surgery.rotate import (
     add_online_rotations,
+    check_residual_rotation,
     fold_norms,
     random_r1_r2,
     rotate_heads,
@@ -65,6 +66,8 @@ class RotationResult(MethodResult):
 def apply(model: nn.Module, step: QuaRotStep, session: Session) -> RotationResult:
     """Fold norms and apply the rotations the step asks for."""
     spec = session.spec
+    if step.r1:
+        check_residual_rotation(spec)
     seeds = rotation_seeds(model, spec, session.seed if step.seed is None else step.seed)
     details: dict[str, Any] = {"untied_lm_head_bytes": fold_norms(model, spec)}
     r1, r2 = random_r1_r2(model, seeds, step.fallback)

@@ -5,6 +5,12 @@ Row-vector convention: a linear computes ``y = x @ W.T + b`` with ``W`` of shape
 that *writes* a rotated output takes ``W <- Q.T @ W`` (its bias ``b <- b @ Q``). RMSNorm with unit scale commutes
 with ``Q`` (``||x Q|| = ||x||``), which is why the norm scales are folded into their readers first.
 
+A family with post-norms (a norm between o_proj / down_proj and the residual add, :attr:`ArchSpec.writer_norms`)
+cannot take R1: the post-norm sees the writer's rotated output ``y Q`` and returns ``RMSNorm(y) * g`` rotated only
+when its scale ``g`` is uniform, and no linear follows it to fold ``g`` into. R2, R3, R4 and the rotation of o_proj's
+input are all inside a block, before the writer's output is formed, so the post-norm never sees them: they stay
+exact. :func:`check_residual_rotation` refuses R1 on such a family.
+
 - R1 (hidden × hidden): the residual stream. Embeddings, readers (q, k, v, gate, up, lm_head) and writers (o, down).
 - R2 (head_dim × head_dim, one per layer): v_proj's output per KV head and o_proj's input per query head (a query
   head uses the R2 of the KV head it reads, so GQA needs nothing special with one R2 per layer).
@@ -19,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ModelError
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
 from ..rotations import RotationMatrix, random_hadamard
 from .attach import as_quant_linear, untie_lm_head
@@ -67,12 +74,22 @@ def _write(linear: nn.Module, q: torch.Tensor) -> None:
         _update(linear.bias, linear.bias.double() @ q)
 
 
-def _fold(norm: nn.Module, readers: list[nn.Module]) -> None:
-    """Fold one RMSNorm scale into the linears that read its output; the norm's scale becomes 1."""
-    scale = norm.weight.double()
+def _fold(norm: nn.Module, readers: list[nn.Module], offset: float = 0.0) -> None:
+    """Fold one RMSNorm scale (``offset + weight``) into the linears that read its output; the scale becomes 1."""
+    scale = norm.weight.double() + offset
     for linear in readers:
         _update(linear.weight, linear.weight.double() * scale[None, :])
-    norm.weight.data.fill_(1.0)
+    norm.weight.data.fill_(1.0 - offset)
+
+
+def check_residual_rotation(spec: ArchSpec, what: str = "R1") -> None:
+    """Refuse a rotation of the residual stream on a family whose residual writers are followed by post-norms."""
+    if spec.writer_norms:
+        raise ModelError(
+            f"{what} (the residual-stream rotation) is not exact on {spec.family}: its post-norms "
+            f"({', '.join(spec.writer_norms)}) normalize the o_proj/down_proj outputs with non-uniform scales before "
+            "the residual add, so a rotated residual cannot pass through them; set r1: false (R2, R3, R4 stay exact)"
+        )
 
 
 @torch.no_grad()
@@ -84,18 +101,20 @@ def fold_norms(model: nn.Module, spec: ArchSpec) -> int:
     """
     untied_bytes = untie_lm_head(model, spec)
     final_norm, head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
+    offset = spec.norm_offset
     with onloaded(final_norm), onloaded(head):
-        _fold(final_norm, [head])
+        _fold(final_norm, [head], offset)
     for layer in decoder_layers(model, spec):
         with onloaded(layer):
-            _fold(get_module(layer, spec.input_norm), [get_module(layer, p) for p in (spec.q, spec.k, spec.v)])
-            _fold(get_module(layer, spec.post_attn_norm), [get_module(layer, p) for p in (spec.gate, spec.up)])
+            _fold(get_module(layer, spec.input_norm), [get_module(layer, p) for p in (spec.q, spec.k, spec.v)], offset)
+            _fold(get_module(layer, spec.post_attn_norm), [get_module(layer, p) for p in (spec.gate, spec.up)], offset)
     return untied_bytes
 
 
 @torch.no_grad()
 def rotate_residual(model: nn.Module, spec: ArchSpec, r1: torch.Tensor) -> None:
     """Apply R1 (float64, hidden × hidden) to the residual stream. Norms must be folded first."""
+    check_residual_rotation(spec)
     embed, head = get_module(model, spec.embed), get_module(model, spec.lm_head)
     with onloaded(embed), onloaded(head):
         _update(embed.weight, embed.weight.double() @ r1)
