@@ -16,7 +16,7 @@ from lowbit.artifact import load, save
 from lowbit.cli import main
 from lowbit.data import TokenData
 from lowbit.errors import ModelError
-from lowbit.models.arch import spec_for
+from lowbit.models.arch import get_module, spec_for
 from lowbit.recipe import Recipe, load_preset
 from lowbit.rotations import random_hadamard
 from lowbit.surgery.rotate import fold_norms, rotate_residual
@@ -45,6 +45,17 @@ def gemma():
 def tokens() -> torch.Tensor:
     """48 tokens: six times the tiny model's sliding window, so the sliding layer's mask matters."""
     return torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(1))
+
+
+def test_every_gemma3_spec_path_exists(gemma):
+    spec = spec_for(gemma)
+    assert spec.family == "gemma3" and spec.writer_norms == ("post_attention_layernorm", "post_feedforward_layernorm")
+    for path in (spec.embed, spec.layers, spec.final_norm, spec.lm_head, spec.rotary):
+        get_module(gemma, path)
+    layer = get_module(gemma, spec.layers)[0]
+    for path in (spec.attn, spec.mlp, spec.input_norm, spec.post_attn_norm, *spec.writer_norms, *spec.qk_norms,
+                 *spec.linear_roles.values()):
+        get_module(layer, path)
 
 
 def _logits(model, tokens) -> torch.Tensor:
@@ -176,4 +187,32 @@ def test_save_load_gives_the_same_gemma3(tmp_path, gemma, preset):
     quantized = lowbit.quantize(gemma, small(load_preset(preset)), data)
     save(quantized, tmp_path / "a")
     loaded = load(tmp_path / "a", simulate=True)
+    assert torch.equal(_logits(quantized, data.eval_windows), _logits(loaded, data.eval_windows))
+
+
+def test_packed_kv_decoding_matches_the_one_pass_evaluation_across_the_sliding_window(gemma):
+    """kv-kivi3 (window cut to 4 so most tokens are packed): decoding 30 tokens after a 30-token prompt with the
+    packed cache gives the scores the one-pass decode-equivalent forward gives, on a model whose sliding layer sees
+    only 8 tokens; the packed keys/values really change the outputs."""
+    data = _data()
+    recipe = load_preset("kv-kivi3").model_dump()
+    recipe["kv_cache"]["window"] = 4
+    quantized = lowbit.quantize(gemma, Recipe.from_dict(recipe), data)
+    prompt = data.eval_windows[:1, :30].clamp_min(3)  # no padding id (0) in the prompt
+    with torch.no_grad():
+        out = quantized.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
+                                 pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        one_pass = quantized(out.sequences).logits[0, 29:-1]
+        fp = gemma(out.sequences).logits[0, 29:-1]
+    assert type(out.past_key_values).__name__ == "PackedCache"
+    assert (torch.stack([s[0] for s in out.scores]) - one_pass).abs().max() < 1e-4
+    assert (fp - one_pass).abs().max() > 1e-2
+
+
+def test_real_int8_kernels_compute_the_fake_quant_gemma3(tmp_path, gemma):
+    data = _data()
+    quantized = lowbit.quantize(gemma, small(load_preset("w8a8-rtn")), data)
+    save(quantized, tmp_path / "a")
+    loaded = load(tmp_path / "a")
+    assert "IntLinear" in {type(m).__name__ for m in loaded.modules()}
     assert torch.equal(_logits(quantized, data.eval_windows), _logits(loaded, data.eval_windows))
