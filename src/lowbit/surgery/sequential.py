@@ -10,8 +10,8 @@ model may live on the CPU, or be offloaded by accelerate (to CPU memory or disk:
 brings each layer in and writes its quantized weights back).
 
 No forward pass is interrupted: the embeddings, rotary tables and layers are called directly through the
-architecture spec, with the causal mask implied by transformers' sdpa path (``attention_mask=None``) or, for sliding-window
-layers and cached prefixes, an explicit one.
+architecture spec, with the causal mask implied by transformers' sdpa path (``attention_mask=None``) or, for
+sliding-window layers and cached prefixes, an explicit one.
 
 With a PrefixQuant prefix (a full-precision cache of the prefix tokens), every sample runs *after* the prefix, as
 every request will: each layer attends to that layer's cached prefix keys/values (exact, from the full-precision
