@@ -32,7 +32,9 @@ class QuaRotStep(StepConfig):
     ``r1``: residual stream; ``r2``: per head on values; ``r3``: online on post-RoPE Q and K (only useful when the
     KV cache is quantized); ``r4``: online on the down_proj input; ``o_rotation``: online on the o_proj input
     across heads (QuaRot's; R2 rotates only within a head, so heads of different scale stay unequal without it;
-    off by default until measured on every preset). ``seed`` defaults to the run's seed.
+    off by default until measured on every preset); ``readers``: online on the q/k/v input and on the gate/up input
+    (hidden size, folded into those weights: R1's effect on their activations where R1 is not exact, as under
+    Gemma 3's post-norms; two online transforms per layer). ``seed`` defaults to the run's seed.
     ``fallback`` (``block_diagonal`` or ``random_orthogonal``) is used only for a size with no Hadamard construction;
     without it such a size is an error.
     """
@@ -44,6 +46,7 @@ class QuaRotStep(StepConfig):
     r3: bool = True
     r4: bool = True
     o_rotation: bool = False
+    readers: bool = False
     seed: int | None = None
     fallback: Literal["block_diagonal", "random_orthogonal"] | None = None
 
@@ -77,5 +80,6 @@ def apply(model: nn.Module, step: QuaRotStep, session: Session) -> RotationResul
     if step.r2:
         rotate_heads(model, spec, [r.dense() for r in r2])
         details["R2"] = r2[0].description + f" (one per layer, {len(r2)} seeds)"
-    details.update(add_online_rotations(model, spec, seeds, step.r3, step.r4, step.fallback, step.o_rotation))
+    details.update(add_online_rotations(model, spec, seeds, step.r3, step.r4, step.fallback, step.o_rotation,
+                                        readers=step.readers))
     return RotationResult(details)
