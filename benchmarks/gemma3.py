@@ -107,7 +107,9 @@ def measure(model: str, seed: int, force: bool) -> None:
 def presets_table() -> None:
     """The preset rows from the saved ``lowbit quantize`` reports in :data:`REPORTS`."""
     rows = []
-    for path in sorted(REPORTS.glob("*.json"), key=lambda p: p.stat().st_mtime):
+    first = ["w8a8-rtn", "w4a16-gptq", "kv-kivi3", "w8a8-quarot-no-r1", "w8a8-quarot-readers"]
+    order = lambda p: (first.index(p.stem) if p.stem in first else len(first), p.stem)  # noqa: E731
+    for path in sorted(REPORTS.glob("*.json"), key=order):
         r = json.loads(path.read_text())
         q, bits, ev = r["quantized"], r["bits"], r["eval"]
         invariance = r.get("rotation", {}).get("max_abs_logit_diff_vs_fp")
