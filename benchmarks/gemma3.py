@@ -3,8 +3,9 @@
 Gemma 3 normalizes the attention and MLP outputs (post-norms) before they join the residual stream, so a rotation of
 the residual stream (R1) cannot be folded in exactly and lowbit refuses it; R2, R3, R4 and the rotation of o_proj's
 input across heads act inside a block, before the post-norms, and stay exact. This script measures both on a real
-model: each exact rotation set through ``lowbit.quantize`` (a QuaRot step with ``r1: false``), and R1 forced in
-with the refusal bypassed (the post-norms hidden from the architecture spec), to show what the refusal prevents.
+model: each exact rotation set through ``lowbit.quantize`` (a QuaRot step with ``r1: false``, norms folded with
+their ``1 + w`` scales, which is exact too), and R1 forced in with the refusal bypassed (the post-norms hidden from
+the architecture spec), to show what the refusal prevents.
 Rows already in the results file are kept (the script resumes); ``--force`` measures every row again.
 
 Every row compares the rotated full-precision model with the original on the first evaluation window of the default
@@ -94,7 +95,7 @@ def measure(model: str, seed: int, force: bool) -> None:
         if label == FORCED:
             rotated = forced_r1(loaded.model, seed)
         else:
-            steps = [{"method": "quarot", "r1": False, "seed": seed, **EXACT[label]}]
+            steps = [{"method": "quarot", "r1": False, "fold_norms": True, "seed": seed, **EXACT[label]}]
             rotated = lowbit.quantize(loaded.model, Recipe.from_dict({"steps": steps}))
         saved["rows"][label] = compare(loaded.model, rotated, window)
         print(label, saved["rows"][label], flush=True)

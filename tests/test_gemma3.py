@@ -74,7 +74,10 @@ def test_rotations_the_post_norms_do_not_see_are_exact(gemma, tokens, flags):
     rotated = _rotated(gemma, **flags)
     ref = _logits(gemma, tokens)
     assert (_logits(rotated, tokens) - ref).abs().max() < 1e-4 * ref.abs().max()
-    assert not torch.equal(rotated.model.layers[0].mlp.up_proj.weight, gemma.model.layers[0].mlp.up_proj.weight)
+    weights = dict(gemma.named_parameters())
+    changed = [n for n, p in rotated.named_parameters() if n in weights and not torch.equal(p, weights[n])]
+    online = [n for n, m in rotated.named_modules() if getattr(m, "input_transform", None) or hasattr(m, "lowbit_hooks")]
+    assert changed or online  # the rotations really were applied
 
 
 def test_reader_rotations_run_online_and_cut_w4a4_error_from_outlier_channels(gemma, tokens):
@@ -236,3 +239,24 @@ def test_real_int8_kernels_compute_the_fake_quant_gemma3(tmp_path, gemma):
     loaded = load(tmp_path / "a")
     assert "IntLinear" in {type(m).__name__ for m in loaded.modules()}
     assert torch.equal(_logits(quantized, data.eval_windows), _logits(loaded, data.eval_windows))
+
+
+def test_without_r1_gemma3_norms_keep_their_scales_unless_asked(gemma, tokens):
+    """Folding serves R1 only: on Gemma 3 with r1: false the norms keep their (1 + w) scales and the lm_head stays
+    tied; fold_norms: true folds them (still exact); r1 without folded norms is refused."""
+    kept = _rotated(gemma)
+    assert torch.equal(kept.model.layers[0].input_layernorm.weight, gemma.model.layers[0].input_layernorm.weight)
+    assert kept.lm_head.weight is kept.model.embed_tokens.weight
+    folded = _rotated(gemma, fold_norms=True)
+    assert torch.count_nonzero(folded.model.layers[0].input_layernorm.weight) == 0
+    ref = _logits(gemma, tokens)
+    for model in (kept, folded):
+        assert (_logits(model, tokens) - ref).abs().max() < 1e-4 * ref.abs().max()
+    with pytest.raises(lowbit.LowbitError, match="r1 needs the norm scales folded"):
+        Recipe.from_dict({"steps": [{"method": "quarot", "fold_norms": False}]})
+
+
+def test_llama_still_folds_its_norms_without_r1():
+    llama = tiny_model("llama")
+    rotated = lowbit.quantize(llama, Recipe.from_dict({"steps": [{"method": "quarot", "r1": False}]}))
+    assert torch.all(rotated.model.layers[0].input_layernorm.weight == 1)
