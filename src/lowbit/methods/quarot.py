@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from pydantic import model_validator
-
 import torch
+from pydantic import model_validator
 from torch import nn
 
 from ..surgery.rotate import (
