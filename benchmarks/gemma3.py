@@ -106,15 +106,16 @@ def measure(model: str, seed: int, force: bool) -> None:
 
 
 def presets_table() -> None:
-    """The preset rows from the saved ``lowbit quantize`` reports in :data:`REPORTS`."""
+    """The preset rows from the saved ``lowbit quantize`` reports in :data:`REPORTS`, each named by its file."""
     rows = []
-    first = ["w8a8-rtn", "w4a16-gptq", "kv-kivi3", "w8a8-quarot-no-r1", "w8a8-quarot-readers"]
+    first = ["w8a8-rtn", "w4a16-gptq", "kv-kivi3", "w8a8-quarot-no-r1", "w8a8-quarot-no-r1-folded",
+             "w8a8-quarot-readers"]
     order = lambda p: (first.index(p.stem) if p.stem in first else len(first), p.stem)  # noqa: E731
     for path in sorted(REPORTS.glob("*.json"), key=order):
         r = json.loads(path.read_text())
         q, bits, ev = r["quantized"], r["bits"], r["eval"]
         invariance = r.get("rotation", {}).get("max_abs_logit_diff_vs_fp")
-        rows.append([f"`{r['recipe']}`", num(r["fp"]["ppl"]), num(q["ppl"]), num(q["ppl_ratio"]), f"{q['kl_vs_fp']:.4f}",
+        rows.append([f"`{path.stem}`", num(r["fp"]["ppl"]), num(q["ppl"]), num(q["ppl_ratio"]), f"{q['kl_vs_fp']:.4f}",
                      f"{q['top1_agreement']:.4f}", f"{bits['weight']:.2f} / {bits['activation']:.2f} / {bits['kv']:.2f}",
                      "-" if invariance is None else f"{invariance:.1e}",
                      f"{ev['windows']} × {ev['seq_len']}", f"{r['seconds']['quantize']:.0f}"])
