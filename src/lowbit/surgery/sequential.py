@@ -10,8 +10,9 @@ model may live on the CPU, or be offloaded by accelerate (to CPU memory or disk:
 brings each layer in and writes its quantized weights back).
 
 The embeddings, rotary tables and layers are called directly through the architecture spec, with the causal mask
-implied by transformers' sdpa path (``attention_mask=None``); a caller that only records inputs may stop each
-layer's forward at the last module it needs (``run(until=...)``).
+implied by transformers' sdpa path (``attention_mask=None``) or, for sliding-window layers and cached prefixes, an
+explicit one; a caller that only records inputs may stop each layer's forward at the last module it needs
+(``run(until=...)``).
 
 With a PrefixQuant prefix (a full-precision cache of the prefix tokens), every sample runs *after* the prefix, as
 every request will: each layer attends to that layer's cached prefix keys/values (exact, from the full-precision
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -77,12 +78,18 @@ class PrefixKV:
 
 @dataclass
 class LayerInputs:
-    """What a decoder layer needs besides its hidden states: positions, rotary tables, mask and prefix cache."""
+    """What a decoder layer needs besides its hidden states: positions, rotary tables, mask and prefix cache.
+
+    A family whose layers differ in attention kind (:attr:`ArchSpec.layer_types`: full or sliding window) has one
+    rotary table and mask per kind in ``by_kind`` and each layer's kind in ``kinds``; others use ``cos_sin``/``mask``.
+    """
 
     positions: torch.Tensor
     cos_sin: tuple
     mask: torch.Tensor | None = None  # [1, 1, T, P + T] bool when a prefix is cached, else None (plain causal)
     prefix: object = None  # a transformers cache holding the prefix's keys/values per layer, or None
+    kinds: tuple[str, ...] = ()
+    by_kind: dict = field(default_factory=dict)  # kind -> (cos_sin, mask)
 
     def prefix_kv(self, index: int, device) -> PrefixKV | None:
         if self.prefix is None:
@@ -90,26 +97,53 @@ class LayerInputs:
         layer = self.prefix.layers[index]
         return PrefixKV(layer.keys.to(device), layer.values.to(device))
 
+    def for_layer(self, index: int) -> tuple[tuple, torch.Tensor | None]:
+        """Rotary tables and mask of decoder layer ``index``."""
+        return self.by_kind[self.kinds[index]] if self.kinds else (self.cos_sin, self.mask)
+
     def run(self, layer: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """``layer`` (decoder layer ``index``) on hidden states ``[b, T, hidden]``."""
         cache = {cache_argument(type(layer).forward): self.prefix_kv(index, hidden.device)}
-        out = layer(hidden, attention_mask=self.mask, position_ids=self.positions, position_embeddings=self.cos_sin,
-                    **cache)
+        cos_sin, mask = self.for_layer(index)
+        out = layer(hidden, attention_mask=mask, position_ids=self.positions, position_embeddings=cos_sin, **cache)
         return out[0] if isinstance(out, tuple) else out
 
 
+def causal_mask(length: int, offset: int, device, window: int | None = None) -> torch.Tensor | None:
+    """``[1, 1, T, P + T]`` bool mask of ``length`` queries after ``offset`` cached positions (a query at position
+    ``q`` sees keys ``k <= q``, and with a sliding ``window`` only ``q - k < window``); None when plain causal
+    attention (sdpa's default) is the same."""
+    if not offset and (window is None or length <= window):
+        return None
+    query = torch.arange(offset, offset + length, device=device)[:, None]
+    key = torch.arange(offset + length, device=device)[None, :]
+    allowed = key <= query
+    if window is not None:
+        allowed &= query - key < window
+    return allowed[None, None]
+
+
+SLIDING = "sliding_attention"  # transformers' ``config.layer_types`` name of a sliding-window layer
+
+
 def layer_inputs(model: nn.Module, spec: ArchSpec, length: int, device, prefix=None) -> LayerInputs:
-    """Positions, rotary tables and mask for samples of ``length`` tokens after an optional cached ``prefix``."""
+    """Positions, rotary tables and masks for samples of ``length`` tokens after an optional cached ``prefix``."""
     offset = prefix.get_seq_length() if prefix is not None else 0
     embed = get_module(model, spec.embed)
     home = execution_device(embed)
     positions = torch.arange(offset, offset + length, device=device)[None]
     probe = torch.zeros(1, length, model.config.hidden_size, device=home, dtype=embed.weight.dtype)
-    cos_sin = tuple(t.to(device) for t in get_module(model, spec.rotary)(probe, positions.to(home)))
-    mask = None
-    if offset:
-        mask = torch.ones(length, offset + length, dtype=torch.bool, device=device).tril(diagonal=offset)[None, None]
-    return LayerInputs(positions, cos_sin, mask, prefix if offset else None)
+    rotary = get_module(model, spec.rotary)
+    prefix = prefix if offset else None
+    if spec.layer_types:
+        kinds = tuple(model.config.layer_types[: len(decoder_layers(model, spec))])
+        window = getattr(model.config, "sliding_window", None)
+        by_kind = {kind: (tuple(t.to(device) for t in rotary(probe, positions.to(home), kind)),
+                          causal_mask(length, offset, device, window if kind == SLIDING else None))
+                   for kind in set(kinds)}
+        return LayerInputs(positions, (), None, prefix, kinds, by_kind)
+    cos_sin = tuple(t.to(device) for t in rotary(probe, positions.to(home)))
+    return LayerInputs(positions, cos_sin, causal_mask(length, offset, device), prefix)
 
 
 def embed_batches(model: nn.Module, spec: ArchSpec, batches: torch.Tensor, device, batch_size: int) -> torch.Tensor:
