@@ -67,7 +67,8 @@ def apply_recipe(model: nn.Module, session: Session) -> None:
     if recipe.lm_head is not None:  # after the input quantizers: not a target, its input stays full precision
         quantize_lm_head(model, session.spec, recipe.lm_head)
     if recipe.kv is not None:
-        attach_kv_quantizers(model, session.spec, recipe.kv)
+        calibration = session.calibration.default if session.calibration is not None else None
+        attach_kv_quantizers(model, session.spec, recipe.kv, calibration)
     set_clip_ratios(model, session.clip_ratios)
     ensure_state(model).recipe = recipe.model_dump(mode="json")
     if session.prefix is not None:

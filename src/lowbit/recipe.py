@@ -79,6 +79,9 @@ class Recipe(StrictConfig):
             raise ValueError("a weights scheme needs a weight step: add `{method: rtn}` to steps")
         if weight_steps and self.weights is None:
             raise ValueError(f"step '{weight_steps[0].method}' needs a weights scheme")
+        for role in ("weights", "activations", "embeddings", "lm_head"):
+            if getattr(self, role) is not None and getattr(self, role).key_centre:
+                raise ValueError(f"key_centre is for the kv scheme's keys, not {role}: move it under kv")
         for role in ("weights", "embeddings", "lm_head"):
             scheme = getattr(self, role)
             if scheme is not None and scheme.granularity in ("token", "head"):
@@ -94,6 +97,9 @@ class Recipe(StrictConfig):
             raise ValueError("set either kv (fake-quantized keys/values) or kv_cache (a packed cache), not both")
         if self.kv is not None and self.kv.granularity == "channel":
             raise ValueError("kv granularity must be head, token, group or tensor, not 'channel'")
+        if self.kv is not None and self.kv.key_centre and not self.kv.dynamic:
+            raise ValueError("kv key_centre needs dynamic kv scales (static ones are fitted without it): "
+                             "set dynamic: true or drop key_centre")
         self._check_learned_clips()
         for role, scheme in (("activations", self.activations), ("kv", self.kv)):
             if scheme is not None and not scheme.dynamic and scheme.granularity in ("token", "group"):
@@ -135,7 +141,8 @@ class Recipe(StrictConfig):
     def needs_calibration(self) -> bool:
         """True when some scheme has static scales fitted on calibration text."""
         static_cache = self.kv_cache is not None and self.kv_cache.static
-        return static_cache or any(s is not None and not s.dynamic for s in (self.activations, self.kv))
+        mean_centre = any(c is not None and c.key_centre == "mean" for c in (self.kv, self.kv_cache))
+        return static_cache or mean_centre or any(s is not None and not s.dynamic for s in (self.activations, self.kv))
 
     # --- construction -------------------------------------------------------------------------------------------
 

@@ -38,6 +38,9 @@ class QuantScheme(StrictConfig):
     :class:`~lowbit.quant.IntFormat`). ``scale_dtype``: the float type the scales are stored in (``float16`` for
     GGUF blocks); scales are rounded up to it before the codes are chosen, so the fake-quantized weight is exactly
     what a file holding float16 scales dequantizes to. ``None`` keeps float32 scales.
+
+    ``key_centre`` (KV only, dynamic): round keys around a per-head pre-RoPE centre turned by RoPE to each position
+    (:mod:`lowbit.surgery.key_centre`): ``bias`` the k_proj bias, ``mean`` the mean key over calibration text.
     """
 
     format: str = "int8"
@@ -50,6 +53,7 @@ class QuantScheme(StrictConfig):
     clip_ratio: float = Field(default=1.0, gt=0, le=1)
     int_range: Literal["restricted", "full"] = "restricted"
     scale_dtype: Literal["float16", "bfloat16"] | None = None
+    key_centre: Literal["bias", "mean"] | None = None
 
     @field_validator("format")
     @classmethod
@@ -91,7 +95,8 @@ class QuantScheme(StrictConfig):
         clip = f" clip{self.clip_ratio:g}" if self.clip_ratio < 1 else ""
         mode = " dyn" if self.dynamic else " static"
         scale = f" scale-{self.scale_dtype}" if self.scale_dtype else ""
-        return f"{self.format}{sym} {gran}{mode}{clip}{scale}"
+        centre = f" centre-{self.key_centre}" if self.key_centre else ""
+        return f"{self.format}{sym} {gran}{mode}{clip}{scale}{centre}"
 
 
 class CalibrationConfig(StrictConfig):

@@ -15,16 +15,18 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ArtifactError, CalibrationError
+from ..kv.attention import KEY_CENTRE_ATTR
 from ..kv.config import KVCacheConfig
 from ..kv.spec import CacheSpec
 from ..kv.static import StaticIntCodec
-from ..models.arch import ArchSpec, get_module, set_module
+from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim, set_module
 from ..rotations import RotationMatrix, rotation_from_record, rotation_record
 from ..runtime import RuntimeEmbedding, RuntimeLinear, quant_embedding_state, quant_linear_state
 from ..schemes import QuantScheme
 from ..state import STATE_NAME, ensure_state, quant_state
 from ..surgery.attention import HOOKS_ATTR, KVQuantHook, add_attention_hook
 from ..surgery.embedding import QuantEmbedding
+from ..surgery.key_centre import attach_cache_key_centre, attach_key_centre
 from ..surgery.kvcache import attach_packed_cache, use_decode_cache
 from ..surgery.linear import QuantLinear
 from ..surgery.prefix import restore_prefix
@@ -118,7 +120,8 @@ def _hook(hook: nn.Module, rotations: _Rotations) -> dict:
     if isinstance(hook, QKRotationHook):
         return {"kind": "qk_rotation", "rotation": rotations.add(hook.rotate.rotation)}
     if isinstance(hook, KVQuantHook):
-        return {"kind": "kv_quant", "k": _quantizer_entry(hook.k_quant), "v": _quantizer_entry(hook.v_quant)}
+        return {"kind": "kv_quant", "k": _quantizer_entry(hook.k_quant), "v": _quantizer_entry(hook.v_quant),
+                "key_centre": hook.centre is not None}
     raise ArtifactError(f"attention hook {type(hook).__name__} cannot be saved: remove it before saving")
 
 
@@ -142,7 +145,7 @@ def describe(model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
     """The manifest of every lowbit part of ``model`` and the model-level tensors outside its ``state_dict``
     (rotations; a static packed cache's scales). The quantized linears' and tables' tensors come from
     :func:`packed_tensors`, part by part as the model is written."""
-    rotations, linears, embeddings, attention, tensors = _Rotations(), {}, {}, {}, {}
+    rotations, linears, embeddings, attention, tensors, cache_centres = _Rotations(), {}, {}, {}, {}, []
     for path, module in model.named_modules():
         if is_quantized_linear(module):
             linears[path] = _linear(path, module, rotations)
@@ -151,11 +154,14 @@ def describe(model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
         hooks = getattr(module, HOOKS_ATTR, None)
         if hooks:
             attention[path] = [_hook(h, rotations) for h in hooks]
+        if getattr(module, KEY_CENTRE_ATTR, None) is not None:
+            cache_centres.append(path)
     state = quant_state(model)
     recipe = state.recipe if state is not None else None
     manifest = {"linears": linears, "embeddings": embeddings, "attention": attention, "rotations": rotations.meta,
                 "recipe": recipe, "prefix_length": state.prefix_length if state is not None else 0,
-                "packed_kv_cache": state is not None and state.cache_spec is not None}
+                "packed_kv_cache": state is not None and state.cache_spec is not None,
+                "cache_key_centres": cache_centres}
     tensors.update(rotations.tensors)
     tensors.update(_cache_tensors(state.cache_spec if state is not None else None))
     return manifest, tensors
@@ -199,6 +205,18 @@ def _rebuild_cache(manifest: dict, tensors: dict[str, Tensor], layers: int) -> C
     return CacheSpec(specs[0].keys, specs[0].values, config.window, config.sink, layers=tuple(specs))
 
 
+def _rebuild_key_centres(model: nn.Module, arch: ArchSpec, centred: set[int], cache_centred: set[int]) -> None:
+    """Empty key centres (assigned by the loader, as the model's own tensors) on the attention modules whose ids are
+    given: on their KV fake-quantizers (``centred``) or for their packed cache (``cache_centred``)."""
+    empty = torch.zeros(model.config.num_key_value_heads, head_dim(model.config))
+    for i, layer in enumerate(decoder_layers(model, arch)):
+        attn = id(get_module(layer, arch.attn))
+        if attn in centred:
+            attach_key_centre(model, arch, i, empty)
+        if attn in cache_centred:
+            attach_cache_key_centre(model, arch, i, empty)
+
+
 def rebuild(model: nn.Module, arch: ArchSpec, manifest: dict, tensors: dict[str, Tensor], make_linear,
             make_embedding) -> None:
     """Put the manifest's parts onto ``model`` (built from the saved config, weights still unset).
@@ -214,6 +232,7 @@ def rebuild(model: nn.Module, arch: ArchSpec, manifest: dict, tensors: dict[str,
         set_module(model, path, make_linear(entry, rotation, _take(tensors, f"{path}.")))
     for path, entry in manifest.get("embeddings", {}).items():
         set_module(model, path, make_embedding(entry, _take(tensors, f"{path}.")))
+    centred = set()
     for path, hooks in manifest["attention"].items():
         attn = get_module(model, path)
         for hook in hooks:
@@ -221,6 +240,10 @@ def rebuild(model: nn.Module, arch: ArchSpec, manifest: dict, tensors: dict[str,
                 add_attention_hook(model, attn, QKRotationHook(rotations[hook["rotation"]]))
             else:
                 add_attention_hook(model, attn, KVQuantHook(_quantizer(hook["k"]), _quantizer(hook["v"])))
+                if hook.get("key_centre"):
+                    centred.add(id(attn))
+    cache_centred = {id(get_module(model, path)) for path in manifest.get("cache_key_centres", [])}
+    _rebuild_key_centres(model, arch, centred, cache_centred)
     state = ensure_state(model)
     state.recipe = manifest["recipe"]
     n = manifest["prefix_length"]

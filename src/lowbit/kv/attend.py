@@ -42,6 +42,11 @@ def _ungroup(out: Tensor, tq: int) -> Tensor:
     return out.reshape(b, hkv * (gtq // tq), tq, d).transpose(1, 2)
 
 
+def with_offsets(scores: Tensor, q: Tensor, offsets: Tensor | None) -> Tensor:
+    """Grouped ``scores`` ``[B, Hkv, g*Tq, T]`` of keys stored as ``k - offsets``, with ``q . offsets`` added back."""
+    return scores if offsets is None else scores + q @ offsets[:, :, :scores.shape[-1]].float().transpose(-1, -2)
+
+
 CHUNK_TOKENS = 2048  # packed tokens scored / dequantized at a time, so no dense copy of a long cache exists
 
 
@@ -57,10 +62,13 @@ def packed_attention(
     exact_after: tuple[Tensor, Tensor],
     mask: Tensor | None,
     scaling: float,
+    offsets: Tensor | None = None,
 ) -> Tensor:
     """Attention over ``[exact_before | packed | exact_after]`` keys/values (sink, packed run, recent window).
 
-    The packed run is scored and its values dequantized ``CHUNK_TOKENS`` tokens at a time.
+    The packed run is scored and its values dequantized ``CHUNK_TOKENS`` tokens at a time. ``offsets``
+    ``[1, Hkv, T, d]``: the stored keys are ``k - offsets`` (a key centre, :mod:`lowbit.surgery.key_centre`), so
+    ``q . offsets`` is added back to every score.
     """
     kv_heads, d, tq = exact_after[0].shape[1], query.shape[-1], query.shape[2]
     q = group_queries(query.float(), kv_heads)
@@ -69,7 +77,8 @@ def packed_attention(
     parts = [q @ exact_before[0].float().transpose(-1, -2)]
     parts += [spec.keys.scores(q, chunk, d) for chunk in key_chunks]
     parts.append(q @ exact_after[0].float().transpose(-1, -2))
-    weights = masked_softmax(torch.cat(parts, dim=-1) * scaling, mask, tq).split([p.shape[-1] for p in parts], -1)
+    scores = with_offsets(torch.cat(parts, dim=-1), q, offsets)
+    weights = masked_softmax(scores * scaling, mask, tq).split([p.shape[-1] for p in parts], -1)
     out = weights[0] @ exact_before[1].float() + weights[-1] @ exact_after[1].float()
     for w, chunk in zip(weights[1:-1], value_chunks, strict=True):
         out = out + spec.values.weighted_sum(w, chunk, d)  # one chunk of values at a time
@@ -80,7 +89,8 @@ QUERY_CHUNK = 1024  # queries per block in decode-equivalent attention: causal k
 
 
 def decode_equivalent_attention(
-    query: Tensor, key: Tensor, value: Tensor, spec: CacheSpec, mask: Tensor | None, scaling: float
+    query: Tensor, key: Tensor, value: Tensor, spec: CacheSpec, mask: Tensor | None, scaling: float,
+    offsets: Tensor | None = None,
 ) -> Tensor:
     """Causal attention over a whole sequence as step-by-step decoding with the packed cache would compute it.
 
@@ -88,8 +98,11 @@ def decode_equivalent_attention(
     packed by then (:func:`~lowbit.kv.spec.packed_count`) through the codecs: one forward pass, the same numbers as
     decoding token by token (up to float rounding). Keys before the queries (``T - Tq`` of them: a PrefixQuant
     prefix already in the cache) are an exact sink in addition to the spec's own. The packed run is encoded once;
-    queries go ``QUERY_CHUNK`` at a time, each block scoring only the keys it may see.
+    queries go ``QUERY_CHUNK`` at a time, each block scoring only the keys it may see. With ``offsets`` (a key
+    centre) the keys are stored and encoded as ``k - offsets`` and ``q . offsets`` added back to the scores.
     """
+    if offsets is not None:
+        key = key - offsets.to(key.dtype)
     t, tq = key.shape[2], query.shape[2]
     offset = t - tq
     sink = min(spec.sink + offset, t)
@@ -101,11 +114,12 @@ def decode_equivalent_attention(
         b = min(a + QUERY_CHUNK, tq)
         rows = None if mask is None else mask[:, :, a:b, : offset + b]
         outs.append(_decode_rows(query[:, :, a:b], key[:, :, : offset + b], value[:, :, : offset + b], spec,
-                                 packed, sink, offset + a, rows, scaling))
+                                 packed, sink, offset + a, rows, scaling, offsets))
     return torch.cat(outs, dim=1)
 
 
-def _decode_rows(query, key, value, spec: CacheSpec, packed, sink: int, start: int, mask, scaling: float) -> Tensor:
+def _decode_rows(query, key, value, spec: CacheSpec, packed, sink: int, start: int, mask, scaling: float,
+                 offsets: Tensor | None = None) -> Tensor:
     """Decode-equivalent attention of queries at key positions ``start, start+1, ...`` over keys ``[0, T)``.
 
     Query ``i`` of the block sees ``counts[i]`` packed tokens after the sink (non-decreasing in ``i``). Keys every
@@ -118,7 +132,7 @@ def _decode_rows(query, key, value, spec: CacheSpec, packed, sink: int, start: i
     counts = packed_count(before, spec.window, spec.group)
     n = int(counts.max()) if packed is not None else 0  # packed tokens the latest query of the block sees
     if n == 0:
-        scores = q @ key.float().transpose(-1, -2)
+        scores = with_offsets(q @ key.float().transpose(-1, -2), q, offsets)
         return _ungroup(masked_softmax(scores * scaling, mask, tq) @ value.float(), tq).to(query.dtype)
     lo = int(counts.min())  # packed tokens the earliest query sees: packed for every query of the block
     packed_k, packed_v = (p.split(n)[0] for p in packed)
@@ -129,6 +143,7 @@ def _decode_rows(query, key, value, spec: CacheSpec, packed, sink: int, start: i
     mixed = mixed.repeat(q.shape[2] // tq, 1)  # grouped query rows: g copies of the Tq rows
     band = torch.where(mixed, packed_scores[..., lo:], exact_scores[..., sink:sink + n - lo])
     scores = torch.cat([exact_scores[..., :sink], packed_scores[..., :lo], band, exact_scores[..., sink + n - lo:]], -1)
+    scores = with_offsets(scores, q, offsets)
     weights = masked_softmax(scores * scaling, mask, tq)
     packed_weights = torch.cat([weights[..., sink:sink + lo], weights[..., sink + lo:sink + n] * mixed], dim=-1)
     exact_weights = torch.cat([weights[..., :sink], weights[..., sink + lo:]], dim=-1)

@@ -8,6 +8,9 @@ they run in order before the scores are computed (:mod:`lowbit.surgery.attention
   the step's new keys and values and the layer attends over its packed form;
 * the module holds a cache spec (``SIMULATION_ATTR``): one-pass decode-equivalent attention
   (:func:`~lowbit.kv.attend.decode_equivalent_attention`);
+
+in both, a key centre (``KEY_CENTRE_ATTR``) has the cache store keys minus their centre offsets and add
+``q . offsets`` back to the scores;
 * otherwise transformers' own sdpa kernel.
 
 In the first two cases the KV fake-quantizers among the hooks are skipped: the packed cache quantizes. This module
@@ -20,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .attend import decode_equivalent_attention
@@ -28,6 +32,7 @@ ATTENTION_NAME = "lowbit"
 HOOKS_ATTR = "lowbit_hooks"
 SIMULATION_ATTR = "lowbit_decode_equivalent"  # a CacheSpec while a decode-equivalent evaluation runs
 PREFIX_ATTR = "lowbit_prefix_len"  # cached prefix positions a decode-equivalent forward may find before its tokens
+KEY_CENTRE_ATTR = "lowbit_key_centre"  # a packed cache's key centre (lowbit.surgery.key_centre.KeyCentre), optional
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,7 +80,9 @@ def _lowbit_attention(module: nn.Module, query, key, value, attention_mask, **kw
                 "this model quantizes its KV cache with a packed cache: decode with "
                 "past_key_values=lowbit.kv.PackedCache.for_model(model) (or use_cache=False)"
             )
-        return decode_equivalent_attention(query, key, value, simulated, attention_mask, scaling), None
+        centre = getattr(module, KEY_CENTRE_ATTR, None)
+        offsets = None if centre is None else centre.offsets(torch.arange(key.shape[2], device=key.device))
+        return decode_equivalent_attention(query, key, value, simulated, attention_mask, scaling, offsets), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -16,9 +16,10 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..models.arch import decoder_layers, get_module, spec_for
 from ..state import quant_state
 from .attend import packed_attention
-from .attention import PendingKV, use_lowbit_attention
+from .attention import KEY_CENTRE_ATTR, PendingKV, use_lowbit_attention
 from .codecs import Packed
 from .spec import CacheSpec, packed_count
 
@@ -66,9 +67,9 @@ class PackedLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, spec: CacheSpec) -> None:
+    def __init__(self, spec: CacheSpec, centre=None) -> None:
         super().__init__()
-        self.spec = spec
+        self.spec, self.centre = spec, centre  # centre: a KeyCentre (keys stored minus its offsets) or None
         self.sink_keys = self.sink_values = self.recent_keys = self.recent_values = None
         self._runs: tuple[PackedRun, PackedRun] | None = None
 
@@ -98,10 +99,11 @@ class PackedLayer(CacheLayerMixin):
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
         """Append the step's (hooked) keys/values, attend with them exact, then flush whole groups to packed form."""
-        self._append(key, value)
+        offsets = self._offsets(self.get_seq_length() + key.shape[2])
+        self._append(key, value, offsets)
         packed = None if self.packed_keys is None else (self.packed_keys, self.packed_values)
         out = packed_attention(query, self.spec, (self.sink_keys, self.sink_values), packed,
-                               (self.recent_keys, self.recent_values), mask, scaling)
+                               (self.recent_keys, self.recent_values), mask, scaling, offsets)
         self._flush()
         return out
 
@@ -112,7 +114,18 @@ class PackedLayer(CacheLayerMixin):
         self._append(key, value)
         self._flush()
 
-    def _append(self, key: Tensor, value: Tensor) -> None:
+    def _offsets(self, tokens: int) -> Tensor | None:
+        """The key centre's offsets at positions ``[0, tokens)`` (None without a centre)."""
+        if self.centre is None:
+            return None
+        return self.centre.offsets(torch.arange(tokens, device=self.device))
+
+    def _append(self, key: Tensor, value: Tensor, offsets: Tensor | None = None) -> None:
+        """Append the step's keys/values (keys minus their offsets, ``offsets`` covering every position so far)."""
+        if self.centre is not None:
+            held = self.get_seq_length()
+            offsets = self._offsets(held + key.shape[2]) if offsets is None else offsets
+            key = key - offsets[:, :, held:].to(key.dtype)
         room = self.spec.sink - self.sink_keys.shape[2]
         if room > 0:
             self.sink_keys = torch.cat([self.sink_keys, key[:, :, :room]], dim=2)
@@ -197,7 +210,8 @@ class PackedCache(Cache):
     def __init__(self, model: nn.Module, spec: CacheSpec) -> None:
         use_lowbit_attention(model)
         layers = model.config.get_text_config().num_hidden_layers
-        super().__init__(layers=[PackedLayer(spec.for_layer(i)) for i in range(layers)])
+        centres = key_centres(model) or [None] * layers
+        super().__init__(layers=[PackedLayer(spec.for_layer(i), centres[i]) for i in range(layers)])
 
     @classmethod
     def for_model(cls, model: nn.Module) -> PackedCache:
@@ -217,12 +231,21 @@ class PackedCache(Cache):
         for layer, k, v in zip(self.layers, keys, values, strict=True):
             layer.spec = dataclasses.replace(layer.spec, sink=layer.spec.sink + k.shape[2])
             layer.lazy_initialization(k, v)
-            layer.sink_keys, layer.sink_values = k.clone(), v.clone()
+            offsets = layer._offsets(k.shape[2])
+            layer.sink_keys = k.clone() if offsets is None else k - offsets.to(k.dtype)
+            layer.sink_values = v.clone()
 
     @property
     def nbytes(self) -> int:
         """Bytes held by every layer."""
         return sum(layer.nbytes for layer in self.layers)
+
+
+def key_centres(model: nn.Module) -> list | None:
+    """Each decoder layer's key centre when the model's attention modules hold them, else None."""
+    spec = spec_for(model)
+    centres = [getattr(get_module(layer, spec.attn), KEY_CENTRE_ATTR, None) for layer in decoder_layers(model, spec)]
+    return centres if any(c is not None for c in centres) else None
 
 
 def cache_bits(spec: CacheSpec, head_dim: int, context: int, exact_dtype: torch.dtype = torch.float16) -> float:

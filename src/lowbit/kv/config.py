@@ -12,7 +12,9 @@ Key codecs: ``int``, ``qjl`` (1-bit sketch, ``m`` bits per key, exact outlier ch
 codebook, optional 1-bit residual sketch). Value codecs: ``int`` and ``turbo``. Any non-static codec takes
 ``centre: G`` (and ``scale: true``): the per-channel mean (and root-mean-square) of every ``G`` tokens is stored in
 float16 and removed before quantizing (:class:`~lowbit.kv.centre.CentredCodec`), for keys with a large shared
-offset (Qwen2's k_proj bias).
+offset (Qwen2's k_proj bias). ``key_centre: bias | mean`` removes a shared offset exactly and for free instead: one
+pre-RoPE vector per KV head, turned by RoPE to each position, subtracted from every stored key and its scores added
+back (:mod:`lowbit.surgery.key_centre`).
 """
 
 from __future__ import annotations
@@ -114,11 +116,15 @@ class KVCacheConfig(_Strict):
     window: int = Field(default=128, ge=0)
     sink: int = Field(default=0, ge=0)
     seed: int = 0
+    key_centre: Literal["bias", "mean"] | None = None
 
     @model_validator(mode="after")
     def _groups_compatible(self) -> KVCacheConfig:
         if not self.static:
             _ = self.spec().group  # raises when the key and value token groups do not divide one another
+        if self.static and self.key_centre:
+            raise ValueError("key_centre needs non-static codecs (static ranges are calibrated without it): drop "
+                             "static: true or key_centre")
         return self
 
     @property

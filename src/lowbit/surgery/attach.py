@@ -15,6 +15,7 @@ from ..models.arch import ArchSpec, decoder_layers, get_module, set_module
 from ..schemes import QuantScheme
 from .attention import KVQuantHook, add_attention_hook, attention_hooks
 from .embedding import QuantEmbedding
+from .key_centre import attach_key_centres, key_centres_for
 from .linear import QuantLinear
 from .offload import carry_hook, onloaded
 from .quantizer import ActQuantizer
@@ -135,8 +136,11 @@ def attach_activation_quantizers(model: nn.Module, scheme: QuantScheme) -> None:
             linear.input_quant = ActQuantizer(scheme, "activation", name=f"{name}.input")
 
 
-def attach_kv_quantizers(model: nn.Module, spec: ArchSpec, scheme: QuantScheme) -> None:
-    """Hook a key and a value quantizer (post-RoPE, per head) into every attention module."""
+def attach_kv_quantizers(model: nn.Module, spec: ArchSpec, scheme: QuantScheme, calibration=None) -> None:
+    """Hook a key and a value quantizer (post-RoPE, per head) into every attention module; with the scheme's
+    ``key_centre``, give them their key centres (``mean``: measured on ``calibration()`` batches first, so the
+    centres see the model as quantized so far but without KV quantizers)."""
+    centres = key_centres_for(model, spec, scheme.key_centre, calibration) if scheme.key_centre else None
     for i, layer in enumerate(decoder_layers(model, spec)):
         attn = get_module(layer, spec.attn)
         if any(isinstance(h, KVQuantHook) for h in attention_hooks(attn)):
@@ -146,6 +150,8 @@ def attach_kv_quantizers(model: nn.Module, spec: ArchSpec, scheme: QuantScheme) 
             ActQuantizer(scheme, "kv", name=f"{prefix}.k"), ActQuantizer(scheme, "kv", name=f"{prefix}.v")
         )
         add_attention_hook(model, attn, hook)
+    if centres is not None:
+        attach_key_centres(model, spec, centres)
 
 
 def set_clip_ratios(model: nn.Module, ratios: dict[str, float]) -> None:

@@ -50,14 +50,17 @@ class KVQuantHook(nn.Module):
     """Fake-quantizes keys and values (post-RoPE) with their own quantizers; queries pass unchanged.
 
     The first ``exact_prefix`` cached positions (a PrefixQuant prefix) stay exact. Skipped when a packed cache (or
-    its decode-equivalent evaluation) stores the keys and values instead.
+    its decode-equivalent evaluation) stores the keys and values instead. With a ``centre``
+    (:class:`~lowbit.surgery.key_centre.KeyCentre`) keys are rounded as ``k - o`` and ``o`` added back, where ``o`` is
+    the RoPE-turned key centre at each cache position.
     """
 
     quantizes_kv = True
 
-    def __init__(self, k_quant: ActQuantizer, v_quant: ActQuantizer) -> None:
+    def __init__(self, k_quant: ActQuantizer, v_quant: ActQuantizer, centre: nn.Module | None = None) -> None:
         super().__init__()
         self.k_quant, self.v_quant = k_quant, v_quant
+        self.centre = centre
         self.exact_prefix = 0
 
     def quantize_part(self, quant: ActQuantizer, x, start: int = 0):
@@ -70,7 +73,16 @@ class KVQuantHook(nn.Module):
     def forward(self, query, key, value, start: int = 0):
         """``start``: the cache position of the first token handed over (a cache that hooks each token once hands
         over only the new ones)."""
-        return query, self.quantize_part(self.k_quant, key, start), self.quantize_part(self.v_quant, value, start)
+        return query, self.quantize_key(key, start), self.quantize_part(self.v_quant, value, start)
+
+    def quantize_key(self, key, start: int = 0):
+        """Keys through ``k_quant``, around the centre's offsets when there is a centre (the prefix stays exact)."""
+        if self.centre is None:
+            return self.quantize_part(self.k_quant, key, start)
+        offsets = self.centre.offsets(torch.arange(start, start + key.shape[2], device=key.device)).to(key.dtype)
+        out = self.quantize_part(self.k_quant, key - offsets, start) + offsets
+        p = min(max(self.exact_prefix - start, 0), key.shape[2])
+        return torch.cat([key[:, :, :p], out[:, :, p:]], dim=2) if p else out
 
 
 def add_attention_hook(model: nn.Module, attn: nn.Module, hook: nn.Module) -> None:

@@ -84,7 +84,7 @@ def attention_probs(query: Tensor, key: Tensor) -> Tensor:
 
 def key_error(hook: KVQuantHook, pairs: list[tuple[Tensor, Tensor]], exact: list[Tensor]) -> float:
     """Mean squared error of the attention probabilities with quantized keys against exact ones."""
-    total = sum(float((attention_probs(q, hook.quantize_part(hook.k_quant, k)) - p).square().mean())
+    total = sum(float((attention_probs(q, hook.quantize_key(k)) - p).square().mean())
                 for (q, k), p in zip(pairs, exact, strict=True))
     return total / len(pairs)
 

@@ -1,0 +1,166 @@
+"""Key centres: remove each KV head's shared pre-RoPE key offset exactly before the KV fake-quantizer rounds keys.
+
+Some families' keys carry a large offset common to every token: Qwen2's k_proj bias adds the same vector to every
+pre-RoPE key, and in some layers of Qwen2.5-Coder-0.5B the mean key is 30-110 times larger than what tells tokens
+apart. A per-token quantizer then spends its range on the offset. RoPE turns that offset with the position (fast in
+the high-frequency channel pairs), so after RoPE no per-channel constant removes it; before RoPE one vector does.
+
+A :class:`KeyCentre` holds that vector ``c`` per KV head (``[kv_heads, head_dim]``) and gives, for cache positions
+``t``, the offset ``o_t = RoPE_t(c)`` as the KV quantizer sees keys (after any online rotation of queries and keys,
+R3). The quantizer rounds ``k - o`` and adds ``o`` back: exact in the centre (``o`` is recomputed, never stored),
+zero bits per token, one vector per head and layer. ``c`` comes from the k_proj bias (``bias``: no calibration, a
+no-op on families without one) or from the mean pre-RoPE key over calibration text (``mean``: also removes the part
+of the mean that the inputs, not the bias, put there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CalibrationError
+from ..kv.attention import KEY_CENTRE_ATTR
+from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
+from .attention import KVQuantHook, attention_hooks
+
+Rope = Callable[[Tensor], tuple[Tensor, Tensor]]  # positions [T] -> (cos, sin), each [T, head_dim]
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """transformers' RoPE pairing: channel ``i`` turns with channel ``i + d/2``."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_offsets(centre: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``RoPE_t(c)`` for each position: ``centre`` ``[H, d]``, ``cos``/``sin`` ``[T, d]`` -> ``[1, H, T, d]``."""
+    c = centre[None, :, None, :]
+    return c * cos[None, None] + rotate_half(c) * sin[None, None]
+
+
+class KeyCentre(nn.Module):
+    """One layer's pre-RoPE key centre and how to turn it into the offsets its KV quantizer sees (module doc)."""
+
+    def __init__(self, centre: Tensor, rope: Rope, after: tuple[Callable[[Tensor], Tensor], ...] = ()) -> None:
+        super().__init__()
+        self.register_buffer("centre", centre.detach().float().clone())
+        self._rope, self._after = rope, after  # plain attributes: neither is a submodule of this one
+
+    def offsets(self, positions: Tensor) -> Tensor:
+        """``[1, kv_heads, T, d]`` float32 offsets at cache ``positions`` ``[T]``, in the quantizer's basis."""
+        cos, sin = self._rope(positions.to(self.centre.device))
+        out = rope_offsets(self.centre, cos.float(), sin.float())
+        for transform in self._after:
+            out = transform(out)
+        return out
+
+
+def rope_for_layer(model: nn.Module, spec: ArchSpec, index: int) -> Rope:
+    """The rotary table of decoder layer ``index`` as a function of positions (a family with per-layer attention
+    kinds picks that layer's table)."""
+    rotary = get_module(model, spec.rotary)
+    kind = (model.config.layer_types[index],) if spec.layer_types else ()
+
+    def rope(positions: Tensor) -> tuple[Tensor, Tensor]:
+        probe = torch.zeros(1, 1, 1, device=positions.device)
+        cos, sin = rotary(probe, positions[None], *kind)
+        return cos[0], sin[0]
+
+    return rope
+
+
+def bias_centres(model: nn.Module, spec: ArchSpec) -> list[Tensor]:
+    """Each layer's k_proj bias as ``[kv_heads, d]`` (zeros where the family has none)."""
+    d, out = head_dim(model.config), []
+    for layer in decoder_layers(model, spec):
+        k = get_module(layer, spec.k)
+        bias = getattr(k, "bias", None)
+        out.append(bias.detach().float().reshape(-1, d) if bias is not None
+                   else torch.zeros(k.weight.shape[0] // d, d))
+    return out
+
+
+@torch.no_grad()
+def measure_centres(model: nn.Module, spec: ArchSpec, batches: Tensor) -> list[Tensor]:
+    """Each layer's mean pre-RoPE key ``[kv_heads, d]`` over calibration ``batches`` ``[n, L]``: the k_proj output,
+    or the key norm's where the family normalizes keys before RoPE (its output is ``[B, heads, T, d]``)."""
+    d = head_dim(model.config)
+    where = spec.qk_norms[1] if spec.qk_norms else spec.k
+    sums: list[Tensor | None] = []
+    counts: list[int] = []
+
+    def record(i: int, out: Tensor) -> None:
+        keys = out.float().reshape(*out.shape[:-1], -1, d) if out.shape[-1] != d else out.float().transpose(1, 2)
+        keys = keys.reshape(-1, *keys.shape[-2:])  # [tokens, kv_heads, d]
+        sums[i] = keys.sum(0) if sums[i] is None else sums[i] + keys.sum(0)
+        counts[i] += keys.shape[0]
+
+    handles = []
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        sums.append(None)
+        counts.append(0)
+        handles.append(get_module(layer, where).register_forward_hook(
+            lambda module, args, out, i=i: record(i, out)))
+    try:
+        for row in batches:
+            model(row.unsqueeze(0), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [s.cpu() / n for s, n in zip(sums, counts, strict=True)]
+
+
+def _key_transform(hook: nn.Module) -> Callable[[Tensor], Tensor]:
+    return lambda x: hook(x, x, x)[1]
+
+
+def key_centres_for(model: nn.Module, spec: ArchSpec, source: str, calibration=None) -> list[Tensor]:
+    """Each layer's centre from ``source``: ``bias`` (k_proj's) or ``mean`` (measured on ``calibration()``)."""
+    if source == "bias":
+        return bias_centres(model, spec)
+    if calibration is None:
+        raise CalibrationError("key_centre: mean measures the mean key on calibration text: pass some")
+    return measure_centres(model, spec, calibration())
+
+
+def _centre(model: nn.Module, spec: ArchSpec, index: int, centre: Tensor, before: list[nn.Module]) -> KeyCentre:
+    """Layer ``index``'s :class:`KeyCentre`, turning its offsets as the attention ``before`` hooks turn keys."""
+    weight = get_module(decoder_layers(model, spec)[index], spec.k).weight
+    device = weight.device if weight.device.type != "meta" else None
+    return KeyCentre(centre.to(device), rope_for_layer(model, spec, index), tuple(_key_transform(h) for h in before))
+
+
+def attach_key_centre(model: nn.Module, spec: ArchSpec, index: int, centre: Tensor) -> None:
+    """Give decoder layer ``index``'s KV fake-quantizer its key centre ``[kv_heads, d]`` (the hooks that run before
+    it, R3, turn the offsets as they turn the keys)."""
+    hooks = attention_hooks(get_module(decoder_layers(model, spec)[index], spec.attn))
+    kv = next(j for j, h in enumerate(hooks) if isinstance(h, KVQuantHook))
+    hooks[kv].centre = _centre(model, spec, index, centre, hooks[:kv])
+
+
+def attach_key_centres(model: nn.Module, spec: ArchSpec, centres: list[Tensor]) -> None:
+    """:func:`attach_key_centre` for every decoder layer, ``centres`` in layer order."""
+    _check_count(model, spec, centres)
+    for i, centre in enumerate(centres):
+        attach_key_centre(model, spec, i, centre)
+
+
+def attach_cache_key_centre(model: nn.Module, spec: ArchSpec, index: int, centre: Tensor) -> None:
+    """Give decoder layer ``index``'s attention module the key centre its packed cache stores keys around (every
+    attention hook runs before the cache: their turns apply)."""
+    attn = get_module(decoder_layers(model, spec)[index], spec.attn)
+    attn.register_module(KEY_CENTRE_ATTR, _centre(model, spec, index, centre, attention_hooks(attn)))
+
+
+def attach_cache_key_centres(model: nn.Module, spec: ArchSpec, centres: list[Tensor]) -> None:
+    """:func:`attach_cache_key_centre` for every decoder layer, ``centres`` in layer order."""
+    _check_count(model, spec, centres)
+    for i, centre in enumerate(centres):
+        attach_cache_key_centre(model, spec, i, centre)
+
+
+def _check_count(model: nn.Module, spec: ArchSpec, centres: list[Tensor]) -> None:
+    if len(centres) != len(decoder_layers(model, spec)):
+        raise ValueError(f"{len(centres)} key centres for {len(decoder_layers(model, spec))} layers")
