@@ -78,6 +78,8 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("- rotation", "no QuaRot step", lambda: variant("w4a4kv4-quarot", _no_rotation)),
     ("- R4", "no online Hadamard on the down_proj input", lambda: variant("w4a4kv4-quarot", _set("steps.quarot.r4", False))),
     ("- R3", "no online Hadamard on Q/K", lambda: variant("w4a4kv4-quarot", _set("steps.quarot.r3", False))),
+    ("- key centre", "keys rounded as they are, not around their pre-RoPE mean",
+     lambda: variant("w4a4kv4-quarot", _set("kv.key_centre", None))),
     ("GPTQ -> RTN", "RTN weights with the same clip search", lambda: variant("w4a4kv4-quarot", _rtn)),
     ("- act-order", "GPTQ in natural column order", lambda: variant("w4a4kv4-quarot", _set("steps.gptq.act_order", False))),
     ("- clip search", "min/max weight ranges instead of the MSE search",

@@ -84,6 +84,15 @@ def tiny_model(family: str, seed: int = 0, vocab_size: int = 320):
     return model
 
 
+def tiny_data(seed: int = 3):
+    """Random token windows and calibration tokens for the tiny models (vocab 320)."""
+    from lowbit.data import TokenData
+
+    g = torch.Generator().manual_seed(seed)
+    return TokenData(eval_windows=torch.randint(0, 320, (2, 40), generator=g),
+                     calib_tokens=torch.randint(0, 320, (4000,), generator=g), seed=0)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

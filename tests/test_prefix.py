@@ -8,7 +8,7 @@ from lowbit.methods.prefix import PrefixResult
 from lowbit.models.arch import decoder_layers, spec_for
 from lowbit.surgery.attention import attention_hooks
 from lowbit.surgery.prefix import attach_prefix, fill_prefix, keep_prefix_exact, prefix_cache, prefix_tokens
-from tests.conftest import tiny_model
+from tests.conftest import tiny_data, tiny_model
 
 PREFIX = [5, 9, 1]
 
@@ -60,7 +60,7 @@ def test_generate_continues_after_the_prefix():
 def test_kv_quantizers_leave_the_prefix_exact():
     model = tiny_model("llama")
     cache = prefix_cache(model, PREFIX)
-    quantized = lowbit.quantize(model, "kv4")
+    quantized = lowbit.quantize(model, "kv4", tiny_data())
     spec = spec_for(quantized)
     keep_prefix_exact(quantized, spec, len(PREFIX))
     seen = []
@@ -146,7 +146,7 @@ def test_the_prefix_is_model_state_that_copies_and_enumerates():
     from lowbit.state import QuantState
     from lowbit.surgery.attach import quantization_parts
 
-    q = lowbit.quantize(tiny_model("llama"), "w4a4kv4-rtn")
+    q = lowbit.quantize(tiny_model("llama"), "w4a4kv4-rtn", tiny_data())
     attach_prefix(q, spec_for(q), PREFIX, prefix_cache(q, PREFIX))
     state = q.state_dict()
     assert state["lowbit.prefix_tokens"].tolist() == PREFIX
