@@ -48,8 +48,13 @@ def model_results(canonical: Path, model: str) -> Path:
     (the model's name made safe for a file name)."""
     if model == "default":
         return canonical
-    safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in Path(model).name)
-    return canonical.with_name(f"{canonical.stem}-{safe}.json")
+    return canonical.with_name(f"{canonical.stem}-{model_file_name(model)}.json")
+
+
+def model_file_name(model: str) -> str:
+    """``model`` (a name, folder or .gguf file) as the part of a results file name that says which model."""
+    name = Path(model).name.removesuffix(".gguf")
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
 
 
 def results_paths(args: argparse.Namespace, canonical: Path) -> tuple[Path, Path]:

@@ -30,7 +30,17 @@ import time
 from functools import lru_cache
 
 import torch
-from harness import HERE, Bench, Results, add_flags, check_labels, markdown_table, run_meta, write_block
+from harness import (
+    HERE,
+    Bench,
+    Results,
+    add_flags,
+    check_labels,
+    markdown_table,
+    model_file_name,
+    run_meta,
+    write_block,
+)
 
 import lowbit
 from lowbit.analysis.plotting import pyplot
@@ -95,7 +105,7 @@ PRESET_MODELS = ("default", "qwen2.5-coder-0.5b")  # the models whose preset fil
 
 def presets_file(model: str):
     """The presets results file of one model (its name made safe for a file name)."""
-    return HERE / "results" / f"kv-presets-{''.join(c if c.isalnum() or c in '.-' else '_' for c in model)}.json"
+    return HERE / "results" / f"kv-presets-{model_file_name(model)}.json"
 
 
 def measure_presets(args: argparse.Namespace) -> None:

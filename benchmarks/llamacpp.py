@@ -28,7 +28,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import HERE, Bench, Results, add_flags, data_config, markdown_table, num, run_meta, write_block
+from harness import (
+    HERE,
+    Bench,
+    Results,
+    add_flags,
+    data_config,
+    markdown_table,
+    model_file_name,
+    num,
+    run_meta,
+    write_block,
+)
 
 import lowbit
 from lowbit.bench import decode, prefill_seconds
@@ -52,7 +63,7 @@ ROWS = [REFERENCE, *PEERS, *LOWBIT]
 
 
 def results_path(model: str) -> Path:
-    return HERE / "results" / f"llamacpp-{Path(model).name.replace('.gguf', '')}.json"
+    return HERE / "results" / f"llamacpp-{model_file_name(model)}.json"
 
 
 def _worker(python: Path, log: Path, *args: str) -> None:

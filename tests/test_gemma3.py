@@ -24,18 +24,9 @@ from lowbit.surgery.sequential import LayerStream
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from equivalence import small  # noqa: E402  (the presets cut to tiny-model size)
+from gemma3 import EXACT  # noqa: E402  (the QuaRot options exact on a post-norm family, as benchmarked)
 
 from tests.conftest import tiny_model  # noqa: E402
-
-EXACT = {
-    "r2": {"r2": True, "r3": False, "r4": False},
-    "r3": {"r2": False, "r3": True, "r4": False},
-    "r4": {"r2": False, "r3": False, "r4": True},
-    "r2+r3+r4": {"r2": True, "r3": True, "r4": True},
-    "r2+r3+r4+o": {"r2": True, "r3": True, "r4": True, "o_rotation": True},
-    "readers": {"r2": False, "r3": False, "r4": False, "readers": True},
-    "all exact": {"r2": True, "r3": True, "r4": True, "o_rotation": True, "readers": True},
-}
 
 
 @pytest.fixture
