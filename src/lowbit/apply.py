@@ -44,7 +44,8 @@ def check_calibration(session: Session) -> None:
         if step.needs_calibration():
             session.calibration_text(f"the {step.method} step")
     if session.recipe.needs_calibration and session.calibration is None:
-        raise CalibrationError("this recipe has static scales and needs calibration data: pass some")
+        raise CalibrationError("this recipe fits static scales or a mean key centre (key_centre: mean) on "
+                               "calibration text and needs calibration data: pass some")
 
 
 def apply_recipe(model: nn.Module, session: Session) -> None:

@@ -139,7 +139,7 @@ class Recipe(StrictConfig):
 
     @property
     def needs_calibration(self) -> bool:
-        """True when some scheme has static scales fitted on calibration text."""
+        """True when some scheme has static scales, or keys a mean centre, fitted on calibration text."""
         static_cache = self.kv_cache is not None and self.kv_cache.static
         mean_centre = any(c is not None and c.key_centre == "mean" for c in (self.kv, self.kv_cache))
         return static_cache or mean_centre or any(s is not None and not s.dynamic for s in (self.activations, self.kv))
