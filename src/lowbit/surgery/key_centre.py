@@ -73,12 +73,10 @@ def rope_for_layer(model: nn.Module, spec: ArchSpec, index: int) -> Rope:
 
 def bias_centres(model: nn.Module, spec: ArchSpec) -> list[Tensor]:
     """Each layer's k_proj bias as ``[kv_heads, d]`` (zeros where the family has none)."""
-    d, out = head_dim(model.config), []
+    d, heads, out = head_dim(model.config), model.config.num_key_value_heads, []
     for layer in decoder_layers(model, spec):
-        k = get_module(layer, spec.k)
-        bias = getattr(k, "bias", None)
-        out.append(bias.detach().float().reshape(-1, d) if bias is not None
-                   else torch.zeros(k.weight.shape[0] // d, d))
+        bias = getattr(get_module(layer, spec.k), "bias", None)
+        out.append(bias.detach().float().reshape(heads, d) if bias is not None else torch.zeros(heads, d))
     return out
 
 
@@ -127,8 +125,8 @@ def key_centres_for(model: nn.Module, spec: ArchSpec, source: str, calibration=N
 
 def _centre(model: nn.Module, spec: ArchSpec, index: int, centre: Tensor, before: list[nn.Module]) -> KeyCentre:
     """Layer ``index``'s :class:`KeyCentre`, turning its offsets as the attention ``before`` hooks turn keys."""
-    weight = get_module(decoder_layers(model, spec)[index], spec.k).weight
-    device = weight.device if weight.device.type != "meta" else None
+    layer = decoder_layers(model, spec)[index]
+    device = next((t.device for t in (*layer.parameters(), *layer.buffers()) if t.device.type != "meta"), None)
     return KeyCentre(centre.to(device), rope_for_layer(model, spec, index), tuple(_key_transform(h) for h in before))
 
 
