@@ -119,6 +119,11 @@ def retime(results: Results, repeats: int) -> None:
     summarize(results)
 
 
+def _forward_vs_fp(row: dict) -> str:
+    """The fake-quant forward's time against full precision, or "–" for a row measured without timing."""
+    return f"{row['forward_vs_fp']:.2f}×" if "forward_vs_fp" in row else "–"
+
+
 def write_tables(rows: list[dict], meta: dict, second: Results | None, readme: bool = True) -> None:
     """The full table in benchmarks/README.md, with the second model's columns when ``second`` has rows, and a short
     one of the default model in the project README (printed only unless ``readme``)."""
@@ -140,7 +145,7 @@ def write_tables(rows: list[dict], meta: dict, second: Results | None, readme: b
         line = (
             f"| {r['recipe']} | {r['fp_ppl']:.3f} | {num(r['ppl'])} | {num(r['ratio'])} | {r['kl']:.4f} | "
             f"{r['top1']:.4f} | {r['bits_w']:.2f} | {r['bits_a']:.2f} | {r['bits_kv']:.2f} | {r['quantize_s']:.1f} | "
-            f"{r['eval_s']:.1f} | {r['forward_vs_fp']:.2f}× |"
+            f"{r['eval_s']:.1f} | {_forward_vs_fp(r)} |"
         )
         if second is not None:
             q = second.rows.get(r["recipe"])
