@@ -170,3 +170,16 @@ def test_key_centres_save_and_load(tmp_path, kind):
     tokens = _data().eval_windows
     with torch.no_grad():
         assert torch.equal(q(tokens).logits, loaded(tokens).logits)
+
+
+def test_an_exact_prefix_stays_exact_and_the_rest_rounds_around_its_own_positions():
+    """With a PrefixQuant prefix of 3 positions the hook keeps them exact and rounds position t >= 3 around the offset
+    of position t (not of t - 3)."""
+    q = lowbit.quantize(tiny_model("qwen2-real"), _recipe("mean", bits=4), _data())
+    hook = next(m for m in q.modules() if isinstance(m, KVQuantHook))
+    hook.exact_prefix = 3
+    key = torch.randn(1, q.config.num_key_value_heads, 10, 16) * 4
+    out = hook.quantize_key(key)
+    o = hook.centre.offsets(torch.arange(10))
+    assert torch.equal(out[:, :, :3], key[:, :, :3])
+    assert torch.allclose(out[:, :, 3:], hook.k_quant(key[:, :, 3:] - o[:, :, 3:]) + o[:, :, 3:], atol=1e-6)

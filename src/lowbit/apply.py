@@ -55,6 +55,7 @@ def apply_recipe(model: nn.Module, session: Session) -> None:
     scales."""
     recipe, start = session.recipe, time.perf_counter()
     check_calibration(session)
+    calibration = session.calibration.default if session.calibration is not None else None
     if recipe.weights is not None or recipe.activations is not None:
         swap_linears(model, session.spec, recipe.targets)
     for step in recipe.steps:
@@ -68,15 +69,13 @@ def apply_recipe(model: nn.Module, session: Session) -> None:
     if recipe.lm_head is not None:  # after the input quantizers: not a target, its input stays full precision
         quantize_lm_head(model, session.spec, recipe.lm_head)
     if recipe.kv is not None:
-        calibration = session.calibration.default if session.calibration is not None else None
         attach_kv_quantizers(model, session.spec, recipe.kv, calibration)
     set_clip_ratios(model, session.clip_ratios)
     ensure_state(model).recipe = recipe.model_dump(mode="json")
     if session.prefix is not None:
         attach_prefix(model, session.spec, session.prefix.tokens, session.prefix.cache)
     if recipe.kv_cache is not None:
-        default = session.calibration.default if session.calibration is not None else None
-        apply_kv_cache(model, session.spec, recipe.kv_cache, default)
+        apply_kv_cache(model, session.spec, recipe.kv_cache, calibration)
     use_decode_cache(model)
     session.seconds["quantize"] += time.perf_counter() - start
     if recipe.needs_calibration:

@@ -210,7 +210,7 @@ class PackedCache(Cache):
     def __init__(self, model: nn.Module, spec: CacheSpec) -> None:
         use_lowbit_attention(model)
         layers = model.config.get_text_config().num_hidden_layers
-        centres = key_centres(model) or [None] * layers
+        centres = key_centres(model)
         super().__init__(layers=[PackedLayer(spec.for_layer(i), centres[i]) for i in range(layers)])
 
     @classmethod
@@ -241,11 +241,10 @@ class PackedCache(Cache):
         return sum(layer.nbytes for layer in self.layers)
 
 
-def key_centres(model: nn.Module) -> list | None:
-    """Each decoder layer's key centre when the model's attention modules hold them, else None."""
+def key_centres(model: nn.Module) -> list:
+    """Each decoder layer's key centre (None for a layer whose attention module holds none)."""
     spec = spec_for(model)
-    centres = [getattr(get_module(layer, spec.attn), KEY_CENTRE_ATTR, None) for layer in decoder_layers(model, spec)]
-    return centres if any(c is not None for c in centres) else None
+    return [getattr(get_module(layer, spec.attn), KEY_CENTRE_ATTR, None) for layer in decoder_layers(model, spec)]
 
 
 def cache_bits(spec: CacheSpec, head_dim: int, context: int, exact_dtype: torch.dtype = torch.float16) -> float:

@@ -14,7 +14,7 @@ over its packed form. :func:`decode_equivalent` makes full-sequence forwards att
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -63,7 +63,7 @@ class KVQuantHook(nn.Module):
         self.centre = centre
         self.exact_prefix = 0
 
-    def quantize_part(self, quant: ActQuantizer, x, start: int = 0):
+    def quantize_part(self, quant: Callable, x, start: int = 0):
         """``quant(x)`` on the cached positions after the exact prefix; ``x`` holds positions ``start`` onwards."""
         p = min(max(self.exact_prefix - start, 0), x.shape[2])
         if p == 0:
@@ -80,9 +80,12 @@ class KVQuantHook(nn.Module):
         if self.centre is None:
             return self.quantize_part(self.k_quant, key, start)
         offsets = self.centre.offsets(torch.arange(start, start + key.shape[2], device=key.device)).to(key.dtype)
-        out = self.quantize_part(self.k_quant, key - offsets, start) + offsets
-        p = min(max(self.exact_prefix - start, 0), key.shape[2])
-        return torch.cat([key[:, :, :p], out[:, :, p:]], dim=2) if p else out
+
+        def centred(x):
+            o = offsets[:, :, offsets.shape[2] - x.shape[2]:]  # quantize_part hands over the positions after a prefix
+            return self.k_quant(x - o) + o
+
+        return self.quantize_part(centred, key, start)
 
 
 def add_attention_hook(model: nn.Module, attn: nn.Module, hook: nn.Module) -> None:

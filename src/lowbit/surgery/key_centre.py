@@ -29,7 +29,8 @@ Rope = Callable[[Tensor], tuple[Tensor, Tensor]]  # positions [T] -> (cos, sin),
 
 
 def rotate_half(x: Tensor) -> Tensor:
-    """transformers' RoPE pairing: channel ``i`` turns with channel ``i + d/2``."""
+    """transformers' RoPE pairing: channel ``i`` turns with channel ``i + d/2`` (written here: importing a modelling
+    module at lowbit's import time pulls in transformers' optional-kernel probing)."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -41,16 +42,31 @@ def rope_offsets(centre: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KeyCentre(nn.Module):
-    """One layer's pre-RoPE key centre and how to turn it into the offsets its KV quantizer sees (module doc)."""
+    """One layer's pre-RoPE key centre and how to turn it into the offsets its KV quantizer sees (module doc).
+
+    The offsets of positions ``[0, n)`` are computed once and kept (a non-persistent buffer, grown by doubling): a
+    packed cache asks for every position at every decode step, and recomputing them there would run RoPE and R3 over
+    the whole context per token."""
 
     def __init__(self, centre: Tensor, rope: Rope, after: tuple[Callable[[Tensor], Tensor], ...] = ()) -> None:
         super().__init__()
         self.register_buffer("centre", centre.detach().float().clone())
+        self.register_buffer("table", None, persistent=False)
         self._rope, self._after = rope, after  # plain attributes: neither is a submodule of this one
+        self._table_of: Tensor | None = None  # the centre the table was computed from (a load assigns a new one)
 
     def offsets(self, positions: Tensor) -> Tensor:
         """``[1, kv_heads, T, d]`` float32 offsets at cache ``positions`` ``[T]``, in the quantizer's basis."""
-        cos, sin = self._rope(positions.to(self.centre.device))
+        positions = positions.to(self.centre.device)
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if self._table_of is not self.centre or self.table.shape[2] < needed:
+            held = self.table.shape[2] if self._table_of is self.centre else 0
+            self.table = self._compute(torch.arange(max(needed, 2 * held), device=self.centre.device))
+            self._table_of = self.centre
+        return self.table.index_select(2, positions)
+
+    def _compute(self, positions: Tensor) -> Tensor:
+        cos, sin = self._rope(positions)
         out = rope_offsets(self.centre, cos.float(), sin.float())
         for transform in self._after:
             out = transform(out)
@@ -138,11 +154,14 @@ def attach_key_centre(model: nn.Module, spec: ArchSpec, index: int, centre: Tens
     hooks[kv].centre = _centre(model, spec, index, centre, hooks[:kv])
 
 
-def attach_key_centres(model: nn.Module, spec: ArchSpec, centres: list[Tensor]) -> None:
-    """:func:`attach_key_centre` for every decoder layer, ``centres`` in layer order."""
-    _check_count(model, spec, centres)
+def attach_key_centres(model: nn.Module, spec: ArchSpec, centres: list[Tensor], cache: bool = False) -> None:
+    """:func:`attach_key_centre` (or, for a packed cache, :func:`attach_cache_key_centre`) for every decoder layer,
+    ``centres`` in layer order."""
+    if len(centres) != len(decoder_layers(model, spec)):
+        raise ValueError(f"{len(centres)} key centres for {len(decoder_layers(model, spec))} layers")
+    attach = attach_cache_key_centre if cache else attach_key_centre
     for i, centre in enumerate(centres):
-        attach_key_centre(model, spec, i, centre)
+        attach(model, spec, i, centre)
 
 
 def attach_cache_key_centre(model: nn.Module, spec: ArchSpec, index: int, centre: Tensor) -> None:
@@ -150,15 +169,3 @@ def attach_cache_key_centre(model: nn.Module, spec: ArchSpec, index: int, centre
     attention hook runs before the cache: their turns apply)."""
     attn = get_module(decoder_layers(model, spec)[index], spec.attn)
     attn.register_module(KEY_CENTRE_ATTR, _centre(model, spec, index, centre, attention_hooks(attn)))
-
-
-def attach_cache_key_centres(model: nn.Module, spec: ArchSpec, centres: list[Tensor]) -> None:
-    """:func:`attach_cache_key_centre` for every decoder layer, ``centres`` in layer order."""
-    _check_count(model, spec, centres)
-    for i, centre in enumerate(centres):
-        attach_cache_key_centre(model, spec, i, centre)
-
-
-def _check_count(model: nn.Module, spec: ArchSpec, centres: list[Tensor]) -> None:
-    if len(centres) != len(decoder_layers(model, spec)):
-        raise ValueError(f"{len(centres)} key centres for {len(decoder_layers(model, spec))} layers")

@@ -18,7 +18,7 @@ from .attention import (
     remove_attention_hooks,
     set_decode_equivalent,
 )
-from .key_centre import attach_cache_key_centres, key_centres_for
+from .key_centre import attach_key_centres, key_centres_for
 from .prefix import cache_argument
 from .rotate import QKRotationHook
 
@@ -58,7 +58,7 @@ def apply_kv_cache(model: nn.Module, arch: ArchSpec, config: KVCacheConfig, cali
     """Attach the recipe's packed cache, calibrating its static scales first when it has any; with a
     ``key_centre``, give the attention modules their key centres first (``mean``: measured on ``calibration()``)."""
     if config.key_centre:
-        attach_cache_key_centres(model, arch, key_centres_for(model, arch, config.key_centre, calibration))
+        attach_key_centres(model, arch, key_centres_for(model, arch, config.key_centre, calibration), cache=True)
     if not config.static:
         attach_packed_cache(model, config.spec())
         return
