@@ -100,7 +100,7 @@ def test_every_registered_method_is_a_recipe_step_with_a_phase():
     from lowbit.methods import PHASES, registered
 
     names = {m.name for m in registered()}
-    assert names == {"rtn", "gptq", "quarot", "spinquant", "prefix", "blockwise"}
+    assert names == {"rtn", "gptq", "quarot", "spinquant", "qk_balance", "prefix", "blockwise"}
     for method in registered():
         assert method.config.phase in PHASES
         step = Recipe.from_dict({"steps": [{"method": method.name}],

@@ -2,6 +2,7 @@
 
 - :mod:`.quarot` — QuaRot's seeded random Hadamard rotations (phase ``rotation``).
 - :mod:`.spinquant` — SpinQuant's learned rotations, optionally with learned clip ratios (``rotation``).
+- :mod:`.qk_balance` — query/key energies balanced per RoPE pair before a KV key codec (``balance``).
 - :mod:`.prefix` — PrefixQuant's full-precision prefix of outlier tokens (``prefix``).
 - :mod:`.rtn` — round-to-nearest weights (``weights``).
 - :mod:`.gptq` — GPTQ weights, layer-streamed (``weights``).

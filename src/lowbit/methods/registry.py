@@ -20,14 +20,15 @@ from ..schemes import StrictConfig
 if TYPE_CHECKING:
     from .session import Session
 
-Phase = Literal["rotation", "prefix", "weights"]
-PHASES: tuple[Phase, ...] = ("rotation", "prefix", "weights")  # the order steps of different phases run in
+Phase = Literal["rotation", "balance", "prefix", "weights"]
+PHASES: tuple[Phase, ...] = ("rotation", "balance", "prefix", "weights")  # the order steps of different phases run in
 
 
 class StepConfig(StrictConfig):
     """A recipe step: a method's typed settings. Subclasses set ``method: Literal[...]`` and ``phase``.
 
-    ``phase``: ``rotation`` steps change the basis (before anything is quantized), ``prefix`` steps fix the tokens
+    ``phase``: ``rotation`` steps change the basis (before anything is quantized), ``balance`` steps rescale what the
+    KV quantizer sees (exactly, in the weights), ``prefix`` steps fix the tokens
     every sequence starts from, ``weights`` steps quantize the weights with the recipe's weight scheme (and need one).
     """
 

@@ -24,6 +24,7 @@ from ..errors import CalibrationError
 from ..kv.attention import KEY_CENTRE_ATTR
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
 from .attention import KVQuantHook, attention_hooks
+from .qk_balance import per_head
 
 Rope = Callable[[Tensor], tuple[Tensor, Tensor]]  # positions [T] -> (cos, sin), each [T, head_dim]
 
@@ -106,8 +107,7 @@ def measure_centres(model: nn.Module, spec: ArchSpec, batches: Tensor) -> list[T
     counts: list[int] = []
 
     def record(i: int, out: Tensor) -> None:
-        keys = out.float().reshape(*out.shape[:-1], -1, d) if out.shape[-1] != d else out.float().transpose(1, 2)
-        keys = keys.reshape(-1, *keys.shape[-2:])  # [tokens, kv_heads, d]
+        keys = per_head(out, d)  # [tokens, kv_heads, d]
         sums[i] = keys.sum(0) if sums[i] is None else sums[i] + keys.sum(0)
         counts[i] += keys.shape[0]
 
