@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.models.arch import spec_for
 from lowbit.errors import RecipeError
+from lowbit.models.arch import spec_for
 from lowbit.recipe import Recipe
 from lowbit.surgery.qk_balance import balance_scales, measure_energies, pair_sum, predicted_gain
 from tests.conftest import tiny_data, tiny_model
