@@ -3,6 +3,8 @@
 Run:  python benchmarks/speed.py                 (default model, 2 threads; resumes where it stopped)
       python benchmarks/speed.py --rows w8a8 fp32 bf16 --force
       python benchmarks/speed.py --tables-only
+      python benchmarks/speed.py --model qwen2.5-coder-0.5b   (results/speed-qwen2.5-coder-0.5b.json, its own table
+                                                             under the default model's)
 
 Each quantized row quantizes the default model (calibrated on the default text), saves it with ``lowbit.save`` and
 loads it back with ``lowbit.load(..., lean=True)`` (real low-bit kernels, as ``lowbit bench`` runs them); the float
@@ -25,7 +27,21 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
-from harness import HERE, Results, add_flags, check_labels, markdown_table, run_meta, variant, write_block
+from harness import (
+    HERE,
+    SECOND_MODEL,
+    SECOND_MODEL_NAME,
+    Results,
+    add_flags,
+    check_labels,
+    markdown_table,
+    model_file_name,
+    model_results,
+    results_paths,
+    run_meta,
+    variant,
+    write_block,
+)
 
 import lowbit
 from lowbit import bench as B
@@ -69,7 +85,7 @@ PACKED = {"w4a4kv4 dynamic packed": "w4a4kv4 dynamic"}
 
 def saved_model(label: str, recipe: Recipe, source: str) -> str:
     """The row's quantized model saved under the lowbit cache (reused when its recipe is unchanged)."""
-    folder = cache_dir() / "speed" / label.replace(" ", "-")
+    folder = cache_dir() / "speed" / ("" if source == "default" else model_file_name(source)) / label.replace(" ", "-")
     if folder.is_dir():
         manifest = read_manifest(folder)
         if manifest["recipe"] == recipe.model_dump(mode="json") and manifest.get("source") == source:
@@ -134,7 +150,7 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
 
-def table(results: Results) -> list[str]:
+def table(results: Results, name: str = "Default model") -> list[str]:
     rows = results.rows
     fp32, bf16 = results.rows.get("fp32"), results.rows.get("bf16")
 
@@ -145,7 +161,7 @@ def table(results: Results) -> list[str]:
         ratios = " / ".join(f"{row[key] / r[key]:.2f}x" for r in (fp32, bf16) if r is not None)
         return f"{row[key]:.1f} ({ratios})"
 
-    lines = [f"Default model, {results.meta.get('threads')} threads, torch {results.meta.get('torch')}, "
+    lines = [f"{name}, {results.meta.get('threads')} threads, torch {results.meta.get('torch')}, "
              f"{results.meta.get('date')}, `{results.meta.get('command')}`; tokens/s (speed-up over fp32 / bf16)."]
     body = []
     for label, what, _ in ROWS:
@@ -175,14 +191,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = Results(args.results, parser.get_default("results"))
+    results = Results(*results_paths(args, parser.get_default("results")))
     todo = results.todo(check_labels(parser, args.rows, [label for label, _, _ in ROWS]), args.force)
     if todo and not args.tables_only:
         setup = {"model": args.model, "prefill": args.prefill, "prompt": args.prompt, "new_tokens": args.new_tokens}
         results.check_setup(setup)
-        results.meta.update(run_meta("python benchmarks/speed.py"))
+        model_flag = "" if args.model == "default" else f" --model {args.model}"
+        results.meta.update(run_meta(f"python benchmarks/speed.py{model_flag}"))
         run(args, results, todo)
-    write_block("SPEED", table(results), results.renders)
+    if results.renders:
+        write_tables(True)
+    else:
+        print("\n".join(table(results, args.model)))
+
+
+def write_tables(readme: bool) -> None:
+    """The SPEED block: the default model's table, then the second real model's where its file has rows."""
+    lines = table(Results(RESULTS))
+    second = Results(model_results(RESULTS, SECOND_MODEL))
+    if second.rows:
+        lines += ["", *table(second, SECOND_MODEL_NAME)]
+    write_block("SPEED", lines, readme)
 
 
 if __name__ == "__main__":
