@@ -98,7 +98,7 @@ def measure(bench: Bench, family: str, config: KVCacheConfig) -> dict:
             "top1": row["top1"], "bits": row["bits_kv"], "eval_s": row["eval_s"]}
 
 
-KV_PRESETS = ("kv-int3", "kv-int3-centred", "kv-kivi", "kv-kivi3", "kv-kivi3-turbo", "kv-qjl", "kv-qjl-centred",
+KV_PRESETS = ("kv-int3", "kv-int3-centred", "kv-kivi", "kv-kivi3", "kv-kivi3-turbo", "kv-qjl",
               "kv-turbo3", "kv-turbo3-centred")
 PRESET_MODELS = ("default", "qwen2.5-coder-0.5b")  # the models whose preset files the KVPRESETS table shows
 
