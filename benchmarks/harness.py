@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import lowbit
-from lowbit.data import DataConfig, TokenData
+from lowbit.data import DataConfig, TokenData, default_text_path
 from lowbit.evaluate import evaluate, reference_log_probs
 from lowbit.models.loading import LoadedModel
 from lowbit.pipeline import add_rotation_invariance, build_report, quantizes
@@ -61,6 +61,19 @@ def results_paths(args: argparse.Namespace, canonical: Path) -> tuple[Path, Path
     """(the file this run writes, the file of its model that renders): ``--results`` when given, else the model's."""
     own = model_results(canonical, args.model)
     return (own if args.results == canonical else args.results), own
+
+
+def probe_window(description: str) -> tuple[LoadedModel, torch.Tensor]:
+    """A probe script's model and one window of the default text, from its flags: ``--model`` (default the second
+    real model), ``--tokens`` tokens from token ``--start``. Returns (loaded model, ids ``[1, tokens]``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default=SECOND_MODEL)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--start", type=int, default=5000)
+    args = parser.parse_args()
+    loaded = lowbit.load_model(args.model)
+    ids = loaded.tokenizer(default_text_path().read_text(), return_tensors="pt").input_ids
+    return loaded, ids[:, args.start:args.start + args.tokens]
 
 
 # --- loading once, measuring a recipe -----------------------------------------------------------------------------

@@ -12,14 +12,11 @@ Qwen2, Mistral).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from harness import probe_window
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from lowbit.data import default_text_path
 from lowbit.models.arch import head_dim
-from lowbit.models.loading import load_model
 
 
 def spread(x: torch.Tensor) -> float:
@@ -28,15 +25,8 @@ def spread(x: torch.Tensor) -> float:
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--start", type=int, default=5000)
-    args = parser.parse_args()
-    loaded = load_model(args.model)
+    loaded, ids = probe_window(__doc__.splitlines()[0])
     model, config = loaded.model, loaded.model.config
-    ids = loaded.tokenizer(default_text_path().read_text(), return_tensors="pt").input_ids
-    ids = ids[:, args.start:args.start + args.tokens]
     d, heads, pre = head_dim(config), config.num_key_value_heads, {}
     for i, layer in enumerate(model.model.layers):
         layer.self_attn.k_proj.register_forward_hook(lambda m, a, out, i=i: pre.__setitem__(i, out))

@@ -13,16 +13,14 @@ nothing. Families with Llama-style attention (Llama, Qwen2, Mistral).
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
+from harness import probe_window
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from lowbit.data import default_text_path
 from lowbit.kv.codecs import QJLKeyCodec
 from lowbit.models.arch import head_dim
-from lowbit.models.loading import load_model
 from lowbit.surgery.qk_balance import balance_scales, predicted_gain
 
 
@@ -42,15 +40,8 @@ def sketched_scores(codec: QJLKeyCodec, q: torch.Tensor, k: torch.Tensor) -> tor
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--start", type=int, default=5000)
-    args = parser.parse_args()
-    loaded = load_model(args.model)
+    loaded, ids = probe_window(__doc__.splitlines()[0])
     model, config = loaded.model, loaded.model.config
-    ids = loaded.tokenizer(default_text_path().read_text(), return_tensors="pt").input_ids
-    ids = ids[:, args.start:args.start + args.tokens]
     t, d, kv, heads = ids.shape[1], head_dim(config), config.num_key_value_heads, config.num_attention_heads
     keys, queries = {}, {}
     for i, layer in enumerate(model.model.layers):

@@ -161,8 +161,12 @@ def table(results: Results, name: str = "Default model") -> list[str]:
         ratios = " / ".join(f"{row[key] / r[key]:.2f}x" for r in (fp32, bf16) if r is not None)
         return f"{row[key]:.1f} ({ratios})"
 
+    setup = results.meta.get("setup", {})
+    shapes = (f"prefill {setup['prefill']} tokens, decode {setup['new_tokens']} tokens after a {setup['prompt']}-token "
+              "prompt, batch 1 and 8; " if setup else "")
     lines = [f"{name}, {results.meta.get('threads')} threads, torch {results.meta.get('torch')}, "
-             f"{results.meta.get('date')}, `{results.meta.get('command')}`; tokens/s (speed-up over fp32 / bf16)."]
+             f"{results.meta.get('date')}, `{results.meta.get('command')}`; {shapes}tokens/s (speed-up over fp32 / "
+             "bf16)."]
     body = []
     for label, what, _ in ROWS:
         if label not in rows:
@@ -196,8 +200,9 @@ def main() -> None:
     if todo and not args.tables_only:
         setup = {"model": args.model, "prefill": args.prefill, "prompt": args.prompt, "new_tokens": args.new_tokens}
         results.check_setup(setup)
-        model_flag = "" if args.model == "default" else f" --model {args.model}"
-        results.meta.update(run_meta(f"python benchmarks/speed.py{model_flag}"))
+        flags = "".join(f" --{name.replace('_', '-')} {getattr(args, name)}" for name in ("model", "prefill", "prompt",
+                        "new_tokens", "repeats") if getattr(args, name) != parser.get_default(name))
+        results.meta.update(run_meta(f"python benchmarks/speed.py{flags}"))
         run(args, results, todo)
     if results.renders:
         write_tables(True)

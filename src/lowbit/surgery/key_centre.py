@@ -24,7 +24,7 @@ from ..errors import CalibrationError
 from ..kv.attention import KEY_CENTRE_ATTR
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
 from .attention import KVQuantHook, attention_hooks
-from .qk_balance import per_head
+from .head_stats import head_moments
 
 Rope = Callable[[Tensor], tuple[Tensor, Tensor]]  # positions [T] -> (cos, sin), each [T, head_dim]
 
@@ -97,33 +97,11 @@ def bias_centres(model: nn.Module, spec: ArchSpec) -> list[Tensor]:
     return out
 
 
-@torch.no_grad()
 def measure_centres(model: nn.Module, spec: ArchSpec, batches: Tensor) -> list[Tensor]:
     """Each layer's mean pre-RoPE key ``[kv_heads, d]`` over calibration ``batches`` ``[n, L]``: the k_proj output,
     or the key norm's where the family normalizes keys before RoPE (its output is ``[B, heads, T, d]``)."""
-    d = head_dim(model.config)
     where = spec.qk_norms[1] if spec.qk_norms else spec.k
-    sums: list[Tensor | None] = []
-    counts: list[int] = []
-
-    def record(i: int, out: Tensor) -> None:
-        keys = per_head(out, d)  # [tokens, kv_heads, d]
-        sums[i] = keys.sum(0) if sums[i] is None else sums[i] + keys.sum(0)
-        counts[i] += keys.shape[0]
-
-    handles = []
-    for i, layer in enumerate(decoder_layers(model, spec)):
-        sums.append(None)
-        counts.append(0)
-        handles.append(get_module(layer, where).register_forward_hook(
-            lambda module, args, out, i=i: record(i, out)))
-    try:
-        for row in batches:
-            model(row.unsqueeze(0), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [s.cpu() / n for s, n in zip(sums, counts, strict=True)]
+    return [k.mean() for (k,) in head_moments(model, spec, batches, (where,))]
 
 
 def _key_transform(hook: nn.Module) -> Callable[[Tensor], Tensor]:

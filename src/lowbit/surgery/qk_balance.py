@@ -22,34 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
+from ..models.arch import ArchSpec, decoder_layers, get_module
+from .head_stats import head_moments
 from .offload import onloaded
-
-
-def per_head(out: Tensor, d: int) -> Tensor:
-    """A projection's output ``[..., heads * d]`` or a q/k norm's ``[B, heads, T, d]`` as ``[tokens, heads, d]``."""
-    heads = out.float().reshape(*out.shape[:-1], -1, d) if out.shape[-1] != d else out.float().transpose(1, 2)
-    return heads.reshape(-1, *heads.shape[-2:])
-
-
-class _Moments:
-    """Running per-head sums of ``x`` and ``x^2`` over tokens."""
-
-    def __init__(self) -> None:
-        self.sum: Tensor | None = None
-        self.square: Tensor | None = None
-        self.count = 0
-
-    def add(self, x: Tensor) -> None:
-        s, sq = x.sum(0), x.pow(2).sum(0)
-        self.sum = s if self.sum is None else self.sum + s
-        self.square = sq if self.square is None else self.square + sq
-        self.count += x.shape[0]
-
-    def energy(self, centred: bool) -> Tensor:
-        """Mean square per head and channel ``[heads, d]`` (around the mean when ``centred``)."""
-        mean_square = self.square / self.count
-        return (mean_square - (self.sum / self.count).pow(2)).clamp_min(0) if centred else mean_square
 
 
 @torch.no_grad()
@@ -57,21 +32,8 @@ def measure_energies(model: nn.Module, spec: ArchSpec, batches: Tensor,
                      centred: bool) -> list[tuple[Tensor, Tensor]]:
     """Per decoder layer, the mean square of the queries ``[heads, d]`` and keys ``[kv_heads, d]`` before RoPE over
     calibration ``batches`` ``[n, L]`` (keys around their mean when ``centred``)."""
-    d = head_dim(model.config)
-    q_at, k_at = spec.qk_norms if spec.qk_norms else (spec.q, spec.k)
-    moments = [(_Moments(), _Moments()) for _ in decoder_layers(model, spec)]
-    handles = []
-    for layer, (mq, mk) in zip(decoder_layers(model, spec), moments, strict=True):
-        for path, m in ((q_at, mq), (k_at, mk)):
-            handles.append(get_module(layer, path).register_forward_hook(
-                lambda module, args, out, m=m: m.add(per_head(out, d))))
-    try:
-        for row in batches:
-            model(row.unsqueeze(0), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [(mq.energy(False).cpu(), mk.energy(centred).cpu()) for mq, mk in moments]
+    paths = spec.qk_norms if spec.qk_norms else (spec.q, spec.k)
+    return [(q.energy(False), k.energy(centred)) for q, k in head_moments(model, spec, batches, tuple(paths))]
 
 
 def pair_sum(energy: Tensor) -> Tensor:
