@@ -334,7 +334,9 @@ def write_table(saved: dict, readme: bool = True) -> None:
     if "peers" in saved:
         peers = saved["peers"]
         lines += ["", f"Against transformers' `QuantizedCache` on the first {peers['tokens']} tokens of the first "
-                      "window (the peers decode step by step; lowbit's presets run decode-equivalent):", ""]
+                      "window (the peers decode step by step; lowbit's presets run decode-equivalent; measured "
+                      "2026-11-24, the lowbit rows with the presets as they were then: before key centres, the "
+                      "query/key balance and kv-kivi's clipped keys, see the KV presets table for today's):", ""]
         lines += markdown_table(["cache", "ratio", "KL", "top-1", "note"],
                                 [[label, f"{r['ratio']:.4f}", f"{r['kl']:.4f}", f"{r['top1']:.4f}", r["note"]]
                                  for label, r in peers["rows"].items()])
