@@ -8,7 +8,7 @@ from lowbit.kv.cache import PackedCache
 from lowbit.kv.codecs import IntCodec, QJLKeyCodec, TurboCodec
 from lowbit.kv.spec import CacheSpec
 from lowbit.surgery.attention import decode_equivalent
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_data
 
 SPECS = {
     "int4": CacheSpec(IntCodec(4), IntCodec(4), window=4, sink=1),
@@ -119,7 +119,7 @@ def test_recipe_kv_cache_quantizes_evaluates_and_generates():
     assert recipe.kv_cache is not None and recipe.weights is not None and recipe.name == "w8a8-rtn+kv-kivi"
     small = recipe.updated(kv_cache={**recipe.kv_cache.model_dump(), "window": 4})
     model = _model()
-    q = lowbit.quantize(model, small)
+    q = lowbit.quantize(model, small, tiny_data())  # kv-kivi keys around their mean key: calibration text
     tokens = torch.randint(0, 320, (1, 70), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         one_pass = q(tokens, use_cache=False).logits
@@ -136,13 +136,15 @@ def test_recipe_kv_cache_quantizes_evaluates_and_generates():
 
 
 def test_cache_bits_count_everything():
-    """KIVI 2-bit at 4096 tokens: 2 bits + fp16 scale/min per 32 elements (1 bit) + a 128-token fp16 window."""
+    """KIVI 2-bit at 4096 tokens: 2 bits + fp16 scale/min per 32 elements (1 bit) for the whole 32-token groups after
+    the exact first token, fp16 for that token, the 128-token window and the 31 tokens short of a group."""
     from lowbit.kv.cache import cache_bits
     from lowbit.recipe import load_recipe
 
     spec = load_recipe("kv-kivi").kv_cache.spec()
-    window_share = (128 * 16) / 4096
-    assert cache_bits(spec, 64, 4096) == pytest.approx(3 * (4096 - 128) / 4096 + window_share)
+    packed = (4096 - 1 - 128) // 32 * 32
+    assert packed == 3936
+    assert cache_bits(spec, 64, 4096) == pytest.approx((3 * packed + 16 * (4096 - packed)) / 4096)
     assert cache_bits(spec, 64, 8192) < cache_bits(spec, 64, 4096)
 
 
