@@ -248,9 +248,12 @@ def measure_rows(results: Results, labels: list[str], measure: Callable[[str], d
         print(f"{label}: ratio {row['ratio']:.4f} KL {row['kl']:.4f} quantize {row['quantize_s']:.0f} s", flush=True)
 
 
-def command_line(command: str, args: argparse.Namespace) -> str:
-    """``command`` with the data flags of this run that differ from their defaults (``--model``, ``--windows``, ...)."""
+def command_line(command: str, args: argparse.Namespace, parser: argparse.ArgumentParser | None = None,
+                 names: tuple[str, ...] = ()) -> str:
+    """``command`` with the data flags of this run that differ from their defaults (``--model``, ``--windows``, ...),
+    and the script's own flags ``names`` that differ from ``parser``'s defaults."""
     flags = {"--model": ("model", "default"), "--seq-len": ("seq_len", 2048), "--windows": ("windows", 6)}
+    flags.update({f"--{name.replace('_', '-')}": (name, parser.get_default(name)) for name in names})
     extra = [f"{flag} {getattr(args, name)}" for flag, (name, default) in flags.items()
              if getattr(args, name, default) != default]
     return " ".join([command, *extra])

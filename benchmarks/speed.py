@@ -6,7 +6,7 @@ Run:  python benchmarks/speed.py                 (default model, 2 threads; resu
       python benchmarks/speed.py --model qwen2.5-coder-0.5b   (results/speed-qwen2.5-coder-0.5b.json, its own table
                                                              under the default model's)
 
-Each quantized row quantizes the default model (calibrated on the default text), saves it with ``lowbit.save`` and
+Each quantized row quantizes the model (``--model``, default the embedded one; calibrated on the default text), saves it with ``lowbit.save`` and
 loads it back with ``lowbit.load(..., lean=True)`` (real low-bit kernels, as ``lowbit bench`` runs them); the float
 rows load the source model. Every model is measured with the functions of ``lowbit bench`` (:mod:`lowbit.bench`):
 prefill of ``--prefill`` tokens at batch 1 (one forward: online Hadamards, activation quantization and a PrefixQuant
@@ -34,6 +34,7 @@ from harness import (
     Results,
     add_flags,
     check_labels,
+    command_line,
     markdown_table,
     model_file_name,
     model_results,
@@ -200,23 +201,23 @@ def main() -> None:
     if todo and not args.tables_only:
         setup = {"model": args.model, "prefill": args.prefill, "prompt": args.prompt, "new_tokens": args.new_tokens}
         results.check_setup(setup)
-        flags = "".join(f" --{name.replace('_', '-')} {getattr(args, name)}" for name in ("model", "prefill", "prompt",
-                        "new_tokens", "repeats") if getattr(args, name) != parser.get_default(name))
-        results.meta.update(run_meta(f"python benchmarks/speed.py{flags}"))
+        command = command_line("python benchmarks/speed.py", args, parser, ("prefill", "prompt", "new_tokens", "repeats"))
+        results.meta.update(run_meta(command))
         run(args, results, todo)
     if results.renders:
-        write_tables(True)
+        write_tables()
     else:
         print("\n".join(table(results, args.model)))
 
 
-def write_tables(readme: bool) -> None:
-    """The SPEED block: the default model's table, then the second real model's where its file has rows."""
+def write_tables() -> None:
+    """The SPEED block of benchmarks/README.md: the default model's table, then the second real model's where its
+    file has rows."""
     lines = table(Results(RESULTS))
     second = Results(model_results(RESULTS, SECOND_MODEL))
     if second.rows:
         lines += ["", *table(second, SECOND_MODEL_NAME)]
-    write_block("SPEED", lines, readme)
+    write_block("SPEED", lines)
 
 
 if __name__ == "__main__":

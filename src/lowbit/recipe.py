@@ -138,11 +138,15 @@ class Recipe(StrictConfig):
         return Recipe(name=f"{self.name}-rotations", steps=steps, targets=self.targets)
 
     @property
+    def key_centre(self) -> str | None:
+        """Where the keys' centre comes from (``bias`` or ``mean``) for the KV quantizer or packed cache, or None."""
+        return next((c.key_centre for c in (self.kv, self.kv_cache) if c is not None and c.key_centre), None)
+
+    @property
     def needs_calibration(self) -> bool:
         """True when some scheme has static scales, or keys a mean centre, fitted on calibration text."""
         static_cache = self.kv_cache is not None and self.kv_cache.static
-        mean_centre = any(c is not None and c.key_centre == "mean" for c in (self.kv, self.kv_cache))
-        return static_cache or mean_centre or any(s is not None and not s.dynamic for s in (self.activations, self.kv))
+        return static_cache or self.key_centre == "mean" or any(s is not None and not s.dynamic for s in (self.activations, self.kv))
 
     # --- construction -------------------------------------------------------------------------------------------
 

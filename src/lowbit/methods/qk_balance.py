@@ -48,9 +48,7 @@ def apply(model: nn.Module, step: QKBalanceStep, session: Session) -> QKBalanceR
     """Measure query and key energies (keys centred when the recipe keys its KV quantizer around a centre), fold
     each layer's scales into its weights."""
     batches = session.calibration_text("qk_balance").sample(step.samples, step.seq_len)
-    recipe = session.recipe
-    centred = any(c is not None and c.key_centre for c in (recipe.kv, recipe.kv_cache))
-    energies = measure_energies(model, session.spec, batches, centred)
+    energies = measure_energies(model, session.spec, batches, centred=session.recipe.key_centre is not None)
     tick = session.tick("balancing queries and keys", len(energies))
     factors = []
     for i, layer_energies in enumerate(energies):
