@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
+from ..rotations.kinds import RotationKind
 from ..surgery.rotate import (
     add_online_rotations,
     check_residual_rotation,
@@ -42,6 +43,11 @@ class QuaRotStep(StepConfig):
     any activation is quantized (folded, those channels reach the activation quantizers at full size). ``seed`` defaults to the run's seed.
     ``fallback`` (``block_diagonal`` or ``random_orthogonal``) is used only for a size with no Hadamard construction;
     without it such a size is an error.
+
+    ``kind``: what R1 and R2 are (:mod:`lowbit.rotations.kinds`): ``hadamard`` (QuaRot's, the default),
+    ``hadamard_unsigned``, ``block_hadamard`` (blocks of ``block_size``, default 64), ``orthogonal`` (Haar-random),
+    ``bernoulli`` (a ±1/sqrt(n) matrix used as is: not orthogonal, so the model changes) or
+    ``bernoulli_orthogonalised``. The online R3 and R4 stay randomized Hadamards, which have a fast transform.
     """
 
     method: Literal["quarot"] = "quarot"
@@ -55,12 +61,17 @@ class QuaRotStep(StepConfig):
     fold_norms: bool | None = None
     seed: int | None = None
     fallback: Literal["block_diagonal", "random_orthogonal"] | None = None
+    kind: RotationKind = "hadamard"
+    block_size: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _r1_needs_folded_norms(self) -> QuaRotStep:
         if self.r1 and self.fold_norms is False:
             raise ValueError("r1 needs the norm scales folded into their readers: drop fold_norms: false or set "
                              "r1: false")
+        if self.block_size is not None and self.kind != "block_hadamard":
+            raise ValueError(f"block_size is the block order of kind 'block_hadamard', not of '{self.kind}': drop it "
+                             "or set kind: block_hadamard")
         return self
 
 
@@ -87,7 +98,7 @@ def apply(model: nn.Module, step: QuaRotStep, session: Session) -> RotationResul
     seeds = rotation_seeds(model, spec, session.seed if step.seed is None else step.seed)
     fold = step.fold_norms if step.fold_norms is not None else step.r1 or not spec.writer_norms
     details: dict[str, Any] = {"untied_lm_head_bytes": fold_norms(model, spec) if fold else 0}
-    r1, r2 = random_r1_r2(model, seeds, step.fallback)
+    r1, r2 = random_r1_r2(model, seeds, step.fallback, step.kind, step.block_size)
     if step.r1:
         rotate_residual(model, spec, r1.dense())
         details["R1"] = r1.description

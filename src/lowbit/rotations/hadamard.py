@@ -234,13 +234,15 @@ def find_construction(n: int) -> HadamardPlan:
     return plan
 
 
-def block_diagonal_plan(n: int) -> HadamardPlan:
-    """Fallback plan: the largest constructible block order b dividing n, ``n // b`` blocks on the diagonal.
+def block_diagonal_plan(n: int, max_block: int | None = None) -> HadamardPlan:
+    """Block-diagonal plan: the largest constructible block order b dividing n (and at most ``max_block``),
+    ``n // b`` blocks on the diagonal.
 
-    b = 1 (the identity) is always possible, so this never fails; it is only used when asked for explicitly.
+    b = 1 (the identity) is always possible, so this never fails. Without ``max_block`` it is the explicit fallback
+    for sizes with no construction; with it, the block-diagonal rotation kind (:mod:`lowbit.rotations.kinds`).
     """
     _check_order(n)
-    for b in reversed(_divisors(n)):
+    for b in reversed([b for b in _divisors(n) if max_block is None or b <= max_block]):
         inner = try_find_construction(b)
         if inner is not None:
             return HadamardPlan(inner.factors, blocks=n // b)

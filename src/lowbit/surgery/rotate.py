@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import ModelError
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
 from ..rotations import RotationMatrix, random_hadamard
+from ..rotations.kinds import RotationKind, offline_rotation
 from .attach import as_quant_linear, untie_lm_head
 from .attention import add_attention_hook
 from .offload import onloaded
@@ -210,11 +211,13 @@ def rotation_seeds(model: nn.Module, spec: ArchSpec, seed: int) -> list[int]:
     return _sub_seeds(seed, 3 + len(decoder_layers(model, spec)))
 
 
-def random_r1_r2(model: nn.Module, seeds: list[int], fallback: str | None = None):
-    """QuaRot's seeded random Hadamards for R1 (hidden) and every layer's R2 (head_dim)."""
+def random_r1_r2(model: nn.Module, seeds: list[int], fallback: str | None = None, kind: RotationKind = "hadamard",
+                 block: int | None = None):
+    """The seeded R1 (hidden) and every layer's R2 (head_dim): QuaRot's random Hadamards, or another ``kind``
+    (:mod:`lowbit.rotations.kinds`; ``block``: block_hadamard's block order)."""
     d = head_dim(model.config)
-    return (random_hadamard(model.config.hidden_size, seeds[0], fallback),
-            [random_hadamard(d, s, fallback) for s in seeds[3:]])
+    return (offline_rotation(kind, model.config.hidden_size, seeds[0], fallback, block),
+            [offline_rotation(kind, d, s, fallback, block) for s in seeds[3:]])
 
 
 def reader_rotation_matrices(model: nn.Module, seeds: list[int], fallback: str | None = None):
