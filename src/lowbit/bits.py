@@ -2,7 +2,8 @@
 
 Conventions (stated so the numbers can be checked by hand):
 - Unquantized tensors count 16 bits per element (a bf16/fp16 deployment), whatever dtype they are evaluated in.
-- Every scale costs 16 bits; an asymmetric integer zero-point costs as many bits as the format.
+- Every scale costs 16 bits (8 for the MX ``e8m0`` and NVFP4 ``float8_e4m3`` scale types, whose per-tensor float32
+  scale adds 32 bits per weight); an asymmetric integer zero-point costs as many bits as the format.
 - ``weight``: over every linear weight inside the decoder layers (quantized or not).
   ``weight_all``: over every parameter of the model (embeddings, norms and lm_head included; tied weights once); a
   quantized embedding table counts its codes and scales as a quantized linear weight does.
@@ -19,6 +20,7 @@ from torch import nn
 
 from .models.arch import ArchSpec, decoder_layers, get_module
 from .quant import IntFormat
+from .schemes import SCALE_BITS as SCHEME_SCALE_BITS
 from .schemes import QuantScheme
 
 FP_BITS = 16.0
@@ -26,10 +28,11 @@ SCALE_BITS = 16.0
 
 
 def param_overhead_bits(scheme: QuantScheme) -> float:
-    """Bits stored per scale: the scale itself plus an integer zero-point when asymmetric."""
+    """Bits stored per scale: the scale itself (16, or 8 for the MX / NVFP4 scale types) plus an integer zero-point
+    when asymmetric."""
     fmt = scheme.number_format()
     zero = fmt.bits if isinstance(fmt, IntFormat) and not fmt.symmetric else 0
-    return SCALE_BITS + zero
+    return SCHEME_SCALE_BITS.get(scheme.scale_dtype, SCALE_BITS) + zero
 
 
 def runtime_bits_per_element(scheme: QuantScheme | None, row_width: int) -> float:
@@ -51,7 +54,8 @@ def _linear_weight_bits(module: nn.Module) -> tuple[float, int]:
     scheme = getattr(module, "weight_scheme", None)
     if scheme is None:
         return FP_BITS * numel, numel
-    return scheme.bits * numel + module.weight_scale.numel() * param_overhead_bits(scheme), numel
+    tensor_scale = 32.0 if scheme.scale_dtype == "float8_e4m3" else 0.0
+    return scheme.bits * numel + module.weight_scale.numel() * param_overhead_bits(scheme) + tensor_scale, numel
 
 
 def _decoder_linears(model: nn.Module, spec: ArchSpec) -> list[nn.Module]:

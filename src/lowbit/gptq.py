@@ -37,6 +37,8 @@ from lowbit.quant import (
     PerGroup,
     PerRow,
     QParams,
+    ScaleDtype,
+    bind_scale_unit,
     compute_qparams,
     dequantize,
     observe_range,
@@ -234,7 +236,7 @@ class _Fitter:
     observer: str
     clip_ratio: float
     observer_kwargs: Mapping[str, Any]
-    scale_dtype: torch.dtype | None = None
+    scale_dtype: ScaleDtype = None
 
     def fit(self, x: Tensor, gran: Granularity) -> QParams:
         """Observe the range of ``x`` per granule and compute its QParams (``lowbit.quant`` does both)."""
@@ -471,7 +473,7 @@ def gptq_quantize(
     observer: str = "minmax",
     clip_ratio: float = 1.0,
     config: GPTQConfig = GPTQConfig(),
-    scale_dtype: torch.dtype | None = None,
+    scale_dtype: ScaleDtype = None,
     **observer_kwargs: Any,
 ) -> GPTQResult:
     """Quantize ``weight [out, in]`` with GPTQ against the input Hessian ``hessian [in, in]`` (arXiv 2210.17323).
@@ -484,14 +486,15 @@ def gptq_quantize(
     in natural order or, with ``config.act_order``, by descending ``diag(H)``, and returned in the original order.
 
     ``scale_dtype`` (e.g. float16 for GGUF blocks): every scale is rounded up to it before its codes are chosen
-    (:func:`~lowbit.quant.compute_qparams`), so the result is exactly what a file with such scales holds.
+    (:func:`~lowbit.quant.compute_qparams`), so the result is exactly what a file with such scales holds; a
+    relative one (NVFP4's E4M3 block scales) takes its per-tensor unit from the whole weight before the loop.
 
     ``act_order`` with PerGroup requires ``static_groups=True`` (ValueError otherwise): groups formed in the
     permuted order could not be described by PerGroup scales on the original column order. Inputs are not
     modified; the computation is float32 on the weight's device. See :class:`GPTQResult` for the outputs.
     """
     _check_inputs(weight, hessian, granularity, config)
-    fitter = _Fitter(fmt, observer, clip_ratio, dict(observer_kwargs), scale_dtype)
+    fitter = _Fitter(fmt, observer, clip_ratio, dict(observer_kwargs), bind_scale_unit(scale_dtype, weight, fmt))
     w, h = _fix_dead_columns(weight, hessian)
     perm = _column_order(h, config.act_order)
     grid = _initial_grid(w, perm, granularity, fitter, config)

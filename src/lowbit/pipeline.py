@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .apply import quantize, quantize_with_session
-from .artifact import check_new_folder, save
+from .artifact import check_new_folder, check_savable, save
 from .bits import activation_bits, kv_bits, weight_bits
 from .data import DataConfig, TokenData, check_source, prepare_data
 from .errors import ArtifactError, DataError
@@ -66,6 +66,7 @@ def run(
     if save_path is not None:
         if not quantizes(recipe):
             raise ArtifactError(f"recipe '{recipe.name}' quantizes nothing, so there is no model to save: drop --save")
+        check_savable(recipe)
         check_new_folder(Path(save_path))
     seconds: dict[str, float] = {}
     start = time.perf_counter()

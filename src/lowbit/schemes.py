@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .quant import parse_format
 
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "e8m0": torch.float8_e8m0fnu,
+                "float8_e4m3": torch.float8_e4m3fn}
+SCALE_BITS = {"float16": 16, "bfloat16": 16, "e8m0": 8, "float8_e4m3": 8}
 TARGETABLE = (*LINEAR_ROLES, "lm_head")
 
 
@@ -37,7 +40,10 @@ class QuantScheme(StrictConfig):
     granule's largest-magnitude value onto ``-2^(b-1)``, llama.cpp's Q4_0 grid (see
     :class:`~lowbit.quant.IntFormat`). ``scale_dtype``: the float type the scales are stored in (``float16`` for
     GGUF blocks); scales are rounded up to it before the codes are chosen, so the fake-quantized weight is exactly
-    what a file holding float16 scales dequantizes to. ``None`` keeps float32 scales.
+    what a file holding float16 scales dequantizes to. ``None`` keeps float32 scales. ``e8m0``: powers of two (the
+    OCP MX formats' shared block scale: MXFP4 is ``fp4_e2m1`` in groups of 32 with ``e8m0``); ``float8_e4m3``: FP8
+    E4M3 scales under one float32 scale per tensor (NVFP4: ``fp4_e2m1`` in groups of 16). Both for symmetric
+    formats only.
 
     ``key_centre`` (KV only, dynamic): round keys around a per-head pre-RoPE centre turned by RoPE to each position
     (:mod:`lowbit.surgery.key_centre`): ``bias`` the k_proj bias, ``mean`` the mean key over calibration text.
@@ -52,7 +58,7 @@ class QuantScheme(StrictConfig):
     percentile: float = Field(default=99.9, gt=0, le=100)
     clip_ratio: float = Field(default=1.0, gt=0, le=1)
     int_range: Literal["restricted", "full"] = "restricted"
-    scale_dtype: Literal["float16", "bfloat16"] | None = None
+    scale_dtype: Literal["float16", "bfloat16", "e8m0", "float8_e4m3"] | None = None
     key_centre: Literal["bias", "mean"] | None = None
 
     @field_validator("format")
@@ -70,6 +76,9 @@ class QuantScheme(StrictConfig):
             raise ValueError("granularity 'group' needs a positive group_size (e.g. group_size: 64)")
         if self.granularity != "group" and self.group_size is not None:
             raise ValueError(f"group_size is only used with granularity 'group', not '{self.granularity}'")
+        if self.scale_dtype in ("e8m0", "float8_e4m3") and not self.symmetric:
+            raise ValueError(f"scale_dtype '{self.scale_dtype}' is for symmetric formats (MX / NVFP4 blocks have no "
+                             "zero point): set symmetric: true or another scale_dtype")
         if self.int_range == "full" and (not self.symmetric or not self.format.startswith("int")):
             raise ValueError("int_range 'full' is for symmetric integer formats: set symmetric: true and an int format")
         return self
@@ -81,7 +90,7 @@ class QuantScheme(StrictConfig):
     @property
     def scale_torch_dtype(self) -> torch.dtype | None:
         """``scale_dtype`` as a torch dtype (None: float32 scales, not rounded)."""
-        return None if self.scale_dtype is None else getattr(torch, self.scale_dtype)
+        return None if self.scale_dtype is None else SCALE_DTYPES[self.scale_dtype]
 
     def number_format(self):
         """The quantizer-core format object of this scheme."""

@@ -2,6 +2,6 @@
 
 from .files import check_new_folder
 from .load import load, load_tokenizer, read_config, read_manifest
-from .save import save
+from .save import check_savable, save
 
-__all__ = ["check_new_folder", "load", "load_tokenizer", "read_config", "read_manifest", "save"]
+__all__ = ["check_new_folder", "check_savable", "load", "load_tokenizer", "read_config", "read_manifest", "save"]

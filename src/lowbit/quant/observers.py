@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lowbit.quant.formats import Format, IntFormat
 from lowbit.quant.granularity import Granularity, reduce_granules, reduce_minmax
-from lowbit.quant.qparams import compute_qparams, fake_quantize_groups
+from lowbit.quant.qparams import ScaleDtype, compute_qparams, fake_quantize_groups
 
 OBSERVERS: Final = ("minmax", "percentile", "mse")
 
@@ -83,7 +83,7 @@ def _check_mse_args(grid: int, max_shrink: float, norm: float, stride: int) -> N
 
 
 def _clip_error(
-    chunk: Tensor, lo: Tensor, hi: Tensor, fmt: Format, norm: float, scale_dtype: torch.dtype | None = None
+    chunk: Tensor, lo: Tensor, hi: Tensor, fmt: Format, norm: float, scale_dtype: ScaleDtype = None
 ) -> Tensor:
     """Per-row ``sum |x - fq(x)|^norm`` with qparams from ``[lo, hi]``, computed exactly as fake_quantize does."""
     qp = compute_qparams(lo, hi, fmt, scale_dtype=scale_dtype)
@@ -103,7 +103,7 @@ class _BestRange:
     """The best grid index found so far for each row of a chunk, and the range it gives."""
 
     def __init__(
-        self, chunk: Tensor, factors: Tensor, fmt: Format, norm: float, scale_dtype: torch.dtype | None = None
+        self, chunk: Tensor, factors: Tensor, fmt: Format, norm: float, scale_dtype: ScaleDtype = None
     ) -> None:
         """Start from no candidate (infinite error) for every row of ``chunk``."""
         self.chunk, self.factors, self.fmt, self.norm = chunk, factors.to(chunk.device), fmt, norm
@@ -135,7 +135,7 @@ def mse_range(
     max_shrink: float = 0.8,
     norm: float = 2.4,
     stride: int = 5,
-    scale_dtype: torch.dtype | None = None,
+    scale_dtype: ScaleDtype = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-granule range ``alpha * (min, max)`` whose fake-quantization error ``sum |x - fq(x)|^norm`` is smallest.
 
@@ -176,7 +176,7 @@ def mse_range(
 
 
 def observe_range(
-    x: Tensor, gran: Granularity, fmt: Format, observer: str, scale_dtype: torch.dtype | None = None, **kw: Any
+    x: Tensor, gran: Granularity, fmt: Format, observer: str, scale_dtype: ScaleDtype = None, **kw: Any
 ) -> tuple[Tensor, Tensor]:
     """Dispatch to the observer named ``observer`` ("minmax", "percentile" or "mse") with its options ``kw``.
 

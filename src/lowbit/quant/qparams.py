@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import torch
 from torch import Tensor
@@ -87,22 +87,76 @@ def _check_clip_ratio(clip_ratio: float) -> None:
         raise ValueError(f"clip_ratio must be a finite number > 0 (1.0 = no clipping), got {clip_ratio}")
 
 
-def round_scale(scale: Tensor, dtype: torch.dtype | None) -> Tensor:
+@dataclass(frozen=True, eq=False)
+class RelativeScale:
+    """Scales stored in a small float ``dtype`` as multiples of one float32 ``unit`` per tensor: NVFP4's FP8 E4M3
+    block scales under a per-tensor scale. A scale ``s`` is stored as ``round_up(s / unit)`` in ``dtype``."""
+
+    dtype: torch.dtype
+    unit: Tensor
+
+
+ScaleDtype: TypeAlias = torch.dtype | RelativeScale | None
+"""How scales are stored: None (float32, unrounded), a float dtype (float16, bfloat16, ``float8_e8m0fnu`` for MX's
+power-of-two scales), a dtype of :data:`RELATIVE_DTYPES` (its unit taken from the scales rounded together), or a
+:class:`RelativeScale` with its unit fixed beforehand (:func:`bind_scale_unit`)."""
+
+RELATIVE_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn,)
+
+
+def _next_up(stored: Tensor, info: torch.finfo) -> Tensor:
+    """The next value of ``info``'s float grid above each (positive, on-grid) value of ``stored``; saturates at max.
+    Used where ``torch.nextafter`` has no kernel (8-bit floats)."""
+    binade = torch.exp2(torch.floor(torch.log2(stored.clamp(min=info.smallest_normal))))
+    return (stored + binade * info.eps).clamp(max=info.max)
+
+
+def _round_up_to(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``scale`` rounded up onto ``dtype``'s positive finite values, as float32, gradient straight through."""
+    info = torch.finfo(dtype)
+    wanted = scale.clamp(min=info.tiny * info.eps, max=info.max)
+    stored = wanted.detach().to(dtype)
+    below = stored.to(torch.float32) < wanted
+    if dtype.itemsize == 1:
+        up = _next_up(stored.to(torch.float32), info)
+    else:
+        up = torch.nextafter(stored, stored.new_tensor(info.max))
+    stored = torch.where(below, up.to(stored.dtype), stored).to(torch.float32)
+    return wanted + (stored - wanted).detach()  # exact: stored is within a factor 2 of wanted (Sterbenz)
+
+
+def round_scale(scale: Tensor, dtype: ScaleDtype) -> Tensor:
     """``scale`` rounded *up* to the float ``dtype`` it will be stored in, as float32 (None: unchanged).
 
     Up, not to nearest, so that the stored scale's grid still spans the whole range: with 255 levels a scale
     rounded down by float16's relative 2^-11 would cut 12% of a step off the top of the range. Clamped first to
     ``dtype``'s positive finite values, so a tiny range never stores a zero scale. The gradient passes straight
-    through (the rounding is a constant offset).
+    through (the rounding is a constant offset). A relative dtype (:class:`RelativeScale`, or a dtype of
+    :data:`RELATIVE_DTYPES` whose unit is then ``max(scale) / dtype max``) rounds ``scale / unit`` instead.
     """
     if dtype is None:
         return scale
-    info = torch.finfo(dtype)
-    wanted = scale.clamp(min=info.tiny * info.eps, max=info.max)
-    stored = wanted.detach().to(dtype)
-    below = stored.to(torch.float32) < wanted
-    stored = torch.where(below, torch.nextafter(stored, stored.new_tensor(info.max)), stored).to(torch.float32)
-    return wanted + (stored - wanted).detach()  # exact: stored is within a factor 2 of wanted (Sterbenz)
+    if isinstance(dtype, RelativeScale) or dtype in RELATIVE_DTYPES:
+        base = dtype.dtype if isinstance(dtype, RelativeScale) else dtype
+        unit = dtype.unit if isinstance(dtype, RelativeScale) else _unit(scale, base)
+        stored = _round_up_to(scale.detach() / unit, base) * unit
+        return scale + (stored - scale).detach()
+    return _round_up_to(scale, dtype)
+
+
+def _unit(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """The per-tensor unit that puts the largest of ``scale`` at ``dtype``'s largest value."""
+    return (scale.detach().abs().amax().to(torch.float32) / torch.finfo(dtype).max).clamp(min=DEFAULT_EPS)
+
+
+def bind_scale_unit(dtype: ScaleDtype, x: Tensor, fmt: Format) -> ScaleDtype:
+    """``dtype`` with its per-tensor unit fixed from the whole of ``x`` when it is relative (else unchanged): for
+    code that rounds the scales of one tensor in pieces (GPTQ's column groups, the MSE search's rows), so that all
+    pieces share the unit a single rounding of the whole tensor would use."""
+    if dtype is None or isinstance(dtype, RelativeScale) or dtype not in RELATIVE_DTYPES:
+        return dtype
+    whole = compute_qparams(x.detach().amin(), x.detach().amax(), fmt).scale
+    return RelativeScale(dtype, _unit(whole, dtype))
 
 
 def round_minimum(minimum: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -124,7 +178,7 @@ def _check_offset(offset: str) -> None:
 
 
 def _float_offset_qparams(
-    lo: Tensor, hi: Tensor, fmt: IntFormat, clip_ratio: float, eps: float, scale_dtype: torch.dtype | None
+    lo: Tensor, hi: Tensor, fmt: IntFormat, clip_ratio: float, eps: float, scale_dtype: ScaleDtype
 ) -> QParams:
     """Asymmetric qparams with a float minimum: the exact range ``[lo, hi]``, shrunk by ``clip_ratio`` about its
     centre, ``m = lo`` and ``s = (hi - m) / (qmax - qmin)``.
@@ -139,7 +193,7 @@ def _float_offset_qparams(
 
 
 def _full_range_qparams(
-    lo: Tensor, hi: Tensor, fmt: IntFormat, clip_ratio: float, eps: float, scale_dtype: torch.dtype | None
+    lo: Tensor, hi: Tensor, fmt: IntFormat, clip_ratio: float, eps: float, scale_dtype: ScaleDtype
 ) -> QParams:
     """Signed scale of a full-range symmetric grid: ``s = clip * v / qmin``, ``v`` the signed value of largest
     magnitude (the positive one on a tie), so ``v`` maps onto code ``qmin`` exactly (llama.cpp's Q4_0,
@@ -159,7 +213,7 @@ def compute_qparams(
     fmt: Format,
     clip_ratio: float = 1.0,
     eps: float = DEFAULT_EPS,
-    scale_dtype: torch.dtype | None = None,
+    scale_dtype: ScaleDtype = None,
     offset: Offset = "int",
 ) -> QParams:
     """Map a per-granule range ``[xmin, xmax]`` to a scale (and offset), computed in float32.

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import CalibrationError, ModelError, NoKernelError
+from ..errors import ArtifactError, CalibrationError, ModelError, NoKernelError
 from ..quant import FloatFormat, IntFormat, QParams, dequantize, quantize
 from ..quant.integer import (
     act_qparams,
@@ -549,6 +549,9 @@ def weight_state(layer: nn.Module) -> dict[str, Tensor]:
     """The persistent tensors of a fake-quant module's quantized weight (:func:`weight_buffers`: codes, scale, zero
     point), from a :class:`QuantLinear` or a :class:`~lowbit.surgery.embedding.QuantEmbedding`."""
     scheme, fmt = layer.weight_scheme, layer.weight_scheme.number_format()
+    if isinstance(fmt, FloatFormat) and scheme.format not in FP8_DTYPES:
+        raise ArtifactError(f"{layer.extra_repr()}: {scheme.format} weights have no saved form yet (lowbit saves "
+                            "int2-int8 codes and fp8): keep the fake-quant model, or quantize with int4 weights")
     codes, out = _weight_codes(layer), {}
     if isinstance(fmt, FloatFormat):
         out["weight"] = codes.to(FP8_DTYPES[scheme.format])

@@ -9,6 +9,7 @@ from torch import nn
 from ..quant import (
     IntFormat,
     QParams,
+    bind_scale_unit,
     compute_qparams,
     dequantize,
     fake_quantize,
@@ -163,7 +164,7 @@ def round_to_nearest(weight: torch.Tensor, scheme: QuantScheme) -> tuple[torch.T
     quantization parameters."""
     fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
     w = weight.detach().float()
-    xmin, xmax = observe_range(w, gran, fmt, scheme.observer, scale_dtype=scheme.scale_torch_dtype,
-                               **observer_kwargs(scheme))
-    qp = compute_qparams(xmin, xmax, fmt, clip_ratio=scheme.clip_ratio, scale_dtype=scheme.scale_torch_dtype)
+    scale_dtype = bind_scale_unit(scheme.scale_torch_dtype, w, fmt)
+    xmin, xmax = observe_range(w, gran, fmt, scheme.observer, scale_dtype=scale_dtype, **observer_kwargs(scheme))
+    qp = compute_qparams(xmin, xmax, fmt, clip_ratio=scheme.clip_ratio, scale_dtype=scale_dtype)
     return dequantize(quantize(w, qp, fmt, gran), qp, fmt, gran, w.shape), qp

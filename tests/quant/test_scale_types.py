@@ -1,0 +1,117 @@
+"""MX and NVFP4 scale types: power-of-two (E8M0) scales, and FP8 E4M3 scales under one float32 scale per tensor.
+
+Each stored scale is the smallest value of its type at or above the wanted one; GPTQ and the MSE search, which round
+a tensor's scales in pieces, share the whole tensor's unit; bits count 8 per block scale."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.bits import activation_bits, weight_bits
+from lowbit.errors import RecipeError
+from lowbit.gptq import gptq_quantize
+from lowbit.models.arch import spec_for
+from lowbit.quant import FP4_E2M1, PerGroup, RelativeScale, bind_scale_unit, round_scale
+from lowbit.recipe import Recipe
+from tests.conftest import tiny_model
+
+E8M0, E4M3 = torch.float8_e8m0fnu, torch.float8_e4m3fn
+
+
+def _on(values: torch.Tensor, dtype: torch.dtype) -> bool:
+    return torch.equal(values.to(dtype).to(torch.float32), values)
+
+
+def _wanted() -> torch.Tensor:
+    return torch.rand(4000, generator=torch.Generator().manual_seed(0)).mul(8).sub(6).exp2()  # 2^-6 .. 2^2
+
+
+def test_e8m0_scales_are_the_smallest_power_of_two_at_or_above():
+    wanted = _wanted()
+    stored = round_scale(wanted, E8M0)
+    assert torch.equal(stored, torch.exp2(torch.ceil(torch.log2(wanted))))
+
+
+def test_e4m3_scales_are_the_smallest_e4m3_multiple_of_the_tensor_unit_at_or_above():
+    wanted = _wanted()
+    stored = round_scale(wanted, E4M3)
+    unit = wanted.max() / 448
+    ratio = stored / unit
+    assert torch.allclose(ratio, ratio.to(E4M3).float(), rtol=1e-6)  # on the E4M3 grid (float32 products)
+    assert (stored >= wanted * (1 - 1e-6)).all()
+    below = (ratio.to(E4M3).float() - torch.where(ratio > 2**-6, torch.exp2(torch.floor(torch.log2(ratio)) - 3), 2**-9))
+    assert (below * unit < wanted).all()  # the E4M3 value below is too small: the smallest one was taken
+    assert ratio.max() == pytest.approx(448.0)
+
+
+def test_scale_gradient_passes_straight_through():
+    for dtype in (E8M0, E4M3):
+        s = _wanted()[:10].requires_grad_()
+        round_scale(s, dtype).sum().backward()
+        assert torch.equal(s.grad, torch.ones(10))
+
+
+def test_bound_unit_is_the_whole_tensors():
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    bound = bind_scale_unit(E4M3, w, FP4_E2M1)
+    assert isinstance(bound, RelativeScale)
+    assert bound.unit.item() == pytest.approx(w.abs().max().item() / 6 / 448)
+    assert bind_scale_unit(E8M0, w, FP4_E2M1) is E8M0 and bind_scale_unit(None, w, FP4_E2M1) is None
+
+
+@pytest.mark.parametrize("dtype", [E8M0, E4M3])
+def test_gptq_scales_lie_on_the_scale_grid_with_one_unit(dtype):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(24, 64, generator=g)
+    w[3, 5] = 9.0  # one large weight: its block sets the tensor's unit
+    x = torch.randn(256, 64, generator=g)
+    result = gptq_quantize(w, x.T @ x, FP4_E2M1, PerGroup(16), scale_dtype=dtype)
+    scale = result.scale.reshape(-1)
+    if dtype is E8M0:
+        assert _on(scale, E8M0)
+    else:
+        unit = w.abs().max() / 6 / 448  # from the whole weight, though GPTQ fits 16 columns at a time
+        assert torch.allclose(scale / unit, (scale / unit).to(E4M3).float(), rtol=1e-6)
+        assert (scale / unit).max() == pytest.approx(448.0, rel=1e-6)
+    codes = result.weight.reshape(24, 4, 16) / result.scale.reshape(24, 4, 1)
+    grid = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    assert torch.isclose(codes.abs().unsqueeze(-1), grid, atol=1e-5).any(-1).all()
+
+
+def _fp4_recipe(group: int, scale_dtype: str) -> Recipe:
+    scheme = {"format": "fp4_e2m1", "granularity": "group", "group_size": group, "scale_dtype": scale_dtype}
+    return Recipe.from_dict({"steps": [{"method": "rtn"}], "weights": scheme, "activations": {**scheme, "dynamic": True}})
+
+
+@pytest.mark.parametrize(("group", "scale_dtype", "bits"), [(32, "e8m0", 4.25), (16, "float8_e4m3", 4.5)])
+def test_mxfp4_and_nvfp4_models_run_and_count_their_block_scales(tokens, group, scale_dtype, bits):
+    model = tiny_model("llama")
+    qmodel = lowbit.quantize(model, _fp4_recipe(group, scale_dtype))
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(tokens).logits).all()
+    spec = spec_for(qmodel)
+    linears = [m for m in qmodel.model.layers.modules() if hasattr(m, "weight_scheme")]
+    tensor_scales = 32 * len(linears) if scale_dtype == "float8_e4m3" else 0
+    numel = sum(m.weight.numel() for m in linears)
+    assert weight_bits(qmodel, spec)["weight"] == pytest.approx(bits + tensor_scales / numel)
+    assert activation_bits(qmodel, spec) == pytest.approx(bits)
+
+
+def test_block_scale_types_are_for_symmetric_formats():
+    with pytest.raises(RecipeError, match="scale_dtype 'e8m0' is for symmetric formats"):
+        Recipe.from_dict({"weights": {"format": "int4", "symmetric": False, "scale_dtype": "e8m0"}})
+
+
+def test_fp4_weights_are_refused_by_save_before_any_work(tmp_path, monkeypatch):
+    """fp4 codes have no file layout yet: `run(..., save_path=...)` refuses before loading anything, and
+    `lowbit.save` of such a model raises the same one-line error and leaves no folder."""
+    import lowbit.pipeline as pipeline
+    from lowbit.errors import ArtifactError
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    with pytest.raises(ArtifactError, match="fp4_e2m1 weights have no saved form yet"):
+        pipeline.run("default", _fp4_recipe(32, "e8m0"), save_path=tmp_path / "out")
+    qmodel = lowbit.quantize(tiny_model("llama"), _fp4_recipe(32, "e8m0"))
+    with pytest.raises(ArtifactError, match="fp4_e2m1 weights have no saved form yet"):
+        lowbit.save(qmodel, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
