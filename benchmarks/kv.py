@@ -36,6 +36,7 @@ from harness import (
     Results,
     add_flags,
     check_labels,
+    command_line,
     markdown_table,
     model_file_name,
     run_meta,
@@ -116,7 +117,7 @@ def measure_presets(args: argparse.Namespace) -> None:
     if todo:
         bench = bench_for(args)
         results.check_setup(bench.setup())
-        results.meta.update(run_meta(f"{COMMAND} --presets --model {args.model}", bench))
+        results.meta.update(run_meta(command_line(f"{COMMAND} --presets", args), bench))
         for preset in todo:
             row = bench.measure(preset)
             results.put(preset, {k: row[k] for k in ("ratio", "kl", "top1", "bits_kv", "eval_s", "recipe_config")})
