@@ -56,12 +56,14 @@ def apply_recipe(model: nn.Module, session: Session) -> None:
     recipe, start = session.recipe, time.perf_counter()
     check_calibration(session)
     calibration = session.calibration.default if session.calibration is not None else None
+    training = [step for step in recipe.steps if step.phase == "train"]
+    if training:
+        session.teacher = _teacher(model)
     if recipe.weights is not None or recipe.activations is not None:
         swap_linears(model, session.spec, recipe.targets)
     for step in recipe.steps:
-        result = method_for(step).apply(model, step, session)
-        if result is not None:
-            session.results.append(result)
+        if step.phase != "train":
+            _run(model, step, session)
     if recipe.embeddings is not None:
         quantize_embeddings(model, session.spec, recipe.embeddings)
     if recipe.activations is not None:
@@ -82,6 +84,28 @@ def apply_recipe(model: nn.Module, session: Session) -> None:
         start = time.perf_counter()
         calibrate(model, session.calibration.default(), session.progress)
         session.seconds["calibrate"] += time.perf_counter() - start
+    start = time.perf_counter()
+    for step in training:  # on the finished quantized model: every quantizer attached and calibrated
+        _run(model, step, session)
+    session.teacher = None
+    session.seconds["train"] += time.perf_counter() - start
+
+
+def _run(model: nn.Module, step, session: Session) -> None:
+    """Apply one step through the method registry and keep its result."""
+    result = method_for(step).apply(model, step, session)
+    if result is not None:
+        session.results.append(result)
+
+
+def _teacher(model: nn.Module) -> nn.Module:
+    """A frozen full-precision copy of ``model`` for the training steps to learn from."""
+    if is_offloaded(model):
+        raise ModelError("a train step (qat) needs the full-precision model beside the quantized one, and this model "
+                         "is offloaded: load it in memory, or drop the qat step")
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def quantize_with_session(

@@ -20,8 +20,8 @@ from ..schemes import StrictConfig
 if TYPE_CHECKING:
     from .session import Session
 
-Phase = Literal["rotation", "balance", "prefix", "weights"]
-PHASES: tuple[Phase, ...] = ("rotation", "balance", "prefix", "weights")  # the order steps of different phases run in
+Phase = Literal["rotation", "balance", "prefix", "weights", "train"]
+PHASES: tuple[Phase, ...] = ("rotation", "balance", "prefix", "weights", "train")  # the order steps of phases run in
 
 
 class StepConfig(StrictConfig):
@@ -29,7 +29,9 @@ class StepConfig(StrictConfig):
 
     ``phase``: ``rotation`` steps change the basis (before anything is quantized), ``balance`` steps rescale what the
     KV quantizer sees (exactly, in the weights), ``prefix`` steps fix the tokens
-    every sequence starts from, ``weights`` steps quantize the weights with the recipe's weight scheme (and need one).
+    every sequence starts from, ``weights`` steps quantize the weights with the recipe's weight scheme (and need one),
+    ``train`` steps train the finished quantized model (every quantizer attached and calibrated) against the
+    full-precision one (``Session.teacher``).
     """
 
     phase: ClassVar[Phase]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+from torch import nn
 
 from ..errors import CalibrationError
 from ..models.arch import ArchSpec
@@ -51,8 +52,9 @@ class Session:
     progress: Progress | None = None
     prefix: Prefix | None = None
     clip_ratios: dict[str, float] = field(default_factory=dict)
+    teacher: nn.Module | None = None  # the full-precision model, kept for ``train`` steps
     results: list[MethodResult] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=lambda: {"quantize": 0.0, "calibrate": 0.0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"quantize": 0.0, "calibrate": 0.0, "train": 0.0})
 
     def calibration_text(self, what: str) -> Calibration:
         """The calibration text, or a clear error naming ``what`` needs it."""

@@ -46,9 +46,11 @@ def warmup_cosine(step: int, steps: int) -> float:
     return cosine(step, steps, warmup=max(1, round(WARMUP * steps)))
 
 
-def _trainable(layer: nn.Module) -> tuple[list[QuantLinear], list[ActQuantizer]]:
-    linears = [m for m in layer.modules() if isinstance(m, QuantLinear) and m.weight_scheme is not None]
-    quants = [m for m in layer.modules() if isinstance(m, ActQuantizer) and m.static and m.calibrated and m.enabled]
+def trainable(module: nn.Module) -> tuple[list[QuantLinear], list[ActQuantizer]]:
+    """What quantization-aware training can train inside ``module``: the quantized linears (latent weights and weight
+    scales) and the calibrated static activation/KV quantizers (scales); dynamic quantizers have no scale to learn."""
+    linears = [m for m in module.modules() if isinstance(m, QuantLinear) and m.weight_scheme is not None]
+    quants = [m for m in module.modules() if isinstance(m, ActQuantizer) and m.static and m.calibrated and m.enabled]
     return linears, quants
 
 
@@ -67,12 +69,12 @@ def finetune_layer(
     sees each step's loss. ``latent``: the float weights before rounding, where known (RTN), to train from instead
     of the rounded ones.
     """
-    linears, quants = _trainable(layer)
+    linears, quants = trainable(layer)
     if not linears and not quants or config.epochs == 0:
         return []
     frozen = {p: p.requires_grad for p in layer.parameters()}
     layer.requires_grad_(False)
-    groups, scales = _learn(linears, quants, config, latent)
+    groups, scales = learn(linears, quants, config.lr_weight, config.lr_scale, latent)
     order = _batches(len(inputs), config)
 
     def loss_at(step: int) -> Tensor:
@@ -80,15 +82,15 @@ def finetune_layer(
         return (forward(inputs[batch]).float() - targets[batch].float()).square().mean()
 
     trainer = Trainer([torch.optim.AdamW(groups, weight_decay=0.0)], len(order), warmup_cosine,
-                      after_step=partial(_keep_positive, scales))
+                      after_step=partial(keep_positive, scales))
     try:
         losses = trainer.run(loss_at, on_step=None if on_step is None else lambda _, seen: on_step(seen[-1]))
     finally:
-        _freeze(linears, quants, frozen)
+        freeze(linears, quants, frozen)
     return _epoch_means(losses, order, len(inputs), config.epochs)
 
 
-def _freeze(linears: list[QuantLinear], quants: list[ActQuantizer], frozen: dict[nn.Parameter, bool]) -> None:
+def freeze(linears: list[QuantLinear], quants: list[ActQuantizer], frozen: dict[nn.Parameter, bool]) -> None:
     """Round the weights with their learned scales, fix every scale, and give the layer back its gradient flags."""
     for linear in linears:
         linear.freeze_weight()
@@ -98,19 +100,24 @@ def _freeze(linears: list[QuantLinear], quants: list[ActQuantizer], frozen: dict
         p.requires_grad_(flag)
 
 
-def _learn(linears: list[QuantLinear], quants: list[ActQuantizer], config: FinetuneConfig,
-           latent: dict[QuantLinear, Tensor] | None) -> tuple[list[dict], list[Tensor]]:
-    """Make the weights and scales trainable; returns AdamW's parameter groups (each with its scale-free learning
-    rate) and the scales."""
+def learn(linears: list[QuantLinear], quants: list[ActQuantizer], lr_weight: float, lr_scale: float,
+          latent: dict[QuantLinear, Tensor] | None = None, weights: bool = True) -> tuple[list[dict], list[Tensor]]:
+    """Make the weights (unless ``weights`` is false) and scales trainable; returns AdamW's parameter groups (each
+    with its scale-free learning rate: ``lr_weight`` in quantization steps, ``lr_scale`` relative to the scale) and
+    the scales."""
     groups, scales = [], []
     for linear in linears:
         w, s = linear.learn_weight(None if latent is None else latent.get(linear))
         step = float(s.detach().abs().mean())
-        groups += [{"params": [w], "lr": config.lr_weight * step}, {"params": [s], "lr": config.lr_scale * step}]
+        if weights:
+            groups.append({"params": [w], "lr": lr_weight * step})
+        else:
+            w.requires_grad_(False)
+        groups.append({"params": [s], "lr": lr_scale * step})
         scales.append(s)
     for q in quants:
         s = q.learn_scale()
-        groups.append({"params": [s], "lr": config.lr_scale * float(s.detach().abs().mean())})
+        groups.append({"params": [s], "lr": lr_scale * float(s.detach().abs().mean())})
         scales.append(s)
     return groups, scales
 
@@ -122,7 +129,7 @@ def _batches(n: int, config: FinetuneConfig) -> list[Tensor]:
 
 
 @torch.no_grad()
-def _keep_positive(scales: list[Tensor]) -> None:
+def keep_positive(scales: list[Tensor]) -> None:
     """Clamp every trained scale to stay positive after a step."""
     for s in scales:
         s.clamp_(min=1e-8)

@@ -1,0 +1,117 @@
+"""End-to-end quantization-aware training: the whole quantized model distilled from the full-precision one.
+
+The student is the finished fake-quantized model: rounding is straight-through and scales get the LSQ gradient, so
+the weights, activations and KV cache it is trained through are the ones it will run with. The loss is the KL
+divergence of the student's next-token distribution from the teacher's (LLM-QAT's logit distillation), averaged
+over tokens. What trains (:data:`TRAINED`):
+
+* ``scales``: every weight scale and every static activation/KV scale (EfficientQAT's end-to-end phase);
+* ``scales_norms``: those and the norm weights (a learned per-channel input scale of each linear they feed);
+* ``weights``: those, the norms and the latent weights themselves (full QAT).
+
+AdamW without weight decay, warmup then cosine decay (the shared loop of :mod:`.train`); learning rates are
+scale-free as in :mod:`.block_finetune`. At the end every weight is rounded with its learned scale and every scale
+frozen: the result is the same kind of quantized model a weight step leaves, ready to evaluate, save and run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .block_finetune import freeze, keep_positive, learn, trainable, warmup_cosine
+from .train import Trainer
+
+Trained = Literal["scales", "scales_norms", "weights"]
+TRAINED: tuple[str, ...] = ("scales", "scales_norms", "weights")
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """Steps, batch (sequences per step), what trains and its learning rates (see the module docstring)."""
+
+    steps: int
+    batch: int = 1
+    train: Trained = "weights"
+    lr_weight: float = 0.02
+    lr_scale: float = 0.005
+    lr_norm: float = 1e-4
+    seed: int = 0
+
+
+def kl_from_teacher(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Mean over tokens of ``KL(teacher || student)`` of the next-token distributions, computed in float32."""
+    s = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
+    t = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def norm_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The scale vectors of the model's normalisation layers (RMSNorm / LayerNorm weights)."""
+    return [m.weight for m in model.modules() if "Norm" in type(m).__name__ and isinstance(m.weight, nn.Parameter)]
+
+
+def distill(student: nn.Module, teacher: nn.Module, batches: Tensor, config: QATConfig,
+            progress: Callable[[str, int], Callable[..., None]] | None = None) -> list[float]:
+    """Train ``student`` towards ``teacher`` on token ``batches`` ``[n, L]`` for ``config.steps`` steps (the samples
+    cycled in a seeded order, ``config.batch`` per step); returns every step's loss. The student ends frozen."""
+    linears, quants = trainable(student)
+    if not linears and not quants:
+        raise ValueError("quantization-aware training needs quantized weights or static scales to train")
+    frozen = {p: p.requires_grad for p in student.parameters()}
+    student.requires_grad_(False)
+    groups, scales = learn(linears, quants, config.lr_weight, config.lr_scale, weights=config.train == "weights")
+    norms = norm_weights(student) if config.train != "scales" else []
+    for w in norms:
+        w.requires_grad_(True)
+    if norms:
+        groups.append({"params": norms, "lr": config.lr_norm})
+    order = _order(len(batches), config)
+
+    def loss_at(step: int) -> Tensor:
+        tokens = batches[order[step]]
+        with torch.no_grad():
+            target = teacher(tokens, use_cache=False).logits
+        return kl_from_teacher(student(tokens, use_cache=False).logits, target)
+
+    trainer = Trainer([torch.optim.AdamW(groups, weight_decay=0.0)], config.steps, warmup_cosine,
+                      after_step=partial(keep_positive, scales))
+    try:
+        return trainer.run(loss_at, progress=progress, label="quantization-aware training")
+    finally:
+        freeze(linears, quants, frozen)
+
+
+def _order(n: int, config: QATConfig) -> list[Tensor]:
+    """Each step's sample indices: seeded shuffles of the ``n`` samples, one after another, ``config.batch`` a step."""
+    generator = torch.Generator().manual_seed(config.seed)
+    order: list[Tensor] = []
+    while len(order) < config.steps:
+        order += list(torch.randperm(n, generator=generator).split(config.batch))
+    return order[: config.steps]
+
+
+@torch.no_grad()
+def self_generated(teacher: nn.Module, samples: int, seq_len: int, seed: int, batch: int = 16) -> Tensor:
+    """``[samples, seq_len]`` token sequences sampled from ``teacher`` itself (LLM-QAT's data-free distillation):
+    each starts from the BOS token (a random token when the model has none) and continues by sampling the teacher's
+    full next-token distribution (temperature 1, no top-k), never stopping early."""
+    config = teacher.config
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, samples, batch):
+            n = min(batch, samples - start)
+            first = (torch.full((n, 1), config.bos_token_id) if config.bos_token_id is not None
+                     else torch.randint(0, config.vocab_size, (n, 1)))
+            new = seq_len - 1
+            out.append(teacher.generate(first, attention_mask=torch.ones_like(first), do_sample=True, top_k=0,
+                                        top_p=1.0, temperature=1.0, max_new_tokens=new, min_new_tokens=new,
+                                        pad_token_id=config.eos_token_id or 0))
+    return torch.cat(out)

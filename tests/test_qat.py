@@ -1,0 +1,129 @@
+"""Quantization-aware training (the qat step): it lowers the KL it trains on, leaves a frozen model on its grid that
+saves and runs like any other, trains only what it is told to, and works without text."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import RecipeError
+from lowbit.recipe import Recipe
+from lowbit.surgery.linear import QuantLinear
+from lowbit.surgery.qat import kl_from_teacher, norm_weights, self_generated
+from lowbit.surgery.quantizer import ActQuantizer
+from tests.conftest import tiny_data, tiny_model
+
+W3A4 = {"weights": {"format": "int3", "granularity": "channel"},
+        "activations": {"format": "int4", "granularity": "token", "dynamic": True},
+        "calibration": {"samples": 4, "seq_len": 32}}
+
+
+def _peaky_model(family: str = "llama"):
+    """A tiny model with larger weights, so that its next-token distributions are sharp and rounding shows."""
+    model = tiny_model(family)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3)
+    return model
+
+
+def _recipe(qat: dict | None, base: dict = W3A4, first: tuple = ({"method": "rtn"},)) -> Recipe:
+    steps = [*first] + ([{"method": "qat", "samples": 8, "seq_len": 48, **qat}] if qat is not None else [])
+    return Recipe.from_dict({"steps": steps, **base})
+
+
+def _kl(student, teacher, tokens) -> float:
+    with torch.no_grad():
+        return kl_from_teacher(student(tokens).logits, teacher(tokens).logits).item()
+
+
+def test_kl_from_teacher_is_zero_for_equal_logits_and_positive_otherwise():
+    logits = torch.randn(2, 5, 11)
+    assert kl_from_teacher(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
+    assert kl_from_teacher(logits + torch.randn(2, 5, 11), logits).item() > 0.01
+
+
+def test_qat_lowers_the_kl_on_its_training_text():
+    model, data = _peaky_model(), tiny_data()
+    batches = data.calibration(8, 48)  # what the step draws: the same seeded calibration sample
+    before = _kl(lowbit.quantize(model, _recipe(None), data), model, batches)
+    qmodel, session = lowbit.quantize_with_session(model, _recipe({"steps": 60}), data)
+    after = _kl(qmodel, model, batches)
+    assert after < 0.8 * before
+    report = session.report()["qat"]
+    assert report["steps"] == 60 and report["kl_last_10"] < report["kl_first_10"]
+
+
+def test_trained_model_is_frozen_on_its_grid_and_saves_and_loads(tmp_path, tokens):
+    model = _peaky_model()
+    qmodel = lowbit.quantize(model, _recipe({"steps": 5}), tiny_data())
+    linears = [m for m in qmodel.modules() if isinstance(m, QuantLinear) and m.weight_scheme is not None]
+    untrained = lowbit.quantize(model, _recipe(None), tiny_data())
+    assert linears and [p.requires_grad for p in qmodel.parameters()] == [p.requires_grad for p in untrained.parameters()]
+    for linear in linears:
+        assert not linear.learning and not isinstance(linear.weight_scale, torch.nn.Parameter)
+        assert torch.equal(linear.quantized_weight(), linear.weight)  # rounding it again changes nothing
+    lowbit.save(qmodel, tmp_path / "qat")
+    loaded = lowbit.load(tmp_path / "qat")
+    with torch.no_grad():
+        assert torch.allclose(loaded(tokens).logits, qmodel(tokens).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize(("train", "norms_move", "codes_move"),
+                         [("scales", False, False), ("scales_norms", True, False), ("weights", True, True)])
+def test_train_chooses_what_moves(train, norms_move, codes_move):
+    model, data = _peaky_model(), tiny_data()
+    start = lowbit.quantize(model, _recipe(None), data)
+    tuned = lowbit.quantize(model, _recipe({"steps": 20, "train": train, "lr_weight": 0.1}), data)
+    moved = [not torch.equal(a, b) for a, b in zip(norm_weights(start), norm_weights(tuned), strict=True)]
+    assert any(moved) == norms_move
+    scales_moved = codes_moved = False
+    for name, a in start.named_modules():
+        if isinstance(a, QuantLinear) and a.weight_scheme is not None:
+            b = tuned.get_submodule(name)
+            scales_moved |= not torch.equal(a.weight_scale, b.weight_scale)
+            # with the latent weight frozen, the new scale alone decides the codes: w_start on b's grid
+            on_b = torch.clamp(torch.round(a.weight / b.weight_scale), -3, 3) * b.weight_scale
+            codes_moved |= not torch.equal(on_b, b.weight)
+    assert scales_moved
+    assert codes_moved == codes_move
+
+
+def test_static_scales_train_and_end_frozen():
+    static = {**W3A4, "activations": {"format": "int4", "granularity": "tensor", "dynamic": False}}
+    model, data = _peaky_model(), tiny_data()
+    start = lowbit.quantize(model, _recipe(None, static), data)
+    tuned = lowbit.quantize(model, _recipe({"steps": 20, "train": "scales"}, static), data)
+    pairs = [(a, tuned.get_submodule(n)) for n, a in start.named_modules() if isinstance(a, ActQuantizer)]
+    assert pairs and any(not torch.equal(a.scale, b.scale) for a, b in pairs)
+    assert not any(isinstance(b.scale, torch.nn.Parameter) for _, b in pairs)
+
+
+def test_self_generated_text_is_the_teachers_own_and_needs_no_data():
+    model = _peaky_model()
+    model.config.bos_token_id = 1
+    a, b = self_generated(model, 5, 12, seed=0, batch=2), self_generated(model, 5, 12, seed=0, batch=2)
+    assert a.shape == (5, 12) and torch.equal(a, b) and (a[:, 0] == 1).all()
+    assert not torch.equal(a, self_generated(model, 5, 12, seed=1, batch=2))
+    qmodel, session = lowbit.quantize_with_session(model, _recipe({"steps": 3, "data": "self"}))  # no data given
+    assert session.report()["qat"]["data"] == "self"
+
+
+@pytest.mark.parametrize("family", ["qwen2-real", "mistral"])
+def test_qat_after_quarot_gptq_and_a_kv_cache(family, tokens):
+    """The full W4A4KV4 pipeline (online R3/R4, KV quantizers with a key centre) trains end to end."""
+    base = {"weights": {"format": "int4", "granularity": "channel"},
+            "activations": {"format": "int4", "granularity": "token", "dynamic": True},
+            "kv": {"format": "int4", "symmetric": False, "granularity": "head", "key_centre": "mean"},
+            "calibration": {"samples": 4, "seq_len": 32}}
+    model = tiny_model(family)
+    qmodel, session = lowbit.quantize_with_session(
+        model, _recipe({"steps": 4}, base, ({"method": "quarot"}, {"method": "gptq"})), tiny_data())
+    assert len(session.report()["qat"]["losses"]) == 4
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(tokens).logits).all()
+
+
+def test_qat_runs_after_the_weight_step_only():
+    with pytest.raises(RecipeError):
+        Recipe.from_dict({"steps": [{"method": "qat"}, {"method": "rtn"}], **W3A4})
