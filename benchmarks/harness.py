@@ -148,7 +148,7 @@ class Bench:
         return {**row_from_report(report, self.loaded.tokenizer, seconds), **more}
 
 
-SECTIONS = ("rotation", "gptq", "prefix", "blockwise")  # method sections a row keeps from the report, when present
+SECTIONS = ("rotation", "gptq", "prefix", "blockwise", "qat")  # method sections a row keeps from the report, when present
 
 
 def row_from_report(report: dict, tokenizer, quantize_s: float) -> dict:

@@ -1,0 +1,82 @@
+"""Quantization-aware training on top of the W4A4KV4 recipes: what trains, on which text, for how long.
+
+Run:  python benchmarks/qat.py                      (about 25 minutes a row on 2 CPU cores; resumes)
+      python benchmarks/qat.py --rows "w4a4kv4-quarot" "+ qat" --force
+      python benchmarks/qat.py --tables-only
+
+Each row is a PTQ recipe, or the same recipe followed by a `qat` step (lowbit.methods.qat) with one setting changed
+from the step's defaults (200 steps of one 512-token sequence, 64 calibration sequences, weights + scales + norms
+trained, KL from the full-precision model). Evaluation on the usual windows against full precision; the
+calibration text (and so the QAT text) comes from after the evaluation windows. The table goes between the QAT
+markers in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from harness import HERE, Results, add_flags, markdown_table, num, run_labelled, variant, write_block
+
+from lowbit.recipe import Recipe, load_preset
+
+RESULTS = HERE / "results" / "qat.json"
+SPIN_ROTATIONS = HERE / "results" / "w4a4kv4-spinquant-rotations.safetensors"
+
+
+def _with_qat(preset: str, edit: Callable[[dict], None] | None = None, **qat) -> Callable[[], Recipe]:
+    def change(data: dict) -> None:
+        if edit is not None:
+            edit(data)
+        data["steps"] = [*data["steps"], {"method": "qat", **qat}]
+
+    return lambda: variant(preset, change)
+
+
+def _spin_rotations(data: dict) -> None:
+    next(s for s in data["steps"] if s["method"] == "spinquant")["rotations"] = str(SPIN_ROTATIONS)
+
+
+ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
+    ("w4a4kv4-quarot", "the PTQ start: QuaRot + GPTQ", lambda: load_preset("w4a4kv4-quarot")),
+    ("+ qat", "then QAT: weights, scales and norms, 200 steps", _with_qat("w4a4kv4-quarot")),
+    ("+ qat scales", "QAT of the weight scales only", _with_qat("w4a4kv4-quarot", train="scales")),
+    ("+ qat scales_norms", "QAT of the scales and norm weights", _with_qat("w4a4kv4-quarot", train="scales_norms")),
+    ("+ qat self-generated", "QAT on text sampled from the full-precision model",
+     _with_qat("w4a4kv4-quarot", data="self")),
+    ("+ qat 600 steps", "three times longer", _with_qat("w4a4kv4-quarot", steps=600, samples=128)),
+    ("w4a4kv4-spinquant + qat", "learned rotations and clips (saved), GPTQ, then QAT",
+     _with_qat("w4a4kv4-spinquant", _spin_rotations)),
+]
+
+
+def table(results: Results) -> list[str]:
+    m = results.meta
+    lines = [f"Default model and text, {m.get('windows')} windows × {m.get('seq_len')} tokens, {m.get('threads')} CPU "
+             f"threads, {m.get('date')}; `{m.get('command')}`.", ""]
+    header = ["row", "what", "ratio", "KL", "top-1", "QAT KL first 10 -> last 10 steps", "quantize s"]
+    rows = []
+    for label, what, _ in ROWS:
+        r = results.rows.get(label)
+        if r is None:
+            continue
+        qat = r.get("qat")
+        trend = f"{qat['kl_first_10']:.3f} -> {qat['kl_last_10']:.3f}" if qat else "-"
+        rows.append([label, what, num(r["ratio"]), f"{r['kl']:.4f}", f"{r['top1']:.4f}", trend,
+                     f"{r['quantize_s']:.0f}"])
+    return lines + markdown_table(header, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_flags(parser, RESULTS)
+    args = parser.parse_args()
+    results = run_labelled(parser, args, ROWS, "python benchmarks/qat.py")
+    if results.renders:
+        write_block("QAT", table(results))
+    else:
+        print("\n".join(table(results)))
+
+
+if __name__ == "__main__":
+    main()
