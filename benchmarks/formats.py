@@ -1,0 +1,80 @@
+"""4-bit formats side by side: INT4, FP4 E2M1, MXFP4 and NVFP4 for weights and activations, with and without rotation.
+
+Run:  python benchmarks/formats.py              (about 4 minutes a row on 2 CPU cores; resumes)
+      python benchmarks/formats.py --rows "MXFP4 / QuaRot" --force
+      python benchmarks/formats.py --tables-only
+
+Every row is `w4a4-quarot` (GPTQ with the MSE clip search on the weights, activations per token with clip 0.9, KV
+in 16 bits) with the weight and activation format swapped, or the same without the QuaRot step. GPTQ fits each
+format's own grid: its scales are chosen per channel or per block, rounded to the format's scale type (float16 for
+INT4 groups, E8M0 powers of two for MXFP4, E4M3 under a per-tensor scale for NVFP4) before the codes are chosen.
+Bits count every block scale. The table goes between the FORMATS markers in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from harness import HERE, Results, add_flags, markdown_table, num, run_labelled, variant, write_block
+
+from lowbit.recipe import Recipe
+
+RESULTS = HERE / "results" / "formats.json"
+
+# name -> (weight scheme fields, activation scheme fields), on top of w4a4-quarot's schemes
+FORMATS: dict[str, tuple[dict, dict]] = {
+    "INT4": ({}, {}),
+    "FP4 E2M1": ({"format": "fp4_e2m1"}, {"format": "fp4_e2m1"}),
+    "INT4 g32": ({"granularity": "group", "group_size": 32, "scale_dtype": "float16"},
+                 {"granularity": "group", "group_size": 32, "scale_dtype": "float16"}),
+    "MXFP4": ({"format": "fp4_e2m1", "granularity": "group", "group_size": 32, "scale_dtype": "e8m0"},
+              {"format": "fp4_e2m1", "granularity": "group", "group_size": 32, "scale_dtype": "e8m0"}),
+    "INT4 g16": ({"granularity": "group", "group_size": 16, "scale_dtype": "float16"},
+                 {"granularity": "group", "group_size": 16, "scale_dtype": "float16"}),
+    "NVFP4": ({"format": "fp4_e2m1", "granularity": "group", "group_size": 16, "scale_dtype": "float8_e4m3"},
+              {"format": "fp4_e2m1", "granularity": "group", "group_size": 16, "scale_dtype": "float8_e4m3"}),
+}
+
+
+def _recipe(fmt: str, rotated: bool) -> Callable[[], Recipe]:
+    weights, acts = FORMATS[fmt]
+
+    def edit(data: dict) -> None:
+        data["weights"].update(weights)
+        data["activations"].update(acts)
+        if not rotated:
+            data["steps"] = [s for s in data["steps"] if s["method"] != "quarot"]
+
+    return lambda: variant("w4a4-quarot", edit)
+
+
+ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
+    (f"{fmt} / {'QuaRot' if rotated else 'no rotation'}", fmt, _recipe(fmt, rotated))
+    for rotated in (True, False) for fmt in FORMATS
+]
+
+
+def table(results: Results) -> list[str]:
+    m = results.meta
+    lines = [f"Default model and text, `w4a4-quarot` with each format (KV 16 bits), {m.get('windows')} windows × "
+             f"{m.get('seq_len')} tokens, {m.get('threads')} CPU threads, {m.get('date')}; `{m.get('command')}`.", ""]
+    header = ["format / rotation", "bits W / A", "ratio", "KL", "top-1", "quantize s"]
+    rows = [[label, f"{r['bits_w']:.2f} / {r['bits_a']:.2f}", num(r["ratio"]), f"{r['kl']:.4f}", f"{r['top1']:.4f}",
+             f"{r['quantize_s']:.0f}"] for label, _, _ in ROWS if (r := results.rows.get(label)) is not None]
+    return lines + markdown_table(header, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_flags(parser, RESULTS)
+    args = parser.parse_args()
+    results = run_labelled(parser, args, ROWS, "python benchmarks/formats.py")
+    if results.renders:
+        write_block("FORMATS", table(results))
+    else:
+        print("\n".join(table(results)))
+
+
+if __name__ == "__main__":
+    main()
