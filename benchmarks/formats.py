@@ -13,10 +13,9 @@ Bits count every block scale. The table goes between the FORMATS markers in benc
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
-from harness import HERE, Results, add_flags, markdown_table, num, run_labelled, variant, write_block
+from harness import HERE, Results, labelled_script, markdown_table, num, variant
 
 from lowbit.recipe import Recipe
 
@@ -66,14 +65,7 @@ def table(results: Results) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_flags(parser, RESULTS)
-    args = parser.parse_args()
-    results = run_labelled(parser, args, ROWS, "python benchmarks/formats.py")
-    if results.renders:
-        write_block("FORMATS", table(results))
-    else:
-        print("\n".join(table(results)))
+    labelled_script(__doc__, RESULTS, ROWS, "FORMATS", table)
 
 
 if __name__ == "__main__":

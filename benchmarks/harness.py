@@ -21,6 +21,7 @@ import argparse
 import json
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -259,9 +260,11 @@ def command_line(command: str, args: argparse.Namespace, parser: argparse.Argume
     return " ".join([command, *extra])
 
 
-def run_labelled(parser: argparse.ArgumentParser, args: argparse.Namespace, rows: list, command: str) -> Results:
+def run_labelled(parser: argparse.ArgumentParser, args: argparse.Namespace, rows: list, command: str,
+                 measure: Callable[[Bench, str, Recipe], dict] | None = None) -> Results:
     """Measure the ``(label, what, recipe factory)`` rows that ``--rows`` names (default: all) and that are not saved
-    yet (all of them with ``--force``), saving ``--results`` after every row; returns the results for the table."""
+    yet (all of them with ``--force``), saving ``--results`` after every row; returns the results for the table.
+    ``measure(bench, label, recipe)`` makes a row (default: ``bench.measure(recipe)``)."""
     results = Results(*results_paths(args, parser.get_default("results")))
     todo = results.todo(check_labels(parser, args.rows, [label for label, _, _ in rows]), args.force)
     if todo and not args.tables_only:
@@ -269,8 +272,24 @@ def run_labelled(parser: argparse.ArgumentParser, args: argparse.Namespace, rows
         bench = Bench.load(args.model, data_config(args))
         results.check_setup(bench.setup())
         results.meta.update(run_meta(command_line(command, args), bench))
-        measure_rows(results, todo, lambda label: bench.measure(factories[label]()))
+        make = measure or (lambda b, _, recipe: b.measure(recipe))
+        measure_rows(results, todo, lambda label: make(bench, label, factories[label]()))
     return results
+
+
+def labelled_script(doc: str, canonical: Path, rows: list, marker: str, table: Callable[[Results], list[str]],
+                    measure: Callable[[Bench, str, Recipe], dict] | None = None) -> None:
+    """The whole command line of a script of labelled recipe rows: the standard flags, :func:`run_labelled`, then
+    ``table(results)`` into the README block ``marker`` (or printed, for a results file of its own)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_flags(parser, canonical)
+    args = parser.parse_args()
+    results = run_labelled(parser, args, rows, f"python benchmarks/{Path(sys.argv[0]).name}", measure)
+    lines = table(results)
+    if results.renders:
+        write_block(marker, lines)
+    else:
+        print("\n".join(lines))
 
 
 # --- command line -------------------------------------------------------------------------------------------------

@@ -20,26 +20,11 @@ The table goes between the ROTATIONKINDS markers in benchmarks/README.md.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
 import torch
-from harness import (
-    HERE,
-    Bench,
-    Results,
-    add_flags,
-    check_labels,
-    command_line,
-    data_config,
-    markdown_table,
-    num,
-    results_paths,
-    run_meta,
-    variant,
-    write_block,
-)
+from harness import HERE, Bench, Results, labelled_script, markdown_table, num, variant
 
 import lowbit
 from lowbit.analysis.flatness import linear_input_flatness
@@ -103,8 +88,7 @@ def _rotated_fp(bench: Bench, recipe: Recipe) -> dict:
             "flatness": flat}
 
 
-def measure(bench: Bench, label: str, factory: Callable[[], Recipe]) -> dict:
-    recipe = factory()
+def measure(bench: Bench, label: str, recipe: Recipe) -> dict:
     start = time.perf_counter()
     row = {"what": dict((label_, what) for label_, what, _ in ROWS)[label], **_rotated_fp(bench, recipe)}
     row["fp_s"] = time.perf_counter() - start
@@ -117,7 +101,8 @@ def table(results: Results) -> list[str]:
     lines = [f"Default model and text, `w4a4kv4-quarot` with R1/R2 of each kind (R3/R4: randomized Hadamards), "
              f"{m.get('windows')} windows × {m.get('seq_len')} tokens, {m.get('threads')} CPU threads, "
              f"{m.get('date')}; `{m.get('command')}`. Flatness: mean over tokens and layers of the inputs each "
-             f"weight sees (max/median |x| per token; kurtosis over channels, 3 for a Gaussian).", ""]
+             f"weight sees (max/median |x| per token; kurtosis over channels, 3 for a Gaussian). Invariance KL: float32 "
+             f"sums, a negative rounding residue shown as 0.", ""]
     header = ["R1/R2", "what", "invariance: max logit diff", "invariance: KL", "q_proj in max/med", "q_proj in kurt",
               "o_proj in max/med", "o_proj in kurt", "down_proj in kurt", "W4A4KV4 ratio", "KL", "top-1"]
     rows = []
@@ -126,7 +111,7 @@ def table(results: Results) -> list[str]:
         if r is None:
             continue
         f = r["flatness"]
-        rows.append([label, r["what"], f"{r['max_abs_logit_diff']:.1e}", f"{r['fp_kl']:.1e}",
+        rows.append([label, r["what"], f"{r['max_abs_logit_diff']:.1e}", f"{max(r['fp_kl'], 0.0):.1e}",
                      num(f["q"]["max_over_median"]), num(f["q"]["kurtosis"]), num(f["o"]["max_over_median"]),
                      num(f["o"]["kurtosis"]), num(f["down"]["kurtosis"]), num(r["ratio"]), f"{r['kl']:.4f}",
                      f"{r['top1']:.4f}"])
@@ -134,26 +119,7 @@ def table(results: Results) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_flags(parser, RESULTS)
-    args = parser.parse_args()
-    results = Results(*results_paths(args, RESULTS))
-    todo = results.todo(check_labels(parser, args.rows, [label for label, _, _ in ROWS]), args.force)
-    if todo and not args.tables_only:
-        factories = {label: factory for label, _, factory in ROWS}
-        bench = Bench.load(args.model, data_config(args))
-        results.check_setup(bench.setup())
-        results.meta.update(run_meta(command_line("python benchmarks/rotation_kinds.py", args), bench))
-        for label in todo:
-            row = measure(bench, label, factories[label])
-            results.put(label, row)
-            print(f"{label}: invariance {row['max_abs_logit_diff']:.1e}, W4A4KV4 {row['ratio']:.4f} "
-                  f"(KL {row['kl']:.4f}), quantize {row['quantize_s']:.0f} s", flush=True)
-    lines = table(results)
-    if results.renders:
-        write_block("ROTATIONKINDS", lines)
-    else:
-        print("\n".join(lines))
+    labelled_script(__doc__, RESULTS, ROWS, "ROTATIONKINDS", table, measure)
 
 
 if __name__ == "__main__":
