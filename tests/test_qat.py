@@ -127,3 +127,14 @@ def test_qat_after_quarot_gptq_and_a_kv_cache(family, tokens):
 def test_qat_runs_after_the_weight_step_only():
     with pytest.raises(RecipeError):
         Recipe.from_dict({"steps": [{"method": "qat"}, {"method": "rtn"}], **W3A4})
+
+
+@pytest.mark.parametrize(("recipe", "message"), [
+    ({"steps": [{"method": "qat"}], "activations": W3A4["activations"]}, "a qat step trains quantized weights"),
+    ({"steps": [{"method": "rtn"}, {"method": "qat"}],
+      "weights": {"format": "int4", "granularity": "group", "group_size": 32, "int_range": "full"}},
+     "cannot train the signed scales"),
+])
+def test_qat_refuses_what_it_cannot_train(recipe, message):
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_dict(recipe)

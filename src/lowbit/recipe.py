@@ -101,6 +101,7 @@ class Recipe(StrictConfig):
             raise ValueError("kv key_centre needs dynamic kv scales (static ones are fitted without it): "
                              "set dynamic: true or drop key_centre")
         self._check_learned_clips()
+        self._check_training()
         for role, scheme in (("activations", self.activations), ("kv", self.kv)):
             if scheme is not None and not scheme.dynamic and scheme.granularity in ("token", "group"):
                 raise ValueError(
@@ -129,6 +130,20 @@ class Recipe(StrictConfig):
         if not schemes or any(not s.dynamic for s in schemes):
             raise ValueError("spinquant learn: [clips] needs dynamic activations or kv schemes (static scales get "
                              "their clip from calibration and the blockwise search): drop clips or make them dynamic")
+
+    def _check_training(self) -> None:
+        """A train step (qat) needs something quantized to train, and cannot train signed scales (int_range full:
+        its scales are kept positive while they learn)."""
+        if not any(s.phase == "train" for s in self.steps):
+            return
+        if self.weights is None:
+            raise ValueError("a qat step trains quantized weights and their scales: add a weights scheme and a weight "
+                             "step (e.g. {method: rtn})")
+        signed = [role for role in ("weights", "lm_head") if getattr(self, role) is not None
+                  and getattr(self, role).int_range == "full"]
+        if signed:
+            raise ValueError(f"a qat step cannot train the signed scales of int_range 'full' ({', '.join(signed)}): "
+                             "use int_range restricted, or drop the qat step")
 
     def rotations_only(self) -> Recipe:
         """This recipe's rotation steps alone, with no quantization: the rotated full-precision model (learned
