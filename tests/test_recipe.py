@@ -100,11 +100,12 @@ def test_every_registered_method_is_a_recipe_step_with_a_phase():
     from lowbit.methods import PHASES, registered
 
     names = {m.name for m in registered()}
-    assert names == {"rtn", "gptq", "quarot", "spinquant", "qk_balance", "prefix", "blockwise"}
+    assert names == {"rtn", "gptq", "quarot", "spinquant", "qk_balance", "prefix", "blockwise", "qat"}
     for method in registered():
         assert method.config.phase in PHASES
-        step = Recipe.from_dict({"steps": [{"method": method.name}],
-                                 "weights": {"format": "int4"} if method.config.phase == "weights" else None}).steps[0]
+        quantizes = method.config.phase in ("weights", "train")
+        steps = [{"method": "rtn"}] * (method.config.phase == "train") + [{"method": method.name}]
+        step = Recipe.from_dict({"steps": steps, "weights": {"format": "int4"} if quantizes else None}).steps[-1]
         assert type(step) is method.config
     with pytest.raises(RecipeError, match="steps.0"):
         Recipe.from_dict({"steps": [{"method": "awq"}]})
