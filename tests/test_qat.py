@@ -6,7 +6,7 @@ import torch
 
 import lowbit
 from lowbit.errors import RecipeError
-from lowbit.recipe import Recipe
+from lowbit.recipe import Recipe, load_preset
 from lowbit.surgery.linear import QuantLinear
 from lowbit.surgery.qat import kl_from_teacher, norm_weights, self_generated
 from lowbit.surgery.quantizer import ActQuantizer
@@ -138,3 +138,16 @@ def test_qat_runs_after_the_weight_step_only():
 def test_qat_refuses_what_it_cannot_train(recipe, message):
     with pytest.raises(RecipeError, match=message):
         Recipe.from_dict(recipe)
+
+
+def test_qat_after_prefixquant_trains_the_static_scales_behind_the_prefix(tokens):
+    """PrefixQuant's static recipe (prefix, block-wise GPTQ and clip search) then QAT: the student runs after its
+    full-precision prefix, the teacher without one, and the logits line up token for token."""
+    data = load_preset("w4a4kv4-prefix-noft").model_dump()
+    data["steps"] = [{**s, "samples": 4, "seq_len": 32} if s["method"] == "blockwise" else s for s in data["steps"]]
+    data["steps"].append({"method": "qat", "steps": 3, "samples": 4, "seq_len": 32, "train": "scales"})
+    data["calibration"] = {"samples": 4, "seq_len": 32}
+    qmodel, session = lowbit.quantize_with_session(tiny_model("llama"), Recipe.from_dict(data), tiny_data())
+    assert len(session.report()["qat"]["losses"]) == 3 and session.prefix is not None
+    with torch.no_grad():
+        assert qmodel(tokens).logits.shape == (*tokens.shape, 320)
