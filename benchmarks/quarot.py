@@ -86,6 +86,8 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
      lambda: variant("w4a4kv4-quarot", _set("weights.observer", "minmax"))),
     ("calibration 64x512", "twice the preset's calibration tokens",
      lambda: variant("w4a4kv4-quarot", _set("calibration.samples", 64))),
+    ("+ asymmetric GPTQ", "GPTQ fitted to the full-precision outputs on the inputs each layer will see (Qronos/GPTAQ)",
+     lambda: variant("w4a4kv4-quarot", _set("steps.gptq.asymmetric", True))),
 ]
 
 

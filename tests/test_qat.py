@@ -59,7 +59,8 @@ def test_trained_model_is_frozen_on_its_grid_and_saves_and_loads(tmp_path, token
     qmodel = lowbit.quantize(model, _recipe({"steps": 5}), tiny_data())
     linears = [m for m in qmodel.modules() if isinstance(m, QuantLinear) and m.weight_scheme is not None]
     untrained = lowbit.quantize(model, _recipe(None), tiny_data())
-    assert linears and [p.requires_grad for p in qmodel.parameters()] == [p.requires_grad for p in untrained.parameters()]
+    flags = [p.requires_grad for p in qmodel.parameters()]
+    assert linears and flags == [p.requires_grad for p in untrained.parameters()]
     for linear in linears:
         assert not linear.learning and not isinstance(linear.weight_scale, torch.nn.Parameter)
         assert torch.equal(linear.quantized_weight(), linear.weight)  # rounding it again changes nothing

@@ -80,7 +80,8 @@ def test_gptq_scales_lie_on_the_scale_grid_with_one_unit(dtype):
 
 def _fp4_recipe(group: int, scale_dtype: str) -> Recipe:
     scheme = {"format": "fp4_e2m1", "granularity": "group", "group_size": group, "scale_dtype": scale_dtype}
-    return Recipe.from_dict({"steps": [{"method": "rtn"}], "weights": scheme, "activations": {**scheme, "dynamic": True}})
+    return Recipe.from_dict({"steps": [{"method": "rtn"}], "weights": scheme,
+                             "activations": {**scheme, "dynamic": True}})
 
 
 @pytest.mark.parametrize(("group", "scale_dtype", "bits"), [(32, "e8m0", 4.25), (16, "float8_e4m3", 4.5)])

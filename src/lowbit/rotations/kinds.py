@@ -3,7 +3,8 @@
 Every kind is a seeded n×n matrix ``Q`` applied as ``x @ Q`` and folded into the weights (readers ``W @ Q``, writers
 ``Q.T @ W``), which leaves the model's outputs unchanged exactly when ``Q`` is orthogonal:
 
-* ``hadamard``: the randomized Hadamard ``H · diag(±1) / sqrt(n)`` (QuaRot; :func:`~lowbit.rotations.random_hadamard`).
+* ``hadamard``: the randomized Hadamard ``H · diag(±1) / sqrt(n)`` (QuaRot;
+  :func:`~lowbit.rotations.random_hadamard`).
 * ``hadamard_unsigned``: the same Hadamard without the random signs, ``H / sqrt(n)``: whether the signs matter.
 * ``block_hadamard``: randomized Hadamards of order ``block`` (the largest constructible divisor of n up to it) on
   the diagonal: spreads an outlier over one block only, the cheap kind for online use.

@@ -12,12 +12,14 @@ import torch
 from torch import nn
 
 from ..gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from ..input_mismatch import CrossAccumulator, least_squares_target
 from ..models.arch import get_module
 from ..quant import QParams
+from .attach import quantizers_off
 from .linear import QuantLinear
 from .offload import onloaded
 from .quantizer import granularity_for, observer_kwargs
-from .sequential import capture_inputs
+from .sequential import StreamedLayer, capture_inputs
 
 
 def _input_groups(layer: nn.Module, spec) -> list[list[QuantLinear]]:
@@ -51,14 +53,59 @@ def gptq_layer(layer: nn.Module, spec, run, scheme, config: GPTQConfig) -> float
     return loss
 
 
-def _solve_group(group: list[QuantLinear], hessian: torch.Tensor, scheme, fmt, gran, config: GPTQConfig) -> float:
+@torch.no_grad()
+def gptq_layer_asymmetric(current: StreamedLayer, spec, scheme, config: GPTQConfig,
+                          target_damp: float = 0.1) -> float:
+    """GPTQ on one decoder layer against the full-precision outputs (asymmetric calibration,
+    :mod:`lowbit.input_mismatch`).
+
+    ``current.inputs``: the layer's inputs ``[n, T, hidden]`` in the full-precision model and in the model as
+    quantized so far. Batch by batch, each input group's input is captured on both (the full-precision pass with
+    every quantizer of the layer off, the quantized one with its activation quantizers on, as its weights will see
+    them), giving the Hessian ``H`` of the quantized-path inputs and their cross-product ``C`` with the
+    full-precision ones; each group is then solved by GPTQ on the target ``W*`` (ridge ``target_damp``). Returns the
+    summed GPTQ loss (measured against ``W*``)."""
+    layer, (full, quantized) = current.layer, current.inputs
+    fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
+    groups = _input_groups(layer, spec)
+    firsts = {str(i): group[0] for i, group in enumerate(groups)}
+    hessians = {name: HessianAccumulator(m.in_features) for name, m in firsts.items()}
+    crosses = {name: CrossAccumulator(m.in_features) for name, m in firsts.items()}
+    size = current.batch_size
+    for x_full, x_quant in zip(full.split(size), quantized.split(size), strict=True):
+        seen: dict[str, torch.Tensor] = {}
+        with quantizers_off(layer), capture_inputs(firsts, lambda name, x: seen.__setitem__(name, x)):
+            current.chunks(x_full, until=groups[-1][0])
+        with capture_inputs(firsts, lambda name, x: _add_pair(hessians, crosses, firsts, seen, name, x)):
+            current.chunks(x_quant, until=groups[-1][0])
+    loss = 0.0
+    for i, group in enumerate(groups):
+        h = hessians[str(i)].hessian
+        weight = torch.cat([linear.weight.data for linear in group])
+        target = least_squares_target(weight, h, crosses[str(i)].cross, target_damp)
+        loss += _solve_group(group, h, scheme, fmt, gran, config, target)
+    return loss
+
+
+def _add_pair(hessians, crosses, firsts, seen, name: str, x: torch.Tensor) -> None:
+    """Accumulate one group's quantized-path input (through its own activation quantizer) against ``seen[name]``."""
+    quant = firsts[name].input_quant
+    x_quant = quant(x) if quant is not None else x
+    hessians[name].add(x_quant)
+    crosses[name].add(x_quant, seen[name])
+
+
+def _solve_group(group: list[QuantLinear], hessian: torch.Tensor, scheme, fmt, gran, config: GPTQConfig,
+                 target: torch.Tensor | None = None) -> float:
     """GPTQ on linears that share one input Hessian, solved once on their stacked rows; returns the GPTQ loss.
 
     GPTQ treats every output row on its own given ``H`` (its scales are per row or per row-group), so q/k/v or
     gate/up stacked into one matrix give each linear exactly what a separate solve gives, with one column order,
-    one Cholesky factorisation and one column loop for the group instead of one per linear.
+    one Cholesky factorisation and one column loop for the group instead of one per linear. ``target``: the
+    stacked weight to quantize instead of the linears' own (asymmetric calibration).
     """
-    result = gptq_quantize(torch.cat([linear.weight.data for linear in group]), hessian, fmt, gran,
+    weight = torch.cat([linear.weight.data for linear in group]) if target is None else target
+    result = gptq_quantize(weight, hessian, fmt, gran,
                            observer=scheme.observer, clip_ratio=scheme.clip_ratio, config=config,
                            scale_dtype=scheme.scale_torch_dtype, **observer_kwargs(scheme))
     sizes = [linear.out_features for linear in group]
