@@ -149,7 +149,8 @@ class Bench:
         return {**row_from_report(report, self.loaded.tokenizer, seconds), **more}
 
 
-SECTIONS = ("rotation", "gptq", "prefix", "blockwise", "qat")  # method sections a row keeps from the report, when present
+# method sections a row keeps from the report, when present
+SECTIONS = ("rotation", "gptq", "prefix", "blockwise", "qat")
 
 
 def row_from_report(report: dict, tokenizer, quantize_s: float) -> dict:

@@ -101,8 +101,8 @@ def table(results: Results) -> list[str]:
     lines = [f"Default model and text, `w4a4kv4-quarot` with R1/R2 of each kind (R3/R4: randomized Hadamards), "
              f"{m.get('windows')} windows × {m.get('seq_len')} tokens, {m.get('threads')} CPU threads, "
              f"{m.get('date')}; `{m.get('command')}`. Flatness: mean over tokens and layers of the inputs each "
-             f"weight sees (max/median |x| per token; kurtosis over channels, 3 for a Gaussian). Invariance KL: float32 "
-             f"sums, a negative rounding residue shown as 0.", ""]
+             f"weight sees (max/median |x| per token; kurtosis over channels, 3 for a Gaussian). Invariance KL: "
+             f"float32 sums, a negative rounding residue shown as 0.", ""]
     header = ["R1/R2", "what", "invariance: max logit diff", "invariance: KL", "q_proj in max/med", "q_proj in kurt",
               "o_proj in max/med", "o_proj in kurt", "down_proj in kurt", "W4A4KV4 ratio", "KL", "top-1"]
     rows = []
