@@ -53,6 +53,7 @@ PEERS = {"llama.cpp Q8_0": "Q8_0", "llama.cpp Q4_0": "Q4_0", "llama.cpp Q4_1": "
 Q4_0_GRID = load_recipe("gguf-q4_0").weights.model_dump()  # the preset's own Q4_0 scheme, for a Q4_0 table
 LOWBIT = {  # label: (--lowbit name, preset, recipe changes, GGUF type)
     "lowbit Q8_0 (QuaRot R1/R2 + GPTQ)": ("q8_0", "gguf-q8_0", {}, "Q8_0"),
+    "lowbit Q8_0 (GPTQ, no rotation)": ("q8_0-norot", "gguf-q8_0", {"steps": [{"method": "gptq"}]}, "Q8_0"),
     "lowbit Q4_0 (GPTQ, no rotation)": ("q4_0", "gguf-q4_0", {"steps": [{"method": "gptq"}]}, "Q4_0"),
     "lowbit Q4_0 (QuaRot R1/R2 + GPTQ, Q8_0 table)": ("q4_0-quarot-q8table", "gguf-q4_0", {}, "Q4_0"),
     "lowbit Q4_0 (QuaRot R1/R2 + GPTQ, Q4_0 table)": ("q4_0-quarot-q4table", "gguf-q4_0", {"embeddings": Q4_0_GRID},
@@ -205,7 +206,11 @@ def main() -> None:
             files, own = make_files(bench, folder, python, args)
             for label, row in score(files, bench, folder, python, args.threads).items():
                 mine = own.get(label, {})
-                row.update({k: v for k, v in mine.items() if k.startswith("runtime_") or k == "bf16"})
+                runtime = {k: v for k, v in mine.items() if k.startswith("runtime_") or k == "bf16"}
+                if not runtime:  # --no-runtime: keep the lowbit-runtime columns an earlier run measured for it
+                    runtime = {k: v for k, v in results.rows.get(label, {}).items()
+                               if k.startswith("runtime_") or k == "bf16"}
+                row.update(runtime)
                 if "ppl" in mine:
                     row.update(lowbit_ppl=mine["ppl"], lowbit=mine)
                 results.put(label, row)
