@@ -23,7 +23,7 @@ class _NoLowbit(importlib.abc.MetaPathFinder):
 
 def main(folder: str, windows_path: str, out_path: str) -> None:
     sys.meta_path.insert(0, _NoLowbit())
-    sys.path.remove(sys.path[0])  # this folder: its kernels.py would shadow the `kernels` package transformers probes
+    sys.path.remove(sys.path[0])  # this folder: a module here named like a package transformers probes (`kernels`) would shadow it
     import torch
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 

@@ -1,6 +1,6 @@
 """The GEMMs of one batch-1 decode step, weights streamed from memory: 30 layers' worth of the default model's four
 fused shapes (q/k/v 960 x 576, o 576 x 576, gate/up 3072 x 576, down 576 x 1536) through each kernel PyTorch offers on
-CPU, so that the caches hold no weight between calls (unlike benchmarks/kernels.py, which times one layer hot).
+CPU, so that the caches hold no weight between calls (unlike benchmarks/kernel_bench.py, which times one layer hot).
 
 Run:  python benchmarks/decode_gemms.py [M]      (M rows per call, default 1; ~1 minute; prints ms per 30 layers)
 

@@ -15,7 +15,7 @@ elsewhere it runs a scalar loop (measured 0.01-0.2x fp32 ``F.linear``). There th
 (``quantized.linear_with_input_q_dq_qweight_dq_output_fp32``) and oneDNN (``onednn.qlinear_pointwise``, the x86
 inductor op) run, exactly for weight codes up to :data:`U8S8_MAX_W` (int16 pair sums, see there), and float32
 ``F.linear`` on the codes is exact in blocks (:func:`lowbit.quant.integer.exact_block`).
-Measurements: benchmarks/kernels.py.
+Measurements: benchmarks/kernel_bench.py.
 No model code here: :mod:`lowbit.runtime.linear` holds the modules.
 """
 

@@ -13,7 +13,7 @@ Kernel layouts derived from these are non-persistent buffers that :meth:`Runtime
 Kinds, chosen by the schemes (:func:`kernel_class`): :class:`IntLinear` (int weights x int activations,
 ``torch._int_mm`` with VNNI/AMX, else fbgemm's u8 x s8 GEMM or float32 on the codes), :class:`WeightOnlyLinear`
 (int weights, float activations), :class:`Fp8Linear` (fp8 weights, optionally fp8 activations). Anything else raises :class:`~lowbit.errors.NoKernelError`: keep the fake-quant layer.
-The defaults of each kind's flags are measured by ``benchmarks/kernels.py`` (see benchmarks/README.md).
+The defaults of each kind's flags are measured by ``benchmarks/kernel_bench.py`` (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ class IntLinear(RuntimeLinear):
     of :func:`~lowbit.runtime.kernels.nibble_pack`, which replaces the stored words in a lean load) and are unpacked
     per call: half the memory, slower decode (benchmarks/README.md). ``GROUPS``: group-wise weights
     run per-group partial products (measured 1.5-3x the per-channel kernel at decode), so they are refused unless
-    set. Measurements: benchmarks/kernels.py.
+    set. Measurements: benchmarks/kernel_bench.py.
     """
 
     INT8_COPY = True
@@ -402,7 +402,7 @@ class WeightOnlyLinear(RuntimeLinear):
     Both kernels are fast with bf16 activations only. For float32/float16 models, inputs of at most
     ``bf16_cast_max_m`` rows are cast to bf16 around the kernel (costs bf16 rounding of ``x``, of the scales and of
     the output, ~2^-8 relative); larger ones dequantize the weight in the model dtype instead. The default
-    thresholds are measured (benchmarks/kernels.py): at M=1 the cast is 9x (int8) to 30x (int4) faster than
+    thresholds are measured (benchmarks/kernel_bench.py): at M=1 the cast is 9x (int8) to 30x (int4) faster than
     dequantizing, at M=256 dequantizing is faster (int4 from ~M=200, int8 from ~M=50); ``int8group`` runs a
     K=32-wide kernel per group, which wins up to M=8 only (a 49152 x 576 head: 35 vs 200 ms at M=1, 98 vs 241 at
     M=8, 286 vs 211 at M=32, two shared cores).
@@ -479,7 +479,7 @@ class Fp8Linear(RuntimeLinear):
     """fp8 weights (e4m3 / e5m2), float or fp8 activations (dynamic per token or tensor, static per tensor).
 
     This CPU has no fast fp8 GEMM: ``torch._scaled_mm`` runs a reference path and fp8 -> float casts are scalar (both
-    measured in benchmarks/kernels.py), so ``mode="cached"`` (the default) dequantizes the weight once in
+    measured in benchmarks/kernel_bench.py), so ``mode="cached"`` (the default) dequantizes the weight once in
     :meth:`prepare` (RAM as the float model; fp8 saves disk only); ``"per_call"`` upcasts on every call (RAM of fp8);
     ``"scaled_mm"`` runs ``torch._scaled_mm`` (fp8 activations, per-channel or per-tensor weights).
     Activations are rounded to the fp8 grid exactly as the fake quantizer rounds them.

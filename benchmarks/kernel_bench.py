@@ -1,11 +1,11 @@
 """Real low-bit linears (lowbit.runtime) against fp32/bf16 F.linear and the fake-quant QuantLinear: time per call and
 bytes held, at SmolLM2-135M MLP shapes, to choose each runtime module's default path by measurement.
 
-Run:  nice python benchmarks/kernels.py                 (~15 minutes on 2 shared cores; writes results/kernels.json
+Run:  nice python benchmarks/kernel_bench.py                 (~15 minutes on 2 shared cores; writes results/kernels.json
                                                         and the tables between the KERNELS markers in benchmarks/README.md)
-      nice python benchmarks/kernels.py --part int     (only the int x int table: exact int matmuls of this CPU)
-      python benchmarks/kernels.py --tables-only
-      python benchmarks/kernels.py --m 1 --threads 1 --rounds 3 --results /tmp/kernels.json   (a quick check)
+      nice python benchmarks/kernel_bench.py --part int     (only the int x int table: exact int matmuls of this CPU)
+      python benchmarks/kernel_bench.py --tables-only
+      python benchmarks/kernel_bench.py --m 1 --threads 1 --rounds 3 --results /tmp/kernels.json   (a quick check)
 
 Layers 576->1536 and 1536->576 with random weights, decode (M=1) and prefill (M=2048) rows, 1 and 2 threads. Timing
 (as /work/shared/reference/runtime.md section 4.1): every row is timed in interleaved rounds, each round a batch of
@@ -415,12 +415,12 @@ def main() -> None:
     saved = json.loads(args.results.read_text()) if args.results.is_file() else {}
     if not args.tables_only:
         if args.part in ("all", "grid"):
-            saved.update(meta=run_meta("python benchmarks/kernels.py"), rows=measure(args.m, args.threads, args.rounds))
+            saved.update(meta=run_meta("python benchmarks/kernel_bench.py"), rows=measure(args.m, args.threads, args.rounds))
         if args.part in ("all", "crossover"):
-            saved.update(crossover=crossover(args.rounds), crossover_meta=run_meta("python benchmarks/kernels.py"))
+            saved.update(crossover=crossover(args.rounds), crossover_meta=run_meta("python benchmarks/kernel_bench.py"))
         if args.part in ("all", "int"):
             ms = INT_M if args.m == [1, 2048] else args.m
-            saved.update(int=int_grid(ms, args.threads, args.rounds), int_meta=run_meta("python benchmarks/kernels.py"))
+            saved.update(int=int_grid(ms, args.threads, args.rounds), int_meta=run_meta("python benchmarks/kernel_bench.py"))
         write_json_atomic(args.results, saved)
     lines = table(saved) if "rows" in saved else []
     if "crossover" in saved:
