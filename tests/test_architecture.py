@@ -107,7 +107,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (0, ("lowbit.errors", "lowbit.version", "lowbit.state")),
     (1, ("lowbit.quant", "lowbit.rotations", "lowbit.data", "lowbit.models", "lowbit.report", "lowbit.evaluate",
          "lowbit.analysis.plotting")),
-    (2, ("lowbit.gptq", "lowbit.schemes")),
+    (2, ("lowbit.gptq", "lowbit.input_mismatch", "lowbit.schemes")),
     (3, ("lowbit.kv",)),
     (4, ("lowbit.surgery",)),
     (5, ("lowbit.analysis", "lowbit.bits", "lowbit.runtime")),
