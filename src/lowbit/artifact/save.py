@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import ArtifactError
 from ..models.arch import decoder_layers, spec_for
+from ..runtime.linear import unsaved_reason
 from ..state import quant_state
 from ..surgery.attention import HOOKS_ATTR
 from ..surgery.offload import onloaded
@@ -31,22 +32,10 @@ MANIFEST = "lowbit.json"
 SHARD_BYTES = 2 * 1024**3
 
 
-SAVED_FLOAT_FORMATS = ("fp8_e4m3", "fp8_e5m2")
-
-
-def unsavable_weights(scheme) -> str | None:
-    """Why weights of ``scheme`` have no saved form (None when they have one): lowbit writes integer codes and fp8
-    values; fp4 codes have no file layout here yet."""
-    if scheme is None or scheme.format.startswith("int") or scheme.format in SAVED_FLOAT_FORMATS:
-        return None
-    return (f"{scheme.format} weights have no saved form yet (lowbit saves int2-int8 codes and fp8): evaluate the "
-            "recipe without --save, or save a recipe with int4 weights")
-
-
 def check_savable(recipe) -> None:
     """Refuse, before any work, a recipe whose quantized weights :func:`save` could not write."""
     for scheme in (recipe.weights, recipe.embeddings, recipe.lm_head):
-        why = unsavable_weights(scheme)
+        why = unsaved_reason(scheme)
         if why is not None:
             raise ArtifactError(f"recipe '{recipe.name}': {why}")
 

@@ -47,6 +47,15 @@ FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 FALLBACK = "run the fake-quant simulation instead (lowbit.load(..., simulate=True); CLI: --simulate)"
 
 
+def unsaved_reason(scheme: QuantScheme | None) -> str | None:
+    """Why weights of ``scheme`` have no saved form (None when they have one): :func:`weight_state` writes integer
+    codes and fp8 values; fp4 codes have no file layout yet."""
+    if scheme is None or scheme.format.startswith("int") or scheme.format in FP8_DTYPES:
+        return None
+    return (f"{scheme.format} weights have no saved form yet (lowbit saves int2-int8 codes and fp8): evaluate the "
+            "recipe without --save, or save a recipe with int4 weights")
+
+
 def _no_kernel(weight: QuantScheme, act: QuantScheme | None, why: str) -> NoKernelError:
     a = act.describe() if act else "float"
     return NoKernelError(f"no real low-bit kernel for weights {weight.describe()} x activations {a}: {why}; {FALLBACK}")
@@ -549,9 +558,9 @@ def weight_state(layer: nn.Module) -> dict[str, Tensor]:
     """The persistent tensors of a fake-quant module's quantized weight (:func:`weight_buffers`: codes, scale, zero
     point), from a :class:`QuantLinear` or a :class:`~lowbit.surgery.embedding.QuantEmbedding`."""
     scheme, fmt = layer.weight_scheme, layer.weight_scheme.number_format()
-    if isinstance(fmt, FloatFormat) and scheme.format not in FP8_DTYPES:
-        raise ArtifactError(f"{layer.extra_repr()}: {scheme.format} weights have no saved form yet (lowbit saves "
-                            "int2-int8 codes and fp8): keep the fake-quant model, or quantize with int4 weights")
+    why = unsaved_reason(scheme)
+    if why is not None:
+        raise ArtifactError(f"{layer.extra_repr()}: {why}")
     codes, out = _weight_codes(layer), {}
     if isinstance(fmt, FloatFormat):
         out["weight"] = codes.to(FP8_DTYPES[scheme.format])
