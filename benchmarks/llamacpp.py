@@ -206,7 +206,7 @@ def main() -> None:
             files, own = make_files(bench, folder, python, args)
             for label, row in score(files, bench, folder, python, args.threads).items():
                 mine = own.get(label, {})
-                runtime = {k: v for k, v in mine.items() if k.startswith("runtime_") or k == "bf16"}
+                runtime = {k: v for k, v in mine.items() if (k.startswith("runtime_") or k == "bf16") and v}
                 if not runtime:  # --no-runtime: keep the lowbit-runtime columns an earlier run measured for it
                     runtime = {k: v for k, v in results.rows.get(label, {}).items()
                                if k.startswith("runtime_") or k == "bf16"}
