@@ -136,10 +136,10 @@ def round_scale(scale: Tensor, dtype: ScaleDtype) -> Tensor:
     """
     if dtype is None:
         return scale
-    if isinstance(dtype, RelativeScale) or dtype in RELATIVE_DTYPES:
-        base = dtype.dtype if isinstance(dtype, RelativeScale) else dtype
-        unit = dtype.unit if isinstance(dtype, RelativeScale) else _unit(scale, base)
-        stored = _round_up_to(scale.detach() / unit, base) * unit
+    if not isinstance(dtype, RelativeScale) and dtype in RELATIVE_DTYPES:
+        dtype = RelativeScale(dtype, _unit(scale, dtype))
+    if isinstance(dtype, RelativeScale):
+        stored = _round_up_to(scale.detach() / dtype.unit, dtype.dtype) * dtype.unit
         return scale + (stored - scale).detach()
     return _round_up_to(scale, dtype)
 

@@ -75,7 +75,7 @@ def finetune_layer(
     frozen = {p: p.requires_grad for p in layer.parameters()}
     layer.requires_grad_(False)
     groups, scales = learn(linears, quants, config.lr_weight, config.lr_scale, latent)
-    order = _batches(len(inputs), config)
+    order = shuffled_batches(len(inputs), config.batch, config.seed, config.epochs)
 
     def loss_at(step: int) -> Tensor:
         batch = order[step]
@@ -122,10 +122,10 @@ def learn(linears: list[QuantLinear], quants: list[ActQuantizer], lr_weight: flo
     return groups, scales
 
 
-def _batches(n: int, config: FinetuneConfig) -> list[Tensor]:
-    """The sample indices of every step: each epoch a seeded shuffle of the ``n`` samples, ``config.batch`` a step."""
-    generator = torch.Generator().manual_seed(config.seed)
-    return [batch for _ in range(config.epochs) for batch in torch.randperm(n, generator=generator).split(config.batch)]
+def shuffled_batches(n: int, batch: int, seed: int, epochs: int) -> list[Tensor]:
+    """The sample indices of every step: each epoch a seeded shuffle of the ``n`` samples, ``batch`` a step."""
+    generator = torch.Generator().manual_seed(seed)
+    return [b for _ in range(epochs) for b in torch.randperm(n, generator=generator).split(batch)]
 
 
 @torch.no_grad()

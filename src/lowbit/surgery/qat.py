@@ -16,20 +16,21 @@ frozen: the result is the same kind of quantized model a weight step leaves, rea
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .block_finetune import freeze, keep_positive, learn, trainable, warmup_cosine
+from .block_finetune import freeze, keep_positive, learn, shuffled_batches, trainable, warmup_cosine
 from .train import Trainer
 
 Trained = Literal["scales", "scales_norms", "weights"]
-TRAINED: tuple[str, ...] = ("scales", "scales_norms", "weights")
+TRAINED: tuple[str, ...] = get_args(Trained)
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Tensor, config: QAT
 
 def _order(n: int, config: QATConfig) -> list[Tensor]:
     """Each step's sample indices: seeded shuffles of the ``n`` samples, one after another, ``config.batch`` a step."""
-    generator = torch.Generator().manual_seed(config.seed)
-    order: list[Tensor] = []
-    while len(order) < config.steps:
-        order += list(torch.randperm(n, generator=generator).split(config.batch))
-    return order[: config.steps]
+    epochs = math.ceil(config.steps / math.ceil(n / config.batch))
+    return shuffled_batches(n, config.batch, config.seed, epochs)[: config.steps]
 
 
 @torch.no_grad()
