@@ -1,4 +1,4 @@
-"""One llm-compressor job for ``peer_llmcompressor.py``, run with the peer venv's python (not meant to be run by hand).
+"""One llm-compressor job for ``peers.py``, run with the peer venv's python (not meant to be run by hand).
 
 Reads the evaluation windows and calibration token samples that the main script saved, loads the model from lowbit's
 converted Hugging Face folder (twice: one copy stays full precision as the reference), quantizes one copy with

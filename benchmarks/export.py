@@ -14,7 +14,7 @@ perplexity, the largest difference of a token's negative log-likelihood from low
 arg-max agreement with it, the checkpoint size and transformers' load time. llm-compressor's export of the same
 scheme (row ``llmcompressor:w4a16-g64``: its ``GPTQModifier`` W4A16, groups of 64, on the calibration tokens of
 lowbit's ``w4a16-gptq``, saved with ``save_compressed=True``) is made in the peer environment of
-``peer_llmcompressor.py`` (created on first use) and scored the same way.
+``peers.py`` (created on first use) and scored the same way.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _score_export(model: torch.nn.Module, bench: Bench, tmp: Path) -> dict:
 def measure_peer(bench: Bench) -> dict:
     """llm-compressor's W4A16 export (GPTQModifier, groups of 64, ``save_compressed=True``) made in the peer venv
     on the calibration tokens lowbit's ``w4a16-gptq`` row gets, scored the same way as lowbit's folders."""
-    import peer_llmcompressor as peer
+    import peers as peer
 
     calibration = load_recipe(PEER_LOWBIT).calibration
     settings = {"calib_samples": calibration.samples, "calib_seq_len": calibration.seq_len, "layers": None}
@@ -138,7 +138,7 @@ def table(results: Results) -> list[str]:
                      f"{e['bytes'] / 1e6:.1f}", f"{e['load_s']:.1f}"])
     if PEER_ROW not in results.rows:
         rows.append(["llm-compressor W4A16 (GPTQModifier, save_compressed)", "-", "-", "not measured yet (needs the "
-                     "peer venv of peer_llmcompressor.py)", "-", "-", "-", "-"])
+                     "peer venv of peers.py)", "-", "-", "-", "-"])
     header = ["export", "fp ppl", "ppl (the tool's model)", "ppl (transformers, from the folder)",
               "max abs NLL diff", "top-1 = lowbit", "safetensors MB", "load s"]
     return [intro, "", *markdown_table(header, rows)]

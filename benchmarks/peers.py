@@ -1,16 +1,17 @@
-"""Side by side with a peer: the same quantization jobs through lowbit and through llm-compressor 0.14.
+"""Side by side with peers: the same quantization jobs through lowbit, llm-compressor 0.14 and Brevitas 0.13.
 
-Run:  python benchmarks/peer_llmcompressor.py            (about 30 minutes on 2 CPU cores)
-      python benchmarks/peer_llmcompressor.py --smoke    (tiny settings, a minute or two; never touches real results)
-      python benchmarks/peer_llmcompressor.py --tables-only
-Writes benchmarks/results/peer_llmcompressor.json and the table between the PEER markers in benchmarks/README.md.
+Run:  python benchmarks/peers.py            (about 30 minutes a tool on 2 CPU cores)
+      python benchmarks/peers.py --tools brevitas --jobs w4a4-rotated   (part of the table)
+      python benchmarks/peers.py --smoke    (tiny settings, a minute or two; never touches real results)
+      python benchmarks/peers.py --tables-only
+Writes benchmarks/results/peers.json and the table between the PEER markers in benchmarks/README.md.
 
-Both tools quantize the same model (lowbit's default, the GGUF dequantized to fp32) with the same calibration token
-samples, and both are scored by lowbit's own :func:`lowbit.evaluate.evaluate` on the same evaluation windows against
-a full-precision copy. lowbit runs in this process. llm-compressor runs in its own virtual environment (it pins
-transformers 5.17, lowbit's environment has a newer one), created on first use under ``~/.cache/lowbit``: a worker
-script, ``_peer_worker.py``, is run there once per job and reports back through a JSON file. A job that fails on
-either side is recorded with its error message instead of stopping the run.
+Every tool quantizes the same model (lowbit's default, the GGUF dequantized to fp32) with the same calibration token
+samples, and every result is scored by lowbit's own :func:`lowbit.evaluate.evaluate` on the same evaluation windows
+against a full-precision copy. lowbit runs in this process. Each peer runs in its own virtual environment (their
+pins clash with lowbit's), created on first use under ``~/.cache/lowbit``: a worker script (``_peer_worker.py`` for
+llm-compressor, ``_brevitas_worker.py`` for Brevitas) runs there once per job and reports back through a JSON file.
+A job that fails on any side is recorded with its error message instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -39,16 +40,46 @@ from lowbit.recipe import Recipe, load_preset
 from lowbit.report import write_json_atomic
 
 REPO = HERE.parent
-WORKER = HERE / "_peer_worker.py"
-RESULTS = HERE / "results" / "peer_llmcompressor.json"
-SMOKE_RESULTS = HERE / "results" / "peer_llmcompressor-smoke.json"
-TOOLS = ("lowbit", "llmcompressor")
-
-DEFAULT_VENV = Path.home() / ".cache" / "lowbit" / "peer-llmcompressor-venv"
+RESULTS = HERE / "results" / "peers.json"
+SMOKE_RESULTS = HERE / "results" / "peers-smoke.json"
 TORCH_PIN = "torch==2.13.0"  # installed first from the local CPU wheel; a bare torch pulls the CUDA packages
-PEER_PINS = ["llmcompressor==0.14.*", "transformers==5.17.*", "gguf", "accelerate"]
 # What importing lowbit needs besides torch and transformers (lowbit itself comes from src/ via PYTHONPATH).
 LOWBIT_LIGHT_DEPS = ["safetensors", "pydantic", "pyyaml", "rich", "numpy"]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer tool: its virtual environment, the packages pinned there, and the worker script run there per job.
+
+    ``versions`` are the packages whose versions are recorded; ``prefixes`` maps some of them to the version prefix
+    that must be installed; ``job_field`` is the attribute of :class:`Job` holding the worker's job description.
+    """
+
+    name: str
+    title: str
+    venv: Path
+    pins: tuple[str, ...]
+    versions: tuple[str, ...]
+    prefixes: dict
+    worker: Path
+    job_field: str
+
+
+LLMCOMPRESSOR = Peer(
+    "llmcompressor", "llm-compressor", Path.home() / ".cache" / "lowbit" / "peer-llmcompressor-venv",
+    ("llmcompressor==0.14.*", "transformers==5.17.*", "gguf", "accelerate"),
+    ("torch", "transformers", "llmcompressor", "compressed-tensors", "pydantic", "rich"),
+    {"llmcompressor": "0.14", "transformers": "5.17"}, HERE / "_peer_worker.py", "peer")
+BREVITAS = Peer(
+    "brevitas", "Brevitas", Path.home() / ".cache" / "lowbit" / "peer-brevitas-venv",
+    # accelerate 1.16 reads an attribute off every module value when removing hooks, which Brevitas' injector
+    # classes answer with an error: its quantized models then fail at the end of quantize_llm.
+    ("brevitas[llm]==0.13.4", "accelerate<1.16", "gguf"), ("torch", "transformers", "brevitas", "accelerate"),
+    {"brevitas": "0.13", "accelerate": "1.15"},
+    HERE / "_brevitas_worker.py", "brevitas")
+PEERS = {p.name: p for p in (LLMCOMPRESSOR, BREVITAS)}
+TOOLS = ("lowbit", *PEERS)
+DEFAULT_VENV = LLMCOMPRESSOR.venv
 
 FULL = {"windows": 6, "seq_len": 2048, "calib_samples": 64, "calib_seq_len": 512, "layers": None}  # None: all
 # The GPTQ solver's cost does not shrink with the calibration size, so the smoke run also cuts the model to 2 layers.
@@ -62,8 +93,9 @@ SMOKE = {"windows": 1, "seq_len": 256, "calib_samples": 4, "calib_seq_len": 128,
 class Job:
     """One row pair: a lowbit recipe and the llm-compressor configuration meant to do the same thing.
 
-    ``peer`` is plain data for the worker: ``weights`` / ``activations`` are quantization arguments (int, symmetric),
-    ``rotations`` (or None) names SpinQuant-style rotations and the transform type.
+    ``peer`` is plain data for llm-compressor's worker: ``weights`` / ``activations`` are quantization arguments
+    (int, symmetric), ``rotations`` (or None) names SpinQuant-style rotations and the transform type. ``brevitas`` is
+    ``{"flags": [...]}``, the command-line flags of Brevitas' LLM entry point for the same job (empty: not run).
     """
 
     name: str
@@ -71,6 +103,7 @@ class Job:
     lowbit_preset: str
     lowbit_changes: dict = field(default_factory=dict)
     peer: dict = field(default_factory=dict)
+    brevitas: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)  # tool -> what differs from the plain description, for the table
 
     def recipe(self, calib_samples: int, calib_seq_len: int) -> Recipe:
@@ -84,25 +117,40 @@ class Job:
 W4_GROUP64 = {"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 64}
 W4_CHANNEL = {"num_bits": 4, "symmetric": True, "strategy": "channel"}
 A4_TOKEN = {"num_bits": 4, "symmetric": True, "strategy": "token", "dynamic": True}
+# Brevitas' flags: int4 symmetric weights by GPTQ with act-order (its weight scales are absmax statistics, no search).
+B_W4 = ["--weight-bit-width", "4", "--weight-quant-type", "sym", "--gptq", "--gpxq-act-order"]
+B_CHANNEL = [*B_W4, "--weight-quant-granularity", "per_channel"]
+# Hadamard R1 fused into the weights (its fused_no_fx path), online Hadamards where none can be fused (the "orphan"
+# o_proj and down_proj inputs), A4 symmetric per token, dynamic (Brevitas' own default input quantizer is asym).
+B_ROTATED_A4 = [*B_CHANNEL, "--rotation", "fused_no_fx", "--replace-rmsnorm", "--rotation-orphan-sink",
+                "--input-bit-width", "4", "--input-quant-type", "sym", "--input-quant-granularity", "per_row",
+                "--input-scale-type", "dynamic"]
 
 JOBS = {
     job.name: job
     for job in (
         Job("w4a16-g64", "W4A16 GPTQ, int4 sym, groups of 64, no rotation", "w4a16-gptq",
             peer={"weights": W4_GROUP64},
-            notes={"lowbit": "preset w4a16-gptq: act-order, static groups, MSE weight clip search",
+            brevitas={"flags": [*B_W4, "--weight-quant-granularity", "per_group", "--weight-group-size", "64"]},
+            notes={"brevitas": "--gptq --gpxq-act-order, per_group 64, absmax weight scales",
+                   "lowbit": "preset w4a16-gptq: act-order, static groups, MSE weight clip search",
                    "llmcompressor": "GPTQModifier, group 64 on Linear, lm_head ignored"}),
         Job("w4a16-channel", "W4A16 GPTQ, int4 sym, per channel, no rotation", "w4a16-gptq",
             lowbit_changes={"name": "w4a16-gptq-channel",
                             "weights": {"granularity": "channel", "group_size": None}},
             peer={"weights": W4_CHANNEL},
-            notes={"lowbit": "w4a16-gptq with per-channel weights: act-order, MSE weight clip search",
+            brevitas={"flags": B_CHANNEL},
+            notes={"brevitas": "--gptq --gpxq-act-order, per_channel, absmax weight scales",
+                   "lowbit": "w4a16-gptq with per-channel weights: act-order, MSE weight clip search",
                    "llmcompressor": "GPTQModifier, channel strategy"}),
         Job("w4a4-rotated", "R1+R2+R4 random Hadamard, W4 per channel GPTQ, A4 per token dynamic, KV 16 bits",
             "w4a4-quarot",
             peer={"weights": W4_CHANNEL, "activations": A4_TOKEN,
                   "rotations": {"rotations": ["R1", "R2", "R4"], "transform_type": "random-hadamard"}},
-            notes={"lowbit": "preset w4a4-quarot: MSE weight clip search, A4 clip 0.9",
+            brevitas={"flags": B_ROTATED_A4},
+            notes={"brevitas": "--rotation fused_no_fx --rotation-orphan-sink (online Hadamards at o_proj and "
+                               "down_proj inputs), A4 sym per_row dynamic absmax, then GPTQ",
+                   "lowbit": "preset w4a4-quarot: MSE weight clip search, A4 clip 0.9",
                    "llmcompressor": "SpinQuantModifier random-hadamard (its plain hadamard needs 2^n sizes), "
                                     "then GPTQModifier"}),
     )
@@ -122,47 +170,43 @@ def _pip(venv: Path, *args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def peer_versions(venv: Path) -> dict | None:
-    """Installed versions in the peer venv, or None when it is missing or incomplete."""
-    probe = (
-        "import json, importlib.metadata as m; "
-        "print(json.dumps({p: m.version(p) for p in "
-        "('torch', 'transformers', 'llmcompressor', 'compressed-tensors', 'pydantic', 'rich')}))"
-    )
+def peer_versions(venv: Path, packages: tuple[str, ...] = LLMCOMPRESSOR.versions) -> dict | None:
+    """Installed versions of ``packages`` in the peer venv, or None when it is missing or incomplete."""
+    probe = f"import json, importlib.metadata as m; print(json.dumps({{p: m.version(p) for p in {packages!r}}}))"
     if not venv_python(venv).is_file():
         return None
     done = subprocess.run([str(venv_python(venv)), "-c", probe], capture_output=True, text=True)
     return json.loads(done.stdout) if done.returncode == 0 else None
 
 
-def _pins_hold(versions: dict | None) -> bool:
+def _pins_hold(peer: Peer, versions: dict | None) -> bool:
     return bool(versions) and versions["torch"].split("+")[0] == TORCH_PIN.split("==")[1] \
-        and versions["llmcompressor"].startswith("0.14") and versions["transformers"].startswith("5.17")
+        and all(versions[name].startswith(prefix) for name, prefix in peer.prefixes.items())
 
 
-def ensure_venv(venv: Path) -> dict:
-    """Create (or complete) the peer venv and return its package versions.
+def ensure_venv(venv: Path, peer: Peer = LLMCOMPRESSOR) -> dict:
+    """Create (or complete) the peer's venv at ``venv`` and return its package versions.
 
     torch goes in first, alone, from the local CPU wheel; the rest is installed with torch held by a constraints file
-    so that llm-compressor's own torch requirement cannot replace it with a CUDA build.
+    so that the peer's own torch requirement cannot replace it with a CUDA build.
     """
-    versions = peer_versions(venv)
-    if _pins_hold(versions):
+    versions = peer_versions(venv, peer.versions)
+    if _pins_hold(peer, versions):
         return versions
     if not venv_python(venv).is_file():
-        print(f"creating the llm-compressor venv at {venv}", flush=True)
+        print(f"creating the {peer.title} venv at {venv}", flush=True)
         venv.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     _pip(venv, TORCH_PIN)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:
         constraints.write(TORCH_PIN + "\n")
     try:
-        _pip(venv, "-c", constraints.name, *PEER_PINS, *LOWBIT_LIGHT_DEPS)
+        _pip(venv, "-c", constraints.name, *peer.pins, *LOWBIT_LIGHT_DEPS)
     finally:
         os.unlink(constraints.name)
-    versions = peer_versions(venv)
-    if not _pins_hold(versions):
-        raise SystemExit(f"the peer venv at {venv} does not hold the pinned versions: {versions}")
+    versions = peer_versions(venv, peer.versions)
+    if not _pins_hold(peer, versions):
+        raise SystemExit(f"the {peer.title} venv at {venv} does not hold the pinned versions: {versions}")
     return versions
 
 
@@ -199,27 +243,37 @@ def run_lowbit(job: Job, bench: Bench, settings: dict) -> dict:
     return _row(job, "lowbit", quantize_s=row["quantize_s"], **scores, config=config)
 
 
-def run_peer(job: Job, venv: Path, folder: Path, data_file: Path, settings: dict, args, extra: tuple = ()) -> dict:
-    """Run the worker for one job in the peer venv and turn its JSON answer into a row (``extra``: more worker
+def worker_args(peer: Peer, job: Job, settings: dict, args) -> list[str]:
+    """The worker's arguments besides data, model and job: the layer cut and threads, llm-compressor's act-order."""
+    layers = ["--layers", str(settings["layers"])] if settings["layers"] is not None else []
+    if peer is BREVITAS:
+        return [*layers, "--threads", str(args.brevitas_threads or torch.get_num_threads())]
+    return ["--actorder", args.peer_actorder, *layers, "--threads", str(torch.get_num_threads())]
+
+
+def run_peer(job: Job, venv: Path, folder: Path, data_file: Path, settings: dict, args, extra: tuple = (),
+             peer: Peer = LLMCOMPRESSOR) -> dict:
+    """Run ``peer``'s worker for one job in its venv and turn its JSON answer into a row (``extra``: more worker
     arguments, e.g. ``--save DIR``)."""
     with tempfile.TemporaryDirectory(prefix="lowbit-peer-") as tmp:
         out, log = Path(tmp) / "result.json", Path(tmp) / "worker.log"
+        specific = worker_args(peer, job, settings, args)
         cmd = [
-            str(venv_python(venv)), str(WORKER), "--data", str(data_file), "--model-dir", str(folder),
-            "--job", json.dumps(job.peer), "--actorder", args.peer_actorder,
-            "--threads", str(torch.get_num_threads()), "--out", str(out),
-        ] + (["--layers", str(settings["layers"])] if settings["layers"] is not None else []) + list(extra)
+            str(venv_python(venv)), str(peer.worker), "--data", str(data_file), "--model-dir", str(folder),
+            "--job", json.dumps(getattr(job, peer.job_field)), "--out", str(out), *specific, *extra,
+        ]
         env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "false"}
         with log.open("w") as sink:
             done = subprocess.run(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=tmp)
         answer = json.loads(out.read_text()) if out.is_file() else {}
         if args.verbose or "error" in answer or done.returncode:
             print(log.read_text()[-4000:], flush=True)
+    config = {"job": getattr(job, peer.job_field), "worker_args": specific,
+              "recipe": answer.get("recipe") or answer.get("argv")}
     if "eval" not in answer:
         error = answer.get("error") or f"worker exited with status {done.returncode} and no result"
-        return _row(job, "llmcompressor", error=error, config={"job": job.peer, "recipe": answer.get("recipe")})
-    config = {"job": job.peer, "actorder": args.peer_actorder, "recipe": answer["recipe"]}
-    return _row(job, "llmcompressor", quantize_s=answer["quantize_s"], **_scores(answer["eval"]),
+        return _row(job, peer.name, error=error, config=config)
+    return _row(job, peer.name, quantize_s=answer["quantize_s"], **_scores(answer["eval"]),
                 config=config, quantized=answer["quantized"], versions=answer["versions"])
 
 
@@ -229,7 +283,7 @@ def save_data(data, settings: dict, path: Path) -> None:
     torch.save({"windows": data.eval_windows, "calibration": calib}, path)
 
 
-def run_all(args, settings: dict, peer: dict | None, save: Callable[[list[dict]], None]) -> None:
+def run_all(args, settings: dict, venvs: dict[str, Path], save: Callable[[list[dict]], None]) -> None:
     """Every selected job on every selected tool, in order; prints each row as it lands and ``save``s the rows so
     far after each one (an interrupted run keeps what it measured)."""
     bench = Bench.load(args.model, lowbit.DataConfig(seq_len=settings["seq_len"], windows=settings["windows"]))
@@ -244,13 +298,17 @@ def run_all(args, settings: dict, peer: dict | None, save: Callable[[list[dict]]
                 print(f"--- {name} / {tool}", flush=True)
                 if tool == "lowbit":
                     row = run_lowbit(job, bench, settings)
+                elif not getattr(job, PEERS[tool].job_field):
+                    continue  # the peer has no configuration for this job
                 else:
-                    row = run_peer(job, peer["venv"], model_folder(args.model), data_file, settings, args)
+                    row = run_peer(job, venvs[tool], model_folder(args.model), data_file, settings, args,
+                                   peer=PEERS[tool])
+                row["date"] = time.strftime("%Y-%m-%d")
                 rows.append(row)
                 save(rows)
                 print(_table_row(row), flush=True)
                 if "quantized" in row:
-                    print(f"    llm-compressor left on the model: {row['quantized']}", flush=True)
+                    print(f"    {tool} left on the model: {row['quantized']}", flush=True)
 
 
 # --- results and tables -------------------------------------------------------------------------------------------
@@ -280,30 +338,34 @@ def _note(row: dict) -> str:
 
 def _table_row(row: dict) -> str:
     if "ratio" not in row:
-        return f"| {row['job']} | {row['tool']} | – | – | – | – | {_note(row)} |"
+        return f"| {row['job']} | {row['tool']} | – | – | – | – | {row.get('date', '–')} | {_note(row)} |"
     return (
         f"| {row['job']} | {row['tool']} | {num(row['ratio'])} | {row['kl']:.4f} | {row['top1']:.4f} | "
-        f"{row['quantize_s']:.1f} | {_note(row)} |"
+        f"{row['quantize_s']:.1f} | {row.get('date', '–')} | {_note(row)} |"
     )
 
 
 def table(rows: list[dict], meta: dict) -> list[str]:
     """The markdown table with a line saying what was measured and how."""
-    s, versions = meta["settings"], meta.get("peer_versions") or {}
+    s = meta["settings"]
     model = "Default model (SmolLM2-135M-Instruct, fp32)" if meta["model"] == "default" else f"Model {meta['model']}"
     if s.get("layers"):
         model += f" cut to its first {s['layers']} decoder layers"
-    peer = "llm-compressor"
-    if versions:
-        peer += f" {versions['llmcompressor']} (transformers {versions['transformers']})"
+    peers = []
+    for peer in PEERS.values():
+        versions = next((r["versions"] for r in rows if r["tool"] == peer.name and r.get("versions")), None)
+        if versions:
+            peers.append(f"{peer.title} {versions[peer.name]} (transformers {versions['transformers']})")
+    threads = next((r["config"]["worker_args"] for r in rows if r["tool"] == "brevitas" and "config" in r), None)
     lines = [
         f"{model}, default text, {s['windows']} windows × {s['seq_len']} tokens, calibration {s['calib_samples']} × "
-        f"{s['calib_seq_len']} tokens (the same samples for both tools), {meta['threads']} CPU threads, "
-        f"torch {meta['torch']}, lowbit {meta['lowbit']} vs {peer} with GPTQ actorder {meta['peer_actorder']}, "
-        f"{meta['date']}.",
+        f"{s['calib_seq_len']} tokens (the same samples for every tool), {meta['threads']} CPU threads"
+        + (f" (Brevitas: {threads[-1]}, its GPTQ is faster on one)" if threads else "")
+        + f", torch {meta['torch']}, lowbit {meta['lowbit']} vs {' and '.join(peers) or 'no peer yet'}; "
+        f"llm-compressor's GPTQ actorder {meta['peer_actorder']}; `{meta['command']}` (last run).",
         "",
-        "| job | tool | ppl ratio | KL | top-1 | quantize s | note |",
-        "|---|---|---|---|---|---|---|",
+        "| job | tool | ppl ratio | KL | top-1 | quantize s | date | note |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     return lines + [_table_row(r) for r in rows]
 
@@ -327,14 +389,18 @@ def parse_args() -> argparse.Namespace:
                         help=f"tokens per calibration sample (default {FULL['calib_seq_len']})")
     parser.add_argument("--layers", type=int, default=None,
                         help="keep only the first N decoder layers (default: all; --smoke: 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for both tools")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for every tool")
+    parser.add_argument("--brevitas-threads", type=int, default=None,
+                        help="torch CPU threads of the Brevitas worker (default: --threads; its GPTQ runs far faster "
+                             "on one thread than on two here)")
     parser.add_argument("--jobs", nargs="+", choices=list(JOBS), default=list(JOBS))
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
     parser.add_argument("--peer-actorder", default="static", choices=["static", "weight", "none"],
                         help="llm-compressor GPTQ activation ordering (static, its default, matches lowbit's "
                              "act-order with static groups; 'none' is plain GPTQ)")
-    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the llm-compressor virtual environment")
-    parser.add_argument("--setup-only", action="store_true", help="create or check the peer venv, then stop")
+    parser.add_argument("--venv", type=Path, default=LLMCOMPRESSOR.venv, help="the llm-compressor virtual environment")
+    parser.add_argument("--brevitas-venv", type=Path, default=BREVITAS.venv, help="the Brevitas virtual environment")
+    parser.add_argument("--setup-only", action="store_true", help="create or check the peer venvs, then stop")
     parser.add_argument("--smoke", action="store_true",
                         help=f"tiny settings {SMOKE} for a quick check; writes {SMOKE_RESULTS.name}, not the README")
     parser.add_argument("--tables-only", action="store_true", help=f"rewrite the README table from {RESULTS.name}")
@@ -357,22 +423,20 @@ def main() -> None:
         saved = json.loads(results.read_text())
         write_table(saved["rows"], saved["meta"], readme=not args.smoke)
         return
-    peer = None
-    if "llmcompressor" in args.tools or args.setup_only:  # before any long run: fail fast on a broken venv
-        peer = {"venv": args.venv, "versions": ensure_venv(args.venv)}
-        print(f"peer venv {args.venv}: {peer['versions']}", flush=True)
-        if args.setup_only:
-            return
+    venvs = {"llmcompressor": args.venv, "brevitas": args.brevitas_venv}
+    for name in [t for t in args.tools if t in PEERS]:  # before any long run: fail fast on a broken venv
+        print(f"{name} venv {venvs[name]}: {ensure_venv(venvs[name], PEERS[name])}", flush=True)
+    if args.setup_only:
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = settings_from(args)
     saved = json.loads(results.read_text()) if results.is_file() else None
     meta = {
-        "command": " ".join(["python", "benchmarks/peer_llmcompressor.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "benchmarks/peers.py", *sys.argv[1:]]),
         "model": args.model, "settings": settings, "peer_actorder": args.peer_actorder,
         "lowbit": lowbit.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
-        "peer_versions": peer["versions"] if peer else (saved or {}).get("meta", {}).get("peer_versions"),
     }
     merged: list[dict] = []
 
@@ -380,7 +444,7 @@ def main() -> None:
         merged[:] = merge(saved, rows, meta)
         write_json_atomic(results, {"meta": meta, "rows": merged})
 
-    run_all(args, settings, peer, save)
+    run_all(args, settings, venvs, save)
     write_table(merged, meta, readme=not args.smoke)
 
 

@@ -1,0 +1,117 @@
+"""One Brevitas job for ``peer_brevitas.py``, run with the Brevitas venv's python (not meant to be run by hand).
+
+Brevitas' LLM entry point (``brevitas_examples.llm.main.quantize_llm``) reads its calibration text from the Hugging
+Face hub only. This worker hands it exactly the calibration token samples that the main script saved instead (its
+dataset function is replaced by one returning those samples), turns its own evaluation off, then scores the
+quantized model with lowbit's evaluation on the saved windows against a second, full-precision copy, and writes a
+JSON result. Any failure is written to the result as an ``error`` message.
+
+lowbit is imported from ``src/`` through PYTHONPATH (the venv does not install it): only its evaluation helpers, which
+are plain torch on any Hugging Face causal LM, and the peer worker's loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from _peer_worker import keep_layers, load
+
+
+def brevitas_argv(job: dict, model_dir: str, calib: torch.Tensor) -> list[str]:
+    """Brevitas' own command line for one job: the job's flags on the model folder, float32, its evaluation off."""
+    return ["--model", model_dir, "--dtype", "float32", "--nsamples", str(calib.shape[0]),
+            "--seqlen", str(calib.shape[1]), *job["flags"]]
+
+
+def calibration_samples(calib: torch.Tensor) -> list[dict]:
+    """The samples ``[n, L]`` as Brevitas' collate function takes them: one ``input_ids`` row each."""
+    return [{"input_ids": row.numpy()} for row in calib]
+
+
+def quantized_summary(model) -> dict:
+    """What Brevitas left on the model: quantized linears (weights / inputs) and the rotation modules it inserted,
+    a check that the flags did what they say."""
+    counts = {"quant_linears": 0, "weights_quantized": 0, "inputs_quantized": 0, "online_rotations": 0}
+    for module in model.modules():
+        name = type(module).__name__
+        counts["online_rotations"] += int(name == "RotatedModule")
+        if name != "QuantLinear":
+            continue
+        counts["quant_linears"] += 1
+        for part in ("weight", "input"):
+            proxy = getattr(module, f"{part}_quant", None)
+            counts[f"{part}s_quantized"] += int(bool(getattr(proxy, "is_quant_enabled", False)))
+    return counts
+
+
+class _Truncated:
+    """Stands in for ``AutoModelForCausalLM`` in the entry point: loads the model, then keeps its first layers."""
+
+    def __init__(self, auto, layers: int):
+        self.auto, self.layers = auto, layers
+
+    def from_pretrained(self, *args, **kwargs):
+        return keep_layers(self.auto.from_pretrained(*args, **kwargs), self.layers)
+
+
+def versions() -> dict:
+    return {n: importlib.metadata.version(n) for n in ("brevitas", "transformers", "torch")}
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Quantize with Brevitas' entry point on our tokens, time it, evaluate with lowbit's metrics."""
+    import brevitas_examples.llm.main as entry
+    from brevitas.export.inference.manager import quant_inference_mode
+
+    from lowbit.evaluate import evaluate
+
+    data = torch.load(args.data)
+    job = json.loads(args.job)
+    calib = data["calibration"]
+    samples = calibration_samples(calib)
+    entry.get_dataset_for_model = lambda **_: samples  # both of its splits: our calibration tokens (eval is off)
+    if args.layers is not None:  # the same truncation as the other tools, on the model the entry point loads
+        entry.AutoModelForCausalLM = _Truncated(entry.AutoModelForCausalLM, args.layers)
+    argv = brevitas_argv(job, args.model_dir, calib)
+    parser = entry.create_args_parser()
+    bargs, extra = entry.parse_args(parser, argv, override_defaults=entry.override_defaults(argv))
+    result = {"versions": versions(), "argv": argv}
+    start = time.perf_counter()
+    _, model = entry.quantize_llm(bargs, extra)
+    result["quantize_s"] = time.perf_counter() - start
+    result["quantized"] = quantized_summary(model)
+    _, fp_model = load(args.model_dir, args.layers)
+    first = {"input_ids": calib[:1], "attention_mask": torch.ones_like(calib[:1])}
+    with torch.no_grad(), quant_inference_mode(model):
+        model(**first)  # Brevitas' inference mode records its quantizers on a first call
+        result["eval"] = evaluate(fp_model, model.eval(), data["windows"]).as_dict()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help=".pt file with 'windows' and 'calibration' token tensors")
+    parser.add_argument("--model-dir", required=True, help="Hugging Face model folder")
+    parser.add_argument("--job", required=True, help="the job's Brevitas flags, as JSON {'flags': [...]}")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
+    parser.add_argument("--out", required=True, help="where to write the JSON result")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = run(args)
+    except Exception as exc:  # any failure of the peer is a result to record, not a crash of the benchmark
+        traceback.print_exc()
+        result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
