@@ -6,7 +6,8 @@ Run:  python benchmarks/qat.py                      (about 25 minutes a row on 2
 
 Each row is a PTQ recipe, or the same recipe followed by a `qat` step (lowbit.methods.qat) with one setting changed
 from the step's defaults (200 steps of one 512-token sequence, 64 calibration sequences, weights + scales + norms
-trained, KL from the full-precision model). Evaluation on the usual windows against full precision; the
+trained, KL from the full-precision model; 8 held-out sequences from the end of the calibration text measured every
+25 steps, the best measurement's values kept). Evaluation on the usual windows against full precision; the
 calibration text (and so the QAT text) comes from after the evaluation windows. The table goes between the QAT
 markers in benchmarks/README.md.
 """
@@ -39,6 +40,8 @@ def _spin_rotations(data: dict) -> None:
 ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a4kv4-quarot", "the PTQ start: QuaRot + GPTQ", lambda: load_preset("w4a4kv4-quarot")),
     ("+ qat", "then QAT: weights, scales and norms, 200 steps", _with_qat("w4a4kv4-quarot")),
+    ("+ qat, no holdout", "the same without held-out validation (the last step's values kept)",
+     _with_qat("w4a4kv4-quarot", holdout=0)),
     ("+ qat scales", "QAT of the weight scales only", _with_qat("w4a4kv4-quarot", train="scales")),
     ("+ qat scales_norms", "QAT of the scales and norm weights", _with_qat("w4a4kv4-quarot", train="scales_norms")),
     ("+ qat self-generated", "QAT on text sampled from the full-precision model",
@@ -53,7 +56,8 @@ def table(results: Results) -> list[str]:
     m = results.meta
     lines = [f"Default model and text, {m.get('windows')} windows × {m.get('seq_len')} tokens, {m.get('threads')} CPU "
              f"threads, {m.get('date')}; `{m.get('command')}`.", ""]
-    header = ["row", "what", "ratio", "KL", "top-1", "QAT KL first 10 -> last 10 steps", "quantize s"]
+    header = ["row", "what", "ratio", "KL", "top-1", "QAT KL first 10 -> last 10 steps",
+              "held-out KL start -> kept (step)", "quantize s"]
     rows = []
     for label, what, _ in ROWS:
         r = results.rows.get(label)
@@ -61,9 +65,18 @@ def table(results: Results) -> list[str]:
             continue
         qat = r.get("qat")
         trend = f"{qat['kl_first_10']:.3f} -> {qat['kl_last_10']:.3f}" if qat else "-"
-        rows.append([label, what, num(r["ratio"]), f"{r['kl']:.4f}", f"{r['top1']:.4f}", trend,
+        rows.append([label, what, num(r["ratio"]), f"{r['kl']:.4f}", f"{r['top1']:.4f}", trend, _held_out(qat),
                      f"{r['quantize_s']:.0f}"])
     return lines + markdown_table(header, rows)
+
+
+def _held_out(qat: dict | None) -> str:
+    """The held-out KL before training and at the step the model kept ("-" for rows without validation)."""
+    held = (qat or {}).get("held_out_kl")
+    if not held:
+        return "-"
+    kept = str(qat["kept_step"])
+    return f"{held['0']:.3f} -> {held[kept]:.3f} ({kept})"
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import lowbit
 from lowbit.errors import RecipeError
 from lowbit.recipe import Recipe, load_preset
 from lowbit.surgery.linear import QuantLinear
-from lowbit.surgery.qat import kl_from_teacher, norm_weights, self_generated
+from lowbit.surgery.qat import _Best, kl_from_teacher, norm_weights, self_generated
 from lowbit.surgery.quantizer import ActQuantizer
 from tests.conftest import tiny_data, tiny_model
 
@@ -28,7 +28,10 @@ def _peaky_model(family: str = "llama"):
 
 
 def _recipe(qat: dict | None, base: dict = W3A4, first: tuple = ({"method": "rtn"},)) -> Recipe:
-    steps = [*first] + ([{"method": "qat", "samples": 8, "seq_len": 48, **qat}] if qat is not None else [])
+    """``qat`` settings on the base scheme; no held-out validation unless they ask for it (these tests watch what
+    training itself does)."""
+    steps = [*first] + ([{"method": "qat", "samples": 8, "seq_len": 48, "holdout": 0, **qat}] if qat is not None
+                        else [])
     return Recipe.from_dict({"steps": steps, **base})
 
 
@@ -152,3 +155,57 @@ def test_qat_after_prefixquant_trains_the_static_scales_behind_the_prefix(tokens
     assert len(session.report()["qat"]["losses"]) == 3 and session.prefix is not None
     with torch.no_grad():
         assert qmodel(tokens).logits.shape == (*tokens.shape, 320)
+
+
+def test_best_keeps_the_values_of_the_lowest_offer():
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    best = _Best([p])
+    best.offer(0, 0.5)
+    with torch.no_grad():
+        p.add_(1.0)
+    best.offer(10, 0.3)  # better: these values are kept
+    with torch.no_grad():
+        p.add_(1.0)
+    best.offer(20, 0.4)
+    best.restore()
+    assert torch.equal(p.detach(), torch.tensor([2.0, 3.0])) and best.step == 10
+    assert best.history == {0: 0.5, 10: 0.3, 20: 0.4}
+
+
+def test_holdout_keeps_the_start_when_training_only_hurts(tokens):
+    """A learning rate that wrecks the model: held-out validation measures it and the model keeps its starting
+    values (the PTQ result, logit for logit); without validation the wreck is kept."""
+    model, data = _peaky_model(), tiny_data()
+    start = lowbit.quantize(model, _recipe(None), data)
+    wreck = {"steps": 6, "lr_weight": 50.0, "lr_scale": 0.5, "lr_norm": 0.5}
+    kept, session = lowbit.quantize_with_session(model, _recipe({**wreck, "holdout": 2, "eval_every": 3}), data)
+    report = session.report()["qat"]
+    assert report["kept_step"] == 0 and set(report["held_out_kl"]) == {"0", "3", "6"}
+    assert min(report["held_out_kl"].values()) == report["held_out_kl"]["0"]
+    unvalidated = lowbit.quantize(model, _recipe(wreck), data)
+    with torch.no_grad():
+        assert torch.allclose(kept(tokens).logits, start(tokens).logits, atol=1e-5)
+        assert not torch.allclose(unvalidated(tokens).logits, start(tokens).logits, atol=1e-2)
+
+
+def test_holdout_is_text_training_never_sees():
+    data = tiny_data()
+    held = data.held_out(2, 48)
+    total = data.calib_tokens.numel()
+    assert torch.equal(held.flatten(), data.calib_tokens[total - 96:])
+    drawn = data.calibration(200, 48, reserve=96)
+    # every drawn window lies in the first total - 96 tokens: its start is at most total - 96 - 48
+    stream = data.calib_tokens[: total - 96]
+    starts = [next(i for i in range(stream.numel() - 47) if torch.equal(stream[i:i + 48], w)) for w in drawn[:20]]
+    assert max(starts) <= total - 96 - 48
+    with pytest.raises(lowbit.errors.DataError, match="hold out"):
+        data.held_out(total // 48 + 1, 48)
+
+
+def test_self_generated_holdout_is_more_of_the_teachers_text():
+    model = _peaky_model()
+    model.config.bos_token_id = 1
+    _, session = lowbit.quantize_with_session(model, _recipe({"steps": 2, "data": "self", "holdout": 2,
+                                                              "eval_every": 1}))
+    report = session.report()["qat"]
+    assert set(report["held_out_kl"]) == {"0", "1", "2"} and report["tokens"] == 8 * 48

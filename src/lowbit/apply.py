@@ -135,7 +135,8 @@ def quantize_with_session(
     calibration = None
     if data is not None:
         cal = recipe.calibration
-        calibration = Calibration(default=lambda: data.calibration(cal.samples, cal.seq_len), sample=data.calibration)
+        calibration = Calibration(default=lambda: data.calibration(cal.samples, cal.seq_len), sample=data.calibration,
+                                  held_out=data.held_out)
     seed = seed if seed is not None else (data.seed if data is not None else 0)
     session = Session(recipe=recipe, spec=spec, seed=seed, calibration=calibration, progress=progress)
     with torch.no_grad():

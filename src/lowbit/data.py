@@ -146,20 +146,32 @@ class TokenData:
     calib_tokens: torch.Tensor
     seed: int
 
-    def calibration(self, samples: int, seq_len: int, seed: int | None = None) -> torch.Tensor:
-        """``samples`` random windows of ``seq_len`` tokens from the calibration stream, ``[samples, seq_len]``."""
-        n = self.calib_tokens.numel()
+    def calibration(self, samples: int, seq_len: int, seed: int | None = None, reserve: int = 0) -> torch.Tensor:
+        """``samples`` random windows of ``seq_len`` tokens from the calibration stream, ``[samples, seq_len]``;
+        never from its last ``reserve`` tokens (kept for :meth:`held_out`)."""
+        n = self.calib_tokens.numel() - reserve
         if samples < 1 or seq_len < 1:
             raise DataError(f"calibration needs at least 1 sample of at least 1 token, got {samples} x {seq_len}: "
                             "pass positive numbers")
         if n < seq_len:
+            held = f" once {reserve} are held out" if reserve else ""
             raise DataError(
-                f"calibration text has {n} tokens, fewer than one calibration sample of {seq_len}: "
+                f"calibration text has {n} tokens{held}, fewer than one calibration sample of {seq_len}: "
                 "use a longer --calib-data, fewer --windows, or a shorter calibration seq_len in the recipe"
+                + (" (or hold out less)" if reserve else "")
             )
         gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
         starts = torch.randint(0, n - seq_len + 1, (samples,), generator=gen)
         return torch.stack([self.calib_tokens[s : s + seq_len] for s in starts.tolist()])
+
+    def held_out(self, samples: int, seq_len: int) -> torch.Tensor:
+        """``samples`` consecutive windows of ``seq_len`` tokens at the end of the calibration stream: the text that
+        ``calibration(..., reserve=samples * seq_len)`` never draws from (validation of what trains on the rest)."""
+        total = samples * seq_len
+        if samples < 1 or seq_len < 1 or total >= self.calib_tokens.numel():
+            raise DataError(f"cannot hold out {samples} x {seq_len} tokens of a {self.calib_tokens.numel()}-token "
+                            "calibration text and still calibrate on the rest: hold out fewer or pass a longer text")
+        return self.calib_tokens[-total:].view(samples, seq_len)
 
 
 def _cut_windows(tokens: torch.Tensor, seq_len: int, windows: int | None, source: str) -> torch.Tensor:

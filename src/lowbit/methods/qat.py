@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..errors import CalibrationError
 from ..surgery.qat import QATConfig, Trained, distill, self_generated
 from .registry import MethodResult, StepConfig, register
 from .session import Session
@@ -25,7 +26,10 @@ class QATStep(StepConfig):
 
     ``steps`` of AdamW on ``batch`` sequences each, drawn from ``samples`` sequences of ``seq_len`` tokens of
     ``data``: ``calibration`` (the calibration text) or ``self`` (sampled from the full-precision model itself, so
-    a user without text can still train). ``train``: ``scales`` (weight and static activation/KV scales),
+    a user without text can still train). ``holdout`` more sequences are kept out of training (the last tokens of
+    the calibration text, or more samples of the model's own text) and the KL on them measured before training and
+    every ``eval_every`` steps: the model keeps the trained values of the best measurement, the start included
+    (``holdout: 0``: the last step's, no validation). ``train``: ``scales`` (weight and static activation/KV scales),
     ``scales_norms`` (and the norm weights) or ``weights`` (and the latent weights). Learning rates are scale-free:
     ``lr_weight`` in units of each linear's quantization step, ``lr_scale`` relative to each scale; ``lr_norm`` is
     absolute (norm weights are about 1). Loss: KL of the quantized model's next-token distribution from the
@@ -44,6 +48,8 @@ class QATStep(StepConfig):
     lr_scale: float = Field(default=0.005, ge=0)
     lr_norm: float = Field(default=1e-4, ge=0)
     seed: int | None = None
+    holdout: int = Field(default=8, ge=0)
+    eval_every: int = Field(default=25, ge=1)
 
     def needs_calibration(self) -> bool:
         return self.data == "calibration"
@@ -51,11 +57,13 @@ class QATStep(StepConfig):
 
 @dataclass
 class QATResult(MethodResult):
-    """The loss of every step (KL from the full-precision model on the training batches), what trained, on which
-    text, and the wall time."""
+    """The loss of every step (KL from the full-precision model on the training batches), the held-out KL at each
+    measured step and the step kept, what trained, on which text, and the wall time."""
 
     key: ClassVar[str] = "qat"
     losses: list[float] = field(default_factory=list)
+    held_out: dict[int, float] = field(default_factory=dict)
+    kept_step: int = 0
     train: str = ""
     data: str = ""
     tokens: int = 0
@@ -65,6 +73,7 @@ class QATResult(MethodResult):
         head, tail = self.losses[:10], self.losses[-10:]
         return {"steps": len(self.losses), "train": self.train, "data": self.data, "tokens": self.tokens,
                 "kl_first_10": sum(head) / max(1, len(head)), "kl_last_10": sum(tail) / max(1, len(tail)),
+                "held_out_kl": {str(k): v for k, v in self.held_out.items()}, "kept_step": self.kept_step,
                 "losses": self.losses, "seconds": round(self.seconds, 3)}
 
 
@@ -75,10 +84,25 @@ def apply(model: nn.Module, step: QATStep, session: Session) -> QATResult:
     start = time.perf_counter()
     seed = session.seed if step.seed is None else step.seed
     teacher = session.teacher
+    batches, held = _texts(step, session, seed)
+    config = QATConfig(step.steps, step.batch, step.train, step.lr_weight, step.lr_scale, step.lr_norm, seed,
+                       step.eval_every)
+    done = distill(model, teacher, batches, config, session.progress, held)
+    return QATResult(done.losses, done.held_out, done.kept_step, step.train, step.data, int(batches.numel()),
+                     time.perf_counter() - start)
+
+
+def _texts(step: QATStep, session: Session, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training sequences and the held-out ones (None when ``holdout`` is 0), never overlapping."""
     if step.data == "self":
-        batches = self_generated(teacher, step.samples, step.seq_len, seed)
-    else:
-        batches = session.calibration_text("quantization-aware training").sample(step.samples, step.seq_len)
-    config = QATConfig(step.steps, step.batch, step.train, step.lr_weight, step.lr_scale, step.lr_norm, seed)
-    losses = distill(model, teacher, batches, config, session.progress)
-    return QATResult(losses, step.train, step.data, int(batches.numel()), time.perf_counter() - start)
+        text = self_generated(session.teacher, step.samples + step.holdout, step.seq_len, seed)
+        return text[: step.samples], (text[step.samples :] if step.holdout else None)
+    calibration = session.calibration_text("quantization-aware training")
+    if not step.holdout:
+        return calibration.sample(step.samples, step.seq_len), None
+    if calibration.held_out is None:
+        raise CalibrationError("quantization-aware training with holdout needs calibration text that can hold out "
+                               "its end: pass data from lowbit.prepare_data, or set holdout: 0")
+    reserve = step.holdout * step.seq_len
+    held = calibration.held_out(step.holdout, step.seq_len)
+    return calibration.sample(step.samples, step.seq_len, reserve=reserve), held

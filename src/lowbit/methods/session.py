@@ -23,10 +23,13 @@ R = TypeVar("R", bound=MethodResult)
 @dataclass
 class Calibration:
     """Calibration text: ``default()`` gives the recipe's ``[samples, seq_len]`` batches, ``sample(n, L)`` others
-    (methods with their own sample counts and lengths). Both are seeded and disjoint from evaluation text."""
+    (methods with their own sample counts and lengths; ``reserve=T`` keeps clear of the text's last T tokens), and
+    ``held_out(n, L)`` consecutive windows of those last tokens (validation text). All are seeded and disjoint from
+    evaluation text."""
 
     default: Callable[[], torch.Tensor]
-    sample: Callable[[int, int], torch.Tensor]
+    sample: Callable[..., torch.Tensor]
+    held_out: Callable[[int, int], torch.Tensor] | None = None
 
 
 @dataclass

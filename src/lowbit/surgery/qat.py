@@ -10,8 +10,12 @@ over tokens. What trains (:data:`TRAINED`):
 * ``weights``: those, the norms and the latent weights themselves (full QAT).
 
 AdamW without weight decay, warmup then cosine decay (the shared loop of :mod:`.train`); learning rates are
-scale-free as in :mod:`.block_finetune`. At the end every weight is rounded with its learned scale and every scale
-frozen: the result is the same kind of quantized model a weight step leaves, ready to evaluate, save and run.
+scale-free as in :mod:`.block_finetune`. Given held-out sequences, the KL on them is measured before training and
+every ``eval_every`` steps, and the student ends with the trained values of the best measurement (the starting
+point included): many parameters trained on a short text fit that text and drift from the teacher elsewhere, and
+this stops that from leaving a model worse than where training began. At the end every weight is rounded with its
+learned scale and every scale frozen: the result is the same kind of quantized model a weight step leaves, ready
+to evaluate, save and run.
 """
 
 from __future__ import annotations
@@ -44,6 +48,17 @@ class QATConfig:
     lr_scale: float = 0.005
     lr_norm: float = 1e-4
     seed: int = 0
+    eval_every: int = 25
+
+
+@dataclass
+class Distilled:
+    """What training did: every step's loss, the held-out KL after each measured step (step 0: before training),
+    and the step whose trained values the student kept (the last one when nothing was held out)."""
+
+    losses: list[float]
+    held_out: dict[int, float]
+    kept_step: int
 
 
 def kl_from_teacher(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -59,9 +74,11 @@ def norm_weights(model: nn.Module) -> list[nn.Parameter]:
 
 
 def distill(student: nn.Module, teacher: nn.Module, batches: Tensor, config: QATConfig,
-            progress: Callable[[str, int], Callable[..., None]] | None = None) -> list[float]:
+            progress: Callable[[str, int], Callable[..., None]] | None = None,
+            held_out: Tensor | None = None) -> Distilled:
     """Train ``student`` towards ``teacher`` on token ``batches`` ``[n, L]`` for ``config.steps`` steps (the samples
-    cycled in a seeded order, ``config.batch`` per step); returns every step's loss. The student ends frozen."""
+    cycled in a seeded order, ``config.batch`` per step), keeping the values that do best on ``held_out`` ``[m, L]``
+    when given. The student ends frozen."""
     linears, quants = trainable(student)
     if not linears and not quants:
         raise ValueError("quantization-aware training needs quantized weights or static scales to train")
@@ -83,10 +100,50 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Tensor, config: QAT
 
     trainer = Trainer([torch.optim.AdamW(groups, weight_decay=0.0)], config.steps, warmup_cosine,
                       after_step=partial(keep_positive, scales))
+    best = _Best([p for g in groups for p in g["params"]])
+    if held_out is not None:
+        best.offer(0, held_out_kl(student, teacher, held_out, config.batch))
+
+    def on_step(step: int, _losses: list[float]) -> None:
+        done = step + 1
+        if held_out is not None and (done % config.eval_every == 0 or done == config.steps):
+            best.offer(done, held_out_kl(student, teacher, held_out, config.batch))
+
     try:
-        return trainer.run(loss_at, progress=progress, label="quantization-aware training")
+        losses = trainer.run(loss_at, on_step=on_step, progress=progress, label="quantization-aware training")
+        best.restore()
+        return Distilled(losses, best.history, best.step if held_out is not None else len(losses))
     finally:
         freeze(linears, quants, frozen)
+
+
+@torch.no_grad()
+def held_out_kl(student: nn.Module, teacher: nn.Module, tokens: Tensor, batch: int) -> float:
+    """Mean over tokens of the student's KL from the teacher on ``tokens`` ``[m, L]``, ``batch`` sequences a pass."""
+    total = 0.0
+    for part in tokens.split(batch):
+        target = teacher(part, use_cache=False).logits
+        total += kl_from_teacher(student(part, use_cache=False).logits, target).item() * part.numel()
+    return total / tokens.numel()
+
+
+class _Best:
+    """The trained tensors' values at the best held-out KL offered so far (copies, taken when it improves)."""
+
+    def __init__(self, params: list[Tensor]):
+        self.params, self.saved, self.step, self.kl = params, None, 0, math.inf
+        self.history: dict[int, float] = {}
+
+    def offer(self, step: int, kl: float) -> None:
+        self.history[step] = kl
+        if kl < self.kl:
+            self.step, self.kl = step, kl
+            self.saved = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, value in zip(self.params, self.saved or [], strict=False):
+            p.copy_(value)
 
 
 def _order(n: int, config: QATConfig) -> list[Tensor]:
