@@ -16,11 +16,9 @@ import argparse
 import importlib.metadata
 import json
 import time
-import traceback
-from pathlib import Path
 
 import torch
-from _peer_worker import keep_layers, load
+from _peer_worker import keep_layers, load, serve, worker_parser
 
 
 def brevitas_argv(job: dict, model_dir: str, calib: torch.Tensor) -> list[str]:
@@ -95,22 +93,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help=".pt file with 'windows' and 'calibration' token tensors")
-    parser.add_argument("--model-dir", required=True, help="Hugging Face model folder")
-    parser.add_argument("--job", required=True, help="the job's Brevitas flags, as JSON {'flags': [...]}")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
-    parser.add_argument("--out", required=True, help="where to write the JSON result")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        result = run(args)
-    except Exception as exc:  # any failure of the peer is a result to record, not a crash of the benchmark
-        traceback.print_exc()
-        result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    serve(worker_parser(__doc__.splitlines()[0], "the job's Brevitas flags, as JSON {'flags': [...]}"), run)
 
 
 if __name__ == "__main__":

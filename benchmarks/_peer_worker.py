@@ -146,16 +146,20 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def worker_parser(description: str, job_help: str) -> argparse.ArgumentParser:
+    """The arguments every peer worker takes: data, model folder, job, threads, layer cut, where to answer."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", required=True, help=".pt file with 'windows' and 'calibration' token tensors")
     parser.add_argument("--model-dir", required=True, help="Hugging Face model folder")
-    parser.add_argument("--job", required=True, help="the job's peer configuration, as JSON")
-    parser.add_argument("--actorder", default="static", help="GPTQ activation ordering: static, weight or none")
+    parser.add_argument("--job", required=True, help=job_help)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
     parser.add_argument("--out", required=True, help="where to write the JSON result")
-    parser.add_argument("--save", help="also save the quantized model here (save_compressed=True)")
+    return parser
+
+
+def serve(parser: argparse.ArgumentParser, run) -> None:
+    """Parse the arguments, run the job and write its JSON answer; a failure is written as an ``error`` message."""
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,6 +169,13 @@ def main() -> None:
         traceback.print_exc()
         result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = worker_parser(__doc__.splitlines()[0], "the job's peer configuration, as JSON")
+    parser.add_argument("--actorder", default="static", help="GPTQ activation ordering: static, weight or none")
+    parser.add_argument("--save", help="also save the quantized model here (save_compressed=True)")
+    serve(parser, run)
 
 
 if __name__ == "__main__":
