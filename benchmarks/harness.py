@@ -59,9 +59,15 @@ def model_file_name(model: str) -> str:
 
 
 def results_paths(args: argparse.Namespace, canonical: Path) -> tuple[Path, Path]:
-    """(the file this run writes, the file of its model that renders): ``--results`` when given, else the model's."""
+    """(the file this run writes, the file of its model that renders): ``--results`` when given, else the model's;
+    a run on another text (``--eval-data T``: calibrated on the default text, evaluated on T; ``--text T``: both on
+    T) writes ``<model's file>@<T>.json`` or ``@<T>-calibrated.json``, printed, not rendered."""
     own = model_results(canonical, args.model)
-    return (own if args.results == canonical else args.results), own
+    other, text = getattr(args, "eval_data", None), getattr(args, "text", None)
+    writes = own
+    if other or text:
+        writes = own.with_name(f"{own.stem}@{Path(other or text).stem}{'-calibrated' if text else ''}.json")
+    return (writes if args.results == canonical else args.results), own
 
 
 def probe_window(description: str) -> tuple[LoadedModel, torch.Tensor]:
@@ -254,7 +260,8 @@ def command_line(command: str, args: argparse.Namespace, parser: argparse.Argume
                  names: tuple[str, ...] = ()) -> str:
     """``command`` with the data flags of this run that differ from their defaults (``--model``, ``--windows``, ...),
     and the script's own flags ``names`` that differ from ``parser``'s defaults."""
-    flags = {"--model": ("model", "default"), "--seq-len": ("seq_len", 2048), "--windows": ("windows", 6)}
+    flags = {"--model": ("model", "default"), "--seq-len": ("seq_len", 2048), "--windows": ("windows", 6),
+             "--text": ("text", None), "--eval-data": ("eval_data", None)}
     flags.update({f"--{name.replace('_', '-')}": (name, parser.get_default(name)) for name in names})
     extra = [f"{flag} {getattr(args, name)}" for flag, (name, default) in flags.items()
              if getattr(args, name, default) != default]
@@ -270,7 +277,7 @@ def run_labelled(parser: argparse.ArgumentParser, args: argparse.Namespace, rows
     todo = results.todo(check_labels(parser, args.rows, [label for label, _, _ in rows]), args.force)
     if todo and not args.tables_only:
         factories = {label: factory for label, _, factory in rows}
-        bench = Bench.load(args.model, data_config(args))
+        bench = Bench.load(args.model, data_config(args), getattr(args, "eval_data", None))
         results.check_setup(bench.setup())
         results.meta.update(run_meta(command_line(command, args), bench))
         make = measure or (lambda b, _, recipe: b.measure(recipe))
@@ -283,7 +290,7 @@ def labelled_script(doc: str, canonical: Path, rows: list, marker: str, table: C
     """The whole command line of a script of labelled recipe rows: the standard flags, :func:`run_labelled`, then
     ``table(results)`` into the README block ``marker`` (or printed, for a results file of its own)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    add_flags(parser, canonical)
+    add_flags(parser, canonical, text=True, eval_data=True)
     args = parser.parse_args()
     results = run_labelled(parser, args, rows, f"python benchmarks/{Path(sys.argv[0]).name}", measure)
     lines = table(results)

@@ -1,5 +1,6 @@
-"""The peer benchmark's bookkeeping (benchmarks/peers.py): rows of several tools merge and render side by side, each
-peer gets its own worker arguments, and Brevitas' worker builds its entry point's command line from a job."""
+"""Benchmark bookkeeping: the peer benchmark's rows of several tools merge and render side by side, each
+peer gets its own worker arguments, Brevitas' worker builds its entry point's command line from a job, and a run on
+another text keeps its results apart."""
 
 import sys
 from pathlib import Path
@@ -58,3 +59,20 @@ def test_brevitas_gets_our_tokens_and_a_float32_model():
     assert argv[-1] == "--gptq"
     samples = calibration_samples(calib)
     assert len(samples) == 3 and list(samples[1]) == ["input_ids"] and samples[1]["input_ids"].tolist() == [4, 5, 6, 7]
+
+
+def test_a_run_on_another_text_writes_its_own_results_and_says_so():
+    from argparse import Namespace
+
+    from harness import command_line, results_paths
+
+    canonical = Path("/r/qat.json")
+    plain = Namespace(model="default", results=canonical, seq_len=2048, windows=6)
+    assert results_paths(plain, canonical) == (canonical, canonical)
+    cross = Namespace(**vars(plain), eval_data="benchmarks/results/enwiki.txt", text=None)
+    assert results_paths(cross, canonical) == (Path("/r/qat@enwiki.json"), canonical)
+    both = Namespace(**vars(plain), eval_data=None, text="enwiki.txt")
+    assert results_paths(both, canonical)[0] == Path("/r/qat@enwiki-calibrated.json")
+    qwen = Namespace(**{**vars(cross), "model": "qwen2.5-coder-0.5b"})
+    assert results_paths(qwen, canonical)[0] == Path("/r/qat-qwen2.5-coder-0.5b@enwiki.json")
+    assert command_line("python benchmarks/qat.py", cross).endswith("--eval-data benchmarks/results/enwiki.txt")
