@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .block_finetune import freeze, keep_positive, learn, shuffled_batches, trainable, warmup_cosine
-from .train import Trainer
+from .train import Trainer, average_gradients, rank_and_world
 
 Trained = Literal["scales", "scales_norms", "weights"]
 TRAINED: tuple[str, ...] = get_args(Trained)
@@ -90,15 +90,17 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Tensor, config: QAT
         w.requires_grad_(True)
     if norms:
         groups.append({"params": norms, "lr": config.lr_norm})
-    order = _order(len(batches), config)
+    rank, world = rank_and_world()
+    order = _order(len(batches), config, world)
 
     def loss_at(step: int) -> Tensor:
-        tokens = batches[order[step]]
+        tokens = batches[order[step][rank * config.batch:(rank + 1) * config.batch]]
         with torch.no_grad():
             target = teacher(tokens, use_cache=False).logits
         return kl_from_teacher(student(tokens, use_cache=False).logits, target)
 
-    trainer = Trainer([torch.optim.AdamW(groups, weight_decay=0.0)], config.steps, warmup_cosine,
+    optimizers = [torch.optim.AdamW(groups, weight_decay=0.0)]
+    trainer = Trainer(optimizers, config.steps, warmup_cosine, after_backward=partial(average_gradients, optimizers),
                       after_step=partial(keep_positive, scales))
     best = _Best([p for g in groups for p in g["params"]])
     if held_out is not None:
@@ -146,10 +148,19 @@ class _Best:
             p.copy_(value)
 
 
-def _order(n: int, config: QATConfig) -> list[Tensor]:
-    """Each step's sample indices: seeded shuffles of the ``n`` samples, one after another, ``config.batch`` a step."""
-    epochs = math.ceil(config.steps / math.ceil(n / config.batch))
-    return shuffled_batches(n, config.batch, config.seed, epochs)[: config.steps]
+def _order(n: int, config: QATConfig, world: int = 1) -> list[Tensor]:
+    """Each step's sample indices: seeded shuffles of the ``n`` samples, one after another, ``config.batch * world``
+    a step (under torch.distributed each process takes its own ``config.batch`` of them and the gradients are
+    averaged: the steps of one process with the joint batch)."""
+    batch = config.batch * world
+    if n < batch:
+        raise ValueError(f"{n} training sequences cannot fill a step of {config.batch} per process on {world} "
+                         "processes: raise samples or lower batch")
+    epochs = math.ceil(config.steps / (n // batch))
+    steps = shuffled_batches(n, batch, config.seed, epochs)
+    if world > 1:  # every process needs its full share: an epoch's short last step is dropped
+        steps = [b for b in steps if len(b) == batch]
+    return steps[: config.steps]
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from ..quant.clip import clip_from_logit
 from ..rotations.cayley import CayleySGD
 from .attach import act_quantizers, quantizers_off, scale_gradients
 from .rotate import rotate_bias_heads, rotate_input_heads, rotate_output_heads
-from .train import Trainer, cosine
+from .train import Trainer, average_gradients, cosine, rank_and_world
 
 
 @dataclass
@@ -164,7 +164,7 @@ def train_rotations(model: nn.Module, spec: ArchSpec, rot: Rotations, batches: T
     if rot.clips is not None:
         rot.clips.bind(model)
     optimizers = _optimizers(rot, config)
-    trainer = Trainer(optimizers, config.steps, cosine, after_backward=partial(_average_gradients, optimizers),
+    trainer = Trainer(optimizers, config.steps, cosine, after_backward=partial(average_gradients, optimizers),
                       after_step=partial(_keep_adam_state, rot, config, optimizers))
     report = None if on_step is None else lambda step, losses: on_step(step, rot, losses)
     return trainer.run(lambda step: _train_step(model, spec, rot, originals, batches, config, step, d),
@@ -198,39 +198,14 @@ def _keep_adam_state(rot: Rotations, config: TrainConfig, optimizers: list[torch
         rot.clips.adam = {k: v.detach().clone() for k, v in optimizers[-1].state[rot.clips.logits].items()}
 
 
-def _world() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed group, or (0, 1) when not distributed."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _average_gradients(optimizers: list[torch.optim.Optimizer], loss: Tensor) -> Tensor:
-    """Under torch.distributed, all-reduce the trained parameters' gradients and the loss to their mean over
-    processes (gloo or NCCL), so that every process takes the same step; returns the loss to report."""
-    _, world = _world()
-    if world == 1:
-        return loss
-    import torch.distributed as dist
-
-    for p in (p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]):
-        dist.all_reduce(p.grad)
-        p.grad /= world
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    return total / world
-
-
 def _train_step(model, spec, rot, originals, batches, config, step: int, d: int) -> Tensor:
     """The loss of training step ``step`` on this process's share of the step's batch (batches cycle in order).
 
     Under torch.distributed each process takes its own ``batch`` samples of the step's global batch
-    (``batch * world`` samples) and the rotations' gradients are averaged (:func:`_average_gradients`), so every
+    (``batch * world`` samples) and the rotations' gradients are averaged (:func:`.train.average_gradients`), so every
     process takes the same step: the same result as one process with a ``batch * world`` batch.
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     first = (step * world + rank) * config.batch
     tokens = batches[torch.arange(first, first + config.batch) % len(batches)]
     with _autocast(config.autocast, rot.r1.device):

@@ -11,7 +11,9 @@ the order of a step, so every method steps alike:
 5. ``on_step(step, losses)`` sees this run's losses so far (checkpointing) and the progress bar ticks.
 
 ``start``/``stop`` run one slice of a schedule that spans ``total`` steps, so a run resumed from a checkpoint
-continues with exactly the learning rates it would have had.
+continues with exactly the learning rates it would have had. Data parallel training over torch.distributed (gloo or
+NCCL) is :func:`average_gradients` as ``after_backward``, each process computing the loss of its own share of the
+step's batch (:func:`rank_and_world`).
 """
 
 from __future__ import annotations
@@ -92,3 +94,29 @@ class Trainer:
         if self.after_step is not None:
             self.after_step()
         return float(loss.detach())
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, or (0, 1) when not distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def average_gradients(optimizers: Sequence[torch.optim.Optimizer], loss: Tensor) -> Tensor:
+    """Under torch.distributed, all-reduce the trained parameters' gradients and the loss to their mean over
+    processes (gloo or NCCL), so that every process takes the same step; returns the loss to report."""
+    _, world = rank_and_world()
+    if world == 1:
+        return loss
+    import torch.distributed as dist
+
+    for p in (p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]):
+        if p.grad is not None:  # the same on every process: each runs the same graph
+            dist.all_reduce(p.grad)
+            p.grad /= world
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total / world
