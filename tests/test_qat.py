@@ -209,3 +209,44 @@ def test_self_generated_holdout_is_more_of_the_teachers_text():
                                                               "eval_every": 1}))
     report = session.report()["qat"]
     assert set(report["held_out_kl"]) == {"0", "1", "2"} and report["tokens"] == 8 * 48
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("holdout", [0, 2])
+def test_an_interrupted_run_resumes_exactly_from_its_checkpoint(holdout, tmp_path, tokens):
+    """Stopped after 2 of 6 steps (checkpoints every 2), the same recipe resumes at step 2 and ends where one
+    uninterrupted run ends: trained values and optimizer moments (without validation the last step's values are
+    kept, so every one counts) and the held-out record and best values (with it) all come back."""
+    model, data = _peaky_model(), tiny_data()
+    settings = {"steps": 6, "holdout": holdout, "eval_every": 2, "lr_weight": 1.0, "checkpoint_every": 2}
+    whole, whole_session = lowbit.quantize_with_session(model, _recipe(settings), data)
+    path = tmp_path / "qat.safetensors"
+    ticks = []
+
+    def progress(label, total):
+        def tick(*_):
+            ticks.append(label)
+            if label == "quantization-aware training" and ticks.count(label) == 2:
+                raise _Stop
+
+        return tick
+
+    with pytest.raises(_Stop):
+        lowbit.quantize_with_session(model, _recipe({**settings, "checkpoint": str(path)}), data, progress=progress)
+    ticks.clear()
+    counting = lambda label, total: (lambda *_: ticks.append(label))  # noqa: E731
+    resumed, session = lowbit.quantize_with_session(model, _recipe({**settings, "checkpoint": str(path)}), data,
+                                                    progress=counting)
+    assert ticks.count("quantization-aware training") == 4  # it went on from step 2
+    report, expected = session.report()["qat"], whole_session.report()["qat"]
+    assert report["losses"][:2] == expected["losses"][:2] and len(report["losses"]) == 6
+    assert report["held_out_kl"] == pytest.approx(expected["held_out_kl"], abs=1e-6)
+    assert report["kept_step"] == expected["kept_step"]
+    with torch.no_grad():
+        assert torch.allclose(resumed(tokens).logits, whole(tokens).logits, atol=1e-5)
+    # other settings never resume this run's checkpoint: they start afresh, with a warning
+    with pytest.warns(lowbit.errors.LowbitWarning, match="written by another run"):
+        lowbit.quantize_with_session(model, _recipe({**settings, "lr_weight": 0.3, "checkpoint": str(path)}), data)

@@ -16,7 +16,15 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import CalibrationError
+from ..surgery.checkpoint import (
+    check_checkpoint_path,
+    load_checkpoint,
+    model_digest,
+    save_checkpoint,
+    tensor_digest,
+)
 from ..surgery.qat import QATConfig, Trained, distill, self_generated
+from ..surgery.train import rank_and_world
 from .registry import MethodResult, StepConfig, register
 from .session import Session
 
@@ -29,7 +37,9 @@ class QATStep(StepConfig):
     a user without text can still train). ``holdout`` more sequences are kept out of training (the last tokens of
     the calibration text, or more samples of the model's own text) and the KL on them measured before training and
     every ``eval_every`` steps: the model keeps the trained values of the best measurement, the start included
-    (``holdout: 0``: the last step's, no validation). ``train``: ``scales`` (weight and static activation/KV scales),
+    (``holdout: 0``: the last step's, no validation). ``checkpoint``: a safetensors file written every
+    ``checkpoint_every`` steps (trained values, optimizer state, the best values so far); a run with the same
+    settings, model and text resumes from it exactly. ``train``: ``scales`` (weight and static activation/KV scales),
     ``scales_norms`` (and the norm weights) or ``weights`` (and the latent weights). Learning rates are scale-free:
     ``lr_weight`` in units of each linear's quantization step, ``lr_scale`` relative to each scale; ``lr_norm`` is
     absolute (norm weights are about 1). Loss: KL of the quantized model's next-token distribution from the
@@ -50,6 +60,8 @@ class QATStep(StepConfig):
     seed: int | None = None
     holdout: int = Field(default=8, ge=0)
     eval_every: int = Field(default=25, ge=1)
+    checkpoint: str | None = None
+    checkpoint_every: int = Field(default=25, ge=1)
 
     def needs_calibration(self) -> bool:
         return self.data == "calibration"
@@ -84,10 +96,22 @@ def apply(model: nn.Module, step: QATStep, session: Session) -> QATResult:
     start = time.perf_counter()
     seed = session.seed if step.seed is None else step.seed
     teacher = session.teacher
+    if step.checkpoint is not None:  # a path no file can be written to fails now, not at the first save
+        check_checkpoint_path(step.checkpoint)
     batches, held = _texts(step, session, seed)
     config = QATConfig(step.steps, step.batch, step.train, step.lr_weight, step.lr_scale, step.lr_norm, seed,
                        step.eval_every)
-    done = distill(model, teacher, batches, config, session.progress, held)
+    resume, save = None, None
+    if step.checkpoint is not None:  # bound to these settings, this model and this text: never someone else's run
+        fingerprint = {**step.model_dump(mode="json", exclude={"checkpoint", "checkpoint_every"}), "seed": seed,
+                       "model": model_digest(model), "text": tensor_digest(batches),
+                       "held_out": None if held is None else tensor_digest(held), "world": rank_and_world()[1]}
+        found = load_checkpoint(step.checkpoint, fingerprint)
+        resume = None if found is None else (found[0], found[1]["progress"])
+
+        def save(tensors: dict, progress: dict) -> None:
+            save_checkpoint(step.checkpoint, tensors, {**fingerprint, "progress": progress})
+    done = distill(model, teacher, batches, config, session.progress, held, resume, save, step.checkpoint_every)
     return QATResult(done.losses, done.held_out, done.kept_step, step.train, step.data, int(batches.numel()),
                      time.perf_counter() - start)
 

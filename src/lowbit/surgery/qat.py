@@ -75,10 +75,14 @@ def norm_weights(model: nn.Module) -> list[nn.Parameter]:
 
 def distill(student: nn.Module, teacher: nn.Module, batches: Tensor, config: QATConfig,
             progress: Callable[[str, int], Callable[..., None]] | None = None,
-            held_out: Tensor | None = None) -> Distilled:
+            held_out: Tensor | None = None, resume: tuple[dict[str, Tensor], dict] | None = None,
+            save: Callable[[dict[str, Tensor], dict], None] | None = None, save_every: int = 25) -> Distilled:
     """Train ``student`` towards ``teacher`` on token ``batches`` ``[n, L]`` for ``config.steps`` steps (the samples
     cycled in a seeded order, ``config.batch`` per step), keeping the values that do best on ``held_out`` ``[m, L]``
-    when given. The student ends frozen."""
+    when given. The student ends frozen.
+
+    ``save(tensors, progress)`` is called every ``save_every`` steps and after the last with everything a resumed
+    run needs (:func:`training_state`); ``resume`` is such a saved state, from which training continues exactly."""
     linears, quants = trainable(student)
     if not linears and not quants:
         raise ValueError("quantization-aware training needs quantized weights or static scales to train")
@@ -102,21 +106,60 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Tensor, config: QAT
     optimizers = [torch.optim.AdamW(groups, weight_decay=0.0)]
     trainer = Trainer(optimizers, config.steps, warmup_cosine, after_backward=partial(average_gradients, optimizers),
                       after_step=partial(keep_positive, scales))
-    best = _Best([p for g in groups for p in g["params"]])
-    if held_out is not None:
+    params = [p for g in groups for p in g["params"]]
+    best, first, earlier = _Best(params), 0, []
+    if resume is not None:
+        first, earlier = restore_state(params, optimizers[0], best, *resume)
+    elif held_out is not None:
         best.offer(0, held_out_kl(student, teacher, held_out, config.batch))
 
-    def on_step(step: int, _losses: list[float]) -> None:
+    def on_step(step: int, losses: list[float]) -> None:
         done = step + 1
         if held_out is not None and (done % config.eval_every == 0 or done == config.steps):
             best.offer(done, held_out_kl(student, teacher, held_out, config.batch))
+        if save is not None and (done % save_every == 0 or done == config.steps):
+            save(*training_state(params, optimizers[0], best, done, earlier + losses))
 
     try:
-        losses = trainer.run(loss_at, on_step=on_step, progress=progress, label="quantization-aware training")
+        losses = earlier + trainer.run(loss_at, start=first, on_step=on_step, progress=progress,
+                                       label="quantization-aware training")
         best.restore()
         return Distilled(losses, best.history, best.step if held_out is not None else len(losses))
     finally:
         freeze(linears, quants, frozen)
+
+
+def training_state(params: list[Tensor], optimizer: torch.optim.Optimizer, best: _Best, done: int,
+                   losses: list[float]) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, progress) of a training run after ``done`` steps: the trained values, AdamW's moments and step
+    counts, the best values held so far; the losses and held-out record."""
+    tensors: dict[str, Tensor] = {}
+    for i, p in enumerate(params):
+        tensors[f"param.{i}"] = p.detach().clone()
+        for key, value in optimizer.state.get(p, {}).items():
+            tensors[f"adam.{i}.{key}"] = torch.as_tensor(value).detach().clone()
+        if best.saved is not None:
+            tensors[f"best.{i}"] = best.saved[i]
+    progress = {"step": done, "losses": losses, "held_out": {str(k): v for k, v in best.history.items()},
+                "best_step": best.step, "best_kl": best.kl if math.isfinite(best.kl) else None}
+    return tensors, progress
+
+
+@torch.no_grad()
+def restore_state(params: list[Tensor], optimizer: torch.optim.Optimizer, best: _Best, tensors: dict[str, Tensor],
+                  progress: dict) -> tuple[int, list[float]]:
+    """Put a :func:`training_state` back; returns (the next step, the losses so far)."""
+    for i, p in enumerate(params):
+        p.copy_(tensors[f"param.{i}"])
+        state = {key.split(".", 2)[2]: value.clone() for key, value in tensors.items() if key.startswith(f"adam.{i}.")}
+        if state:
+            optimizer.state[p] = state
+    if "best.0" in tensors:
+        best.saved = [tensors[f"best.{i}"].clone() for i in range(len(params))]
+    best.history = {int(k): v for k, v in progress["held_out"].items()}
+    best.step = progress["best_step"]
+    best.kl = math.inf if progress["best_kl"] is None else progress["best_kl"]
+    return int(progress["step"]), list(progress["losses"])
 
 
 @torch.no_grad()
