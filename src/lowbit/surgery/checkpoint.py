@@ -1,6 +1,6 @@
 """Resumable checkpoints: safetensors files whose metadata fingerprints the settings that wrote them.
 
-SpinQuant's rotations and block-wise reconstruction's finished layers (and QAT next) save the same way: the
+SpinQuant's rotations, block-wise reconstruction's finished layers and QAT's training state save the same way: the
 tensors, plus a JSON object under the ``lowbit`` metadata key holding the run's fingerprint (the settings a resumed
 run must share) and any progress (step, losses). Writes are atomic, so an interrupted save never replaces a good
 checkpoint; a run loads a checkpoint only when every fingerprint entry matches, so changed settings start afresh
