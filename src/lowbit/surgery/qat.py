@@ -117,7 +117,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Tensor, config: QAT
         done = step + 1
         if held_out is not None and (done % config.eval_every == 0 or done == config.steps):
             best.offer(done, held_out_kl(student, teacher, held_out, config.batch))
-        if save is not None and (done % save_every == 0 or done == config.steps):
+        if save is not None and rank == 0 and (done % save_every == 0 or done == config.steps):  # one writer
             save(*training_state(params, optimizers[0], best, done, earlier + losses))
 
     try:
