@@ -146,3 +146,23 @@ def recording_progress() -> tuple:
     """A ``progress(description, total) -> tick(status)`` callback and the list of (description, status) it records."""
     seen: list[tuple[str, str | None]] = []
     return (lambda description, total: lambda status=None: seen.append((description, status))), seen
+
+
+def _gloo_worker(rank: int, world: int, init: str, out: str, job) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.save(job(), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def on_gloo_processes(tmp_path: Path, job, world: int = 2) -> list:
+    """``job()`` (a module-level function) run on ``world`` processes of one gloo group: each process's answer."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "rank")
+    mp.spawn(_gloo_worker, args=(world, f"file://{tmp_path / 'init'}", out, job), nprocs=world, join=True)
+    return [torch.load(f"{out}.{r}") for r in range(world)]

@@ -2,12 +2,11 @@
 2 sequences per step (the trained weights' gradients averaged), and end with the same model."""
 
 import torch
-import torch.multiprocessing as mp
 
 import lowbit
 from lowbit.data import TokenData
 from lowbit.recipe import Recipe
-from tests.conftest import tiny_model
+from tests.conftest import on_gloo_processes, tiny_model
 
 
 def _data() -> TokenData:
@@ -29,23 +28,14 @@ def _train(batch: int, steps: int = 3) -> tuple[torch.Tensor, list[float]]:
     return weights, session.report()["qat"]["losses"]
 
 
-def _worker(rank: int, world: int, init: str, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        first, _ = _train(batch=1, steps=1)
-        weights, losses = _train(batch=1)
-        torch.save({"first": first, "weights": weights, "losses": losses}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _both_runs() -> dict:
+    first, _ = _train(batch=1, steps=1)
+    weights, losses = _train(batch=1)
+    return {"first": first, "weights": weights, "losses": losses}
 
 
 def test_two_processes_equal_one_process_with_the_joint_batch(tmp_path):
-    out = str(tmp_path / "rank")
-    mp.spawn(_worker, args=(2, f"file://{tmp_path / 'init'}", out), nprocs=2, join=True)
-    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    ranks = on_gloo_processes(tmp_path, _both_runs)
     single_first, _ = _train(batch=2, steps=1)
     _, single_losses = _train(batch=2)
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])  # every process took the same steps

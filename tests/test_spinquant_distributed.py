@@ -3,13 +3,12 @@ process with 2 samples per step (gradients of the rotations and clip logits aver
 rotations and clips."""
 
 import torch
-import torch.multiprocessing as mp
 
 import lowbit
 from lowbit.data import TokenData
 from lowbit.methods.quarot import RotationResult
 from lowbit.recipe import Recipe
-from tests.conftest import tiny_model
+from tests.conftest import on_gloo_processes, tiny_model
 
 
 def _data() -> TokenData:
@@ -33,23 +32,14 @@ def _learn(batch: int, steps: int = 3) -> tuple[torch.Tensor, list[float]]:
     return torch.cat([rot.r1.detach().flatten(), rot.clips.logits.detach()]), session.get(RotationResult).details["losses"]
 
 
-def _worker(rank: int, world: int, init: str, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        first, _ = _learn(batch=1, steps=1)
-        r1, losses = _learn(batch=1)
-        torch.save({"first": first, "r1": r1, "losses": losses}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _both_runs() -> dict:
+    first, _ = _learn(batch=1, steps=1)
+    r1, losses = _learn(batch=1)
+    return {"first": first, "r1": r1, "losses": losses}
 
 
 def test_two_processes_equal_one_process_with_the_joint_batch(tmp_path):
-    out = str(tmp_path / "rank")
-    mp.spawn(_worker, args=(2, f"file://{tmp_path / 'init'}", out), nprocs=2, join=True)
-    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    ranks = on_gloo_processes(tmp_path, _both_runs)
     single_first, _ = _learn(batch=2, steps=1)
     single_r1, single_losses = _learn(batch=2)
     assert torch.equal(ranks[0]["r1"], ranks[1]["r1"])  # every process took the same steps
