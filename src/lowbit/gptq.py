@@ -205,10 +205,15 @@ def _add_lower_blocks(h: Tensor, rows: Tensor, alpha: float) -> None:
 
 
 def _mirror_lower_blocks(h: Tensor) -> Tensor:
-    """``h`` with each block above the diagonal set to the transpose of its mirror below (see _add_lower_blocks)."""
+    """``h`` with each block above the diagonal set to the transpose of its mirror below (see _add_lower_blocks),
+    and each diagonal block averaged with its transpose: a BLAS ``X^T X`` need not be bit-symmetric (it is not on
+    some AMD CPUs), and the Cholesky factorisations downstream expect an exactly symmetric matrix."""
     n = h.shape[0]
-    for start in range(_GRAM_BLOCK, n, _GRAM_BLOCK):
-        h[:start, start : start + _GRAM_BLOCK] = h[start : start + _GRAM_BLOCK, :start].T
+    for start in range(0, n, _GRAM_BLOCK):
+        stop = min(start + _GRAM_BLOCK, n)
+        block = h[start:stop, start:stop]
+        h[start:stop, start:stop] = (block + block.T) / 2
+        h[:start, start:stop] = h[start:stop, :start].T
     return h
 
 
