@@ -85,13 +85,13 @@ def measure_peer(bench: Bench) -> dict:
 
     calibration = load_recipe(PEER_LOWBIT).calibration
     settings = {"calib_samples": calibration.samples, "calib_seq_len": calibration.seq_len, "layers": None}
-    versions = peer.ensure_venv(peer.DEFAULT_VENV)
+    versions = peer.ensure_venv(peer.LLMCOMPRESSOR.venv)
     with tempfile.TemporaryDirectory(prefix="lowbit-ct-peer-") as tmp:
         tmp = Path(tmp)
         peer.save_data(bench.data, settings, tmp / "data.pt")
         folder = tmp / "peer-export"
         run = SimpleNamespace(peer_actorder="static", verbose=False)
-        row = peer.run_peer(peer.JOBS["w4a16-g64"], peer.DEFAULT_VENV, peer.model_folder(bench.loaded.source),
+        row = peer.run_peer(peer.JOBS["w4a16-g64"], peer.LLMCOMPRESSOR.venv, peer.model_folder(bench.loaded.source),
                             tmp / "data.pt", settings, run, extra=("--save", str(folder)))
         if "error" in row:
             raise SystemExit(f"llm-compressor's job failed: {row['error']}")

@@ -79,7 +79,6 @@ BREVITAS = Peer(
     HERE / "_brevitas_worker.py", "brevitas")
 PEERS = {p.name: p for p in (LLMCOMPRESSOR, BREVITAS)}
 TOOLS = ("lowbit", *PEERS)
-DEFAULT_VENV = LLMCOMPRESSOR.venv
 
 FULL = {"windows": 6, "seq_len": 2048, "calib_samples": 64, "calib_seq_len": 512, "layers": None}  # None: all
 # The GPTQ solver's cost does not shrink with the calibration size, so the smoke run also cuts the model to 2 layers.
@@ -170,7 +169,7 @@ def _pip(venv: Path, *args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def peer_versions(venv: Path, packages: tuple[str, ...] = LLMCOMPRESSOR.versions) -> dict | None:
+def peer_versions(venv: Path, packages: tuple[str, ...]) -> dict | None:
     """Installed versions of ``packages`` in the peer venv, or None when it is missing or incomplete."""
     probe = f"import json, importlib.metadata as m; print(json.dumps({{p: m.version(p) for p in {packages!r}}}))"
     if not venv_python(venv).is_file():
