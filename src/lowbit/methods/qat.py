@@ -42,8 +42,10 @@ class QATStep(StepConfig):
     settings, model and text resumes from it exactly. ``train``: ``scales`` (weight and static activation/KV scales),
     ``scales_norms`` (and the norm weights) or ``weights`` (and the latent weights). Learning rates are scale-free:
     ``lr_weight`` in units of each linear's quantization step, ``lr_scale`` relative to each scale; ``lr_norm`` is
-    absolute (norm weights are about 1). Loss: KL of the quantized model's next-token distribution from the
-    full-precision one's.
+    absolute (norm weights are about 1). The defaults are about LLM-QAT's learning rate (2e-5 on weights whose
+    4-bit step is about 1e-2) in these units: ten times more shakes a PTQ result off its codes at the end of the
+    warmup faster than training recovers them (benchmarks/README.md, QAT). Loss: KL of the quantized model's
+    next-token distribution from the full-precision one's.
     """
 
     method: Literal["qat"] = "qat"
@@ -54,9 +56,9 @@ class QATStep(StepConfig):
     batch: int = Field(default=1, ge=1)
     data: Literal["calibration", "self"] = "calibration"
     train: Trained = "weights"
-    lr_weight: float = Field(default=0.02, ge=0)
-    lr_scale: float = Field(default=0.005, ge=0)
-    lr_norm: float = Field(default=1e-4, ge=0)
+    lr_weight: float = Field(default=0.002, ge=0)
+    lr_scale: float = Field(default=0.001, ge=0)
+    lr_norm: float = Field(default=2e-5, ge=0)
     seed: int | None = None
     holdout: int = Field(default=8, ge=0)
     eval_every: int = Field(default=25, ge=1)

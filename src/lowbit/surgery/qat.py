@@ -44,9 +44,9 @@ class QATConfig:
     steps: int
     batch: int = 1
     train: Trained = "weights"
-    lr_weight: float = 0.02
-    lr_scale: float = 0.005
-    lr_norm: float = 1e-4
+    lr_weight: float = 0.002
+    lr_scale: float = 0.001
+    lr_norm: float = 2e-5
     seed: int = 0
     eval_every: int = 25
 
