@@ -42,6 +42,7 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("+ qat", "then QAT: weights, scales and norms, 200 steps", _with_qat("w4a4kv4-quarot")),
     ("+ qat, no holdout", "the same without held-out validation (the last step's values kept)",
      _with_qat("w4a4kv4-quarot", holdout=0)),
+    ("+ qat clips", "and every dynamic activation/KV quantizer's clip ratio", _with_qat("w4a4kv4-quarot", clips=True)),
     ("+ qat scales", "QAT of the weight scales only", _with_qat("w4a4kv4-quarot", train="scales")),
     ("+ qat scales_norms", "QAT of the scales and norm weights", _with_qat("w4a4kv4-quarot", train="scales_norms")),
     ("+ qat self-generated", "QAT on text sampled from the full-precision model",
@@ -49,6 +50,8 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("+ qat 600 steps", "three times longer", _with_qat("w4a4kv4-quarot", steps=600, samples=128)),
     ("w4a4kv4-spinquant + qat", "learned rotations and clips (saved), GPTQ, then QAT",
      _with_qat("w4a4kv4-spinquant", _spin_rotations)),
+    ("w4a4kv4-spinquant + qat clips", "the same, the clip ratios training on from SpinQuant's",
+     _with_qat("w4a4kv4-spinquant", _spin_rotations, clips=True)),
 ]
 
 

@@ -24,15 +24,12 @@ import torch
 from harness import HERE, Bench, add_flags, write_block
 
 from lowbit.data import TokenData
-from lowbit.methods.spinquant import (
-    initial_clips,
-    initial_rotations,
-    prepare_training,
-)
+from lowbit.methods.spinquant import initial_rotations, prepare_training
 from lowbit.models.arch import head_dim
 from lowbit.recipe import load_preset
 from lowbit.report import write_json_atomic
 from lowbit.rotations.cayley import skew_direction
+from lowbit.surgery.clips import initial_clips
 from lowbit.surgery.rotate import o_rotation_matrix, rotation_seeds
 from lowbit.surgery.spinquant import (
     TrainConfig,

@@ -251,3 +251,24 @@ def test_an_interrupted_run_resumes_exactly_from_its_checkpoint(holdout, tmp_pat
     # other settings never resume this run's checkpoint: they start afresh, with a warning
     with pytest.warns(lowbit.errors.LowbitWarning, match="written by another run"):
         lowbit.quantize_with_session(model, _recipe({**settings, "lr_weight": 0.3, "checkpoint": str(path)}), data)
+
+
+def test_clips_train_and_end_in_the_quantizers_schemes(tmp_path, tokens):
+    model, data = _peaky_model(), tiny_data()
+    start = lowbit.quantize(model, _recipe(None), data)
+    tuned, session = lowbit.quantize_with_session(model, _recipe({"steps": 20, "clips": True, "lr_clip": 0.2}), data)
+    pairs = [(a, tuned.get_submodule(n)) for n, a in start.named_modules() if isinstance(a, ActQuantizer)]
+    assert pairs and all(b.learned_clip is None for _, b in pairs)
+    ratios = [b.scheme.clip_ratio for _, b in pairs]
+    assert all(0.5 < r < 1.0 for r in ratios) and len(set(ratios)) > 1  # each its own, none left at the start
+    assert session.report()["qat"]["clip_ratios"]["learned"] == len(pairs)
+    lowbit.save(tuned, tmp_path / "clips")
+    loaded = lowbit.load(tmp_path / "clips")
+    with torch.no_grad():
+        assert torch.allclose(loaded(tokens).logits, tuned(tokens).logits, atol=1e-3)
+
+
+def test_without_clips_the_dynamic_quantizers_keep_their_ratios():
+    model, data = _peaky_model(), tiny_data()
+    tuned = lowbit.quantize(model, _recipe({"steps": 5}), data)
+    assert all(q.scheme.clip_ratio == 1.0 for q in tuned.modules() if isinstance(q, ActQuantizer))

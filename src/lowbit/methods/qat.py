@@ -23,6 +23,7 @@ from ..surgery.checkpoint import (
     save_checkpoint,
     tensor_digest,
 )
+from ..surgery.clips import clip_summary
 from ..surgery.qat import QATConfig, Trained, distill, self_generated
 from ..surgery.train import rank_and_world
 from .registry import MethodResult, StepConfig, register
@@ -40,7 +41,8 @@ class QATStep(StepConfig):
     (``holdout: 0``: the last step's, no validation). ``checkpoint``: a safetensors file written every
     ``checkpoint_every`` steps (trained values, optimizer state, the best values so far); a run with the same
     settings, model and text resumes from it exactly. ``train``: ``scales`` (weight and static activation/KV scales),
-    ``scales_norms`` (and the norm weights) or ``weights`` (and the latent weights). Learning rates are scale-free:
+    ``scales_norms`` (and the norm weights) or ``weights`` (and the latent weights); ``clips``: and every dynamic
+    activation/KV quantizer's clip ratio (Adam on its logit, ``lr_clip``). Learning rates are scale-free:
     ``lr_weight`` in units of each linear's quantization step, ``lr_scale`` relative to each scale; ``lr_norm`` is
     absolute (norm weights are about 1). The defaults are about LLM-QAT's learning rate (2e-5 on weights whose
     4-bit step is about 1e-2) in these units: ten times more shakes a PTQ result off its codes at the end of the
@@ -59,6 +61,8 @@ class QATStep(StepConfig):
     lr_weight: float = Field(default=0.002, ge=0)
     lr_scale: float = Field(default=0.001, ge=0)
     lr_norm: float = Field(default=2e-5, ge=0)
+    clips: bool = False
+    lr_clip: float = Field(default=0.01, ge=0)
     seed: int | None = None
     holdout: int = Field(default=8, ge=0)
     eval_every: int = Field(default=25, ge=1)
@@ -82,13 +86,15 @@ class QATResult(MethodResult):
     data: str = ""
     tokens: int = 0
     seconds: float = 0.0
+    clips: dict[str, float] = field(default_factory=dict)
 
     def report(self) -> dict:
         head, tail = self.losses[:10], self.losses[-10:]
         return {"steps": len(self.losses), "train": self.train, "data": self.data, "tokens": self.tokens,
                 "kl_first_10": sum(head) / max(1, len(head)), "kl_last_10": sum(tail) / max(1, len(tail)),
                 "held_out_kl": {str(k): v for k, v in self.held_out.items()}, "kept_step": self.kept_step,
-                "losses": self.losses, "seconds": round(self.seconds, 3)}
+                "losses": self.losses, "seconds": round(self.seconds, 3),
+                **({"clip_ratios": clip_summary(self.clips)} if self.clips else {})}
 
 
 @register(QATStep)
@@ -102,7 +108,7 @@ def apply(model: nn.Module, step: QATStep, session: Session) -> QATResult:
         check_checkpoint_path(step.checkpoint)
     batches, held = _texts(step, session, seed)
     config = QATConfig(step.steps, step.batch, step.train, step.lr_weight, step.lr_scale, step.lr_norm, seed,
-                       step.eval_every)
+                       step.eval_every, step.clips, step.lr_clip)
     resume, save = None, None
     if step.checkpoint is not None:  # bound to these settings, this model and this text: never someone else's run
         fingerprint = {**step.model_dump(mode="json", exclude={"checkpoint", "checkpoint_every"}), "seed": seed,
@@ -115,7 +121,7 @@ def apply(model: nn.Module, step: QATStep, session: Session) -> QATResult:
             save_checkpoint(step.checkpoint, tensors, {**fingerprint, "progress": progress})
     done = distill(model, teacher, batches, config, session.progress, held, resume, save, step.checkpoint_every)
     return QATResult(done.losses, done.held_out, done.kept_step, step.train, step.data, int(batches.numel()),
-                     time.perf_counter() - start)
+                     time.perf_counter() - start, done.clips)
 
 
 def _texts(step: QATStep, session: Session, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -21,7 +21,6 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..models.arch import decoder_layers, get_module
-from ..quant.clip import logit_from_clip
 from ..surgery.attach import (
     act_quantizers,
     attach_activation_quantizers,
@@ -38,6 +37,7 @@ from ..surgery.checkpoint import (
     save_checkpoint,
     tensor_digest,
 )
+from ..surgery.clips import LearnedClips, initial_clips
 from ..surgery.rotate import (
     add_online_rotations,
     check_residual_rotation,
@@ -49,7 +49,7 @@ from ..surgery.rotate import (
     rotate_residual,
     rotation_seeds,
 )
-from ..surgery.spinquant import LearnedClips, Rotations, TrainConfig, train_rotations
+from ..surgery.spinquant import Rotations, TrainConfig, train_rotations
 from .quarot import RotationResult
 from .registry import StepConfig, register
 from .session import Session
@@ -152,13 +152,6 @@ def _rotations(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[Rotations,
         adam = {k: v.reshape(()) if k == "step" else v for k, v in adam.items()}
         rot.clips = LearnedClips(list(meta["clip_names"]), nn.Parameter(tensors["clip_logits"]), adam)
     return rot, meta
-
-
-def initial_clips(model: nn.Module) -> LearnedClips:
-    """One logit per activation/KV quantizer of ``model``, started at its scheme's clip ratio."""
-    quantizers = list(act_quantizers(model))
-    logits = torch.tensor([logit_from_clip(q.scheme.clip_ratio) for q in quantizers])
-    return LearnedClips([q.name for q in quantizers], nn.Parameter(logits))
 
 
 def initial_rotations(model: nn.Module, spec, seed: int) -> Rotations:
@@ -265,9 +258,7 @@ def _describe(rot: Rotations, learned: bool) -> dict:
     else:
         out = {"R1": "seeded random Hadamard (QuaRot's, not learned)", "R2": f"seeded random Hadamards ({len(rot.r2)})"}
     if rot.clips is not None:
-        ratios = torch.tensor(list(rot.clips.ratios().values()))
-        out["clip_ratios"] = {"learned": len(ratios), "min": round(float(ratios.min()), 4),
-                              "median": round(float(ratios.median()), 4), "max": round(float(ratios.max()), 4)}
+        out["clip_ratios"] = rot.clips.summary()
     return out
 
 

@@ -9,6 +9,9 @@ over tokens. What trains (:data:`TRAINED`):
 * ``scales_norms``: those and the norm weights (a learned per-channel input scale of each linear they feed);
 * ``weights``: those, the norms and the latent weights themselves (full QAT).
 
+With ``clips``, each dynamic activation/KV quantizer's clip ratio trains too (:mod:`.clips`), from the ratio it has
+(SpinQuant's learned one, or the scheme's): a dynamic quantizer has no scale to learn, and its clip is what sets it.
+
 AdamW without weight decay, warmup then cosine decay (the shared loop of :mod:`.train`); learning rates are
 scale-free as in :mod:`.block_finetune`. Given held-out sequences, the KL on them is measured before training and
 every ``eval_every`` steps, and the student ends with the trained values of the best measurement (the starting
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal, get_args
 
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .block_finetune import freeze, keep_positive, learn, shuffled_batches, trainable, warmup_cosine
+from .clips import fix_clips, initial_clips
 from .train import Trainer, average_gradients, rank_and_world
 
 Trained = Literal["scales", "scales_norms", "weights"]
@@ -49,16 +53,20 @@ class QATConfig:
     lr_norm: float = 2e-5
     seed: int = 0
     eval_every: int = 25
+    clips: bool = False
+    lr_clip: float = 0.01
 
 
 @dataclass
 class Distilled:
     """What training did: every step's loss, the held-out KL after each measured step (step 0: before training),
-    and the step whose trained values the student kept (the last one when nothing was held out)."""
+    the step whose trained values the student kept (the last one when nothing was held out), and the learned clip
+    ratio of each dynamic quantizer (when clips trained), by name."""
 
     losses: list[float]
     held_out: dict[int, float]
     kept_step: int
+    clips: dict[str, float] = field(default_factory=dict)
 
 
 def kl_from_teacher(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -94,6 +102,10 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Tensor, config: QAT
         w.requires_grad_(True)
     if norms:
         groups.append({"params": norms, "lr": config.lr_norm})
+    clips = initial_clips(student, dynamic_only=True) if config.clips else None
+    if clips is not None and clips.names:
+        clips.bind(student)
+        groups.append({"params": [clips.logits], "lr": config.lr_clip})
     rank, world = rank_and_world()
     order = _order(len(batches), config, world)
 
@@ -124,9 +136,12 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Tensor, config: QAT
         losses = earlier + trainer.run(loss_at, start=first, on_step=on_step, progress=progress,
                                        label="quantization-aware training")
         best.restore()
-        return Distilled(losses, best.history, best.step if held_out is not None else len(losses))
+        learned = clips.ratios() if clips is not None else {}
+        return Distilled(losses, best.history, best.step if held_out is not None else len(losses), learned)
     finally:
         freeze(linears, quants, frozen)
+        if clips is not None:
+            fix_clips(student, clips)
 
 
 def training_state(params: list[Tensor], optimizer: torch.optim.Optimizer, best: _Best, done: int,

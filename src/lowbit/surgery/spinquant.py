@@ -21,7 +21,7 @@ scales detached treats that error as a constant (on the default model it then ra
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -29,37 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.arch import ArchSpec, decoder_layers, get_module, head_dim
-from ..quant.clip import clip_from_logit
 from ..rotations.cayley import CayleySGD
-from .attach import act_quantizers, quantizers_off, scale_gradients
+from .attach import quantizers_off, scale_gradients
+from .clips import LearnedClips
 from .rotate import rotate_bias_heads, rotate_input_heads, rotate_output_heads
 from .train import Trainer, average_gradients, cosine, rank_and_world
-
-
-@dataclass
-class LearnedClips:
-    """One learnable clip ratio per dynamic activation/KV quantizer, as logits (:mod:`~lowbit.quant.clip`).
-
-    ``names``: the quantizers' names, in the order of ``logits``. ``adam``: the Adam state of ``logits`` after the
-    last step (``exp_avg``, ``exp_avg_sq``, ``step``), kept so that a resumed run continues exactly.
-    """
-
-    names: list[str]
-    logits: nn.Parameter
-    adam: dict[str, Tensor] = field(default_factory=dict)
-
-    def ratios(self) -> dict[str, float]:
-        """The learned clip ratio of each quantizer, by name."""
-        return dict(zip(self.names, clip_from_logit(self.logits.detach()).tolist()))
-
-    def bind(self, model: nn.Module) -> None:
-        """Make each named quantizer of ``model`` read its clip ratio from ``logits``."""
-        quantizers = {q.name: q for q in act_quantizers(model)}
-        missing = [n for n in self.names if n not in quantizers]
-        if missing:
-            raise ValueError(f"learned clips name quantizers the model lacks: {missing[:3]}")
-        for i, name in enumerate(self.names):
-            quantizers[name].learned_clip = (self.logits, i)
 
 
 @dataclass
