@@ -15,6 +15,7 @@ markers in benchmarks/README.md.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from harness import HERE, Results, labelled_script, markdown_table, num, variant
 
@@ -22,6 +23,7 @@ from lowbit.recipe import Recipe, load_preset
 
 RESULTS = HERE / "results" / "qat.json"
 SPIN_ROTATIONS = HERE / "results" / "w4a4kv4-spinquant-rotations.safetensors"
+SPIN_ASYM_ROTATIONS = HERE / "results" / "w4a4kv4-spinquant-asym-rotations.safetensors"  # benchmarks/spinquant.py's
 
 
 def _with_qat(preset: str, edit: Callable[[dict], None] | None = None, **qat) -> Callable[[], Recipe]:
@@ -33,8 +35,14 @@ def _with_qat(preset: str, edit: Callable[[dict], None] | None = None, **qat) ->
     return lambda: variant(preset, change)
 
 
-def _spin_rotations(data: dict) -> None:
-    next(s for s in data["steps"] if s["method"] == "spinquant")["rotations"] = str(SPIN_ROTATIONS)
+def _spin_rotations(data: dict, path: Path = SPIN_ROTATIONS) -> None:
+    next(s for s in data["steps"] if s["method"] == "spinquant")["rotations"] = str(path)
+
+
+def _spin_asym(data: dict) -> None:
+    """benchmarks/recipes/w4a4kv4-spinquant-asym.yaml's setting: asymmetric A4, its rotations and clips."""
+    data["activations"]["symmetric"] = False
+    _spin_rotations(data, SPIN_ASYM_ROTATIONS)
 
 
 ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
@@ -52,6 +60,9 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
      _with_qat("w4a4kv4-spinquant", _spin_rotations)),
     ("w4a4kv4-spinquant + qat clips", "the same, the clip ratios training on from SpinQuant's",
      _with_qat("w4a4kv4-spinquant", _spin_rotations, clips=True)),
+    ("w4a4kv4-spinquant-asym + qat clips", "asymmetric A4, its learned rotations and clips (saved), GPTQ, then QAT "
+     "with clips", _with_qat("w4a4kv4-spinquant", _spin_asym, clips=True)),
+    ("w4a16-quarot + qat", "QuaRot + GPTQ g64 (activations in 16 bits), then QAT", _with_qat("w4a16-quarot")),
 ]
 
 
