@@ -24,6 +24,7 @@ RESULTS = HERE / "results" / "formats.json"
 # name -> (weight scheme fields, activation scheme fields), on top of w4a4-quarot's schemes
 FORMATS: dict[str, tuple[dict, dict]] = {
     "INT4": ({}, {}),
+    "INT4, A4 asymmetric": ({}, {"symmetric": False}),
     "FP4 E2M1": ({"format": "fp4_e2m1"}, {"format": "fp4_e2m1"}),
     "INT4 g32": ({"granularity": "group", "group_size": 32, "scale_dtype": "float16"},
                  {"granularity": "group", "group_size": 32, "scale_dtype": "float16"}),
