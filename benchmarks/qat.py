@@ -48,8 +48,8 @@ def _spin_asym(data: dict) -> None:
 ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a4kv4-quarot", "the PTQ start: QuaRot + GPTQ", lambda: load_preset("w4a4kv4-quarot")),
     ("+ qat", "then QAT: weights, scales and norms, 200 steps", _with_qat("w4a4kv4-quarot")),
-    ("+ qat, no holdout", "the same without held-out validation (the last step's values kept)",
-     _with_qat("w4a4kv4-quarot", holdout=0)),
+    ("+ qat lr x10, no holdout", "ten times the learning rates, no held-out validation (the last step's values kept)",
+     _with_qat("w4a4kv4-quarot", holdout=0, lr_weight=0.02, lr_scale=0.005, lr_norm=1e-4)),
     ("+ qat clips", "and every dynamic activation/KV quantizer's clip ratio", _with_qat("w4a4kv4-quarot", clips=True)),
     ("+ qat scales", "QAT of the weight scales only", _with_qat("w4a4kv4-quarot", train="scales")),
     ("+ qat scales_norms", "QAT of the scales and norm weights", _with_qat("w4a4kv4-quarot", train="scales_norms")),
