@@ -23,7 +23,7 @@ from lowbit.recipe import Recipe, load_preset
 
 RESULTS = HERE / "results" / "qat.json"
 SPIN_ROTATIONS = HERE / "results" / "w4a4kv4-spinquant-rotations.safetensors"
-SPIN_ASYM_ROTATIONS = HERE / "results" / "w4a4kv4-spinquant-asym-rotations.safetensors"  # benchmarks/spinquant.py's
+SPIN_ASYM_ROTATIONS = HERE / "results" / "w4a4kv4-spinquant-asym-o-rotations.safetensors"  # benchmarks/spinquant.py's
 
 
 def _with_qat(preset: str, edit: Callable[[dict], None] | None = None, **qat) -> Callable[[], Recipe]:
@@ -40,8 +40,10 @@ def _spin_rotations(data: dict, path: Path = SPIN_ROTATIONS) -> None:
 
 
 def _spin_asym(data: dict) -> None:
-    """benchmarks/recipes/w4a4kv4-spinquant-asym.yaml's setting: asymmetric A4, its rotations and clips."""
+    """benchmarks/recipes/w4a4kv4-spinquant-asym-o.yaml's setting (asymmetric A4, the rotation at o_proj's input),
+    its learned rotations and clips."""
     data["activations"]["symmetric"] = False
+    next(s for s in data["steps"] if s["method"] == "spinquant")["o_rotation"] = True
     _spin_rotations(data, SPIN_ASYM_ROTATIONS)
 
 
@@ -60,8 +62,8 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
      _with_qat("w4a4kv4-spinquant", _spin_rotations)),
     ("w4a4kv4-spinquant + qat clips", "the same, the clip ratios training on from SpinQuant's",
      _with_qat("w4a4kv4-spinquant", _spin_rotations, clips=True)),
-    ("w4a4kv4-spinquant-asym + qat clips", "asymmetric A4, its learned rotations and clips (saved), GPTQ, then QAT "
-     "with clips", _with_qat("w4a4kv4-spinquant", _spin_asym, clips=True)),
+    ("w4a4kv4-spinquant-asym-o + qat clips", "asymmetric A4 and the o_proj rotation, learned rotations and clips "
+     "(saved), GPTQ, then QAT with clips", _with_qat("w4a4kv4-spinquant", _spin_asym, clips=True)),
     ("w4a16-quarot + qat", "QuaRot + GPTQ g64 (activations in 16 bits), then QAT", _with_qat("w4a16-quarot")),
 ]
 
