@@ -44,6 +44,7 @@ INT_CASES = [
     (S(format="int4"), S(format="int8", granularity="tensor", dynamic=False)),
     (S(format="int8", symmetric=False), S(format="int8", symmetric=False, granularity="tensor", dynamic=False)),
     (S(format="int4", symmetric=False, granularity="tensor"), S(format="int8", symmetric=False, granularity="token")),
+    (S(format="int4"), S(format="int4", symmetric=False, granularity="token", clip_ratio=0.9)),  # asymmetric A4
     (S(format="int3", granularity="group", group_size=32), S(format="int6", granularity="token", clip_ratio=0.9)),
     (S(format="int2", granularity="group", group_size=16), S(format="int4", granularity="tensor", observer="percentile")),
 ]
@@ -153,6 +154,7 @@ def test_simulation_at_inference_is_the_kernels_integer_product(w, a, dtype):
 U8S8_CASES = [
     (S(format="int4"), S(format="int8", granularity="token")),
     (S(format="int4"), S(format="int4", granularity="token", clip_ratio=0.9)),
+    (S(format="int4"), S(format="int4", symmetric=False, granularity="token", clip_ratio=0.9)),
     (S(format="int4"), S(format="int8", granularity="tensor", dynamic=False)),
     (S(format="int7"), S(format="int8", granularity="token")),  # |w| <= 63
     (S(format="int6", symmetric=False), S(format="int8", symmetric=False, granularity="tensor", dynamic=False)),
