@@ -46,12 +46,14 @@ def test_kl_from_teacher_is_zero_for_equal_logits_and_positive_otherwise():
     assert kl_from_teacher(logits + torch.randn(2, 5, 11), logits).item() > 0.01
 
 
-def test_qat_lowers_the_kl_on_its_training_text():
+@pytest.mark.parametrize("autocast", ["off", "bf16"])
+def test_qat_lowers_the_kl_on_its_training_text(autocast):
     model, data = _peaky_model(), tiny_data()
     batches = data.calibration(8, 48)  # what the step draws: the same seeded calibration sample
     before = _kl(lowbit.quantize(model, _recipe(None), data), model, batches)
     fast = {"steps": 60, "lr_weight": 0.02, "lr_scale": 0.005, "lr_norm": 1e-4}  # a tiny model, few steps
-    qmodel, session = lowbit.quantize_with_session(model, _recipe(fast), data)
+    qmodel, session = lowbit.quantize_with_session(model, _recipe({**fast, "autocast": autocast}), data)
+    assert all(p.dtype == torch.float32 for p in qmodel.parameters())
     after = _kl(qmodel, model, batches)
     assert after < 0.8 * before
     report = session.report()["qat"]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .block_finetune import freeze, keep_positive, learn, shuffled_batches, trainable, warmup_cosine
 from .clips import fix_clips, initial_clips
-from .train import Trainer, average_gradients, rank_and_world
+from .train import Trainer, autocast, average_gradients, rank_and_world
 
 Trained = Literal["scales", "scales_norms", "weights"]
 TRAINED: tuple[str, ...] = get_args(Trained)
@@ -55,6 +55,7 @@ class QATConfig:
     eval_every: int = 25
     clips: bool = False
     lr_clip: float = 0.01
+    autocast: str = "off"  # "bf16": the training steps' forward and backward under bfloat16 autocast
 
 
 @dataclass
@@ -111,9 +112,10 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Tensor, config: QAT
 
     def loss_at(step: int) -> Tensor:
         tokens = batches[order[step][rank * config.batch:(rank + 1) * config.batch]]
-        with torch.no_grad():
-            target = teacher(tokens, use_cache=False).logits
-        return kl_from_teacher(student(tokens, use_cache=False).logits, target)
+        with autocast(config.autocast, tokens.device):
+            with torch.no_grad():
+                target = teacher(tokens, use_cache=False).logits
+            return kl_from_teacher(student(tokens, use_cache=False).logits, target)
 
     optimizers = [torch.optim.AdamW(groups, weight_decay=0.0)]
     trainer = Trainer(optimizers, config.steps, warmup_cosine, after_backward=partial(average_gradients, optimizers),

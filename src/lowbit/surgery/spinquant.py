@@ -33,7 +33,7 @@ from ..rotations.cayley import CayleySGD
 from .attach import quantizers_off, scale_gradients
 from .clips import LearnedClips
 from .rotate import rotate_bias_heads, rotate_input_heads, rotate_output_heads
-from .train import Trainer, average_gradients, cosine, rank_and_world
+from .train import Trainer, autocast, average_gradients, cosine, rank_and_world
 
 
 @dataclass
@@ -182,7 +182,7 @@ def _train_step(model, spec, rot, originals, batches, config, step: int, d: int)
     rank, world = rank_and_world()
     first = (step * world + rank) * config.batch
     tokens = batches[torch.arange(first, first + config.batch) % len(batches)]
-    with _autocast(config.autocast, rot.r1.device):
+    with autocast(config.autocast, rot.r1.device):
         return rotation_loss(model, spec, rot, originals, tokens, d, config.weights, config.scale_grad, config.loss)
 
 
@@ -221,11 +221,6 @@ def _teacher_log_probs(model: nn.Module, params: dict[str, Tensor], tokens: Tens
     return F.log_softmax(logits.flatten(0, 1).float(), dim=-1)
 
 
-def _autocast(kind: str, device: torch.device):
-    """bfloat16 autocast on ``device``'s type for ``kind == "bf16"``, a no-op context for ``"off"``."""
-    if kind not in ("off", "bf16"):
-        raise ValueError(f"autocast must be 'off' or 'bf16', got {kind!r}")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=kind == "bf16")
 
 
 def _fake_quantize_linears(params: dict[str, Tensor], spec: ArchSpec, scheme, scale_grad: bool) -> dict[str, Tensor]:
