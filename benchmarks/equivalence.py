@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.conftest: 
 
 SHRINK = {"spinquant": {"steps": 3, "samples": 4, "seq_len": 32},
           "blockwise": {"samples": 4, "seq_len": 32, "grid_samples": 2},
-          "prefix": {"samples": 4, "seq_len": 32, "eta": 3.0}}
+          "prefix": {"samples": 4, "seq_len": 32, "eta": 3.0},
+          "qat": {"steps": 3, "samples": 4, "seq_len": 32, "holdout": 2, "eval_every": 1}}
 
 
 def small(recipe):

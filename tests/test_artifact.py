@@ -24,7 +24,7 @@ from equivalence import small  # noqa: E402  (the presets cut to tiny-model size
 from tests.conftest import tiny_model  # noqa: E402
 
 PRESETS = ("w8a8-rtn", "w8a8-fp8", "w4a16-rtn-g64", "w4a4kv4-quarot", "w4a4kv4-spinquant", "w4a4kv4-prefix",
-           "kv-turbo3", "kv-kivi", "w4a4-spin-prefix-qjl")
+           "kv-turbo3", "kv-kivi", "w4a4-spin-prefix-qjl", "w4a4kv4-spinquant-qat")
 
 
 def _data() -> TokenData:
@@ -57,8 +57,9 @@ def test_save_load_simulated_is_the_same_model_and_resaves_identically(tmp_path,
 
 
 REAL = ("w8a8-rtn", "w8a8-fp8", "w4a16-rtn", "w4a16-rtn-g64", "w4a4kv4-quarot", "w4a4kv4-spinquant",
-        "w4a4kv4-prefix", "w4a4-spin-prefix-qjl")
-INTEGER = ("w8a8-rtn", "w4a4kv4-quarot", "w4a4kv4-spinquant", "w4a4kv4-prefix", "w4a4-spin-prefix-qjl")
+        "w4a4kv4-prefix", "w4a4-spin-prefix-qjl", "w4a4kv4-spinquant-qat")
+INTEGER = ("w8a8-rtn", "w4a4kv4-quarot", "w4a4kv4-spinquant", "w4a4kv4-prefix", "w4a4-spin-prefix-qjl",
+           "w4a4kv4-spinquant-qat")
 
 
 @pytest.mark.parametrize("preset", REAL)
