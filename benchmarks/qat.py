@@ -47,6 +47,12 @@ def _spin_asym(data: dict) -> None:
     _spin_rotations(data, SPIN_ASYM_ROTATIONS)
 
 
+def _spin_asym_prefix(data: dict) -> None:
+    """:func:`_spin_asym` with the prefix step before GPTQ."""
+    _spin_asym(data)
+    data["steps"].insert(1, {"method": "prefix"})
+
+
 ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a4kv4-quarot", "the PTQ start: QuaRot + GPTQ", lambda: load_preset("w4a4kv4-quarot")),
     ("+ qat", "then QAT: weights, scales and norms, 200 steps", _with_qat("w4a4kv4-quarot")),
@@ -68,6 +74,10 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a4kv4-spinquant-asym-o + qat clips", "asymmetric A4 and the o_proj rotation, learned rotations and clips "
      "(saved), GPTQ, then QAT with clips", _with_qat("w4a4kv4-spinquant", _spin_asym, clips=True)),
     ("w4a16-quarot + qat", "QuaRot + GPTQ g64 (activations in 16 bits), then QAT", _with_qat("w4a16-quarot")),
+    ("w4a4kv4-spinquant-asym-o + prefix + qat clips", "the same with PrefixQuant's prefix before GPTQ: the clips "
+     "train with the prefix in place", _with_qat("w4a4kv4-spinquant", _spin_asym_prefix, clips=True)),
+    ("w4a4kv4-prefix + qat", "PrefixQuant static (prefix, static scales, block-wise fine-tuning), then QAT of "
+     "weights, static scales and norms", _with_qat("w4a4kv4-prefix")),
 ]
 
 
