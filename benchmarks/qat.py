@@ -47,6 +47,22 @@ def _spin_asym(data: dict) -> None:
     _spin_rotations(data, SPIN_ASYM_ROTATIONS)
 
 
+def _spin_asym_g64(data: dict) -> None:
+    """:func:`_spin_asym` with INT4 weights in groups of 64 (4.25 bits with their scales) instead of per channel."""
+    _spin_asym(data)
+    data["weights"].update(granularity="group", group_size=64)
+
+
+def _spin_asym_g64_kv16(data: dict) -> None:
+    """:func:`_spin_asym_g64` with the KV cache in 16 bits (W4A4)."""
+    _spin_asym_g64(data)
+    data["kv"] = None
+
+
+def _ptq(preset: str, edit: Callable[[dict], None]) -> Callable[[], Recipe]:
+    return lambda: variant(preset, edit)
+
+
 def _spin_asym_prefix(data: dict) -> None:
     """:func:`_spin_asym` with the prefix step before GPTQ."""
     _spin_asym(data)
@@ -73,6 +89,14 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
      _with_qat("w4a4kv4-spinquant", _spin_rotations, clips=True)),
     ("w4a4kv4-spinquant-asym-o + qat clips", "asymmetric A4 and the o_proj rotation, learned rotations and clips "
      "(saved), GPTQ, then QAT with clips", _with_qat("w4a4kv4-spinquant", _spin_asym, clips=True)),
+    ("w4a4kv4-spinquant-asym-o g64", "the same PTQ recipe with weights in groups of 64 (no QAT)",
+     _ptq("w4a4kv4-spinquant", _spin_asym_g64)),
+    ("w4a4kv4-spinquant-asym-o g64 + qat clips", "weights in groups of 64, then QAT with clips",
+     _with_qat("w4a4kv4-spinquant", _spin_asym_g64, clips=True)),
+    ("w4a4-spinquant-asym-o g64", "W4A4 with a 16-bit KV cache: the same rotations, weights in groups of 64 (no QAT)",
+     _ptq("w4a4kv4-spinquant", _spin_asym_g64_kv16)),
+    ("w4a4-spinquant-asym-o g64 + qat clips", "W4A4 KV16, weights in groups of 64, then QAT with clips",
+     _with_qat("w4a4kv4-spinquant", _spin_asym_g64_kv16, clips=True)),
     ("w4a16-quarot + qat", "QuaRot + GPTQ g64 (activations in 16 bits), then QAT", _with_qat("w4a16-quarot")),
     ("w4a4kv4-spinquant-asym-o + prefix + qat clips", "the same with PrefixQuant's prefix before GPTQ: the clips "
      "train with the prefix in place", _with_qat("w4a4kv4-spinquant", _spin_asym_prefix, clips=True)),
