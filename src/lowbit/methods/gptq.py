@@ -34,7 +34,9 @@ class GPTQStep(StepConfig):
     quantized-path inputs; two streams of calibration samples instead of one. KV quantizers are not in the
     quantized path while it calibrates. ``target_damp``: the ridge that keeps the asymmetric target near the weight
     (``lambda = target_damp * mean(diag H)``): the least-squares fit of the full-precision outputs from noisy
-    inputs overfits the calibration tokens without it (the more so the fewer tokens there are).
+    inputs overfits the calibration tokens without it (the more so the fewer tokens there are). Experimental: on
+    the default model it makes every measured recipe far worse, not better (benchmarks/README.md, QuaRot section);
+    it stays off in every preset until that is understood.
     """
 
     method: Literal["gptq"] = "gptq"

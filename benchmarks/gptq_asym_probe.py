@@ -1,0 +1,54 @@
+"""What asymmetric GPTQ does to each layer: how far the two streams' inputs differ and how far the target moves.
+
+Run:  python benchmarks/gptq_asym_probe.py [PRESET] [--damp D] [--flip]     (about 6 minutes on 2 CPU cores)
+
+Quantizes the default model with PRESET (default `w4a16-quarot`) and its GPTQ step's ``asymmetric`` option on,
+calibration after one evaluation window, and prints for every solved input group (q/k/v, o, gate/up, down of each
+layer in turn) ``|C - H| / |H|`` (how much the full-precision and quantized-path inputs differ), ``|W* - W| / |W|``
+(how far the least-squares target moves the weights) and ``max / median`` of the Hessian diagonal, then the
+perplexity ratio on that window. ``--damp`` sets ``target_damp``; ``--flip`` quantizes ``2W - W*`` instead (a sign
+check). Numbers go to benchmarks/README.md (QuaRot section) with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import lowbit
+import lowbit.surgery.gptq as surgery_gptq
+from lowbit.recipe import Recipe, load_preset
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("preset", nargs="?", default="w4a16-quarot")
+    parser.add_argument("--damp", type=float, default=None)
+    parser.add_argument("--flip", action="store_true")
+    args = parser.parse_args()
+    solve, count = surgery_gptq.least_squares_target, [0]
+
+    def reported(weight, hessian, cross, damp):
+        target = solve(weight, hessian, cross, damp)
+        d = hessian.diagonal()
+        mismatch = float((cross - hessian).norm() / hessian.norm())
+        moved = float((target - weight).norm() / weight.norm())
+        print(f"group {count[0]:3d} in={hessian.shape[0]:5d} |C-H|/|H|={mismatch:.4f} |W*-W|/|W|={moved:.4f} "
+              f"diag H max/median={float(d.max() / d.median()):.1f}", flush=True)
+        count[0] += 1
+        return 2 * weight - target if args.flip else target
+
+    surgery_gptq.least_squares_target = reported  # the solver looks the name up in its module at every call
+    data_recipe = load_preset(args.preset).model_dump()
+    step = next(s for s in data_recipe["steps"] if s["method"] == "gptq")
+    step["asymmetric"] = True
+    if args.damp is not None:
+        step["target_damp"] = args.damp
+    loaded = lowbit.load_model("default")
+    data = lowbit.prepare_data(lowbit.DataConfig(seq_len=2048, windows=1), loaded.tokenizer)
+    quantized = lowbit.quantize(loaded.model, Recipe.from_dict(data_recipe), data)
+    result = lowbit.evaluate(loaded.model, quantized, data.eval_windows)
+    print(f"ratio {result.ppl / result.fp_ppl:.4f} KL {result.kl_vs_fp:.4f}")
+
+
+if __name__ == "__main__":
+    main()
