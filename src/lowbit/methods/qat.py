@@ -46,9 +46,11 @@ class QATStep(StepConfig):
     ``lr_weight`` in units of each linear's quantization step, ``lr_scale`` relative to each scale; ``lr_norm`` is
     absolute (norm weights are about 1). The defaults are about LLM-QAT's learning rate (2e-5 on weights whose
     4-bit step is about 1e-2) in these units: ten times more shakes a PTQ result off its codes at the end of the
-    warmup faster than training recovers them (benchmarks/README.md, QAT). Loss: KL of the quantized model's
-    next-token distribution from the full-precision one's. ``autocast: bf16``: the training steps run under bfloat16
-    autocast (faster on CPUs with bf16 instructions; held-out checks and everything kept stay float32).
+    warmup faster than training recovers them (benchmarks/README.md, QAT). With weights in groups (g64), training
+    the group scales diverged at the default ``lr_scale`` where per-channel scales did not (same place): fix them
+    with ``lr_scale: 0``. Loss: KL of the quantized model's next-token distribution from the full-precision one's.
+    ``autocast: bf16``: the training steps run under bfloat16 autocast (faster on CPUs with bf16 instructions;
+    held-out checks and everything kept stay float32).
     """
 
     method: Literal["qat"] = "qat"
