@@ -15,6 +15,7 @@ markers in benchmarks/README.md.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from harness import HERE, Results, labelled_script, markdown_table, num, variant
@@ -53,12 +54,6 @@ def _spin_asym_g64(data: dict) -> None:
     data["weights"].update(granularity="group", group_size=64)
 
 
-def _spin_asym_g64_kv16(data: dict) -> None:
-    """:func:`_spin_asym_g64` with the KV cache in 16 bits (W4A4)."""
-    _spin_asym_g64(data)
-    data["kv"] = None
-
-
 def _spin_asym_a32(data: dict) -> None:
     """:func:`_spin_asym_g64` with activations in groups of 32 (one float16 scale and zero point per 32 values of a
     token) instead of one per token, at the recipe's clip 0.9: the saved rotations' clip ratios were learned for one
@@ -68,14 +63,13 @@ def _spin_asym_a32(data: dict) -> None:
     data["activations"].update(granularity="group", group_size=32, scale_dtype="float16")
 
 
-def _spin_asym_a32_kv16(data: dict) -> None:
-    """:func:`_spin_asym_a32` with the KV cache in 16 bits (W4A4)."""
-    _spin_asym_a32(data)
-    data["kv"] = None
+def _kv16(edit: Callable[[dict], None]) -> Callable[[dict], None]:
+    """``edit``, then the KV cache in 16 bits (W4A4)."""
+    def change(data: dict) -> None:
+        edit(data)
+        data["kv"] = None
 
-
-def _ptq(preset: str, edit: Callable[[dict], None]) -> Callable[[], Recipe]:
-    return lambda: variant(preset, edit)
+    return change
 
 
 def _spin_asym_prefix(data: dict) -> None:
@@ -105,21 +99,21 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a4kv4-spinquant-asym-o + qat clips", "asymmetric A4 and the o_proj rotation, learned rotations and clips "
      "(saved), GPTQ, then QAT with clips", _with_qat("w4a4kv4-spinquant", _spin_asym, clips=True)),
     ("w4a4kv4-spinquant-asym-o g64", "the same PTQ recipe with weights in groups of 64 (no QAT)",
-     _ptq("w4a4kv4-spinquant", _spin_asym_g64)),
+     partial(variant, "w4a4kv4-spinquant", _spin_asym_g64)),
     ("w4a4kv4-spinquant-asym-o g64 + qat clips", "weights in groups of 64, then QAT with clips",
      _with_qat("w4a4kv4-spinquant", _spin_asym_g64, clips=True)),
     ("w4a4-spinquant-asym-o g64", "W4A4 with a 16-bit KV cache: the same rotations, weights in groups of 64 (no QAT)",
-     _ptq("w4a4kv4-spinquant", _spin_asym_g64_kv16)),
+     partial(variant, "w4a4kv4-spinquant", _kv16(_spin_asym_g64))),
     ("w4a4-spinquant-asym-o g64 + qat clips", "W4A4 KV16, weights in groups of 64, then QAT with clips",
-     _with_qat("w4a4kv4-spinquant", _spin_asym_g64_kv16, clips=True)),
+     _with_qat("w4a4kv4-spinquant", _kv16(_spin_asym_g64), clips=True)),
     ("w4a4kv4-spinquant-asym-o g64 a32", "weights in groups of 64, activations in groups of 32 (no QAT)",
-     _ptq("w4a4kv4-spinquant", _spin_asym_a32)),
+     partial(variant, "w4a4kv4-spinquant", _spin_asym_a32)),
     ("w4a4kv4-spinquant-asym-o g64 a32 + qat clips", "weights in groups of 64, activations in groups of 32, then QAT "
      "with clips", _with_qat("w4a4kv4-spinquant", _spin_asym_a32, clips=True)),
     ("w4a4-spinquant-asym-o g64 a32", "W4A4 KV16, weights in groups of 64, activations in groups of 32 (no QAT)",
-     _ptq("w4a4kv4-spinquant", _spin_asym_a32_kv16)),
+     partial(variant, "w4a4kv4-spinquant", _kv16(_spin_asym_a32))),
     ("w4a4-spinquant-asym-o g64 a32 + qat clips", "W4A4 KV16, weights in groups of 64, activations in groups of 32, "
-     "then QAT with clips", _with_qat("w4a4kv4-spinquant", _spin_asym_a32_kv16, clips=True)),
+     "then QAT with clips", _with_qat("w4a4kv4-spinquant", _kv16(_spin_asym_a32), clips=True)),
     ("w4a16-quarot + qat", "QuaRot + GPTQ g64 (activations in 16 bits), then QAT", _with_qat("w4a16-quarot")),
     ("w4a4kv4-spinquant-asym-o + prefix + qat clips", "the same with PrefixQuant's prefix before GPTQ: the clips "
      "train with the prefix in place", _with_qat("w4a4kv4-spinquant", _spin_asym_prefix, clips=True)),
