@@ -1,13 +1,14 @@
 """What asymmetric GPTQ does to each layer: how far the two streams' inputs differ and how far the target moves.
 
-Run:  python benchmarks/gptq_asym_probe.py [PRESET] [--damp D] [--flip]     (about 6 minutes on 2 CPU cores)
+Run:  python benchmarks/gptq_asym_probe.py [PRESET] [--damp D] [--alpha A | --flip]   (about 6 minutes on 2 CPU cores)
 
 Quantizes the default model with PRESET (default `w4a16-quarot`) and its GPTQ step's ``asymmetric`` option on,
 calibration after one evaluation window, and prints for every solved input group (q/k/v, o, gate/up, down of each
 layer in turn) ``|C - H| / |H|`` (how much the full-precision and quantized-path inputs differ), ``|W* - W| / |W|``
 (how far the least-squares target moves the weights) and ``max / median`` of the Hessian diagonal, then the
 perplexity ratio on that window. ``--damp`` sets ``target_damp``; ``--flip`` quantizes ``2W - W*`` instead (a sign
-check). Numbers go to benchmarks/README.md (QuaRot section) with the command.
+check); ``--alpha A`` quantizes ``W + A (W* - W)`` (0: plain GPTQ's target, the path check; GPTAQ scales its
+correction by 0.25). Numbers go to benchmarks/README.md (QuaRot section) with the command.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("preset", nargs="?", default="w4a16-quarot")
     parser.add_argument("--damp", type=float, default=None)
-    parser.add_argument("--flip", action="store_true")
+    parser.add_argument("--flip", action="store_true", help="same as --alpha -1")
+    parser.add_argument("--alpha", type=float, default=1.0)
     args = parser.parse_args()
     solve, count = surgery_gptq.least_squares_target, [0]
 
@@ -35,7 +37,8 @@ def main() -> None:
         print(f"group {count[0]:3d} in={hessian.shape[0]:5d} |C-H|/|H|={mismatch:.4f} |W*-W|/|W|={moved:.4f} "
               f"diag H max/median={float(d.max() / d.median()):.1f}", flush=True)
         count[0] += 1
-        return 2 * weight - target if args.flip else target
+        alpha = -1.0 if args.flip else args.alpha
+        return weight + alpha * (target - weight)
 
     surgery_gptq.least_squares_target = reported  # the solver looks the name up in its module at every call
     data_recipe = load_preset(args.preset).model_dump()

@@ -15,15 +15,20 @@ markers in benchmarks/README.md.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-from harness import HERE, Results, labelled_script, markdown_table, num, variant
+from harness import HERE, Bench, Results, labelled_script, markdown_table, num, variant
 
+import lowbit
+from lowbit.evaluate import evaluate, reference_log_probs
 from lowbit.recipe import Recipe, load_preset
+from lowbit.surgery.kvcache import packed_cache_suspended
 
 RESULTS = HERE / "results" / "qat.json"
 SPIN_ROTATIONS = HERE / "results" / "w4a4kv4-spinquant-rotations.safetensors"
+CROSS_TEXT = HERE / "results" / "enwiki.txt"  # benchmarks/heldout_text.py's Wikipedia text
 SPIN_ASYM_ROTATIONS = HERE / "results" / "w4a4kv4-spinquant-asym-o-rotations.safetensors"  # benchmarks/spinquant.py's
 
 
@@ -72,6 +77,17 @@ def _kv16(edit: Callable[[dict], None]) -> Callable[[dict], None]:
     return change
 
 
+def _turbo3(edit: Callable[[dict], None]) -> Callable[[dict], None]:
+    """``edit``, then kv-turbo3's packed cache instead of the KV fake quantizers (its rows are also measured with
+    exact keys and values: the W4A4 KV16 result of the same model)."""
+    def change(data: dict) -> None:
+        edit(data)
+        data["kv"] = None
+        data["kv_cache"] = load_preset("kv-turbo3").model_dump()["kv_cache"]
+
+    return change
+
+
 def _spin_asym_prefix(data: dict) -> None:
     """:func:`_spin_asym` with the prefix step before GPTQ."""
     _spin_asym(data)
@@ -114,7 +130,18 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
      partial(variant, "w4a4kv4-spinquant", _kv16(_spin_asym_a32))),
     ("w4a4-spinquant-asym-o g64 a32 + qat clips", "W4A4 KV16, weights in groups of 64, activations in groups of 32, "
      "then QAT with clips", _with_qat("w4a4kv4-spinquant", _kv16(_spin_asym_a32), clips=True)),
+    ("w4a4kv4-spinquant-asym-o g64 a32 + qat clips, fixed scales", "the same QAT with the weights' group scales "
+     "fixed (weights, norms and clips train)",
+     _with_qat("w4a4kv4-spinquant", _spin_asym_a32, clips=True, lr_scale=0)),
+    ("w4a4-spinquant-asym-o g64 a32, turbo3 KV", "W4A4 with kv-turbo3's packed cache (3-bit rotated codebook, "
+     "first token and last 64 exact) instead of KV4 per head (no QAT)",
+     partial(variant, "w4a4kv4-spinquant", _turbo3(_spin_asym_a32))),
+    ("w4a4-spinquant-asym-o g64 a32 + qat clips, fixed scales, turbo3 KV", "the same, then QAT with clips and the "
+     "weights' group scales fixed (training sees exact KV: the cache's codes have no gradient)",
+     _with_qat("w4a4kv4-spinquant", _turbo3(_spin_asym_a32), clips=True, lr_scale=0)),
     ("w4a16-quarot + qat", "QuaRot + GPTQ g64 (activations in 16 bits), then QAT", _with_qat("w4a16-quarot")),
+    ("w4a16-quarot + qat, fixed scales", "the same QAT with the group scales fixed (weights and norms train)",
+     _with_qat("w4a16-quarot", lr_scale=0)),
     ("w4a4kv4-spinquant-asym-o + prefix + qat clips", "the same with PrefixQuant's prefix before GPTQ: the clips "
      "train with the prefix in place", _with_qat("w4a4kv4-spinquant", _spin_asym_prefix, clips=True)),
     ("w4a4kv4-prefix + qat", "PrefixQuant static (prefix, static scales, block-wise fine-tuning), then QAT of "
@@ -122,12 +149,37 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
 ]
 
 
+def _scores(bench: Bench, model, windows=None, reference=None) -> dict:
+    r = evaluate(bench.model, model, bench.windows if windows is None else windows,
+                 reference=bench.reference if windows is None else reference)
+    return {"ratio": r.ppl / r.fp_ppl, "kl": r.kl_vs_fp, "top1": r.top1_agreement}
+
+
+def _measure(bench: Bench, label: str, recipe: Recipe) -> dict:
+    """A row; a packed-cache recipe's also measured with exact keys and values (``exact_kv``) on the same model,
+    and, when the Wikipedia text is there, on its windows (``cross``: calibrated and trained on the default text)."""
+    if recipe.kv_cache is None:
+        return bench.measure(recipe)
+
+    def more(model) -> dict:
+        with packed_cache_suspended(model):
+            found = {"exact_kv": _scores(bench, model)}
+        if not CROSS_TEXT.exists():
+            print(f"no {CROSS_TEXT} for the cross-domain columns: run python benchmarks/heldout_text.py", flush=True)
+            return found
+        windows = lowbit.prepare_data(replace(bench.config, eval=str(CROSS_TEXT)),
+                                      bench.loaded.tokenizer).eval_windows
+        return {**found, "cross": _scores(bench, model, windows, reference_log_probs(bench.model, windows))}
+
+    return bench.measure(recipe, extra=more)
+
+
 def table(results: Results) -> list[str]:
     m = results.meta
     lines = [f"Default model and text, {m.get('windows')} windows × {m.get('seq_len')} tokens, {m.get('threads')} CPU "
              f"threads, {m.get('date')}; `{m.get('command')}`.", ""]
-    header = ["row", "what", "ratio", "KL", "top-1", "QAT KL first 10 -> last 10 steps",
-              "held-out KL start -> kept (step)", "quantize s"]
+    header = ["row", "what", "bits W / A / KV", "ratio", "KL", "top-1", "exact KV: ratio / KL", "Wikipedia: ratio / KL",
+              "QAT KL first 10 -> last 10 steps", "held-out KL start -> kept (step)", "quantize s"]
     rows = []
     for label, what, _ in ROWS:
         r = results.rows.get(label)
@@ -135,8 +187,10 @@ def table(results: Results) -> list[str]:
             continue
         qat = r.get("qat")
         trend = f"{qat['kl_first_10']:.3f} -> {qat['kl_last_10']:.3f}" if qat else "-"
-        rows.append([label, what, num(r["ratio"]), f"{r['kl']:.4f}", f"{r['top1']:.4f}", trend, _held_out(qat),
-                     f"{r['quantize_s']:.0f}"])
+        exact, cross = (f"{num(r[k]['ratio'])} / {r[k]['kl']:.4f}" if k in r else "-" for k in ("exact_kv", "cross"))
+        bits = " / ".join(f"{r[k]:.2f}" if r.get(k) is not None else "16" for k in ("bits_w", "bits_a", "bits_kv"))
+        rows.append([label, what, bits, num(r["ratio"]), f"{r['kl']:.4f}", f"{r['top1']:.4f}", exact, cross, trend,
+                     _held_out(qat), f"{r['quantize_s']:.0f}"])
     return lines + markdown_table(header, rows)
 
 
@@ -150,7 +204,7 @@ def _held_out(qat: dict | None) -> str:
 
 
 def main() -> None:
-    labelled_script(__doc__, RESULTS, ROWS, "QAT", table)
+    labelled_script(__doc__, RESULTS, ROWS, "QAT", table, _measure)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch
 import lowbit
 from lowbit.errors import RecipeError
 from lowbit.recipe import Recipe, load_preset
+from lowbit.surgery.kvcache import packed_cache_suspended
 from lowbit.surgery.linear import QuantLinear
 from lowbit.surgery.qat import _Best, kl_from_teacher, norm_weights, self_generated
 from lowbit.surgery.quantizer import ActQuantizer
@@ -129,6 +130,20 @@ def test_qat_after_quarot_gptq_and_a_kv_cache(family, tokens):
     assert len(session.report()["qat"]["losses"]) == 4
     with torch.no_grad():
         assert torch.isfinite(qmodel(tokens).logits).all()
+
+
+def test_qat_trains_on_exact_kv_under_a_packed_cache_that_applies_again_after():
+    """A packed cache's codes have no gradient: training sees exact keys and values, the evaluation the cache."""
+    base = {**W3A4, "kv_cache": load_preset("kv-turbo3").model_dump()["kv_cache"]}
+    model, data = _peaky_model(), tiny_data()
+    qmodel, session = lowbit.quantize_with_session(model, _recipe({"steps": 3, "lr_weight": 0}, base), data)
+    assert len(session.report()["qat"]["losses"]) == 3
+    plain = lowbit.quantize(model, _recipe({"steps": 3, "lr_weight": 0}), data)
+    tokens = torch.randint(0, 320, (1, 160), generator=torch.Generator().manual_seed(0))  # past the exact window
+    with torch.no_grad():  # the same trained model but for the cache (no weight moved): the cache still costs
+        assert not torch.allclose(qmodel(tokens).logits, plain(tokens).logits, atol=1e-4)
+        with packed_cache_suspended(qmodel):
+            torch.testing.assert_close(qmodel(tokens).logits, plain(tokens).logits)
 
 
 def test_qat_runs_after_the_weight_step_only():

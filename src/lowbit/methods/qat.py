@@ -24,6 +24,7 @@ from ..surgery.checkpoint import (
     tensor_digest,
 )
 from ..surgery.clips import clip_summary
+from ..surgery.kvcache import packed_cache_suspended
 from ..surgery.qat import QATConfig, Trained, distill, self_generated
 from ..surgery.train import rank_and_world
 from .registry import MethodResult, StepConfig, register
@@ -123,7 +124,8 @@ def apply(model: nn.Module, step: QATStep, session: Session) -> QATResult:
 
         def save(tensors: dict, progress: dict) -> None:
             save_checkpoint(step.checkpoint, tensors, {**fingerprint, "progress": progress})
-    done = distill(model, teacher, batches, config, session.progress, held, resume, save, step.checkpoint_every)
+    with packed_cache_suspended(model):  # trains (and validates) on exact KV: a packed cache's codes have no gradient
+        done = distill(model, teacher, batches, config, session.progress, held, resume, save, step.checkpoint_every)
     return QATResult(done.losses, done.held_out, done.kept_step, step.train, step.data, int(batches.numel()),
                      time.perf_counter() - start, done.clips)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -52,6 +54,22 @@ def attach_packed_cache(model: nn.Module, spec) -> None:
     ``PackedCache.for_model(model)`` builds the cache to decode with (the spec is kept in the model's state)."""
     ensure_state(model).cache_spec = spec
     set_decode_equivalent(model, spec)
+
+
+@contextmanager
+def packed_cache_suspended(model: nn.Module) -> Iterator[None]:
+    """Full-sequence forwards attend over exact keys and values for the duration of a block, when ``model`` has a
+    packed cache (its codes have no gradient to train through); the cache applies again after."""
+    state = quant_state(model)
+    spec = state.cache_spec if state is not None else None
+    if spec is None:
+        yield
+        return
+    set_decode_equivalent(model, None)
+    try:
+        yield
+    finally:
+        set_decode_equivalent(model, spec)
 
 
 def apply_kv_cache(model: nn.Module, arch: ArchSpec, config: KVCacheConfig, calibration) -> None:
