@@ -1,6 +1,7 @@
 """What asymmetric GPTQ does to each layer: how far the two streams' inputs differ and how far the target moves.
 
-Run:  python benchmarks/gptq_asym_probe.py [PRESET] [--damp D] [--alpha A | --flip]   (about 6 minutes on 2 CPU cores)
+Run:  python benchmarks/gptq_asym_probe.py [PRESET] [--damp D] [--alpha A | --flip] [--sequential] [--plain]
+      (about 6 minutes on 2 CPU cores)
 
 Quantizes the default model with PRESET (default `w4a16-quarot`) and its GPTQ step's ``asymmetric`` option on,
 calibration after one evaluation window, and prints for every solved input group (q/k/v, o, gate/up, down of each
@@ -8,7 +9,8 @@ layer in turn) ``|C - H| / |H|`` (how much the full-precision and quantized-path
 (how far the least-squares target moves the weights) and ``max / median`` of the Hessian diagonal, then the
 perplexity ratio on that window. ``--damp`` sets ``target_damp``; ``--flip`` quantizes ``2W - W*`` instead (a sign
 check); ``--alpha A`` quantizes ``W + A (W* - W)`` (0: plain GPTQ's target, the path check; GPTAQ scales its
-correction by 0.25). Numbers go to benchmarks/README.md (QuaRot section) with the command.
+correction by 0.25); ``--sequential`` sets the step's ``sequential``; ``--plain`` leaves ``asymmetric`` off (plain
+GPTQ, nothing printed per group). Numbers go to benchmarks/README.md (QuaRot section) with the command.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def main() -> None:
     parser.add_argument("--damp", type=float, default=None)
     parser.add_argument("--flip", action="store_true", help="same as --alpha -1")
     parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--sequential", action="store_true")
+    parser.add_argument("--plain", action="store_true")
     args = parser.parse_args()
     solve, count = surgery_gptq.least_squares_target, [0]
 
@@ -43,7 +47,7 @@ def main() -> None:
     surgery_gptq.least_squares_target = reported  # the solver looks the name up in its module at every call
     data_recipe = load_preset(args.preset).model_dump()
     step = next(s for s in data_recipe["steps"] if s["method"] == "gptq")
-    step["asymmetric"] = True
+    step["asymmetric"], step["sequential"] = not args.plain, args.sequential
     if args.damp is not None:
         step["target_damp"] = args.damp
     loaded = lowbit.load_model("default")

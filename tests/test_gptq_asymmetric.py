@@ -84,3 +84,30 @@ def test_asymmetric_gptq_step_runs_and_fits_full_precision_better(family):
     with torch.no_grad():
         kl = {flag: kl_from_teacher(m(batches).logits, model(batches).logits).item() for flag, (m, _) in models.items()}
     assert kl[True] < kl[False]
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_asymmetric_path_with_the_target_forced_to_the_weight_is_plain_gptq(sequential, monkeypatch):
+    """Weight-only, the asymmetric path differs from plain GPTQ by its target alone: forced to ``W``, every weight
+    comes out the same (the two streams, captures and solves are otherwise GPTQ's)."""
+    import lowbit.surgery.gptq as surgery_gptq
+
+    monkeypatch.setattr(surgery_gptq, "least_squares_target", lambda weight, *_: weight.clone())
+    model, data = tiny_model("llama"), tiny_data()
+    weights = {"format": "int4", "granularity": "group", "group_size": 16, "observer": "mse"}
+    quantized = [lowbit.quantize(model, Recipe.from_dict({
+        "steps": [{"method": "gptq", "asymmetric": flag, "sequential": sequential}], "weights": weights,
+        "calibration": {"samples": 16, "seq_len": 32}}), data) for flag in (False, True)]
+    plain, asymmetric = (dict(m.named_parameters()) for m in quantized)
+    for name, p in plain.items():
+        assert torch.equal(p, asymmetric[name]), name
+
+
+def test_sequential_gptq_sees_the_quantized_groups_before():
+    """With ``sequential``, o_proj's Hessian comes from the quantized q/k/v: its weights change, q/k/v's do not."""
+    model, data = tiny_model("llama"), tiny_data()
+    quantized = [dict(lowbit.quantize(model, Recipe.from_dict({
+        "steps": [{"method": "gptq", "sequential": flag}], **W4A4}), data).named_parameters()) for flag in (False, True)]
+    first = "model.layers.0.self_attn"
+    assert torch.equal(quantized[0][f"{first}.q_proj.weight"], quantized[1][f"{first}.q_proj.weight"])
+    assert not torch.equal(quantized[0][f"{first}.o_proj.weight"], quantized[1][f"{first}.o_proj.weight"])

@@ -27,7 +27,9 @@ class GPTQStep(StepConfig):
     """GPTQ weight quantization with the recipe's weight scheme, layer-streamed over calibration text.
 
     ``damp``: fraction of the mean Hessian diagonal added before inversion; ``act_order``: process columns by
-    decreasing Hessian diagonal; ``static_groups``: with groups and act-order, fix group scales up front.
+    decreasing Hessian diagonal; ``static_groups``: with groups and act-order, fix group scales up front;
+    ``sequential``: within a layer, record each input group's Hessian after the groups before it are quantized
+    (GPTQ's "true sequential"; one partial pass of the samples per group instead of one in all).
     ``asymmetric``: fit each layer's quantized outputs, on the inputs it will see (through the layers quantized so
     far and its own activation quantizers), to the full-precision layer's outputs on full-precision inputs
     (Qronos / GPTAQ's asymmetric calibration, :mod:`lowbit.input_mismatch`), instead of to its own outputs on the
@@ -45,6 +47,7 @@ class GPTQStep(StepConfig):
     damp: float = Field(default=0.01, gt=0)
     act_order: bool = True
     static_groups: bool = True
+    sequential: bool = False
     asymmetric: bool = False
     target_damp: float = Field(default=0.1, gt=0)
 
@@ -77,13 +80,13 @@ def apply(model: nn.Module, step: GPTQStep, session: Session) -> GPTQResult:
     start = time.perf_counter()
 
     def on_layer(index: int, layer: nn.Module, run) -> None:
-        result.loss += gptq_layer(layer, spec, run, scheme, config)
+        result.loss += gptq_layer(layer, spec, run, scheme, config, step.sequential)
         result.layers += 1
 
     # Samples run after the full-precision prefix cache, as every request will; its tokens never reach a Hessian.
     prefix = session.prefix.cache if session.prefix is not None else None
     if step.asymmetric:
-        result.loss = _asymmetric(model, session, batches, prefix, config, step.target_damp)
+        result.loss = _asymmetric(model, session, batches, prefix, config, step)
         result.layers = len(decoder_layers(model, spec))
     else:
         stream_layers(model, spec, batches, on_layer, progress=session.progress, prefix=prefix)
@@ -92,8 +95,7 @@ def apply(model: nn.Module, step: GPTQStep, session: Session) -> GPTQResult:
     return result
 
 
-def _asymmetric(model: nn.Module, session: Session, batches: torch.Tensor, prefix, config,
-                target_damp: float) -> float:
+def _asymmetric(model: nn.Module, session: Session, batches: torch.Tensor, prefix, config, step: GPTQStep) -> float:
     """Asymmetric GPTQ over two streams (full precision, quantized); returns the summed loss. The activation
     quantizers are attached first, so that the quantized stream runs through them (static ones are calibrated per
     layer on that stream)."""
@@ -110,7 +112,7 @@ def _asymmetric(model: nn.Module, session: Session, batches: torch.Tensor, prefi
         with quantizers_off(current.layer):
             target = current.run(full)
         calibrate_quantizers(list(act_quantizers(current.layer)), lambda: current.run(quantized))
-        loss += gptq_layer_asymmetric(current, spec, recipe.weights, config, target_damp)
+        loss += gptq_layer_asymmetric(current, spec, recipe.weights, config, step.target_damp, step.sequential)
         tick()
         return [target, current.run(quantized)]
 

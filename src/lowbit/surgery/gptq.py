@@ -8,6 +8,9 @@ quantizes the linears, and the layer's quantized outputs feed the next layer. Li
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -34,28 +37,34 @@ def _input_groups(layer: nn.Module, spec) -> list[list[QuantLinear]]:
 
 
 @torch.no_grad()
-def gptq_layer(layer: nn.Module, spec, run, scheme, config: GPTQConfig) -> float:
+def gptq_layer(layer: nn.Module, spec, run, scheme, config: GPTQConfig, sequential: bool = False) -> float:
     """GPTQ on one decoder layer's quantized linears: one ``run()`` of the calibration samples, stopped at the last
-    group's input, records each input group's Hessian, then the solver quantizes each group. Returns the summed GPTQ
-    loss."""
+    group's input, records each input group's Hessian, then the solver quantizes each group. ``sequential``: one run
+    per group instead, each after the groups before it are quantized (GPTQ's "true sequential": o_proj's Hessian
+    sees the quantized q/k/v, and so on). Returns the summed GPTQ loss."""
     fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
-    groups = _input_groups(layer, spec)
-    hessians: dict[str, HessianAccumulator] = {}
-
-    def sink(name: str, x: torch.Tensor) -> None:
-        hessians.setdefault(name, HessianAccumulator(x.shape[-1])).add(x)
-
-    with capture_inputs({str(i): group[0] for i, group in enumerate(groups)}, sink):
-        run(until=groups[-1][0])  # the last group's input is the last one needed: the rest of the layer is skipped
     loss = 0.0
-    for i, group in enumerate(groups):
-        loss += _solve_group(group, hessians[str(i)].hessian, scheme, fmt, gran, config)
+    for batch in _batches(_input_groups(layer, spec), sequential):
+        hessians: dict[str, HessianAccumulator] = {}
+
+        def sink(name: str, x: torch.Tensor) -> None:
+            hessians.setdefault(name, HessianAccumulator(x.shape[-1])).add(x)
+
+        with capture_inputs({str(i): group[0] for i, group in enumerate(batch)}, sink):
+            run(until=batch[-1][0])  # the last group's input is the last one needed: the rest of the layer is skipped
+        for i, group in enumerate(batch):
+            loss += _solve_group(group, hessians[str(i)].hessian, scheme, fmt, gran, config)
     return loss
+
+
+def _batches(groups: list[list[QuantLinear]], sequential: bool) -> list[list[list[QuantLinear]]]:
+    """The input groups captured together: all at once, or one at a time in the layer's order."""
+    return [[group] for group in groups] if sequential else [groups]
 
 
 @torch.no_grad()
 def gptq_layer_asymmetric(current: StreamedLayer, spec, scheme, config: GPTQConfig,
-                          target_damp: float = 0.1) -> float:
+                          target_damp: float = 0.1, sequential: bool = False) -> float:
     """GPTQ on one decoder layer against the full-precision outputs (asymmetric calibration,
     :mod:`lowbit.input_mismatch`).
 
@@ -63,28 +72,50 @@ def gptq_layer_asymmetric(current: StreamedLayer, spec, scheme, config: GPTQConf
     quantized so far. Batch by batch, each input group's input is captured on both (the full-precision pass with
     every quantizer of the layer off, the quantized one with its activation quantizers on, as its weights will see
     them), giving the Hessian ``H`` of the quantized-path inputs and their cross-product ``C`` with the
-    full-precision ones; each group is then solved by GPTQ on the target ``W*`` (ridge ``target_damp``). Returns the
-    summed GPTQ loss (measured against ``W*``)."""
-    layer, (full, quantized) = current.layer, current.inputs
+    full-precision ones; each group is then solved by GPTQ on the target ``W*`` (ridge ``target_damp``).
+    ``sequential``: as for :func:`gptq_layer`. Returns the summed GPTQ loss (measured against ``W*``)."""
     fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
-    groups = _input_groups(layer, spec)
+    groups = _input_groups(current.layer, spec)
+    originals = {linear: linear.weight.data.clone() for group in groups for linear in group}
+    loss = 0.0
+    for batch in _batches(groups, sequential):
+        hessians, crosses = _paired_statistics(current, batch, originals)
+        for i, group in enumerate(batch):
+            h = hessians[str(i)].hessian
+            weight = torch.cat([linear.weight.data for linear in group])
+            target = least_squares_target(weight, h, crosses[str(i)].cross, target_damp)
+            loss += _solve_group(group, h, scheme, fmt, gran, config, target)
+    return loss
+
+
+def _paired_statistics(current: StreamedLayer, groups: list[list[QuantLinear]], originals: dict):
+    """Each group's quantized-path Hessian and its cross-product with the full-precision inputs (through the layer's
+    ``originals`` weights, whatever is quantized already), batch by batch."""
+    layer, (full, quantized) = current.layer, current.inputs
     firsts = {str(i): group[0] for i, group in enumerate(groups)}
     hessians = {name: HessianAccumulator(m.in_features) for name, m in firsts.items()}
     crosses = {name: CrossAccumulator(m.in_features) for name, m in firsts.items()}
-    size = current.batch_size
-    for x_full, x_quant in zip(full.split(size), quantized.split(size), strict=True):
+    for x_full, x_quant in zip(full.split(current.batch_size), quantized.split(current.batch_size), strict=True):
         seen: dict[str, torch.Tensor] = {}
-        with quantizers_off(layer), capture_inputs(firsts, lambda name, x: seen.__setitem__(name, x)):
+        with (quantizers_off(layer), _weights(originals),
+              capture_inputs(firsts, lambda name, x: seen.__setitem__(name, x))):
             current.chunks(x_full, until=groups[-1][0])
         with capture_inputs(firsts, lambda name, x: _add_pair(hessians, crosses, firsts, seen, name, x)):
             current.chunks(x_quant, until=groups[-1][0])
-    loss = 0.0
-    for i, group in enumerate(groups):
-        h = hessians[str(i)].hessian
-        weight = torch.cat([linear.weight.data for linear in group])
-        target = least_squares_target(weight, h, crosses[str(i)].cross, target_damp)
-        loss += _solve_group(group, h, scheme, fmt, gran, config, target)
-    return loss
+    return hessians, crosses
+
+
+@contextmanager
+def _weights(weights: dict[nn.Module, torch.Tensor]) -> Iterator[None]:
+    """Each linear computes with the given weight for the duration of a block (its own after)."""
+    own = {linear: linear.weight.data for linear in weights}
+    try:
+        for linear, weight in weights.items():
+            linear.weight.data = weight
+        yield
+    finally:
+        for linear, weight in own.items():
+            linear.weight.data = weight
 
 
 def _add_pair(hessians, crosses, firsts, seen, name: str, x: torch.Tensor) -> None:
