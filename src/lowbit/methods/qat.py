@@ -51,7 +51,9 @@ class QATStep(StepConfig):
     the group scales diverged at the default ``lr_scale`` where per-channel scales did not (same place): fix them
     with ``lr_scale: 0``. Loss: KL of the quantized model's next-token distribution from the full-precision one's.
     ``autocast: bf16``: the training steps run under bfloat16 autocast (faster on CPUs with bf16 instructions;
-    held-out checks and everything kept stay float32).
+    held-out checks and everything kept stay float32). A packed KV cache (``kv_cache``) is not trained through (its
+    codes have no gradient): training and the held-out checks see exact keys and values, and the cache applies
+    again after.
     """
 
     method: Literal["qat"] = "qat"
