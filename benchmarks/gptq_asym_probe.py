@@ -9,8 +9,8 @@ layer in turn) ``|C - H| / |H|`` (how much the full-precision and quantized-path
 (how far the least-squares target moves the weights) and ``max / median`` of the Hessian diagonal, then the
 perplexity ratio on that window. ``--damp`` sets ``target_damp``; ``--flip`` quantizes ``2W - W*`` instead (a sign
 check); ``--alpha A`` quantizes ``W + A (W* - W)`` (0: plain GPTQ's target, the path check; GPTAQ scales its
-correction by 0.25); ``--sequential`` sets the step's ``sequential``; ``--plain`` leaves ``asymmetric`` off (plain
-GPTQ, nothing printed per group). Numbers go to benchmarks/README.md (QuaRot section) with the command.
+correction by 0.25); ``--plain`` leaves ``asymmetric`` off (plain GPTQ, nothing printed per group), ``--sequential``
+makes that plain GPTQ sequential (asymmetric GPTQ always is). Numbers go to benchmarks/README.md (QuaRot section) with the command.
 """
 
 from __future__ import annotations

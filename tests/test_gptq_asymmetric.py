@@ -86,18 +86,17 @@ def test_asymmetric_gptq_step_runs_and_fits_full_precision_better(family):
     assert kl[True] < kl[False]
 
 
-@pytest.mark.parametrize("sequential", [False, True])
-def test_asymmetric_path_with_the_target_forced_to_the_weight_is_plain_gptq(sequential, monkeypatch):
-    """Weight-only, the asymmetric path differs from plain GPTQ by its target alone: forced to ``W``, every weight
-    comes out the same (the two streams, captures and solves are otherwise GPTQ's)."""
+def test_asymmetric_path_with_the_target_forced_to_the_weight_is_sequential_gptq(monkeypatch):
+    """Weight-only, the asymmetric path differs from sequential GPTQ by its target alone: forced to ``W``, every
+    weight comes out the same (the two streams, captures and solves are otherwise GPTQ's)."""
     import lowbit.surgery.gptq as surgery_gptq
 
     monkeypatch.setattr(surgery_gptq, "least_squares_target", lambda weight, *_: weight.clone())
     model, data = tiny_model("llama"), tiny_data()
     weights = {"format": "int4", "granularity": "group", "group_size": 16, "observer": "mse"}
     quantized = [lowbit.quantize(model, Recipe.from_dict({
-        "steps": [{"method": "gptq", "asymmetric": flag, "sequential": sequential}], "weights": weights,
-        "calibration": {"samples": 16, "seq_len": 32}}), data) for flag in (False, True)]
+        "steps": [{"method": "gptq", **flags}], "weights": weights, "calibration": {"samples": 16, "seq_len": 32}}),
+        data) for flags in ({"sequential": True}, {"asymmetric": True})]
     plain, asymmetric = (dict(m.named_parameters()) for m in quantized)
     for name, p in plain.items():
         assert torch.equal(p, asymmetric[name]), name

@@ -30,15 +30,14 @@ class GPTQStep(StepConfig):
     decreasing Hessian diagonal; ``static_groups``: with groups and act-order, fix group scales up front;
     ``sequential``: within a layer, record each input group's Hessian after the groups before it are quantized
     (GPTQ's "true sequential"; one partial pass of the samples per group instead of one in all).
-    ``asymmetric``: fit each layer's quantized outputs, on the inputs it will see (through the layers quantized so
-    far and its own activation quantizers), to the full-precision layer's outputs on full-precision inputs
-    (Qronos / GPTAQ's asymmetric calibration, :mod:`lowbit.input_mismatch`), instead of to its own outputs on the
-    quantized-path inputs; two streams of calibration samples instead of one. KV quantizers are not in the
-    quantized path while it calibrates. ``target_damp``: the ridge that keeps the asymmetric target near the weight
-    (``lambda = target_damp * mean(diag H)``): the least-squares fit of the full-precision outputs from noisy
-    inputs overfits the calibration tokens without it (the more so the fewer tokens there are). Experimental: on
-    the default model it makes every measured recipe far worse, not better (benchmarks/README.md, QuaRot section);
-    it stays off in every preset until that is understood.
+    ``asymmetric``: fit each layer's quantized outputs, on the inputs it will see (through the layers and the
+    groups of this layer quantized so far and its own activation quantizers), to the full-precision layer's outputs
+    on full-precision inputs (Qronos / GPTAQ's asymmetric calibration, :mod:`lowbit.input_mismatch`), instead of to
+    its own outputs on the quantized-path inputs; two streams of calibration samples instead of one, and always
+    sequential. KV quantizers are not in the quantized path while it calibrates. ``target_damp``: the ridge that
+    keeps the asymmetric target near the weight (``lambda = target_damp * mean(diag H)``): the least-squares fit of
+    the full-precision outputs from noisy inputs overfits the calibration tokens without it (the more so the fewer
+    tokens there are).
     """
 
     method: Literal["gptq"] = "gptq"
@@ -112,7 +111,7 @@ def _asymmetric(model: nn.Module, session: Session, batches: torch.Tensor, prefi
         with quantizers_off(current.layer):
             target = current.run(full)
         calibrate_quantizers(list(act_quantizers(current.layer)), lambda: current.run(quantized))
-        loss += gptq_layer_asymmetric(current, spec, recipe.weights, config, step.target_damp, step.sequential)
+        loss += gptq_layer_asymmetric(current, spec, recipe.weights, config, step.target_damp)
         tick()
         return [target, current.run(quantized)]
 

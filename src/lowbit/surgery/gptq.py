@@ -64,7 +64,7 @@ def _batches(groups: list[list[QuantLinear]], sequential: bool) -> list[list[lis
 
 @torch.no_grad()
 def gptq_layer_asymmetric(current: StreamedLayer, spec, scheme, config: GPTQConfig,
-                          target_damp: float = 0.1, sequential: bool = False) -> float:
+                          target_damp: float = 0.1) -> float:
     """GPTQ on one decoder layer against the full-precision outputs (asymmetric calibration,
     :mod:`lowbit.input_mismatch`).
 
@@ -73,12 +73,15 @@ def gptq_layer_asymmetric(current: StreamedLayer, spec, scheme, config: GPTQConf
     every quantizer of the layer off, the quantized one with its activation quantizers on, as its weights will see
     them), giving the Hessian ``H`` of the quantized-path inputs and their cross-product ``C`` with the
     full-precision ones; each group is then solved by GPTQ on the target ``W*`` (ridge ``target_damp``).
-    ``sequential``: as for :func:`gptq_layer`. Returns the summed GPTQ loss (measured against ``W*``)."""
+    Always sequential (:func:`gptq_layer`): a group's quantized-path inputs are captured after the groups before it
+    are quantized, so its target fits the inputs it will really see (captured before, with q/k/v still in full
+    precision, o_proj's target corrects for an error it never meets, and the errors grew layer by layer: see
+    benchmarks/README.md, QuaRot section). Returns the summed GPTQ loss (measured against ``W*``)."""
     fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
     groups = _input_groups(current.layer, spec)
     originals = {linear: linear.weight.data.clone() for group in groups for linear in group}
     loss = 0.0
-    for batch in _batches(groups, sequential):
+    for batch in _batches(groups, sequential=True):
         hessians, crosses = _paired_statistics(current, batch, originals)
         for i, group in enumerate(batch):
             h = hessians[str(i)].hessian
