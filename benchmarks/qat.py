@@ -88,6 +88,15 @@ def _turbo3(edit: Callable[[dict], None]) -> Callable[[dict], None]:
     return change
 
 
+def _asym_gptq(edit: Callable[[dict], None]) -> Callable[[dict], None]:
+    """``edit``, then GPTQ fitted to the full-precision outputs (``asymmetric``)."""
+    def change(data: dict) -> None:
+        edit(data)
+        next(s for s in data["steps"] if s["method"] == "gptq")["asymmetric"] = True
+
+    return change
+
+
 def _spin_asym_prefix(data: dict) -> None:
     """:func:`_spin_asym` with the prefix step before GPTQ."""
     _spin_asym(data)
@@ -136,6 +145,12 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a4-spinquant-asym-o g64 a32, turbo3 KV", "W4A4 with kv-turbo3's packed cache (3-bit rotated codebook, "
      "first token and last 64 exact) instead of KV4 per head (no QAT)",
      partial(variant, "w4a4kv4-spinquant", _turbo3(_spin_asym_a32))),
+    ("w4a4-spinquant-asym-o g64 a32, turbo3 KV, asymmetric GPTQ", "the same with asymmetric GPTQ (fitted to the "
+     "full-precision outputs, sequential; no QAT)",
+     partial(variant, "w4a4kv4-spinquant", _asym_gptq(_turbo3(_spin_asym_a32)))),
+    ("w4a4-spinquant-asym-o g64 a32 + asymmetric GPTQ + qat clips, fixed scales, turbo3 KV", "that, then QAT with "
+     "clips and the weights' group scales fixed",
+     _with_qat("w4a4kv4-spinquant", _asym_gptq(_turbo3(_spin_asym_a32)), clips=True, lr_scale=0)),
     ("w4a4-spinquant-asym-o g64 a32 + qat clips, fixed scales, turbo3 KV", "the same, then QAT with clips and the "
      "weights' group scales fixed (training sees exact KV: the cache's codes have no gradient)",
      _with_qat("w4a4kv4-spinquant", _turbo3(_spin_asym_a32), clips=True, lr_scale=0)),

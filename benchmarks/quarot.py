@@ -73,8 +73,13 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
      lambda: variant("w4a16-gptq", lambda d: d["weights"].update(granularity="channel", group_size=None,
                                                                  observer="minmax"))),
     ("w4a16-quarot", "rotations + GPTQ g64", lambda: load_preset("w4a16-quarot")),
-    ("w4a16-quarot, asymmetric GPTQ", "rotations + GPTQ g64 fitted to the full-precision outputs (Qronos/GPTAQ)",
-     lambda: variant("w4a16-quarot", _set("steps.gptq.asymmetric", True))),
+    ("w4a16-quarot, sequential GPTQ", "rotations + GPTQ g64, each input group's Hessian after the groups before it "
+     "are quantized", lambda: variant("w4a16-quarot", _set("steps.gptq.sequential", True))),
+    ("w4a16-quarot, asymmetric GPTQ", "rotations + GPTQ g64 fitted to the full-precision outputs (Qronos/GPTAQ; "
+     "sequential)", lambda: variant("w4a16-quarot", _set("steps.gptq.asymmetric", True))),
+    ("w4a16-quarot g32, asymmetric GPTQ", "the same in groups of 32",
+     lambda: variant("w4a16-quarot", lambda d: (_set("steps.gptq.asymmetric", True)(d),
+                                                _set("weights.group_size", 32)(d)))),
     ("w4a16-quarot, asymmetric weights", "rotations + GPTQ g64 on a grid with a zero point per group",
      lambda: variant("w4a16-quarot", _set("weights.symmetric", False))),
     ("w4a16-quarot g32", "rotations + GPTQ in groups of 32", lambda: variant("w4a16-quarot", _set("weights.group_size", 32))),
@@ -102,8 +107,10 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
      lambda: variant("w4a4kv4-quarot", _set("weights.observer", "minmax"))),
     ("calibration 64x512", "twice the preset's calibration tokens",
      lambda: variant("w4a4kv4-quarot", _set("calibration.samples", 64))),
-    ("+ asymmetric GPTQ", "GPTQ fitted to the full-precision outputs on the inputs each layer will see (Qronos/GPTAQ)",
-     lambda: variant("w4a4kv4-quarot", _set("steps.gptq.asymmetric", True))),
+    ("+ sequential GPTQ", "each input group's Hessian after the groups before it are quantized",
+     lambda: variant("w4a4kv4-quarot", _set("steps.gptq.sequential", True))),
+    ("+ asymmetric GPTQ", "GPTQ fitted to the full-precision outputs on the inputs each layer will see (Qronos/GPTAQ; "
+     "sequential)", lambda: variant("w4a4kv4-quarot", _set("steps.gptq.asymmetric", True))),
 ]
 
 
