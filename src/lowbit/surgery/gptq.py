@@ -2,8 +2,9 @@
 
 Per decoder layer, one pass of the calibration samples (through the already-quantized earlier layers, stopped at the
 last input it needs) records the input Hessian of each targeted linear (after any online input rotation), the solver
-quantizes the linears, and the layer's quantized outputs feed the next layer. Linears that read the same input
-(q/k/v, gate/up) share one Hessian and are solved together, on their stacked rows.
+quantizes the linears, and the layer's quantized outputs feed the next layer (sequential: one pass per input group,
+each after the groups before it are quantized). Linears that read the same input (q/k/v, gate/up) share one
+Hessian and are solved together, on their stacked rows.
 """
 
 from __future__ import annotations
