@@ -10,7 +10,9 @@ layer in turn) ``|C - H| / |H|`` (how much the full-precision and quantized-path
 perplexity ratio on that window. ``--damp`` sets ``target_damp``; ``--flip`` quantizes ``2W - W*`` instead (a sign
 check); ``--alpha A`` quantizes ``W + A (W* - W)`` (0: plain GPTQ's target, the path check; GPTAQ scales its
 correction by 0.25); ``--plain`` leaves ``asymmetric`` off (plain GPTQ, nothing printed per group), ``--sequential``
-makes that plain GPTQ sequential (asymmetric GPTQ always is). Numbers go to benchmarks/README.md (QuaRot section) with the command.
+makes that plain GPTQ sequential (asymmetric GPTQ always is); ``--eval-data TEXT`` also scores one window of
+another text (out of domain: calibration stays on the default text). Numbers go to benchmarks/README.md (QuaRot
+section) with the command.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--sequential", action="store_true")
     parser.add_argument("--plain", action="store_true")
+    parser.add_argument("--eval-data", help="also evaluate one window of this text (calibration stays on the default)")
     args = parser.parse_args()
     solve, count = surgery_gptq.least_squares_target, [0]
 
@@ -55,6 +58,10 @@ def main() -> None:
     quantized = lowbit.quantize(loaded.model, Recipe.from_dict(data_recipe), data)
     result = lowbit.evaluate(loaded.model, quantized, data.eval_windows)
     print(f"ratio {result.ppl / result.fp_ppl:.4f} KL {result.kl_vs_fp:.4f}")
+    if args.eval_data:
+        other = lowbit.prepare_data(lowbit.DataConfig(eval=args.eval_data, seq_len=2048, windows=1), loaded.tokenizer)
+        result = lowbit.evaluate(loaded.model, quantized, other.eval_windows)
+        print(f"{args.eval_data}: ratio {result.ppl / result.fp_ppl:.4f} KL {result.kl_vs_fp:.4f}")
 
 
 if __name__ == "__main__":

@@ -105,8 +105,8 @@ def test_asymmetric_path_with_the_target_forced_to_the_weight_is_sequential_gptq
 def test_sequential_gptq_sees_the_quantized_groups_before():
     """With ``sequential``, o_proj's Hessian comes from the quantized q/k/v: its weights change, q/k/v's do not."""
     model, data = tiny_model("llama"), tiny_data()
-    quantized = [dict(lowbit.quantize(model, Recipe.from_dict({
-        "steps": [{"method": "gptq", "sequential": flag}], **W4A4}), data).named_parameters()) for flag in (False, True)]
+    recipes = [Recipe.from_dict({"steps": [{"method": "gptq", "sequential": flag}], **W4A4}) for flag in (False, True)]
+    quantized = [dict(lowbit.quantize(model, recipe, data).named_parameters()) for recipe in recipes]
     first = "model.layers.0.self_attn"
     assert torch.equal(quantized[0][f"{first}.q_proj.weight"], quantized[1][f"{first}.q_proj.weight"])
     assert not torch.equal(quantized[0][f"{first}.o_proj.weight"], quantized[1][f"{first}.o_proj.weight"])
