@@ -109,8 +109,12 @@ class Bench:
         windows = data.eval_windows
         if eval_data is not None:
             config = replace(config, eval=eval_data)
-            windows = lowbit.prepare_data(config, loaded.tokenizer).eval_windows
+            windows = eval_windows(loaded, config)
         return cls(loaded, config, data, windows)
+
+    def windows_of(self, text: str) -> torch.Tensor:
+        """Evaluation windows of another ``text`` (file or dataset name), cut as this run's are."""
+        return eval_windows(self.loaded, replace(self.config, eval=text))
 
     @property
     def model(self) -> torch.nn.Module:
@@ -157,6 +161,11 @@ class Bench:
 
 # method sections a row keeps from the report, when present
 SECTIONS = ("rotation", "gptq", "prefix", "blockwise", "qat")
+
+
+def eval_windows(loaded: LoadedModel, config: DataConfig) -> torch.Tensor:
+    """The evaluation windows ``config`` cuts from its ``eval`` text with ``loaded``'s tokenizer."""
+    return lowbit.prepare_data(config, loaded.tokenizer).eval_windows
 
 
 def row_from_report(report: dict, tokenizer, quantize_s: float) -> dict:

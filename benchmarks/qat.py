@@ -15,13 +15,12 @@ markers in benchmarks/README.md.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import torch
 from harness import HERE, Bench, Results, labelled_script, markdown_table, num, variant
 
-import lowbit
 from lowbit.evaluate import evaluate, reference_log_probs
 from lowbit.recipe import Recipe, load_preset
 from lowbit.surgery.kvcache import packed_cache_suspended
@@ -68,33 +67,30 @@ def _spin_asym_a32(data: dict) -> None:
     data["activations"].update(granularity="group", group_size=32, scale_dtype="float16")
 
 
-def _kv16(edit: Callable[[dict], None]) -> Callable[[dict], None]:
-    """``edit``, then the KV cache in 16 bits (W4A4)."""
+def _then(*edits: Callable[[dict], None]) -> Callable[[dict], None]:
+    """One edit that applies ``edits`` in order."""
     def change(data: dict) -> None:
-        edit(data)
-        data["kv"] = None
+        for edit in edits:
+            edit(data)
 
     return change
 
 
-def _turbo3(edit: Callable[[dict], None]) -> Callable[[dict], None]:
-    """``edit``, then kv-turbo3's packed cache instead of the KV fake quantizers (its rows are also measured with
-    exact keys and values: the W4A4 KV16 result of the same model)."""
-    def change(data: dict) -> None:
-        edit(data)
-        data["kv"] = None
-        data["kv_cache"] = load_preset("kv-turbo3").model_dump()["kv_cache"]
-
-    return change
+def _kv16(data: dict) -> None:
+    """The KV cache in 16 bits (W4A4)."""
+    data["kv"] = None
 
 
-def _asym_gptq(edit: Callable[[dict], None]) -> Callable[[dict], None]:
-    """``edit``, then GPTQ fitted to the full-precision outputs (``asymmetric``)."""
-    def change(data: dict) -> None:
-        edit(data)
-        next(s for s in data["steps"] if s["method"] == "gptq")["asymmetric"] = True
+def _turbo3(data: dict) -> None:
+    """kv-turbo3's packed cache instead of the KV fake quantizers (its rows are also measured with exact keys and
+    values: the W4A4 KV16 result of the same model)."""
+    _kv16(data)
+    data["kv_cache"] = load_preset("kv-turbo3").model_dump()["kv_cache"]
 
-    return change
+
+def _asym_gptq(data: dict) -> None:
+    """GPTQ fitted to the full-precision outputs (``asymmetric``)."""
+    next(s for s in data["steps"] if s["method"] == "gptq")["asymmetric"] = True
 
 
 def _spin_asym_prefix(data: dict) -> None:
@@ -128,32 +124,32 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a4kv4-spinquant-asym-o g64 + qat clips", "weights in groups of 64, then QAT with clips",
      _with_qat("w4a4kv4-spinquant", _spin_asym_g64, clips=True)),
     ("w4a4-spinquant-asym-o g64", "W4A4 with a 16-bit KV cache: the same rotations, weights in groups of 64 (no QAT)",
-     partial(variant, "w4a4kv4-spinquant", _kv16(_spin_asym_g64))),
+     partial(variant, "w4a4kv4-spinquant", _then(_spin_asym_g64, _kv16))),
     ("w4a4-spinquant-asym-o g64 + qat clips", "W4A4 KV16, weights in groups of 64, then QAT with clips",
-     _with_qat("w4a4kv4-spinquant", _kv16(_spin_asym_g64), clips=True)),
+     _with_qat("w4a4kv4-spinquant", _then(_spin_asym_g64, _kv16), clips=True)),
     ("w4a4kv4-spinquant-asym-o g64 a32", "weights in groups of 64, activations in groups of 32 (no QAT)",
      partial(variant, "w4a4kv4-spinquant", _spin_asym_a32)),
     ("w4a4kv4-spinquant-asym-o g64 a32 + qat clips", "weights in groups of 64, activations in groups of 32, then QAT "
      "with clips", _with_qat("w4a4kv4-spinquant", _spin_asym_a32, clips=True)),
     ("w4a4-spinquant-asym-o g64 a32", "W4A4 KV16, weights in groups of 64, activations in groups of 32 (no QAT)",
-     partial(variant, "w4a4kv4-spinquant", _kv16(_spin_asym_a32))),
+     partial(variant, "w4a4kv4-spinquant", _then(_spin_asym_a32, _kv16))),
     ("w4a4-spinquant-asym-o g64 a32 + qat clips", "W4A4 KV16, weights in groups of 64, activations in groups of 32, "
-     "then QAT with clips", _with_qat("w4a4kv4-spinquant", _kv16(_spin_asym_a32), clips=True)),
+     "then QAT with clips", _with_qat("w4a4kv4-spinquant", _then(_spin_asym_a32, _kv16), clips=True)),
     ("w4a4kv4-spinquant-asym-o g64 a32 + qat clips, fixed scales", "the same QAT with the weights' group scales "
      "fixed (weights, norms and clips train)",
      _with_qat("w4a4kv4-spinquant", _spin_asym_a32, clips=True, lr_scale=0)),
     ("w4a4-spinquant-asym-o g64 a32, turbo3 KV", "W4A4 with kv-turbo3's packed cache (3-bit rotated codebook, "
      "first token and last 64 exact) instead of KV4 per head (no QAT)",
-     partial(variant, "w4a4kv4-spinquant", _turbo3(_spin_asym_a32))),
+     partial(variant, "w4a4kv4-spinquant", _then(_spin_asym_a32, _turbo3))),
     ("w4a4-spinquant-asym-o g64 a32, turbo3 KV, asymmetric GPTQ", "the same with asymmetric GPTQ (fitted to the "
      "full-precision outputs, sequential; no QAT)",
-     partial(variant, "w4a4kv4-spinquant", _asym_gptq(_turbo3(_spin_asym_a32)))),
+     partial(variant, "w4a4kv4-spinquant", _then(_spin_asym_a32, _turbo3, _asym_gptq))),
     ("w4a4-spinquant-asym-o g64 a32 + asymmetric GPTQ + qat clips, fixed scales, turbo3 KV", "that, then QAT with "
      "clips and the weights' group scales fixed",
-     _with_qat("w4a4kv4-spinquant", _asym_gptq(_turbo3(_spin_asym_a32)), clips=True, lr_scale=0)),
+     _with_qat("w4a4kv4-spinquant", _then(_spin_asym_a32, _turbo3, _asym_gptq), clips=True, lr_scale=0)),
     ("w4a4-spinquant-asym-o g64 a32 + qat clips, fixed scales, turbo3 KV", "the same, then QAT with clips and the "
      "weights' group scales fixed (training sees exact KV: the cache's codes have no gradient)",
-     _with_qat("w4a4kv4-spinquant", _turbo3(_spin_asym_a32), clips=True, lr_scale=0)),
+     _with_qat("w4a4kv4-spinquant", _then(_spin_asym_a32, _turbo3), clips=True, lr_scale=0)),
     ("w4a16-quarot + qat", "QuaRot + GPTQ g64 (activations in 16 bits), then QAT", _with_qat("w4a16-quarot")),
     ("w4a16-quarot + qat, fixed scales", "the same QAT with the group scales fixed (weights and norms train)",
      _with_qat("w4a16-quarot", lr_scale=0)),
@@ -164,9 +160,8 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
 ]
 
 
-def _scores(bench: Bench, model, windows=None, reference=None) -> dict:
-    r = evaluate(bench.model, model, bench.windows if windows is None else windows,
-                 reference=bench.reference if windows is None else reference)
+def _scores(bench: Bench, model, windows: torch.Tensor, reference: list[torch.Tensor]) -> dict:
+    r = evaluate(bench.model, model, windows, reference=reference)
     return {"ratio": r.ppl / r.fp_ppl, "kl": r.kl_vs_fp, "top1": r.top1_agreement}
 
 
@@ -178,12 +173,11 @@ def _measure(bench: Bench, label: str, recipe: Recipe) -> dict:
 
     def more(model) -> dict:
         with packed_cache_suspended(model):
-            found = {"exact_kv": _scores(bench, model)}
+            found = {"exact_kv": _scores(bench, model, bench.windows, bench.reference)}
         if not CROSS_TEXT.exists():
             print(f"no {CROSS_TEXT} for the cross-domain columns: run python benchmarks/heldout_text.py", flush=True)
             return found
-        windows = lowbit.prepare_data(replace(bench.config, eval=str(CROSS_TEXT)),
-                                      bench.loaded.tokenizer).eval_windows
+        windows = bench.windows_of(str(CROSS_TEXT))
         return {**found, "cross": _scores(bench, model, windows, reference_log_probs(bench.model, windows))}
 
     return bench.measure(recipe, extra=more)
