@@ -1,6 +1,7 @@
 """What asymmetric GPTQ does to each layer: how far the two streams' inputs differ and how far the target moves.
 
 Run:  python benchmarks/gptq_asym_probe.py [PRESET] [--damp D] [--alpha A | --flip] [--sequential] [--plain]
+      [--samples N] [--eval-data TEXT]
       (about 6 minutes on 2 CPU cores)
 
 Quantizes the default model with PRESET (default `w4a16-quarot`) and its GPTQ step's ``asymmetric`` option on,
@@ -10,9 +11,9 @@ layer in turn) ``|C - H| / |H|`` (how much the full-precision and quantized-path
 perplexity ratio on that window. ``--damp`` sets ``target_damp``; ``--flip`` quantizes ``2W - W*`` instead (a sign
 check); ``--alpha A`` quantizes ``W + A (W* - W)`` (0: plain GPTQ's target, the path check; GPTAQ scales its
 correction by 0.25); ``--plain`` leaves ``asymmetric`` off (plain GPTQ, nothing printed per group), ``--sequential``
-makes that plain GPTQ sequential (asymmetric GPTQ always is); ``--eval-data TEXT`` also scores one window of
-another text (out of domain: calibration stays on the default text). Numbers go to benchmarks/README.md (QuaRot
-section) with the command.
+makes that plain GPTQ sequential (asymmetric GPTQ always is); ``--samples N`` sets the calibration samples;
+``--eval-data TEXT`` also scores one window of another text (out of domain: calibration stays on the default text).
+Numbers go to benchmarks/README.md (QuaRot section) with the command.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--sequential", action="store_true")
     parser.add_argument("--plain", action="store_true")
+    parser.add_argument("--samples", type=int, default=None, help="calibration samples (default: the preset's)")
     parser.add_argument("--eval-data", help="also evaluate one window of this text (calibration stays on the default)")
     args = parser.parse_args()
     solve, count = surgery_gptq.least_squares_target, [0]
@@ -53,6 +55,8 @@ def main() -> None:
     step["asymmetric"], step["sequential"] = not args.plain, args.sequential
     if args.damp is not None:
         step["target_damp"] = args.damp
+    if args.samples is not None:
+        data_recipe["calibration"]["samples"] = args.samples
     loaded = lowbit.load_model("default")
     data = lowbit.prepare_data(lowbit.DataConfig(seq_len=2048, windows=1), loaded.tokenizer)
     quantized = lowbit.quantize(loaded.model, Recipe.from_dict(data_recipe), data)

@@ -41,6 +41,25 @@ def ablation(*edits: Callable[[dict], None]) -> Callable[[], Recipe]:
 
 
 NO_FT = _blockwise(epochs=0)
+ALL_IN = "w4a4-spin-prefix-turbo3"
+ALL_IN_ROTATIONS = HERE / "results" / f"{ALL_IN}-rotations.safetensors"  # learned by the all-in row, reused after
+
+
+def _spinquant(**fields) -> Callable[[dict], None]:
+    return lambda data: next(s for s in data["steps"] if s["method"] == "spinquant").update(fields)
+
+
+def _static_kv4(data: dict) -> None:
+    """The packed cache replaced by ``w4a4kv4-prefix``'s static KV4 per head."""
+    data.pop("kv_cache", None)
+    data["kv"] = load_preset("w4a4kv4-prefix").kv.model_dump()
+
+
+def all_in(*edits: Callable[[dict], None]) -> Callable[[], Recipe]:
+    """The all-in preset; its SpinQuant rotations checkpointed to (or, in later rows, loaded from) one file."""
+    return lambda: variant(ALL_IN, lambda data: [edit(data) for edit in edits])
+
+
 ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("RTN", "static scales from calibration maxima, RTN weights, no rotation",
      ablation(NO_FT, _blockwise(grid=False), _without("quarot", "prefix"))),
@@ -53,6 +72,10 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a4kv4-prefix-dynamic", "preset: prefix, dynamic per-token scales", lambda: load_preset("w4a4kv4-prefix-dynamic")),
     ("w4a4kv4-quarot", "dynamic QuaRot (the bar for the static preset)", lambda: load_preset("w4a4kv4-quarot")),
     ("w8a8kv8-prefix", "preset: static 8-bit, per-tensor KV", lambda: load_preset("w8a8kv8-prefix")),
+    (ALL_IN, "preset, all in: SpinQuant rotations (learned in this row), the prefix, static W4A4 with grid search "
+     "and fine-tuning as w4a4kv4-prefix, kv-turbo3's packed cache", all_in(_spinquant(checkpoint=str(ALL_IN_ROTATIONS)))),
+    ("all in, static KV4", "the same with w4a4kv4-prefix's static KV4 per head for the packed cache (rotations "
+     "loaded from the row above)", all_in(_spinquant(rotations=str(ALL_IN_ROTATIONS)), _static_kv4)),
 ]
 
 

@@ -179,19 +179,22 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(factors[peak:], factors[peak + 1:])) and factors[-1] < 0.01
 
 
-def test_composed_spin_prefix_qjl_preset_runs_end_to_end():
-    """SpinQuant rotations, a detected prefix, static W4A4 by blocks and a packed QJL key cache, on a tiny model."""
+@pytest.mark.parametrize("preset", ["w4a4-spin-prefix-qjl", "w4a4-spin-prefix-turbo3"])
+def test_composed_spin_prefix_preset_runs_end_to_end(preset):
+    """SpinQuant rotations, a detected prefix, static W4A4 by blocks and a packed KV cache (QJL keys with 2-bit
+    values, or turbo3 keys and values), on a tiny model."""
     from lowbit.evaluate import evaluate
     from lowbit.recipe import load_preset
     from lowbit.surgery.prefix import prefix_tokens
 
-    data = load_preset("w4a4-spin-prefix-qjl").model_dump()
+    data = load_preset(preset).model_dump()
     data["steps"][0].update(steps=2, samples=2, seq_len=32)
     data["steps"][1].update(samples=4, seq_len=32)
     data["steps"][2].update(samples=4, seq_len=32, epochs=1)
     data["kv_cache"].update(window=8)
-    data["kv_cache"]["keys"].update(m=32, group=8)
-    data["kv_cache"]["values"].update(group=8)
+    if data["kv_cache"]["keys"]["codec"] == "qjl":
+        data["kv_cache"]["keys"].update(m=32, group=8)
+        data["kv_cache"]["values"].update(group=8)
     model, session = lowbit.quantize_with_session(tiny_model("llama"), Recipe.from_dict(data), _data())
     assert prefix_tokens(model) == session.get(PrefixResult).tokens != []
     assert len(session.get(BlockwiseResult).layers) == 2
