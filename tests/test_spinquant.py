@@ -176,6 +176,25 @@ def test_spinquant_presets_validate():
     assert all(getattr(paper, k) == getattr(preset, k) for k in same)
 
 
+@pytest.mark.parametrize("weight_step", [{"method": "rtn"}, {"method": "blockwise", "epochs": 1, "samples": 2,
+                                                                "seq_len": 32}])
+def test_key_centre_mean_recipes_learn_rotations_and_fit_blocks(calib, weight_step):
+    """KV4 around the calibrated mean key (``key_centre: mean``) while SpinQuant learns and while blocks are fitted:
+    the training and block quantizers measure their centres on the calibration text (once they failed for want of
+    it), and the final KV quantizers have theirs."""
+    from lowbit.surgery.attention import KVQuantHook, attention_hooks
+
+    recipe = Recipe.from_dict({
+        "steps": [{"method": "spinquant", "steps": 2, "samples": 2, "seq_len": 32}, weight_step],
+        "weights": {"format": "int4", "granularity": "channel"},
+        "activations": {"format": "int4", "granularity": "token", "dynamic": True},
+        "kv": {"format": "int4", "symmetric": False, "granularity": "head", "dynamic": True, "key_centre": "mean"}})
+    model, session = lowbit.quantize_with_session(tiny_model("llama"), recipe, calib)
+    hooks = [h for layer in model.model.layers for h in attention_hooks(layer.self_attn) if isinstance(h, KVQuantHook)]
+    assert hooks and all(h.centre is not None for h in hooks)
+    assert len(session.get(RotationResult).details["losses"]) == 2
+
+
 def test_static_recipes_learn_through_dynamic_per_token_quantizers(calib):
     """A static recipe (per-tensor activations, per-head KV) learns its rotations with the same formats applied
     dynamically per token, then gets its static scales fitted once the rotations are folded in."""

@@ -160,8 +160,11 @@ def initial_rotations(model: nn.Module, spec, seed: int) -> Rotations:
     return Rotations(nn.Parameter(r1.dense().float()), [nn.Parameter(r.dense().float()) for r in r2])
 
 
-def prepare_training(model: nn.Module, spec, recipe, seed: int, r3: bool, r4: bool, o_rotation: bool = False) -> dict:
+def prepare_training(model: nn.Module, spec, recipe, seed: int, r3: bool, r4: bool, o_rotation: bool = False,
+                     calibration=None) -> dict:
     """Fold norms, fix R3/R4, attach the recipe's fake-quantizers for training; returns rotation info.
+    ``calibration()``: batches that measure the KV quantizers' key centres (``key_centre: mean``; keys do not change
+    under R1/R2, so the centres hold while the rotations learn).
 
     With ``o_rotation`` the rotation across heads is hooked at o_proj's input but not folded into its weight: it
     must come after the learned R2 (see :class:`Rotations`).
@@ -174,7 +177,7 @@ def prepare_training(model: nn.Module, spec, recipe, seed: int, r3: bool, r4: bo
         swap_linears(model, spec, recipe.targets)
         attach_activation_quantizers(model, training.activations)
     if training.kv is not None:
-        attach_kv_quantizers(model, spec, training.kv)
+        attach_kv_quantizers(model, spec, training.kv, calibration)
     return info
 
 
@@ -224,7 +227,8 @@ def apply(model: nn.Module, step: SpinQuantStep, session: Session) -> RotationRe
     check_residual_rotation(spec, "SpinQuant's learned R1")
     start = time.perf_counter()
     model.requires_grad_(False)
-    info = prepare_training(model, spec, recipe, seed, step.r3, step.r4, step.o_rotation)
+    calibration = session.calibration.default if session.calibration is not None else None
+    info = prepare_training(model, spec, recipe, seed, step.r3, step.r4, step.o_rotation, calibration)
     o = o_rotation_matrix(model, rotation_seeds(model, spec, seed)).dense().float() if step.o_rotation else None
     if step.rotations is not None:
         rot, meta = load_rotations(step.rotations)
