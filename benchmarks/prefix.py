@@ -76,6 +76,8 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
      "and fine-tuning as w4a4kv4-prefix, kv-turbo3's packed cache", all_in(_spinquant(checkpoint=str(ALL_IN_ROTATIONS)))),
     ("all in, static KV4", "the same with w4a4kv4-prefix's static KV4 per head for the packed cache (rotations "
      "loaded from the row above)", all_in(_spinquant(rotations=str(ALL_IN_ROTATIONS)), _static_kv4)),
+    ("all in, fine-tuning on 128 samples", "the all-in preset with block-wise fine-tuning on 4x the sequences "
+     "(rotations loaded)", all_in(_spinquant(rotations=str(ALL_IN_ROTATIONS)), _blockwise(samples=128))),
 ]
 
 
