@@ -72,12 +72,12 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a4kv4-prefix-dynamic", "preset: prefix, dynamic per-token scales", lambda: load_preset("w4a4kv4-prefix-dynamic")),
     ("w4a4kv4-quarot", "dynamic QuaRot (the bar for the static preset)", lambda: load_preset("w4a4kv4-quarot")),
     ("w8a8kv8-prefix", "preset: static 8-bit, per-tensor KV", lambda: load_preset("w8a8kv8-prefix")),
-    (ALL_IN, "preset, all in: SpinQuant rotations (learned in this row), the prefix, static W4A4 with grid search "
-     "and fine-tuning as w4a4kv4-prefix, kv-turbo3's packed cache", all_in(_spinquant(checkpoint=str(ALL_IN_ROTATIONS)))),
-    ("all in, static KV4", "the same with w4a4kv4-prefix's static KV4 per head for the packed cache (rotations "
-     "loaded from the row above)", all_in(_spinquant(rotations=str(ALL_IN_ROTATIONS)), _static_kv4)),
-    ("all in, fine-tuning on 128 samples", "the all-in preset with block-wise fine-tuning on 4x the sequences "
-     "(rotations loaded)", all_in(_spinquant(rotations=str(ALL_IN_ROTATIONS)), _blockwise(samples=128))),
+    ("all in, fine-tuning on 32 samples", "SpinQuant rotations (learned in this row; later rows load them), the "
+     "prefix, static W4A4 with grid search and fine-tuning on 32 sequences as w4a4kv4-prefix, kv-turbo3's packed "
+     "cache", all_in(_spinquant(checkpoint=str(ALL_IN_ROTATIONS)), _blockwise(samples=32))),
+    (ALL_IN, "preset, all in: the same with fine-tuning on 128 sequences", all_in(_spinquant(rotations=str(ALL_IN_ROTATIONS)))),
+    ("all in, static KV4", "the preset with w4a4kv4-prefix's static KV4 per head for the packed cache",
+     all_in(_spinquant(rotations=str(ALL_IN_ROTATIONS)), _static_kv4)),
 ]
 
 
