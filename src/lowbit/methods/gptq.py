@@ -36,8 +36,9 @@ class GPTQStep(StepConfig):
     its own outputs on the quantized-path inputs; two streams of calibration samples instead of one, and always
     sequential. KV quantizers are not in the quantized path while it calibrates. ``target_damp``: the ridge that
     keeps the asymmetric target near the weight (``lambda = target_damp * mean(diag H)``): the least-squares fit of
-    the full-precision outputs from noisy inputs overfits the calibration tokens without it (the more so the fewer
-    tokens there are).
+    the full-precision outputs from noisy inputs shrinks the weight along input directions the calibration text
+    barely excites, which other text needs. At 0.1 the target moved weights by 20-30% of their norm and the gain on
+    the calibration text was a loss on other text; 1 gains on both (benchmarks/README.md, QuaRot section).
     """
 
     method: Literal["gptq"] = "gptq"
@@ -48,7 +49,7 @@ class GPTQStep(StepConfig):
     static_groups: bool = True
     sequential: bool = False
     asymmetric: bool = False
-    target_damp: float = Field(default=0.1, gt=0)
+    target_damp: float = Field(default=1.0, gt=0)
 
     def needs_calibration(self) -> bool:
         return True

@@ -65,7 +65,7 @@ def _batches(groups: list[list[QuantLinear]], sequential: bool) -> list[list[lis
 
 @torch.no_grad()
 def gptq_layer_asymmetric(current: StreamedLayer, spec, scheme, config: GPTQConfig,
-                          target_damp: float = 0.1) -> float:
+                          target_damp: float = 1.0) -> float:
     """GPTQ on one decoder layer against the full-precision outputs (asymmetric calibration,
     :mod:`lowbit.input_mismatch`).
 
