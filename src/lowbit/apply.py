@@ -55,7 +55,7 @@ def apply_recipe(model: nn.Module, session: Session) -> None:
     scales."""
     recipe, start = session.recipe, time.perf_counter()
     check_calibration(session)
-    calibration = session.calibration.default if session.calibration is not None else None
+    calibration = session.default_calibration
     training = [step for step in recipe.steps if step.phase == "train"]
     if training:
         session.teacher = _teacher(model)

@@ -165,8 +165,7 @@ def _prepare(model: nn.Module, session: Session) -> None:
     if recipe.activations is not None:
         attach_activation_quantizers(model, recipe.activations)
     if recipe.kv is not None:
-        calibration = session.calibration.default if session.calibration is not None else None
-        attach_kv_quantizers(model, session.spec, recipe.kv, calibration)
+        attach_kv_quantizers(model, session.spec, recipe.kv, session.default_calibration)
     if session.prefix is not None:
         keep_prefix_exact(model, session.spec, len(session.prefix.tokens))
 

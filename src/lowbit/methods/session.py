@@ -65,6 +65,12 @@ class Session:
             raise CalibrationError(f"{what} needs calibration text: pass calibration data (--calib-data)")
         return self.calibration
 
+    @property
+    def default_calibration(self) -> Callable[[], torch.Tensor] | None:
+        """The calibration text's default batches as a callable (what quantizers that measure something on
+        calibration text take), or None without calibration text."""
+        return self.calibration.default if self.calibration is not None else None
+
     def tick(self, description: str, total: int) -> Callable[..., None]:
         """A progress tick for ``total`` units of work (a no-op without a progress callback)."""
         return self.progress(description, total) if self.progress else (lambda *_: None)

@@ -227,8 +227,8 @@ def apply(model: nn.Module, step: SpinQuantStep, session: Session) -> RotationRe
     check_residual_rotation(spec, "SpinQuant's learned R1")
     start = time.perf_counter()
     model.requires_grad_(False)
-    calibration = session.calibration.default if session.calibration is not None else None
-    info = prepare_training(model, spec, recipe, seed, step.r3, step.r4, step.o_rotation, calibration)
+    info = prepare_training(model, spec, recipe, seed, step.r3, step.r4, step.o_rotation,
+                            session.default_calibration)
     o = o_rotation_matrix(model, rotation_seeds(model, spec, seed)).dense().float() if step.o_rotation else None
     if step.rotations is not None:
         rot, meta = load_rotations(step.rotations)
