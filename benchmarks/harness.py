@@ -191,10 +191,22 @@ def row_from_report(report: dict, tokenizer, quantize_s: float) -> dict:
     return row
 
 
-def variant(preset: str, edit: Callable[[dict], None]) -> Recipe:
-    """``preset`` with ``edit`` applied to its plain-dict form (validated again): an ablation row's recipe."""
+def recipe_step(data: dict, method: str) -> dict:
+    """The first ``method`` step of a recipe's plain-dict form, for an edit to change in place."""
+    return next(s for s in data["steps"] if s["method"] == method)
+
+
+def step_update(method: str, **fields) -> Callable[[dict], None]:
+    """An edit that sets ``fields`` on the recipe's ``method`` step."""
+    return lambda data: recipe_step(data, method).update(fields)
+
+
+def variant(preset: str, *edits: Callable[[dict], None]) -> Recipe:
+    """``preset`` with ``edits`` applied in order to its plain-dict form (validated again): an ablation row's
+    recipe."""
     data = load_preset(preset).model_dump()
-    edit(data)
+    for edit in edits:
+        edit(data)
     return Recipe.from_dict(data, origin=f"variant of {preset}")
 
 

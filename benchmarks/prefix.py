@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from harness import HERE, Results, add_flags, run_labelled, variant, write_block
+from harness import HERE, Results, add_flags, run_labelled, step_update, variant, write_block
 
 from lowbit.recipe import Recipe, load_preset
 
@@ -31,22 +31,16 @@ def _without(*methods: str) -> Callable[[dict], None]:
     return edit
 
 
-def _blockwise(**fields) -> Callable[[dict], None]:
-    return lambda data: next(s for s in data["steps"] if s["method"] == "blockwise").update(fields)
-
-
 def ablation(*edits: Callable[[dict], None]) -> Callable[[], Recipe]:
     """``w4a4kv4-prefix`` with components taken away (each ablation row adds one back)."""
-    return lambda: variant("w4a4kv4-prefix", lambda data: [edit(data) for edit in edits])
+    return lambda: variant("w4a4kv4-prefix", *edits)
 
 
-NO_FT = _blockwise(epochs=0)
+NO_FT = step_update("blockwise", epochs=0)
 ALL_IN = "w4a4-spin-prefix-turbo3"
 ALL_IN_ROTATIONS = HERE / "results" / f"{ALL_IN}-rotations.safetensors"  # learned by the all-in row, reused after
-
-
-def _spinquant(**fields) -> Callable[[dict], None]:
-    return lambda data: next(s for s in data["steps"] if s["method"] == "spinquant").update(fields)
+LEARN_ROTATIONS = step_update("spinquant", checkpoint=str(ALL_IN_ROTATIONS))
+LOAD_ROTATIONS = step_update("spinquant", rotations=str(ALL_IN_ROTATIONS))
 
 
 def _static_kv4(data: dict) -> None:
@@ -57,13 +51,13 @@ def _static_kv4(data: dict) -> None:
 
 def all_in(*edits: Callable[[dict], None]) -> Callable[[], Recipe]:
     """The all-in preset; its SpinQuant rotations checkpointed to (or, in later rows, loaded from) one file."""
-    return lambda: variant(ALL_IN, lambda data: [edit(data) for edit in edits])
+    return lambda: variant(ALL_IN, *edits)
 
 
 ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("RTN", "static scales from calibration maxima, RTN weights, no rotation",
-     ablation(NO_FT, _blockwise(grid=False), _without("quarot", "prefix"))),
-    ("+ rotation", "QuaRot R1-R4", ablation(NO_FT, _blockwise(grid=False), _without("prefix"))),
+     ablation(NO_FT, step_update("blockwise", grid=False), _without("quarot", "prefix"))),
+    ("+ rotation", "QuaRot R1-R4", ablation(NO_FT, step_update("blockwise", grid=False), _without("prefix"))),
     ("+ grid search", "clip factors searched per quantizer", ablation(NO_FT, _without("prefix"))),
     ("+ prefix", "outlier tokens in a full-precision prefix", ablation(NO_FT)),
     ("+ fine-tuning = w4a4kv4-prefix", "block-wise, weights and scales", lambda: load_preset("w4a4kv4-prefix")),
@@ -74,10 +68,10 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w8a8kv8-prefix", "preset: static 8-bit, per-tensor KV", lambda: load_preset("w8a8kv8-prefix")),
     ("all in, fine-tuning on 32 samples", "SpinQuant rotations (learned in this row; later rows load them), the "
      "prefix, static W4A4 with grid search and fine-tuning on 32 sequences as w4a4kv4-prefix, kv-turbo3's packed "
-     "cache", all_in(_spinquant(checkpoint=str(ALL_IN_ROTATIONS)), _blockwise(samples=32))),
-    (ALL_IN, "preset, all in: the same with fine-tuning on 128 sequences", all_in(_spinquant(rotations=str(ALL_IN_ROTATIONS)))),
+     "cache", all_in(LEARN_ROTATIONS, step_update("blockwise", samples=32))),
+    (ALL_IN, "preset, all in: the same with fine-tuning on 128 sequences", all_in(LOAD_ROTATIONS)),
     ("all in, static KV4", "the preset with w4a4kv4-prefix's static KV4 per head for the packed cache",
-     all_in(_spinquant(rotations=str(ALL_IN_ROTATIONS)), _static_kv4)),
+     all_in(LOAD_ROTATIONS, _static_kv4)),
 ]
 
 

@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from harness import HERE, Bench, Results, labelled_script, markdown_table, num, variant
+from harness import HERE, Bench, Results, labelled_script, markdown_table, num, recipe_step, variant
 
 from lowbit.evaluate import evaluate, reference_log_probs
 from lowbit.recipe import Recipe, load_preset
@@ -31,24 +31,23 @@ CROSS_TEXT = HERE / "results" / "enwiki.txt"  # benchmarks/heldout_text.py's Wik
 SPIN_ASYM_ROTATIONS = HERE / "results" / "w4a4kv4-spinquant-asym-o-rotations.safetensors"  # benchmarks/spinquant.py's
 
 
-def _with_qat(preset: str, edit: Callable[[dict], None] | None = None, **qat) -> Callable[[], Recipe]:
-    def change(data: dict) -> None:
-        if edit is not None:
-            edit(data)
+def _with_qat(preset: str, *edits: Callable[[dict], None], **qat) -> Callable[[], Recipe]:
+    """``preset`` with ``edits``, then a ``qat`` step with the fields ``qat``."""
+    def add_qat(data: dict) -> None:
         data["steps"] = [*data["steps"], {"method": "qat", **qat}]
 
-    return lambda: variant(preset, change)
+    return lambda: variant(preset, *edits, add_qat)
 
 
 def _spin_rotations(data: dict, path: Path = SPIN_ROTATIONS) -> None:
-    next(s for s in data["steps"] if s["method"] == "spinquant")["rotations"] = str(path)
+    recipe_step(data, "spinquant")["rotations"] = str(path)
 
 
 def _spin_asym(data: dict) -> None:
     """benchmarks/recipes/w4a4kv4-spinquant-asym-o.yaml's setting (asymmetric A4, the rotation at o_proj's input),
     its learned rotations and clips."""
     data["activations"]["symmetric"] = False
-    next(s for s in data["steps"] if s["method"] == "spinquant")["o_rotation"] = True
+    recipe_step(data, "spinquant")["o_rotation"] = True
     _spin_rotations(data, SPIN_ASYM_ROTATIONS)
 
 
@@ -63,17 +62,8 @@ def _spin_asym_a32(data: dict) -> None:
     token) instead of one per token, at the recipe's clip 0.9: the saved rotations' clip ratios were learned for one
     scale per token and are not loaded (with them this row measured 2.163)."""
     _spin_asym_g64(data)
-    next(s for s in data["steps"] if s["method"] == "spinquant")["learn"] = ["rotations"]
+    recipe_step(data, "spinquant")["learn"] = ["rotations"]
     data["activations"].update(granularity="group", group_size=32, scale_dtype="float16")
-
-
-def _then(*edits: Callable[[dict], None]) -> Callable[[dict], None]:
-    """One edit that applies ``edits`` in order."""
-    def change(data: dict) -> None:
-        for edit in edits:
-            edit(data)
-
-    return change
 
 
 def _kv16(data: dict) -> None:
@@ -90,7 +80,7 @@ def _turbo3(data: dict) -> None:
 
 def _asym_gptq(data: dict) -> None:
     """GPTQ fitted to the full-precision outputs (``asymmetric``)."""
-    next(s for s in data["steps"] if s["method"] == "gptq")["asymmetric"] = True
+    recipe_step(data, "gptq")["asymmetric"] = True
 
 
 def _spin_asym_prefix(data: dict) -> None:
@@ -124,32 +114,32 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a4kv4-spinquant-asym-o g64 + qat clips", "weights in groups of 64, then QAT with clips",
      _with_qat("w4a4kv4-spinquant", _spin_asym_g64, clips=True)),
     ("w4a4-spinquant-asym-o g64", "W4A4 with a 16-bit KV cache: the same rotations, weights in groups of 64 (no QAT)",
-     partial(variant, "w4a4kv4-spinquant", _then(_spin_asym_g64, _kv16))),
+     partial(variant, "w4a4kv4-spinquant", _spin_asym_g64, _kv16)),
     ("w4a4-spinquant-asym-o g64 + qat clips", "W4A4 KV16, weights in groups of 64, then QAT with clips",
-     _with_qat("w4a4kv4-spinquant", _then(_spin_asym_g64, _kv16), clips=True)),
+     _with_qat("w4a4kv4-spinquant", _spin_asym_g64, _kv16, clips=True)),
     ("w4a4kv4-spinquant-asym-o g64 a32", "weights in groups of 64, activations in groups of 32 (no QAT)",
      partial(variant, "w4a4kv4-spinquant", _spin_asym_a32)),
     ("w4a4kv4-spinquant-asym-o g64 a32 + qat clips", "weights in groups of 64, activations in groups of 32, then QAT "
      "with clips", _with_qat("w4a4kv4-spinquant", _spin_asym_a32, clips=True)),
     ("w4a4-spinquant-asym-o g64 a32", "W4A4 KV16, weights in groups of 64, activations in groups of 32 (no QAT)",
-     partial(variant, "w4a4kv4-spinquant", _then(_spin_asym_a32, _kv16))),
+     partial(variant, "w4a4kv4-spinquant", _spin_asym_a32, _kv16)),
     ("w4a4-spinquant-asym-o g64 a32 + qat clips", "W4A4 KV16, weights in groups of 64, activations in groups of 32, "
-     "then QAT with clips", _with_qat("w4a4kv4-spinquant", _then(_spin_asym_a32, _kv16), clips=True)),
+     "then QAT with clips", _with_qat("w4a4kv4-spinquant", _spin_asym_a32, _kv16, clips=True)),
     ("w4a4kv4-spinquant-asym-o g64 a32 + qat clips, fixed scales", "the same QAT with the weights' group scales "
      "fixed (weights, norms and clips train)",
      _with_qat("w4a4kv4-spinquant", _spin_asym_a32, clips=True, lr_scale=0)),
     ("w4a4-spinquant-asym-o g64 a32, turbo3 KV", "W4A4 with kv-turbo3's packed cache (3-bit rotated codebook, "
      "first token and last 64 exact) instead of KV4 per head (no QAT)",
-     partial(variant, "w4a4kv4-spinquant", _then(_spin_asym_a32, _turbo3))),
+     partial(variant, "w4a4kv4-spinquant", _spin_asym_a32, _turbo3)),
     ("w4a4-spinquant-asym-o g64 a32, turbo3 KV, asymmetric GPTQ", "the same with asymmetric GPTQ (fitted to the "
      "full-precision outputs, sequential; no QAT)",
-     partial(variant, "w4a4kv4-spinquant", _then(_spin_asym_a32, _turbo3, _asym_gptq))),
+     partial(variant, "w4a4kv4-spinquant", _spin_asym_a32, _turbo3, _asym_gptq)),
     ("w4a4-spinquant-asym-o g64 a32 + asymmetric GPTQ + qat clips, fixed scales, turbo3 KV", "that, then QAT with "
      "clips and the weights' group scales fixed",
-     _with_qat("w4a4kv4-spinquant", _then(_spin_asym_a32, _turbo3, _asym_gptq), clips=True, lr_scale=0)),
+     _with_qat("w4a4kv4-spinquant", _spin_asym_a32, _turbo3, _asym_gptq, clips=True, lr_scale=0)),
     ("w4a4-spinquant-asym-o g64 a32 + qat clips, fixed scales, turbo3 KV", "the same, then QAT with clips and the "
      "weights' group scales fixed (training sees exact KV: the cache's codes have no gradient)",
-     _with_qat("w4a4kv4-spinquant", _then(_spin_asym_a32, _turbo3), clips=True, lr_scale=0)),
+     _with_qat("w4a4kv4-spinquant", _spin_asym_a32, _turbo3, clips=True, lr_scale=0)),
     ("w4a16-quarot + qat", "QuaRot + GPTQ g64 (activations in 16 bits), then QAT", _with_qat("w4a16-quarot")),
     ("w4a16-quarot + qat, fixed scales", "the same QAT with the group scales fixed (weights and norms train)",
      _with_qat("w4a16-quarot", lr_scale=0)),

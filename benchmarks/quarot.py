@@ -25,6 +25,7 @@ from harness import (
     Results,
     add_flags,
     model_results,
+    recipe_step,
     results_paths,
     run_labelled,
     variant,
@@ -38,16 +39,12 @@ from lowbit.recipe import Recipe, load_preset
 RESULTS = HERE / "results" / "quarot.json"
 
 
-def _step(data: dict, method: str) -> dict:
-    return next(s for s in data["steps"] if s["method"] == method)
-
-
 def _set(path: str, value) -> Callable[[dict], None]:
     """An edit that sets ``steps.<method>.<field>`` or ``<section>.<field>`` to ``value``."""
     head, field = path.rsplit(".", 1)
 
     def edit(data: dict) -> None:
-        target = _step(data, head.split(".", 1)[1]) if head.startswith("steps.") else data[head]
+        target = recipe_step(data, head.split(".", 1)[1]) if head.startswith("steps.") else data[head]
         target[field] = value
 
     return edit
@@ -68,7 +65,7 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
      lambda: variant("w4a16-gptq", lambda d: d["weights"].update(granularity="channel", group_size=None))),
     ("w4a16-gptq per channel, no act-order", "GPTQ per channel (clip search) in natural column order",
      lambda: variant("w4a16-gptq", lambda d: (d["weights"].update(granularity="channel", group_size=None),
-                                              _step(d, "gptq").update(act_order=False)))),
+                                              recipe_step(d, "gptq").update(act_order=False)))),
     ("w4a16-gptq per channel, no clip search", "GPTQ per channel with min/max weight ranges",
      lambda: variant("w4a16-gptq", lambda d: d["weights"].update(granularity="channel", group_size=None,
                                                                  observer="minmax"))),

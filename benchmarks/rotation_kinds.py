@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from harness import HERE, Bench, Results, labelled_script, markdown_table, num, variant
+from harness import HERE, Bench, Results, labelled_script, markdown_table, num, recipe_step, variant
 
 import lowbit
 from lowbit.analysis.flatness import linear_input_flatness
@@ -40,7 +40,7 @@ ROLES = ("q", "o", "down")
 
 def _kind(kind: str) -> Callable[[], Recipe]:
     def edit(data: dict) -> None:
-        next(s for s in data["steps"] if s["method"] == "quarot")["kind"] = kind
+        recipe_step(data, "quarot")["kind"] = kind
 
     return lambda: variant("w4a4kv4-quarot", edit)
 
@@ -53,7 +53,7 @@ def _learned() -> Recipe:
     """w4a4kv4-spinquant-paper with its saved rotations and the key centre of w4a4kv4-quarot: the same recipe as
     the other rows but for R1/R2."""
     def edit(data: dict) -> None:
-        next(s for s in data["steps"] if s["method"] == "spinquant")["rotations"] = str(LEARNED)
+        recipe_step(data, "spinquant")["rotations"] = str(LEARNED)
         data["kv"]["key_centre"] = "mean"
 
     return variant("w4a4kv4-spinquant-paper", edit)
