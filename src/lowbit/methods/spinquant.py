@@ -227,7 +227,9 @@ def apply(model: nn.Module, step: SpinQuantStep, session: Session) -> RotationRe
     check_residual_rotation(spec, "SpinQuant's learned R1")
     start = time.perf_counter()
     model.requires_grad_(False)
-    info = prepare_training(model, spec, recipe, seed, step.r3, step.r4, step.o_rotation,
+    # loaded rotations learn nothing: no training quantizers, so no key centres to measure for them
+    learning = recipe if step.rotations is None else recipe.model_copy(update={"activations": None, "kv": None})
+    info = prepare_training(model, spec, learning, seed, step.r3, step.r4, step.o_rotation,
                             session.default_calibration)
     o = o_rotation_matrix(model, rotation_seeds(model, spec, seed)).dense().float() if step.o_rotation else None
     if step.rotations is not None:
