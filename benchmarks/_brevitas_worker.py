@@ -58,6 +58,19 @@ class _Truncated:
         return keep_layers(self.auto.from_pretrained(*args, **kwargs), self.layers)
 
 
+def keep_blocks_on_cpu() -> None:
+    """Brevitas' block-wise GPxQ (``--gpxq-block-name``) moves each cached block input to ``'cuda'``
+    unconditionally; without a GPU, keep them where they are. Its plain GPTQ runs the whole model over the whole
+    calibration set once per linear layer group (about 200 passes for this model), hours on 2 CPU cores; block by
+    block it runs each layer over its cached inputs, the same sequential algorithm."""
+    import brevitas_examples.llm.llm_quant.gpxq as gpxq
+
+    if torch.cuda.is_available():
+        return
+    send = gpxq.send_to_device
+    gpxq.send_to_device = lambda tensors, device, *a, **k: send(tensors, "cpu" if device == "cuda" else device, *a, **k)
+
+
 def versions() -> dict:
     return {n: importlib.metadata.version(n) for n in ("brevitas", "transformers", "torch")}
 
@@ -69,6 +82,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from lowbit.evaluate import evaluate
 
+    keep_blocks_on_cpu()
     data = torch.load(args.data)
     job = json.loads(args.job)
     calib = data["calibration"]

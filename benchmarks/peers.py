@@ -116,8 +116,10 @@ class Job:
 W4_GROUP64 = {"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 64}
 W4_CHANNEL = {"num_bits": 4, "symmetric": True, "strategy": "channel"}
 A4_TOKEN = {"num_bits": 4, "symmetric": True, "strategy": "token", "dynamic": True}
-# Brevitas' flags: int4 symmetric weights by GPTQ with act-order (its weight scales are absmax statistics, no search).
-B_W4 = ["--weight-bit-width", "4", "--weight-quant-type", "sym", "--gptq", "--gpxq-act-order"]
+# Brevitas' flags: int4 symmetric weights by GPTQ with act-order (its weight scales are absmax statistics, no search),
+# one decoder layer at a time on cached inputs (its faster GPxQ path; the worker keeps it on the CPU).
+B_W4 = ["--weight-bit-width", "4", "--weight-quant-type", "sym", "--gptq", "--gpxq-act-order",
+        "--gpxq-block-name", "model.layers"]
 B_CHANNEL = [*B_W4, "--weight-quant-granularity", "per_channel"]
 # Hadamard R1 fused into the weights (its fused_no_fx path), online Hadamards where none can be fused (the "orphan"
 # o_proj and down_proj inputs), A4 symmetric per token, dynamic (Brevitas' own default input quantizer is asym).

@@ -77,6 +77,8 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a16-quarot g32, asymmetric GPTQ", "the same in groups of 32",
      lambda: variant("w4a16-quarot", lambda d: (_set("steps.gptq.asymmetric", True)(d),
                                                 _set("weights.group_size", 32)(d)))),
+    ("w4a16-quarot, asymmetric GPTQ and weights", "asymmetric GPTQ on a grid with a zero point per group",
+     lambda: variant("w4a16-quarot", _set("steps.gptq.asymmetric", True), _set("weights.symmetric", False))),
     ("w4a16-quarot, asymmetric weights", "rotations + GPTQ g64 on a grid with a zero point per group",
      lambda: variant("w4a16-quarot", _set("weights.symmetric", False))),
     ("w4a16-quarot g32", "rotations + GPTQ in groups of 32", lambda: variant("w4a16-quarot", _set("weights.group_size", 32))),

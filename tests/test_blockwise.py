@@ -11,7 +11,7 @@ from lowbit.methods.blockwise import BlockwiseResult
 from lowbit.methods.prefix import PrefixResult
 from lowbit.models.arch import decoder_layers, spec_for
 from lowbit.recipe import Recipe
-from lowbit.surgery.block_finetune import FinetuneConfig, finetune_layer
+from lowbit.surgery.block_finetune import FinetuneConfig, finetune_layer, output_error
 from lowbit.surgery.clip_search import COARSE, FINE, search_factor
 from lowbit.surgery.linear import QuantLinear
 from lowbit.surgery.prefix import prefix_cache
@@ -122,6 +122,24 @@ def test_finetune_layer_trains_a_linear_towards_its_target():
     losses = finetune_layer(linear, linear, x, target, FinetuneConfig(epochs=20, batch=8, lr_weight=0.5,
                                                                         lr_scale=0.01))
     assert losses[-1] < losses[0] and float((linear(x) - target).square().mean()) < before
+
+
+def test_relative_error_weighs_every_token_alike():
+    """A token a thousand times larger than the others rules the plain MSE but not the relative error."""
+    target = torch.ones(1, 4, 8)
+    target[0, 0] *= 1000.0
+    out = target * 1.1  # every token 10% off
+    out[0, 1] = target[0, 1] * 2.0  # one small token 100% off
+    assert output_error(out, target, relative=True) == pytest.approx((0.01 * 3 + 1.0) / 4)
+    assert output_error(out, target) == pytest.approx(float((out - target).square().mean()))
+    assert output_error(out, target) > 1000 * output_error(out, target, relative=True)
+
+
+def test_fine_tuning_on_the_relative_error_lowers_it():
+    _, session = lowbit.quantize_with_session(tiny_model("llama"), _recipe(epochs=5, loss="relative"), _data())
+    rows = session.get(BlockwiseResult).layers
+    assert all(r["epoch_losses"][-1] < r["epoch_losses"][0] for r in rows)
+    assert any(not r.get("reverted") for r in rows)
 
 
 def test_checkpoint_resumes_finished_layers(tmp_path):

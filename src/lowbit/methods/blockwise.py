@@ -36,7 +36,7 @@ from ..surgery.attach import (
     calibrate_quantizers,
     quantizers_off,
 )
-from ..surgery.block_finetune import FinetuneConfig, finetune_layer
+from ..surgery.block_finetune import FinetuneConfig, finetune_layer, output_error
 from ..surgery.checkpoint import (
     check_checkpoint_path,
     load_checkpoint,
@@ -65,8 +65,10 @@ class BlockwiseStep(StepConfig):
     probabilities); then ``epochs`` of AdamW with cosine decay train the layer's weights and all its quantizer scales
     through straight-through rounding to minimise the MSE to the target, ``batch`` sequences per step (0 epochs: no
     fine-tuning; a layer whose error would grow keeps its start). Learning rates are per step and scale-free:
-    ``lr_weight`` in units of each linear's quantization step, ``lr_scale`` relative to each scale. ``checkpoint``: a folder that receives each finished layer; a run
-    with the same settings resumes after the last one.
+    ``lr_weight`` in units of each linear's quantization step, ``lr_scale`` relative to each scale. ``loss``:
+    ``mse``, or ``relative`` (each token's squared error over its target's squared norm: the next layer normalises
+    every token, and the plain MSE is ruled by the few tokens with massive activations). ``checkpoint``: a folder
+    that receives each finished layer; a run with the same settings resumes after the last one.
     """
 
     method: Literal["blockwise"] = "blockwise"
@@ -80,6 +82,7 @@ class BlockwiseStep(StepConfig):
     batch: int = Field(default=2, ge=1)
     lr_weight: float = Field(default=0.02, ge=0)
     lr_scale: float = Field(default=0.005, ge=0)
+    loss: Literal["mse", "relative"] = "mse"
     seed: int | None = None
     checkpoint: str | None = None
     block_size: int = Field(default=128, ge=1)
@@ -209,13 +212,15 @@ def _finetune(current: StreamedLayer, target: Tensor, out: Tensor, step: Blockwi
     its samples (else restores the layer exactly). Returns the layer's quantized outputs as it then stands."""
     layer, q_in = current.layer, current.inputs[1]
     before = {k: v.clone() for k, v in quantized_state(layer).items()}  # a copy: training changes them in place
-    config = FinetuneConfig(step.epochs, step.batch, step.lr_weight, step.lr_scale, seed=seed + current.index)
+    relative = step.loss == "relative"
+    config = FinetuneConfig(step.epochs, step.batch, step.lr_weight, step.lr_scale, seed=seed + current.index,
+                            relative=relative)
     started = time.perf_counter()
     row["epoch_losses"] = finetune_layer(layer, current.forward, q_in, target, config, latent=latent)
     row["finetune_s"] = time.perf_counter() - started
     tuned = current.run(q_in)
     row["mse_finetuned"] = _mse(tuned, target)
-    if row["mse_finetuned"] > row.get("mse_grid", row["mse_init"]):  # worse on its own samples: keep the start
+    if output_error(tuned, target, relative) > output_error(out, target, relative):  # worse: keep the start
         restore_state(layer, before, session.recipe.weights)
         row["reverted"] = True
         return out

@@ -34,9 +34,21 @@ class FinetuneConfig:
     lr_weight: float
     lr_scale: float
     seed: int = 0
+    relative: bool = False  # the loss: each token's squared error relative to its target's (see output_error)
 
 
 WARMUP = 0.1  # share of the steps over which the learning rate rises linearly before the cosine decay
+
+
+def output_error(out: Tensor, target: Tensor, relative: bool = False) -> Tensor:
+    """The mean squared error of a layer's outputs ``[..., hidden]``; ``relative``: each token's squared error
+    divided by its target's squared norm, then the mean over tokens. Every consumer of the residual stream normalises
+    each token first (RMSNorm), so a token's error matters relative to its own norm; the plain MSE is instead ruled
+    by the few tokens with massive activations (the first token's can be 1000x the median)."""
+    error = (out.float() - target.float()).square()
+    if not relative:
+        return error.mean()
+    return (error.sum(-1) / target.float().square().sum(-1).clamp_min(1e-12)).mean()
 
 
 def warmup_cosine(step: int, steps: int) -> float:
@@ -79,7 +91,7 @@ def finetune_layer(
 
     def loss_at(step: int) -> Tensor:
         batch = order[step]
-        return (forward(inputs[batch]).float() - targets[batch].float()).square().mean()
+        return output_error(forward(inputs[batch]), targets[batch], config.relative)
 
     trainer = Trainer([torch.optim.AdamW(groups, weight_decay=0.0)], len(order), warmup_cosine,
                       after_step=partial(keep_positive, scales))
