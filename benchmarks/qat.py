@@ -152,6 +152,8 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a4-spinquant-asym-o g64 a32 + qat clips, fixed scales, turbo3 KV", "the same, then QAT with clips and the "
      "weights' group scales fixed (training sees exact KV: the cache's codes have no gradient)",
      _with_qat("w4a4kv4-spinquant", _spin_asym_a32, _turbo3, clips=True, lr_scale=0)),
+    ("w4a16-quarot", "the W4A16 PTQ start: QuaRot + GPTQ g64 (activations in 16 bits)",
+     lambda: load_preset("w4a16-quarot")),
     ("w4a16-quarot + qat", "QuaRot + GPTQ g64 (activations in 16 bits), then QAT", _with_qat("w4a16-quarot")),
     ("w4a16-quarot + qat, fixed scales", "the same QAT with the group scales fixed (weights and norms train)",
      _with_qat("w4a16-quarot", lr_scale=0)),
@@ -160,6 +162,12 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a4-spinquant-asym-o g64 a32, turbo3 KV, block-wise fine-tuning", "the turbo3 row's recipe with GPTQ "
      "fine-tuned block by block (weights and group scales, 128 sequences, 2 epochs)",
      partial(variant, "w4a4kv4-spinquant", _spin_asym_a32, _turbo3, _blockwise())),
+    ("w4a16-quarot + block-wise fine-tuning, relative loss", "the same, each token's error relative to its norm "
+     "(the massive first token no longer rules the loss)",
+     partial(variant, "w4a16-quarot", _blockwise(loss="relative"))),
+    ("w4a4-spinquant-asym-o g64 a32, turbo3 KV, block-wise fine-tuning, relative loss", "the same, each token's "
+     "error relative to its norm", partial(variant, "w4a4kv4-spinquant", _spin_asym_a32, _turbo3,
+                                           _blockwise(loss="relative"))),
     ("w4a4kv4-spinquant-asym-o + prefix + qat clips", "the same with PrefixQuant's prefix before GPTQ: the clips "
      "train with the prefix in place", _with_qat("w4a4kv4-spinquant", _spin_asym_prefix, clips=True)),
     ("w4a4kv4-prefix + qat", "PrefixQuant static (prefix, static scales, block-wise fine-tuning), then QAT of "
