@@ -154,6 +154,12 @@ JOBS = {
                    "lowbit": "preset w4a4-quarot: MSE weight clip search, A4 clip 0.9",
                    "llmcompressor": "SpinQuantModifier random-hadamard (its plain hadamard needs 2^n sizes), "
                                     "then GPTQModifier"}),
+        # Brevitas' w4a4-rotated run already has this placement; llm-compressor has no such rotation: lowbit only.
+        Job("w4a4-rotated-o", "w4a4-rotated with an online Hadamard at o_proj's input, where Brevitas' orphan sink "
+            "puts one", "w4a4-quarot",
+            lowbit_changes={"name": "w4a4-quarot-o",
+                            "steps": [{"method": "quarot", "r3": False, "o_rotation": True}, {"method": "gptq"}]},
+            notes={"lowbit": "w4a4-quarot with o_rotation: Brevitas' rotation placement (its row: w4a4-rotated)"}),
     )
 }
 
