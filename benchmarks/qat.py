@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from harness import HERE, Bench, Results, labelled_script, markdown_table, num, recipe_step, variant
+from harness import HERE, Bench, Results, labelled_script, markdown_table, num, recipe_step, step_update, variant
 
 from lowbit.evaluate import evaluate, reference_log_probs
 from lowbit.recipe import Recipe, load_preset
@@ -78,9 +78,7 @@ def _turbo3(data: dict) -> None:
     data["kv_cache"] = load_preset("kv-turbo3").model_dump()["kv_cache"]
 
 
-def _asym_gptq(data: dict) -> None:
-    """GPTQ fitted to the full-precision outputs (``asymmetric``)."""
-    recipe_step(data, "gptq")["asymmetric"] = True
+_asym_gptq = step_update("gptq", asymmetric=True)  # GPTQ fitted to the full-precision outputs
 
 
 def _blockwise(**fields) -> Callable[[dict], None]:

@@ -173,8 +173,9 @@ def _prepare(model: nn.Module, session: Session) -> None:
         keep_prefix_exact(model, session.spec, len(session.prefix.tokens))
 
 
-def _mse(out: Tensor, target: Tensor) -> float:
-    return float((out - target).square().mean())
+def _error(out: Tensor, target: Tensor) -> float:
+    """The plain MSE the rows report, whatever loss the fine-tuning trains on."""
+    return float(output_error(out, target))
 
 
 def _quantize_layer(current: StreamedLayer, step: BlockwiseStep, session: Session, rows: list[dict],
@@ -194,12 +195,12 @@ def _quantize_layer(current: StreamedLayer, step: BlockwiseStep, session: Sessio
                 linear.quantize_weight_rtn(session.recipe.weights)
     calibrate_quantizers(list(act_quantizers(layer)), lambda: run(q_in))
     out = run(q_in)  # the quantized outputs as the layer stands after each stage
-    row = {"layer": index, "mse_init": _mse(out, target)}
+    row = {"layer": index, "mse_init": _error(out, target)}
     if step.grid:
         n = min(step.grid_samples, len(q_in))
         row["clip"] = grid_search_layer(layer, session.spec, lambda: run(q_in[:n]), target[:n])
         out = run(q_in)
-        row["mse_grid"] = _mse(out, target)
+        row["mse_grid"] = _error(out, target)
     if step.epochs:
         out = _finetune(current, target, out, step, session, row, seed, latent)
     rows.append(row)
@@ -219,7 +220,7 @@ def _finetune(current: StreamedLayer, target: Tensor, out: Tensor, step: Blockwi
     row["epoch_losses"] = finetune_layer(layer, current.forward, q_in, target, config, latent=latent)
     row["finetune_s"] = time.perf_counter() - started
     tuned = current.run(q_in)
-    row["mse_finetuned"] = _mse(tuned, target)
+    row["mse_finetuned"] = _error(tuned, target)
     if output_error(tuned, target, relative) > output_error(out, target, relative):  # worse: keep the start
         restore_state(layer, before, session.recipe.weights)
         row["reverted"] = True
