@@ -32,11 +32,11 @@ import torch
 from _peer_worker import (
     keep_layers,  # same truncation on both sides (the worker imports only torch at top level)
 )
-from harness import HERE, Bench, num, write_block
+from harness import HERE, Bench, num, step_update, variant, write_block
 
 import lowbit
 from lowbit.models.loading import hf_folder
-from lowbit.recipe import Recipe, load_preset
+from lowbit.recipe import Recipe
 from lowbit.report import write_json_atomic
 
 REPO = HERE.parent
@@ -101,13 +101,14 @@ class Job:
     description: str
     lowbit_preset: str
     lowbit_changes: dict = field(default_factory=dict)
+    lowbit_edits: tuple[Callable[[dict], None], ...] = ()  # edits of the preset's plain-dict form, as rows' variants
     peer: dict = field(default_factory=dict)
     brevitas: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)  # tool -> what differs from the plain description, for the table
 
     def recipe(self, calib_samples: int, calib_seq_len: int) -> Recipe:
         """The lowbit recipe, its calibration size set to the one the peer gets."""
-        base = load_preset(self.lowbit_preset)
+        base = variant(self.lowbit_preset, *self.lowbit_edits)
         changes = {k: ({**getattr(base, k).model_dump(), **v} if isinstance(v, dict) else v)
                    for k, v in self.lowbit_changes.items()}
         return base.updated(**changes, calibration={"samples": calib_samples, "seq_len": calib_seq_len})
@@ -157,8 +158,7 @@ JOBS = {
         # Brevitas' w4a4-rotated run already has this placement; llm-compressor has no such rotation: lowbit only.
         Job("w4a4-rotated-o", "w4a4-rotated with an online Hadamard at o_proj's input, where Brevitas' orphan sink "
             "puts one", "w4a4-quarot",
-            lowbit_changes={"name": "w4a4-quarot-o",
-                            "steps": [{"method": "quarot", "r3": False, "o_rotation": True}, {"method": "gptq"}]},
+            lowbit_changes={"name": "w4a4-quarot-o"}, lowbit_edits=(step_update("quarot", o_rotation=True),),
             notes={"lowbit": "w4a4-quarot with o_rotation: Brevitas' rotation placement (its row: w4a4-rotated)"}),
     )
 }

@@ -81,6 +81,11 @@ def _turbo3(data: dict) -> None:
 _asym_gptq = step_update("gptq", asymmetric=True)  # GPTQ fitted to the full-precision outputs
 
 
+def _asym_weights(data: dict) -> None:
+    """Weights on a grid with a zero point per group (or channel) instead of a symmetric one."""
+    data["weights"]["symmetric"] = False
+
+
 def _blockwise(**fields) -> Callable[[dict], None]:
     """An edit that replaces the recipe's GPTQ step with block-wise fine-tuning (EfficientQAT's Block-AP) started
     from GPTQ's weights: each decoder layer's weights and weight scales trained towards the full-precision layer's
@@ -93,10 +98,16 @@ def _blockwise(**fields) -> Callable[[dict], None]:
     return edit
 
 
+def _prefix(data: dict) -> None:
+    """PrefixQuant's prefix after the rotations: its tokens' keys and values computed in full precision and kept, so
+    every later step (and block-wise fine-tuning's loss) sees only the tokens after it."""
+    data["steps"].insert(1, {"method": "prefix"})
+
+
 def _spin_asym_prefix(data: dict) -> None:
     """:func:`_spin_asym` with the prefix step before GPTQ."""
     _spin_asym(data)
-    data["steps"].insert(1, {"method": "prefix"})
+    _prefix(data)
 
 
 ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
@@ -152,6 +163,8 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
      _with_qat("w4a4kv4-spinquant", _spin_asym_a32, _turbo3, clips=True, lr_scale=0)),
     ("w4a16-quarot", "the W4A16 PTQ start: QuaRot + GPTQ g64 (activations in 16 bits)",
      lambda: load_preset("w4a16-quarot")),
+    ("w4a16-quarot, asymmetric GPTQ and weights", "QuaRot + asymmetric GPTQ g64 (fitted to the full-precision "
+     "outputs) on a grid with a zero point per group", partial(variant, "w4a16-quarot", _asym_gptq, _asym_weights)),
     ("w4a16-quarot + qat", "QuaRot + GPTQ g64 (activations in 16 bits), then QAT", _with_qat("w4a16-quarot")),
     ("w4a16-quarot + qat, fixed scales", "the same QAT with the group scales fixed (weights and norms train)",
      _with_qat("w4a16-quarot", lr_scale=0)),
@@ -160,6 +173,9 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a4-spinquant-asym-o g64 a32, turbo3 KV, block-wise fine-tuning", "the turbo3 row's recipe with GPTQ "
      "fine-tuned block by block (weights and group scales, 128 sequences, 2 epochs)",
      partial(variant, "w4a4kv4-spinquant", _spin_asym_a32, _turbo3, _blockwise())),
+    ("w4a4-spinquant-asym-o g64 a32, turbo3 KV, prefix, block-wise fine-tuning", "the same with PrefixQuant's "
+     "prefix first: the attention sink is the prefix's, exact, and out of the fine-tuning loss",
+     partial(variant, "w4a4kv4-spinquant", _spin_asym_a32, _turbo3, _prefix, _blockwise())),
     ("w4a16-quarot + block-wise fine-tuning, relative loss", "the same, each token's error relative to its norm "
      "(the massive first token no longer rules the loss)",
      partial(variant, "w4a16-quarot", _blockwise(loss="relative"))),
@@ -179,27 +195,50 @@ def _scores(bench: Bench, model, windows: torch.Tensor, reference: list[torch.Te
 
 
 def _measure(bench: Bench, label: str, recipe: Recipe) -> dict:
-    """A row, also measured (when the Wikipedia text is there) on its windows (``cross``: calibrated and trained on
-    the default text); a packed-cache recipe's also with exact keys and values (``exact_kv``) on the same model."""
+    """A row, also measured on the other text's windows (``cross``: Wikipedia for a run calibrated on the default
+    text, the default text for one calibrated on another with ``--text``); a packed-cache recipe's also with exact keys
+    and values (``exact_kv``) on the same model. On another text, saved rotations are that text's own
+    (:func:`_rotations_of`), so nothing was learned on the evaluation text."""
+    calibrated_elsewhere = bench.config.calib != "default"
+    other = "default" if calibrated_elsewhere else str(CROSS_TEXT)
+    if calibrated_elsewhere:
+        recipe = _rotations_of(recipe, Path(bench.config.calib).stem)
+
     def more(model) -> dict:
         found = {}
         if recipe.kv_cache is not None:
             with packed_cache_suspended(model):
                 found["exact_kv"] = _scores(bench, model, bench.windows, bench.reference)
-        if not CROSS_TEXT.exists():
+        if other != "default" and not CROSS_TEXT.exists():
             print(f"no {CROSS_TEXT} for the cross-domain columns: run python benchmarks/heldout_text.py", flush=True)
             return found
-        windows = bench.windows_of(str(CROSS_TEXT))
+        windows = bench.windows_of(other)
         return {**found, "cross": _scores(bench, model, windows, reference_log_probs(bench.model, windows))}
 
     return bench.measure(recipe, extra=more)
+
+
+def _rotations_of(recipe: Recipe, text: str) -> Recipe:
+    """``recipe`` with each saved rotations file ``results/<row>-rotations.safetensors`` replaced by the one
+    ``python benchmarks/spinquant.py --text <text file>`` learns on that text (``<row>@<text>-rotations``)."""
+    data = recipe.model_dump()
+    for step in data["steps"]:
+        saved = step.get("rotations")
+        if saved:
+            own = Path(saved).with_name(Path(saved).name.replace("-rotations", f"@{text}-rotations"))
+            if not own.is_file():
+                raise SystemExit(f"no {own}: learn the rotations on this text first (python benchmarks/spinquant.py "
+                                 f"--text <its file> --rows <the recipe>)")
+            step["rotations"] = str(own)
+    return Recipe.from_dict(data, origin=f"{text}'s rotations")
 
 
 def table(results: Results) -> list[str]:
     m = results.meta
     lines = [f"Default model and text, {m.get('windows')} windows × {m.get('seq_len')} tokens, {m.get('threads')} CPU "
              f"threads, {m.get('date')}; `{m.get('command')}`.", ""]
-    header = ["row", "what", "bits W / A / KV", "ratio", "KL", "top-1", "exact KV: ratio / KL", "Wikipedia: ratio / KL",
+    other = "Wikipedia" if m.get("setup", {}).get("calib", "default") == "default" else "default text"
+    header = ["row", "what", "bits W / A / KV", "ratio", "KL", "top-1", "exact KV: ratio / KL", f"{other}: ratio / KL",
               "QAT KL first 10 -> last 10 steps", "held-out KL start -> kept (step)", "quantize s"]
     rows = []
     for label, what, _ in ROWS:

@@ -76,3 +76,26 @@ def test_a_run_on_another_text_writes_its_own_results_and_says_so():
     qwen = Namespace(**{**vars(cross), "model": "qwen2.5-coder-0.5b"})
     assert results_paths(qwen, canonical)[0] == Path("/r/qat-qwen2.5-coder-0.5b@enwiki.json")
     assert command_line("python benchmarks/qat.py", cross).endswith("--eval-data benchmarks/results/enwiki.txt")
+
+
+def test_a_run_on_another_text_loads_rotations_learned_on_that_text(tmp_path):
+    import pytest
+    import qat
+
+    saved = tmp_path / "row-rotations.safetensors"
+    recipe = qat.variant("w4a4kv4-spinquant", lambda d: d["steps"][0].update(rotations=str(saved)))
+    with pytest.raises(SystemExit, match=r"row@enwiki-rotations\.safetensors: learn the rotations"):
+        qat._rotations_of(recipe, "enwiki")
+    (tmp_path / "row@enwiki-rotations.safetensors").write_bytes(b"")
+    moved = qat._rotations_of(recipe, "enwiki")
+    assert moved.steps[0].rotations == str(tmp_path / "row@enwiki-rotations.safetensors")
+    assert moved.steps[1:] == recipe.steps[1:]
+
+
+def test_a_peer_job_edits_its_preset_and_takes_the_peers_calibration():
+    job = peers.JOBS["w4a4-rotated-o"]
+    recipe = job.recipe(32, 256)
+    plain = peers.JOBS["w4a4-rotated"].recipe(32, 256)
+    assert recipe.steps[0].o_rotation and not plain.steps[0].o_rotation
+    assert recipe.steps[1:] == plain.steps[1:] and recipe.activations == plain.activations
+    assert (recipe.calibration.samples, recipe.calibration.seq_len) == (32, 256)
