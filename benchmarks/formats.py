@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from harness import HERE, Results, labelled_script, markdown_table, num, variant
+from harness import HERE, Results, labelled_script, markdown_table, num, step_update, variant
 
 from lowbit.recipe import Recipe
 
@@ -37,7 +37,8 @@ FORMATS: dict[str, tuple[dict, dict]] = {
 }
 
 
-def _recipe(fmt: str, rotated: bool) -> Callable[[], Recipe]:
+def format_edit(fmt: str, rotated: bool) -> Callable[[dict], None]:
+    """An edit of a recipe's plain-dict form: weights and activations in ``fmt``; without ``rotated`` no QuaRot step."""
     weights, acts = FORMATS[fmt]
 
     def edit(data: dict) -> None:
@@ -46,12 +47,24 @@ def _recipe(fmt: str, rotated: bool) -> Callable[[], Recipe]:
         if not rotated:
             data["steps"] = [s for s in data["steps"] if s["method"] != "quarot"]
 
-    return lambda: variant("w4a4-quarot", edit)
+    return edit
+
+
+def _recipe(fmt: str, rotated: bool, *more: Callable[[dict], None]) -> Callable[[], Recipe]:
+    return lambda: variant("w4a4-quarot", format_edit(fmt, rotated), *more)
+
+
+def _no_clip(data: dict) -> None:
+    data["activations"]["clip_ratio"] = 1.0
 
 
 ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
-    (f"{fmt} / {'QuaRot' if rotated else 'no rotation'}", fmt, _recipe(fmt, rotated))
-    for rotated in (True, False) for fmt in FORMATS
+    *[(f"{fmt} / {'QuaRot' if rotated else 'no rotation'}", fmt, _recipe(fmt, rotated))
+      for rotated in (True, False) for fmt in FORMATS],
+    ("NVFP4 / no rotation, A4 no clip", "activations at their block's absmax (NVFP4's own setting), not 0.9 of it",
+     _recipe("NVFP4", False, _no_clip)),
+    ("NVFP4 / no rotation, asymmetric GPTQ", "GPTQ fitted to the full-precision outputs (Qronos/GPTAQ)",
+     _recipe("NVFP4", False, step_update("gptq", asymmetric=True))),
 ]
 
 

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from formats import FORMATS, format_edit
 from harness import HERE, Bench, Results, labelled_script, markdown_table, num, recipe_step, step_update, variant
 
 from lowbit.evaluate import evaluate, reference_log_probs
@@ -98,6 +99,22 @@ def _blockwise(**fields) -> Callable[[dict], None]:
     return edit
 
 
+def _nvfp4_kv(data: dict) -> None:
+    """Keys and values in NVFP4 too (FP4 E2M1 in blocks of 16 along each head's channels, an E4M3 scale per block,
+    dynamic, at the block's absmax)."""
+    data["kv"] = {**FORMATS["NVFP4"][1], "dynamic": True}
+
+
+def _nvfp4(clip: float = 1.0) -> Callable[[dict], None]:
+    """formats.py's "NVFP4 / no rotation" edit of w4a4-quarot (weights and activations in NVFP4, no rotation), its
+    activations clipped to ``clip`` of each block's absmax."""
+    def edit(data: dict) -> None:
+        format_edit("NVFP4", rotated=False)(data)
+        data["activations"]["clip_ratio"] = clip
+
+    return edit
+
+
 def _prefix(data: dict) -> None:
     """PrefixQuant's prefix after the rotations: its tokens' keys and values computed in full precision and kept, so
     every later step (and block-wise fine-tuning's loss) sees only the tokens after it."""
@@ -155,12 +172,24 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a4-spinquant-asym-o g64 a32, turbo3 KV, asymmetric GPTQ", "the same with asymmetric GPTQ (fitted to the "
      "full-precision outputs, sequential; no QAT)",
      partial(variant, "w4a4kv4-spinquant", _spin_asym_a32, _turbo3, _asym_gptq)),
+    ("w4a4-spinquant-asym-o g64 a32, turbo3 KV, asymmetric GPTQ and weights", "the same on a weight grid with a "
+     "zero point per group (no QAT)", partial(variant, "w4a4kv4-spinquant", _spin_asym_a32, _turbo3, _asym_gptq,
+                                               _asym_weights)),
+    ("w4a4-spinquant-turbo3", "the preset: the row above as one recipe, its rotations learned in the run (for "
+     "A4 in groups of 32, not loaded)", lambda: load_preset("w4a4-spinquant-turbo3")),
     ("w4a4-spinquant-asym-o g64 a32 + asymmetric GPTQ + qat clips, fixed scales, turbo3 KV", "that, then QAT with "
      "clips and the weights' group scales fixed",
      _with_qat("w4a4kv4-spinquant", _spin_asym_a32, _turbo3, _asym_gptq, clips=True, lr_scale=0)),
     ("w4a4-spinquant-asym-o g64 a32 + qat clips, fixed scales, turbo3 KV", "the same, then QAT with clips and the "
      "weights' group scales fixed (training sees exact KV: the cache's codes have no gradient)",
      _with_qat("w4a4kv4-spinquant", _spin_asym_a32, _turbo3, clips=True, lr_scale=0)),
+    ("nvfp4, turbo3 KV", "no rotation, weights and activations in NVFP4 (blocks of 16, E4M3 scales; activations at "
+     "their block's absmax), GPTQ, kv-turbo3's packed cache (no QAT)",
+     partial(variant, "w4a4-quarot", _nvfp4(), _turbo3)),
+    ("nvfp4, turbo3 KV, asymmetric GPTQ", "the same with asymmetric GPTQ",
+     partial(variant, "w4a4-quarot", _nvfp4(), _turbo3, _asym_gptq)),
+    ("nvfp4 kv4", "the same with NVFP4 keys and values (dynamic, blocks of 16 along each head) instead of turbo3",
+     partial(variant, "w4a4-quarot", _nvfp4(), _nvfp4_kv)),
     ("w4a16-quarot", "the W4A16 PTQ start: QuaRot + GPTQ g64 (activations in 16 bits)",
      lambda: load_preset("w4a16-quarot")),
     ("w4a16-quarot, asymmetric GPTQ and weights", "QuaRot + asymmetric GPTQ g64 (fitted to the full-precision "
