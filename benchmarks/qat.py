@@ -177,6 +177,9 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
                                                _asym_weights)),
     ("w4a4-spinquant-turbo3", "the preset: the row above as one recipe, its rotations learned in the run (for "
      "A4 in groups of 32, not loaded)", lambda: load_preset("w4a4-spinquant-turbo3")),
+    ("w4a4-spinquant-asym-o g64 a32, turbo3 KV, asymmetric GPTQ and weights + qat clips, fixed scales", "the "
+     "zero-point row, then QAT with clips and the weights' group scales and zero points fixed",
+     _with_qat("w4a4kv4-spinquant", _spin_asym_a32, _turbo3, _asym_gptq, _asym_weights, clips=True, lr_scale=0)),
     ("w4a4-spinquant-asym-o g64 a32 + asymmetric GPTQ + qat clips, fixed scales, turbo3 KV", "that, then QAT with "
      "clips and the weights' group scales fixed",
      _with_qat("w4a4kv4-spinquant", _spin_asym_a32, _turbo3, _asym_gptq, clips=True, lr_scale=0)),
@@ -190,6 +193,8 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
      partial(variant, "w4a4-quarot", _nvfp4(), _turbo3, _asym_gptq)),
     ("nvfp4 kv4", "the same with NVFP4 keys and values (dynamic, blocks of 16 along each head) instead of turbo3",
      partial(variant, "w4a4-quarot", _nvfp4(), _nvfp4_kv)),
+    ("nvfp4 kv4, asymmetric GPTQ", "NVFP4 keys and values, asymmetric GPTQ",
+     partial(variant, "w4a4-quarot", _nvfp4(), _nvfp4_kv, _asym_gptq)),
     ("w4a16-quarot", "the W4A16 PTQ start: QuaRot + GPTQ g64 (activations in 16 bits)",
      lambda: load_preset("w4a16-quarot")),
     ("w4a16-quarot, asymmetric GPTQ and weights", "QuaRot + asymmetric GPTQ g64 (fitted to the full-precision "
