@@ -8,7 +8,8 @@ Every row is `w4a4-quarot` (GPTQ with the MSE clip search on the weights, activa
 in 16 bits) with the weight and activation format swapped, or the same without the QuaRot step. GPTQ fits each
 format's own grid: its scales are chosen per channel or per block, rounded to the format's scale type (float16 for
 INT4 groups, E8M0 powers of two for MXFP4, E4M3 under a per-tensor scale for NVFP4) before the codes are chosen.
-Bits count every block scale. The table goes between the FORMATS markers in benchmarks/README.md.
+Bits count every block scale. Two more rows change one thing of "NVFP4 / no rotation": activations at each block's
+absmax (no clip), and asymmetric GPTQ. The table goes between the FORMATS markers in benchmarks/README.md.
 """
 
 from __future__ import annotations
