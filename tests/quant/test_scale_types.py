@@ -116,3 +116,26 @@ def test_fp4_weights_are_refused_by_save_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(ArtifactError, match="fp4_e2m1 weights have no saved form yet"):
         lowbit.save(qmodel, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_nvfp4_preset_runs_unrotated_with_asymmetric_gptq_and_a_packed_cache(family):
+    """`w4a4-nvfp4-turbo3` (cut to tiny size) quantizes every decoder linear onto NVFP4's grid (4.5 bits with the
+    E4M3 block scales) with no rotation, and its model runs with the turbo3 cache."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from equivalence import small
+
+    from lowbit.recipe import load_preset
+    from tests.conftest import tiny_data
+
+    recipe = small(load_preset("w4a4-nvfp4-turbo3"))
+    assert [s.method for s in recipe.steps] == ["gptq"] and recipe.steps[0].asymmetric
+    qmodel = lowbit.quantize(tiny_model(family), recipe, tiny_data())
+    spec = spec_for(qmodel)
+    assert weight_bits(qmodel, spec)["weight"] == pytest.approx(4.5, abs=0.01)
+    assert activation_bits(qmodel, spec) == pytest.approx(4.5)
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(torch.arange(40).view(1, 40)).logits).all()
