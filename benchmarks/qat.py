@@ -8,8 +8,10 @@ Each row is a PTQ recipe, or the same recipe followed by a `qat` step (lowbit.me
 from the step's defaults (200 steps of one 512-token sequence, 64 calibration sequences, weights + scales + norms
 trained, KL from the full-precision model; 8 held-out sequences from the end of the calibration text measured every
 25 steps, the best measurement's values kept). Evaluation on the usual windows against full precision; the
-calibration text (and so the QAT text) comes from after the evaluation windows. The table goes between the QAT
-markers in benchmarks/README.md.
+calibration text (and so the QAT text) comes from after the evaluation windows. Every row is also scored on the
+other text (Wikipedia; with ``--text T``, calibrated on T, the default text), and rows with a packed KV cache also
+with exact keys and values. PTQ rows the QAT rows start from, or compare with, sit in the same table (the
+NVFP4 ones included). The table goes between the QAT markers in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -262,7 +264,7 @@ def _rotations_of(recipe: Recipe, text: str) -> Recipe:
             own = Path(saved).with_name(Path(saved).name.replace("-rotations", f"@{text}-rotations"))
             if not own.is_file():
                 raise SystemExit(f"no {own}: learn the rotations on this text first (python benchmarks/spinquant.py "
-                                 f"--text <its file> --rows <the recipe>)")
+                                 f"--text <its file> --recipes <the recipe>)")
             step["rotations"] = str(own)
     return Recipe.from_dict(data, origin=f"{text}'s rotations")
 
