@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from harness import HERE, Results, labelled_script, markdown_table, num, step_update, variant
+from harness import HERE, Results, labelled_script, markdown_table, num, set_field, step_update, variant
 
 from lowbit.recipe import Recipe
 
@@ -55,15 +55,11 @@ def _recipe(fmt: str, rotated: bool, *more: Callable[[dict], None]) -> Callable[
     return lambda: variant("w4a4-quarot", format_edit(fmt, rotated), *more)
 
 
-def _no_clip(data: dict) -> None:
-    data["activations"]["clip_ratio"] = 1.0
-
-
 ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     *[(f"{fmt} / {'QuaRot' if rotated else 'no rotation'}", fmt, _recipe(fmt, rotated))
       for rotated in (True, False) for fmt in FORMATS],
     ("NVFP4 / no rotation, A4 no clip", "activations at their block's absmax (NVFP4's own setting), not 0.9 of it",
-     _recipe("NVFP4", False, _no_clip)),
+     _recipe("NVFP4", False, set_field("activations.clip_ratio", 1.0))),
     ("NVFP4 / no rotation, asymmetric GPTQ", "GPTQ fitted to the full-precision outputs (Qronos/GPTAQ)",
      _recipe("NVFP4", False, step_update("gptq", asymmetric=True))),
 ]

@@ -201,6 +201,17 @@ def step_update(method: str, **fields) -> Callable[[dict], None]:
     return lambda data: recipe_step(data, method).update(fields)
 
 
+def set_field(path: str, value) -> Callable[[dict], None]:
+    """An edit that sets ``steps.<method>.<field>`` or ``<section>.<field>`` to ``value``."""
+    head, name = path.rsplit(".", 1)
+
+    def edit(data: dict) -> None:
+        target = recipe_step(data, head.split(".", 1)[1]) if head.startswith("steps.") else data[head]
+        target[name] = value
+
+    return edit
+
+
 def variant(preset: str, *edits: Callable[[dict], None]) -> Recipe:
     """``preset`` with ``edits`` applied in order to its plain-dict form (validated again): an ablation row's
     recipe."""

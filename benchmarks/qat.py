@@ -22,7 +22,18 @@ from pathlib import Path
 
 import torch
 from formats import FORMATS, format_edit
-from harness import HERE, Bench, Results, labelled_script, markdown_table, num, recipe_step, step_update, variant
+from harness import (
+    HERE,
+    Bench,
+    Results,
+    labelled_script,
+    markdown_table,
+    num,
+    recipe_step,
+    set_field,
+    step_update,
+    variant,
+)
 
 from lowbit.evaluate import evaluate, reference_log_probs
 from lowbit.recipe import Recipe, load_preset
@@ -84,9 +95,7 @@ def _turbo3(data: dict) -> None:
 _asym_gptq = step_update("gptq", asymmetric=True)  # GPTQ fitted to the full-precision outputs
 
 
-def _asym_weights(data: dict) -> None:
-    """Weights on a grid with a zero point per group (or channel) instead of a symmetric one."""
-    data["weights"]["symmetric"] = False
+_asym_weights = set_field("weights.symmetric", False)  # a zero point per weight group (or channel)
 
 
 def _blockwise(**fields) -> Callable[[dict], None]:

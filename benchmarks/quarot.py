@@ -25,9 +25,9 @@ from harness import (
     Results,
     add_flags,
     model_results,
-    recipe_step,
     results_paths,
     run_labelled,
+    set_field,
     step_update,
     variant,
     write_block,
@@ -38,17 +38,6 @@ from lowbit.models.arch import decoder_layers
 from lowbit.recipe import Recipe, load_preset
 
 RESULTS = HERE / "results" / "quarot.json"
-
-
-def _set(path: str, value) -> Callable[[dict], None]:
-    """An edit that sets ``steps.<method>.<field>`` or ``<section>.<field>`` to ``value``."""
-    head, field = path.rsplit(".", 1)
-
-    def edit(data: dict) -> None:
-        target = recipe_step(data, head.split(".", 1)[1]) if head.startswith("steps.") else data[head]
-        target[field] = value
-
-    return edit
 
 
 def _no_rotation(data: dict) -> None:
@@ -72,43 +61,43 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
                                                                  observer="minmax"))),
     ("w4a16-quarot", "rotations + GPTQ g64", lambda: load_preset("w4a16-quarot")),
     ("w4a16-quarot, sequential GPTQ", "rotations + GPTQ g64, each input group's Hessian after the groups before it "
-     "are quantized", lambda: variant("w4a16-quarot", _set("steps.gptq.sequential", True))),
+     "are quantized", lambda: variant("w4a16-quarot", set_field("steps.gptq.sequential", True))),
     ("w4a16-quarot, asymmetric GPTQ", "rotations + GPTQ g64 fitted to the full-precision outputs (Qronos/GPTAQ; "
-     "sequential)", lambda: variant("w4a16-quarot", _set("steps.gptq.asymmetric", True))),
+     "sequential)", lambda: variant("w4a16-quarot", set_field("steps.gptq.asymmetric", True))),
     ("w4a16-quarot g32, asymmetric GPTQ", "the same in groups of 32",
-     lambda: variant("w4a16-quarot", _set("steps.gptq.asymmetric", True), _set("weights.group_size", 32))),
+     lambda: variant("w4a16-quarot", set_field("steps.gptq.asymmetric", True), set_field("weights.group_size", 32))),
     ("w4a16-quarot, asymmetric GPTQ and weights", "asymmetric GPTQ on a grid with a zero point per group",
-     lambda: variant("w4a16-quarot", _set("steps.gptq.asymmetric", True), _set("weights.symmetric", False))),
+     lambda: variant("w4a16-quarot", set_field("steps.gptq.asymmetric", True), set_field("weights.symmetric", False))),
     ("w4a16-quarot, asymmetric weights", "rotations + GPTQ g64 on a grid with a zero point per group",
-     lambda: variant("w4a16-quarot", _set("weights.symmetric", False))),
-    ("w4a16-quarot g32", "rotations + GPTQ in groups of 32", lambda: variant("w4a16-quarot", _set("weights.group_size", 32))),
+     lambda: variant("w4a16-quarot", set_field("weights.symmetric", False))),
+    ("w4a16-quarot g32", "rotations + GPTQ in groups of 32", lambda: variant("w4a16-quarot", set_field("weights.group_size", 32))),
     ("w4a4-quarot", "W4A4, KV16 (llm-compressor with rotations: 2.404)", lambda: load_preset("w4a4-quarot")),
     ("w4a4-quarot, A4 asymmetric", "activations per token with a zero point (Brevitas' default input quantizer)",
-     lambda: variant("w4a4-quarot", _set("activations.symmetric", False))),
+     lambda: variant("w4a4-quarot", set_field("activations.symmetric", False))),
     ("w4a4-quarot, A4 no clip", "activations at their per-token absmax (Brevitas' setting), not clipped to 0.9",
-     lambda: variant("w4a4-quarot", _set("activations.clip_ratio", 1.0))),
+     lambda: variant("w4a4-quarot", set_field("activations.clip_ratio", 1.0))),
     ("w4a4-quarot + o_proj rotation", "an online Hadamard across heads at o_proj's input (as Brevitas' orphan sink)",
-     lambda: variant("w4a4-quarot", _set("steps.quarot.o_rotation", True))),
+     lambda: variant("w4a4-quarot", set_field("steps.quarot.o_rotation", True))),
     ("w4a4-quarot, A4 asymmetric + o_proj rotation", "both of the above",
-     lambda: variant("w4a4-quarot", _set("activations.symmetric", False), _set("steps.quarot.o_rotation", True))),
+     lambda: variant("w4a4-quarot", set_field("activations.symmetric", False), set_field("steps.quarot.o_rotation", True))),
     ("w4a4kv4-quarot", "the full W4A4KV4 recipe", lambda: load_preset("w4a4kv4-quarot")),
     ("w4a4kv4-quarot, A4 asymmetric", "activations per token with a zero point",
-     lambda: variant("w4a4kv4-quarot", _set("activations.symmetric", False))),
+     lambda: variant("w4a4kv4-quarot", set_field("activations.symmetric", False))),
     ("- rotation", "no QuaRot step", lambda: variant("w4a4kv4-quarot", _no_rotation)),
-    ("- R4", "no online Hadamard on the down_proj input", lambda: variant("w4a4kv4-quarot", _set("steps.quarot.r4", False))),
-    ("- R3", "no online Hadamard on Q/K", lambda: variant("w4a4kv4-quarot", _set("steps.quarot.r3", False))),
+    ("- R4", "no online Hadamard on the down_proj input", lambda: variant("w4a4kv4-quarot", set_field("steps.quarot.r4", False))),
+    ("- R3", "no online Hadamard on Q/K", lambda: variant("w4a4kv4-quarot", set_field("steps.quarot.r3", False))),
     ("- key centre", "keys rounded as they are, not around their pre-RoPE mean",
-     lambda: variant("w4a4kv4-quarot", _set("kv.key_centre", None))),
+     lambda: variant("w4a4kv4-quarot", set_field("kv.key_centre", None))),
     ("GPTQ -> RTN", "RTN weights with the same clip search", lambda: variant("w4a4kv4-quarot", _rtn)),
-    ("- act-order", "GPTQ in natural column order", lambda: variant("w4a4kv4-quarot", _set("steps.gptq.act_order", False))),
+    ("- act-order", "GPTQ in natural column order", lambda: variant("w4a4kv4-quarot", set_field("steps.gptq.act_order", False))),
     ("- clip search", "min/max weight ranges instead of the MSE search",
-     lambda: variant("w4a4kv4-quarot", _set("weights.observer", "minmax"))),
+     lambda: variant("w4a4kv4-quarot", set_field("weights.observer", "minmax"))),
     ("calibration 64x512", "twice the preset's calibration tokens",
-     lambda: variant("w4a4kv4-quarot", _set("calibration.samples", 64))),
+     lambda: variant("w4a4kv4-quarot", set_field("calibration.samples", 64))),
     ("+ sequential GPTQ", "each input group's Hessian after the groups before it are quantized",
-     lambda: variant("w4a4kv4-quarot", _set("steps.gptq.sequential", True))),
+     lambda: variant("w4a4kv4-quarot", set_field("steps.gptq.sequential", True))),
     ("+ asymmetric GPTQ", "GPTQ fitted to the full-precision outputs on the inputs each layer will see (Qronos/GPTAQ; "
-     "sequential)", lambda: variant("w4a4kv4-quarot", _set("steps.gptq.asymmetric", True))),
+     "sequential)", lambda: variant("w4a4kv4-quarot", set_field("steps.gptq.asymmetric", True))),
 ]
 
 
