@@ -227,6 +227,7 @@ GRID_CASES = [
     (INT4_SYM, PerGroup(32), GPTQConfig()),
     (INT4_ASYM, PerGroup(40), GPTQConfig()),
     (INT4_ASYM, PerGroup(40), STATIC),
+    (INT4_ASYM, PerGroup(40), GPTQConfig(act_order=True, block_size=24)),
     (IntFormat(8, False), PerGroup(16), GPTQConfig(static_groups=True, block_size=24)),
     (FP8_E4M3, PerRow(), GPTQConfig()),
     (FP4_E2M1, PerGroup(32), STATIC),
@@ -247,7 +248,8 @@ def test_every_row_on_the_grid(fmt: Format, gran: Granularity, config: GPTQConfi
     shape=st.tuples(st.integers(1, 12), st.integers(1, 40)),
     fmt=st.sampled_from([INT4_SYM, IntFormat(2, False), FP8_E4M3, FP4_E2M1]),
     group=st.sampled_from([None, 1, 7, 16]),
-    order=st.sampled_from([GPTQConfig(block_size=5), GPTQConfig(act_order=True, static_groups=True)]),
+    order=st.sampled_from([GPTQConfig(block_size=5), GPTQConfig(act_order=True, static_groups=True),
+                           GPTQConfig(act_order=True, block_size=6)]),
 )
 def test_grid_property(
     seed: int, shape: tuple[int, int], fmt: Format, group: int | None, order: GPTQConfig
@@ -328,10 +330,35 @@ def test_dead_columns_are_zeroed(gran: Granularity, config: GPTQConfig) -> None:
     _assert_on_grid(res, INT4_ASYM, gran)
 
 
-def test_act_order_with_dynamic_groups_is_refused() -> None:
-    """Dynamic groups in permuted order cannot be described by PerGroup scales: a ValueError names the fix."""
-    with pytest.raises(ValueError, match="static_groups=True"):
-        gptq_quantize(torch.ones(4, 8), torch.eye(8), INT4_SYM, PerGroup(4), config=GPTQConfig(act_order=True))
+def _first_touch_reference(w: Tensor, h: Tensor, fmt: Format, size: int) -> Tensor:
+    """Act-order GPTQ column by column, no lazy blocks: each group of ``size`` original columns is fitted (minmax)
+    on its current weights when the first of its columns comes up in the descending-diag(H) order."""
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    damped = h[perm][:, perm] + 0.01 * h.diagonal().mean() * torch.eye(h.shape[0])
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    wp, groups, fitted = w[:, perm].clone(), perm // size, {}
+    for k in range(wp.shape[1]):
+        g = int(groups[k])
+        if g not in fitted:
+            fitted[g] = compute_qparams(*minmax_range(wp[:, groups == g], PerRow()), fmt)
+        q = fake_quantize(wp[:, k : k + 1], fmt, PerRow(), qparams=fitted[g])[:, 0]
+        wp[:, k:] -= torch.outer((wp[:, k] - q) / u[k, k], u[k, k:])
+        wp[:, k] = q
+    return wp[:, torch.argsort(perm)]
+
+
+def test_act_order_dynamic_groups_fit_at_first_touch() -> None:
+    """Act-order with dynamic groups: natural-layout groups, each fitted on its error-updated weights when the loop
+    first reaches one of its columns, equals the column-by-column reference through the lazy block updates."""
+    x = _uneven_inputs(512, 96, seed=30)
+    w = torch.randn(24, 96, generator=_gen(31))
+    h = _hessian(x)
+    res = gptq_quantize(w, h, INT4_ASYM, PerGroup(32), config=GPTQConfig(act_order=True, block_size=20))
+    reference = _first_touch_reference(w, h, INT4_ASYM, 32)
+    assert float(((res.weight - reference).abs() < 1e-5).float().mean()) > 0.99  # same codes up to float rounding
+    _assert_on_grid(res, INT4_ASYM, PerGroup(32))
+    assert not torch.equal(res.scale, gptq_quantize(w, h, INT4_ASYM, PerGroup(32), config=STATIC).scale)
+    assert _output_error(x, w, res.weight) < 0.8 * _output_error(x, w, fake_quantize(w, INT4_ASYM, PerGroup(32)))
 
 
 # --- damping and errors -------------------------------------------------------------------------------------

@@ -60,8 +60,7 @@ class GPTQConfig:
     * ``act_order``: quantize columns by descending ``diag(H)`` (the "act-order" heuristic of the reference code),
       so that the columns with the largest inputs are quantized first, while many columns remain to absorb errors.
     * ``static_groups``: with :class:`~lowbit.quant.PerGroup`, fit every group's scale up front on the original
-      weight instead of on the error-updated weight when the loop reaches the group. Required with
-      ``act_order`` (see :func:`gptq_quantize`).
+      weight instead of on the error-updated weight when the loop first reaches one of the group's columns.
     * ``max_damp_retries``: when the Cholesky factorisation fails, retry with ``damp`` times 10, up to this many
       times, before raising :class:`~lowbit.errors.CalibrationError`.
     """
@@ -222,14 +221,15 @@ class _Grid:
     """Per-column quantization grid of the working (possibly permuted) weight.
 
     ``scale`` / ``zero`` have shape ``(out, n_groups)``; column ``k`` uses group ``col_group[k]``. ``fit_at``
-    maps a working column to ``(group, stop)`` where the group's parameters are fitted on the current weights
-    of columns ``[k, stop)`` (dynamic groups: the tensors are filled in place as the loop reaches them).
+    maps a working column to ``(group, members)``: the group's parameters are fitted there on the current weights
+    of its working columns ``members`` (all at or after ``k``; dynamic groups: the tensors are filled in place as
+    the loop first reaches each group).
     """
 
     scale: Tensor
     zero: Tensor | None
     col_group: tuple[int, ...]
-    fit_at: Mapping[int, tuple[int, int]]
+    fit_at: Mapping[int, tuple[int, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -264,11 +264,6 @@ def _check_inputs(weight: Tensor, hessian: Tensor, gran: Granularity, config: GP
     if not bool(torch.isfinite(hessian).all()):
         raise CalibrationError(
             f"the GPTQ Hessian of a layer with {n} inputs contains NaN or inf; check the calibration inputs"
-        )
-    if isinstance(gran, PerGroup) and config.act_order and not config.static_groups:
-        raise ValueError(
-            "act_order with PerGroup needs static_groups=True: groups fitted in the permuted order would not "
-            "match the natural PerGroup layout of the returned scales"
         )
 
 
@@ -343,8 +338,10 @@ def _inverse_cholesky(h: Tensor, config: GPTQConfig, out_features: int) -> tuple
 def _initial_grid(w: Tensor, perm: Tensor, gran: Granularity, fitter: _Fitter, config: GPTQConfig) -> _Grid:
     """Quantization grid before the loop: per-row or static-group parameters fitted on the original ``w``.
 
-    Dynamic groups (PerGroup without static_groups, natural order) get empty tensors and a ``fit_at`` schedule:
-    each group is fitted when the loop reaches its first column (reference GPTQ).
+    Groups are always the natural PerGroup layout (contiguous original columns). Dynamic groups (PerGroup without
+    static_groups) get empty tensors and a ``fit_at`` schedule: each group is fitted when the loop reaches the
+    first of its columns in the working order (reference GPTQ in natural order; with act-order the group's other
+    columns are then still ahead, carrying the errors propagated into them so far).
     """
     n = w.shape[1]
     if isinstance(gran, PerRow):
@@ -352,15 +349,20 @@ def _initial_grid(w: Tensor, perm: Tensor, gran: Granularity, fitter: _Fitter, c
         return _Grid(qp.scale, qp.zero_point, (0,) * n, {})
     if not isinstance(gran, PerGroup):
         raise ValueError(f"GPTQ quantizes weights per row or per group, not {type(gran).__name__}")
+    col_group = tuple(int(c) // gran.size for c in perm.tolist())
     if config.static_groups:
         qp = fitter.fit(w, gran)
         zero = None if qp.zero_point is None else qp.zero_point.squeeze(-1)
-        return _Grid(qp.scale.squeeze(-1), zero, tuple(int(c) // gran.size for c in perm.tolist()), {})
+        return _Grid(qp.scale.squeeze(-1), zero, col_group, {})
     n_groups = math.ceil(n / gran.size)
     scale = torch.empty(w.shape[0], n_groups, device=w.device)
     zero = None if fitter.fmt.symmetric else torch.empty_like(scale)
-    fit_at = {k: (k // gran.size, min(k + gran.size, n)) for k in range(0, n, gran.size)}
-    return _Grid(scale, zero, tuple(k // gran.size for k in range(n)), fit_at)
+    groups = torch.tensor(col_group, device=w.device)
+    fit_at = {}
+    for group in range(n_groups):
+        members = torch.nonzero(groups == group).flatten()  # working positions, ascending
+        fit_at[int(members[0])] = (group, members)
+    return _Grid(scale, zero, col_group, fit_at)
 
 
 def _column_qparams(grid: _Grid, k: int) -> QParams:
@@ -380,34 +382,35 @@ def _quantize_column(col: Tensor, grid: _Grid, k: int, fmt: Format) -> Tensor:
     return dequantize(codes, qp, fmt, PerRow()).squeeze(1)
 
 
-def _current_columns(wt: Tensor, err: Tensor, u: Tensor, start: int, end: int, k: int, stop: int) -> Tensor:
-    """The up-to-date weights ``(out, stop - k)`` of working columns ``[k, stop)`` while block ``[start, end)`` runs.
+def _current_columns(wt: Tensor, err: Tensor, u: Tensor, start: int, end: int, members: Tensor) -> Tensor:
+    """The up-to-date weights ``(out, len(members))`` of working columns ``members`` while block ``[start, end)``
+    runs, at the start of a sub-block (every member at or after it).
 
     Columns inside the block already hold the in-block updates; columns past it still lack the block's pending
     lazy update ``U[start:end, cols]^T @ err`` (rows of ``err`` are zero for columns not yet quantized).
     """
-    inside = wt[k : min(stop, end)]
-    if stop <= end:
-        return inside.T
-    pending = u[start:end, end:stop].T @ err
-    return torch.cat([inside, wt[end:stop] - pending]).T
+    current = wt[members]
+    later = members >= end
+    if bool(later.any()):
+        current[later] -= u[start:end, members[later]].T @ err
+    return current.T
 
 
 def _fit_group(wt: Tensor, err: Tensor, u: Tensor, span: tuple[int, int, int], grid: _Grid, fitter: _Fitter) -> None:
-    """Fit a dynamic group starting at working column ``k`` on its current weights, writing into ``grid``.
+    """Fit the dynamic group first reached at working column ``k`` on its current weights, writing into ``grid``.
 
     ``span`` is ``(start, end, k)`` of the block in progress. GPTQ fits a group when the loop reaches it, so its
     scale sees the errors already propagated into it.
     """
     start, end, k = span
-    group, stop = grid.fit_at[k]
-    qp = fitter.fit(_current_columns(wt, err, u, start, end, k, stop), PerRow())
+    group, members = grid.fit_at[k]
+    qp = fitter.fit(_current_columns(wt, err, u, start, end, members), PerRow())
     grid.scale[:, group] = qp.scale[:, 0]
     if grid.zero is not None and qp.zero_point is not None:
         grid.zero[:, group] = qp.zero_point[:, 0]
 
 
-def _sub_blocks(start: int, end: int, fit_at: Mapping[int, tuple[int, int]]) -> list[tuple[int, int]]:
+def _sub_blocks(start: int, end: int, fit_at: Mapping[int, tuple[int, Tensor]]) -> list[tuple[int, int]]:
     """Block ``[start, end)`` cut into spans of ``_SUB_BLOCK`` columns, and at every dynamic group's first column.
 
     Cutting where a group is fitted keeps every column from there to ``end`` up to date with the block's earlier
@@ -485,8 +488,9 @@ def gptq_quantize(
 
     Steps: dead inputs (``H_ii == 0``) get ``H_ii = 1`` and zero weights; scales are fitted with ``observer``
     (``"minmax"``, ``"percentile"`` or ``"mse"`` with ``observer_kwargs``) and ``clip_ratio`` - once on the whole
-    weight for :class:`PerRow`, and per group for :class:`PerGroup`, either when the loop reaches the group on the
-    error-updated weights (reference GPTQ) or, with ``config.static_groups``, up front on the original weight;
+    weight for :class:`PerRow`, and per group for :class:`PerGroup`, either when the loop first reaches one of the
+    group's columns, on its error-updated weights (reference GPTQ), or, with ``config.static_groups``, up front on
+    the original weight;
     ``H`` is damped and inverted through Cholesky (retrying with 10x damping); columns are quantized in blocks,
     in natural order or, with ``config.act_order``, by descending ``diag(H)``, and returned in the original order.
 
@@ -494,9 +498,9 @@ def gptq_quantize(
     (:func:`~lowbit.quant.compute_qparams`), so the result is exactly what a file with such scales holds; a
     relative one (NVFP4's E4M3 block scales) takes its per-tensor unit from the whole weight before the loop.
 
-    ``act_order`` with PerGroup requires ``static_groups=True`` (ValueError otherwise): groups formed in the
-    permuted order could not be described by PerGroup scales on the original column order. Inputs are not
-    modified; the computation is float32 on the weight's device. See :class:`GPTQResult` for the outputs.
+    Groups are always contiguous in the original column order, so the scales are plain PerGroup ones whatever the
+    order. Inputs are not modified; the computation is float32 on the weight's device. See :class:`GPTQResult` for
+    the outputs.
     """
     _check_inputs(weight, hessian, granularity, config)
     fitter = _Fitter(fmt, observer, clip_ratio, dict(observer_kwargs), bind_scale_unit(scale_dtype, weight, fmt))
