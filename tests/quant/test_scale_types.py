@@ -103,19 +103,52 @@ def test_block_scale_types_are_for_symmetric_formats():
         Recipe.from_dict({"weights": {"format": "int4", "symmetric": False, "scale_dtype": "e8m0"}})
 
 
-def test_fp4_weights_are_refused_by_save_before_any_work(tmp_path, monkeypatch):
-    """fp4 codes have no file layout yet: `run(..., save_path=...)` refuses before loading anything, and
-    `lowbit.save` of such a model raises the same one-line error and leaves no folder."""
-    import lowbit.pipeline as pipeline
-    from lowbit.errors import ArtifactError
+@pytest.mark.parametrize(("group", "scale_dtype", "scale_type"), [(32, "e8m0", torch.uint8), (16, "float8_e4m3", E4M3)])
+def test_fp4_models_save_packed_and_load_as_the_same_model(tmp_path, tokens, group, scale_dtype, scale_type):
+    """MXFP4 / NVFP4 weights are saved as two E2M1 codes a byte with their block scales in the type they were rounded
+    to (NVFP4: E4M3 times one float32 unit per tensor), so the file holds 4.25 / 4.5 bits a weight; the simulated
+    load is the same model bit for bit, and the real-kernel load names the simulation."""
+    from safetensors import safe_open
 
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
-    with pytest.raises(ArtifactError, match="fp4_e2m1 weights have no saved form yet"):
-        pipeline.run("default", _fp4_recipe(32, "e8m0"), save_path=tmp_path / "out")
-    qmodel = lowbit.quantize(tiny_model("llama"), _fp4_recipe(32, "e8m0"))
-    with pytest.raises(ArtifactError, match="fp4_e2m1 weights have no saved form yet"):
-        lowbit.save(qmodel, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    from lowbit.errors import NoKernelError
+
+    qmodel = lowbit.quantize(tiny_model("llama"), _fp4_recipe(group, scale_dtype))
+    lowbit.save(qmodel, tmp_path / "m")
+    with safe_open(tmp_path / "m" / "model.safetensors", "pt") as f:
+        packed = f.get_tensor("model.layers.0.mlp.down_proj.weight_packed")
+        scales = f.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
+        unit = "model.layers.0.mlp.down_proj.weight_scale_unit" in f.keys()
+    down = qmodel.model.layers[0].mlp.down_proj
+    assert packed.dtype == torch.uint8 and packed.shape == (down.out_features, down.in_features // 2)
+    assert scales.dtype == scale_type and scales.shape == (down.out_features, down.in_features // group)
+    assert unit == (scale_dtype == "float8_e4m3")
+    loaded = lowbit.load(tmp_path / "m", simulate=True)
+    with torch.no_grad():
+        assert torch.equal(qmodel(tokens).logits, loaded(tokens).logits)
+    with pytest.raises(NoKernelError, match="simulate=True"):
+        lowbit.load(tmp_path / "m")
+
+
+def test_fp4_codes_pack_two_a_byte_low_nibble_first():
+    from lowbit.runtime.kernels import pack_fp4, unpack_fp4
+
+    values = torch.tensor([[0.5, -6.0, 0.0, 3.0, -0.5]])
+    packed = pack_fp4(values)
+    assert packed.tolist() == [[1 | (15 << 4), 0 | (5 << 4), 9]]
+    assert torch.equal(unpack_fp4(packed, 5), values)
+    with pytest.raises(ValueError, match="E2M1 grid"):
+        pack_fp4(torch.tensor([[2.5]]))
+
+
+def test_relative_scales_split_into_their_unit_exactly():
+    from lowbit.quant import split_relative_scale
+
+    wanted = _wanted()
+    stored = round_scale(wanted, E4M3)
+    values, unit = split_relative_scale(stored, E4M3)
+    assert values.dtype == E4M3 and torch.equal(values.to(torch.float32) * unit, stored)
+    with pytest.raises(ValueError, match="not one per-tensor unit"):
+        split_relative_scale(wanted, E4M3)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

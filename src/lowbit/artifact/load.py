@@ -103,7 +103,7 @@ def simulated_linear(entry: dict, rotation: RotationMatrix | None, own: dict[str
     w_hat = stored.dequantized_weight(dtype)
     linear.weight = nn.Parameter(w_hat, requires_grad=False)
     linear.bias = None if stored.bias is None else nn.Parameter(stored.bias, requires_grad=False)
-    linear.set_quantized_weight(w_hat, QParams(stored.weight_scale.reshape(granules), zero), scheme)
+    linear.set_quantized_weight(w_hat, QParams(stored.scale_values().reshape(granules), zero), scheme)
     if rotation is not None:
         linear.input_transform = OnlineRotation(rotation)
     if entry["input"] is not None:

@@ -77,6 +77,7 @@ from lowbit.quant.qparams import (
     round_minimum,
     round_scale,
     round_ste,
+    split_relative_scale,
 )
 
 __all__ = [
@@ -99,6 +100,7 @@ __all__ = [
     "RelativeScale",
     "ScaleDtype",
     "bind_scale_unit",
+    "split_relative_scale",
     "compute_qparams",
     "dequantize",
     "dequantize_groups",

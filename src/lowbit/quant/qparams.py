@@ -159,6 +159,36 @@ def bind_scale_unit(dtype: ScaleDtype, x: Tensor, fmt: Format) -> ScaleDtype:
     return RelativeScale(dtype, _unit(whole, dtype))
 
 
+def split_relative_scale(scale: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Scales rounded with a relative ``dtype`` (every one ``unit * v`` with ``v`` a value of ``dtype``, one float32
+    ``unit`` per tensor, see :func:`round_scale`) as ``(v in dtype, unit [1])``, for a file that stores them that way.
+
+    The unit is not kept beside the scales, so it is recovered: the largest scale is ``unit`` times some value of
+    ``dtype``; each candidate (largest first) is tried until every scale divides back into ``dtype`` (up to float32
+    rounding), then the unit is moved by a float32 step where that makes ``v * unit`` give back every scale bit for
+    bit. Raises ValueError when no candidate fits (scales that were never rounded that way).
+    """
+    info = torch.finfo(dtype)
+    every = torch.arange(256, dtype=torch.uint8).view(dtype).to(torch.float32)
+    candidates = every[torch.isfinite(every) & (every > 0)].unique().flip(0)
+    s = scale.detach().to(torch.float32)
+    top = s.abs().amax()
+    for value in candidates:
+        unit = (top / value).reshape(1)
+        stored = (s / unit).clamp(-info.max, info.max).to(dtype)
+        if torch.allclose(stored.to(torch.float32) * unit, s, rtol=1e-6, atol=0.0):
+            return stored, _exact_unit(stored.to(torch.float32), unit, s)
+    raise ValueError(f"these scales are not one per-tensor unit times values of {dtype}: they were not rounded to it")
+
+
+def _exact_unit(values: Tensor, unit: Tensor, scale: Tensor) -> Tensor:
+    """``unit`` or a float32 neighbour of it for which ``values * unit == scale`` exactly (``unit`` when none)."""
+    for candidate in (unit, torch.nextafter(unit, unit * 2), torch.nextafter(unit, unit / 2)):
+        if torch.equal(values * candidate, scale):
+            return candidate
+    return unit
+
+
 def round_minimum(minimum: Tensor, dtype: torch.dtype | None) -> Tensor:
     """``minimum`` rounded to the *nearest* value of the float ``dtype`` it will be stored in, as float32.
 

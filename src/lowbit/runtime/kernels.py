@@ -54,6 +54,30 @@ def unpack_codes(words: Tensor, bits: int, k: int) -> Tensor:
     return (unpack_int32(words, bits, k).to(torch.int16) - offset(bits)).to(torch.int8)
 
 
+FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+"""The E2M1 magnitudes in code order: code ``c`` (4 bits) is ``(-1)^(c >> 3) * FP4_MAGNITUDES[c & 7]``."""
+
+
+def pack_fp4(values: Tensor) -> Tensor:
+    """FP4 E2M1 grid values ``[N, K]`` -> uint8 ``[N, ceil(K/2)]``, two codes a byte, column ``2j`` in the low nibble
+    (compressed-tensors' ``nvfp4-pack-quantized`` layout). A value off the E2M1 grid is an error."""
+    magnitudes = torch.tensor(FP4_MAGNITUDES, device=values.device)
+    index = torch.searchsorted(magnitudes, values.abs().to(torch.float32).contiguous())
+    index = index.clamp(max=len(FP4_MAGNITUDES) - 1)
+    if not torch.equal(magnitudes[index], values.abs().to(torch.float32)):
+        raise ValueError("pack_fp4 needs values on the FP4 E2M1 grid {0, 0.5, 1, 1.5, 2, 3, 4, 6} (with signs)")
+    codes = (index | (torch.signbit(values).to(torch.int64) << 3)).to(torch.uint8)
+    codes = torch.nn.functional.pad(codes, (0, codes.shape[-1] % 2))
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_fp4(packed: Tensor, k: int) -> Tensor:
+    """Inverse of :func:`pack_fp4`: the float32 E2M1 values ``[N, K]``."""
+    codes = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)[..., :k].to(torch.int64)
+    magnitudes = torch.tensor(FP4_MAGNITUDES, device=packed.device)[codes & 7]
+    return torch.where(codes >= 8, -magnitudes, magnitudes)
+
+
 def nibble_pack(signed: Tensor) -> Tensor:
     """Signed codes in ``[-8, 7]`` ``[N, K]`` -> uint8 ``[N, ceil(K/2)]`` made for unpacking on every call: column
     ``j`` in the low nibble and column ``j + ceil(K/2)`` in the high one, each plus 8 (:func:`nibble_unpack` is two

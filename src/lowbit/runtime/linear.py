@@ -4,7 +4,11 @@ kernels, with a ``state_dict`` that IS the on-disk format (compressed-tensors na
 Persistent tensors (all buffers): ``weight_packed`` int32 ``[N, ceil(K*b/32)]`` + ``weight_shape`` int64 ``[2]``
 (int weights below 8 bits: ``pack_int32(q + 2^(b-1), b)``, asymmetric codes unsigned as they are), or ``weight``
 int8 ``[N, K]`` (int8: signed codes, asymmetric ``q - 128``) or float8 ``[N, K]`` (fp8: ``w / s``);
-``weight_scale`` float32 ``[N, 1]`` / ``[N, ceil(K/g)]`` / ``[1]`` (channel / group / tensor);
+or, for fp4 E2M1, ``weight_packed`` uint8 ``[N, ceil(K/2)]`` (two 4-bit codes a byte, sign in bit 3, column ``2j`` in
+the low nibble: compressed-tensors' nvfp4 packing);
+``weight_scale`` float32 ``[N, 1]`` / ``[N, ceil(K/g)]`` / ``[1]`` (channel / group / tensor), except block scales
+stored as the recipe rounds them: float8 E4M3 times ``weight_scale_unit`` float32 ``[1]`` (NVFP4), or uint8 biased
+exponents (e8m0, MXFP4);
 ``weight_zero_point`` int32, same shape, asymmetric only, signed (``z - 2^(b-1)``); ``bias`` in the model dtype;
 ``input_scale`` float32 ``[1]`` (+ ``input_zero_point`` int32 ``[1]``, signed, asymmetric) for a static activation
 quantizer. An online input rotation stays the ``input_transform`` child; it is not serialized here.
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ArtifactError, CalibrationError, ModelError, NoKernelError
-from ..quant import FloatFormat, IntFormat, QParams, dequantize, quantize
+from ..quant import FloatFormat, IntFormat, QParams, dequantize, quantize, split_relative_scale
 from ..quant.integer import (
     act_qparams,
     clamp_needed,
@@ -44,15 +48,17 @@ from ..surgery.quantizer import granularity_for, observer_kwargs
 from . import kernels as K
 
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP4 = "fp4_e2m1"
+E8M0_BIAS = 127  # an e8m0 scale 2^e is stored as the byte e + 127 (the OCP MX layout compressed-tensors writes)
 FALLBACK = "run the fake-quant simulation instead (lowbit.load(..., simulate=True); CLI: --simulate)"
 
 
 def unsaved_reason(scheme: QuantScheme | None) -> str | None:
     """Why weights of ``scheme`` have no saved form (None when they have one): :func:`weight_state` writes integer
-    codes and fp8 values; fp4 codes have no file layout yet."""
-    if scheme is None or scheme.format.startswith("int") or scheme.format in FP8_DTYPES:
+    codes, fp8 values and packed fp4 codes."""
+    if scheme is None or scheme.format.startswith("int") or scheme.format in FP8_DTYPES or scheme.format == FP4:
         return None
-    return (f"{scheme.format} weights have no saved form yet (lowbit saves int2-int8 codes and fp8): evaluate the "
+    return (f"{scheme.format} weights have no saved form (lowbit saves int2-int8 codes, fp8 and fp4): evaluate the "
             "recipe without --save, or save a recipe with int4 weights")
 
 
@@ -95,6 +101,33 @@ class _Packed(dict):
         return self
 
 
+# How block scales are stored: FP8 E4M3 times a float32 ``weight_scale_unit`` per tensor (NVFP4; compressed-tensors
+# stores the unit's inverse, its ``weight_global_scale``, and divides), e8m0 as biased exponent bytes (MXFP4), the
+# rest as float32.
+_STORED_SCALE = {"float8_e4m3": torch.float8_e4m3fn, "e8m0": torch.uint8}
+
+
+def stored_scales(scale: Tensor, scheme: QuantScheme) -> dict[str, Tensor]:
+    """Float32 scales in their stored form (see :data:`_STORED_SCALE`): ``weight_scale`` and, for FP8 block
+    scales, ``weight_scale_unit``."""
+    if scheme.scale_dtype == "float8_e4m3":
+        blocks, unit = split_relative_scale(scale, torch.float8_e4m3fn)
+        return {"weight_scale": blocks, "weight_scale_unit": unit}
+    if scheme.scale_dtype == "e8m0":
+        return {"weight_scale": (torch.log2(scale).round() + E8M0_BIAS).to(torch.uint8)}
+    return {"weight_scale": scale.to(torch.float32)}
+
+
+def scale_values(buffers: dict[str, Tensor]) -> Tensor:
+    """The float32 scales from their stored form (inverse of :func:`stored_scales`)."""
+    s = buffers["weight_scale"]
+    if "weight_scale_unit" in buffers:
+        return s.to(torch.float32) * buffers["weight_scale_unit"]
+    if s.dtype == torch.uint8:
+        return torch.exp2(s.to(torch.float32) - E8M0_BIAS)
+    return s
+
+
 def weight_buffers(rows: int, columns: int, scheme: QuantScheme,
                    device: torch.device | str = "meta") -> dict[str, Tensor]:
     """The persistent tensors of a quantized weight ``[rows, columns]`` (see the module docstring), empty, in the
@@ -107,14 +140,18 @@ def weight_buffers(rows: int, columns: int, scheme: QuantScheme,
     def new(shape: tuple[int, ...], dt: torch.dtype) -> Tensor:
         return torch.empty(shape, dtype=dt, device=device)
 
-    if isinstance(wf, FloatFormat):
+    if scheme.format == FP4:
+        out["weight_packed"] = new((rows, math.ceil(columns / 2)), torch.uint8)
+    elif isinstance(wf, FloatFormat):
         out["weight"] = new((rows, columns), FP8_DTYPES[scheme.format])
     elif wf.bits == 8:
         out["weight"] = new((rows, columns), torch.int8)
     else:
         out["weight_packed"] = new((rows, math.ceil(columns * wf.bits / 32)), torch.int32)
         out["weight_shape"] = new((2,), torch.int64)
-    out["weight_scale"] = new(qshape, torch.float32)
+    out["weight_scale"] = new(qshape, _STORED_SCALE.get(scheme.scale_dtype, torch.float32))
+    if scheme.scale_dtype == "float8_e4m3":
+        out["weight_scale_unit"] = new((1,), torch.float32)
     if not wf.symmetric:
         out["weight_zero_point"] = new(qshape, torch.int32)
     return out
@@ -179,9 +216,13 @@ class RuntimeLinear(nn.Module):
             return self.weight
         return K.unpack_codes(self.weight_packed, self.bits, self.in_features)
 
+    def scale_values(self) -> Tensor:
+        """The float32 weight scales in their stored shape, from their stored form (:func:`scale_values`)."""
+        return scale_values(dict(self.named_buffers(recurse=False)))
+
     def scale_rows(self) -> Tensor:
         """``weight_scale`` as ``[G, N]`` float32 (``[1, 1]`` per tensor)."""
-        s = self.weight_scale
+        s = self.scale_values()
         return s.reshape(1, 1) if s.dim() == 1 else s.t().contiguous()
 
     def zero_rows(self) -> Tensor | None:
@@ -191,11 +232,17 @@ class RuntimeLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """``(q - z) * s`` ``[N, K]`` in ``dtype`` (default: the model dtype), computed in float32."""
-        s = self.weight_scale.reshape(1, 1) if self.weight_scale.dim() == 1 else self.weight_scale
+        s = self.scale_values()
+        s = s.reshape(1, 1) if s.dim() == 1 else s
         z = getattr(self, "weight_zero_point", None)
         z = None if z is None else (z.reshape(1, 1) if z.dim() == 1 else z)
-        fp8 = isinstance(self.weight_scheme.number_format(), FloatFormat)
-        return K.dequantize_weight(self.weight if fp8 else self.signed_codes(), s, z, self.group, dtype or self.dtype)
+        if self.weight_scheme.format == FP4:
+            codes = K.unpack_fp4(self.weight_packed, self.in_features)
+        elif isinstance(self.weight_scheme.number_format(), FloatFormat):
+            codes = self.weight
+        else:
+            codes = self.signed_codes()
+        return K.dequantize_weight(codes, s, z, self.group, dtype or self.dtype)
 
     # --- forward ---
 
@@ -562,7 +609,9 @@ def weight_state(layer: nn.Module) -> dict[str, Tensor]:
     if why is not None:
         raise ArtifactError(f"{layer.extra_repr()}: {why}")
     codes, out = _weight_codes(layer), {}
-    if isinstance(fmt, FloatFormat):
+    if scheme.format == FP4:
+        out["weight_packed"] = K.pack_fp4(codes)
+    elif isinstance(fmt, FloatFormat):
         out["weight"] = codes.to(FP8_DTYPES[scheme.format])
     else:
         signed = codes if fmt.symmetric else codes - K.offset(fmt.bits)
@@ -571,7 +620,7 @@ def weight_state(layer: nn.Module) -> dict[str, Tensor]:
         else:
             out["weight_packed"] = K.pack_codes(signed.to(torch.int8), fmt.bits)
             out["weight_shape"] = torch.tensor(list(codes.shape), dtype=torch.int64)
-    out["weight_scale"] = _scale_tensor(layer.weight_scale.detach().to(torch.float32), scheme.granularity)
+    out.update(stored_scales(_scale_tensor(layer.weight_scale.detach().to(torch.float32), scheme.granularity), scheme))
     if isinstance(fmt, IntFormat) and not fmt.symmetric:
         z = _scale_tensor(layer.weight_zero.detach(), scheme.granularity)
         out["weight_zero_point"] = (z - K.offset(fmt.bits)).to(torch.int32)
