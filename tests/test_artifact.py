@@ -57,7 +57,7 @@ def test_save_load_simulated_is_the_same_model_and_resaves_identically(tmp_path,
     assert quant_state(loaded).prefix_length == quant_state(model).prefix_length
 
 
-REAL = ("w8a8-rtn", "w8a8-fp8", "w4a16-rtn", "w4a16-rtn-g64", "w4a16-quarot-asym", "w4a4kv4-quarot",
+REAL = ("w8a8-rtn", "w8a8-fp8", "w4a16-rtn", "w4a16-rtn-g64", "w4a16-gptq", "w4a16-quarot-asym", "w4a4kv4-quarot",
         "w4a4kv4-spinquant", "w4a4kv4-prefix", "w4a4-spin-prefix-qjl", "w4a4kv4-spinquant-qat")
 INTEGER = ("w8a8-rtn", "w4a4kv4-quarot", "w4a4kv4-spinquant", "w4a4kv4-prefix", "w4a4-spin-prefix-qjl",
            "w4a4kv4-spinquant-qat")
