@@ -117,8 +117,9 @@ class Job:
 W4_GROUP64 = {"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 64}
 W4_CHANNEL = {"num_bits": 4, "symmetric": True, "strategy": "channel"}
 A4_TOKEN = {"num_bits": 4, "symmetric": True, "strategy": "token", "dynamic": True}
-# Brevitas' flags: int4 symmetric weights by GPTQ with act-order (its weight scales are absmax statistics, no search),
-# one decoder layer at a time on cached inputs (its faster GPxQ path; the worker keeps it on the CPU).
+# Brevitas' flags: int4 symmetric weights by GPTQ with act-order (its weight scales are absmax statistics recomputed
+# from the weights being updated, no search; its LLM entry point sets narrow_range False: 16 codes [-8, 7] at
+# absmax / 8), one decoder layer at a time on cached inputs (its faster GPxQ path; the worker keeps it on the CPU).
 B_W4 = ["--weight-bit-width", "4", "--weight-quant-type", "sym", "--gptq", "--gpxq-act-order",
         "--gpxq-block-name", "model.layers"]
 B_CHANNEL = [*B_W4, "--weight-quant-granularity", "per_channel"]
@@ -134,16 +135,18 @@ JOBS = {
         Job("w4a16-g64", "W4A16 GPTQ, int4 sym, groups of 64, no rotation", "w4a16-gptq",
             peer={"weights": W4_GROUP64},
             brevitas={"flags": [*B_W4, "--weight-quant-granularity", "per_group", "--weight-group-size", "64"]},
-            notes={"brevitas": "--gptq --gpxq-act-order, per_group 64, absmax weight scales",
-                   "lowbit": "preset w4a16-gptq: act-order, static groups, MSE weight clip search",
+            notes={"brevitas": "--gptq --gpxq-act-order, per_group 64, absmax/8 weight scales on [-8, 7]",
+                   "lowbit": "preset w4a16-gptq: full 16-level grid, act-order, static groups, MSE weight clip "
+                             "search",
                    "llmcompressor": "GPTQModifier, group 64 on Linear, lm_head ignored"}),
         Job("w4a16-channel", "W4A16 GPTQ, int4 sym, per channel, no rotation", "w4a16-gptq",
             lowbit_changes={"name": "w4a16-gptq-channel",
                             "weights": {"granularity": "channel", "group_size": None}},
             peer={"weights": W4_CHANNEL},
             brevitas={"flags": B_CHANNEL},
-            notes={"brevitas": "--gptq --gpxq-act-order, per_channel, absmax weight scales",
-                   "lowbit": "w4a16-gptq with per-channel weights: act-order, MSE weight clip search",
+            notes={"brevitas": "--gptq --gpxq-act-order, per_channel, absmax/8 weight scales on [-8, 7]",
+                   "lowbit": "w4a16-gptq with per-channel weights: full 16-level grid, act-order, MSE weight clip "
+                             "search",
                    "llmcompressor": "GPTQModifier, channel strategy"}),
         Job("w4a4-rotated", "R1+R2+R4 random Hadamard, W4 per channel GPTQ, A4 per token dynamic, KV 16 bits",
             "w4a4-quarot",
