@@ -48,17 +48,25 @@ def _rtn(data: dict) -> None:
     data["steps"] = [s if s["method"] != "gptq" else {"method": "rtn"} for s in data["steps"]]
 
 
+_FIFTEEN = set_field("weights.int_range", "restricted")  # w4a16-gptq's grid before 2026-12-05 (the rows measured then)
+
+
+def _CHANNEL(data: dict) -> None:
+    data["weights"].update(granularity="channel", group_size=None)
+
+
 # (label, what it shows, recipe factory). Ablations change one thing of the full W4A4KV4 preset.
 ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
-    ("w4a16-gptq", "GPTQ g64, no rotation (llm-compressor: 1.233)", lambda: load_preset("w4a16-gptq")),
-    ("w4a16-gptq per channel", "GPTQ per channel, no rotation (llm-compressor: 1.371)",
-     lambda: variant("w4a16-gptq", lambda d: d["weights"].update(granularity="channel", group_size=None))),
-    ("w4a16-gptq per channel, no act-order", "GPTQ per channel (clip search) in natural column order",
-     lambda: variant("w4a16-gptq", lambda d: d["weights"].update(granularity="channel", group_size=None),
-                     step_update("gptq", act_order=False))),
-    ("w4a16-gptq per channel, no clip search", "GPTQ per channel with min/max weight ranges",
-     lambda: variant("w4a16-gptq", lambda d: d["weights"].update(granularity="channel", group_size=None,
-                                                                 observer="minmax"))),
+    ("w4a16-gptq", "GPTQ g64 on the full 16-level grid, no rotation (the preset since 2026-12-05)",
+     lambda: load_preset("w4a16-gptq")),
+    ("w4a16-gptq, 15 levels", "GPTQ g64 on [-7, 7], no rotation (llm-compressor: 1.233)",
+     lambda: variant("w4a16-gptq", _FIFTEEN)),
+    ("w4a16-gptq per channel, 15 levels", "GPTQ per channel, no rotation (llm-compressor: 1.371)",
+     lambda: variant("w4a16-gptq", _FIFTEEN, _CHANNEL)),
+    ("w4a16-gptq per channel, 15 levels, no act-order", "GPTQ per channel (clip search) in natural column order",
+     lambda: variant("w4a16-gptq", _FIFTEEN, _CHANNEL, step_update("gptq", act_order=False))),
+    ("w4a16-gptq per channel, 15 levels, no clip search", "GPTQ per channel with min/max weight ranges",
+     lambda: variant("w4a16-gptq", _FIFTEEN, _CHANNEL, set_field("weights.observer", "minmax"))),
     ("w4a16-quarot", "rotations + GPTQ g64", lambda: load_preset("w4a16-quarot")),
     ("w4a16-quarot, sequential GPTQ", "rotations + GPTQ g64, each input group's Hessian after the groups before it "
      "are quantized", lambda: variant("w4a16-quarot", set_field("steps.gptq.sequential", True))),
