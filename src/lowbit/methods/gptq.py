@@ -27,7 +27,9 @@ class GPTQStep(StepConfig):
     """GPTQ weight quantization with the recipe's weight scheme, layer-streamed over calibration text.
 
     ``damp``: fraction of the mean Hessian diagonal added before inversion; ``act_order``: process columns by
-    decreasing Hessian diagonal; ``static_groups``: with groups and act-order, fix group scales up front;
+    decreasing Hessian diagonal; ``static_groups``: with groups, fit every group's scale up front on the original
+    weights (false: on the error-updated weights when the loop first reaches one of the group's columns; measured
+    in benchmarks/gptq_grid.py);
     ``sequential``: within a layer, record each input group's Hessian after the groups before it are quantized
     (GPTQ's "true sequential"; one partial pass of the samples per group instead of one in all).
     ``asymmetric``: fit each layer's quantized outputs, on the inputs it will see (through the layers and the
