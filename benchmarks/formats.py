@@ -43,7 +43,7 @@ def format_edit(fmt: str, rotated: bool) -> Callable[[dict], None]:
     weights, acts = FORMATS[fmt]
 
     def edit(data: dict) -> None:
-        data["weights"].update(weights)
+        data["weights"].update(int_range="restricted", **weights)  # INT4 rows on [-7, 7], as measured; FP4 has no range
         data["activations"].update(acts)
         if not rotated:
             data["steps"] = [s for s in data["steps"] if s["method"] != "quarot"]

@@ -48,7 +48,8 @@ def _rtn(data: dict) -> None:
     data["steps"] = [s if s["method"] != "gptq" else {"method": "rtn"} for s in data["steps"]]
 
 
-_FIFTEEN = set_field("weights.int_range", "restricted")  # w4a16-gptq's grid before 2026-12-05 (the rows measured then)
+# w4a16-gptq's and w4a4-quarot's weight grid before 2026-12-05, that of the rows measured then
+_FIFTEEN = set_field("weights.int_range", "restricted")
 
 
 def _CHANNEL(data: dict) -> None:
@@ -79,15 +80,19 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a16-quarot, asymmetric weights", "rotations + GPTQ g64 on a grid with a zero point per group",
      lambda: variant("w4a16-quarot", set_field("weights.symmetric", False))),
     ("w4a16-quarot g32", "rotations + GPTQ in groups of 32", lambda: variant("w4a16-quarot", set_field("weights.group_size", 32))),
-    ("w4a4-quarot", "W4A4, KV16 (llm-compressor with rotations: 2.404)", lambda: load_preset("w4a4-quarot")),
-    ("w4a4-quarot, A4 asymmetric", "activations per token with a zero point (Brevitas' default input quantizer)",
-     lambda: variant("w4a4-quarot", set_field("activations.symmetric", False))),
-    ("w4a4-quarot, A4 no clip", "activations at their per-token absmax (Brevitas' setting), not clipped to 0.9",
-     lambda: variant("w4a4-quarot", set_field("activations.clip_ratio", 1.0))),
-    ("w4a4-quarot + o_proj rotation", "an online Hadamard across heads at o_proj's input (as Brevitas' orphan sink)",
-     lambda: variant("w4a4-quarot", set_field("steps.quarot.o_rotation", True))),
-    ("w4a4-quarot, A4 asymmetric + o_proj rotation", "both of the above",
-     lambda: variant("w4a4-quarot", set_field("activations.symmetric", False), set_field("steps.quarot.o_rotation", True))),
+    ("w4a4-quarot", "W4A4, KV16, W4 on the full 16-level grid (the preset since 2026-12-05)",
+     lambda: load_preset("w4a4-quarot")),
+    ("w4a4-quarot, 15 levels", "W4A4, KV16, W4 on [-7, 7] (llm-compressor with rotations: 2.404)",
+     lambda: variant("w4a4-quarot", _FIFTEEN)),
+    ("w4a4-quarot, 15 levels, A4 asymmetric", "activations per token with a zero point (Brevitas' default input "
+     "quantizer)", lambda: variant("w4a4-quarot", _FIFTEEN, set_field("activations.symmetric", False))),
+    ("w4a4-quarot, 15 levels, A4 no clip", "activations at their per-token absmax (Brevitas' setting), not clipped "
+     "to 0.9", lambda: variant("w4a4-quarot", _FIFTEEN, set_field("activations.clip_ratio", 1.0))),
+    ("w4a4-quarot, 15 levels + o_proj rotation", "an online Hadamard across heads at o_proj's input (as Brevitas' "
+     "orphan sink)", lambda: variant("w4a4-quarot", _FIFTEEN, set_field("steps.quarot.o_rotation", True))),
+    ("w4a4-quarot, 15 levels, A4 asymmetric + o_proj rotation", "both of the above",
+     lambda: variant("w4a4-quarot", _FIFTEEN, set_field("activations.symmetric", False),
+                     set_field("steps.quarot.o_rotation", True))),
     ("w4a4kv4-quarot", "the full W4A4KV4 recipe", lambda: load_preset("w4a4kv4-quarot")),
     ("w4a4kv4-quarot, A4 asymmetric", "activations per token with a zero point",
      lambda: variant("w4a4kv4-quarot", set_field("activations.symmetric", False))),
