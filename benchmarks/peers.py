@@ -155,14 +155,15 @@ JOBS = {
             brevitas={"flags": B_ROTATED_A4},
             notes={"brevitas": "--rotation fused_no_fx --rotation-orphan-sink (online Hadamards at o_proj and "
                                "down_proj inputs), A4 sym per_row dynamic absmax, then GPTQ",
-                   "lowbit": "preset w4a4-quarot: MSE weight clip search, A4 clip 0.9",
+                   "lowbit": "preset w4a4-quarot: full 16-level W4 grid, MSE weight clip search, A4 clip 0.9",
                    "llmcompressor": "SpinQuantModifier random-hadamard (its plain hadamard needs 2^n sizes), "
                                     "then GPTQModifier"}),
         # Brevitas' w4a4-rotated run already has this placement; llm-compressor has no such rotation: lowbit only.
         Job("w4a4-rotated-o", "w4a4-rotated with an online Hadamard at o_proj's input, where Brevitas' orphan sink "
             "puts one", "w4a4-quarot",
             lowbit_changes={"name": "w4a4-quarot-o"}, lowbit_edits=(step_update("quarot", o_rotation=True),),
-            notes={"lowbit": "w4a4-quarot with o_rotation: Brevitas' rotation placement (its row: w4a4-rotated)"}),
+            notes={"lowbit": "w4a4-quarot with o_rotation: Brevitas' rotation placement (its row: w4a4-rotated), "
+                             "full 16-level W4 grid"}),
     )
 }
 
