@@ -172,3 +172,19 @@ def test_the_nvfp4_preset_runs_unrotated_with_asymmetric_gptq_and_a_packed_cache
     assert activation_bits(qmodel, spec) == pytest.approx(4.5)
     with torch.no_grad():
         assert torch.isfinite(qmodel(torch.arange(40).view(1, 40)).logits).all()
+
+
+def test_int_weights_with_block_scale_types_keep_float32_scales_for_the_kernels(tmp_path, tokens):
+    """Only FP4 weights store their scales compactly: INT4 groups with e8m0 scales keep float32 ``weight_scale`` (what
+    the weight-only kernels and the compressed-tensors export read), and the kernel load computes the saved model."""
+    from safetensors import safe_open
+
+    recipe = Recipe.from_dict({"steps": [{"method": "rtn"}], "weights": {
+        "format": "int4", "granularity": "group", "group_size": 32, "scale_dtype": "e8m0"}})
+    qmodel = lowbit.quantize(tiny_model("llama"), recipe)
+    lowbit.save(qmodel, tmp_path / "m")
+    with safe_open(tmp_path / "m" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight_scale").dtype == torch.float32
+    with torch.no_grad():
+        expected, got = qmodel(tokens).logits, lowbit.load(tmp_path / "m")(tokens).logits
+    assert (got - expected).norm() <= 1e-2 * expected.norm()  # bf16 weight-only kernels

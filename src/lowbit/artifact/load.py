@@ -21,6 +21,7 @@ from ..models.arch import decoder_layers, get_module, spec_for_model_type
 from ..quant import QParams, granule_shape
 from ..rotations import RotationMatrix
 from ..runtime import IntLinear, RuntimeEmbedding, RuntimeLinear, fuse_groups, to_quant_embedding
+from ..runtime.linear import scale_values
 from ..schemes import QuantScheme
 from ..surgery.embedding import QuantEmbedding
 from ..surgery.linear import QuantLinear
@@ -103,7 +104,7 @@ def simulated_linear(entry: dict, rotation: RotationMatrix | None, own: dict[str
     w_hat = stored.dequantized_weight(dtype)
     linear.weight = nn.Parameter(w_hat, requires_grad=False)
     linear.bias = None if stored.bias is None else nn.Parameter(stored.bias, requires_grad=False)
-    linear.set_quantized_weight(w_hat, QParams(stored.scale_values().reshape(granules), zero), scheme)
+    linear.set_quantized_weight(w_hat, QParams(scale_values(stored).reshape(granules), zero), scheme)
     if rotation is not None:
         linear.input_transform = OnlineRotation(rotation)
     if entry["input"] is not None:

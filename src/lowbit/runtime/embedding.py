@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..quant import FloatFormat, QParams, granule_shape
+from ..quant import QParams, granule_shape
 from ..schemes import QuantScheme
 from ..surgery.embedding import QuantEmbedding
 from ..surgery.offload import carry_hook
 from ..surgery.quantizer import granularity_for
 from . import kernels as K
-from .linear import FP4, scale_values, weight_buffers, weight_state
+from .linear import scale_values, stored_codes, weight_buffers, weight_state
 
 
 class RuntimeEmbedding(nn.Module):
@@ -57,23 +57,13 @@ class RuntimeEmbedding(nn.Module):
 
     def rows(self, ids: Tensor) -> Tensor:
         """The dequantized rows ``[n, embedding_dim]`` of the token ids ``[n]``, in the model dtype."""
-        fp8 = isinstance(self.weight_scheme.number_format(), FloatFormat) and self.weight_scheme.format != FP4
-        if self.weight_scheme.format == FP4:
-            codes = K.unpack_fp4(self.weight_packed.index_select(0, ids), self.embedding_dim)
-        elif fp8 or self.bits == 8:
-            codes = self.weight.index_select(0, ids)
-        else:
-            codes = K.unpack_codes(self.weight_packed.index_select(0, ids), self.bits, self.embedding_dim)
-        s, z = self.scale_values(), getattr(self, "weight_zero_point", None)
+        codes = stored_codes(self, self.embedding_dim, ids)
+        s, z = scale_values(self), getattr(self, "weight_zero_point", None)
         if s.dim() == 1:  # per tensor
             s, z = s.reshape(1, 1), None if z is None else z.reshape(1, 1)
         else:
             s, z = s.index_select(0, ids), None if z is None else z.index_select(0, ids)
         return K.dequantize_weight(codes, s, z, self.group, self.dtype)
-
-    def scale_values(self) -> Tensor:
-        """The float32 scales in their stored shape, from their stored form (see :func:`scale_values`)."""
-        return scale_values(dict(self.named_buffers(recurse=False)))
 
     def forward(self, ids: Tensor) -> Tensor:
         if not self.prepared:
@@ -107,7 +97,7 @@ def to_quant_embedding(table: RuntimeEmbedding) -> QuantEmbedding:
     zero = None if zero is None else (zero.float() + K.offset(table.bits)).reshape(granules)
     w_hat = table.rows(torch.arange(table.num_embeddings))
     embedding.weight = nn.Parameter(w_hat, requires_grad=False)
-    embedding.set_quantized_weight(w_hat, QParams(table.scale_values().reshape(granules), zero), scheme)
+    embedding.set_quantized_weight(w_hat, QParams(scale_values(table).reshape(granules), zero), scheme)
     return embedding
 
 

@@ -101,31 +101,50 @@ class _Packed(dict):
         return self
 
 
-# How block scales are stored: FP8 E4M3 times a float32 ``weight_scale_unit`` per tensor (NVFP4; compressed-tensors
-# stores the unit's inverse, its ``weight_global_scale``, and divides), e8m0 as biased exponent bytes (MXFP4), the
-# rest as float32.
+# How FP4 weights' block scales are stored: FP8 E4M3 times a float32 ``weight_scale_unit`` per tensor (NVFP4;
+# compressed-tensors stores the unit's inverse, its ``weight_global_scale``, and divides), e8m0 as biased exponent
+# bytes (MXFP4). Every other scale is float32, whatever it was rounded to: the integer kernels, the fusion of
+# siblings and the compressed-tensors export read ``weight_scale`` as float32 scales.
 _STORED_SCALE = {"float8_e4m3": torch.float8_e4m3fn, "e8m0": torch.uint8}
+
+
+def _scale_storage(scheme: QuantScheme) -> str | None:
+    """The key of :data:`_STORED_SCALE` that ``scheme``'s weight scales are stored as (None: float32)."""
+    return scheme.scale_dtype if scheme.format == FP4 and scheme.scale_dtype in _STORED_SCALE else None
 
 
 def stored_scales(scale: Tensor, scheme: QuantScheme) -> dict[str, Tensor]:
     """Float32 scales in their stored form (see :data:`_STORED_SCALE`): ``weight_scale`` and, for FP8 block
     scales, ``weight_scale_unit``."""
-    if scheme.scale_dtype == "float8_e4m3":
+    storage = _scale_storage(scheme)
+    if storage == "float8_e4m3":
         blocks, unit = split_relative_scale(scale, torch.float8_e4m3fn)
         return {"weight_scale": blocks, "weight_scale_unit": unit}
-    if scheme.scale_dtype == "e8m0":
+    if storage == "e8m0":
         return {"weight_scale": (torch.log2(scale).round() + E8M0_BIAS).to(torch.uint8)}
     return {"weight_scale": scale.to(torch.float32)}
 
 
-def scale_values(buffers: dict[str, Tensor]) -> Tensor:
-    """The float32 scales from their stored form (inverse of :func:`stored_scales`)."""
-    s = buffers["weight_scale"]
-    if "weight_scale_unit" in buffers:
-        return s.to(torch.float32) * buffers["weight_scale_unit"]
+def scale_values(module: nn.Module) -> Tensor:
+    """The float32 weight scales of a runtime linear or table in their stored shape, from their stored form (inverse
+    of :func:`stored_scales`)."""
+    s, unit = module.weight_scale, getattr(module, "weight_scale_unit", None)
+    if unit is not None:
+        return s.to(torch.float32) * unit
     if s.dtype == torch.uint8:
         return torch.exp2(s.to(torch.float32) - E8M0_BIAS)
     return s
+
+
+def stored_codes(module: nn.Module, k: int, rows: Tensor | None = None) -> Tensor:
+    """The weight codes ``[N, k]`` of a runtime linear or table (or of its ``rows`` only), decoded from their stored
+    form: signed int8 codes, fp8 values, or fp4 values as float32."""
+    packed = module._buffers.get("weight_packed")
+    stored = module.weight if packed is None else packed
+    stored = stored if rows is None else stored.index_select(0, rows)
+    if module.weight_scheme.format == FP4:
+        return K.unpack_fp4(stored, k)
+    return stored if packed is None else K.unpack_codes(stored, module.bits, k)
 
 
 def weight_buffers(rows: int, columns: int, scheme: QuantScheme,
@@ -149,8 +168,8 @@ def weight_buffers(rows: int, columns: int, scheme: QuantScheme,
     else:
         out["weight_packed"] = new((rows, math.ceil(columns * wf.bits / 32)), torch.int32)
         out["weight_shape"] = new((2,), torch.int64)
-    out["weight_scale"] = new(qshape, _STORED_SCALE.get(scheme.scale_dtype, torch.float32))
-    if scheme.scale_dtype == "float8_e4m3":
+    out["weight_scale"] = new(qshape, _STORED_SCALE.get(_scale_storage(scheme), torch.float32))
+    if _scale_storage(scheme) == "float8_e4m3":
         out["weight_scale_unit"] = new((1,), torch.float32)
     if not wf.symmetric:
         out["weight_zero_point"] = new(qshape, torch.int32)
@@ -212,17 +231,11 @@ class RuntimeLinear(nn.Module):
 
     def signed_codes(self) -> Tensor:
         """The weight's signed int8 codes ``[N, K]`` (int formats), unpacked from the stored form."""
-        if self.bits == 8:
-            return self.weight
-        return K.unpack_codes(self.weight_packed, self.bits, self.in_features)
-
-    def scale_values(self) -> Tensor:
-        """The float32 weight scales in their stored shape, from their stored form (:func:`scale_values`)."""
-        return scale_values(dict(self.named_buffers(recurse=False)))
+        return stored_codes(self, self.in_features)
 
     def scale_rows(self) -> Tensor:
         """``weight_scale`` as ``[G, N]`` float32 (``[1, 1]`` per tensor)."""
-        s = self.scale_values()
+        s = scale_values(self)
         return s.reshape(1, 1) if s.dim() == 1 else s.t().contiguous()
 
     def zero_rows(self) -> Tensor | None:
@@ -232,17 +245,11 @@ class RuntimeLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """``(q - z) * s`` ``[N, K]`` in ``dtype`` (default: the model dtype), computed in float32."""
-        s = self.scale_values()
+        s = scale_values(self)
         s = s.reshape(1, 1) if s.dim() == 1 else s
         z = getattr(self, "weight_zero_point", None)
         z = None if z is None else (z.reshape(1, 1) if z.dim() == 1 else z)
-        if self.weight_scheme.format == FP4:
-            codes = K.unpack_fp4(self.weight_packed, self.in_features)
-        elif isinstance(self.weight_scheme.number_format(), FloatFormat):
-            codes = self.weight
-        else:
-            codes = self.signed_codes()
-        return K.dequantize_weight(codes, s, z, self.group, dtype or self.dtype)
+        return K.dequantize_weight(stored_codes(self, self.in_features), s, z, self.group, dtype or self.dtype)
 
     # --- forward ---
 
