@@ -148,6 +148,7 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("+ qat scales_norms", "QAT of the scales and norm weights", _with_qat("w4a4kv4-quarot", train="scales_norms")),
     ("+ qat self-generated", "QAT on text sampled from the full-precision model",
      _with_qat("w4a4kv4-quarot", data="self")),
+    ("+ qat 100 steps", "half as long", _with_qat("w4a4kv4-quarot", steps=100)),
     ("+ qat 600 steps", "three times longer", _with_qat("w4a4kv4-quarot", steps=600, samples=128)),
     ("+ qat bf16", "the training steps under bfloat16 autocast", _with_qat("w4a4kv4-quarot", autocast="bf16")),
     ("+ qat bf16 400 steps", "twice the steps under bfloat16 autocast",

@@ -110,18 +110,23 @@ def test_fine_tuning_lowers_the_block_error_and_leaves_weights_on_the_grid():
             assert not isinstance(module.scale, torch.nn.Parameter) and (module.scale > 0).all()
 
 
-def test_finetune_layer_trains_a_linear_towards_its_target():
+@pytest.mark.parametrize("int_range", ["restricted", "full"])
+def test_finetune_layer_trains_a_linear_towards_its_target(int_range):
+    """On the full grid too, whose negative scales must stay negative (a positive clamp would zero them)."""
     torch.manual_seed(0)
     linear = QuantLinear(torch.nn.Linear(32, 16))
     from lowbit.recipe import QuantScheme
 
-    linear.quantize_weight_rtn(QuantScheme(format="int3", granularity="channel"))
+    linear.quantize_weight_rtn(QuantScheme(format="int3", granularity="channel", int_range=int_range))
+    negative = linear.weight_scale < 0
+    assert negative.any() == (int_range == "full")
     x = torch.randn(64, 8, 32)
     target = x @ torch.randn(16, 32).T * 0.1
     before = float((linear(x) - target).square().mean())
     losses = finetune_layer(linear, linear, x, target, FinetuneConfig(epochs=20, batch=8, lr_weight=0.5,
                                                                         lr_scale=0.01))
     assert losses[-1] < losses[0] and float((linear(x) - target).square().mean()) < before
+    assert torch.equal(linear.weight_scale < 0, negative)
 
 
 def test_relative_error_weighs_every_token_alike():

@@ -7,6 +7,7 @@ import torch
 import lowbit
 from lowbit.errors import RecipeError
 from lowbit.recipe import Recipe, load_preset
+from lowbit.surgery.block_finetune import sign_keeper
 from lowbit.surgery.kvcache import packed_cache_suspended
 from lowbit.surgery.linear import QuantLinear
 from lowbit.surgery.qat import _Best, kl_from_teacher, norm_weights, self_generated
@@ -97,6 +98,32 @@ def test_train_chooses_what_moves(train, norms_move, codes_move):
     assert codes_moved == codes_move
 
 
+def test_signed_scales_of_the_full_grid_train_and_keep_their_signs():
+    """int_range full: a negative scale puts a granule's largest weight on -8; training keeps every sign."""
+    full = {**W3A4, "weights": {"format": "int4", "granularity": "group", "group_size": 32, "int_range": "full"}}
+    model, data = _peaky_model(), tiny_data()
+    batches = data.calibration(8, 48)
+    start = lowbit.quantize(model, _recipe(None, full), data)
+    fast = {"steps": 60, "lr_weight": 0.02, "lr_scale": 0.005, "lr_norm": 1e-4}
+    tuned = lowbit.quantize(model, _recipe(fast, full), data)
+    assert _kl(tuned, model, batches) < 0.8 * _kl(start, model, batches)
+    pairs = [(a, tuned.get_submodule(n)) for n, a in start.named_modules()
+             if isinstance(a, QuantLinear) and a.weight_scheme is not None]
+    assert pairs and any((a.weight_scale < 0).any() for a, _ in pairs)
+    for a, b in pairs:
+        assert torch.equal(a.weight_scale < 0, b.weight_scale < 0) and (b.weight_scale != 0).all()
+        assert not torch.equal(a.weight_scale, b.weight_scale)
+        assert torch.equal(b.quantized_weight(), b.weight)
+
+
+def test_sign_keeper_holds_each_scale_on_its_side_of_zero():
+    scale = torch.tensor([0.5, -0.5, 0.2, -0.2])
+    keep = sign_keeper([scale])
+    scale.copy_(torch.tensor([-0.1, 0.3, 0.0, -0.4]))  # a step that crossed zero, reached it, or stayed
+    keep()
+    assert torch.equal(scale, torch.tensor([1e-8, -1e-8, 1e-8, -0.4]))
+
+
 def test_static_scales_train_and_end_frozen():
     static = {**W3A4, "activations": {"format": "int4", "granularity": "tensor", "dynamic": False}}
     model, data = _peaky_model(), tiny_data()
@@ -153,9 +180,6 @@ def test_qat_runs_after_the_weight_step_only():
 
 @pytest.mark.parametrize(("recipe", "message"), [
     ({"steps": [{"method": "qat"}], "activations": W3A4["activations"]}, "a qat step trains quantized weights"),
-    ({"steps": [{"method": "rtn"}, {"method": "qat"}],
-      "weights": {"format": "int4", "granularity": "group", "group_size": 32, "int_range": "full"}},
-     "cannot train the signed scales"),
 ])
 def test_qat_refuses_what_it_cannot_train(recipe, message):
     with pytest.raises(RecipeError, match=message):

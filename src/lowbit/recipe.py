@@ -132,18 +132,10 @@ class Recipe(StrictConfig):
                              "their clip from calibration and the blockwise search): drop clips or make them dynamic")
 
     def _check_training(self) -> None:
-        """A train step (qat) needs something quantized to train, and cannot train signed scales (int_range full:
-        its scales are kept positive while they learn)."""
-        if not any(s.phase == "train" for s in self.steps):
-            return
-        if self.weights is None:
+        """A train step (qat) needs quantized weights to train."""
+        if any(s.phase == "train" for s in self.steps) and self.weights is None:
             raise ValueError("a qat step trains quantized weights and their scales: add a weights scheme and a weight "
                              "step (e.g. {method: rtn})")
-        signed = [role for role in ("weights", "lm_head") if getattr(self, role) is not None
-                  and getattr(self, role).int_range == "full"]
-        if signed:
-            raise ValueError(f"a qat step cannot train the signed scales of int_range 'full' ({', '.join(signed)}): "
-                             "use int_range restricted, or drop the qat step")
 
     def rotations_only(self) -> Recipe:
         """This recipe's rotation steps alone, with no quantization: the rotated full-precision model (learned

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -94,7 +93,7 @@ def finetune_layer(
         return output_error(forward(inputs[batch]), targets[batch], config.relative)
 
     trainer = Trainer([torch.optim.AdamW(groups, weight_decay=0.0)], len(order), warmup_cosine,
-                      after_step=partial(keep_positive, scales))
+                      after_step=sign_keeper(scales))
     try:
         losses = trainer.run(loss_at, on_step=None if on_step is None else lambda _, seen: on_step(seen[-1]))
     finally:
@@ -140,11 +139,19 @@ def shuffled_batches(n: int, batch: int, seed: int, epochs: int) -> list[Tensor]
     return [b for _ in range(epochs) for b in torch.randperm(n, generator=generator).split(batch)]
 
 
-@torch.no_grad()
-def keep_positive(scales: list[Tensor]) -> None:
-    """Clamp every trained scale to stay positive after a step."""
-    for s in scales:
-        s.clamp_(min=1e-8)
+def sign_keeper(scales: list[Tensor]) -> Callable[[], None]:
+    """An after-step hook that keeps every trained scale on the side of zero it started on, at least 1e-8 from it.
+
+    Scales are positive except on full-range int grids (``int_range: full``), whose signed scale puts each granule's
+    largest-magnitude value on the grid's negative end: a step must neither flip that sign nor reach zero."""
+    signs = [torch.where(s.detach() < 0, -1.0, 1.0).to(s.dtype) for s in scales]
+
+    @torch.no_grad()
+    def keep() -> None:
+        for s, sign in zip(scales, signs, strict=True):
+            s.copy_(sign * (s * sign).clamp(min=1e-8))
+
+    return keep
 
 
 def _epoch_means(losses: list[float], order: list[Tensor], n: int, epochs: int) -> list[float]:

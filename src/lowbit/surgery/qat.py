@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .block_finetune import freeze, keep_positive, learn, shuffled_batches, trainable, warmup_cosine
+from .block_finetune import freeze, learn, shuffled_batches, sign_keeper, trainable, warmup_cosine
 from .clips import fix_clips, initial_clips
 from .train import Trainer, autocast, average_gradients, rank_and_world
 
@@ -119,7 +119,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Tensor, config: QAT
 
     optimizers = [torch.optim.AdamW(groups, weight_decay=0.0)]
     trainer = Trainer(optimizers, config.steps, warmup_cosine, after_backward=partial(average_gradients, optimizers),
-                      after_step=partial(keep_positive, scales))
+                      after_step=sign_keeper(scales))
     params = [p for g in groups for p in g["params"]]
     best, first, earlier = _Best(params), 0, []
     if resume is not None:

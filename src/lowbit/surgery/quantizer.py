@@ -59,8 +59,10 @@ def make_trainable(module: nn.Module, name: str) -> nn.Parameter:
 
 @torch.no_grad()
 def make_buffer(module: nn.Module, name: str) -> torch.Tensor:
-    """Turn the learned scale ``module.<name>`` back into a buffer, kept strictly positive; returns it."""
-    value = getattr(module, name).detach().clamp_min(torch.finfo(torch.float32).tiny)
+    """Turn the learned scale ``module.<name>`` back into a buffer, kept away from zero on its own side (full-range
+    int grids have negative scales); returns it."""
+    value, tiny = getattr(module, name).detach(), torch.finfo(torch.float32).tiny
+    value = torch.where(value < 0, value.clamp_max(-tiny), value.clamp_min(tiny))
     delattr(module, name)
     module.register_buffer(name, value)
     return value
