@@ -281,9 +281,11 @@ def _rotations_of(recipe: Recipe, text: str) -> Recipe:
 
 def table(results: Results) -> list[str]:
     m = results.meta
-    lines = [f"Default model and text, {m.get('windows')} windows × {m.get('seq_len')} tokens, {m.get('threads')} CPU "
+    own = m.get("setup", {}).get("calib", "default") == "default"
+    text = "default text" if own else "Wikipedia text (calibration and windows; disjoint parts)"
+    lines = [f"Default model, {text}, {m.get('windows')} windows × {m.get('seq_len')} tokens, {m.get('threads')} CPU "
              f"threads, {m.get('date')}; `{m.get('command')}`.", ""]
-    other = "Wikipedia" if m.get("setup", {}).get("calib", "default") == "default" else "default text"
+    other = "Wikipedia" if own else "default text"
     header = ["row", "what", "bits W / A / KV", "ratio", "KL", "top-1", "exact KV: ratio / KL", f"{other}: ratio / KL",
               "QAT KL first 10 -> last 10 steps", "held-out KL start -> kept (step)", "quantize s"]
     rows = []

@@ -79,9 +79,13 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
      lambda: variant("w4a16-quarot", set_field("steps.gptq.asymmetric", True), set_field("weights.symmetric", False))),
     ("w4a16-quarot, asymmetric weights", "rotations + GPTQ g64 on a grid with a zero point per group",
      lambda: variant("w4a16-quarot", set_field("weights.symmetric", False))),
+    ("w4a16-quarot, full grid", "rotations + GPTQ g64 on the full 16-level grid (signed group scales)",
+     lambda: variant("w4a16-quarot", set_field("weights.int_range", "full"))),
     ("w4a16-quarot g32", "rotations + GPTQ in groups of 32", lambda: variant("w4a16-quarot", set_field("weights.group_size", 32))),
     ("w4a4-quarot", "W4A4, KV16, W4 on the full 16-level grid (the preset since 2026-12-05)",
      lambda: load_preset("w4a4-quarot")),
+    ("w4a4-quarot, A4 full grid", "the preset with activations on the full 16-level grid too (a signed scale per "
+     "token)", lambda: variant("w4a4-quarot", set_field("activations.int_range", "full"))),
     ("w4a4-quarot, 15 levels", "W4A4, KV16, W4 on [-7, 7] (llm-compressor with rotations: 2.404)",
      lambda: variant("w4a4-quarot", _FIFTEEN)),
     ("w4a4-quarot, 15 levels, A4 asymmetric", "activations per token with a zero point (Brevitas' default input "
