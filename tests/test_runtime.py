@@ -47,6 +47,8 @@ INT_CASES = [
     (S(format="int4"), S(format="int4", symmetric=False, granularity="token", clip_ratio=0.9)),  # asymmetric A4
     (S(format="int3", granularity="group", group_size=32), S(format="int6", granularity="token", clip_ratio=0.9)),
     (S(format="int2", granularity="group", group_size=16), S(format="int4", granularity="tensor", observer="percentile")),
+    (S(format="int4", int_range="full"), S(format="int4", int_range="full", granularity="token", clip_ratio=0.9)),
+    (S(format="int4", int_range="full"), S(format="int4", int_range="full", granularity="tensor", dynamic=False)),
 ]
 WEIGHT_ONLY = [S(format="int4", granularity="group", group_size=32, symmetric=False), S(format="int4"),
                S(format="int8"), S(format="int5", symmetric=False, granularity="tensor"), S(format="int2"),
@@ -338,7 +340,9 @@ def test_activation_codes_are_the_act_quantizers():
     x = inputs(96).reshape(-1, 96)
     for a in (S(format="int8", granularity="token"), S(format="int4", granularity="token", clip_ratio=0.8),
               S(format="int8", symmetric=False, granularity="token"), S(format="int6", granularity="tensor"),
-              S(format="int8", granularity="token", observer="percentile", percentile=99.0)):
+              S(format="int8", granularity="token", observer="percentile", percentile=99.0),
+              S(format="int4", int_range="full", granularity="token"),
+              S(format="int4", int_range="full", granularity="tensor", clip_ratio=0.9)):
         fmt = a.number_format()
         s, z = integer.act_qparams(x, fmt, a.granularity == "token", a.observer, a.clip_ratio,
                                    {"percentile": a.percentile} if a.observer == "percentile" else {})

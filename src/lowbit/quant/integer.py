@@ -29,12 +29,13 @@ def act_qparams(x32: Tensor, fmt: IntFormat | FloatFormat, per_token: bool, obse
     asymmetric: compute_qparams' formula on ``aminmax``). ``per_token``: one scale per row of the last dimension,
     whatever the leading dimensions.
     """
-    if observer == "minmax" and fmt.symmetric:
+    full_range = isinstance(fmt, IntFormat) and fmt.full_range  # a signed scale: compute_qparams' formula
+    if observer == "minmax" and fmt.symmetric and not full_range:
         absmax = x32.abs().amax(dim=-1, keepdim=True) if per_token else x32.abs().amax().reshape(1, 1)
         top = fmt.qmax if isinstance(fmt, IntFormat) else fmt.max_value
         clipped = absmax if clip_ratio == 1.0 else absmax * clip_ratio  # * 1.0 is exact: one op fewer per call
         return (clipped / top).clamp_(min=DEFAULT_EPS), None
-    if observer == "minmax" and isinstance(fmt, IntFormat) and not fmt.full_range:
+    if observer == "minmax" and isinstance(fmt, IntFormat) and not full_range:
         lo, hi = torch.aminmax(x32, dim=-1, keepdim=True) if per_token else (t.reshape(1, 1) for t in x32.aminmax())
         lo, hi = lo.clamp(max=0.0).mul_(clip_ratio), hi.clamp(min=0.0).mul_(clip_ratio)
         scale = ((hi - lo) / (fmt.qmax - fmt.qmin)).clamp_(min=DEFAULT_EPS)
