@@ -21,6 +21,7 @@ from lowbit.quant import (
     round_to_float_format,
 )
 from lowbit.quant.fp import emulate_float_format
+from lowbit.quant.integer import magnitude
 
 FP8_DTYPES = [(FP8_E4M3, torch.float8_e4m3fn), (FP8_E5M2, torch.float8_e5m2)]
 FP4_GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -137,3 +138,10 @@ def test_round_keeps_dtype_and_input(dtype: torch.dtype) -> None:
     assert out.dtype == dtype
     assert torch.equal(x[:3], before[:3])
     assert out[:3].tolist() == [0.3125, -448.0, 7.5] and torch.isnan(out[3])
+
+
+@pytest.mark.parametrize(("fmt", "largest"), [(IntFormat(4, True), 7), (IntFormat(4, True, full_range=True), 8),
+                                              (IntFormat(8, True, full_range=True), 128), (IntFormat(4, False), 15)])
+def test_magnitude_is_the_largest_code_distance_from_zero(fmt, largest):
+    """Exact integer sums size their blocks by it: the full grid's -2^(b-1) counts."""
+    assert magnitude(fmt) == largest

@@ -46,8 +46,9 @@ def act_qparams(x32: Tensor, fmt: IntFormat | FloatFormat, per_token: bool, obse
 
 
 def magnitude(fmt: IntFormat) -> int:
-    """The largest ``|code - zero point|`` of ``fmt``: ``qmax`` symmetric, ``2^b - 1`` asymmetric."""
-    return int(fmt.qmax) if fmt.symmetric else 2**fmt.bits - 1
+    """The largest ``|code - zero point|`` of ``fmt``: ``max(qmax, -qmin)`` symmetric (``-qmin`` on the full grid),
+    ``2^b - 1`` asymmetric."""
+    return max(int(fmt.qmax), -int(fmt.qmin)) if fmt.symmetric else 2**fmt.bits - 1
 
 
 def int_values(x32: Tensor, scale: Tensor, zero: Tensor | None, fmt: IntFormat, clamp: bool = True) -> Tensor:
