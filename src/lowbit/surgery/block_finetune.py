@@ -118,12 +118,10 @@ def learn(linears: list[QuantLinear], quants: list[ActQuantizer], lr_weight: flo
     the scales."""
     groups, scales = [], []
     for linear in linears:
-        w, s = linear.learn_weight(None if latent is None else latent.get(linear))
+        w, s = linear.learn_weight(None if latent is None else latent.get(linear), codes_fixed=not weights)
         step = float(s.detach().abs().mean())
         if weights:
             groups.append({"params": [w], "lr": lr_weight * step})
-        else:
-            w.requires_grad_(False)
         groups.append({"params": [s], "lr": lr_scale * step})
         scales.append(s)
     for q in quants:

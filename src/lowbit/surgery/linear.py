@@ -37,7 +37,8 @@ class QuantLinear(nn.Module):
 
     Between :meth:`learn_weight` and :meth:`freeze_weight` the layer trains its weight through the quantizer
     (EfficientQAT): ``weight`` is a latent float weight, fake-quantized on every forward with a learnable
-    ``weight_scale`` (straight-through rounding, LSQ scale gradient).
+    ``weight_scale`` (straight-through rounding, LSQ scale gradient); or, with the codes fixed, the weight is its
+    integer codes times the learnable scale (EfficientQAT's end-to-end phase: the scale's gradient is the code).
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -51,6 +52,7 @@ class QuantLinear(nn.Module):
         self.input_transform: nn.Module | None = None
         self.input_quant: ActQuantizer | None = None
         self.learning = False
+        self.register_buffer("_codes", None, persistent=False)  # fixed codes while only the scales learn
 
     def extra_repr(self) -> str:
         w = self.weight_scheme.describe() if self.weight_scheme else "fp"
@@ -113,23 +115,34 @@ class QuantLinear(nn.Module):
         return codes, scale, column_blocks(self.in_features, self.in_features, block)
 
     def quantized_weight(self) -> torch.Tensor:
-        """``weight`` fake-quantized with the current ``weight_scale`` / ``weight_zero`` (differentiable)."""
+        """``weight`` fake-quantized with the current ``weight_scale`` / ``weight_zero``, or the fixed codes times
+        them while only the scales learn (differentiable in the scale, and in the latent weight)."""
         scheme = self.weight_scheme
-        return fake_quantize(self.weight, scheme.number_format(), granularity_for(scheme, "weight"),
-                             qparams=QParams(self.weight_scale, self.weight_zero))
+        fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
+        qp = QParams(self.weight_scale, self.weight_zero)
+        if self._codes is not None:
+            return dequantize(self._codes, qp, fmt, gran, dtype=self.weight.dtype)
+        return fake_quantize(self.weight, fmt, gran, qparams=qp)
 
-    def learn_weight(self, latent: torch.Tensor | None = None) -> tuple[nn.Parameter, nn.Parameter]:
+    def learn_weight(self, latent: torch.Tensor | None = None,
+                     codes_fixed: bool = False) -> tuple[nn.Parameter, nn.Parameter]:
         """Start training the weight and its scale through the quantizer; returns ``(weight, weight_scale)``.
 
         ``latent``: the float weight to train from (the weight before rounding, so that small updates can move
-        values across rounding boundaries); by default the quantized weight itself.
+        values across rounding boundaries); by default the quantized weight itself. ``codes_fixed``: train the scale
+        alone on the weight's current codes (the weight does not learn). On the rounded weight, LSQ's scale gradient
+        ``round(w/s) - w/s`` is zero, so scales alone would only drift; with the codes fixed it is the code.
         """
         if self.weight_scheme is None:
             raise ValueError("learn_weight needs a quantized weight first (RTN or GPTQ)")
         if latent is not None:
             self.weight.data.copy_(latent)
+        if codes_fixed:
+            scheme, qp = self.weight_scheme, QParams(self.weight_scale, self.weight_zero)
+            self._codes = quantize(self.weight.detach().to(torch.float32), qp, scheme.number_format(),
+                                   granularity_for(scheme, "weight"))
         scale = make_trainable(self, "weight_scale")
-        self.weight.requires_grad_(True)
+        self.weight.requires_grad_(not codes_fixed)
         self.learning = True
         return self.weight, scale
 
@@ -141,7 +154,7 @@ class QuantLinear(nn.Module):
         w_hat = self.quantized_weight()
         scale = make_buffer(self, "weight_scale")
         self.weight.requires_grad_(False)
-        self.learning = False
+        self.learning, self._codes = False, None
         self.set_quantized_weight(w_hat, QParams(scale, self.weight_zero), self.weight_scheme)
 
     @torch.no_grad()
