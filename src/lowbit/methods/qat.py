@@ -41,7 +41,7 @@ class QATStep(StepConfig):
     every ``eval_every`` steps: the model keeps the trained values of the best measurement, the start included
     (``holdout: 0``: the last step's, no validation). ``checkpoint``: a safetensors file written every
     ``checkpoint_every`` steps (trained values, optimizer state, the best values so far); a run with the same
-    settings, model and text resumes from it exactly. ``train``: ``scales`` (weight and static activation/KV scales),
+    settings, model and text resumes from it exactly. ``train``: ``scales`` (weight scales on fixed codes, static activation/KV scales),
     ``scales_norms`` (and the norm weights) or ``weights`` (and the latent weights); ``clips``: and every dynamic
     activation/KV quantizer's clip ratio (Adam on its logit, ``lr_clip``). Learning rates are scale-free:
     ``lr_weight`` in units of each linear's quantization step, ``lr_scale`` relative to each scale; ``lr_norm`` is

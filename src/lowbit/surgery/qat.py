@@ -5,7 +5,8 @@ the weights, activations and KV cache it is trained through are the ones it will
 divergence of the student's next-token distribution from the teacher's (LLM-QAT's logit distillation), averaged
 over tokens. What trains (:data:`TRAINED`):
 
-* ``scales``: every weight scale and every static activation/KV scale (EfficientQAT's end-to-end phase);
+* ``scales``: every weight scale, on the weight's fixed integer codes, and every static activation/KV scale
+  (EfficientQAT's end-to-end phase);
 * ``scales_norms``: those and the norm weights (a learned per-channel input scale of each linear they feed);
 * ``weights``: those, the norms and the latent weights themselves (full QAT).
 
