@@ -41,8 +41,9 @@ class QATStep(StepConfig):
     every ``eval_every`` steps: the model keeps the trained values of the best measurement, the start included
     (``holdout: 0``: the last step's, no validation). ``checkpoint``: a safetensors file written every
     ``checkpoint_every`` steps (trained values, optimizer state, the best values so far); a run with the same
-    settings, model and text resumes from it exactly. ``train``: ``scales`` (weight scales on fixed codes, static activation/KV scales),
-    ``scales_norms`` (and the norm weights) or ``weights`` (and the latent weights); ``clips``: and every dynamic
+    settings, model and text resumes from it exactly. ``train``: ``scales`` (weight scales on fixed codes, static
+    activation/KV scales), ``scales_norms`` (and the norm weights) or ``weights`` (and the latent weights; the scales
+    then get LSQ's gradient through the rounding); ``clips``: and every dynamic
     activation/KV quantizer's clip ratio (Adam on its logit, ``lr_clip``). Learning rates are scale-free:
     ``lr_weight`` in units of each linear's quantization step, ``lr_scale`` relative to each scale; ``lr_norm`` is
     absolute (norm weights are about 1). The defaults are about LLM-QAT's learning rate (2e-5 on weights whose
