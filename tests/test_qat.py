@@ -6,6 +6,8 @@ import torch
 
 import lowbit
 from lowbit.errors import RecipeError
+from lowbit.quant import round_scale, split_relative_scale
+from lowbit.quant.qparams import RELATIVE_DTYPES
 from lowbit.recipe import Recipe, load_preset
 from lowbit.surgery.block_finetune import sign_keeper
 from lowbit.surgery.kvcache import packed_cache_suspended
@@ -78,6 +80,28 @@ def test_trained_model_is_frozen_on_its_grid_and_saves_and_loads(tmp_path, token
         assert torch.allclose(loaded(tokens).logits, qmodel(tokens).logits, atol=1e-3)
 
 
+@pytest.mark.parametrize("train", ["scales", "weights"])
+@pytest.mark.parametrize(("fmt", "scale_dtype"), [("int4", "float16"), ("fp4_e2m1", "float8_e4m3"),
+                                                  ("fp4_e2m1", "e8m0")])
+def test_trained_scales_stay_values_their_dtype_stores(fmt, scale_dtype, train, tmp_path, tokens):
+    """Group scales stored in float16, FP8 (NVFP4) or E8M0 (MXFP4) train on and end at values of that dtype, so the
+    model measured after training is the model saved, not one whose scales the file would round."""
+    weights = {"format": fmt, "granularity": "group", "group_size": 16, "scale_dtype": scale_dtype}
+    base = {"weights": weights, "calibration": {"samples": 4, "seq_len": 32}}
+    model, data = _peaky_model(), tiny_data()
+    qmodel = lowbit.quantize(model, _recipe({"steps": 10, "train": train, "lr_scale": 0.01}, base), data)
+    for m in qmodel.modules():
+        if isinstance(m, QuantLinear) and m.weight_scheme is not None:
+            dtype, s = m.weight_scheme.scale_torch_dtype, m.weight_scale
+            stored = (lambda v, u: v.float() * u)(*split_relative_scale(s, dtype)) if dtype in RELATIVE_DTYPES \
+                else round_scale(s, dtype)
+            assert torch.equal(stored, s)
+    lowbit.save(qmodel, tmp_path / "q")
+    with torch.no_grad():
+        loaded = lowbit.load(tmp_path / "q", simulate=True)
+        assert torch.allclose(loaded(tokens).logits, qmodel(tokens).logits, atol=1e-5)
+
+
 @pytest.mark.parametrize(("train", "norms_move", "codes_move"),
                          [("scales", False, False), ("scales_norms", True, False), ("weights", True, True)])
 def test_train_chooses_what_moves(train, norms_move, codes_move):
@@ -139,13 +163,16 @@ def test_scales_alone_lower_the_kl_on_their_fixed_codes():
 
 
 def test_static_scales_train_and_end_frozen():
-    static = {**W3A4, "activations": {"format": "int4", "granularity": "tensor", "dynamic": False}}
+    """Static activation scales train, and end as buffers holding values of their storage dtype (float16)."""
+    acts = {"format": "int4", "granularity": "tensor", "dynamic": False, "scale_dtype": "float16"}
+    static = {**W3A4, "activations": acts}
     model, data = _peaky_model(), tiny_data()
     start = lowbit.quantize(model, _recipe(None, static), data)
     tuned = lowbit.quantize(model, _recipe({"steps": 20, "train": "scales"}, static), data)
     pairs = [(a, tuned.get_submodule(n)) for n, a in start.named_modules() if isinstance(a, ActQuantizer)]
     assert pairs and any(not torch.equal(a.scale, b.scale) for a, b in pairs)
     assert not any(isinstance(b.scale, torch.nn.Parameter) for _, b in pairs)
+    assert all(torch.equal(round_scale(b.scale, torch.float16), b.scale) for _, b in pairs)
 
 
 def test_self_generated_text_is_the_teachers_own_and_needs_no_data():

@@ -76,6 +76,7 @@ from lowbit.quant.qparams import (
     quantize_groups,
     round_minimum,
     round_scale,
+    round_signed_scale,
     round_ste,
     split_relative_scale,
 )
@@ -123,6 +124,7 @@ __all__ = [
     "reduce_minmax",
     "round_minimum",
     "round_scale",
+    "round_signed_scale",
     "round_ste",
     "round_to_float_format",
     "to_groups",

@@ -144,6 +144,16 @@ def round_scale(scale: Tensor, dtype: ScaleDtype) -> Tensor:
     return _round_up_to(scale, dtype)
 
 
+def round_signed_scale(scale: Tensor, dtype: ScaleDtype) -> Tensor:
+    """:func:`round_scale` for scales of either sign (full-range int grids have negative ones): the magnitude rounded
+    up to ``dtype``, the sign kept, the gradient straight through. For scales that train: every value the model runs
+    with, during training and after, is one that ``dtype`` stores."""
+    if dtype is None:
+        return scale
+    sign = torch.where(scale.detach() < 0, -1.0, 1.0)
+    return sign * round_scale(scale.abs(), dtype)
+
+
 def _unit(scale: Tensor, dtype: torch.dtype) -> Tensor:
     """The per-tensor unit that puts the largest of ``scale`` at ``dtype``'s largest value."""
     return (scale.detach().abs().amax().to(torch.float32) / torch.finfo(dtype).max).clamp(min=DEFAULT_EPS)

@@ -15,6 +15,7 @@ from ..quant import (
     fake_quantize,
     observe_range,
     quantize,
+    round_signed_scale,
 )
 from ..quant.integer import act_qparams, column_blocks, exact_block, float_linear, int_values, magnitude
 from ..schemes import QuantScheme
@@ -119,7 +120,8 @@ class QuantLinear(nn.Module):
         them while only the scales learn (differentiable in the scale, and in the latent weight)."""
         scheme = self.weight_scheme
         fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
-        qp = QParams(self.weight_scale, self.weight_zero)
+        qp = QParams(round_signed_scale(self.weight_scale, scheme.scale_torch_dtype) if self.learning
+                     else self.weight_scale, self.weight_zero)
         if self._codes is not None:
             return dequantize(self._codes, qp, fmt, gran, dtype=self.weight.dtype)
         return fake_quantize(self.weight, fmt, gran, qparams=qp)
@@ -152,7 +154,7 @@ class QuantLinear(nn.Module):
         if not self.learning:
             return
         w_hat = self.quantized_weight()
-        scale = make_buffer(self, "weight_scale")
+        scale = make_buffer(self, "weight_scale", self.weight_scheme.scale_torch_dtype)
         self.weight.requires_grad_(False)
         self.learning, self._codes = False, None
         self.set_quantized_weight(w_hat, QParams(scale, self.weight_zero), self.weight_scheme)

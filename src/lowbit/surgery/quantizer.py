@@ -16,9 +16,11 @@ from ..quant import (
     PerRow,
     PerTensor,
     QParams,
+    ScaleDtype,
     compute_qparams,
     fake_quantize,
     observe_range,
+    round_signed_scale,
 )
 from ..quant.clip import clip_from_logit
 from ..quant.fake import fake_quantize_rows
@@ -58,11 +60,11 @@ def make_trainable(module: nn.Module, name: str) -> nn.Parameter:
 
 
 @torch.no_grad()
-def make_buffer(module: nn.Module, name: str) -> torch.Tensor:
+def make_buffer(module: nn.Module, name: str, dtype: ScaleDtype = None) -> torch.Tensor:
     """Turn the learned scale ``module.<name>`` back into a buffer, kept away from zero on its own side (full-range
-    int grids have negative scales); returns it."""
+    int grids have negative scales) and rounded to the ``dtype`` it is stored in; returns it."""
     value, tiny = getattr(module, name).detach(), torch.finfo(torch.float32).tiny
-    value = torch.where(value < 0, value.clamp_max(-tiny), value.clamp_min(tiny))
+    value = round_signed_scale(torch.where(value < 0, value.clamp_max(-tiny), value.clamp_min(tiny)), dtype)
     delattr(module, name)
     module.register_buffer(name, value)
     return value
@@ -171,7 +173,7 @@ class ActQuantizer(nn.Module):
     def freeze_scale(self) -> None:
         """Turn a learned scale back into a buffer (kept strictly positive)."""
         if isinstance(self.scale, nn.Parameter):
-            make_buffer(self, "scale")
+            make_buffer(self, "scale", self.scheme.scale_torch_dtype)
 
     def _observe(self, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():
@@ -199,7 +201,10 @@ class ActQuantizer(nn.Module):
                 return x
             if self.scale is None:
                 raise CalibrationError(f"static quantizer {self.name or self.kind} was never calibrated")
-            return fake_quantize(x, self.fmt, self.granularity, qparams=QParams(self.scale, self.zero_point))
+            scale = self.scale  # a training scale runs on the values its dtype stores
+            if isinstance(scale, nn.Parameter):
+                scale = round_signed_scale(scale, self.scheme.scale_torch_dtype)
+            return fake_quantize(x, self.fmt, self.granularity, qparams=QParams(scale, self.zero_point))
         if self._rows_shortcut and self.learned_clip is None and not (torch.is_grad_enabled() and x.requires_grad):
             return fake_quantize_rows(x, self.fmt, self.scheme.clip_ratio)
         return fake_quantize(
