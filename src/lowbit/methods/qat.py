@@ -43,7 +43,8 @@ class QATStep(StepConfig):
     ``checkpoint_every`` steps (trained values, optimizer state, the best values so far); a run with the same
     settings, model and text resumes from it exactly. ``train``: ``scales`` (weight scales on fixed codes, static
     activation/KV scales), ``scales_norms`` (and the norm weights) or ``weights`` (and the latent weights; the scales
-    then get LSQ's gradient through the rounding); ``clips``: and every dynamic
+    then get LSQ's gradient through the rounding); scales stored in float16, FP8 or E8M0 train on (and end at)
+    values of that dtype, straight-through. ``clips``: and every dynamic
     activation/KV quantizer's clip ratio (Adam on its logit, ``lr_clip``). Learning rates are scale-free:
     ``lr_weight`` in units of each linear's quantization step, ``lr_scale`` relative to each scale; ``lr_norm`` is
     absolute (norm weights are about 1). The defaults are about LLM-QAT's learning rate (2e-5 on weights whose
