@@ -46,9 +46,10 @@ SPIN_ASYM_ROTATIONS = HERE / "results" / "w4a4kv4-spinquant-asym-o-rotations.saf
 
 
 def _with_qat(preset: str, *edits: Callable[[dict], None], **qat) -> Callable[[], Recipe]:
-    """``preset`` with ``edits``, then a ``qat`` step with the fields ``qat``."""
+    """``preset`` with ``edits``, then a ``qat`` step with the fields ``qat`` (``train: weights`` unless they say:
+    the step's default when most rows were measured)."""
     def add_qat(data: dict) -> None:
-        data["steps"] = [*data["steps"], {"method": "qat", **qat}]
+        data["steps"] = [*data["steps"], {"method": "qat", "train": "weights", **qat}]
 
     return lambda: variant(preset, *edits, add_qat)
 

@@ -41,17 +41,18 @@ class QATStep(StepConfig):
     every ``eval_every`` steps: the model keeps the trained values of the best measurement, the start included
     (``holdout: 0``: the last step's, no validation). ``checkpoint``: a safetensors file written every
     ``checkpoint_every`` steps (trained values, optimizer state, the best values so far); a run with the same
-    settings, model and text resumes from it exactly. ``train``: ``scales`` (weight scales on fixed codes, static
-    activation/KV scales), ``scales_norms`` (and the norm weights) or ``weights`` (and the latent weights; the scales
-    then get LSQ's gradient through the rounding); scales stored in float16, FP8 or E8M0 train on (and end at)
-    values of that dtype, straight-through. ``clips``: and every dynamic
-    activation/KV quantizer's clip ratio (Adam on its logit, ``lr_clip``). Learning rates are scale-free:
+    settings, model and text resumes from it exactly. ``train``: ``scales`` (the default: weight scales on the fixed
+    codes the earlier steps chose, static activation/KV scales), ``scales_norms`` (and the norm weights) or
+    ``weights`` (and the latent weights; the scales then get LSQ's gradient through the rounding). The scales alone
+    measured best and cheapest (benchmarks/README.md, QAT ablation). Scales stored in float16, FP8 or E8M0 train on
+    (and end at) values of that dtype, straight-through. ``clips``: and every dynamic activation/KV quantizer's clip
+    ratio (Adam on its logit, ``lr_clip``). Learning rates are scale-free:
     ``lr_weight`` in units of each linear's quantization step, ``lr_scale`` relative to each scale; ``lr_norm`` is
     absolute (norm weights are about 1). The defaults are about LLM-QAT's learning rate (2e-5 on weights whose
     4-bit step is about 1e-2) in these units: ten times more shakes a PTQ result off its codes at the end of the
-    warmup faster than training recovers them (benchmarks/README.md, QAT). With weights in groups (g64), training
-    the group scales diverged at the default ``lr_scale`` where per-channel scales did not (same place): fix them
-    with ``lr_scale: 0``. Loss: KL of the quantized model's next-token distribution from the full-precision one's.
+    warmup faster than training recovers them (benchmarks/README.md, QAT). With ``train: weights`` and weights in
+    groups (g64), the group scales diverged at the default ``lr_scale`` where per-channel scales did not (same
+    place): fix them with ``lr_scale: 0``. Loss: KL of the quantized model's next-token distribution from the full-precision one's.
     ``autocast: bf16``: the training steps run under bfloat16 autocast (faster on CPUs with bf16 instructions;
     held-out checks and everything kept stay float32). A packed KV cache (``kv_cache``) is not trained through (its
     codes have no gradient): training and the held-out checks see exact keys and values, and the cache applies
@@ -65,7 +66,7 @@ class QATStep(StepConfig):
     seq_len: int = Field(default=512, ge=2)
     batch: int = Field(default=1, ge=1)
     data: Literal["calibration", "self"] = "calibration"
-    train: Trained = "weights"
+    train: Trained = "scales"
     lr_weight: float = Field(default=0.002, ge=0)
     lr_scale: float = Field(default=0.001, ge=0)
     lr_norm: float = Field(default=2e-5, ge=0)
