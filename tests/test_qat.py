@@ -102,6 +102,22 @@ def test_trained_scales_stay_values_their_dtype_stores(fmt, scale_dtype, train, 
         assert torch.allclose(loaded(tokens).logits, qmodel(tokens).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize(("fmt", "scale_dtype"), [("int4", "float16"), ("fp4_e2m1", "float8_e4m3"),
+                                                  ("fp4_e2m1", "e8m0")])
+def test_training_starts_from_the_scales_on_their_grid(fmt, scale_dtype):
+    """Starting to train, and freezing without a step, leave every weight and scale as it was: training rounds the
+    scales on the grid (for NVFP4, the per-tensor unit) they were stored on, not on one of its own."""
+    weights = {"format": fmt, "granularity": "group", "group_size": 16, "scale_dtype": scale_dtype, "observer": "mse"}
+    qmodel = lowbit.quantize(_peaky_model(), Recipe.from_dict({"steps": [{"method": "rtn"}], "weights": weights}))
+    for m in qmodel.modules():
+        if isinstance(m, QuantLinear) and m.weight_scheme is not None:
+            weight, scale = m.weight.detach().clone(), m.weight_scale.clone()
+            m.learn_weight(codes_fixed=True)
+            assert torch.equal(m.quantized_weight(), weight)
+            m.freeze_weight()
+            assert torch.equal(m.weight_scale, scale) and torch.equal(m.weight, weight)
+
+
 @pytest.mark.parametrize(("train", "norms_move", "codes_move"),
                          [("scales", False, False), ("scales_norms", True, False), ("weights", True, True)])
 def test_train_chooses_what_moves(train, norms_move, codes_move):

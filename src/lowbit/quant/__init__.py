@@ -76,9 +76,10 @@ from lowbit.quant.qparams import (
     quantize_groups,
     round_minimum,
     round_scale,
-    round_signed_scale,
     round_ste,
+    snap_scale,
     split_relative_scale,
+    stored_unit,
 )
 
 __all__ = [
@@ -102,6 +103,7 @@ __all__ = [
     "ScaleDtype",
     "bind_scale_unit",
     "split_relative_scale",
+    "stored_unit",
     "compute_qparams",
     "dequantize",
     "dequantize_groups",
@@ -124,7 +126,7 @@ __all__ = [
     "reduce_minmax",
     "round_minimum",
     "round_scale",
-    "round_signed_scale",
+    "snap_scale",
     "round_ste",
     "round_to_float_format",
     "to_groups",

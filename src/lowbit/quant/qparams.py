@@ -144,14 +144,38 @@ def round_scale(scale: Tensor, dtype: ScaleDtype) -> Tensor:
     return _round_up_to(scale, dtype)
 
 
-def round_signed_scale(scale: Tensor, dtype: ScaleDtype) -> Tensor:
-    """:func:`round_scale` for scales of either sign (full-range int grids have negative ones): the magnitude rounded
-    up to ``dtype``, the sign kept, the gradient straight through. For scales that train: every value the model runs
-    with, during training and after, is one that ``dtype`` stores."""
+def stored_unit(scale: Tensor, dtype: ScaleDtype) -> ScaleDtype:
+    """``dtype`` with the unit ``scale`` was rounded with bound to it when it is relative (else unchanged): for
+    scales about to train, so that training and freezing round them on the grid they start on. Scales never rounded
+    that way (no unit divides them all back into ``dtype``) get the unit of their largest value."""
+    if dtype is None or isinstance(dtype, RelativeScale) or dtype not in RELATIVE_DTYPES:
+        return dtype
+    try:
+        unit = split_relative_scale(scale, dtype)[1]
+    except ValueError:
+        unit = _unit(scale, dtype).reshape(1)
+    return RelativeScale(dtype, unit)
+
+
+def snap_scale(scale: Tensor, dtype: ScaleDtype) -> Tensor:
+    """``scale`` (either sign: full-range int grids have negative ones) moved to the nearest value ``dtype`` stores,
+    the gradient straight through; a value it already stores stays. For scales that train: every value the model runs
+    with, during training and after, is one the file stores. Nearest, not up as :func:`round_scale` rounds scales
+    computed from a range, so that a scale on its grid stays there. A relative ``dtype`` needs its unit bound
+    (:func:`stored_unit`)."""
     if dtype is None:
         return scale
-    sign = torch.where(scale.detach() < 0, -1.0, 1.0)
-    return sign * round_scale(scale.abs(), dtype)
+    if not isinstance(dtype, RelativeScale) and dtype in RELATIVE_DTYPES:
+        raise ValueError(f"a relative scale dtype {dtype} needs its unit bound first (stored_unit)")
+    unit, target = (dtype.unit.to(scale.device), dtype.dtype) if isinstance(dtype, RelativeScale) else (None, dtype)
+    info, magnitude = torch.finfo(target), scale.detach().abs().to(torch.float32)
+    if unit is not None:
+        magnitude = magnitude / unit
+    stored = magnitude.clamp(min=info.tiny * info.eps, max=info.max).to(target).to(torch.float32)
+    if unit is not None:
+        stored = stored * unit
+    stored = torch.where(scale.detach() < 0, -stored, stored)
+    return scale + (stored - scale).detach()
 
 
 def _unit(scale: Tensor, dtype: torch.dtype) -> Tensor:

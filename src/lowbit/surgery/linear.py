@@ -9,13 +9,15 @@ from torch import nn
 from ..quant import (
     IntFormat,
     QParams,
+    ScaleDtype,
     bind_scale_unit,
     compute_qparams,
     dequantize,
     fake_quantize,
     observe_range,
     quantize,
-    round_signed_scale,
+    snap_scale,
+    stored_unit,
 )
 from ..quant.integer import act_qparams, column_blocks, exact_block, float_linear, int_values, magnitude
 from ..schemes import QuantScheme
@@ -54,6 +56,7 @@ class QuantLinear(nn.Module):
         self.input_quant: ActQuantizer | None = None
         self.learning = False
         self.register_buffer("_codes", None, persistent=False)  # fixed codes while only the scales learn
+        self._scale_dtype: ScaleDtype = None  # how the training weight scale is stored, its unit bound
 
     def extra_repr(self) -> str:
         w = self.weight_scheme.describe() if self.weight_scheme else "fp"
@@ -120,8 +123,8 @@ class QuantLinear(nn.Module):
         them while only the scales learn (differentiable in the scale, and in the latent weight)."""
         scheme = self.weight_scheme
         fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
-        qp = QParams(round_signed_scale(self.weight_scale, scheme.scale_torch_dtype) if self.learning
-                     else self.weight_scale, self.weight_zero)
+        qp = QParams(snap_scale(self.weight_scale, self._scale_dtype) if self.learning else self.weight_scale,
+                     self.weight_zero)
         if self._codes is not None:
             return dequantize(self._codes, qp, fmt, gran, dtype=self.weight.dtype)
         return fake_quantize(self.weight, fmt, gran, qparams=qp)
@@ -143,6 +146,7 @@ class QuantLinear(nn.Module):
             scheme, qp = self.weight_scheme, QParams(self.weight_scale, self.weight_zero)
             self._codes = quantize(self.weight.detach().to(torch.float32), qp, scheme.number_format(),
                                    granularity_for(scheme, "weight"))
+        self._scale_dtype = stored_unit(self.weight_scale, self.weight_scheme.scale_torch_dtype)
         scale = make_trainable(self, "weight_scale")
         self.weight.requires_grad_(not codes_fixed)
         self.learning = True
@@ -154,7 +158,7 @@ class QuantLinear(nn.Module):
         if not self.learning:
             return
         w_hat = self.quantized_weight()
-        scale = make_buffer(self, "weight_scale", self.weight_scheme.scale_torch_dtype)
+        scale = make_buffer(self, "weight_scale", self._scale_dtype)
         self.weight.requires_grad_(False)
         self.learning, self._codes = False, None
         self.set_quantized_weight(w_hat, QParams(scale, self.weight_zero), self.weight_scheme)

@@ -20,7 +20,8 @@ from ..quant import (
     compute_qparams,
     fake_quantize,
     observe_range,
-    round_signed_scale,
+    snap_scale,
+    stored_unit,
 )
 from ..quant.clip import clip_from_logit
 from ..quant.fake import fake_quantize_rows
@@ -62,9 +63,10 @@ def make_trainable(module: nn.Module, name: str) -> nn.Parameter:
 @torch.no_grad()
 def make_buffer(module: nn.Module, name: str, dtype: ScaleDtype = None) -> torch.Tensor:
     """Turn the learned scale ``module.<name>`` back into a buffer, kept away from zero on its own side (full-range
-    int grids have negative scales) and rounded to the ``dtype`` it is stored in; returns it."""
+    int grids have negative scales) and on a value of the ``dtype`` it is stored in (:func:`snap_scale`); returns
+    it."""
     value, tiny = getattr(module, name).detach(), torch.finfo(torch.float32).tiny
-    value = round_signed_scale(torch.where(value < 0, value.clamp_max(-tiny), value.clamp_min(tiny)), dtype)
+    value = snap_scale(torch.where(value < 0, value.clamp_max(-tiny), value.clamp_min(tiny)), dtype)
     delattr(module, name)
     module.register_buffer(name, value)
     return value
@@ -109,6 +111,7 @@ class ActQuantizer(nn.Module):
         self.enabled = True
         self.scale_grad = False
         self.learned_clip: tuple[torch.Tensor, int] | None = None
+        self._scale_dtype: ScaleDtype = None  # how a training static scale is stored, its unit bound
         self._stats = _RangeStats()
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
@@ -168,12 +171,13 @@ class ActQuantizer(nn.Module):
         """Make the static scale a trainable parameter (straight-through rounding, LSQ gradient) and return it."""
         if not self.calibrated:
             raise CalibrationError(f"static quantizer {self.name or self.kind} was never calibrated")
+        self._scale_dtype = stored_unit(self.scale, self.scheme.scale_torch_dtype)
         return make_trainable(self, "scale")
 
     def freeze_scale(self) -> None:
         """Turn a learned scale back into a buffer (kept strictly positive)."""
         if isinstance(self.scale, nn.Parameter):
-            make_buffer(self, "scale", self.scheme.scale_torch_dtype)
+            make_buffer(self, "scale", self._scale_dtype)
 
     def _observe(self, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():
@@ -203,7 +207,7 @@ class ActQuantizer(nn.Module):
                 raise CalibrationError(f"static quantizer {self.name or self.kind} was never calibrated")
             scale = self.scale  # a training scale runs on the values its dtype stores
             if isinstance(scale, nn.Parameter):
-                scale = round_signed_scale(scale, self.scheme.scale_torch_dtype)
+                scale = snap_scale(scale, self._scale_dtype)
             return fake_quantize(x, self.fmt, self.granularity, qparams=QParams(scale, self.zero_point))
         if self._rows_shortcut and self.learned_clip is None and not (torch.is_grad_enabled() and x.requires_grad):
             return fake_quantize_rows(x, self.fmt, self.scheme.clip_ratio)
