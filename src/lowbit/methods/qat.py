@@ -52,7 +52,8 @@ class QATStep(StepConfig):
     4-bit step is about 1e-2) in these units: ten times more shakes a PTQ result off its codes at the end of the
     warmup faster than training recovers them (benchmarks/README.md, QAT). With ``train: weights`` and weights in
     groups (g64), the group scales diverged at the default ``lr_scale`` where per-channel scales did not (same
-    place): fix them with ``lr_scale: 0``. Loss: KL of the quantized model's next-token distribution from the full-precision one's.
+    place): fix them with ``lr_scale: 0``. Loss: KL of the quantized model's next-token distribution from the
+    full-precision one's.
     ``autocast: bf16``: the training steps run under bfloat16 autocast (faster on CPUs with bf16 instructions;
     held-out checks and everything kept stay float32). A packed KV cache (``kv_cache``) is not trained through (its
     codes have no gradient): training and the held-out checks see exact keys and values, and the cache applies

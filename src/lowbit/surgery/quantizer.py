@@ -175,7 +175,7 @@ class ActQuantizer(nn.Module):
         return make_trainable(self, "scale")
 
     def freeze_scale(self) -> None:
-        """Turn a learned scale back into a buffer (kept strictly positive)."""
+        """Turn a learned scale back into a buffer (away from zero, on a value its dtype stores)."""
         if isinstance(self.scale, nn.Parameter):
             make_buffer(self, "scale", self._scale_dtype)
 
