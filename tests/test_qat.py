@@ -93,8 +93,11 @@ def test_trained_scales_stay_values_their_dtype_stores(fmt, scale_dtype, train, 
     for m in qmodel.modules():
         if isinstance(m, QuantLinear) and m.weight_scheme is not None:
             dtype, s = m.weight_scheme.scale_torch_dtype, m.weight_scale
-            stored = (lambda v, u: v.float() * u)(*split_relative_scale(s, dtype)) if dtype in RELATIVE_DTYPES \
-                else round_scale(s, dtype)
+            if dtype in RELATIVE_DTYPES:  # E4M3 multiples of one per-tensor unit
+                values, unit = split_relative_scale(s, dtype)
+                stored = values.float() * unit
+            else:
+                stored = round_scale(s, dtype)
             assert torch.equal(stored, s)
     lowbit.save(qmodel, tmp_path / "q")
     with torch.no_grad():

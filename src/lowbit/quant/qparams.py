@@ -167,13 +167,10 @@ def snap_scale(scale: Tensor, dtype: ScaleDtype) -> Tensor:
         return scale
     if not isinstance(dtype, RelativeScale) and dtype in RELATIVE_DTYPES:
         raise ValueError(f"a relative scale dtype {dtype} needs its unit bound first (stored_unit)")
-    unit, target = (dtype.unit.to(scale.device), dtype.dtype) if isinstance(dtype, RelativeScale) else (None, dtype)
-    info, magnitude = torch.finfo(target), scale.detach().abs().to(torch.float32)
-    if unit is not None:
-        magnitude = magnitude / unit
-    stored = magnitude.clamp(min=info.tiny * info.eps, max=info.max).to(target).to(torch.float32)
-    if unit is not None:
-        stored = stored * unit
+    relative = isinstance(dtype, RelativeScale)
+    unit, target = (dtype.unit.to(scale.device), dtype.dtype) if relative else (1.0, dtype)  # x / 1.0 is exact
+    info, magnitude = torch.finfo(target), scale.detach().abs().to(torch.float32) / unit
+    stored = magnitude.clamp(min=info.tiny * info.eps, max=info.max).to(target).to(torch.float32) * unit
     stored = torch.where(scale.detach() < 0, -stored, stored)
     return scale + (stored - scale).detach()
 
