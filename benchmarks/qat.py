@@ -154,8 +154,9 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("+ qat 100 steps", "half as long", _with_qat("w4a4kv4-quarot", steps=100)),
     ("+ qat scales 100 steps", "the scales on fixed codes, half as long",
      _with_qat("w4a4kv4-quarot", train="scales", steps=100)),
-    ("+ qat scales 400 steps", "the scales on fixed codes, twice as long on twice the sequences",
-     _with_qat("w4a4kv4-quarot", train="scales", steps=400, samples=128)),
+    ("+ qat scales lr x4 400 steps", "the scales on fixed codes at four times the scale learning rate, twice as "
+     "long on twice the sequences", _with_qat("w4a4kv4-quarot", train="scales", lr_scale=0.004, steps=400,
+                                              samples=128)),
     ("+ qat scales lr x4", "the scales on fixed codes at four times the scale learning rate",
      _with_qat("w4a4kv4-quarot", train="scales", lr_scale=0.004)),
     ("+ qat 600 steps", "three times longer", _with_qat("w4a4kv4-quarot", steps=600, samples=128)),
@@ -168,6 +169,9 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
      _with_qat("w4a4kv4-spinquant", _spin_rotations, clips=True)),
     ("w4a4kv4-spinquant-asym-o + qat clips", "asymmetric A4 and the o_proj rotation, learned rotations and clips "
      "(saved), GPTQ, then QAT with clips", _with_qat("w4a4kv4-spinquant", _spin_asym, clips=True)),
+    ("w4a4kv4-spinquant-asym-o + qat scales lr x4, clips", "the same QAT of the weight scales on GPTQ's fixed "
+     "codes (four times the scale learning rate) and the clips",
+     _with_qat("w4a4kv4-spinquant", _spin_asym, train="scales", lr_scale=0.004, clips=True)),
     ("w4a4kv4-spinquant-asym-o g64", "the same PTQ recipe with weights in groups of 64 (no QAT)",
      partial(variant, "w4a4kv4-spinquant", _spin_asym_g64)),
     ("w4a4kv4-spinquant-asym-o g64 + qat clips", "weights in groups of 64, then QAT with clips",
