@@ -50,6 +50,15 @@ def test_kl_from_teacher_is_zero_for_equal_logits_and_positive_otherwise():
     assert kl_from_teacher(logits + torch.randn(2, 5, 11), logits).item() > 0.01
 
 
+@pytest.mark.parametrize(("given", "expected"), [
+    ({}, 0.004), ({"train": "scales_norms"}, 0.004), ({"train": "weights"}, 0.001),
+    ({"train": "weights", "lr_scale": 0.01}, 0.01), ({"lr_scale": 0.0}, 0.0)])
+def test_scale_learning_rate_defaults_by_what_trains_and_a_given_one_stays(given, expected):
+    step = Recipe.from_dict({"steps": [{"method": "rtn"}, {"method": "qat", **given}], **W3A4}).steps[-1]
+    assert step.lr_scale == expected
+    assert type(step).model_validate(step.model_dump()) == step  # a dumped recipe reads back the same
+
+
 @pytest.mark.parametrize("autocast", ["off", "bf16"])
 def test_qat_lowers_the_kl_on_its_training_text(autocast):
     model, data = _peaky_model(), tiny_data()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import CalibrationError
@@ -29,6 +29,9 @@ from ..surgery.qat import QATConfig, Trained, distill, self_generated
 from ..surgery.train import rank_and_world
 from .registry import MethodResult, StepConfig, register
 from .session import Session
+
+LR_SCALE_FIXED_CODES = 0.004  # lr_scale's default for train: scales / scales_norms
+LR_SCALE_WEIGHTS = 0.001  # ... and for train: weights
 
 
 class QATStep(StepConfig):
@@ -50,9 +53,10 @@ class QATStep(StepConfig):
     ``lr_weight`` in units of each linear's quantization step, ``lr_scale`` relative to each scale; ``lr_norm`` is
     absolute (norm weights are about 1). The defaults are about LLM-QAT's learning rate (2e-5 on weights whose
     4-bit step is about 1e-2) in these units: ten times more shakes a PTQ result off its codes at the end of the
-    warmup faster than training recovers them (benchmarks/README.md, QAT). With ``train: weights`` and weights in
-    groups (g64), the group scales diverged at the default ``lr_scale`` where per-channel scales did not (same
-    place): fix them with ``lr_scale: 0``. Loss: KL of the quantized model's next-token distribution from the
+    warmup faster than training recovers them (benchmarks/README.md, QAT). ``lr_scale``'s default follows what
+    trains: 0.001 with ``weights``, 0.004 with the scales on fixed codes (``scales``, ``scales_norms``; measured
+    better there, QAT ablation). With ``train: weights`` and weights in groups (g64), the group scales diverged at
+    the default ``lr_scale`` where per-channel scales did not (same place): fix them with ``lr_scale: 0``. Loss: KL of the quantized model's next-token distribution from the
     full-precision one's.
     ``autocast: bf16``: the training steps run under bfloat16 autocast (faster on CPUs with bf16 instructions;
     held-out checks and everything kept stay float32). A packed KV cache (``kv_cache``) is not trained through (its
@@ -69,7 +73,7 @@ class QATStep(StepConfig):
     data: Literal["calibration", "self"] = "calibration"
     train: Trained = "scales"
     lr_weight: float = Field(default=0.002, ge=0)
-    lr_scale: float = Field(default=0.001, ge=0)
+    lr_scale: float = Field(default=LR_SCALE_FIXED_CODES, ge=0)  # LR_SCALE_WEIGHTS with train: weights
     lr_norm: float = Field(default=2e-5, ge=0)
     clips: bool = False
     lr_clip: float = Field(default=0.01, ge=0)
@@ -79,6 +83,15 @@ class QATStep(StepConfig):
     eval_every: int = Field(default=25, ge=1)
     checkpoint: str | None = None
     checkpoint_every: int = Field(default=25, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scale_rate_for_what_trains(cls, data: object) -> object:
+        """The default ``lr_scale`` of what trains: a scale on fixed codes takes a larger step than one moving
+        with its latent weights."""
+        if isinstance(data, dict) and data.get("train") == "weights" and "lr_scale" not in data:
+            data = {**data, "lr_scale": LR_SCALE_WEIGHTS}
+        return data
 
     def needs_calibration(self) -> bool:
         return self.data == "calibration"
