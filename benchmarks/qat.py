@@ -172,6 +172,9 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a4kv4-spinquant-asym-o + qat scales lr x4, clips", "the same QAT of the weight scales on GPTQ's fixed "
      "codes (four times the scale learning rate) and the clips",
      _with_qat("w4a4kv4-spinquant", _spin_asym, train="scales", lr_scale=0.004, clips=True)),
+    ("w4a4kv4-spinquant-asym-o + qat scales lr x4, clips, seed 1", "the same with another seed for the order of "
+     "QAT's training sequences (how far a seed moves the result)",
+     _with_qat("w4a4kv4-spinquant", _spin_asym, train="scales", lr_scale=0.004, clips=True, seed=1)),
     ("w4a4kv4-spinquant-asym-o g64", "the same PTQ recipe with weights in groups of 64 (no QAT)",
      partial(variant, "w4a4kv4-spinquant", _spin_asym_g64)),
     ("w4a4kv4-spinquant-asym-o g64 + qat clips", "weights in groups of 64, then QAT with clips",
