@@ -56,8 +56,8 @@ class QATStep(StepConfig):
     warmup faster than training recovers them (benchmarks/README.md, QAT). ``lr_scale``'s default follows what
     trains: 0.001 with ``weights``, 0.004 with the scales on fixed codes (``scales``, ``scales_norms``; measured
     better there, QAT ablation). With ``train: weights`` and weights in groups (g64), the group scales diverged at
-    the default ``lr_scale`` where per-channel scales did not (same place): fix them with ``lr_scale: 0``. Loss: KL of the quantized model's next-token distribution from the
-    full-precision one's.
+    the default ``lr_scale`` where per-channel scales did not (same place): fix them with ``lr_scale: 0``. Loss: KL
+    of the quantized model's next-token distribution from the full-precision one's.
     ``autocast: bf16``: the training steps run under bfloat16 autocast (faster on CPUs with bf16 instructions;
     held-out checks and everything kept stay float32). A packed KV cache (``kv_cache``) is not trained through (its
     codes have no gradient): training and the held-out checks see exact keys and values, and the cache applies
