@@ -25,7 +25,7 @@ from tests.conftest import tiny_model  # noqa: E402
 
 PRESETS = ("w8a8-rtn", "w8a8-fp8", "w4a16-rtn-g64", "w4a4kv4-quarot", "w4a4kv4-spinquant", "w4a4kv4-prefix",
            "kv-turbo3", "kv-kivi", "w4a4-spin-prefix-qjl", "w4a4kv4-spinquant-qat", "w4a4-spinquant-turbo3",
-           "w4a4-nvfp4-turbo3")
+           "w4a4-nvfp4-turbo3", "w4a4-nvfp4-turbo3-qat")
 
 
 def _data() -> TokenData:
