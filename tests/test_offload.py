@@ -93,3 +93,14 @@ def test_offloaded_model_must_be_quantized_in_place(calib):
     model = cpu_offload(tiny_model("llama"), execution_device="cpu")
     with pytest.raises(ModelError, match="inplace=True"):
         lowbit.quantize(model, _recipe([{"method": "rtn"}]), calib)
+
+
+def test_qat_on_an_offloaded_model_is_refused_before_anything_changes(calib, tmp_path):
+    """QAT needs the full-precision model beside the quantized one; an offloaded model cannot be copied, so the
+    recipe is refused with one line before any step touches the weights."""
+    model = _offload(tiny_model("llama"), "disk", tmp_path)
+    before = _logits(model, calib.eval_windows)
+    recipe = _recipe([{"method": "rtn"}, {"method": "qat", "steps": 1, "samples": 2, "seq_len": 16, "holdout": 0}])
+    with pytest.raises(ModelError, match="offloaded: load it in memory, or drop the qat step"):
+        lowbit.quantize(model, recipe, calib, inplace=True)
+    assert torch.equal(_logits(model, calib.eval_windows), before)
