@@ -104,6 +104,11 @@ power-of-two scales), a dtype of :data:`RELATIVE_DTYPES` (its unit taken from th
 RELATIVE_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn,)
 
 
+def _unit_unbound(dtype: ScaleDtype) -> bool:
+    """Whether ``dtype`` is relative with no unit bound yet (a bare dtype of :data:`RELATIVE_DTYPES`)."""
+    return not isinstance(dtype, RelativeScale) and dtype in RELATIVE_DTYPES
+
+
 def _next_up(stored: Tensor, info: torch.finfo) -> Tensor:
     """The next value of ``info``'s float grid above each (positive, on-grid) value of ``stored``; saturates at max.
     Used where ``torch.nextafter`` has no kernel (8-bit floats)."""
@@ -136,7 +141,7 @@ def round_scale(scale: Tensor, dtype: ScaleDtype) -> Tensor:
     """
     if dtype is None:
         return scale
-    if not isinstance(dtype, RelativeScale) and dtype in RELATIVE_DTYPES:
+    if _unit_unbound(dtype):
         dtype = RelativeScale(dtype, _unit(scale, dtype))
     if isinstance(dtype, RelativeScale):
         stored = _round_up_to(scale.detach() / dtype.unit, dtype.dtype) * dtype.unit
@@ -148,7 +153,7 @@ def stored_unit(scale: Tensor, dtype: ScaleDtype) -> ScaleDtype:
     """``dtype`` with the unit ``scale`` was rounded with bound to it when it is relative (else unchanged): for
     scales about to train, so that training and freezing round them on the grid they start on. Scales never rounded
     that way (no unit divides them all back into ``dtype``) get the unit of their largest value."""
-    if dtype is None or isinstance(dtype, RelativeScale) or dtype not in RELATIVE_DTYPES:
+    if not _unit_unbound(dtype):
         return dtype
     try:
         unit = split_relative_scale(scale, dtype)[1]
@@ -165,7 +170,7 @@ def snap_scale(scale: Tensor, dtype: ScaleDtype) -> Tensor:
     (:func:`stored_unit`)."""
     if dtype is None:
         return scale
-    if not isinstance(dtype, RelativeScale) and dtype in RELATIVE_DTYPES:
+    if _unit_unbound(dtype):
         raise ValueError(f"a relative scale dtype {dtype} needs its unit bound first (stored_unit)")
     relative = isinstance(dtype, RelativeScale)
     unit, target = (dtype.unit.to(scale.device), dtype.dtype) if relative else (1.0, dtype)  # x / 1.0 is exact
@@ -184,7 +189,7 @@ def bind_scale_unit(dtype: ScaleDtype, x: Tensor, fmt: Format) -> ScaleDtype:
     """``dtype`` with its per-tensor unit fixed from the whole of ``x`` when it is relative (else unchanged): for
     code that rounds the scales of one tensor in pieces (GPTQ's column groups, the MSE search's rows), so that all
     pieces share the unit a single rounding of the whole tensor would use."""
-    if dtype is None or isinstance(dtype, RelativeScale) or dtype not in RELATIVE_DTYPES:
+    if not _unit_unbound(dtype):
         return dtype
     whole = compute_qparams(x.detach().amin(), x.detach().amax(), fmt).scale
     return RelativeScale(dtype, _unit(whole, dtype))
