@@ -172,6 +172,10 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
     ("w4a4kv4-spinquant-asym-o + qat scales lr x4, clips", "the same QAT of the weight scales on GPTQ's fixed "
      "codes (four times the scale learning rate) and the clips",
      _with_qat("w4a4kv4-spinquant", _spin_asym, train="scales", lr_scale=0.004, clips=True)),
+    ("w4a4kv4-spinquant-asym-o + qat scales lr x4, clips, top-64 teacher", "the same QAT distilled from the "
+     "full-precision model's 64 most likely next tokens at each position, cached before any step (the teacher an "
+     "offloaded model trains from; no second model in memory)",
+     _with_qat("w4a4kv4-spinquant", _spin_asym, train="scales", lr_scale=0.004, clips=True, teacher="topk")),
     ("w4a4kv4-spinquant-asym-o + qat scales lr x4, clips, seed 1", "the same with another seed for the order of "
      "QAT's training sequences (how far a seed moves the result)",
      _with_qat("w4a4kv4-spinquant", _spin_asym, train="scales", lr_scale=0.004, clips=True, seed=1)),

@@ -9,7 +9,7 @@ from lowbit.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
 from lowbit.input_mismatch import CrossAccumulator, least_squares_target
 from lowbit.quant import IntFormat, PerRow
 from lowbit.recipe import Recipe
-from lowbit.surgery.qat import kl_from_teacher
+from lowbit.surgery.teacher import kl_from_teacher
 from tests.conftest import tiny_data, tiny_model
 
 

@@ -95,12 +95,77 @@ def test_offloaded_model_must_be_quantized_in_place(calib):
         lowbit.quantize(model, _recipe([{"method": "rtn"}]), calib)
 
 
-def test_qat_on_an_offloaded_model_is_refused_before_anything_changes(calib, tmp_path):
-    """QAT needs the full-precision model beside the quantized one; an offloaded model cannot be copied, so the
-    recipe is refused with one line before any step touches the weights."""
+STATIC_A8 = {"format": "int8", "granularity": "tensor", "dynamic": False}
+QAT_CASES = [("llama", "disk", "scales", {}), ("qwen2", "cpu", "scales_norms", {"clips": True}),
+             ("llama", "cpu", "scales", {"activations": STATIC_A8})]
+
+
+def _qat_recipe(train: str, extra: dict) -> Recipe:
+    qat = {"method": "qat", "steps": 4, "samples": 4, "seq_len": 24, "holdout": 2, "eval_every": 2, "train": train,
+           "clips": extra.get("clips", False)}
+    recipe = _recipe([{"method": "quarot"}, {"method": "rtn"}, qat]).model_dump()
+    if "activations" in extra:
+        recipe["activations"] = extra["activations"]
+    return Recipe.from_dict(recipe)
+
+
+@pytest.mark.parametrize(("family", "how", "train", "extra"), QAT_CASES)
+def test_qat_on_an_offloaded_model_trains_like_the_in_memory_one(family, how, train, extra, calib, tmp_path):
+    """Streamed QAT (weight matrices loaded per forward, each decoder layer recomputed in the backward pass) learns
+    the same scales, norms and clips as the in-memory model with the same cached top-k teacher, and writes them
+    back: the offloaded result computes what the in-memory one does."""
+    recipe = _qat_recipe(train, extra)
+    in_memory = recipe.model_copy(update={"steps": [*recipe.steps[:-1],
+                                                    recipe.steps[-1].model_copy(update={"teacher": "topk"})]})
+    expected_model, expected = lowbit.quantize_with_session(tiny_model(family), in_memory, calib)
+    model = _offload(tiny_model(family), how, tmp_path)
+    quantized, session = lowbit.quantize_with_session(model, recipe, calib, inplace=True)
+    assert quantized.model.layers[0].mlp.down_proj.weight.device == torch.device("meta")  # still offloaded
+    assert quantized.model.layers[0].input_layernorm.weight.device == torch.device("meta")
+    got, want = session.report()["qat"], expected.report()["qat"]
+    assert got["losses"] == pytest.approx(want["losses"], rel=1e-4)
+    assert got["held_out_kl"] == pytest.approx(want["held_out_kl"], rel=1e-4)
+    assert torch.allclose(_logits(quantized, calib.eval_windows), _logits(expected_model, calib.eval_windows),
+                          atol=1e-4)
+    untrained = lowbit.quantize(tiny_model(family), Recipe.from_dict({**recipe.model_dump(),
+                                                                      "steps": recipe.model_dump()["steps"][:-1]}),
+                                calib)
+    assert not torch.allclose(_logits(quantized, calib.eval_windows), _logits(untrained, calib.eval_windows),
+                              atol=1e-4)  # and it really trained
+
+
+def test_streamed_qat_holds_one_weight_matrix_and_recomputes_each_layer(calib, tmp_path, monkeypatch):
+    """While an offloaded model trains, no other weight matrix is in memory when one comes in, and each decoder
+    linear is loaded twice a training step (its forward, then again in the backward pass: checkpointed)."""
+    import lowbit.surgery.offload as offload
+
+    model = _offload(tiny_model("llama"), "disk", tmp_path)
+    recipe = _recipe([{"method": "rtn"}, {"method": "qat", "steps": 3, "samples": 3, "seq_len": 16, "holdout": 0}])
+    seen, calls, original = [], {}, offload._load
+
+    def watching(module, names, hook, device=None):
+        if torch.is_grad_enabled() and "weight" in names:  # a training forward or its recompute
+            seen.append(sum(m.weight.device.type != "meta" for m in model.modules()
+                            if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2))
+            calls[module] = calls.get(module, 0) + 1
+        return original(module, names, hook, device)
+
+    monkeypatch.setattr(offload, "_load", watching)
+    lowbit.quantize(model, recipe, calib, inplace=True)
+    assert seen and max(seen) == 0
+    assert calls[model.model.layers[0].mlp.down_proj] == 2 * 3  # 3 steps, each a forward and a recompute
+
+
+@pytest.mark.parametrize(("qat", "first", "message"), [
+    ({"teacher": "model"}, [{"method": "rtn"}], "use teacher: topk"),
+    ({"train": "weights"}, [{"method": "rtn"}], "train scales or scales_norms"),
+    ({}, [{"method": "prefix", "tokens": [1]}, {"method": "rtn"}], "drop the prefix step")])
+def test_qat_an_offloaded_model_cannot_stream_is_refused_before_anything_changes(qat, first, message, calib,
+                                                                                 tmp_path):
+    """What streamed training cannot do is refused with one line, and the model is left as it was."""
     model = _offload(tiny_model("llama"), "disk", tmp_path)
     before = _logits(model, calib.eval_windows)
-    recipe = _recipe([{"method": "rtn"}, {"method": "qat", "steps": 1, "samples": 2, "seq_len": 16, "holdout": 0}])
-    with pytest.raises(ModelError, match="offloaded: load it in memory, or drop the qat step"):
+    recipe = _recipe([*first, {"method": "qat", "steps": 1, "samples": 2, "seq_len": 16, "holdout": 0, **qat}])
+    with pytest.raises(ModelError, match=message):
         lowbit.quantize(model, recipe, calib, inplace=True)
     assert torch.equal(_logits(model, calib.eval_windows), before)

@@ -12,8 +12,9 @@ from lowbit.recipe import Recipe, load_preset
 from lowbit.surgery.block_finetune import sign_keeper
 from lowbit.surgery.kvcache import packed_cache_suspended
 from lowbit.surgery.linear import QuantLinear
-from lowbit.surgery.qat import _Best, kl_from_teacher, norm_weights, self_generated
+from lowbit.surgery.qat import _Best, norm_weights, self_generated
 from lowbit.surgery.quantizer import ActQuantizer
+from lowbit.surgery.teacher import kl_from_teacher
 from tests.conftest import tiny_data, tiny_model
 
 W3A4 = {"weights": {"format": "int3", "granularity": "channel"},

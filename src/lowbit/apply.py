@@ -57,8 +57,10 @@ def apply_recipe(model: nn.Module, session: Session) -> None:
     check_calibration(session)
     calibration = session.default_calibration
     training = [step for step in recipe.steps if step.phase == "train"]
-    if training:
-        session.teacher = _teacher(model)
+    for step in recipe.steps:  # on the untouched model: what a train step learns from
+        prepare = method_for(step).prepare
+        if prepare is not None:
+            prepare(model, step, session)
     if recipe.weights is not None or recipe.activations is not None:
         swap_linears(model, session.spec, recipe.targets)
     for step in recipe.steps:
@@ -96,16 +98,6 @@ def _run(model: nn.Module, step, session: Session) -> None:
     result = method_for(step).apply(model, step, session)
     if result is not None:
         session.results.append(result)
-
-
-def _teacher(model: nn.Module) -> nn.Module:
-    """A frozen full-precision copy of ``model`` for the training steps to learn from."""
-    if is_offloaded(model):
-        raise ModelError("a train step (qat) needs the full-precision model beside the quantized one, and this model "
-                         "is offloaded: load it in memory, or drop the qat step")
-    teacher = copy.deepcopy(model).eval()
-    teacher.requires_grad_(False)
-    return teacher
 
 
 def quantize_with_session(

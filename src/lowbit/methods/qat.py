@@ -7,6 +7,7 @@ trains on, what trains, and what it reports.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -15,7 +16,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, ModelError
 from ..surgery.checkpoint import (
     check_checkpoint_path,
     load_checkpoint,
@@ -25,7 +26,9 @@ from ..surgery.checkpoint import (
 )
 from ..surgery.clips import clip_summary
 from ..surgery.kvcache import packed_cache_suspended
+from ..surgery.offload import checkpointable, is_offloaded
 from ..surgery.qat import QATConfig, Trained, distill, self_generated
+from ..surgery.teacher import LiveTeacher, TopKTeacher
 from ..surgery.train import rank_and_world
 from .registry import MethodResult, StepConfig, register
 from .session import Session
@@ -57,7 +60,13 @@ class QATStep(StepConfig):
     trains: 0.001 with ``weights``, 0.004 with the scales on fixed codes (``scales``, ``scales_norms``; measured
     better there, QAT ablation). With ``train: weights`` and weights in groups (g64), the group scales diverged at
     the default ``lr_scale`` where per-channel scales did not (same place): fix them with ``lr_scale: 0``. Loss: KL
-    of the quantized model's next-token distribution from the full-precision one's.
+    of the quantized model's next-token distribution from the full-precision one's. ``teacher``: where that comes
+    from (:mod:`lowbit.surgery.teacher`): ``model``, a full-precision copy kept beside the student (the exact KL over
+    the vocabulary; twice the model in memory); ``topk``, the full-precision model's ``top_k`` most likely next
+    tokens per position, computed once before any step changes it (the KL over those and one bucket for the rest;
+    no second model); ``auto`` (the default), ``model`` for a model in memory and ``topk`` for a model accelerate
+    offloads, which trains streamed, one decoder layer in memory at a time (scales and norms only: ``train:
+    weights`` would hold AdamW's moments for every weight).
     ``autocast: bf16``: the training steps run under bfloat16 autocast (faster on CPUs with bf16 instructions;
     held-out checks and everything kept stay float32). A packed KV cache (``kv_cache``) is not trained through (its
     codes have no gradient): training and the held-out checks see exact keys and values, and the cache applies
@@ -76,6 +85,8 @@ class QATStep(StepConfig):
     lr_scale: float = Field(default=LR_SCALE_FIXED_CODES, ge=0)  # LR_SCALE_WEIGHTS with train: weights
     lr_norm: float = Field(default=2e-5, ge=0)
     clips: bool = False
+    teacher: Literal["auto", "model", "topk"] = "auto"
+    top_k: int = Field(default=64, ge=1)
     lr_clip: float = Field(default=0.01, ge=0)
     autocast: Literal["bf16", "off"] = "off"
     seed: int | None = None
@@ -121,16 +132,50 @@ class QATResult(MethodResult):
                 **({"clip_ratios": clip_summary(self.clips)} if self.clips else {})}
 
 
-@register(QATStep)
+@torch.no_grad()
+def prepare(model: nn.Module, step: QATStep, session: Session) -> None:
+    """Before any step changes ``model``: the training and held-out text, and the teacher on it (see
+    :class:`QATStep`'s ``teacher``)."""
+    offloaded = is_offloaded(model)
+    kind = step.teacher if step.teacher != "auto" else ("topk" if offloaded else "model")
+    if offloaded:
+        _check_streamable(model, step, session, kind)
+    if step.checkpoint is not None:  # a path no file can be written to fails now, not at the first save
+        check_checkpoint_path(step.checkpoint)
+    seed = session.seed if step.seed is None else step.seed
+    batches, held = _texts(step, session, seed, model)
+    if kind == "model":
+        teacher = copy.deepcopy(model).eval()
+        teacher.requires_grad_(False)
+        session.teacher = LiveTeacher(batches, held, teacher)
+    else:
+        session.teacher = TopKTeacher.cache(model, batches, held, step.top_k, step.batch)
+
+
+def _check_streamable(model: nn.Module, step: QATStep, session: Session, kind: str) -> None:
+    """Refuse, before anything changes, what cannot train on an offloaded model."""
+    if kind == "model":
+        raise ModelError("teacher: model keeps a full-precision copy beside the student, and this model is offloaded "
+                         "(a copy would share its offload store): use teacher: topk (or auto), or load it in memory")
+    if step.train == "weights":
+        raise ModelError("train: weights on an offloaded model would hold AdamW's two moments for every weight in "
+                         "memory: train scales or scales_norms, or load the model in memory")
+    if any(s.phase == "prefix" for s in session.recipe.steps):
+        raise ModelError("qat on an offloaded model recomputes each decoder layer in the backward pass, which a "
+                         "PrefixQuant prefix cache does not allow: load the model in memory, or drop the prefix step")
+    if not checkpointable(model):
+        raise ModelError(f"qat on an offloaded model checkpoints transformers decoder layers, and "
+                         f"{type(model).__name__} has none: load it in memory")
+
+
+@register(QATStep, prepare=prepare)
 @torch.no_grad()
 def apply(model: nn.Module, step: QATStep, session: Session) -> QATResult:
     """Distil the quantized ``model`` from the session's full-precision teacher (see the module docstring)."""
     start = time.perf_counter()
     seed = session.seed if step.seed is None else step.seed
     teacher = session.teacher
-    if step.checkpoint is not None:  # a path no file can be written to fails now, not at the first save
-        check_checkpoint_path(step.checkpoint)
-    batches, held = _texts(step, session, seed)
+    batches, held = teacher.batches, teacher.held_out
     config = QATConfig(step.steps, step.batch, step.train, step.lr_weight, step.lr_scale, step.lr_norm, seed,
                        step.eval_every, step.clips, step.lr_clip, step.autocast)
     resume, save = None, None
@@ -144,15 +189,16 @@ def apply(model: nn.Module, step: QATStep, session: Session) -> QATResult:
         def save(tensors: dict, progress: dict) -> None:
             save_checkpoint(step.checkpoint, tensors, {**fingerprint, "progress": progress})
     with packed_cache_suspended(model):  # trains (and validates) on exact KV: a packed cache's codes have no gradient
-        done = distill(model, teacher, batches, config, session.progress, held, resume, save, step.checkpoint_every)
+        done = distill(model, teacher, config, session.progress, resume, save, step.checkpoint_every)
     return QATResult(done.losses, done.held_out, done.kept_step, step.train, step.data, int(batches.numel()),
                      time.perf_counter() - start, done.clips)
 
 
-def _texts(step: QATStep, session: Session, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The training sequences and the held-out ones (None when ``holdout`` is 0), never overlapping."""
+def _texts(step: QATStep, session: Session, seed: int, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training sequences and the held-out ones (None when ``holdout`` is 0), never overlapping; ``model``: the
+    full-precision model, whose own text ``data: self`` samples."""
     if step.data == "self":
-        text = self_generated(session.teacher, step.samples + step.holdout, step.seq_len, seed)
+        text = self_generated(model, step.samples + step.holdout, step.seq_len, seed)
         return text[: step.samples], (text[step.samples :] if step.holdout else None)
     calibration = session.calibration_text("quantization-aware training")
     if not step.holdout:

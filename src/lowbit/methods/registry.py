@@ -31,7 +31,7 @@ class StepConfig(StrictConfig):
     KV quantizer sees (exactly, in the weights), ``prefix`` steps fix the tokens
     every sequence starts from, ``weights`` steps quantize the weights with the recipe's weight scheme (and need one),
     ``train`` steps train the finished quantized model (every quantizer attached and calibrated) against the
-    full-precision one (``Session.teacher``).
+    full-precision one (``Session.teacher``, which the method's ``prepare`` sets up).
     """
 
     phase: ClassVar[Phase]
@@ -55,14 +55,18 @@ class MethodResult:
 
 
 Apply = Callable[[nn.Module, Any, "Session"], MethodResult | None]
+Prepare = Callable[[nn.Module, Any, "Session"], None]
 
 
 @dataclass(frozen=True)
 class Method:
-    """One registered method: its step config type and the function that applies such a step to a model."""
+    """One registered method: its step config type, the function that applies such a step to a model, and an
+    optional ``prepare`` that reads the model before any step of the recipe changes it (a ``train`` step's
+    full-precision teacher)."""
 
     config: type[StepConfig]
     apply: Apply
+    prepare: Prepare | None = None
 
     @property
     def name(self) -> str:
@@ -72,11 +76,12 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-def register(config: type[StepConfig]) -> Callable[[Apply], Apply]:
-    """Decorator: register ``apply`` as the method for steps of type ``config`` (one method per name)."""
+def register(config: type[StepConfig], prepare: Prepare | None = None) -> Callable[[Apply], Apply]:
+    """Decorator: register ``apply`` as the method for steps of type ``config`` (one method per name), with
+    ``prepare`` run on the untouched model before the recipe's first step."""
 
     def decorate(apply: Apply) -> Apply:
-        method = Method(config, apply)
+        method = Method(config, apply, prepare)
         if config.phase not in PHASES:
             raise ValueError(f"method {method.name}: phase must be one of {PHASES}, got {config.phase!r}")
         if method.name in _METHODS and _METHODS[method.name].config is not config:

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from torch import nn
 
 from ..errors import CalibrationError
 from ..models.arch import ArchSpec
+from ..surgery.teacher import Teacher
 from .registry import MethodResult
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class Session:
     progress: Progress | None = None
     prefix: Prefix | None = None
     clip_ratios: dict[str, float] = field(default_factory=dict)
-    teacher: nn.Module | None = None  # the full-precision model, kept for ``train`` steps
+    teacher: Teacher | None = None  # the full-precision model's distributions, for the ``train`` step
     results: list[MethodResult] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=lambda: {"quantize": 0.0, "calibrate": 0.0, "train": 0.0})
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .linear import QuantLinear
+from .offload import onloaded
 from .quantizer import ActQuantizer
 from .train import Trainer, cosine
 
@@ -83,7 +84,7 @@ def finetune_layer(
     linears, quants = trainable(layer)
     if not linears and not quants or config.epochs == 0:
         return []
-    frozen = {p: p.requires_grad for p in layer.parameters()}
+    frozen = gradient_flags(layer)
     layer.requires_grad_(False)
     groups, scales = learn(linears, quants, config.lr_weight, config.lr_scale, latent)
     order = shuffled_batches(len(inputs), config.batch, config.seed, config.epochs)
@@ -97,18 +98,25 @@ def finetune_layer(
     try:
         losses = trainer.run(loss_at, on_step=None if on_step is None else lambda _, seen: on_step(seen[-1]))
     finally:
-        freeze(linears, quants, frozen)
+        freeze(linears, quants, layer, frozen)
     return _epoch_means(losses, order, len(inputs), config.epochs)
 
 
-def freeze(linears: list[QuantLinear], quants: list[ActQuantizer], frozen: dict[nn.Parameter, bool]) -> None:
-    """Round the weights with their learned scales, fix every scale, and give the layer back its gradient flags."""
+def gradient_flags(module: nn.Module) -> dict[str, bool]:
+    """Each parameter's ``requires_grad`` by name (names outlive the tensors an offload store swaps in and out)."""
+    return {name: p.requires_grad for name, p in module.named_parameters()}
+
+
+def freeze(linears: list[QuantLinear], quants: list[ActQuantizer], module: nn.Module, flags: dict[str, bool]) -> None:
+    """Round the weights with their learned scales (an offloaded weight is brought in for it and written back), fix
+    every scale, and give ``module``'s parameters back their gradient ``flags`` (:func:`gradient_flags`)."""
     for linear in linears:
-        linear.freeze_weight()
+        with onloaded(linear):
+            linear.freeze_weight()
     for q in quants:
         q.freeze_scale()
-    for p, flag in frozen.items():
-        p.requires_grad_(flag)
+    for name, p in module.named_parameters():
+        p.requires_grad_(flags.get(name, False))
 
 
 def learn(linears: list[QuantLinear], quants: list[ActQuantizer], lr_weight: float, lr_scale: float,

@@ -56,6 +56,7 @@ class QuantLinear(nn.Module):
         self.input_quant: ActQuantizer | None = None
         self.learning = False
         self.register_buffer("_codes", None, persistent=False)  # fixed codes while only the scales learn
+        self._code_qparams: QParams | None = None  # ... or the scales they are re-derived from (offloaded weight)
         self._scale_dtype: ScaleDtype = None  # how the training weight scale is stored, its unit bound
 
     def extra_repr(self) -> str:
@@ -125,9 +126,16 @@ class QuantLinear(nn.Module):
         fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
         qp = QParams(snap_scale(self.weight_scale, self._scale_dtype) if self.learning else self.weight_scale,
                      self.weight_zero)
-        if self._codes is not None:
-            return dequantize(self._codes, qp, fmt, gran, dtype=self.weight.dtype)
+        if self._codes is not None or self._code_qparams is not None:
+            codes = self._codes if self._codes is not None else self._fixed_codes(self._code_qparams)
+            return dequantize(codes, qp, fmt, gran, dtype=self.weight.dtype)
         return fake_quantize(self.weight, fmt, gran, qparams=qp)
+
+    def _fixed_codes(self, qparams: QParams) -> torch.Tensor:
+        """The weight's codes on the grid of ``qparams`` (the scales the weight was rounded with)."""
+        scheme = self.weight_scheme
+        return quantize(self.weight.detach().to(torch.float32), qparams, scheme.number_format(),
+                        granularity_for(scheme, "weight"))
 
     def learn_weight(self, latent: torch.Tensor | None = None,
                      codes_fixed: bool = False) -> tuple[nn.Parameter, nn.Parameter]:
@@ -142,10 +150,10 @@ class QuantLinear(nn.Module):
             raise ValueError("learn_weight needs a quantized weight first (RTN or GPTQ)")
         if latent is not None:
             self.weight.data.copy_(latent)
-        if codes_fixed:
-            scheme, qp = self.weight_scheme, QParams(self.weight_scale, self.weight_zero)
-            self._codes = quantize(self.weight.detach().to(torch.float32), qp, scheme.number_format(),
-                                   granularity_for(scheme, "weight"))
+        if codes_fixed and self.weight.device.type == "meta":  # offloaded: the codes of each forward's loaded weight
+            self._code_qparams = QParams(self.weight_scale.detach().clone(), self.weight_zero)
+        elif codes_fixed:
+            self._codes = self._fixed_codes(QParams(self.weight_scale, self.weight_zero))
         self._scale_dtype = stored_unit(self.weight_scale, self.weight_scheme.scale_torch_dtype)
         scale = make_trainable(self, "weight_scale")
         self.weight.requires_grad_(not codes_fixed)
@@ -160,7 +168,7 @@ class QuantLinear(nn.Module):
         w_hat = self.quantized_weight()
         scale = make_buffer(self, "weight_scale", self._scale_dtype)
         self.weight.requires_grad_(False)
-        self.learning, self._codes = False, None
+        self.learning, self._codes, self._code_qparams = False, None, None
         self.set_quantized_weight(w_hat, QParams(scale, self.weight_zero), self.weight_scheme)
 
     @torch.no_grad()

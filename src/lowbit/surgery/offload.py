@@ -59,17 +59,40 @@ def _tensors(module: nn.Module, hook) -> dict[str, torch.Tensor]:
                                      remove_non_persistent=True))
 
 
+def _split(weights_map, name: str):
+    """The dataset an accelerate offload store keeps ``name`` in, and its key there."""
+    from accelerate.utils import PrefixedDataset
+
+    if isinstance(weights_map, PrefixedDataset):
+        return weights_map.dataset, weights_map.prefix + name
+    return weights_map, name
+
+
+def _in_store(weights_map, name: str) -> bool:
+    """Whether the offload store holds a value for ``name`` (a tensor made since offloading, such as a scale that
+    is training, lives in memory only)."""
+    from accelerate.utils import OffloadedWeightsLoader
+
+    dataset, key = _split(weights_map, name)
+    if isinstance(dataset, OffloadedWeightsLoader):
+        return key in dataset.state_dict or key in dataset.index
+    return key in dataset
+
+
+def _stored(module: nn.Module, hook) -> list[str]:
+    """The names of ``module``'s tensors whose values its offload store holds."""
+    return [name for name in _tensors(module, hook) if _in_store(hook.weights_map, name)]
+
+
 def _store(weights_map, name: str, value: torch.Tensor) -> None:
     """Write ``value`` into an accelerate offload store under ``name``, on disk when the store keeps it there.
 
     A weight that was read from the user's own safetensors checkpoint is never written there: it gets a new file in
     the store's offload folder (or stays in CPU memory when the store has no folder).
     """
-    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, offload_weight
+    from accelerate.utils import OffloadedWeightsLoader, offload_weight
 
-    dataset, key = weights_map, name
-    if isinstance(weights_map, PrefixedDataset):
-        dataset, key = weights_map.dataset, weights_map.prefix + name
+    dataset, key = _split(weights_map, name)
     value = value.detach().to("cpu")
     if isinstance(dataset, OffloadedWeightsLoader):
         if key in dataset.state_dict or dataset.save_folder is None:
@@ -87,24 +110,125 @@ def onloaded(module: nn.Module, device: torch.device | str | None = None) -> Ite
     """Materialize every offloaded parameter under ``module`` (on ``device``, default the hook's execution device).
 
     Inside, the parameters are ordinary tensors: steps read and modify them, and forwards use them without the hook
-    reloading stale values. On exit each one is written back to its offload store and released to ``meta``.
+    reloading stale values. On exit each one is written back to its offload store and released to ``meta``. A
+    parameter the store does not hold (one made since offloading, e.g. a scale being trained) is left as it is on
+    entry.
     """
-    from accelerate.utils import set_module_tensor_to_device
-
     hooked = _offload_hooks(module)
     for sub, hook in hooked:
-        target = device if device is not None else hook.execution_device
-        for name in _tensors(sub, hook):
-            set_module_tensor_to_device(sub, name, target, value=hook.weights_map[name].clone())  # tied: no aliasing
+        _load(sub, _stored(sub, hook), hook, device)
         hook.offload = False
     try:
         yield
     finally:
         for sub, hook in hooked:
             hook.offload = True
-            for name, tensor in _tensors(sub, hook).items():
+            tensors = _tensors(sub, hook)
+            for name, tensor in tensors.items():
                 _store(hook.weights_map, name, tensor)
-                set_module_tensor_to_device(sub, name, "meta")
+            _release(sub, list(tensors))
+
+
+def _load(module: nn.Module, names: list[str], hook, device=None) -> None:
+    """Materialize ``names`` of ``module`` from its offload store on ``device`` (default: the execution device)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    target = device if device is not None else hook.execution_device
+    for name in names:
+        set_module_tensor_to_device(module, name, target, value=hook.weights_map[name].clone())  # tied: no aliasing
+
+
+def _release(module: nn.Module, names: list[str]) -> None:
+    """Drop ``names`` of ``module`` to ``meta`` without writing them back (their stored values are current)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name in names:
+        set_module_tensor_to_device(module, name, "meta")
+
+
+def _is_matrix(name: str, tensor: torch.Tensor) -> bool:
+    """Whether ``name`` is a weight matrix (a linear's or an embedding's), as against a vector or a scale."""
+    return name.rsplit(".", 1)[-1] == "weight" and tensor.dim() >= 2
+
+
+def _streaming(module: nn.Module, names: list[str], hook) -> list:
+    """Forward hooks that load ``names`` of ``module`` as its forward starts and drop them as it ends."""
+    return [module.register_forward_pre_hook(lambda m, args: _load(m, names, hook)),
+            module.register_forward_hook(lambda m, args, out: _release(m, names))]
+
+
+@contextmanager
+def streamed(model: nn.Module) -> Iterator[None]:
+    """Run forwards and backwards through an offloaded ``model`` with its weight matrices streamed (for training).
+
+    Every offloaded tensor that is not a weight matrix (norm weights, biases, offloaded buffers: a vector each) is
+    brought into memory for the duration, so that it can train and stays the same tensor from one forward to the
+    next; each weight matrix is loaded when its module's forward starts and dropped when it ends (again in a
+    backward pass that recomputes the module, :func:`checkpointed`). On exit the in-memory tensors are written
+    back to the store and released. Matrices are only read here: change one inside :func:`onloaded`.
+    """
+    hooked, handles, kept = _offload_hooks(model), [], []
+    try:
+        for sub, hook in hooked:
+            tensors = _tensors(sub, hook)
+            stored = [name for name in tensors if _in_store(hook.weights_map, name)]
+            matrices = [name for name in stored if _is_matrix(name, tensors[name])]
+            kept.append((sub, hook, [name for name in stored if name not in matrices]))
+            _load(sub, kept[-1][2], hook)
+            hook.offload = False
+            handles += _streaming(sub, matrices, hook) if matrices else []
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for sub, hook, names in kept:
+            tensors = _tensors(sub, hook)
+            for name in names:
+                _store(hook.weights_map, name, tensors[name])
+            _release(sub, names)
+            hook.offload = True
+
+
+@contextmanager
+def checkpointed(model: nn.Module) -> Iterator[None]:
+    """Every transformers decoder layer of ``model`` checkpointed for the duration: the forward keeps only each
+    layer's input, and the backward pass recomputes the layer (so a streamed model holds one layer's weights and
+    activations at a time, not the whole graph's). Only the layers' own flags change; their submodules stay in
+    evaluation mode."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    saved = [(layer, layer.training, layer.__dict__.get("gradient_checkpointing"),
+              layer.__dict__.get("_gradient_checkpointing_func")) for layer in layers]
+    for layer in layers:
+        layer.gradient_checkpointing, layer.training = True, True
+        layer._gradient_checkpointing_func = _checkpoint
+    try:
+        yield
+    finally:
+        for layer, training, flag, func in saved:
+            layer.training = training
+            for name, value in (("gradient_checkpointing", flag), ("_gradient_checkpointing_func", func)):
+                if value is None:
+                    layer.__dict__.pop(name, None)
+                else:
+                    setattr(layer, name, value)
+
+
+def _checkpoint(function, *args):
+    """torch's non-reentrant checkpoint, recomputing the whole layer (stopping early would skip the forward hooks
+    of its last module, and :func:`streamed` would leave that module's weight in memory)."""
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+    with set_checkpoint_early_stop(False):
+        return checkpoint(function, *args, use_reentrant=False)
+
+
+def checkpointable(model: nn.Module) -> bool:
+    """Whether :func:`checkpointed` can checkpoint ``model``'s decoder layers (transformers' own layer class)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return any(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
 
 
 @contextmanager

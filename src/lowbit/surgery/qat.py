@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .block_finetune import freeze, learn, shuffled_batches, sign_keeper, trainable, warmup_cosine
+from .block_finetune import freeze, gradient_flags, learn, shuffled_batches, sign_keeper, trainable, warmup_cosine
 from .clips import fix_clips, initial_clips
+from .offload import checkpointed, is_offloaded, streamed
+from .teacher import Teacher
 from .train import Trainer, autocast, average_gradients, rank_and_world
 
 Trained = Literal["scales", "scales_norms", "weights"]
@@ -71,52 +73,65 @@ class Distilled:
     clips: dict[str, float] = field(default_factory=dict)
 
 
-def kl_from_teacher(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """Mean over tokens of ``KL(teacher || student)`` of the next-token distributions, computed in float32."""
-    s = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
-    t = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean")
-
-
 def norm_weights(model: nn.Module) -> list[nn.Parameter]:
     """The scale vectors of the model's normalisation layers (RMSNorm / LayerNorm weights)."""
     return [m.weight for m in model.modules() if "Norm" in type(m).__name__ and isinstance(m.weight, nn.Parameter)]
 
 
-def distill(student: nn.Module, teacher: nn.Module, batches: Tensor, config: QATConfig,
+def distill(student: nn.Module, teacher: Teacher, config: QATConfig,
             progress: Callable[[str, int], Callable[..., None]] | None = None,
-            held_out: Tensor | None = None, resume: tuple[dict[str, Tensor], dict] | None = None,
+            resume: tuple[dict[str, Tensor], dict] | None = None,
             save: Callable[[dict[str, Tensor], dict], None] | None = None, save_every: int = 25) -> Distilled:
-    """Train ``student`` towards ``teacher`` on token ``batches`` ``[n, L]`` for ``config.steps`` steps (the samples
-    cycled in a seeded order, ``config.batch`` per step), keeping the values that do best on ``held_out`` ``[m, L]``
-    when given. The student ends frozen.
+    """Train ``student`` towards ``teacher`` on its training sequences for ``config.steps`` steps (the samples
+    cycled in a seeded order, ``config.batch`` per step), keeping the values that do best on its held-out sequences
+    when it has some. The student ends frozen.
+
+    A student whose weights accelerate offloads trains streamed (:func:`~lowbit.surgery.offload.streamed`): its
+    weight matrices come in for each layer's forward and again for the backward pass, which recomputes each
+    decoder layer (:func:`~lowbit.surgery.offload.checkpointed`), so memory holds one layer at a time; what trains
+    (scales, norms, clips) stays in memory and is written back at the end.
 
     ``save(tensors, progress)`` is called every ``save_every`` steps and after the last with everything a resumed
     run needs (:func:`training_state`); ``resume`` is such a saved state, from which training continues exactly."""
     linears, quants = trainable(student)
     if not linears and not quants:
         raise ValueError("quantization-aware training needs quantized weights or static scales to train")
-    frozen = {p: p.requires_grad for p in student.parameters()}
+    flags, clips = gradient_flags(student), None
     student.requires_grad_(False)
-    groups, scales = learn(linears, quants, config.lr_weight, config.lr_scale, weights=config.train == "weights")
-    norms = norm_weights(student) if config.train != "scales" else []
-    for w in norms:
-        w.requires_grad_(True)
-    if norms:
-        groups.append({"params": norms, "lr": config.lr_norm})
-    clips = initial_clips(student, dynamic_only=True) if config.clips else None
-    if clips is not None and clips.names:
-        clips.bind(student)
-        groups.append({"params": [clips.logits], "lr": config.lr_clip})
+    offloaded = is_offloaded(student)
+    try:
+        with streamed(student), (checkpointed(student) if offloaded else nullcontext()):
+            groups, scales = learn(linears, quants, config.lr_weight, config.lr_scale,
+                                   weights=config.train == "weights")
+            norms = norm_weights(student) if config.train != "scales" else []
+            for w in norms:
+                w.requires_grad_(True)
+            if norms:
+                groups.append({"params": norms, "lr": config.lr_norm})
+            clips = initial_clips(student, dynamic_only=True) if config.clips else None
+            if clips is not None and clips.names:
+                clips.bind(student)
+                groups.append({"params": [clips.logits], "lr": config.lr_clip})
+            done = _train(student, teacher, config, groups, scales, progress, resume, save, save_every)
+        return replace(done, clips=clips.ratios() if clips is not None else {})
+    finally:
+        freeze(linears, quants, student, flags)
+        if clips is not None:
+            fix_clips(student, clips)
+
+
+def _train(student: nn.Module, teacher: Teacher, config: QATConfig, groups: list[dict], scales: list[Tensor],
+           progress, resume, save, save_every: int) -> Distilled:
+    """The training loop of :func:`distill` over AdamW's parameter ``groups`` (``scales`` kept on their side of
+    zero); the student ends with the best held-out values."""
+    held_out = teacher.held_out
     rank, world = rank_and_world()
-    order = _order(len(batches), config, world)
+    order = _order(len(teacher.batches), config, world)
 
     def loss_at(step: int) -> Tensor:
-        tokens = batches[order[step][rank * config.batch:(rank + 1) * config.batch]]
-        with autocast(config.autocast, tokens.device):
-            with torch.no_grad():
-                target = teacher(tokens, use_cache=False).logits
-            return kl_from_teacher(student(tokens, use_cache=False).logits, target)
+        rows = order[step][rank * config.batch:(rank + 1) * config.batch]
+        with autocast(config.autocast, teacher.batches.device):
+            return teacher.kl(student(teacher.batches[rows], use_cache=False).logits, rows)
 
     optimizers = [torch.optim.AdamW(groups, weight_decay=0.0)]
     trainer = Trainer(optimizers, config.steps, warmup_cosine, after_backward=partial(average_gradients, optimizers),
@@ -126,25 +141,19 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Tensor, config: QAT
     if resume is not None:
         first, earlier = restore_state(params, optimizers[0], best, *resume)
     elif held_out is not None:
-        best.offer(0, held_out_kl(student, teacher, held_out, config.batch))
+        best.offer(0, held_out_kl(student, teacher, config.batch))
 
     def on_step(step: int, losses: list[float]) -> None:
         done = step + 1
         if held_out is not None and (done % config.eval_every == 0 or done == config.steps):
-            best.offer(done, held_out_kl(student, teacher, held_out, config.batch))
+            best.offer(done, held_out_kl(student, teacher, config.batch))
         if save is not None and rank == 0 and (done % save_every == 0 or done == config.steps):  # one writer
             save(*training_state(params, optimizers[0], best, done, earlier + losses))
 
-    try:
-        losses = earlier + trainer.run(loss_at, start=first, on_step=on_step, progress=progress,
-                                       label="quantization-aware training")
-        best.restore()
-        learned = clips.ratios() if clips is not None else {}
-        return Distilled(losses, best.history, best.step if held_out is not None else len(losses), learned)
-    finally:
-        freeze(linears, quants, frozen)
-        if clips is not None:
-            fix_clips(student, clips)
+    losses = earlier + trainer.run(loss_at, start=first, on_step=on_step, progress=progress,
+                                   label="quantization-aware training")
+    best.restore()
+    return Distilled(losses, best.history, best.step if held_out is not None else len(losses))
 
 
 def training_state(params: list[Tensor], optimizer: torch.optim.Optimizer, best: _Best, done: int,
@@ -181,12 +190,13 @@ def restore_state(params: list[Tensor], optimizer: torch.optim.Optimizer, best: 
 
 
 @torch.no_grad()
-def held_out_kl(student: nn.Module, teacher: nn.Module, tokens: Tensor, batch: int) -> float:
-    """Mean over tokens of the student's KL from the teacher on ``tokens`` ``[m, L]``, ``batch`` sequences a pass."""
+def held_out_kl(student: nn.Module, teacher: Teacher, batch: int) -> float:
+    """Mean over tokens of the student's KL from the teacher on its held-out sequences, ``batch`` sequences a pass."""
+    tokens = teacher.tokens(held=True)
     total = 0.0
-    for part in tokens.split(batch):
-        target = teacher(part, use_cache=False).logits
-        total += kl_from_teacher(student(part, use_cache=False).logits, target).item() * part.numel()
+    for rows in torch.arange(len(tokens)).split(batch):
+        logits = student(tokens[rows], use_cache=False).logits
+        total += teacher.kl(logits, rows, held=True).item() * tokens[rows].numel()
     return total / tokens.numel()
 
 
