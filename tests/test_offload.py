@@ -96,25 +96,24 @@ def test_offloaded_model_must_be_quantized_in_place(calib):
 
 
 STATIC_A8 = {"format": "int8", "granularity": "tensor", "dynamic": False}
-QAT_CASES = [("llama", "disk", "scales", {}), ("qwen2", "cpu", "scales_norms", {"clips": True}),
-             ("llama", "cpu", "scales", {"activations": STATIC_A8})]
+QAT_CASES = [("llama", "disk", {}, None), ("qwen2", "cpu", {"train": "scales_norms", "clips": True}, None),
+             ("llama", "cpu", {}, STATIC_A8), ("mistral", "disk", {"data": "self"}, None)]
 
 
-def _qat_recipe(train: str, extra: dict) -> Recipe:
-    qat = {"method": "qat", "steps": 4, "samples": 4, "seq_len": 24, "holdout": 2, "eval_every": 2, "train": train,
-           "clips": extra.get("clips", False)}
-    recipe = _recipe([{"method": "quarot"}, {"method": "rtn"}, qat]).model_dump()
-    if "activations" in extra:
-        recipe["activations"] = extra["activations"]
+def _qat_recipe(qat: dict, activations: dict | None) -> Recipe:
+    step = {"method": "qat", "steps": 4, "samples": 4, "seq_len": 24, "holdout": 2, "eval_every": 2, **qat}
+    recipe = _recipe([{"method": "quarot"}, {"method": "rtn"}, step]).model_dump()
+    if activations is not None:
+        recipe["activations"] = activations
     return Recipe.from_dict(recipe)
 
 
-@pytest.mark.parametrize(("family", "how", "train", "extra"), QAT_CASES)
-def test_qat_on_an_offloaded_model_trains_like_the_in_memory_one(family, how, train, extra, calib, tmp_path):
+@pytest.mark.parametrize(("family", "how", "qat", "activations"), QAT_CASES)
+def test_qat_on_an_offloaded_model_trains_like_the_in_memory_one(family, how, qat, activations, calib, tmp_path):
     """Streamed QAT (weight matrices loaded per forward, each decoder layer recomputed in the backward pass) learns
     the same scales, norms and clips as the in-memory model with the same cached top-k teacher, and writes them
     back: the offloaded result computes what the in-memory one does."""
-    recipe = _qat_recipe(train, extra)
+    recipe = _qat_recipe(qat, activations)
     in_memory = recipe.model_copy(update={"steps": [*recipe.steps[:-1],
                                                     recipe.steps[-1].model_copy(update={"teacher": "topk"})]})
     expected_model, expected = lowbit.quantize_with_session(tiny_model(family), in_memory, calib)
@@ -123,6 +122,7 @@ def test_qat_on_an_offloaded_model_trains_like_the_in_memory_one(family, how, tr
     assert quantized.model.layers[0].mlp.down_proj.weight.device == torch.device("meta")  # still offloaded
     assert quantized.model.layers[0].input_layernorm.weight.device == torch.device("meta")
     got, want = session.report()["qat"], expected.report()["qat"]
+    assert got["teacher"] == want["teacher"] == "top-64"
     assert got["losses"] == pytest.approx(want["losses"], rel=1e-4)
     assert got["held_out_kl"] == pytest.approx(want["held_out_kl"], rel=1e-4)
     assert torch.allclose(_logits(quantized, calib.eval_windows), _logits(expected_model, calib.eval_windows),

@@ -60,18 +60,21 @@ def test_scale_learning_rate_defaults_by_what_trains_and_a_given_one_stays(given
     assert type(step).model_validate(step.model_dump()) == step  # a dumped recipe reads back the same
 
 
-@pytest.mark.parametrize("autocast", ["off", "bf16"])
-def test_qat_lowers_the_kl_on_its_training_text(autocast):
+@pytest.mark.parametrize(("autocast", "teacher"), [("off", "auto"), ("bf16", "auto"), ("off", "topk")])
+def test_qat_lowers_the_kl_on_its_training_text(autocast, teacher):
+    """The full KL falls whichever teacher trains it: the model itself, or its top-64 tokens of 320 cached."""
     model, data = _peaky_model(), tiny_data()
     batches = data.calibration(8, 48)  # what the step draws: the same seeded calibration sample
     before = _kl(lowbit.quantize(model, _recipe(None), data), model, batches)
     fast = {"steps": 60, "lr_weight": 0.02, "lr_scale": 0.005, "lr_norm": 1e-4}  # a tiny model, few steps
-    qmodel, session = lowbit.quantize_with_session(model, _recipe({**fast, "autocast": autocast}), data)
+    qat = {**fast, "autocast": autocast, "teacher": teacher}
+    qmodel, session = lowbit.quantize_with_session(model, _recipe(qat), data)
     assert all(p.dtype == torch.float32 for p in qmodel.parameters())
     after = _kl(qmodel, model, batches)
     assert after < 0.8 * before
     report = session.report()["qat"]
     assert report["steps"] == 60 and report["kl_last_10"] < report["kl_first_10"]
+    assert report["teacher"] == ("model" if teacher == "auto" else "top-64")  # auto: the model, in memory
 
 
 def test_trained_model_is_frozen_on_its_grid_and_saves_and_loads(tmp_path, tokens):

@@ -111,7 +111,8 @@ class QATStep(StepConfig):
 @dataclass
 class QATResult(MethodResult):
     """The loss of every step (KL from the full-precision model on the training batches), the held-out KL at each
-    measured step and the step kept, what trained, on which text, and the wall time."""
+    measured step and the step kept, what trained, on which text, from which teacher, and the wall time (of
+    training: a top-k teacher's cache is made before the first step, in the quantize time)."""
 
     key: ClassVar[str] = "qat"
     losses: list[float] = field(default_factory=list)
@@ -122,10 +123,12 @@ class QATResult(MethodResult):
     tokens: int = 0
     seconds: float = 0.0
     clips: dict[str, float] = field(default_factory=dict)
+    teacher: str = "model"
 
     def report(self) -> dict:
         head, tail = self.losses[:10], self.losses[-10:]
         return {"steps": len(self.losses), "train": self.train, "data": self.data, "tokens": self.tokens,
+                "teacher": self.teacher,
                 "kl_first_10": sum(head) / max(1, len(head)), "kl_last_10": sum(tail) / max(1, len(tail)),
                 "held_out_kl": {str(k): v for k, v in self.held_out.items()}, "kept_step": self.kept_step,
                 "losses": self.losses, "seconds": round(self.seconds, 3),
@@ -191,7 +194,7 @@ def apply(model: nn.Module, step: QATStep, session: Session) -> QATResult:
     with packed_cache_suspended(model):  # trains (and validates) on exact KV: a packed cache's codes have no gradient
         done = distill(model, teacher, config, session.progress, resume, save, step.checkpoint_every)
     return QATResult(done.losses, done.held_out, done.kept_step, step.train, step.data, int(batches.numel()),
-                     time.perf_counter() - start, done.clips)
+                     time.perf_counter() - start, done.clips, teacher.name)
 
 
 def _texts(step: QATStep, session: Session, seed: int, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -59,6 +59,11 @@ class Teacher:
     batches: Tensor
     held_out: Tensor | None
 
+    @property
+    def name(self) -> str:
+        """What the distributions come from, for reports (``model``, ``top-64``)."""
+        raise NotImplementedError
+
     def tokens(self, held: bool = False) -> Tensor:
         """The training sequences, or the held-out ones."""
         if held and self.held_out is None:
@@ -78,6 +83,10 @@ class LiveTeacher(Teacher):
     batches: Tensor
     held_out: Tensor | None
     model: nn.Module
+
+    @property
+    def name(self) -> str:
+        return "model"
 
     def kl(self, student_logits: Tensor, rows: Tensor, held: bool = False) -> Tensor:
         with torch.no_grad():
@@ -114,6 +123,10 @@ class TopKTeacher(Teacher):
         values, indices = top(batches)
         held = top(held_out) if held_out is not None else (None, None)
         return cls(batches, held_out, values, indices, *held)
+
+    @property
+    def name(self) -> str:
+        return f"top-{self.values.shape[-1]}"
 
     def kl(self, student_logits: Tensor, rows: Tensor, held: bool = False) -> Tensor:
         self.tokens(held)
