@@ -11,8 +11,8 @@ each in a process of its own so that none inherits another's memory:
 
 * ``memory, live teacher``: the model in memory, a full-precision copy beside it (``teacher: model``, what ``auto``
   picks in memory);
-* ``memory, top-64 teacher``: the model in memory, the teacher's top-64 next tokens cached (``teacher: topk``);
-* ``disk-offloaded``: the model given to ``accelerate.disk_offload`` before quantizing (``teacher: auto``, so top-64;
+* ``memory, top-k teacher``: the model in memory, the teacher's top-1024 next tokens cached (``teacher: topk``);
+* ``disk-offloaded``: the model given to ``accelerate.disk_offload`` before quantizing (``teacher: auto``, so top-1024;
   GPTQ layer-streamed, QAT streamed with each decoder layer checkpointed).
 
 Per mode: the process's resident memory (RSS, sampled every 10 ms) before ``quantize`` and its peak during it, which
@@ -44,7 +44,7 @@ from lowbit.report import write_json_atomic
 
 RESULTS = HERE / "results" / "offloaded_qat.json"
 ROW = "w4a4kv4-spinquant-asym-o + qat scales lr x4, clips"
-MODES = {"memory, live teacher": ("memory", "model"), "memory, top-64 teacher": ("memory", "topk"),
+MODES = {"memory, live teacher": ("memory", "model"), "memory, top-k teacher": ("memory", "topk"),
          "disk-offloaded": ("disk", "auto")}
 
 
@@ -113,10 +113,10 @@ def child(mode: str, steps: int, out: Path) -> None:
 
 def table(saved: dict) -> list[str]:
     rows = saved.get("rows", {})
-    base = rows.get("memory, top-64 teacher")
+    base = rows.get("memory, top-k teacher")
     lines = markdown_table(
         ["mode", "ratio", "KL", "top-1", "RSS before / peak (GB)", "QAT s/step", "quantize s", "held-out KL (kept)",
-         "max loss difference from top-64 in memory"],
+         "largest loss difference from top-k in memory"],
         [[mode, num(r["ratio"]), num(r["kl"]), num(r["top1"]),
           f"{r['rss_before_gb']:.2f} / {r['rss_peak_gb']:.2f}", f"{r['qat_s_per_step']:.2f}", f"{r['quantize_s']:.0f}",
           f"{min(r['held_out_kl'].values()):.4f} ({r['kept_step']})",

@@ -67,7 +67,7 @@ def test_qat_lowers_the_kl_on_its_training_text(autocast, teacher):
     batches = data.calibration(8, 48)  # what the step draws: the same seeded calibration sample
     before = _kl(lowbit.quantize(model, _recipe(None), data), model, batches)
     fast = {"steps": 60, "lr_weight": 0.02, "lr_scale": 0.005, "lr_norm": 1e-4}  # a tiny model, few steps
-    qat = {**fast, "autocast": autocast, "teacher": teacher}
+    qat = {**fast, "autocast": autocast, "teacher": teacher, "top_k": 64}
     qmodel, session = lowbit.quantize_with_session(model, _recipe(qat), data)
     assert all(p.dtype == torch.float32 for p in qmodel.parameters())
     after = _kl(qmodel, model, batches)

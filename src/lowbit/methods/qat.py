@@ -64,9 +64,11 @@ class QATStep(StepConfig):
     from (:mod:`lowbit.surgery.teacher`): ``model``, a full-precision copy kept beside the student (the exact KL over
     the vocabulary; twice the model in memory); ``topk``, the full-precision model's ``top_k`` most likely next
     tokens per position, computed once before any step changes it (the KL over those and one bucket for the rest;
-    no second model); ``auto`` (the default), ``model`` for a model in memory and ``topk`` for a model accelerate
-    offloads, which trains streamed, one decoder layer in memory at a time (scales and norms only: ``train:
-    weights`` would hold AdamW's moments for every weight).
+    no second model; 8 KB a token at the default 1024, which measured as good as ``model``, where 64 did not:
+    benchmarks/README.md, QAT); ``auto`` (the default), ``model`` for a model in memory and ``topk`` for a model
+    accelerate offloads, which trains streamed, one weight matrix in memory at a time (scales and norms only:
+    ``train: weights`` would hold AdamW's moments for every weight). With ``topk`` the held-out KL that picks the
+    kept step is the same coarse KL.
     ``autocast: bf16``: the training steps run under bfloat16 autocast (faster on CPUs with bf16 instructions;
     held-out checks and everything kept stay float32). A packed KV cache (``kv_cache``) is not trained through (its
     codes have no gradient): training and the held-out checks see exact keys and values, and the cache applies
@@ -86,7 +88,7 @@ class QATStep(StepConfig):
     lr_norm: float = Field(default=2e-5, ge=0)
     clips: bool = False
     teacher: Literal["auto", "model", "topk"] = "auto"
-    top_k: int = Field(default=64, ge=1)
+    top_k: int = Field(default=1024, ge=1)
     lr_clip: float = Field(default=0.01, ge=0)
     autocast: Literal["bf16", "off"] = "off"
     seed: int | None = None

@@ -9,8 +9,9 @@ teacher on any of them):
 * :class:`TopKTeacher` runs the full-precision model once over every sequence before any step changes it and keeps,
   per token, the log-probabilities of its ``k`` most likely next tokens (sparse knowledge distillation). The loss is
   the KL between the two distributions coarsened to those ``k`` tokens and one bucket for the rest
-  (:func:`topk_kl`): a lower bound of the full KL that equals it when the rest holds no mass. It needs no second
-  model, so a model that only fits offloaded can train; at ``k = 64`` it stores 512 bytes a token.
+  (:func:`topk_kl`): a lower bound of the full KL that equals it when the rest holds no mass. Its gradient is the
+  full KL's on the k tokens; on the rest it can only push the student's own shape of the rest up or down. It needs
+  no second model, so a model that only fits offloaded can train; at ``k = 1024`` it stores 8 KB a token.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Teacher:
 
     @property
     def name(self) -> str:
-        """What the distributions come from, for reports (``model``, ``top-64``)."""
+        """What the distributions come from, for reports (``model``, ``top-1024``)."""
         raise NotImplementedError
 
     def tokens(self, held: bool = False) -> Tensor:
