@@ -21,6 +21,7 @@ import torch
 
 import lowbit
 from lowbit.surgery.qat import QATConfig, distill
+from lowbit.surgery.teacher import LiveTeacher
 
 
 def probe_config(spec: str) -> QATConfig:
@@ -43,12 +44,12 @@ def main() -> None:
     start = time.perf_counter()
     quantized = lowbit.quantize(loaded.model, preset, data)
     print(f"{preset}: quantized in {time.perf_counter() - start:.0f} s", flush=True)
-    teacher = copy.deepcopy(loaded.model).eval().requires_grad_(False)
     batches, held = data.calibration(64, 512, reserve=8 * 512), data.held_out(8, 512)
+    teacher = LiveTeacher(batches, held, copy.deepcopy(loaded.model).eval().requires_grad_(False))
     for name, spec in probes:
         config = probe_config(spec)
         start = time.perf_counter()
-        done = distill(copy.deepcopy(quantized), teacher, batches, config, held_out=held)
+        done = distill(copy.deepcopy(quantized), teacher, config)
         print(f"{name} ({spec or 'defaults'}): {time.perf_counter() - start:.0f} s", flush=True)
         print("  training KL", [round(x, 3) for x in done.losses], flush=True)
         print("  held-out KL", {k: round(v, 4) for k, v in done.held_out.items()}, "kept", done.kept_step, flush=True)

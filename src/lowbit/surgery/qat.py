@@ -87,9 +87,9 @@ def distill(student: nn.Module, teacher: Teacher, config: QATConfig,
     when it has some. The student ends frozen.
 
     A student whose weights accelerate offloads trains streamed (:func:`~lowbit.surgery.offload.streamed`): its
-    weight matrices come in for each layer's forward and again for the backward pass, which recomputes each
-    decoder layer (:func:`~lowbit.surgery.offload.checkpointed`), so memory holds one layer at a time; what trains
-    (scales, norms, clips) stays in memory and is written back at the end.
+    weight matrices come in for each module's forward and again for the backward pass, which recomputes each
+    decoder layer (:func:`~lowbit.surgery.offload.checkpointed`), so memory holds one weight matrix at a time, each layer's
+    input, and one layer's activations; what trains (scales, norms, clips) stays in memory and is written back at the end.
 
     ``save(tensors, progress)`` is called every ``save_every`` steps and after the last with everything a resumed
     run needs (:func:`training_state`); ``resume`` is such a saved state, from which training continues exactly."""
