@@ -144,7 +144,7 @@ def prepare(model: nn.Module, step: QATStep, session: Session) -> None:
     offloaded = is_offloaded(model)
     kind = step.teacher if step.teacher != "auto" else ("topk" if offloaded else "model")
     if offloaded:
-        _check_streamable(model, step, session, kind)
+        _check_streamable(model, step, kind)
     if step.checkpoint is not None:  # a path no file can be written to fails now, not at the first save
         check_checkpoint_path(step.checkpoint)
     seed = session.seed if step.seed is None else step.seed
@@ -157,7 +157,7 @@ def prepare(model: nn.Module, step: QATStep, session: Session) -> None:
         session.teacher = TopKTeacher.cache(model, batches, held, step.top_k, step.batch)
 
 
-def _check_streamable(model: nn.Module, step: QATStep, session: Session, kind: str) -> None:
+def _check_streamable(model: nn.Module, step: QATStep, kind: str) -> None:
     """Refuse, before anything changes, what cannot train on an offloaded model."""
     if kind == "model":
         raise ModelError("teacher: model keeps a full-precision copy beside the student, and this model is offloaded "
@@ -165,9 +165,6 @@ def _check_streamable(model: nn.Module, step: QATStep, session: Session, kind: s
     if step.train == "weights":
         raise ModelError("train: weights on an offloaded model would hold AdamW's two moments for every weight in "
                          "memory: train scales or scales_norms, or load the model in memory")
-    if any(s.phase == "prefix" for s in session.recipe.steps):
-        raise ModelError("qat on an offloaded model recomputes each decoder layer in the backward pass, which a "
-                         "PrefixQuant prefix cache does not allow: load the model in memory, or drop the prefix step")
     if not checkpointable(model):
         raise ModelError(f"qat on an offloaded model checkpoints transformers decoder layers, and "
                          f"{type(model).__name__} has none: load it in memory")

@@ -198,21 +198,21 @@ def checkpointed(model: nn.Module) -> Iterator[None]:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    saved = [(layer, layer.training, layer.__dict__.get("gradient_checkpointing"),
-              layer.__dict__.get("_gradient_checkpointing_func")) for layer in layers]
+    names = ("gradient_checkpointing", "_gradient_checkpointing_func", "_can_checkpoint_with_cache")
+    saved = [(layer, layer.training, {name: layer.__dict__[name] for name in names if name in layer.__dict__})
+             for layer in layers]
     for layer in layers:
         layer.gradient_checkpointing, layer.training = True, True
         layer._gradient_checkpointing_func = _checkpoint
+        layer._can_checkpoint_with_cache = True  # a prefix cache stays: _replayable makes its recompute exact
     try:
         yield
     finally:
-        for layer, training, flag, func in saved:
+        for layer, training, own in saved:
             layer.training = training
-            for name, value in (("gradient_checkpointing", flag), ("_gradient_checkpointing_func", func)):
-                if value is None:
-                    layer.__dict__.pop(name, None)
-                else:
-                    setattr(layer, name, value)
+            for name in names:
+                layer.__dict__.pop(name, None)
+            layer.__dict__.update(own)
 
 
 def _checkpoint(function, *args):
@@ -221,7 +221,28 @@ def _checkpoint(function, *args):
     from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
     with set_checkpoint_early_stop(False):
-        return checkpoint(function, *args, use_reentrant=False)
+        return checkpoint(_replayable(function), *args, use_reentrant=False)
+
+
+def _replayable(function):
+    """A decoder layer's forward (``partial(forward, layer, **kwargs)``, as transformers checkpoints it) made safe to
+    run again: a cache it writes to (a PrefixQuant prefix's) gets the layer's entry back as it was before the first
+    run, so the recompute attends to the same keys and values."""
+    kwargs = getattr(function, "keywords", None) or {}
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return function
+    layer = function.args[0]
+    index = next(m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int))
+    entry = cache.layers[index]
+    before = dict(entry.__dict__)  # the tensors an update replaces (torch.cat makes new ones), and any counters
+
+    def run(*args):
+        entry.__dict__.clear()
+        entry.__dict__.update(before)
+        return function(*args)
+
+    return run
 
 
 def checkpointable(model: nn.Module) -> bool:
