@@ -6,9 +6,12 @@ loads them from an offload store (a CPU state dict, or memory-mapped files on di
 after. lowbit's steps read and write weights, so they work on such a model part by part inside :func:`onloaded`:
 the part's parameters are materialized on its execution device, forwards inside use them as they are (the hooks
 stop reloading), and on exit the current values, quantized or rotated, are written back to the store and released.
-Only the part being processed (one decoder layer for layer-streamed GPTQ) is in memory at a time.
+Only the part being processed (one decoder layer for layer-streamed GPTQ) is in memory at a time. Training
+(quantization-aware training) runs the whole model forward and backward instead: inside :func:`streamed` each weight
+matrix is loaded for its module's forward only, and :func:`checkpointed` makes the backward pass recompute each
+decoder layer (loading its matrices again) instead of keeping every layer's weights alive in the autograd graph.
 
-For a model without offloading every function here is a no-op.
+For a model without offloading :func:`onloaded` and :func:`streamed` do nothing.
 """
 
 from __future__ import annotations
@@ -170,8 +173,7 @@ def streamed(model: nn.Module) -> Iterator[None]:
     hooked, handles, kept = _offload_hooks(model), [], []
     try:
         for sub, hook in hooked:
-            tensors = _tensors(sub, hook)
-            stored = [name for name in tensors if _in_store(hook.weights_map, name)]
+            tensors, stored = _tensors(sub, hook), _stored(sub, hook)
             matrices = [name for name in stored if _is_matrix(name, tensors[name])]
             kept.append((sub, hook, [name for name in stored if name not in matrices]))
             _load(sub, kept[-1][2], hook)
