@@ -229,6 +229,9 @@ ROWS: list[tuple[str, str, Callable[[], Recipe]]] = [
      partial(variant, "w4a4-quarot", _nvfp4(), _turbo3, _asym_gptq)),
     ("nvfp4, turbo3 KV, asymmetric GPTQ + qat scales", "then QAT of the weights' E4M3 block scales on the fixed codes",
      _with_qat("w4a4-quarot", _nvfp4(), _turbo3, _asym_gptq, train="scales")),
+    ("nvfp4, turbo3 KV, asymmetric GPTQ + qat scales, top-1024 teacher", "the same QAT from the full-precision "
+     "model's 1024 most likely next tokens, cached (the teacher an offloaded model trains from)",
+     _with_qat("w4a4-quarot", _nvfp4(), _turbo3, _asym_gptq, train="scales", teacher="topk")),
     ("nvfp4 kv4", "the same with NVFP4 keys and values (dynamic, blocks of 16 along each head) instead of turbo3",
      partial(variant, "w4a4-quarot", _nvfp4(), _nvfp4_kv)),
     ("nvfp4 kv4, asymmetric GPTQ", "NVFP4 keys and values, asymmetric GPTQ",
