@@ -147,7 +147,7 @@ def prepare(model: nn.Module, step: QATStep, session: Session) -> None:
         _check_streamable(model, step, kind)
     if step.checkpoint is not None:  # a path no file can be written to fails now, not at the first save
         check_checkpoint_path(step.checkpoint)
-    seed = session.seed if step.seed is None else step.seed
+    seed = _seed(step, session)
     batches, held = _texts(step, session, seed, model)
     if kind == "model":
         teacher = copy.deepcopy(model).eval()
@@ -175,7 +175,7 @@ def _check_streamable(model: nn.Module, step: QATStep, kind: str) -> None:
 def apply(model: nn.Module, step: QATStep, session: Session) -> QATResult:
     """Distil the quantized ``model`` from the session's full-precision teacher (see the module docstring)."""
     start = time.perf_counter()
-    seed = session.seed if step.seed is None else step.seed
+    seed = _seed(step, session)
     teacher = session.teacher
     batches, held = teacher.batches, teacher.held_out
     config = QATConfig(step.steps, step.batch, step.train, step.lr_weight, step.lr_scale, step.lr_norm, seed,
@@ -194,6 +194,11 @@ def apply(model: nn.Module, step: QATStep, session: Session) -> QATResult:
         done = distill(model, teacher, config, session.progress, resume, save, step.checkpoint_every)
     return QATResult(done.losses, done.held_out, done.kept_step, step.train, step.data, int(batches.numel()),
                      time.perf_counter() - start, done.clips, teacher.name)
+
+
+def _seed(step: QATStep, session: Session) -> int:
+    """The step's own seed, else the session's."""
+    return session.seed if step.seed is None else step.seed
 
 
 def _texts(step: QATStep, session: Session, seed: int, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -109,10 +109,8 @@ class QuantLinear(nn.Module):
     def _integer_weight(self, act: IntFormat) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
         """The weight's codes minus zero points (integer-valued float32 ``[N, K]``), its scales ``[1, N]`` or ``[1, 1]``
         and the exact column blocks for activations of format ``act``."""
-        scheme = self.weight_scheme
-        fmt, gran = scheme.number_format(), granularity_for(scheme, "weight")
-        qp = QParams(self.weight_scale, self.weight_zero)
-        codes = quantize(self.weight.detach().to(torch.float32), qp, fmt, gran)
+        fmt = self.weight_scheme.number_format()
+        codes = self._fixed_codes(QParams(self.weight_scale, self.weight_zero))
         if self.weight_zero is not None:
             codes = codes - self.weight_zero.reshape(-1, 1).to(torch.float32)
         scale = self.weight_scale.detach().to(torch.float32).reshape(1, -1)

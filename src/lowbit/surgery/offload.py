@@ -194,12 +194,10 @@ def streamed(model: nn.Module) -> Iterator[None]:
 @contextmanager
 def checkpointed(model: nn.Module) -> Iterator[None]:
     """Every transformers decoder layer of ``model`` checkpointed for the duration: the forward keeps only each
-    layer's input, and the backward pass recomputes the layer (so a streamed model holds one layer's weights and
-    activations at a time, not the whole graph's). Only the layers' own flags change; their submodules stay in
+    layer's input, and the backward pass recomputes the layer (so a streamed model holds one weight matrix and one
+    layer's activations at a time, not the whole graph's). Only the layers' own flags change; their submodules stay in
     evaluation mode."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = _checkpoint_layers(model)
     names = ("gradient_checkpointing", "_gradient_checkpointing_func", "_can_checkpoint_with_cache")
     saved = [(layer, layer.training, {name: layer.__dict__[name] for name in names if name in layer.__dict__})
              for layer in layers]
@@ -247,11 +245,16 @@ def _replayable(function):
     return run
 
 
-def checkpointable(model: nn.Module) -> bool:
-    """Whether :func:`checkpointed` can checkpoint ``model``'s decoder layers (transformers' own layer class)."""
+def _checkpoint_layers(model: nn.Module) -> list[nn.Module]:
+    """``model``'s layers that transformers knows how to checkpoint (its own decoder layer class)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return any(isinstance(m, GradientCheckpointingLayer) for m in model.modules())
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def checkpointable(model: nn.Module) -> bool:
+    """Whether :func:`checkpointed` can checkpoint ``model``'s decoder layers."""
+    return bool(_checkpoint_layers(model))
 
 
 @contextmanager
